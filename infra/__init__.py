@@ -1,0 +1,1 @@
+"""Deployment and local-development helpers (not part of the installed package)."""
