@@ -1,0 +1,146 @@
+"""The student (InstaFlow, 2-Rectified Flow) and the teachers (SD-1.5 with DPM-Solver, 2-RF with Euler steps).
+
+Both take a `PromptBatch`, which encodes its prompts once per text encoder: a student and a teacher sharing
+SD-1.5's text encoder (the component cache gives them the same object) pay for one encoding per batch.
+"""
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from instaflow.loading import Components
+from instaflow.sampling import (
+    batch_noise,
+    check_inputs,
+    decode_to_pixels,
+    dpm_solver_scheduler,
+    dpm_solver_teacher,
+    rectified_flow_euler,
+    use_guidance,
+)
+from instaflow.text import EncodedPrompts, encode_prompts
+
+TWO_RECTIFIED_FLOW = re.compile(r"2[_-]?rectified|2rf", re.IGNORECASE)
+TEACHER_KINDS = ("sd", "rf")
+
+
+def student_defaults(model: str) -> tuple[int, float]:
+    """(steps, guidance_scale): InstaFlow is one step without guidance; 2-RF models take Euler steps at 1.5."""
+    return (25, 1.5) if TWO_RECTIFIED_FLOW.search(model) else (1, 0.0)
+
+
+def teacher_defaults(kind: str) -> tuple[int, float]:
+    """(steps, guidance_scale): SD-1.5 with DPM-Solver 25 steps at 5.0, a 2-RF teacher 25 Euler steps at 1.5."""
+    if kind not in TEACHER_KINDS:
+        raise ValueError(f"teacher kind must be one of {TEACHER_KINDS}, got {kind!r}")
+    return (25, 5.0) if kind == "sd" else (25, 1.5)
+
+
+@dataclass
+class PromptBatch:
+    """One batch of samples; negative prompts of None mean the empty prompt, as in diffusers."""
+
+    prompts: list[str]
+    seeds: list[int]
+    negative_prompts: list[str | None]
+    _encoded: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not (len(self.prompts) == len(self.seeds) == len(self.negative_prompts)):
+            raise ValueError("prompts, seeds and negative_prompts must have the same length")
+
+    def encode(self, components: Components, negative: bool = False) -> EncodedPrompts:
+        texts = [text or "" for text in self.negative_prompts] if negative else self.prompts
+        key = (id(components.tokenizer), id(components.text_encoder), negative)
+        if key not in self._encoded:
+            self._encoded[key] = encode_prompts(components.tokenizer, components.text_encoder, texts)
+        return self._encoded[key]
+
+    def noise(self, components: Components, height: int, width: int) -> torch.Tensor:
+        return batch_noise(self.seeds, height, width, components.runtime.dtype, components.runtime.device)
+
+
+@dataclass
+class Settings:
+    """What a sampler was run with; recorded beside every output."""
+
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+
+    def check(self, components: Components) -> None:
+        check_inputs(self.height, self.width, self.steps, self.guidance_scale, multiple=components.vae_scale_factor)
+
+
+def _embeddings(components: Components, batch: PromptBatch, guidance_scale: float):
+    encoded = batch.encode(components)
+    negative = batch.encode(components, negative=True).embeds if use_guidance(guidance_scale) else None
+    return encoded, negative
+
+
+@dataclass
+class StudentOutput:
+    pixels: torch.Tensor  # (N, H, W, 3) uint8, on the device until the caller needs it
+    truncated: list[bool]
+
+
+class Student:
+    """Image generation with InstaFlow (one Euler step) or a 2-RF model (N Euler steps)."""
+
+    def __init__(self, components: Components, settings: Settings):
+        settings.check(components)
+        self.components = components
+        self.settings = settings
+
+    def sample_latents(self, batch: PromptBatch) -> tuple[torch.Tensor, list[bool]]:
+        c, s = self.components, self.settings
+        encoded, negative = _embeddings(c, batch, s.guidance_scale)
+        noise = batch.noise(c, s.height, s.width)
+        latents = rectified_flow_euler(c.unet, noise, encoded.embeds, negative, s.steps, s.guidance_scale)
+        return latents, encoded.truncated
+
+    def generate(self, batch: PromptBatch) -> StudentOutput:
+        latents, truncated = self.sample_latents(batch)
+        return StudentOutput(pixels=decode_to_pixels(self.components.vae, latents), truncated=truncated)
+
+
+@dataclass
+class TeacherOutput:
+    noise: torch.Tensor  # the noise the teacher started from, in the model dtype
+    latents: torch.Tensor  # the teacher's final latent, not decoded
+    truncated: list[bool]
+
+
+class Teacher:
+    """Reflow pairs: noise from the seed contract, and where the teacher's ODE takes it."""
+
+    def __init__(self, components: Components, kind: str, settings: Settings, scheduler_options: dict | None = None):
+        teacher_defaults(kind)  # validates the kind
+        settings.check(components)
+        self.components = components
+        self.kind = kind
+        self.settings = settings
+        self.scheduler_options = dict(scheduler_options or {})
+
+    def pairs(self, batch: PromptBatch) -> TeacherOutput:
+        c, s = self.components, self.settings
+        encoded, negative = _embeddings(c, batch, s.guidance_scale)
+        noise = batch.noise(c, s.height, s.width)
+        if self.kind == "sd":
+            scheduler = dpm_solver_scheduler(c.scheduler_config, **self.scheduler_options)
+            latents = dpm_solver_teacher(c.unet, scheduler, noise, encoded.embeds, negative, s.steps, s.guidance_scale)
+        else:
+            latents = rectified_flow_euler(c.unet, noise, encoded.embeds, negative, s.steps, s.guidance_scale)
+        return TeacherOutput(noise=noise, latents=latents, truncated=encoded.truncated)
+
+    def describe(self) -> dict:
+        """The teacher's name and settings, stored with every pair."""
+        return {
+            "teacher": self.components.name,
+            "teacher_kind": self.kind,
+            "teacher_steps": self.settings.steps,
+            "teacher_guidance_scale": float(self.settings.guidance_scale),
+            "teacher_solver": "dpm-solver-multistep" if self.kind == "sd" else "euler",
+        }

@@ -1,0 +1,104 @@
+"""The sampling math: the seed contract, rectified-flow Euler sampling, the SD-1.5 DPM-Solver teacher, decoding.
+
+Each sampler is one plain function that reads top to bottom, with the formula beside the line that computes it.
+"""
+
+import math
+
+import torch
+
+MAX_STEPS = 1000  # SD-1.5's training timesteps; no sampler can take more
+MAX_GUIDANCE_SCALE = 100.0
+MAX_SIDE = 4096
+
+
+def check_inputs(height: int, width: int, steps: int, guidance_scale: float, multiple: int = 8) -> None:
+    """Rejects settings that would otherwise fail deep inside a model, naming the argument and its value."""
+    for name, side in (("height", height), ("width", width)):
+        if not isinstance(side, int) or side % multiple or not multiple <= side <= MAX_SIDE:
+            raise ValueError(f"{name} must be a multiple of {multiple} between {multiple} and {MAX_SIDE}, got {side!r}")
+    if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be an integer between 1 and {MAX_STEPS}, got {steps!r}")
+    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    if not 0 <= guidance_scale <= MAX_GUIDANCE_SCALE:
+        raise ValueError(f"guidance_scale must be between 0 and {MAX_GUIDANCE_SCALE}, got {guidance_scale!r}")
+
+
+def noise_for_seed(seed: int, height: int, width: int, channels: int = 4, vae_scale_factor: int = 8) -> torch.Tensor:
+    """The seed contract: a sample's starting noise depends on its seed only, on any machine, in any batch."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    shape = (1, channels, height // vae_scale_factor, width // vae_scale_factor)
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def batch_noise(seeds: list[int], height: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Per-sample noise stacked into a batch: float32 on the CPU, cast to the model dtype afterwards."""
+    noise = torch.cat([noise_for_seed(seed, height, width) for seed in seeds])
+    return noise.to(device=device, dtype=dtype)
+
+
+def use_guidance(guidance_scale: float) -> bool:
+    """Classifier-free guidance only above 1; at 1 or below the conditional prediction is used alone."""
+    return guidance_scale > 1.0
+
+
+@torch.inference_mode()
+def rectified_flow_euler(unet, noise, prompt_embeds, negative_embeds, steps: int, guidance_scale: float):
+    """InstaFlow (steps=1) and 2-Rectified Flow (steps>1): Euler steps along the learned velocity field.
+
+    Transcribes the official RectifiedFlowPipeline: t_i = (1 - i/N) * 1000, z <- z + v(z, t_i) / N.
+    The update is computed in float32 and cast back, as diffusers' flow-matching Euler step does.
+    """
+    guided = use_guidance(guidance_scale)
+    embeds = torch.cat([negative_embeds, prompt_embeds]) if guided else prompt_embeds
+    latents = noise
+    dt = 1.0 / steps
+    for i in range(steps):
+        t = (1.0 - i / steps) * 1000.0
+        model_input = torch.cat([latents] * 2) if guided else latents
+        timestep = torch.full((model_input.shape[0],), t, device=latents.device)
+        v = unet(model_input, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+        if guided:
+            v_uncond, v_text = v.chunk(2)
+            v = v_uncond + guidance_scale * (v_text - v_uncond)  # v = v_u + g (v_c - v_u)
+        latents = (latents.float() + dt * v.float()).to(noise.dtype)  # z_{i+1} = z_i + v / N
+    return latents
+
+
+def dpm_solver_scheduler(scheduler_config: dict, **options):
+    """DPM-Solver multistep built from the model's own scheduler config, as diffusers users swap it in."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler.from_config(scheduler_config, **options)
+
+
+@torch.inference_mode()
+def dpm_solver_teacher(
+    unet, scheduler, noise, prompt_embeds, negative_embeds, steps: int, guidance_scale: float
+) -> torch.Tensor:
+    """SD-1.5 teacher: the denoising loop of diffusers' StableDiffusionPipeline, from given noise, no decoding.
+
+    `scheduler` must be fresh (multistep solvers keep state across steps); returns the final latent.
+    """
+    guided = use_guidance(guidance_scale)
+    embeds = torch.cat([negative_embeds, prompt_embeds]) if guided else prompt_embeds
+    scheduler.set_timesteps(steps, device=noise.device)
+    latents = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_input = torch.cat([latents] * 2) if guided else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        eps = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        if guided:
+            eps_uncond, eps_text = eps.chunk(2)
+            eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)  # eps = eps_u + g (eps_c - eps_u)
+        latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+    return latents
+
+
+@torch.inference_mode()
+def decode_to_pixels(vae, latents: torch.Tensor) -> torch.Tensor:
+    """x = D(z / scaling_factor), mapped from [-1, 1] to uint8 (N, H, W, 3) on the device, as diffusers rounds."""
+    images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    images = (images.float() / 2 + 0.5).clamp(0, 1)
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
