@@ -1,0 +1,1 @@
+"""Batch pipeline: plan Parquet prompt shards, read them, write and commit outputs."""

@@ -1,0 +1,192 @@
+"""Shard encoders: WebDataset tars, Hugging Face image Parquet, reflow pair Parquet.
+
+Each returns bytes (shards are small) in formats common tools read without this code,
+and the same input always gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+IMAGE_EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+_PIL_SAVE_ARGS = {
+    "jpeg": {"format": "JPEG", "quality": 95, "optimize": False},
+    "png": {"format": "PNG"},
+    "webp": {"format": "WEBP", "quality": 95, "method": 4},
+}
+
+METADATA_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("status", pa.string()),  # "ok" or "failed"
+        ("error_message", pa.string()),
+        ("model", pa.string()),
+        ("steps", pa.int32()),
+        ("guidance_scale", pa.float32()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("truncated", pa.bool_()),  # prompt cut to the text encoder's 77 tokens
+        ("negative_prompt", pa.string()),
+    ]
+)
+TENSOR_SHAPE_KEY = b"instaflow.tensor_shape"
+_TEACHER_COLUMNS = {  # column: (key in the teacher dict, type)
+    "teacher": ("model", pa.string()),
+    "teacher_kind": ("kind", pa.string()),
+    "teacher_steps": ("steps", pa.int32()),
+    "teacher_guidance_scale": ("guidance_scale", pa.float32()),
+}
+# Every column this module writes; input columns with these names are carried as input_<name>.
+OUTPUT_COLUMNS = frozenset(METADATA_SCHEMA.names) | set(_TEACHER_COLUMNS) | {"image", "noise", "latent"}
+
+
+def metadata_table(rows: list[dict], extra: pa.Table) -> pa.Table:
+    """One row per input sample (failed ones too) with fixed column types, then the extra input columns."""
+    if extra.num_rows != len(rows):
+        raise ValueError(f"{len(rows)} metadata rows but {extra.num_rows} rows of extra columns")
+    table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+    for name, column in zip(extra.column_names, extra.columns):
+        table = table.append_column(extra.schema.field(name), column)
+    return table
+
+
+def encode_image(pixels: np.ndarray, image_format: str) -> bytes:
+    """Encode an HxWx3 uint8 array with fixed settings, so equal pixels give equal bytes."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 uint8 array, got {pixels.dtype} {pixels.shape}")
+    if image_format not in _PIL_SAVE_ARGS:
+        raise ValueError(f"unknown image format {image_format!r}; expected one of {sorted(_PIL_SAVE_ARGS)}")
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, **_PIL_SAVE_ARGS[image_format])
+    return buf.getvalue()
+
+
+def webdataset_shard(metadata: pa.Table, images: dict[str, bytes], extension: str) -> dict[str, bytes]:
+    """A tar in img2dataset's layout ({key}.{ext}, .txt, .json per ok sample) and its metadata Parquet."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for row in metadata.to_pylist():
+            if row["status"] != "ok":
+                continue
+            key = row["key"]
+            _add_member(tar, f"{key}.{extension}", _image_of(images, key))
+            _add_member(tar, f"{key}.txt", row["prompt"].encode())
+            _add_member(tar, f"{key}.json", json.dumps(row, ensure_ascii=False, default=str).encode())
+    return {"tar": buf.getvalue(), "parquet": _parquet_bytes(metadata)}
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)  # fixed owner, mode and time: reproducible archives
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _image_of(images: dict[str, bytes], key: str) -> bytes:
+    if key not in images:
+        raise ValueError(f"sample {key!r} has status ok but no image")
+    return images[key]
+
+
+def image_parquet_shard(metadata: pa.Table, images: dict[str, bytes], extension: str) -> bytes:
+    """Metadata plus an `image` column stored the way Hugging Face datasets stores Image features."""
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    image = pa.array(
+        [
+            {"bytes": _image_of(images, key), "path": f"{key}.{extension}"} if status == "ok" else None
+            for key, status in zip(metadata.column("key").to_pylist(), metadata.column("status").to_pylist())
+        ],
+        type=image_type,
+    )
+    table = metadata.append_column("image", image)
+    features = {f.name: feature for f in table.schema if (feature := _hf_feature(f.type)) is not None}
+    features["image"] = {"_type": "Image"}
+    hf = json.dumps({"info": {"features": features}})  # in column order, which datasets keeps
+    return _parquet_bytes(table.replace_schema_metadata({b"huggingface": hf.encode()}))
+
+
+_HF_DTYPES = {"halffloat": "float16", "float": "float32", "double": "float64"}
+
+
+def _hf_feature(t: pa.DataType) -> dict | None:
+    """Hugging Face Value feature for a flat column type; None lets datasets infer the rest."""
+    flat = (pa.types.is_boolean, pa.types.is_integer, pa.types.is_floating, pa.types.is_string,
+            pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary, pa.types.is_timestamp)
+    if not any(check(t) for check in flat):
+        return None
+    return {"dtype": _HF_DTYPES.get(str(t), str(t)), "_type": "Value"}
+
+
+def pairs_parquet_shard(
+    metadata: pa.Table,
+    noise: dict[str, np.ndarray],
+    latent: dict[str, np.ndarray],
+    teacher: dict,
+    tensor_shape: tuple[int, ...],
+) -> bytes:
+    """Reflow training pairs: metadata, teacher settings, and float32 `noise` and `latent` tensors.
+
+    Tensors are fixed-size lists (null for failed samples) with their shape in the field and schema
+    metadata; `teacher` holds the teacher's model, kind, steps and guidance_scale.
+    """
+    n = metadata.num_rows
+    table = metadata
+    for column, (field, type_) in _TEACHER_COLUMNS.items():
+        table = table.append_column(column, pa.array([teacher[field]] * n, type=type_))
+    shape = [int(d) for d in tensor_shape]
+    keys = metadata.column("key").to_pylist()
+    ok = [s == "ok" for s in metadata.column("status").to_pylist()]
+    for name, arrays in (("noise", noise), ("latent", latent)):
+        type_ = pa.list_(pa.float32(), int(np.prod(shape)))
+        field = pa.field(name, type_, metadata={TENSOR_SHAPE_KEY: json.dumps(shape)})
+        table = table.append_column(field, _tensor_column(name, arrays, keys, ok, shape))
+    shapes = json.dumps({"latent": shape, "noise": shape}, sort_keys=True)
+    return _parquet_bytes(table.replace_schema_metadata({TENSOR_SHAPE_KEY: shapes.encode()}))
+
+
+def _tensor_column(
+    name: str, arrays: dict[str, np.ndarray], keys: list[str], ok: list[bool], shape: list[int]
+) -> pa.Array:
+    size = int(np.prod(shape))
+    values = np.zeros((len(keys), size), dtype=np.float32)  # null rows keep zeros under the mask
+    for i, (key, is_ok) in enumerate(zip(keys, ok)):
+        if not is_ok:
+            continue
+        if key not in arrays:
+            raise ValueError(f"sample {key!r} has status ok but no {name} tensor")
+        array = np.asarray(arrays[key], dtype=np.float32)
+        if list(array.shape) != shape:
+            raise ValueError(f"sample {key!r}: {name} has shape {list(array.shape)}, expected {shape}")
+        values[i] = array.reshape(-1)
+    mask = pa.array([not is_ok for is_ok in ok], type=pa.bool_())
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), size, mask=mask)
+
+
+def read_tensor_column(table: pa.Table, name: str) -> np.ndarray:
+    """A tensor column as a float32 (N, *shape) array; rows of failed samples are NaN."""
+    field = table.schema.field(name)
+    if TENSOR_SHAPE_KEY not in (field.metadata or {}):
+        raise ValueError(f"column {name!r} has no {TENSOR_SHAPE_KEY.decode()} metadata; not a tensor column")
+    shape = json.loads(field.metadata[TENSOR_SHAPE_KEY])
+    column = table.column(name).combine_chunks()
+    size = column.type.list_size
+    values = column.values.slice(column.offset * size, len(column) * size)
+    out = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=True).reshape(len(column), *shape)
+    out[column.is_null().to_numpy(zero_copy_only=False)] = np.nan
+    return out
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()

@@ -1,0 +1,60 @@
+"""Shared fixtures: a local S3 server (moto, bound to 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@dataclass
+class S3:
+    endpoint_url: str
+    storage_options: dict  # for s3fs / fsspec.url_to_fs
+    fs: object  # s3fs.S3FileSystem
+    bucket: str
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+
+@pytest.fixture(scope="session")
+def s3():
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    saved = {name: os.environ.get(name) for name in S3_CREDENTIALS}
+    os.environ.update(S3_CREDENTIALS)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        options = {
+            "key": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            "secret": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            "client_kwargs": {"endpoint_url": endpoint, "region_name": S3_CREDENTIALS["AWS_DEFAULT_REGION"]},
+        }
+        bucket = "test-bucket"
+        # s3fs.mkdir sends a LocationConstraint that us-east-1 rejects; boto3 sends none.
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+        yield S3(endpoint, options, fs, bucket)
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
