@@ -134,13 +134,3 @@ class Teacher:
         else:
             latents = rectified_flow_euler(c.unet, noise, encoded.embeds, negative, s.steps, s.guidance_scale)
         return TeacherOutput(noise=noise, latents=latents, truncated=encoded.truncated)
-
-    def describe(self) -> dict:
-        """The teacher's name and settings, stored with every pair."""
-        return {
-            "teacher": self.components.name,
-            "teacher_kind": self.kind,
-            "teacher_steps": self.settings.steps,
-            "teacher_guidance_scale": float(self.settings.guidance_scale),
-            "teacher_solver": "dpm-solver-multistep" if self.kind == "sd" else "euler",
-        }

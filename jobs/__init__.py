@@ -1,0 +1,1 @@
+"""Ray job entry points: `python -m jobs.generate`, `python -m jobs.reflow_pairs`, `python -m jobs.demo`."""

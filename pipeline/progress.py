@@ -1,0 +1,97 @@
+"""Driver-side progress: a bar while the job runs, a summary table at the end (as img2dataset users know)."""
+
+import time
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from pipeline.pool import UnitResult
+
+
+@dataclass
+class JobProgress:
+    """Counts of this run, from the stats of every unit committed or failed; `skipped` were committed before."""
+
+    total_units: int
+    total_samples: int
+    skipped_units: int = 0
+    skipped_samples: int = 0
+    committed_units: int = 0
+    samples: int = 0
+    successes: int = 0
+    failed_samples: int = 0
+    truncated: int = 0
+    generate_s: float = 0.0
+    failed_units: list[UnitResult] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    interrupted: bool = False
+    bar: tqdm | None = field(default=None, repr=False)
+
+    def start_bar(self, enabled: bool = True) -> None:
+        done = self.skipped_samples
+        self.bar = tqdm(total=self.total_samples, initial=done, unit="sample", disable=not enabled, smoothing=0.1)
+        self._postfix()
+
+    def record(self, result: UnitResult) -> None:
+        if result.error is not None:
+            self.failed_units.append(result)
+            advanced = result.unit.num_rows
+        else:
+            stats = result.stats
+            self.committed_units += 1
+            self.samples += stats["count"]
+            self.successes += stats["successes"]
+            self.failed_samples += stats["failed"]
+            self.truncated += stats["truncated"]
+            self.generate_s += stats["timings"]["generate_s"]
+            advanced = stats["count"]
+        if self.bar is not None:
+            self.bar.update(advanced)
+            self._postfix()
+
+    def _postfix(self) -> None:
+        done = self.skipped_units + self.committed_units
+        self.bar.set_postfix_str(
+            f"shards {done}/{self.total_units}, failed samples {self.failed_samples}, "
+            f"failed shards {len(self.failed_units)}"
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    @property
+    def complete(self) -> bool:
+        return self.skipped_units + self.committed_units == self.total_units
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def summary(self) -> dict:
+        return {
+            "status": "interrupted" if self.interrupted else ("complete" if self.complete else "incomplete"),
+            "shards_total": self.total_units,
+            "shards_committed_before": self.skipped_units,
+            "shards_committed_now": self.committed_units,
+            "shards_failed": len(self.failed_units),
+            "samples_now": self.samples,
+            "samples_ok_now": self.successes,
+            "samples_failed_now": self.failed_samples,
+            "prompts_truncated_now": self.truncated,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "samples_per_s": round(self.samples / self.elapsed_s, 3) if self.elapsed_s else 0.0,
+            "failed_shards": [
+                {"shard": result.unit.shard, "path": result.unit.path, "error": result.error[:2000]}
+                for result in self.failed_units
+            ],
+        }
+
+    def table(self) -> str:
+        summary = self.summary()
+        rows = [(name, value) for name, value in summary.items() if name != "failed_shards"]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"{name.ljust(width)}  {value}" for name, value in rows]
+        for failure in summary["failed_shards"]:
+            lines.append(f"FAILED shard {failure['shard']} ({failure['path']}): {failure['error'].splitlines()[0]}")
+        return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""One validated job spec, built from flags; its identity decides whether a re-run may resume an output."""
+
+from dataclasses import asdict, dataclass, field
+
+from instaflow.models import TEACHER_KINDS, student_defaults, teacher_defaults
+from instaflow.sampling import check_inputs
+
+TASKS = ("images", "pairs")
+OUTPUT_FORMATS = ("webdataset", "parquet")
+IMAGE_FORMATS = ("jpeg", "png", "webp")
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+# Settings that do not change a single output byte: a resumed job may change them freely.
+RUN_ONLY_FIELDS = ("num_workers", "storage_options", "overwrite", "compile", "ray_address", "max_unit_attempts")
+
+
+@dataclass
+class JobSpec:
+    prompts: str
+    output: str
+    tasks: tuple[str, ...] = ("images",)
+    # student, for images
+    model: str | None = None
+    steps: int | None = None  # None: the model's default (InstaFlow 1, 2-RF 25)
+    guidance_scale: float | None = None  # None: the model's default (InstaFlow 0, 2-RF 1.5)
+    # teacher, for pairs
+    teacher: str | None = None
+    teacher_kind: str = "sd"
+    teacher_steps: int | None = None
+    teacher_guidance_scale: float | None = None
+    # sampling shared by both
+    seed: int = 0
+    height: int = 512
+    width: int = 512
+    batch_size: int = 16
+    dtype: str | None = None  # None: float16 on CUDA, float32 on the CPU
+    # input and output
+    prompt_column: str = "prompt"
+    rows_per_shard: int = 1000
+    output_format: str = "webdataset"
+    image_format: str = "jpeg"
+    storage_options: dict = field(default_factory=dict)
+    # running
+    num_workers: int | None = None  # None: one per GPU in the cluster, or one CPU worker without GPUs
+    max_unit_attempts: int = 3
+    compile: bool = False
+    overwrite: bool = False
+    ray_address: str | None = None
+
+    def __post_init__(self):
+        self.tasks = tuple(self.tasks)
+        if not self.tasks or any(task not in TASKS for task in self.tasks):
+            raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks!r}")
+        if "images" in self.tasks:
+            if not self.model:
+                raise ValueError("images need a student --model")
+            default_steps, default_guidance = student_defaults(self.model)
+            self.steps = default_steps if self.steps is None else self.steps
+            self.guidance_scale = default_guidance if self.guidance_scale is None else float(self.guidance_scale)
+            check_inputs(self.height, self.width, self.steps, self.guidance_scale)
+        if "pairs" in self.tasks:
+            if not self.teacher:
+                raise ValueError("pairs need a --teacher model")
+            if self.teacher_kind not in TEACHER_KINDS:
+                raise ValueError(f"teacher kind must be one of {TEACHER_KINDS}, got {self.teacher_kind!r}")
+            default_steps, default_guidance = teacher_defaults(self.teacher_kind)
+            self.teacher_steps = default_steps if self.teacher_steps is None else self.teacher_steps
+            if self.teacher_guidance_scale is None:
+                self.teacher_guidance_scale = default_guidance
+            check_inputs(self.height, self.width, self.teacher_steps, float(self.teacher_guidance_scale))
+        self._check_choice("output_format", OUTPUT_FORMATS)
+        self._check_choice("image_format", IMAGE_FORMATS)
+        if self.dtype is not None:
+            self._check_choice("dtype", DTYPE_CHOICES)
+        for name in ("batch_size", "rows_per_shard", "max_unit_attempts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_workers is not None and self.num_workers < 1:
+            raise ValueError(f"num_workers must be a positive integer, got {self.num_workers!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer between 0 and 2**63-1, got {self.seed!r}")
+        if not isinstance(self.storage_options, dict):
+            raise ValueError(f"storage_options must be a JSON object, got {self.storage_options!r}")
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        if getattr(self, name) not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+
+    def identity(self) -> dict:
+        """Everything that decides the output bytes. Two specs with equal identities write equal shards."""
+        identity = {k: v for k, v in asdict(self).items() if k not in RUN_ONLY_FIELDS}
+        if "images" not in self.tasks:
+            for name in ("model", "steps", "guidance_scale", "output_format", "image_format"):
+                identity.pop(name)
+        if "pairs" not in self.tasks:
+            for name in ("teacher", "teacher_kind", "teacher_steps", "teacher_guidance_scale"):
+                identity.pop(name)
+        identity["tasks"] = list(self.tasks)
+        return identity
+
+    @property
+    def image_dir(self) -> str:
+        """Shard folder for images: the output root, or images/ when pairs are written beside them."""
+        return "images/" if len(self.tasks) > 1 else ""
+
+    @property
+    def pair_dir(self) -> str:
+        return "pairs/" if len(self.tasks) > 1 else ""
