@@ -1,7 +1,8 @@
-"""Shared fixtures: a local S3 server (moto, bound to 127.0.0.1)."""
+"""Shared fixtures: the tiny offline models, a local S3 server (moto) and Ray, all on 127.0.0.1."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -9,6 +10,8 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request
 
 S3_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -58,3 +61,28 @@ def s3():
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    from instaflow.tiny import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+def start_ray(tmp_path_factory, **resources):
+    """A private local Ray on 127.0.0.1 with logical GPUs; the caller shuts it down."""
+    import ray
+
+    ray_tmp = tmp_path_factory.mktemp("ray")
+    os.environ["RAY_TMPDIR"] = str(ray_tmp)
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(ray_tmp), **resources)
+    return ray
+
+
+@pytest.fixture(scope="module")
+def ray_gpus(tmp_path_factory):
+    """Ray with 4 logical GPUs (and logical CPUs enough for the workers' fractions and Ray Data)."""
+    ray = start_ray(tmp_path_factory, num_cpus=4, num_gpus=4)
+    yield ray
+    ray.shutdown()

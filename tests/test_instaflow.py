@@ -18,13 +18,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):  # TEMP: moves to conftest
-    from instaflow.tiny import build_tiny_models
-
-    return build_tiny_models(tmp_path_factory.mktemp("models"))
-
-
 @pytest.fixture(scope="module")
 def cache():
     return ComponentCache(Runtime.default())
