@@ -14,6 +14,7 @@ from pipeline.commit import OutputError
 from pipeline.job import run_job
 from pipeline.plan import InputError
 from pipeline.pool import WorkerStartupError
+from pipeline.progress import JobProgress
 from pipeline.spec import IMAGE_FORMATS, OUTPUT_FORMATS, JobSpec
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,10 @@ def run(spec_args: dict, show_progress: bool = True) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(progress.table())
+    return exit_status(progress)
+
+
+def exit_status(progress: JobProgress) -> int:
     if progress.interrupted:
         return 130
     return 0 if progress.complete else 1

@@ -81,6 +81,8 @@ class JobProgress:
             "prompts_truncated_now": self.truncated,
             "elapsed_s": round(self.elapsed_s, 3),
             "samples_per_s": round(self.samples / self.elapsed_s, 3) if self.elapsed_s else 0.0,
+            # one worker's rate while it holds the device: start-up, reads and uploads excluded
+            "worker_generate_samples_per_s": round(self.successes / self.generate_s, 3) if self.generate_s else 0.0,
             "failed_shards": [
                 {"shard": result.unit.shard, "path": result.unit.path, "error": result.error[:2000]}
                 for result in self.failed_units

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One command to set up and run locally:  bash infra/local/dev.sh demo   |   bash infra/local/dev.sh test [pytest args]
+# Creates .venv (Python 3.11 or 3.12), installs torch unless the venv already has one (here: the CPU build
+# 2.13.0; on a GPU machine install your CUDA torch into .venv first), then this project with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install --quiet torch==2.13.0
+.venv/bin/pip install --quiet -e '.[test]'
+
+# Local servers and Ray listen on 127.0.0.1 only; no model hub is ever needed.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled
+case "${1:-}" in
+  demo) shift; exec .venv/bin/python -m jobs.demo "$@" ;;
+  test) shift; exec .venv/bin/python -m pytest -q "$@" ;;
+  *) echo "usage: bash infra/local/dev.sh {demo|test} [args]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,136 @@
+"""Faults mid-job: a worker killed, the driver interrupted and killed, a unit that keeps failing.
+
+Each run must end with every prompt exactly once and data bytes identical to an uninterrupted run.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import fsspec
+import pytest
+import ray
+
+from jobs.cli import exit_status
+from jobhelpers import data_files, metadata_rows, prompt_table, stats, write_prompts
+from pipeline.job import run_job
+from pipeline.pool import ActorPool, ray_worker_factory
+from pipeline.spec import JobSpec
+
+NUM_PROMPTS = 48
+FS = fsspec.filesystem("file")
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("in") / "prompts.parquet"
+    write_prompts(FS, str(path), prompt_table(NUM_PROMPTS), row_group_size=4)
+    return path
+
+
+def pairs_spec(prompts, tiny_models, output, **changes) -> JobSpec:
+    """Teacher pairs at 25 DPM-Solver steps: slow enough on the CPU that faults land mid-unit."""
+    return JobSpec(**{
+        "prompts": str(prompts), "output": str(output), "tasks": ("pairs",), "teacher": str(tiny_models["sd15"]),
+        "height": 64, "width": 64, "rows_per_shard": 4, "batch_size": 4, "num_workers": 2, **changes,
+    })
+
+
+@pytest.fixture(scope="module")
+def reference(ray_gpus, prompts, tiny_models, tmp_path_factory):
+    """The uninterrupted run every faulty run is compared with."""
+    output = tmp_path_factory.mktemp("reference")
+    progress = run_job(pairs_spec(prompts, tiny_models, output), show_progress=False)
+    assert progress.complete
+    return data_files(FS, str(output))
+
+
+def wait_for_markers(output, count: int, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(list(output.glob("*.stats.json"))) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} shards committed in {timeout_s}s"
+        time.sleep(0.05)
+
+
+def assert_exactly_once_and_identical(output, reference) -> None:
+    rows = metadata_rows(FS, str(output))
+    assert len(rows) == NUM_PROMPTS and len({row["key"] for row in rows}) == NUM_PROMPTS
+    assert data_files(FS, str(output)) == reference
+
+
+def test_killed_worker_unit_is_redone_elsewhere(ray_gpus, prompts, tiny_models, reference, tmp_path):
+    spec = pairs_spec(prompts, tiny_models, tmp_path / "out")
+    make_worker, num_workers = ray_worker_factory(spec)
+    pool = ActorPool(make_worker, num_workers, spec.max_unit_attempts)
+    result = {}
+    job = threading.Thread(target=lambda: result.update(progress=run_job(spec, pool=pool, show_progress=False)))
+    job.start()
+    wait_for_markers(tmp_path / "out", 1)
+    # Each worker holds two units while work is pending, so this kill lands in the middle of one.
+    os.kill(pool.worker_info[0]["pid"], signal.SIGKILL)
+    job.join(timeout=300)
+    assert result["progress"].complete
+    assert any(shard["attempt"] > 1 for shard in stats(FS, str(tmp_path / "out")))
+    assert_exactly_once_and_identical(tmp_path / "out", reference)
+
+
+def test_interrupted_then_killed_driver_resumes(ray_gpus, prompts, tiny_models, reference, tmp_path):
+    output = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "jobs.reflow_pairs", "--prompts", str(prompts), "--output", str(output),
+        "--teacher", str(tiny_models["sd15"]), "--height", "64", "--width", "64", "--rows-per-shard", "4",
+        "--batch-size", "4", "--num-workers", "2", "--no-progress",
+        "--ray-address", ray.get_runtime_context().gcs_address,
+    ]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+
+    # Ctrl-C: the driver stops cleanly, exit status 130; every visible shard is complete.
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for_markers(output, 1)
+    driver.send_signal(signal.SIGINT)
+    out, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 130, out.decode()[-3000:]
+    for marker in output.glob("*.stats.json"):
+        assert (output / marker.name.replace(".stats.json", ".parquet")).exists()
+    assert len(list(output.glob("*.stats.json"))) < NUM_PROMPTS // 4
+
+    # kill -9: no clean-up at all; the lock it leaves behind is stale since its process is gone.
+    committed = len(list(output.glob("*.stats.json")))
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_markers(output, committed + 1)
+    driver.kill()
+    driver.wait(timeout=60)
+    assert (output / "_job.lock").exists()
+
+    progress = run_job(pairs_spec(prompts, tiny_models, output), show_progress=False)
+    assert progress.complete and progress.skipped_units > 0
+    assert_exactly_once_and_identical(output, reference)
+
+
+@ray.remote(num_cpus=0.1, max_restarts=-1)
+class FailingWorker:
+    """Stands in for ShardWorker: unit 1 always fails as a storage error would, the others succeed."""
+
+    def describe(self):
+        return {"pid": os.getpid()}
+
+    def process(self, unit, attempt):
+        if unit.unit_id == 1:
+            raise OSError(f"simulated 503 Slow Down reading {unit.path}")
+        return {"count": unit.num_rows, "successes": unit.num_rows, "failed": 0, "truncated": 0,
+                "timings": {"generate_s": 0.0}, "attempt": attempt}
+
+
+def test_unit_failing_every_try_is_reported_and_the_rest_completes(ray_gpus, prompts, tiny_models, tmp_path):
+    spec = pairs_spec(prompts, tiny_models, tmp_path / "out", max_unit_attempts=3)
+    pool = ActorPool(lambda index: FailingWorker.remote(), 2, spec.max_unit_attempts)
+    progress = run_job(spec, pool=pool, show_progress=False)
+    assert not progress.complete
+    assert progress.committed_units == NUM_PROMPTS // 4 - 1
+    [failure] = progress.summary()["failed_shards"]
+    assert failure["shard"] == "00001" and "simulated 503" in failure["error"]
+    assert "00001" in progress.table()
+    assert exit_status(progress) == 1
