@@ -75,7 +75,8 @@ def run_job(spec: JobSpec, pool: ActorPool | None = None, show_progress: bool = 
         if progress.skipped_units:
             logger.info("resuming: %d of %d shards already committed", progress.skipped_units, len(units))
         if todo:
-            _run_units(spec, todo, pool, progress, heartbeat=lambda: _heartbeat(output_fs, root, token, manifest, progress), show_progress=show_progress)
+            heartbeat = lambda: _heartbeat(output_fs, root, token, manifest, progress)  # noqa: E731
+            _run_units(spec, todo, pool, progress, heartbeat, show_progress)
     except KeyboardInterrupt:
         progress.interrupted = True
         logger.warning("interrupted: committed shards stay, in-flight shards are left invisible")

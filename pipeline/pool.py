@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from pipeline.plan import WorkUnit
 from pipeline.spec import JobSpec
@@ -112,14 +112,16 @@ class ActorPool:
                 try:
                     self.worker_info[index] = ray.get(ref)
                     ready.add(index)
+                except ActorUnavailableError:
+                    probes[self.workers[index].describe.remote()] = index  # restarting: ask again
                 except RayActorError as exc:
-                    if not exc.actor_init_failed:
-                        probes[self.workers[index].describe.remote()] = index  # still restarting
-                        continue
-                    startup_failures += 1
-                    if startup_failures >= self.num_workers:
-                        raise WorkerStartupError(f"workers failed to start: {exc}") from None
-                    logger.warning("worker %d failed to start, replacing it: %s", index, exc)
+                    # Dead for good: its constructor raised (counted, so a model that cannot load ends the
+                    # job instead of looping), or Ray gave up on it. Either way a fresh worker takes its place.
+                    if exc.actor_init_failed:
+                        startup_failures += 1
+                        if startup_failures >= self.num_workers:
+                            raise WorkerStartupError(f"workers failed to start: {exc}") from None
+                    logger.warning("worker %d is dead, replacing it: %s", index, exc)
                     self.workers[index] = self.make_worker(index)
                     probes[self.workers[index].describe.remote()] = index
                 continue

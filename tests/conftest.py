@@ -70,13 +70,19 @@ def tiny_models(tmp_path_factory):
     return build_tiny_models(tmp_path_factory.mktemp("models"))
 
 
+def private_ray_tmpdir(tmp_path_factory) -> str:
+    """A fresh RAY_TMPDIR for each Ray a test module starts: sessions never see each other's files."""
+    ray_tmp = str(tmp_path_factory.mktemp("ray"))
+    os.environ["RAY_TMPDIR"] = ray_tmp
+    return ray_tmp
+
+
 def start_ray(tmp_path_factory, **resources):
     """A private local Ray on 127.0.0.1 with logical GPUs; the caller shuts it down."""
     import ray
 
-    ray_tmp = tmp_path_factory.mktemp("ray")
-    os.environ["RAY_TMPDIR"] = str(ray_tmp)
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(ray_tmp), **resources)
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1",
+             _temp_dir=private_ray_tmpdir(tmp_path_factory), **resources)
     return ray
 
 

@@ -192,3 +192,15 @@ def test_bad_input_is_refused_before_any_work(tiny_models, tmp_path, capsys, ext
     err = capsys.readouterr().err
     assert message in err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_model_that_cannot_load_fails_the_job_clearly(ray_gpus, tmp_path, capsys):
+    fs = fsspec.filesystem("file")
+    write_prompts(fs, str(tmp_path / "prompts.parquet"), prompt_table(4))
+    status = generate.main(["--prompts", str(tmp_path / "prompts.parquet"), "--output", str(tmp_path / "out"),
+                            "--model", str(tmp_path / "no-such-model"), *SIZE, "--num-workers", "2",
+                            "--no-progress"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "workers failed to start" in err and "no-such-model" in err
+    assert not list((tmp_path / "out").glob("*.stats.json"))

@@ -7,6 +7,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from conftest import private_ray_tmpdir
 from jobhelpers import data_files, metadata_rows, prompt_table, stats, write_prompts
 from pipeline.job import run_job
 from pipeline.pool import ActorPool, ray_worker_factory
@@ -19,10 +20,8 @@ NUM_PROMPTS = 40
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A CPU-only head and two nodes with two logical GPUs each, all on 127.0.0.1."""
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 2, "num_gpus": 0, "temp_dir": str(tmp_path_factory.mktemp("ray"))},
-    )
+    private_ray_tmpdir(tmp_path_factory)  # Ray keeps its session under $RAY_TMPDIR/ray
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
     gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
