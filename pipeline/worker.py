@@ -170,7 +170,8 @@ class ShardWorker:
                 "guidance_scale": spec.teacher_guidance_scale,
             }
             components = self.teacher.components
-            shape = (components.unet.config.in_channels, *(side // components.vae_scale_factor for side in (spec.height, spec.width)))
+            factor = components.vae_scale_factor
+            shape = (components.unet.config.in_channels, spec.height // factor, spec.width // factor)
             files[f"{spec.pair_dir}{unit.shard}.parquet"] = pairs_parquet_shard(
                 metadata_table(rows, extra), outputs["noise"], outputs["latent"], teacher, shape
             )
