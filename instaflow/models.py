@@ -45,6 +45,7 @@ class PromptBatch:
     seeds: list[int]
     negative_prompts: list[str | None]
     _encoded: dict = field(default_factory=dict, repr=False)
+    _noise: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if not (len(self.prompts) == len(self.seeds) == len(self.negative_prompts)):
@@ -58,7 +59,12 @@ class PromptBatch:
         return self._encoded[key]
 
     def noise(self, components: Components, height: int, width: int) -> torch.Tensor:
-        return batch_noise(self.seeds, height, width, components.runtime.dtype, components.runtime.device)
+        """The seed contract's noise, made once per batch even when a student and a teacher both start from it."""
+        runtime = components.runtime
+        key = (height, width, runtime.dtype, runtime.device)
+        if key not in self._noise:
+            self._noise[key] = batch_noise(self.seeds, height, width, runtime.dtype, runtime.device)
+        return self._noise[key]
 
 
 @dataclass
