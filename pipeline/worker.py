@@ -7,6 +7,7 @@ device never waits on storage, and at most two units are held in memory.
 
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import asdict
@@ -54,16 +55,20 @@ class ShardWorker:
         self.device_lock = threading.Lock()
 
     def describe(self) -> dict:
-        """Where this worker runs; the driver waits on it to know the models have loaded."""
-        import ray
+        """Where this worker runs; the driver waits on it to know the models have loaded.
 
-        return {
+        Ray's placement is added when the worker runs as an actor; the GPU benchmark runs it without Ray.
+        """
+        where = {
             "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "device": str(self.runtime.device),
         }
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            where["node_id"] = ray.get_runtime_context().get_node_id()
+            where["gpu_ids"] = [str(gpu) for gpu in ray.get_gpu_ids()]
+        return where
 
     def process(self, unit: WorkUnit, attempt: int = 1) -> dict:
         try:
