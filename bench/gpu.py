@@ -1,6 +1,6 @@
 """GPU benchmark: SD-1.5-sized random models at 512x512, without Ray, in parts that can be chosen one by one.
 
-    python bench/gpu.py [--parts peak,flops,student,teacher,baseline,worker,options,compile] [--out DIR]
+    python bench/gpu.py [--parts peak,flops,...] [--out DIR]      # all parts by default, in the order below
     python bench/gpu.py --tiny      # the same code on tiny models and the CPU, in seconds (the test runs this)
 
 Models are built from SD-1.5's configs with random weights (no download): UNet 860M, VAE, CLIP ViT-L text
@@ -13,10 +13,14 @@ Parts:
 - flops: counted FLOPs per sample of the UNet, the VAE decoder and the text encoder;
 - student: InstaFlow one-step images/s through `instaflow.models.Student` (prompts to uint8 pixels on the host);
 - teacher: SD teacher pairs/s (25 DPM-Solver steps, guidance 5) through `instaflow.models.Teacher`;
+- calibrate: one student and one teacher figure at the default settings, to compare runs on one card;
 - baseline: the same two through plain diffusers code (`StableDiffusionPipeline`, and the official
-  RectifiedFlowPipeline's loop written with its helpers), and a plain read-generate-save loop over Parquet;
-- worker: `pipeline.worker.ShardWorker` on one GPU without Ray: Parquet on local disk to committed shards;
-- options: speed settings one at a time (channels_last, fused QKV, cudnn.benchmark, CUDA graphs, tiny decoder);
+  RectifiedFlowPipeline's loop written with its helpers);
+- plainloop: what a user writes without this engine: read Parquet, generate, save JPEG files, one process;
+- worker: `pipeline.worker.ShardWorker` on one GPU without Ray: Parquet on local disk to committed shards,
+  eager and compiled (compiled only on CUDA);
+- options: speed settings one at a time against the default (contiguous, eager): channels_last, fused QKV,
+  cudnn.benchmark, CUDA graphs, the tiny decoder;
 - compile: torch.compile of the UNet and the VAE decoder (slow to warm up, so last).
 """
 
@@ -38,9 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from instaflow.loading import Components, Runtime  # noqa: E402
 from instaflow.models import PromptBatch, Settings, Student, Teacher  # noqa: E402
-from instaflow.sampling import batch_noise  # noqa: E402
 
-PARTS = ("peak", "flops", "student", "teacher", "baseline", "worker", "options", "compile")
+PARTS = ("peak", "flops", "calibrate", "student", "teacher", "baseline", "plainloop", "worker", "options", "compile")
 
 SD15_UNET = dict(
     sample_size=64,
@@ -317,33 +320,45 @@ def plain_instaflow(pipe, prompts: list[str], size: int, steps: int = 1):
 
 
 def part_baseline(ctx) -> None:
-    set_channels_last(ctx.models, False)
-    try:
-        pipe = plain_pipeline(ctx)
-        for batch_size in ctx.image_batches:
-            calls = iter(range(10**9))
-            seconds = timed(lambda: plain_instaflow(pipe, prompts_for(batch_size, next(calls)), ctx.size),
-                            ctx.device, 1.5)
-            rate = batch_size / seconds
-            ctx.report.add("baseline", f"plain instaflow loop (PIL out) batch {batch_size}", images_per_s=rate,
-                           fraction_of_limit=_fraction(ctx, "image", rate))
-        teacher_pipe = plain_pipeline(ctx, "teacher_unet")
-        for batch_size in ctx.pair_batches[:2]:
-            calls = iter(range(10**9))
+    pipe = plain_pipeline(ctx)
+    for batch_size in ctx.image_batches:
+        calls = iter(range(10**9))
+        seconds = timed(lambda: plain_instaflow(pipe, prompts_for(batch_size, next(calls)), ctx.size), ctx.device, 1.5)
+        rate = batch_size / seconds
+        ctx.report.add("baseline", f"plain instaflow loop (PIL out) batch {batch_size}", images_per_s=rate,
+                       fraction_of_limit=_fraction(ctx, "image", rate))
+    teacher_pipe = plain_pipeline(ctx, "teacher_unet")
+    for batch_size in ctx.pair_batches[:2]:
+        calls = iter(range(10**9))
 
-            def run():
-                out = teacher_pipe(prompts_for(batch_size, next(calls)), num_inference_steps=ctx.teacher_steps,
-                                   guidance_scale=5.0, height=ctx.size, width=ctx.size, output_type="latent")
-                out.images.float().cpu()
+        def run():
+            out = teacher_pipe(prompts_for(batch_size, next(calls)), num_inference_steps=ctx.teacher_steps,
+                               guidance_scale=5.0, height=ctx.size, width=ctx.size, output_type="latent")
+            out.images.float().cpu()
 
-            rate = batch_size / timed(run, ctx.device, 2.0, warmup=1)
-            ctx.report.add("baseline", f"StableDiffusionPipeline teacher batch {batch_size}", pairs_per_s=rate,
-                           fraction_of_limit=_fraction(ctx, "pair", rate))
-        rate = plain_loop_end_to_end(ctx, pipe, ctx.workdir / "plain_loop")
-        ctx.report.add("baseline", f"plain loop: Parquet -> pipeline -> JPEG files, batch {ctx.worker_batch}",
-                       images_per_s=rate, prompts=ctx.worker_prompts)
-    finally:
-        set_channels_last(ctx.models, ctx.device.type == "cuda")
+        rate = batch_size / timed(run, ctx.device, 2.0, warmup=1)
+        ctx.report.add("baseline", f"StableDiffusionPipeline teacher batch {batch_size}", pairs_per_s=rate,
+                       fraction_of_limit=_fraction(ctx, "pair", rate))
+
+
+def part_calibrate(ctx) -> None:
+    runtime = Runtime(ctx.device, ctx.dtype)
+    student = Student(components(ctx.models, runtime), Settings(1, 0.0, ctx.size, ctx.size))
+    rate = student_images_per_s(ctx, student, ctx.worker_batch)
+    ctx.report.add("calibrate", f"instaflow {ctx.dtype} batch {ctx.worker_batch}", images_per_s=rate,
+                   fraction_of_limit=_fraction(ctx, "image", rate))
+    settings = Settings(ctx.teacher_steps, 5.0, ctx.size, ctx.size)
+    teacher = Teacher(components(ctx.models, runtime, "teacher_unet"), "sd", settings)
+    rate = teacher_pairs_per_s(ctx, teacher, ctx.pair_batches[1])
+    ctx.report.add("calibrate", f"sd teacher {ctx.dtype} batch {ctx.pair_batches[1]}", pairs_per_s=rate,
+                   fraction_of_limit=_fraction(ctx, "pair", rate))
+
+
+def part_plainloop(ctx) -> None:
+    pipe = plain_pipeline(ctx)
+    rate = plain_loop_end_to_end(ctx, pipe, ctx.workdir / "plain_loop")
+    ctx.report.add("plainloop", f"plain loop: Parquet -> pipeline -> JPEG files, batch {ctx.worker_batch}",
+                   images_per_s=rate, prompts=ctx.worker_prompts)
 
 
 def plain_loop_end_to_end(ctx, pipe, out: Path) -> float:
@@ -380,7 +395,7 @@ def save_model_folder(ctx, folder: Path) -> Path:
 
 
 def run_worker(ctx, tasks: tuple[str, ...], image_format: str, prompts_file: Path, batch_size: int,
-               rows_per_shard: int, out: Path, threads: int = 2) -> dict:
+               rows_per_shard: int, out: Path, compile: bool, threads: int = 2) -> dict:
     """ShardWorker as the Ray actor runs it (two units at a time), minus Ray: one warm-up unit, then the rest."""
     from pipeline.plan import list_input_files, plan_units
     from pipeline.spec import JobSpec
@@ -392,15 +407,17 @@ def run_worker(ctx, tasks: tuple[str, ...], image_format: str, prompts_file: Pat
         prompts=str(prompts_file), output=str(out), tasks=tasks, model=model if "images" in tasks else None,
         teacher=model if "pairs" in tasks else None, teacher_steps=ctx.teacher_steps, height=ctx.size,
         width=ctx.size, batch_size=batch_size, rows_per_shard=rows_per_shard, image_format=image_format,
-        dtype=str(ctx.dtype).removeprefix("torch."),
+        dtype=str(ctx.dtype).removeprefix("torch."), compile=compile,
     )
     fs, path = filesystem(spec.prompts, spec.storage_options)
     units = plan_units(list_input_files(fs, path), spec.rows_per_shard)
     clock = time.perf_counter()
     worker = ShardWorker(spec)
     load_s = time.perf_counter() - clock
-    worker.process(units[0])  # warm-up: kernels chosen, allocator grown
+    clock = time.perf_counter()
+    worker.process(units[0])  # warm-up: kernels chosen (or compiled), allocator grown
     synchronize(ctx.device)
+    warmup_s = time.perf_counter() - clock
     pending = list(units[1:])
     lock = threading.Lock()
     stats = []
@@ -422,27 +439,33 @@ def run_worker(ctx, tasks: tuple[str, ...], image_format: str, prompts_file: Pat
     written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and not f.name.startswith("_"))
     timing = {key: sum(s["timings"][key] for s in stats) for key in stats[0]["timings"]}
     return {"samples_per_s": samples / wall, "samples": samples, "wall_s": wall, "load_s": load_s,
+            "warmup_unit_s": warmup_s, "encode_threads": worker.encode_threads,
             "bytes_per_sample": written / (samples + units[0].num_rows),
             **{f"sum_{k}": v for k, v in timing.items()}}
 
 
 def part_worker(ctx) -> None:
     batch, rows = ctx.worker_batch, ctx.worker_rows_per_shard
-    for name, tasks, fmt, prompts, batch_size, rows_per_shard in (
-        ("images jpeg", ("images",), "jpeg", ctx.prompts_file, batch, rows),
-        ("images png", ("images",), "png", ctx.small_prompts_file, batch, rows // 2),
-        ("pairs", ("pairs",), "jpeg", ctx.small_prompts_file, ctx.pair_batches[1], rows // 4),
+    for name, tasks, fmt, prompts, batch_size, rows_per_shard, compile in (
+        ("images jpeg", ("images",), "jpeg", ctx.prompts_file, batch, rows, False),
+        ("images png", ("images",), "png", ctx.small_prompts_file, batch, rows // 2, False),
+        ("pairs", ("pairs",), "jpeg", ctx.small_prompts_file, ctx.pair_batches[1], rows // 4, False),
+        ("images jpeg", ("images",), "jpeg", ctx.prompts_file, batch, rows, True),
+        ("pairs", ("pairs",), "jpeg", ctx.small_prompts_file, ctx.pair_batches[1], rows // 4, True),
     ):
-        out = ctx.workdir / f"worker_{name.replace(' ', '_')}"
-        result = run_worker(ctx, tasks, fmt, prompts, batch_size, rows_per_shard, out)
+        name = f"ShardWorker {name} batch {batch_size} {'compiled' if compile else 'eager'}"
+        if compile and ctx.device.type != "cuda":
+            ctx.report.add("worker", name, skipped="compiled runs only on CUDA (minutes of warm-up on the CPU)")
+            continue
+        out = ctx.workdir / "worker_out"
+        result = run_worker(ctx, tasks, fmt, prompts, batch_size, rows_per_shard, out, compile)
         kind = "pair" if tasks == ("pairs",) else "image"
-        ctx.report.add("worker", f"ShardWorker {name} batch {batch_size}", **result,
-                       fraction_of_limit=_fraction(ctx, kind, result["samples_per_s"]))
+        ctx.report.add("worker", name, **result, fraction_of_limit=_fraction(ctx, kind, result["samples_per_s"]))
         shutil.rmtree(out, ignore_errors=True)
 
 
 def part_options(ctx) -> None:
-    """Each speed setting alone against the current default (channels_last on CUDA, SDPA attention)."""
+    """Each speed setting alone against the default (contiguous memory, SDPA attention, eager)."""
     batch_size = ctx.worker_batch
     runtime = Runtime(ctx.device, ctx.dtype)
     settings = Settings(1, 0.0, ctx.size, ctx.size)
@@ -455,9 +478,9 @@ def part_options(ctx) -> None:
 
     default = Student(components(m, runtime), settings)
     measure("default", default)
+    set_channels_last(m, True)
+    measure("channels_last", default)
     set_channels_last(m, False)
-    measure("contiguous (no channels_last)", default)
-    set_channels_last(m, ctx.device.type == "cuda")
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         measure("cudnn.benchmark", default)
@@ -489,7 +512,7 @@ def measure_cuda_graph(ctx, student: Student, batch_size: int) -> None:
     c = student.components
     first = PromptBatch(prompts_for(batch_size), list(range(batch_size)), [None] * batch_size)
     static_noise = first.noise(c, ctx.size, ctx.size).clone()
-    static_embeds = first.encode(c).embeds.clone()
+    static_embeds = first.encode(c).clone()
 
     def body():
         latents = rectified_flow_euler(c.unet, static_noise, static_embeds, None, 1, 0.0)
@@ -509,7 +532,7 @@ def measure_cuda_graph(ctx, student: Student, batch_size: int) -> None:
     def run():
         i = next(calls)
         batch = PromptBatch(prompts_for(batch_size, i * batch_size), list(range(batch_size)), [None] * batch_size)
-        static_embeds.copy_(batch.encode(c).embeds)
+        static_embeds.copy_(batch.encode(c))
         static_noise.copy_(batch.noise(c, ctx.size, ctx.size))
         graph.replay()
         static_pixels.cpu()
@@ -526,8 +549,6 @@ def measure_tiny_decoder(ctx, runtime: Runtime, settings: Settings, measure) -> 
     with torch.device(ctx.device):
         torch.manual_seed(0)
         taesd = AutoencoderTiny().to(ctx.dtype).eval().requires_grad_(False)  # TAESD's architecture for SD-1.5
-    if ctx.device.type == "cuda":
-        taesd.to(memory_format=torch.channels_last)
     measure("tiny decoder (AutoencoderTiny)", Student(components(ctx.models, runtime, vae=taesd), settings))
 
 
@@ -573,7 +594,6 @@ class Context:
         self.flops: dict[str, float] = {}
         clock = time.perf_counter()
         self.models = build_models(args.tiny, self.device, self.dtype)
-        set_channels_last(self.models, self.device.type == "cuda")
         report.add("setup", "models built", seconds=time.perf_counter() - clock,
                    unet_params_m=sum(p.numel() for p in self.models["unet"].parameters()) / 1e6)
         self._other_dtype_models: dict = {}

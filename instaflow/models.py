@@ -1,7 +1,8 @@
 """The student (InstaFlow, 2-Rectified Flow) and the teachers (SD-1.5 with DPM-Solver, 2-RF with Euler steps).
 
 Both take a `PromptBatch`, which encodes its prompts once per text encoder: a student and a teacher sharing
-SD-1.5's text encoder (the component cache gives them the same object) pay for one encoding per batch.
+SD-1.5's text encoder (the component cache gives them the same object) pay for one encoding per batch. Both have
+`prepare(batch)` for the host work (tokens, noise), so that it can run while the device works on another batch.
 """
 
 import re
@@ -19,7 +20,7 @@ from instaflow.sampling import (
     rectified_flow_euler,
     use_guidance,
 )
-from instaflow.text import EncodedPrompts, encode_prompts
+from instaflow.text import Tokens, encode_tokens, tokenize_prompts
 
 TWO_RECTIFIED_FLOW = re.compile(r"2[_-]?rectified|2rf", re.IGNORECASE)
 TEACHER_KINDS = ("sd", "rf")
@@ -39,31 +40,66 @@ def teacher_defaults(kind: str) -> tuple[int, float]:
 
 @dataclass
 class PromptBatch:
-    """One batch of samples; negative prompts of None mean the empty prompt, as in diffusers."""
+    """One batch of samples; negative prompts of None mean the empty prompt, as in diffusers.
+
+    Host work (tokens, the seed noise) and device work (embeddings, noise on the device) are cached apart, so a
+    worker can `prepare` the next batch outside its device lock, and a student and a teacher that share a
+    tokenizer and text encoder share the work.
+    """
 
     prompts: list[str]
     seeds: list[int]
     negative_prompts: list[str | None]
+    _tokens: dict = field(default_factory=dict, repr=False)
     _encoded: dict = field(default_factory=dict, repr=False)
+    _host_noise: dict = field(default_factory=dict, repr=False)
     _noise: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if not (len(self.prompts) == len(self.seeds) == len(self.negative_prompts)):
             raise ValueError("prompts, seeds and negative_prompts must have the same length")
 
-    def encode(self, components: Components, negative: bool = False) -> EncodedPrompts:
-        texts = [text or "" for text in self.negative_prompts] if negative else self.prompts
+    def prepare(self, components: Components, height: int, width: int, guidance_scale: float) -> None:
+        """The host work a sampler will need, done now: tokens, and the seed noise in page-locked memory."""
+        self.tokens(components, negative=False)
+        if use_guidance(guidance_scale):
+            self.tokens(components, negative=True)
+        self.host_noise(components, height, width)
+
+    def tokens(self, components: Components, negative: bool) -> Tokens:
+        key = (id(components.tokenizer), negative)
+        if key not in self._tokens:
+            texts = [text or "" for text in self.negative_prompts] if negative else self.prompts
+            pin = components.runtime.device.type == "cuda"
+            self._tokens[key] = tokenize_prompts(components.tokenizer, texts, pin_memory=pin)
+        return self._tokens[key]
+
+    def encode(self, components: Components, negative: bool = False) -> torch.Tensor:
+        """Prompt embeddings on the device, computed once per text encoder."""
         key = (id(components.tokenizer), id(components.text_encoder), negative)
         if key not in self._encoded:
-            self._encoded[key] = encode_prompts(components.tokenizer, components.text_encoder, texts)
+            self._encoded[key] = encode_tokens(components.text_encoder, self.tokens(components, negative))
         return self._encoded[key]
 
+    def truncated(self, components: Components) -> list[bool]:
+        return self.tokens(components, negative=False).truncated
+
+    def host_noise(self, components: Components, height: int, width: int) -> torch.Tensor:
+        """The seed contract's float32 noise on the host (page-locked when a GPU will copy it)."""
+        key = (height, width)
+        if key not in self._host_noise:
+            noise = batch_noise(self.seeds, height, width)
+            self._host_noise[key] = noise.pin_memory() if components.runtime.device.type == "cuda" else noise
+        return self._host_noise[key]
+
     def noise(self, components: Components, height: int, width: int) -> torch.Tensor:
-        """The seed contract's noise, made once per batch even when a student and a teacher both start from it."""
+        """The noise on the device in the model dtype, made once per batch even when a student and a teacher
+        both start from it."""
         runtime = components.runtime
         key = (height, width, runtime.dtype, runtime.device)
         if key not in self._noise:
-            self._noise[key] = batch_noise(self.seeds, height, width, runtime.dtype, runtime.device)
+            host = self.host_noise(components, height, width)
+            self._noise[key] = host.to(device=runtime.device, non_blocking=True).to(runtime.dtype)
         return self._noise[key]
 
 
@@ -81,9 +117,8 @@ class Settings:
 
 
 def _embeddings(components: Components, batch: PromptBatch, guidance_scale: float):
-    encoded = batch.encode(components)
-    negative = batch.encode(components, negative=True).embeds if use_guidance(guidance_scale) else None
-    return encoded, negative
+    negative = batch.encode(components, negative=True) if use_guidance(guidance_scale) else None
+    return batch.encode(components), negative
 
 
 @dataclass
@@ -100,12 +135,17 @@ class Student:
         self.components = components
         self.settings = settings
 
+    def prepare(self, batch: PromptBatch) -> None:
+        """Host work for `generate`, to run ahead of the device (see PromptBatch.prepare)."""
+        s = self.settings
+        batch.prepare(self.components, s.height, s.width, s.guidance_scale)
+
     def sample_latents(self, batch: PromptBatch) -> tuple[torch.Tensor, list[bool]]:
         c, s = self.components, self.settings
-        encoded, negative = _embeddings(c, batch, s.guidance_scale)
+        embeds, negative = _embeddings(c, batch, s.guidance_scale)
         noise = batch.noise(c, s.height, s.width)
-        latents = rectified_flow_euler(c.unet, noise, encoded.embeds, negative, s.steps, s.guidance_scale)
-        return latents, encoded.truncated
+        latents = rectified_flow_euler(c.unet, noise, embeds, negative, s.steps, s.guidance_scale)
+        return latents, batch.truncated(c)
 
     def generate(self, batch: PromptBatch) -> StudentOutput:
         latents, truncated = self.sample_latents(batch)
@@ -130,13 +170,18 @@ class Teacher:
         self.settings = settings
         self.scheduler_options = dict(scheduler_options or {})
 
+    def prepare(self, batch: PromptBatch) -> None:
+        """Host work for `pairs`, to run ahead of the device (see PromptBatch.prepare)."""
+        s = self.settings
+        batch.prepare(self.components, s.height, s.width, s.guidance_scale)
+
     def pairs(self, batch: PromptBatch) -> TeacherOutput:
         c, s = self.components, self.settings
-        encoded, negative = _embeddings(c, batch, s.guidance_scale)
+        embeds, negative = _embeddings(c, batch, s.guidance_scale)
         noise = batch.noise(c, s.height, s.width)
         if self.kind == "sd":
             scheduler = dpm_solver_scheduler(c.scheduler_config, **self.scheduler_options)
-            latents = dpm_solver_teacher(c.unet, scheduler, noise, encoded.embeds, negative, s.steps, s.guidance_scale)
+            latents = dpm_solver_teacher(c.unet, scheduler, noise, embeds, negative, s.steps, s.guidance_scale)
         else:
-            latents = rectified_flow_euler(c.unet, noise, encoded.embeds, negative, s.steps, s.guidance_scale)
-        return TeacherOutput(noise=noise, latents=latents, truncated=encoded.truncated)
+            latents = rectified_flow_euler(c.unet, noise, embeds, negative, s.steps, s.guidance_scale)
+        return TeacherOutput(noise=noise, latents=latents, truncated=batch.truncated(c))

@@ -38,12 +38,15 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="job seed; per-sample seeds derive from it and the key")
     parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32, help="samples per forward pass")
     parser.add_argument("--rows-per-shard", type=int, default=1000, help="target rows per work unit and shard")
     parser.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS, default="webdataset")
     parser.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpeg")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: fp16 on CUDA, fp32 on CPU")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and the VAE decoder")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the UNet and the VAE decoder (default: on with CUDA, off on the CPU)")
+    parser.add_argument("--cpus-per-worker", type=float,
+                        help="CPUs reserved per worker, one image encoder each (default: a GPU node's CPUs per GPU)")
     parser.add_argument("--num-workers", type=int, help="default: one per GPU in the cluster (1 without GPUs)")
     parser.add_argument("--max-unit-attempts", type=int, default=3)
     parser.add_argument("--storage-options", type=_json_object, default={}, help="JSON passed to fsspec")
@@ -56,7 +59,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 def common_spec_args(args: argparse.Namespace) -> dict:
     names = (
         "prompts", "output", "prompt_column", "seed", "height", "width", "batch_size", "rows_per_shard",
-        "output_format", "image_format", "dtype", "compile", "num_workers", "max_unit_attempts", "storage_options",
+        "output_format", "image_format", "dtype", "compile", "cpus_per_worker", "num_workers", "max_unit_attempts", "storage_options",
         "overwrite", "ray_address",
     )
     return {name: getattr(args, name) for name in names}

@@ -7,6 +7,7 @@ reported failed; the rest of the job goes on.
 """
 
 import collections
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -22,7 +23,6 @@ from pipeline.worker import ShardWorker
 logger = logging.getLogger(__name__)
 
 UNITS_PER_WORKER = 2  # one generating, one being read or written: see pipeline/worker.py
-CPU_PER_GPU_WORKER = 0.25  # GPU workers wait on the GPU; a whole CPU each would starve small head nodes
 CPU_PER_CPU_WORKER = 1.0
 
 
@@ -30,15 +30,26 @@ class WorkerStartupError(RuntimeError):
     """Workers could not start (a model that does not load, a bad storage URL): the job cannot run."""
 
 
-def worker_options(use_gpus: bool) -> dict:
+def cpus_per_gpu(nodes: list[dict]) -> float | None:
+    """The fewest CPUs per GPU on any live GPU node: what each GPU worker can reserve everywhere."""
+    ratios = [
+        node["Resources"].get("CPU", 0.0) / node["Resources"]["GPU"]
+        for node in nodes
+        if node.get("Alive") and node["Resources"].get("GPU")
+    ]
+    return min(ratios) if ratios else None
+
+
+def worker_options(num_gpus: int, num_cpus: float) -> dict:
     """Ray's restart policy and resources for workers, in one place.
 
     Ray restarts a worker whose process or node dies, forever; units are not retried by Ray but by the pool,
-    which counts the tries. Two concurrent calls per worker overlap I/O with generation (see the worker).
+    which counts the tries. Two concurrent calls per worker overlap I/O with generation (see the worker), and
+    the CPUs it reserves run its image encoders.
     """
     return {
-        "num_gpus": 1 if use_gpus else 0,
-        "num_cpus": CPU_PER_GPU_WORKER if use_gpus else CPU_PER_CPU_WORKER,
+        "num_gpus": num_gpus,
+        "num_cpus": num_cpus,
         "max_restarts": -1,
         "max_task_retries": 0,
         "max_concurrency": UNITS_PER_WORKER,
@@ -54,7 +65,10 @@ def ray_worker_factory(spec: JobSpec) -> tuple[Callable[[int], object], int]:
     num_workers = spec.num_workers or (num_gpus if use_gpus else 1)
     if use_gpus and num_workers > num_gpus:
         logger.warning("%d workers asked for but the cluster has %d GPUs: the rest wait for GPUs", num_workers, num_gpus)
-    actor_class = ray.remote(ShardWorker).options(**worker_options(use_gpus))
+    if spec.cpus_per_worker is None:
+        cpus = cpus_per_gpu(ray.nodes()) if use_gpus else CPU_PER_CPU_WORKER
+        spec = dataclasses.replace(spec, cpus_per_worker=cpus)
+    actor_class = ray.remote(ShardWorker).options(**worker_options(int(use_gpus), spec.cpus_per_worker))
     return (lambda index: actor_class.remote(spec)), num_workers
 
 

@@ -1,16 +1,24 @@
 """The work on one GPU: a Ray actor that loads its models once and turns work units into committed shards.
 
 An actor runs two units at a time (Ray `max_concurrency=2`) but only one holds the device: while unit N is
-generated, unit N+1's prompts are read; while N+1 is generated, N's images are encoded and uploaded. So the
-device never waits on storage, and at most two units are held in memory.
+generated, unit N+1's prompts are read, tokenised and given their seed noise; while N+1 is generated, N's shard
+is built and uploaded. Inside a unit, each batch's outputs are copied to page-locked host memory without stopping
+the device, and its images are encoded by a pool of threads, one per CPU reserved for the worker, while the device
+runs the next batches. The device waits for the encoders only when more than `MAX_BATCHES_AWAITING_ENCODE` batches
+are still being encoded; that wait is recorded in the shard's stats (`encode_wait_s`).
 """
 
+import collections
+import contextlib
 import logging
 import os
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict
+
+import torch
 
 from instaflow.loading import ComponentCache, Runtime
 from instaflow.models import PromptBatch, Settings, Student, Teacher
@@ -33,6 +41,40 @@ logger = logging.getLogger(__name__)
 # Errors after which the CUDA context is unusable: the process exits so that Ray restarts it clean.
 FATAL_DEVICE_ERRORS = ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "device-side assert")
 MAX_ERRORS_IN_STATS = 20
+MAX_BATCHES_AWAITING_ENCODE = 4  # per unit; bounds the page-locked memory that waits for the encoders
+
+
+class HostCopy:
+    """A device tensor copied to page-locked host memory without blocking the device; `numpy()` waits for it."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._event = None
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor
+
+    def numpy(self):
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.numpy()
+
+
+@contextlib.contextmanager
+def _timed(timings: dict, name: str):
+    clock = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - clock
+
+
+def encode_threads(cpus: float | None) -> int:
+    """One encoder per CPU reserved for the worker; without a reservation (no Ray), one per CPU of the host."""
+    return max(1, int(cpus if cpus is not None else os.cpu_count() or 1))
 
 
 class ShardWorker:
@@ -53,6 +95,8 @@ class ShardWorker:
         output_fs, root = filesystem(spec.output, spec.storage_options)
         self.store = ShardStore(output_fs, root)
         self.device_lock = threading.Lock()
+        self.encode_threads = encode_threads(spec.cpus_per_worker)
+        self.encode_pool = ThreadPoolExecutor(self.encode_threads, thread_name_prefix="encode")
 
     def describe(self) -> dict:
         """Where this worker runs; the driver waits on it to know the models have loaded.
@@ -81,18 +125,18 @@ class ShardWorker:
 
     def _process(self, unit: WorkUnit, attempt: int) -> dict:
         started_at = time.time()
-        clock = time.perf_counter()
-        unit_input = read_unit(self.input_fs, unit, self.spec.prompt_column, self.spec.seed)
-        read_s = time.perf_counter() - clock
+        timings = {"encode_wait_s": 0.0}
+        with _timed(timings, "read_s"):
+            unit_input = read_unit(self.input_fs, unit, self.spec.prompt_column, self.spec.seed)
         valid = [sample for sample in unit_input.samples if sample.error is None]
-
-        with self.device_lock:
-            clock = time.perf_counter()
-            outputs = self._generate(valid)
-            generate_s = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        files = self._shard_files(unit, unit_input.samples, unit_input.extra, outputs)
+        with _timed(timings, "prepare_s"):
+            batches = self._prepare(valid)
+        with self.device_lock, _timed(timings, "generate_s"):
+            pending = self._generate(batches, timings)
+        with _timed(timings, "collect_s"):
+            outputs = self._collect(pending)
+        with _timed(timings, "shard_s"):
+            files = self._shard_files(unit, unit_input.samples, unit_input.extra, outputs)
         errors = [sample.error for sample in unit_input.samples if sample.error]
         stats = {
             "shard": unit.shard,
@@ -105,33 +149,80 @@ class ShardWorker:
             "errors": errors[:MAX_ERRORS_IN_STATS],
             "files": sorted(files),
             "worker": self.describe(),
+            "run": self.run_settings(),
             "started_at": started_at,
+            "timings": timings,
         }
-        stats["timings"] = {"read_s": read_s, "generate_s": generate_s, "encode_s": time.perf_counter() - clock}
         self.store.commit(unit.unit_id, files, stats)
         return stats
 
-    def _generate(self, samples: list[Sample]) -> dict[str, dict]:
-        """Runs the models batch by batch; results keyed by sample key, copied to the host once per batch."""
-        outputs = {"pixels": {}, "noise": {}, "latent": {}, "truncated": {}}
-        size = self.spec.batch_size
+    def run_settings(self) -> dict:
+        """Settings that change speed but not outputs; a resumed job may change them, so each shard records its own."""
+        return {
+            "batch_size": self.spec.batch_size,
+            "compile": self.runtime.compile,
+            "dtype": str(self.runtime.dtype).removeprefix("torch."),
+            "encode_threads": self.encode_threads,
+            "cpus_per_worker": self.spec.cpus_per_worker,
+        }
+
+    def _prepare(self, samples: list[Sample]) -> list[tuple[list[str], PromptBatch]]:
+        """Batches with their host work done (tokens, noise), before the unit waits for the device.
+
+        Compiled models are specialised to one batch shape, so a short last batch is padded with copies of its
+        last sample, whose outputs are dropped. Outputs do not depend on the batch (the seed contract).
+        """
+        size, batches = self.spec.batch_size, []
         for start in range(0, len(samples), size):
             chunk = samples[start : start + size]
             keys = [sample.key for sample in chunk]
-            batch = PromptBatch(
-                [s.prompt for s in chunk], [s.seed for s in chunk], [s.negative_prompt for s in chunk]
-            )
-            truncated = [False] * len(chunk)
+            if self.runtime.compile:
+                chunk = chunk + [chunk[-1]] * (size - len(chunk))
+            batch = PromptBatch([s.prompt for s in chunk], [s.seed for s in chunk], [s.negative_prompt for s in chunk])
+            for model in (self.student, self.teacher):
+                if model:
+                    model.prepare(batch)
+            batches.append((keys, batch))
+        return batches
+
+    def _generate(self, batches: list[tuple[list[str], PromptBatch]], timings: dict) -> list[dict]:
+        """Runs the models batch by batch under the device lock; copies and encodes proceed without it."""
+        pending, awaiting_encode = [], collections.deque()
+        for keys, batch in batches:
+            n = len(keys)
+            result = {"keys": keys}
             if self.student:
                 out = self.student.generate(batch)
-                outputs["pixels"].update(zip(keys, out.pixels.cpu().numpy()))
-                truncated = out.truncated
+                pixels = HostCopy(out.pixels[:n])
+                result["images"] = [self.encode_pool.submit(self._encode, pixels, i) for i in range(n)]
+                result["truncated"] = out.truncated[:n]
+                awaiting_encode.append(result["images"])
             if self.teacher:
                 pairs = self.teacher.pairs(batch)
-                outputs["noise"].update(zip(keys, pairs.noise.float().cpu().numpy()))
-                outputs["latent"].update(zip(keys, pairs.latents.float().cpu().numpy()))
-                truncated = pairs.truncated
-            outputs["truncated"].update(zip(keys, truncated))
+                result["noise"] = HostCopy(pairs.noise[:n].float())
+                result["latent"] = HostCopy(pairs.latents[:n].float())
+                result["truncated"] = pairs.truncated[:n]
+            pending.append(result)
+            if len(awaiting_encode) > MAX_BATCHES_AWAITING_ENCODE:
+                with _timed(timings, "encode_wait_s"):
+                    wait(awaiting_encode.popleft())
+        return pending
+
+    def _encode(self, pixels: HostCopy, index: int) -> bytes:
+        return encode_image(pixels.numpy()[index], self.spec.image_format)
+
+    @staticmethod
+    def _collect(pending: list[dict]) -> dict[str, dict]:
+        """Every batch's results keyed by sample key, once its copies and encodes are done."""
+        outputs = {"images": {}, "noise": {}, "latent": {}, "truncated": {}}
+        for result in pending:
+            keys = result["keys"]
+            outputs["truncated"].update(zip(keys, result["truncated"]))
+            if "images" in result:
+                outputs["images"].update(zip(keys, (future.result() for future in result["images"])))
+            for name in ("noise", "latent"):
+                if name in result:
+                    outputs[name].update(zip(keys, result[name].numpy()))
         return outputs
 
     def _rows(self, samples: list[Sample], outputs: dict, model: str, steps: int, guidance_scale: float) -> list[dict]:
@@ -159,7 +250,7 @@ class ShardWorker:
             rows = self._rows(samples, outputs, spec.model, spec.steps, spec.guidance_scale)
             metadata = metadata_table(rows, extra)
             extension = IMAGE_EXTENSIONS[spec.image_format]
-            images = {key: encode_image(pixels, spec.image_format) for key, pixels in outputs["pixels"].items()}
+            images = outputs["images"]
             prefix = f"{spec.image_dir}{unit.shard}"
             if spec.output_format == "webdataset":
                 shard = webdataset_shard(metadata, images, extension)
