@@ -108,6 +108,13 @@ class ShardStore:
         log.info("removed %d old output files from %s", len(doomed), self.root)
 
 
+def committed_shards(fs: fsspec.AbstractFileSystem, root: str) -> dict[int, dict]:
+    """Every committed shard of an output, by unit id, with its marker (stats; `files` lists its data files
+    relative to the root). Readers of an output use this instead of globbing its data files."""
+    store = ShardStore(fs, root)
+    return {unit_id: store.read_stats(unit_id) for unit_id in sorted(store.committed())}
+
+
 def job_manifest(spec_identity: dict, inputs: list[dict]) -> dict:
     """The manifest check_compatible compares against; callers may add informational keys."""
     return {"spec": spec_identity, "inputs": inputs}
