@@ -1,0 +1,146 @@
+"""InstaFlow's training recipe: reflow to a 2-rectified flow, then distillation to one step, the measures that show
+each stage working (straightness, one-step error), the learning-rate warmup and the EMA of the saved weights.
+
+Notation (InstaFlow's): X0 is a pair's recorded noise, X1 the teacher's latent, t in [0, 1] runs from noise to
+image, and the UNet is called at timestep 1000·(1 − t), so t = 0 (pure noise) is timestep 1000, where the sampler
+in sampling.py starts. Every loss is returned per sample, ||·||² being the mean over a sample's elements (as
+diffusers' training scripts' `F.mse_loss`), so callers can average over any batch split the same way.
+"""
+
+import torch
+
+from instaflow.sampling import MAX_STEPS
+
+LOSSES = ("reflow", "distill-l2", "distill-lpips")
+STRAIGHTNESS_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def unet_timestep(t: torch.Tensor) -> torch.Tensor:
+    """The UNet's timestep for flow time t: 1000·(1 − t)."""
+    return MAX_STEPS * (1.0 - t)
+
+
+def velocity(unet, x: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+    """v(X, t) in float32, whatever dtype the UNet computes in."""
+    return unet(x, unet_timestep(t), encoder_hidden_states=prompt_embeds, return_dict=False)[0].float()
+
+
+def squared_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||a − b||² per sample, as the mean over its elements."""
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
+def reflow_loss(unet, noise, latent, prompt_embeds, t: torch.Tensor) -> torch.Tensor:
+    """Rectified-flow regression on the straight path from X0 to X1, at the given per-sample times t."""
+    t_ = t.float().view(-1, 1, 1, 1)
+    x_t = t_ * latent.float() + (1.0 - t_) * noise.float()  # X_t = t·X1 + (1 − t)·X0
+    v = velocity(unet, x_t.to(latent.dtype), t, prompt_embeds)  # v(X_t, t) at timestep 1000·(1 − t)
+    return squared_error(latent - noise, v)  # ||(X1 − X0) − v||²
+
+
+def one_step_latent(unet, noise, prompt_embeds) -> torch.Tensor:
+    """The one-step sample X1' = X0 + v(X0, t=0), the UNet at timestep 1000, in float32."""
+    t = torch.zeros(noise.shape[0], device=noise.device)
+    return noise.float() + velocity(unet, noise, t, prompt_embeds)  # X1' = X0 + v(X0, 1000)
+
+
+def distill_l2_loss(unet, noise, latent, prompt_embeds) -> torch.Tensor:
+    """One-step distillation in latent space."""
+    return squared_error(one_step_latent(unet, noise, prompt_embeds), latent)  # ||X1' − X1||²
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """x = D(z / scaling_factor), in [-1, 1] as the VAE gives it (and as LPIPS takes it)."""
+    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+
+
+def distill_lpips_loss(unet, vae, perceptual, noise, latent, prompt_embeds) -> torch.Tensor:
+    """One-step distillation in pixel space: both latents decoded, compared by `perceptual` (lpips.LPIPS or any
+    module taking two image batches in [-1, 1] and giving one distance per sample). Gradients flow through the
+    student's decoding only."""
+    student_images = decode(vae, one_step_latent(unet, noise, prompt_embeds))  # D(X1')
+    with torch.no_grad():
+        teacher_images = decode(vae, latent)  # D(X1)
+    return perceptual(student_images, teacher_images).float().flatten()  # LPIPS(D(X1'), D(X1))
+
+
+def training_loss(loss: str, unet, noise, latent, prompt_embeds, t=None, vae=None, perceptual=None) -> torch.Tensor:
+    """The per-sample loss named by `loss` (one of LOSSES); `t` is needed by reflow, `vae`/`perceptual` by LPIPS."""
+    if loss == "reflow":
+        return reflow_loss(unet, noise, latent, prompt_embeds, t)
+    if loss == "distill-l2":
+        return distill_l2_loss(unet, noise, latent, prompt_embeds)
+    if loss == "distill-lpips":
+        return distill_lpips_loss(unet, vae, perceptual, noise, latent, prompt_embeds)
+    raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+
+
+@torch.no_grad()
+def flow_measures(unet, noise, latent, prompt_embeds, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sample measures of how straight the flow is on held-out pairs.
+
+    - `reflow_loss`: the reflow loss at the given random times t;
+    - `straightness_{t}`: S(t) = E ||(X1 − X0) − v(X_t, t)||² at each of STRAIGHTNESS_TIMES, and their mean
+      `straightness`; a perfectly straight flow has S = 0 everywhere, and then one Euler step is exact;
+    - `one_step_error`: ||X0 + v(X0, 1000) − X1||², what distillation lowers.
+    """
+    n = noise.shape[0]
+    measures = {"reflow_loss": reflow_loss(unet, noise, latent, prompt_embeds, t)}
+    for at in STRAIGHTNESS_TIMES:
+        fixed = torch.full((n,), at, device=noise.device)
+        measures[f"straightness_{at}"] = reflow_loss(unet, noise, latent, prompt_embeds, fixed)
+    measures["straightness"] = torch.stack([measures[f"straightness_{at}"] for at in STRAIGHTNESS_TIMES]).mean(0)
+    measures["one_step_error"] = distill_l2_loss(unet, noise, latent, prompt_embeds)
+    return measures
+
+
+def learning_rate_at(step: int, learning_rate: float, warmup_steps: int) -> float:
+    """Linear warmup from learning_rate / warmup_steps at the first step to learning_rate, then constant."""
+    if warmup_steps <= 0:
+        return learning_rate
+    return learning_rate * min(1.0, (step + 1) / warmup_steps)  # lr_k = lr · min(1, (k + 1) / warmup)
+
+
+class EMA:
+    """Exponential moving average of a module's trainable weights, with the warmup of diffusers' `EMAModel`.
+
+    The k-th update (k = 1, 2, ...) uses decay_k = min(decay, (1 + s) / (10 + s)) with s = k − 1, and 0 for the
+    first (so the average starts at the weights): short runs move the saved weights too.
+    """
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be between 0 and 1, got {decay!r}")
+        self.decay = decay
+        self.num_updates = 0
+        self.shadow = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+    def current_decay(self) -> float:
+        """The decay of the update numbered `num_updates` (diffusers' `get_decay` without update_after_step)."""
+        s = max(0, self.num_updates - 1)
+        if s <= 0:
+            return 0.0
+        return min(self.decay, (1 + s) / (10 + s))  # decay_k = min(decay, (1 + s) / (10 + s))
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        self.num_updates += 1
+        one_minus_decay = 1.0 - self.current_decay()
+        for name, p in module.named_parameters():
+            if name in self.shadow:
+                shadow = self.shadow[name]
+                shadow.sub_(one_minus_decay * (shadow - p.detach()))  # s ← s − (1 − d)(s − θ) = d·s + (1 − d)·θ
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state["shadow"]) != set(self.shadow):
+            raise ValueError("EMA state does not match the model's trainable parameters")
+        self.decay, self.num_updates = float(state["decay"]), int(state["num_updates"])
+        for name, value in state["shadow"].items():
+            self.shadow[name].copy_(value)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The averaged weights by parameter name, for `module.load_state_dict(..., strict=False)`."""
+        return self.shadow
