@@ -21,6 +21,9 @@ Parts:
   eager and compiled (compiled only on CUDA);
 - options: speed settings one at a time against the default (contiguous, eager): channels_last, fused QKV,
   cudnn.benchmark, CUDA graphs, the tiny decoder;
+- train: reflow training samples/s and peak memory on one GPU through `instaflow.training.Trainer` (fp32 weights,
+  AdamW, EMA, bf16 autocast on CUDA), batch 32 at 512x512 (64x64 latents), fewer samples per forward pass where 32
+  do not fit, and with gradient checkpointing;
 - compile: torch.compile of the UNet and the VAE decoder (slow to warm up, so last).
 """
 
@@ -43,7 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from instaflow.loading import Components, Runtime  # noqa: E402
 from instaflow.models import PromptBatch, Settings, Student, Teacher  # noqa: E402
 
-PARTS = ("peak", "flops", "calibrate", "student", "teacher", "baseline", "plainloop", "worker", "options", "compile")
+PARTS = (
+    "peak", "flops", "calibrate", "student", "teacher", "baseline", "plainloop", "worker", "options", "train", "compile",
+)
 
 SD15_UNET = dict(
     sample_size=64,
@@ -552,6 +557,51 @@ def measure_tiny_decoder(ctx, runtime: Runtime, settings: Settings, measure) -> 
     measure("tiny decoder (AutoencoderTiny)", Student(components(ctx.models, runtime, vae=taesd), settings))
 
 
+def part_train(ctx) -> None:
+    """The training job's step without its data and storage: precomputed text embeddings (as with the embedding
+    cache), the reflow loss, a fresh fp32 UNet per variant. Samples/s counts the global batch per step."""
+    from diffusers import UNet2DConditionModel
+
+    from instaflow import tiny as tiny_models
+    from instaflow.training import Trainer
+
+    batch, side = ctx.train_batch, ctx.size // 8
+    generator = torch.Generator().manual_seed(0)
+    hidden = ctx.models["text_encoder"].config.hidden_size
+    noise, latent = (torch.randn(batch, 4, side, side, generator=generator).to(ctx.device) for _ in range(2))
+    embeds = torch.randn(batch, 77, hidden, generator=generator).to(ctx.device)
+    t = torch.rand(batch, generator=generator).to(ctx.device)
+    variants = [(f"micro-batch {m}", m, False) for m in (batch, batch // 2, batch // 4)] + [
+        (f"gradient checkpointing, micro-batch {batch}", batch, True)
+    ]
+    whole_batch_fits = False
+    for name, micro, checkpointing in variants:
+        if whole_batch_fits and micro < batch:
+            continue  # halving the forward passes tells nothing new once the whole batch fits
+        with torch.device(ctx.device):
+            torch.manual_seed(0)
+            unet = tiny_models.build_unet(seed=4) if ctx.tiny else UNet2DConditionModel(**SD15_UNET)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        trainer = Trainer(unet, "reflow", 1e-5, 0, 1e-2, ema_decay=0.9999)
+        steps = iter(range(10**9))
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        try:
+            seconds = timed(lambda: trainer.step(next(steps), noise, latent, embeds, t, micro, batch), ctx.device,
+                            min_seconds=1.0 if ctx.tiny else 5.0)
+        except torch.OutOfMemoryError as exc:
+            ctx.report.add("train", f"reflow batch {batch} {name}", out_of_memory=str(exc)[:200])
+            continue
+        finally:
+            del trainer, unet
+        peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else None
+        ctx.report.add("train", f"reflow batch {batch} {name}", samples_per_s=batch / seconds, peak_gib=peak,
+                       autocast="bf16" if ctx.device.type == "cuda" else "none (fp32)")
+        whole_batch_fits = whole_batch_fits or (micro == batch and not checkpointing)
+
+
 def part_compile(ctx) -> None:
     batch_size = ctx.worker_batch
     m = ctx.models
@@ -586,6 +636,7 @@ class Context:
         self.image_batches = [1, 2, 4] if args.tiny else [1, 8, 32, 64]
         self.pair_batches = [2, 4] if args.tiny else [8, 16, 32]
         self.worker_batch = 4 if args.tiny else 32
+        self.train_batch = 4 if args.tiny else 32
         self.worker_rows_per_shard = 16 if args.tiny else 128
         self.worker_prompts = 64 if args.tiny else args.worker_prompts
         self.workdir = workdir

@@ -5,8 +5,11 @@ SD-1.5's text encoder (the component cache gives them the same object) pay for o
 `prepare(batch)` for the host work (tokens, noise), so that it can run while the device works on another batch.
 """
 
+import json
+import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -24,11 +27,36 @@ from instaflow.text import Tokens, encode_tokens, tokenize_prompts
 
 TWO_RECTIFIED_FLOW = re.compile(r"2[_-]?rectified|2rf", re.IGNORECASE)
 TEACHER_KINDS = ("sd", "rf")
+ONE_STEP_DEFAULTS = (1, 0.0)  # InstaFlow: one Euler step, no guidance
+TWO_RF_DEFAULTS = (25, 1.5)  # 2-Rectified Flow: 25 Euler steps at guidance 1.5
+# Written by training beside model_index.json: what the model is and how to sample it.
+MODEL_RECORD = "instaflow_batch.json"
 
 
 def student_defaults(model: str) -> tuple[int, float]:
-    """(steps, guidance_scale): InstaFlow is one step without guidance; 2-RF models take Euler steps at 1.5."""
-    return (25, 1.5) if TWO_RECTIFIED_FLOW.search(model) else (1, 0.0)
+    """(steps, guidance_scale): the model folder's record when it has one, else by name: InstaFlow is one step
+    without guidance, 2-RF models take Euler steps at 1.5."""
+    record = read_model_record(model)
+    if record is not None:
+        return record["default_steps"], record["default_guidance_scale"]
+    return TWO_RF_DEFAULTS if TWO_RECTIFIED_FLOW.search(model) else ONE_STEP_DEFAULTS
+
+
+def read_model_record(model: str) -> dict | None:
+    """A local model folder's record (`MODEL_RECORD`), checked; None when the model has none."""
+    path = Path(model).expanduser() / MODEL_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        steps, guidance = record["default_steps"], record["default_guidance_scale"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a valid model record ({exc!r})") from None
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{path}: default_steps must be a positive integer, got {steps!r}")
+    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
+        raise ValueError(f"{path}: default_guidance_scale must be a number >= 0, got {guidance!r}")
+    return record
 
 
 def teacher_defaults(kind: str) -> tuple[int, float]:

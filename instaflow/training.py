@@ -7,12 +7,15 @@ in sampling.py starts. Every loss is returned per sample, ||·||² being the mea
 diffusers' training scripts' `F.mse_loss`), so callers can average over any batch split the same way.
 """
 
+import contextlib
+
 import torch
 
 from instaflow.sampling import MAX_STEPS
 
 LOSSES = ("reflow", "distill-l2", "distill-lpips")
 STRAIGHTNESS_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
+MAX_GRAD_NORM = 1.0
 
 
 def unet_timestep(t: torch.Tensor) -> torch.Tensor:
@@ -144,3 +147,51 @@ class EMA:
     def weights(self) -> dict[str, torch.Tensor]:
         """The averaged weights by parameter name, for `module.load_state_dict(..., strict=False)`."""
         return self.shadow
+
+
+class Trainer:
+    """The model side of one training step on one device, with no data, storage or Ray: AdamW with linear warmup,
+    gradient accumulation over micro-batches, clipping at MAX_GRAD_NORM, bf16 autocast on CUDA (fp32 elsewhere),
+    and the EMA (None where a worker keeps none).
+
+    `model` is what the forward passes call: the UNet itself, or DDP around it, which the caller may set.
+    """
+
+    def __init__(self, unet: torch.nn.Module, loss: str, learning_rate: float, warmup_steps: int,
+                 weight_decay: float, ema_decay: float | None, vae=None, perceptual=None):
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        self.unet = self.model = unet.train().requires_grad_(True)
+        self.loss, self.vae, self.perceptual = loss, vae, perceptual
+        self.learning_rate, self.warmup_steps = learning_rate, warmup_steps
+        self.optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        self.ema = EMA(unet, ema_decay) if ema_decay is not None else None
+        cuda = next(unet.parameters()).device.type == "cuda"
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    def step(self, step: int, noise, latent, prompt_embeds, t, micro_batch: int, mean_over: int):
+        """Optimizer step number `step` on this batch, in forward passes of `micro_batch` samples; the losses are
+        averaged over `mean_over` samples (this worker's share: DDP averages the workers' gradients).
+
+        Returns (the sum of the per-sample losses, the gradient norm before clipping), both on the device.
+        """
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, self.learning_rate, self.warmup_steps)
+        loss_sum = torch.zeros((), device=noise.device)
+        starts = range(0, noise.shape[0], micro_batch)
+        for start in starts:
+            part = slice(start, start + micro_batch)
+            last = start == starts[-1]
+            sync = contextlib.nullcontext() if last or self.model is self.unet else self.model.no_sync()
+            with sync:
+                with self.autocast:
+                    losses = training_loss(self.loss, self.model, noise[part], latent[part], prompt_embeds[part],
+                                           t=t[part], vae=self.vae, perceptual=self.perceptual)
+                (losses.sum() / mean_over).backward()
+            loss_sum += losses.detach().sum()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.unet.parameters(), MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.unet)
+        return loss_sum, grad_norm

@@ -7,6 +7,7 @@ from instaflow.tiny import build_unet, build_vae
 from instaflow.training import (
     EMA,
     STRAIGHTNESS_TIMES,
+    Trainer,
     flow_measures,
     learning_rate_at,
     training_loss,
@@ -151,3 +152,21 @@ def test_ema_warmup_values():
 def test_learning_rate_warmup():
     assert [learning_rate_at(k, 1.0, 4) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert learning_rate_at(0, 3e-5, 0) == 3e-5
+
+
+def test_accumulated_micro_batches_step_like_the_whole_batch(batch):
+    """Four forward passes of one sample against one of four: the same step, clipping and EMA included."""
+    noise, latent, embeds, t = (torch.cat([x, x[:1]]) for x in batch)
+    results = []
+    for micro in (4, 1):
+        trainer = Trainer(build_unet(seed=7), "reflow", 1e-3, warmup_steps=2, weight_decay=1e-2, ema_decay=0.5)
+        for step in range(3):
+            loss_sum, grad_norm = trainer.step(step, noise, latent, embeds, t, micro_batch=micro, mean_over=4)
+        results.append((trainer.unet.state_dict(), trainer.ema.weights(), float(loss_sum), float(grad_norm)))
+    (whole, whole_ema, whole_loss, whole_norm), (parts, parts_ema, parts_loss, parts_norm) = results
+    for name in whole:  # Adam moves a weight whose gradient is ~0 by up to lr on rounding alone: atol well below lr
+        torch.testing.assert_close(parts[name], whole[name], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(parts_ema[name], whole_ema[name], rtol=1e-4, atol=1e-4)
+    assert parts_loss == pytest.approx(whole_loss, rel=1e-5) and parts_norm == pytest.approx(whole_norm, rel=1e-4)
+    assert whole_norm > 1.0  # so clipping at 1 took part
+    assert trainer.optimizer.param_groups[0]["lr"] == 1e-3  # warmed up by the third step

@@ -1,0 +1,200 @@
+"""Train on reflow pairs with Ray Train: reflow to a 2-rectified flow, or distil to one step (InstaFlow's recipe).
+
+Re-running the same command on the same output resumes from its last checkpoint. Exit status: 0 trained (the final
+model is written), 1 training failed, 2 bad input or settings (nothing ran), 3 no worker could start, 4 the output
+was taken by another job, 130 interrupted.
+"""
+
+import _thread
+import argparse
+import logging
+import os
+import posixpath
+import sys
+import threading
+
+from instaflow.loading import HUB_ID, ModelLoadError, resolve_model_dir
+from instaflow.training import LOSSES
+from jobs.cli import _json_object
+from pipeline.commit import (
+    OutputError,
+    acquire_lock,
+    check_compatible,
+    job_manifest,
+    read_manifest,
+    refresh_lock,
+    release_lock,
+    write_manifest,
+)
+from pipeline.job import HEARTBEAT_S, connect_ray
+from pipeline.pairs_data import PairsError, find_pairs
+from pipeline.storage import filesystem, redact, storage_env, with_retries
+from pipeline.train_spec import DEVICES, TrainSpec
+from pipeline.train_worker import CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE, train_worker
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_ENTRIES = (CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE, "_job.json")  # what --overwrite deletes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", required=True, help="a pairs job's output root or its pairs/ folder (any fsspec URL)")
+    parser.add_argument("--init", required=True, help="model to start from: diffusers folder, hub id or fsspec URL")
+    parser.add_argument("--output", required=True, help="output folder: checkpoints/, final/, metrics.jsonl")
+    parser.add_argument("--loss", choices=LOSSES, default="reflow")
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps in all (a resumed run goes on to it)")
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch: samples per step over all workers")
+    parser.add_argument("--micro-batch-size", type=int,
+                        help="samples per forward pass on a worker; less than its share accumulates gradients")
+    parser.add_argument("--learning-rate", type=float, default=1e-5)
+    parser.add_argument("--warmup-steps", type=int, default=500, help="linear learning-rate warmup")
+    parser.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW's")
+    parser.add_argument("--ema-decay", type=float, default=0.9999, help="the EMA weights are the ones saved")
+    parser.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
+    parser.add_argument("--keep-checkpoints", type=int, help="keep only the latest N (default: all)")
+    parser.add_argument("--log-every", type=int, default=10, help="steps per metrics row")
+    parser.add_argument("--seed", type=int, default=0, help="orders the data and draws the flow times")
+    parser.add_argument("--num-workers", type=int, help="default: one per GPU in the cluster (1 without GPUs)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="auto: GPUs if the cluster has them or is a remote cluster (which may add them)")
+    parser.add_argument("--loader-workers", type=int, default=2, help="data-loader processes per worker")
+    parser.add_argument("--cache-text-embeddings", action="store_true",
+                        help="encode each prompt once, into text-embeddings/ beside the pairs, and train from that")
+    parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts from the last checkpoint")
+    parser.add_argument("--storage-options", type=_json_object, default={}, help="JSON passed to fsspec")
+    parser.add_argument("--overwrite", action="store_true", help="delete this tool's outputs there and start over")
+    parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = vars(build_parser().parse_args(argv))
+    try:
+        spec = TrainSpec(**args)
+        pairs = find_pairs(spec.pairs, spec.storage_options)
+        if "://" not in spec.init and not HUB_ID.match(spec.init):
+            resolve_model_dir(spec.init)  # a local folder that is not there fails here, not on every worker
+    except (ValueError, ModelLoadError, OutputError) as exc:  # PairsError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    fs, root = filesystem(spec.output, spec.storage_options)
+    try:
+        token = acquire_lock(fs, root)
+    except OutputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    lock = LockKeeper(fs, root, token)
+    try:
+        connect_ray(spec.ray_address)
+        trainer = build_trainer(spec, fs, root)
+        prepare_output(spec, fs, root, [{"path": shard.path} for shard in pairs.shards])
+        lock.start()
+        result = trainer.fit()
+    except (PairsError, OutputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if lock.lost:
+            print(f"error: lost the lock on {spec.output} to another job; stopped", file=sys.stderr)
+            return 4
+        logger.warning("interrupted: the last checkpoint stays; re-run the command to resume from it")
+        return 130
+    except Exception as exc:
+        return training_failure(exc)
+    finally:
+        lock.stop()
+        release_lock(fs, root, token)
+    print(f"trained: {result.metrics}\nfinal model: {posixpath.join(spec.output.rstrip('/'), FINAL_DIR)}")
+    return 0
+
+
+def prepare_output(spec: TrainSpec, fs, root: str, inputs: list[dict]) -> None:
+    """Starts over on --overwrite; refuses an output trained with other settings or pairs; records ours."""
+    if spec.overwrite:
+        for name in OUTPUT_ENTRIES:
+            path = posixpath.join(root, name)
+            if fs.exists(path):
+                with_retries(fs.rm, path, recursive=True, what=f"delete {path}")
+    existing = read_manifest(fs, root)
+    if existing is not None:
+        check_compatible(existing, spec.identity(), inputs)
+    write_manifest(fs, root, job_manifest(spec.identity(), inputs) | {"storage_options": redact(spec.storage_options)})
+
+
+def build_trainer(spec: TrainSpec, fs, root: str):
+    """A TorchTrainer whose run is named `checkpoints` under the output: Ray Train's checkpoints land in
+    OUTPUT/checkpoints/step-NNNNNNN, on the output's own filesystem, and a re-run finds them."""
+    import pyarrow.fs
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = spec.device == "gpu" or (
+        spec.device == "auto" and (gpus > 0 or bool(spec.ray_address or os.environ.get("RAY_ADDRESS")))
+    )
+    num_workers = spec.num_workers or (max(1, gpus) if use_gpu else 1)
+    spec.layout(num_workers)  # a batch that does not split fails here, not on the workers
+    logger.info("training on %d %s workers", num_workers, "GPU" if use_gpu else "CPU")
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"spec": vars(spec), "storage_env": storage_env()},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(
+            name=CHECKPOINTS_DIR,
+            storage_path=root,
+            storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)),
+            failure_config=FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
+        ),
+    )
+
+
+def training_failure(exc: Exception) -> int:
+    """3 when no worker group could start (resources, timeout), else 1; the error is printed either way."""
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import (
+        InsufficientClusterResourcesError,
+        WorkerGroupStartupFailedError,
+        WorkerGroupStartupTimeoutError,
+    )
+
+    startup = (InsufficientClusterResourcesError, WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError)
+    print(f"error: training failed: {exc}", file=sys.stderr)
+    if isinstance(exc, ControllerError) and isinstance(exc.controller_failure, startup):
+        return 3
+    return 1
+
+
+class LockKeeper:
+    """Renews the output lock while Ray Train runs; if another job takes it, interrupts the run."""
+
+    def __init__(self, fs, root: str, token: str):
+        self.fs, self.root, self.token = fs, root, token
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lock-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                refresh_lock(self.fs, self.root, self.token)
+            except OutputError as exc:
+                logger.error("%s", exc)
+                self.lost = True
+                _thread.interrupt_main()
+                return
+
+
+if __name__ == "__main__":
+    sys.exit(main())
