@@ -27,7 +27,7 @@ from pipeline.commit import (
     write_manifest,
 )
 from pipeline.lock import OutputLock, OutputLostError
-from pipeline.model_source import ModelSource, resolve_model_source
+from pipeline.model_source import ModelSource, job_identity, model_sources
 from pipeline.plan import input_fingerprint, list_input_files, plan_units
 from pipeline.pool import ActorPool, PoolLimits, UnitResult, ray_worker_factory
 from pipeline.progress import JobProgress
@@ -59,25 +59,8 @@ def resolve_device(spec: JobSpec) -> JobSpec:
     `auto`: GPUs on any cluster the job joins (even one with no GPU up yet: the autoscaler adds them), and on
     a local machine with a GPU; the CPU only for a local Ray on a machine without one.
     """
-    device = spec.device
-    if device == "auto":
-        joins_cluster = ray.is_initialized() or bool(spec.ray_address or os.environ.get("RAY_ADDRESS"))
-        device = "gpu" if joins_cluster or torch.cuda.is_available() else "cpu"
-    dtype = spec.dtype or ("float16" if device == "gpu" else "float32")
-    return spec.resolved(device, dtype)
-
-
-def model_sources(spec: JobSpec) -> dict[str, ModelSource]:
-    """The job's models, pinned (hub revision, digest of files); raises ModelLoadError naming a missing one."""
-    names = {"model": spec.model if "images" in spec.tasks else None,
-             "teacher": spec.teacher if "pairs" in spec.tasks else None}
-    return {key: resolve_model_source(model, spec.dtype, spec.storage_options)
-            for key, model in names.items() if model}
-
-
-def job_identity(spec: JobSpec, sources: dict[str, ModelSource]) -> dict:
-    """The spec's identity with each model replaced by what it is, wherever it was read from."""
-    return spec.identity() | {key: source.identity() for key, source in sources.items()}
+    joins_cluster = ray.is_initialized() or bool(spec.ray_address or os.environ.get("RAY_ADDRESS"))
+    return spec.resolve(has_gpus=joins_cluster or torch.cuda.is_available())
 
 
 @contextlib.contextmanager

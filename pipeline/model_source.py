@@ -57,6 +57,19 @@ class ModelSource:
         return str(_cached_copy(self, storage_options or {}))
 
 
+def model_sources(spec) -> dict[str, ModelSource]:
+    """A resolved spec's models, pinned: {"model": student, "teacher": teacher}, for the tasks it has."""
+    names = {"model": spec.model if "images" in spec.tasks else None,
+             "teacher": spec.teacher if "pairs" in spec.tasks else None}
+    return {key: resolve_model_source(model, spec.dtype, spec.storage_options)
+            for key, model in names.items() if model}
+
+
+def job_identity(spec, sources: dict[str, ModelSource]) -> dict:
+    """The spec's identity with each model replaced by what it is, wherever it was read from."""
+    return spec.identity() | {key: source.identity() for key, source in sources.items()}
+
+
 def resolve_model_source(model: str, dtype: str, storage_options: dict | None = None) -> ModelSource:
     """Pins `model`; raises ModelLoadError naming it if it cannot be found."""
     if "://" in model:

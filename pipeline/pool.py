@@ -195,7 +195,7 @@ class ActorPool:
                 # whoever is free first; the commit protocol keeps a second try from committing twice.
                 reason = f"timed out after {self.clock() - started:.0f}s" if ref in timed_out else f"{exc}"
                 logger.warning("worker %d lost unit %d (%s); unit requeued", index, unit.unit_id, reason)
-                if index in self._ready and not isinstance(exc, ActorUnavailableError):
+                if index in self._ready:  # restarting or dead: ask it again before handing it more
                     self._ready.discard(index)
                     self._probes[self.workers[index].describe.remote()] = index
                 self._retry_or_fail(unit, attempts, pending, on_result, f"worker lost: {reason}")

@@ -111,11 +111,11 @@ class JobSpec:
         if getattr(self, name) not in choices:
             raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
 
-    def resolved(self, device: str, dtype: str) -> "JobSpec":
-        """This spec with its device kind and dtype decided, as they are before any worker starts."""
-        if device not in ("gpu", "cpu"):
-            raise ValueError(f"a resolved device is gpu or cpu, got {device!r}")
-        return dataclasses.replace(self, device=device, dtype=dtype)
+    def resolve(self, has_gpus: bool) -> "JobSpec":
+        """This spec with its device kind and dtype decided (auto: GPUs where there are some), as the driver
+        decides them before any worker starts: fp16 on GPUs and fp32 on the CPU unless --dtype says."""
+        device = ("gpu" if has_gpus else "cpu") if self.device == "auto" else self.device
+        return dataclasses.replace(self, device=device, dtype=self.dtype or ("float16" if device == "gpu" else "float32"))
 
     def identity(self) -> dict:
         """Everything that decides the output bytes. Two specs with equal identities write equal shards.
