@@ -28,7 +28,7 @@ _FOOTER_THREADS = 16
 # Listing keys that hold a digest of the object's bytes, best first: equal bytes give equal tags on any copy.
 # (GCS's `etag` changes with every metadata update, so its `md5Hash` comes first; S3's ETag is an MD5.)
 _CONTENT_TAG_KEYS = ("md5Hash", "ETag", "etag")
-# Files and folders below a folder or glob root that Spark, Hadoop, Jupyter and pyarrow.dataset treat as not data.
+# Files and folders below a folder that Spark, Hadoop, Jupyter and pyarrow.dataset treat as not data.
 _IGNORED_PREFIXES = (".", "_")
 SAMPLE_FIELDS = ("id", "seed", "negative_prompt")  # optional columns read as sample fields, beside the prompt
 
@@ -81,29 +81,20 @@ def list_input_files(fs: fsspec.AbstractFileSystem, path: str, prompt_column: st
         raise InputError(f"no Parquet files found at {url}")
     infos = sorted(infos, key=lambda i: i["name"])
 
-    def footer(info: dict) -> tuple[tuple[pa.Schema, pq.FileMetaData] | None, str | None]:
+    def plan_file(info: dict) -> InputFile | str:
+        """The file as planned, or what makes it unusable; footer objects are dropped as soon as read."""
         name = fs.unstrip_protocol(info["name"])
         try:
-            return with_retries(_read_footer, fs, info, what=f"read footer of {name}"), None
+            schema, meta = with_retries(_read_footer, fs, info, what=f"read footer of {name}")
         except InputError as e:
-            return None, str(e)
+            return str(e)
         except OSError as e:
-            return None, f"{name}: cannot read ({type(e).__name__}: {e})"
-
-    # Footers are tiny, so planning time is round trips: fetch them concurrently, keep the order.
-    with ThreadPoolExecutor(max_workers=_FOOTER_THREADS) as pool:
-        footers = list(pool.map(footer, infos))
-    files, problems = [], []
-    for info, (footer_, problem) in zip(infos, footers):
-        name = fs.unstrip_protocol(info["name"])
-        if problem is None:
-            schema, meta = footer_
-            problem = column_problem(name, schema, prompt_column)
+            return f"{name}: cannot read ({type(e).__name__}: {e})"
+        problem = _column_problem(name, schema, prompt_column)
         if problem is not None:
-            problems.append(problem)
-            continue
+            return problem
         row_group_rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-        files.append(InputFile(
+        return InputFile(
             path=name,
             name=_relative(info["name"], root),
             size=int(info["size"]),
@@ -111,7 +102,13 @@ def list_input_files(fs: fsspec.AbstractFileSystem, path: str, prompt_column: st
             num_rows=sum(row_group_rows),
             row_group_rows=row_group_rows,
             extra_schema=pa.schema([f for f in schema if f.name != prompt_column and f.name not in SAMPLE_FIELDS]),
-        ))
+        )
+
+    # Footers are tiny, so planning time is round trips: fetch them concurrently, keep the order.
+    with ThreadPoolExecutor(max_workers=_FOOTER_THREADS) as pool:
+        planned = list(pool.map(plan_file, infos))
+    problems = [p for p in planned if isinstance(p, str)]
+    files = [f for f in planned if isinstance(f, InputFile)]
     if problems:
         more = f" (and {len(problems) - 1} more input files with problems)" if len(problems) > 1 else ""
         raise InputError(problems[0] + more)
@@ -127,7 +124,7 @@ def _find_files(fs: fsspec.AbstractFileSystem, path: str, url: str) -> tuple[str
         if any(c in path for c in _GLOB_CHARS):
             root = _glob_root(path)
             found = with_retries(fs.glob, path, detail=True, what=f"list {url}").values()
-            return root, [i for i in found if i["type"] == "file" and not _ignored(i["name"], root)]
+            return root, [i for i in found if i["type"] == "file"]  # a glob takes what it matches
         info = with_retries(fs.info, path, what=f"list {url}")
         if info["type"] != "directory":
             return posixpath.dirname(path), [info]
@@ -135,8 +132,11 @@ def _find_files(fs: fsspec.AbstractFileSystem, path: str, url: str) -> tuple[str
         return path, [
             i for i in found if i["type"] == "file" and i["name"].endswith(".parquet") and not _ignored(i["name"], path)
         ]
-    except FileNotFoundError as e:
-        raise InputError(f"no Parquet files found at {url} ({e})") from None
+    except FileNotFoundError as e:  # keep a reason such as s3fs's "The specified bucket does not exist"
+        reason = e.strerror or str(e)
+        if not reason or path in reason:
+            reason = "no such file or folder"
+        raise InputError(f"no Parquet files found at {url} ({reason})") from None
     except OSError as e:
         raise InputError(f"cannot list {url} ({type(e).__name__}: {e})") from None
 
@@ -181,7 +181,7 @@ class TrackedFile:
 
 def _read_footer(fs: fsspec.AbstractFileSystem, info: dict) -> tuple[pa.Schema, pq.FileMetaData]:
     # cache_type="none": fetch only the byte ranges pyarrow asks for (the footer), not whole blocks;
-    # size from the listing: no extra request per file to learn it.
+    # the size is the listing's, so no store needs to be asked for it again.
     with fs.open(info["name"], "rb", cache_type="none", size=info["size"]) as raw:
         f = TrackedFile(raw)
         try:
@@ -230,7 +230,7 @@ _COLUMN_TYPES = {  # column: (type check, what it must be)
 }
 
 
-def column_problem(path: str, schema: pa.Schema, prompt_column: str) -> str | None:
+def _column_problem(path: str, schema: pa.Schema, prompt_column: str) -> str | None:
     """What makes the file unusable: no prompt column, a column twice, or a sample field of a wrong type."""
     if prompt_column not in schema.names:
         close = difflib.get_close_matches(prompt_column, schema.names, n=1, cutoff=0.6)
