@@ -308,9 +308,12 @@ def test_bucket_that_does_not_exist(s3):
 
 
 class Denied(MemoryFileSystem):
-    """Access denied, as s3fs raises it for a 403, on the calls named in `denied`."""
+    """Storage errors on b.parquet, as s3fs raises them: access denied (a 403) on the calls named in `denied`,
+    and `read_failures` connection resets on reads from offset `fail_at` (0: the footer, as pyarrow reads the
+    whole of a small file first; 4: the rows, whose first column chunk follows the magic bytes)."""
 
     denied: set[str] = set()
+    read_failures = fail_at = 0
     opened = 0
 
     def info(self, path, **kwargs):
@@ -320,8 +323,20 @@ class Denied(MemoryFileSystem):
 
     def _open(self, path, mode="rb", **kwargs):
         Denied.opened += 1
-        if "open" in self.denied and path.endswith("b.parquet"):
-            raise PermissionError(errno.EACCES, "Access Denied")
+        if path.endswith("b.parquet") and mode == "rb":
+            if "open" in self.denied:
+                raise PermissionError(errno.EACCES, "Access Denied")
+            f = super()._open(path, mode, **kwargs)
+            real_read = f.read
+
+            def read(*args):
+                if Denied.read_failures and f.tell() == Denied.fail_at:
+                    Denied.read_failures -= 1
+                    raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+                return real_read(*args)
+
+            f.read = read
+            return f
         return super()._open(path, mode, **kwargs)
 
 
@@ -331,7 +346,7 @@ def denied():
     fs.denied = set()
     put(fs, "memory://d/a.parquet", pa.table({"prompt": ["a", "b"]}))
     put(fs, "memory://d/b.parquet", pa.table({"prompt": ["c", "d"]}))
-    Denied.opened = 0
+    Denied.opened = Denied.read_failures = Denied.fail_at = 0
     yield fs
     fs.rm("/", recursive=True)
 
@@ -344,6 +359,19 @@ def test_access_denied_when_listing_or_reading_footers(denied):
     with pytest.raises(InputError, match=r"^memory:///d/b\.parquet: cannot read \(PermissionError: .*Access Denied"):
         list_input_files(denied, "memory://d")
     assert Denied.opened == 2  # a permanent error is not retried
+
+
+def test_storage_errors_inside_pyarrow_are_retried_not_taken_for_bad_content(denied):
+    """A connection reset while pyarrow reads a footer or rows is retried (and then succeeds): it is neither
+    reported as a file that is not Parquet nor turned into failed rows."""
+    Denied.read_failures, Denied.fail_at = 1, 0
+    files = list_input_files(denied, "memory://d")
+    assert Denied.read_failures == 0 and [f.num_rows for f in files] == [2, 2]
+    unit = plan_units(files, rows_per_unit=10)[1]
+    # Two: the unit's read, then the re-read of single row groups if the first were taken for bad data.
+    Denied.read_failures, Denied.fail_at = 2, 4
+    samples = read_unit(denied, unit).samples
+    assert Denied.read_failures == 0 and [(s.prompt, s.error) for s in samples] == [("c", None), ("d", None)]
 
 
 def test_input_unreadable_mid_job_fails_the_unit_not_its_rows(denied):
