@@ -8,6 +8,7 @@ that names the file and field. Problems of single rows are the reader's: they be
 from __future__ import annotations
 
 import base64
+import collections
 import difflib
 import hashlib
 import logging
@@ -236,12 +237,12 @@ def _column_problem(path: str, schema: pa.Schema, prompt_column: str) -> str | N
         close = difflib.get_close_matches(prompt_column, schema.names, n=1, cutoff=0.6)
         hint = f"; did you mean --prompt-column {close[0]!r}?" if close else ""
         return f"{path}: no column {prompt_column!r}; columns are {schema.names}{hint}"
+    twice = [name for name, count in collections.Counter(schema.names).items() if count > 1]
+    if twice:  # Arrow allows it; the output metadata and its readers do not
+        return f"{path}: column {twice[0]!r} appears {schema.names.count(twice[0])} times"
     checks = {prompt_column: (_is_string, "a string"), **_COLUMN_TYPES}
     for column, (ok, expected) in checks.items():
-        found = schema.get_all_field_indices(column)
-        if len(found) > 1:
-            return f"{path}: column {column!r} appears {len(found)} times"
-        type_ = schema.field(found[0]).type if found else None
+        type_ = schema.field(column).type if column in schema.names else None
         if type_ is not None and not (ok(type_) or pa.types.is_null(type_)):  # null: every value missing
             return f"{path}: column {column!r} must be {expected}, not {type_}"
     return None

@@ -59,7 +59,8 @@ def derive_seed(job_seed: int, key: str) -> int:
 def read_unit(
     fs: fsspec.AbstractFileSystem, unit: WorkUnit, prompt_column: str = "prompt", job_seed: int = 0
 ) -> UnitInput:
-    """Rows of a unit as samples; bad rows become samples with an error, never an exception."""
+    """Rows of a unit as samples; bad rows become samples with an error. Raises UnitReadError only when storage
+    cannot give the rows (after retries), so that the unit is retried, never committed without them."""
     rows = f"rows {unit.first_row}-{unit.first_row + unit.num_rows - 1}"
     try:
         table, undecodable = with_retries(_read_rows, fs, unit, what=f"read {unit.path} {rows}")
@@ -133,8 +134,8 @@ def _read_groups_apart(
             reason = f"row group {group} cannot be decoded ({type(e).__name__}: {e})"
             first = sum(piece.num_rows for piece in pieces)
             undecodable.update({first + i: reason for i in range(count)})
-            pieces.append(pa.table({fld.name: pa.nulls(count, fld.type) for fld in parquet.schema_arrow},
-                                   schema=parquet.schema_arrow))
+            schema = parquet.schema_arrow
+            pieces.append(pa.Table.from_arrays([pa.nulls(count, fld.type) for fld in schema], schema=schema))
     return pa.concat_tables(pieces), undecodable
 
 

@@ -187,6 +187,9 @@ JOB_CASES = [
     ("prompt column twice", {"a.parquet": parquet_bytes(pa.Table.from_arrays([pa.array(["a"])] * 2,
                                                                              names=["prompt"] * 2))},
      "", "prompt", r"a\.parquet: column 'prompt' appears 2 times"),
+    ("an extra column twice", {"a.parquet": parquet_bytes(pa.Table.from_arrays(
+        [pa.array(["a"]), pa.array(["x"]), pa.array(["y"])], names=["prompt", "style", "style"]))},
+     "", "prompt", r"a\.parquet: column 'style' appears 2 times"),
     ("seed column of strings", _schema_files(prompt=["a"], seed=["7"]), "", "prompt",
      r"a\.parquet: column 'seed' must be an integer, not string"),
     ("id column of floats", _schema_files(prompt=["a"], id=[1.5]), "", "prompt",
