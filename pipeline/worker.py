@@ -89,16 +89,7 @@ class ShardWorker:
         self.spec = spec
         self.fence = fence
         self.runtime = Runtime.default(spec.dtype, spec.compile, device="cpu" if spec.device == "cpu" else None)
-        cache = ComponentCache(self.runtime, allow_pickle=spec.allow_pickle)
-        size = dict(height=spec.height, width=spec.width)
-        self.student = self.teacher = None
-        for name, source in sources.items():
-            components = cache.load(source.local_dir(spec.storage_options), variant=source.variant)
-            if name == "model":
-                self.student = Student(components, Settings(spec.steps, spec.guidance_scale, **size))
-            else:
-                settings = Settings(spec.teacher_steps, spec.teacher_guidance_scale, **size)
-                self.teacher = Teacher(components, spec.teacher_kind, settings)
+        self.student, self.teacher = self.load_models(sources)
         self.input_fs, _ = filesystem(spec.prompts, spec.storage_options)
         output_fs, root = filesystem(spec.output, spec.storage_options)
         self.store = ShardStore(output_fs, root)
@@ -106,6 +97,22 @@ class ShardWorker:
         self.batch_size = spec.batch_size  # halved for good after an out-of-memory error
         self.encode_threads = encode_threads(spec.cpus_per_worker)
         self.encode_pool = ThreadPoolExecutor(self.encode_threads, thread_name_prefix="encode")
+
+    def load_models(self, sources: dict[str, ModelSource]) -> tuple[Student | None, Teacher | None]:
+        """The student and the teacher the job asks for, sharing what they have in common (the benchmarks
+        override this with stand-ins that take a fixed time on a simulated device)."""
+        spec = self.spec
+        cache = ComponentCache(self.runtime, allow_pickle=spec.allow_pickle)
+        size = dict(height=spec.height, width=spec.width)
+        student = teacher = None
+        for name, source in sources.items():
+            components = cache.load(source.local_dir(spec.storage_options), variant=source.variant)
+            if name == "model":
+                student = Student(components, Settings(spec.steps, spec.guidance_scale, **size))
+            else:
+                settings = Settings(spec.teacher_steps, spec.teacher_guidance_scale, **size)
+                teacher = Teacher(components, spec.teacher_kind, settings)
+        return student, teacher
 
     def describe(self) -> dict:
         """Where this worker runs; the driver waits on it to know the models have loaded.
