@@ -397,13 +397,10 @@ def save_model_folder(ctx, folder: Path) -> Path:
 def run_worker(ctx, tasks: tuple[str, ...], image_format: str, prompts_file: Path, batch_size: int,
                rows_per_shard: int, out: Path, compile: bool, threads: int = 2) -> dict:
     """ShardWorker as the Ray actor runs it (two units at a time), minus Ray: one warm-up unit, then the rest."""
-    from pipeline.commit import Fence, identity_digest
-    from pipeline.lock import OutputLock
-    from pipeline.model_source import job_identity, model_sources
     from pipeline.plan import list_input_files, plan_units
     from pipeline.spec import JobSpec
     from pipeline.storage import filesystem
-    from pipeline.worker import ShardWorker
+    from pipeline.worker import standalone_worker
 
     model = str(ctx.model_folder)
     spec = JobSpec(
@@ -411,27 +408,23 @@ def run_worker(ctx, tasks: tuple[str, ...], image_format: str, prompts_file: Pat
         teacher=model if "pairs" in tasks else None, teacher_steps=ctx.teacher_steps, height=ctx.size,
         width=ctx.size, batch_size=batch_size, rows_per_shard=rows_per_shard, image_format=image_format,
         dtype=str(ctx.dtype).removeprefix("torch."), compile=compile,
-    ).resolve(has_gpus=ctx.device.type == "cuda")
+    )
     fs, path = filesystem(spec.prompts, spec.storage_options)
     units = plan_units(list_input_files(fs, path), spec.rows_per_shard)
-    sources = model_sources(spec)
-    lock = OutputLock(*filesystem(spec.output))  # the worker commits only while its job holds the output
-    lock.acquire()
-    fence = Fence(lock.token, (lock.token,), identity_digest(job_identity(spec, sources)))
     clock = time.perf_counter()
-    worker = ShardWorker(spec, sources, fence)
+    worker, output_lock = standalone_worker(spec)
     load_s = time.perf_counter() - clock
     clock = time.perf_counter()
     worker.process(units[0])  # warm-up: kernels chosen (or compiled), allocator grown
     synchronize(ctx.device)
     warmup_s = time.perf_counter() - clock
     pending = list(units[1:])
-    lock = threading.Lock()
+    queue_lock = threading.Lock()
     stats = []
 
     def drain():
         while True:
-            with lock:
+            with queue_lock:
                 if not pending:
                     return
                 unit = pending.pop(0)
@@ -443,6 +436,7 @@ def run_worker(ctx, tasks: tuple[str, ...], image_format: str, prompts_file: Pat
             future.result()
     wall = time.perf_counter() - started
     samples = sum(s["count"] for s in stats)
+    output_lock.release()
     written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and not f.name.startswith("_"))
     timing = {key: sum(s["timings"][key] for s in stats) for key in stats[0]["timings"]}
     return {"samples_per_s": samples / wall, "samples": samples, "wall_s": wall, "load_s": load_s,

@@ -22,8 +22,9 @@ import torch
 
 from instaflow.loading import ComponentCache, Runtime
 from instaflow.models import PromptBatch, Settings, Student, Teacher
-from pipeline.commit import Fence, ShardStore
-from pipeline.model_source import ModelSource
+from pipeline.commit import Fence, ShardStore, identity_digest
+from pipeline.lock import OutputLock
+from pipeline.model_source import ModelSource, job_identity, model_sources
 from pipeline.plan import WorkUnit
 from pipeline.reader import Sample, read_unit
 from pipeline.spec import JobSpec
@@ -157,9 +158,9 @@ class ShardWorker:
                 task_failures[key] = f"{unit.path} row {rows[key]}: {reason}"
         with _timed(timings, "shard_s"):
             files = self._shard_files(unit, unit_input.samples, unit_input.extra, outputs)
-        errors = [s.error for s in unit_input.samples if s.error]
-        errors += [reason for failures in outputs["failed"].values() for reason in failures.values()]
-        failed_keys = {s.key for s in unit_input.samples if s.error}.union(*outputs["failed"].values())
+        generation_errors = {key: reason for failures in outputs["failed"].values() for key, reason in failures.items()}
+        errors = [s.error for s in unit_input.samples if s.error] + list(generation_errors.values())
+        failed_keys = {s.key for s in unit_input.samples if s.error} | set(generation_errors)
         stats = {
             "shard": unit.shard,
             "unit": asdict(unit),
@@ -264,16 +265,16 @@ class ShardWorker:
     def _encode(self, pixels: HostCopy, index: int) -> bytes:
         return encode_image(pixels.numpy()[index], self.spec.image_format)
 
-    @staticmethod
-    def _collect(pending: list[dict]) -> dict[str, dict]:
+    def _collect(self, pending: list[dict]) -> dict[str, dict]:
         """Every batch's results keyed by sample key, once its copies and encodes are done; rows whose
         generation raised, whose output is not finite or whose image did not encode are failed, per task."""
         outputs = {"images": {}, "noise": {}, "latent": {}, "truncated": {}, "failed": {"images": {}, "pairs": {}}}
+        tasks = [task for task, model in (("images", self.student), ("pairs", self.teacher)) if model]
         for result in pending:
             keys = result["keys"]
             outputs["truncated"].update(zip(keys, result["truncated"]))
             if "failed" in result:
-                for task in outputs["failed"]:
+                for task in tasks:
                     outputs["failed"][task].update(result["failed"])
                 continue
             if "images" in result:
@@ -347,3 +348,13 @@ class ShardWorker:
             )
         return files
 
+
+def standalone_worker(spec: JobSpec) -> tuple[ShardWorker, OutputLock]:
+    """A worker outside Ray, on an output this process locks as a job would: for the GPU benchmark (whose
+    machine has no Ray) and for tests of the worker itself. The caller releases the lock."""
+    spec = spec.resolve(has_gpus=torch.cuda.is_available())
+    sources = model_sources(spec)
+    lock = OutputLock(*filesystem(spec.output, spec.storage_options), lease_s=spec.lock_lease_s)
+    lock.acquire()
+    fence = Fence(lock.token, (lock.token,), identity_digest(job_identity(spec, sources)))
+    return ShardWorker(spec, sources, fence), lock
