@@ -234,8 +234,8 @@ class ShardWorker:
                 reason = f"generation failed: {type(exc).__name__}: {str(exc)[:300]}"
                 logger.warning("sample %s: %s", keys[0], reason)
                 return [{"keys": keys, "failed": dict.fromkeys(keys, reason), "truncated": [False]}]
-            if out_of_memory:
-                self.batch_size = max(1, min(self.batch_size, len(keys)) // 2)
+            if out_of_memory and len(keys) <= self.batch_size:  # not a batch made before an earlier halving
+                self.batch_size = max(1, len(keys) // 2)
                 logger.warning("out of memory at batch %d: retrying at batch %d", len(keys), self.batch_size)
             samples = [Sample(key, prompt, seed, negative, None) for key, prompt, seed, negative in
                        zip(keys, batch.prompts, batch.seeds, batch.negative_prompts)]
