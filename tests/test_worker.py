@@ -1,11 +1,17 @@
 """The worker alone (no Ray): one bad sample fails alone, NaN outputs are failed rows, out-of-memory halves the
-batch, and the good rows are byte-identical to a run without the fault."""
+batch, and the good rows equal those of a run without the fault (to one level: batches of other sizes round
+the last bit differently, see the README on determinism)."""
+
+import io
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+
+from PIL import Image
 
 from jobhelpers import tar_members
 from instaflow.models import Student
@@ -22,7 +28,7 @@ def run_unit(tmp_path, tiny_models, prompts, name, patch=None, **changes):
     path = tmp_path / f"{name}.parquet"
     pq.write_table(pa.table({"prompt": prompts}), path)
     spec = JobSpec(prompts=str(path), output=str(tmp_path / name), model=str(tiny_models["instaflow"]), height=64,
-                   width=64, batch_size=4, rows_per_shard=len(prompts), dtype="float32", **changes)
+                   width=64, batch_size=4, rows_per_shard=len(prompts), dtype="float32", image_format="png", **changes)
     worker, lock = standalone_worker(spec)
     try:
         if patch:
@@ -40,7 +46,14 @@ def clean(tmp_path_factory, tiny_models):
 
 
 def images(members: dict) -> dict:
-    return {name: data for name, data in members.items() if name.endswith(".jpg")}
+    return {name: np.asarray(Image.open(io.BytesIO(data)), dtype=int) for name, data in members.items()
+            if name.endswith(".png")}
+
+
+def assert_same_images(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert np.abs(got[name] - want[name]).max() <= 1, name
 
 
 def test_a_sample_that_raises_fails_alone(tmp_path, tiny_models, clean):
@@ -60,9 +73,8 @@ def test_a_sample_that_raises_fails_alone(tmp_path, tiny_models, clean):
     assert marker["successes"] == 7 and marker["failed"] == 1
     [error] = marker["errors"]
     assert "row 5" in error and "poisoned.parquet" in error and "this prompt breaks the model" in error
-    assert "000000000005.jpg" not in members
-    good = {k: v for k, v in images(clean[1]).items() if k != "000000000005.jpg"}
-    assert images(members) == good  # the other seven: byte-identical to the clean run
+    assert "000000000005.png" not in members
+    assert_same_images(images(members), {k: v for k, v in images(clean[1]).items() if k != "000000000005.png"})
 
 
 def test_non_finite_outputs_are_failed_rows_not_black_images(tmp_path, tiny_models, clean, monkeypatch):
@@ -80,8 +92,8 @@ def test_non_finite_outputs_are_failed_rows_not_black_images(tmp_path, tiny_mode
     monkeypatch.setattr(Student, "sample_latents", nan_for_some)
     marker, members = run_unit(tmp_path, tiny_models, PROMPTS, "nan")
     assert marker["failed"] == 2 and all("non-finite output" in error for error in marker["errors"]), marker["errors"]
-    assert sorted(images(members)) == sorted(k for k in images(clean[1]) if k not in
-                                             ("000000000002.jpg", "000000000007.jpg"))
+    failed = ("000000000002.png", "000000000007.png")
+    assert_same_images(images(members), {k: v for k, v in images(clean[1]).items() if k not in failed})
 
 
 def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path, tiny_models, clean):
@@ -97,4 +109,4 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path, tiny_models,
 
     marker, members = run_unit(tmp_path, tiny_models, PROMPTS, "oom", small_memory)
     assert marker["failed"] == 0 and marker["run"]["batch_size_used"] == 2
-    assert images(members) == images(clean[1])
+    assert_same_images(images(members), images(clean[1]))
