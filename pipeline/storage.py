@@ -8,6 +8,7 @@ import random
 import time
 import uuid
 from typing import Any, Callable, TypeVar
+from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -56,16 +57,37 @@ def storage_env() -> dict[str, str]:
     }
 
 
+def _is_secret_name(name: Any) -> bool:
+    return any(word in str(name).lower() for word in _SECRET_WORDS)
+
+
 def redact(options: Any) -> Any:
     """Copy of storage options with secret-looking values replaced, safe to write to disk."""
     if isinstance(options, dict):
-        return {
-            k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) else redact(v)
-            for k, v in options.items()
-        }
+        return {k: "***" if _is_secret_name(k) else redact(v) for k, v in options.items()}
     if isinstance(options, (list, tuple)):
         return [redact(v) for v in options]
     return options
+
+
+def secret_fields(values: Any, where: str = "") -> list[str]:
+    """Dotted names of the secrets in `values`: set entries with secret-looking names (what redact hides) and
+    URLs that carry a password (scheme://user:password@host)."""
+    if isinstance(values, dict):
+        found = []
+        for k, v in values.items():
+            name = f"{where}.{k}" if where else str(k)
+            found += [name] if _is_secret_name(k) and v not in (None, "") else secret_fields(v, name)
+        return found
+    if isinstance(values, (list, tuple)):
+        return [name for i, v in enumerate(values) for name in secret_fields(v, f"{where}[{i}]")]
+    if isinstance(values, str) and "://" in values:
+        try:
+            has_password = urlsplit(values).password is not None
+        except ValueError:  # not a URL after all (a bad port, say): nothing to hide in it
+            has_password = False
+        return [where] if has_password else []
+    return []
 
 
 def is_transient(error: BaseException) -> bool:
