@@ -30,7 +30,7 @@ from pathlib import Path
 from infra.local.s3_server import CREDS, HOST
 
 READY_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 5.0  # then SIGKILL: the GCS server and the autoscaler monitor ignore SIGTERM
 
 
 def free_ports(count: int) -> list[int]:
