@@ -11,6 +11,7 @@ import logging
 import sys
 
 from instaflow.loading import ModelLoadError
+from jobs.main import DefaultsShown
 from pipeline.job import run_job
 from pipeline.plan import InputError
 from pipeline.pool import NoWorkersError
@@ -41,18 +42,19 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+def base_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=DefaultsShown)
     parser.add_argument("--prompts", required=True, help="Parquet file, folder or glob, on any fsspec filesystem")
     parser.add_argument("--output", required=True, help="output folder URL (s3://, gs://, file://, a path, ...)")
-    parser.add_argument("--prompt-column", default="prompt")
+    parser.add_argument("--prompt-column", default="prompt", help="column holding the prompt text")
     parser.add_argument("--seed", type=int, default=0, help="job seed; per-sample seeds derive from it and the key")
-    parser.add_argument("--height", type=int, default=512)
-    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--height", type=int, default=512, help="image height, a multiple of 8")
+    parser.add_argument("--width", type=int, default=512, help="image width, a multiple of 8")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per forward pass")
     parser.add_argument("--rows-per-shard", type=int, default=1000, help="target rows per work unit and shard")
-    parser.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS, default="webdataset")
-    parser.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpeg")
+    parser.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS, default="webdataset",
+                        help="image shards: webdataset tars, or Hugging Face image Parquet")
+    parser.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpeg", help="image encoding")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                         help="auto: GPUs on a cluster the job joins or a machine with a GPU, else the CPU")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: fp16 on GPUs, fp32 on CPU")
@@ -61,7 +63,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-worker", type=float,
                         help="CPUs reserved per worker, one image encoder each (default: a GPU node's CPUs per GPU)")
     parser.add_argument("--num-workers", type=int, help="default: one per GPU in the cluster (1 without GPUs)")
-    parser.add_argument("--max-unit-attempts", type=int, default=3)
+    parser.add_argument("--max-unit-attempts", type=int, default=3, help="tries per shard before it counts as failed")
     parser.add_argument("--start-timeout", dest="start_timeout_s", type=float, default=900.0,
                         help="seconds without any worker able to run before the job stops (exit 3)")
     parser.add_argument("--unit-timeout", dest="unit_timeout_s", type=float,

@@ -90,14 +90,15 @@ def storage_env() -> dict[str, str]:
     }
 
 
+def _is_secret_name(name: Any) -> bool:
+    return any(word in str(name).lower() for word in _SECRET_WORDS)
+
+
 def redact(options: Any) -> Any:
     """Copy of storage options with secrets replaced, safe to write to disk: values under secret-looking keys,
     and secrets inside any string value (URL passwords, signed-URL parameters, connection strings)."""
     if isinstance(options, dict):
-        return {
-            k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) else redact(v)
-            for k, v in options.items()
-        }
+        return {k: "***" if _is_secret_name(k) else redact(v) for k, v in options.items()}
     if isinstance(options, (list, tuple)):
         return [redact(v) for v in options]
     if isinstance(options, str):
@@ -112,6 +113,22 @@ def redact_text(text: str | None) -> str | None:
     for pattern in _SECRET_IN_TEXT:
         text = pattern.sub(lambda m: m.group(0).split("=", 1)[0] + "=***" if "=" in m.group(0) else "***", text)
     return text
+
+
+def secret_fields(values: Any, where: str = "") -> list[str]:
+    """Dotted names of the secrets in `values`: set entries with secret-looking names (what redact hides) and
+    strings that carry one (URL passwords, signed-URL parameters, connection strings)."""
+    if isinstance(values, dict):
+        found = []
+        for k, v in values.items():
+            name = f"{where}.{k}" if where else str(k)
+            found += [name] if _is_secret_name(k) and v not in (None, "") else secret_fields(v, name)
+        return found
+    if isinstance(values, (list, tuple)):
+        return [name for i, v in enumerate(values) for name in secret_fields(v, f"{where}[{i}]")]
+    if isinstance(values, str):
+        return [where] if redact_text(values) != values else []
+    return []
 
 
 def is_transient(error: BaseException) -> bool:
