@@ -23,7 +23,7 @@ from PIL import Image
 from jobs.main import DefaultsShown
 from jobs.sheet import Cell, contact_sheet
 from pipeline.commit import committed_shards
-from pipeline.storage import filesystem, get_bytes
+from pipeline.storage import OutputError, filesystem, get_bytes
 from pipeline.writers import read_tensor_column
 
 METADATA_COLUMNS = ["key", "prompt", "seed", "status"]
@@ -71,7 +71,10 @@ def read_samples(output: str, n: int, kind: str = "auto", vae: str | None = None
                  storage_options: dict | None = None) -> tuple[str, list[Sample], int]:
     """(kind shown, up to n samples, shards read)."""
     fs, root = filesystem(output, storage_options)
-    shards = committed_shards(fs, root)
+    try:
+        shards = committed_shards(fs, root)
+    except OutputError as exc:
+        raise PreviewError(f"no committed shards in {output}: {exc}") from None
     if not shards:
         raise PreviewError(f"no committed shards in {output}")
     files = {unit_id: _classify(fs, root, marker["files"]) for unit_id, marker in shards.items()}
