@@ -405,7 +405,7 @@ def run_worker(ctx, tasks: tuple[str, ...], image_format: str, prompts_file: Pat
     from pipeline.plan import list_input_files, plan_units
     from pipeline.spec import JobSpec
     from pipeline.storage import filesystem
-    from pipeline.worker import ShardWorker
+    from pipeline.worker import standalone_worker
 
     model = str(ctx.model_folder)
     spec = JobSpec(
@@ -417,19 +417,19 @@ def run_worker(ctx, tasks: tuple[str, ...], image_format: str, prompts_file: Pat
     fs, path = filesystem(spec.prompts, spec.storage_options)
     units = plan_units(list_input_files(fs, path), spec.rows_per_shard)
     clock = time.perf_counter()
-    worker = ShardWorker(spec)
+    worker, output_lock = standalone_worker(spec)
     load_s = time.perf_counter() - clock
     clock = time.perf_counter()
     worker.process(units[0])  # warm-up: kernels chosen (or compiled), allocator grown
     synchronize(ctx.device)
     warmup_s = time.perf_counter() - clock
     pending = list(units[1:])
-    lock = threading.Lock()
+    queue_lock = threading.Lock()
     stats = []
 
     def drain():
         while True:
-            with lock:
+            with queue_lock:
                 if not pending:
                     return
                 unit = pending.pop(0)
@@ -441,6 +441,7 @@ def run_worker(ctx, tasks: tuple[str, ...], image_format: str, prompts_file: Pat
             future.result()
     wall = time.perf_counter() - started
     samples = sum(s["count"] for s in stats)
+    output_lock.release()
     written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and not f.name.startswith("_"))
     timing = {key: sum(s["timings"][key] for s in stats) for key in stats[0]["timings"]}
     return {"samples_per_s": samples / wall, "samples": samples, "wall_s": wall, "load_s": load_s,

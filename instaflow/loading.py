@@ -2,8 +2,8 @@
 
 The InstaFlow repos name a custom pipeline class (`RectifiedFlowPipeline`) in `model_index.json`, so we never go
 through `DiffusionPipeline.from_pretrained`: we load unet, vae, text_encoder and tokenizer ourselves. Components are
-keyed by the digest of their files, so a student and a teacher that ship the same VAE and text encoder (InstaFlow
-and SD-1.5 do) share one copy in memory.
+keyed by a digest of their tensors, so a student and a teacher that ship the same VAE and text encoder (InstaFlow
+and SD-1.5 do, in different file formats) share one copy in memory.
 """
 
 import hashlib
@@ -20,9 +20,7 @@ logger = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
-# Only what sampling needs: no safety checker, no root checkpoints, no fp16/non-EMA/flax/onnx duplicates.
-HUB_ALLOW = ["model_index.json", *(f"{name}/*" for name in (*REQUIRED_COMPONENTS, "scheduler"))]
-HUB_IGNORE = ["*.fp16.*", "*non_ema*", "*.msgpack", "*.onnx", "*.onnx_data", "*.h5", "*.ckpt"]
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -39,13 +37,14 @@ class Runtime:
     compile: bool = False
 
     @classmethod
-    def default(cls, dtype: str | None = None, compile: bool | None = None) -> "Runtime":
-        """fp16 and torch.compile on CUDA, fp32 and eager on the CPU, unless told otherwise.
+    def default(cls, dtype: str | None = None, compile: bool | None = None, device: str | None = None) -> "Runtime":
+        """CUDA when there is a GPU (unless `device` says otherwise); fp16 and torch.compile on CUDA, fp32 and
+        eager on the CPU, unless told otherwise.
 
         On an H200, compiling the UNet and the decoder doubled one-step images/s at batch 32 (BENCHMARKS.md);
         on the CPU its minute of warm-up outweighs what it saves.
         """
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = "float16" if device.type == "cuda" else "float32"
         if dtype not in DTYPES:
@@ -55,7 +54,18 @@ class Runtime:
         return cls(device=device, dtype=DTYPES[dtype], compile=compile)
 
 
-def resolve_model_dir(model: str) -> Path:
+def hub_patterns(variant: str | None) -> tuple[list[str], list[str]]:
+    """What to download of a hub repo: configs, the tokenizer, and one weight format, safetensors (the fp16
+    variant when running fp16 and the repo has it); no safety checker, no .bin, no flax/onnx duplicates."""
+    weights = f"*.{variant}.safetensors" if variant else "*.safetensors"
+    allow = ["model_index.json", "scheduler/*", "tokenizer/*"]
+    for name in WEIGHT_COMPONENTS:
+        allow += [f"{name}/*.json", f"{name}/{weights}"]
+    ignore = ["*non_ema*"] + ([] if variant else ["*.fp16.*"])
+    return allow, ignore
+
+
+def resolve_model_dir(model: str, revision: str | None = None, variant: str | None = None) -> Path:
     """A local folder as is; a hub id through the hub cache (honouring HF_HUB_OFFLINE), with one clear error."""
     path = Path(model).expanduser()
     if path.is_dir():
@@ -64,12 +74,16 @@ def resolve_model_dir(model: str) -> Path:
         raise ModelLoadError(f"model {model!r}: no such folder, and not a Hugging Face hub id (org/name)")
     from huggingface_hub import snapshot_download
 
+    allow, ignore = hub_patterns(variant)
     try:
-        return Path(snapshot_download(model, allow_patterns=HUB_ALLOW, ignore_patterns=HUB_IGNORE))
+        return Path(snapshot_download(model, revision=revision, allow_patterns=allow, ignore_patterns=ignore))
     except Exception as exc:  # the hub raises a dozen types; the user needs one message naming the model
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else "the hub is unreachable"
-        raise ModelLoadError(f"model {model!r}: cannot load from the Hugging Face hub ({hint}): {exc}") from None
+        raise ModelLoadError(f"model {model!r}: cannot load from the Hugging Face hub ({hub_hint()}): {exc}") from None
+
+
+def hub_hint() -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    return "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else "the hub is unreachable"
 
 
 def _file_digest(path: Path) -> str:
@@ -111,41 +125,70 @@ class Components:
         return self.unet.config.sample_size * self.vae_scale_factor
 
 
-class ComponentCache:
-    """Loads each distinct component once per process, whichever model asks for it."""
+def tensor_digest(module: torch.nn.Module) -> str:
+    """Content identity of a module's weights: equal tensors give equal digests, whatever files they came from
+    (InstaFlow's repos and SD-1.5's ship the same VAE and text encoder in different formats)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
-    def __init__(self, runtime: Runtime):
+
+class ComponentCache:
+    """Loads each distinct component once per process, whichever model asks for it.
+
+    Weights are read from safetensors only, unless `allow_pickle` (pickle checkpoints can run code on load).
+    """
+
+    def __init__(self, runtime: Runtime, allow_pickle: bool = False):
         self.runtime = runtime
+        self.allow_pickle = allow_pickle
         self._loaded: dict[tuple[str, str], object] = {}
 
-    def load(self, model: str) -> Components:
-        folder = resolve_model_dir(model)
+    def load(self, model: str, revision: str | None = None, variant: str | None = None) -> Components:
+        folder = resolve_model_dir(model, revision, variant)
         missing = [name for name in REQUIRED_COMPONENTS if not (folder / name).is_dir()]
         if missing:
             raise ModelLoadError(f"model {model!r} ({folder}): missing component folders {missing}")
         scheduler_file = folder / "scheduler" / "scheduler_config.json"
         scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.exists() else {}
         try:
-            parts = {name: self._component(name, folder / name) for name in REQUIRED_COMPONENTS}
+            parts = {name: self._component(name, folder / name, variant) for name in REQUIRED_COMPONENTS}
         except Exception as exc:
             raise ModelLoadError(f"model {model!r} ({folder}): {exc}") from exc
         return Components(name=model, scheduler_config=scheduler_config, runtime=self.runtime, **parts)
 
-    def _component(self, name: str, folder: Path):
-        key = (name, component_digest(folder))
+    def _component(self, name: str, folder: Path, variant: str | None):
+        if name == "tokenizer":
+            key = (name, component_digest(folder))
+            if key not in self._loaded:
+                from transformers import CLIPTokenizer
+
+                self._loaded[key] = CLIPTokenizer.from_pretrained(folder)
+            return self._loaded[key]
+        logger.info("loading %s from %s", name, folder)
+        module = self._read_weights(name, folder, variant)
+        key = (name, tensor_digest(module))
         if key not in self._loaded:
-            logger.info("loading %s from %s", name, folder)
-            self._loaded[key] = self._load_component(name, folder)
+            self._loaded[key] = self._place(name, module)
         return self._loaded[key]
 
-    def _load_component(self, name: str, folder: Path):
+    def _read_weights(self, name: str, folder: Path, variant: str | None) -> torch.nn.Module:
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel
 
-        if name == "tokenizer":
-            return CLIPTokenizer.from_pretrained(folder)
         loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[name]
-        module = loader.from_pretrained(folder, torch_dtype=self.runtime.dtype)
+        safetensors = sorted(p.name for p in folder.glob("*.safetensors"))
+        if not safetensors and not self.allow_pickle:
+            raise ModelLoadError(f"{folder} has no .safetensors weights; pickle checkpoints (.bin) can run code "
+                                 "when loaded and are refused unless you pass --allow-pickle")
+        if variant and not any(f".{variant}." in file for file in safetensors):
+            variant = None  # this component has no such variant (a local folder, a mixed repo): the full weights
+        return loader.from_pretrained(folder, torch_dtype=self.runtime.dtype, variant=variant,
+                                      use_safetensors=None if self.allow_pickle else True)
+
+    def _place(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
         # Contiguous memory, not channels_last: on an H200 channels_last made one-step images 11% slower
         # (BENCHMARKS.md). diffusers attends with PyTorch's SDPA by default.
         module = module.to(self.runtime.device).eval().requires_grad_(False)

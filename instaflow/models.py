@@ -17,10 +17,12 @@ from instaflow.loading import Components
 from instaflow.sampling import (
     batch_noise,
     check_inputs,
-    decode_to_pixels,
+    decode,
     dpm_solver_scheduler,
     dpm_solver_teacher,
+    finite_per_sample,
     rectified_flow_euler,
+    to_pixels,
     use_guidance,
 )
 from instaflow.text import Tokens, encode_tokens, tokenize_prompts
@@ -153,6 +155,7 @@ def _embeddings(components: Components, batch: PromptBatch, guidance_scale: floa
 class StudentOutput:
     pixels: torch.Tensor  # (N, H, W, 3) uint8, on the device until the caller needs it
     truncated: list[bool]
+    finite: torch.Tensor  # (N,) bool on the device: False where the latent or the image holds NaN or inf
 
 
 class Student:
@@ -177,7 +180,8 @@ class Student:
 
     def generate(self, batch: PromptBatch) -> StudentOutput:
         latents, truncated = self.sample_latents(batch)
-        return StudentOutput(pixels=decode_to_pixels(self.components.vae, latents), truncated=truncated)
+        images = decode(self.components.vae, latents)
+        return StudentOutput(pixels=to_pixels(images), truncated=truncated, finite=finite_per_sample(latents, images))
 
 
 @dataclass
@@ -185,6 +189,7 @@ class TeacherOutput:
     noise: torch.Tensor  # the noise the teacher started from, in the model dtype
     latents: torch.Tensor  # the teacher's final latent, not decoded
     truncated: list[bool]
+    finite: torch.Tensor  # (N,) bool on the device: False where the latent holds NaN or inf
 
 
 class Teacher:
@@ -212,4 +217,5 @@ class Teacher:
             latents = dpm_solver_teacher(c.unet, scheduler, noise, embeds, negative, s.steps, s.guidance_scale)
         else:
             latents = rectified_flow_euler(c.unet, noise, embeds, negative, s.steps, s.guidance_scale)
-        return TeacherOutput(noise=noise, latents=latents, truncated=batch.truncated(c))
+        return TeacherOutput(noise=noise, latents=latents, truncated=batch.truncated(c),
+                             finite=finite_per_sample(latents))

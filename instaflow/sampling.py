@@ -96,8 +96,24 @@ def dpm_solver_teacher(
 
 
 @torch.inference_mode()
-def decode_to_pixels(vae, latents: torch.Tensor) -> torch.Tensor:
-    """x = D(z / scaling_factor), mapped from [-1, 1] to uint8 (N, H, W, 3) on the device, as diffusers rounds."""
-    images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """x = D(z / scaling_factor): images in [-1, 1], (N, 3, H, W), in the model dtype."""
+    return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+
+
+@torch.inference_mode()
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] to uint8 (N, H, W, 3) on the device, rounded as diffusers rounds."""
     images = (images.float() / 2 + 0.5).clamp(0, 1)
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def decode_to_pixels(vae, latents: torch.Tensor) -> torch.Tensor:
+    return to_pixels(decode(vae, latents))
+
+
+@torch.inference_mode()
+def finite_per_sample(*tensors: torch.Tensor) -> torch.Tensor:
+    """True for the samples (first dimension) whose values are all finite in every tensor: NaN or inf in a
+    latent or an image is a failed sample, never a black image with status ok."""
+    return torch.stack([torch.isfinite(t.float()).flatten(1).all(1) for t in tensors]).all(0)

@@ -14,6 +14,7 @@ import argparse
 import collections
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -216,13 +217,14 @@ def build_tiny_models(out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="folder to write sd15/, instaflow/ and 2rf/ into")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for name, path in build_tiny_models(args.out_dir).items():
         print(f"{name}: {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

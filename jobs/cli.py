@@ -1,7 +1,8 @@
 """Flags shared by the job entry points, and the one way a job ends: a summary and an exit status.
 
-Exit status: 0 when every shard is committed, 1 when some failed, 2 for bad input or settings (nothing ran),
-130 when interrupted. Re-running the same command resumes.
+Exit status, the same for every entry point: 0 every shard committed; 1 some shards failed; 2 bad input or
+settings (nothing ran); 3 no worker could start in time; 4 the output was lost to another job; 130 interrupted
+(SIGINT, or SIGTERM as `ray job stop` sends it). Re-running the same command resumes.
 """
 
 import argparse
@@ -10,17 +11,28 @@ import logging
 import sys
 
 from instaflow.loading import ModelLoadError
-from pipeline.commit import OutputError
+from jobs.main import DefaultsShown
 from pipeline.job import run_job
 from pipeline.plan import InputError
-from pipeline.pool import WorkerStartupError
+from pipeline.pool import NoWorkersError
 from pipeline.progress import JobProgress
-from pipeline.spec import IMAGE_FORMATS, OUTPUT_FORMATS, JobSpec
+from pipeline.spec import DEVICE_CHOICES, IMAGE_FORMATS, OUTPUT_FORMATS, JobSpec
+from pipeline.storage import OutputError, redact_text
+
+EXIT_OK, EXIT_SHARDS_FAILED, EXIT_BAD_INPUT, EXIT_NO_WORKERS, EXIT_OUTPUT_LOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 logger = logging.getLogger(__name__)
 
 
 def _json_object(text: str) -> dict:
+    """JSON given inline, or `@PATH` to read it from a file (keeps secrets out of command lines and Ray's
+    job entrypoints: put the file on the nodes, e.g. a mounted Kubernetes secret)."""
+    if text.startswith("@"):
+        try:
+            with open(text[1:]) as f:
+                text = f.read()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {text[1:]}: {exc.strerror}") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -30,26 +42,38 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+def base_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=DefaultsShown)
     parser.add_argument("--prompts", required=True, help="Parquet file, folder or glob, on any fsspec filesystem")
     parser.add_argument("--output", required=True, help="output folder URL (s3://, gs://, file://, a path, ...)")
-    parser.add_argument("--prompt-column", default="prompt")
+    parser.add_argument("--prompt-column", default="prompt", help="column holding the prompt text")
     parser.add_argument("--seed", type=int, default=0, help="job seed; per-sample seeds derive from it and the key")
-    parser.add_argument("--height", type=int, default=512)
-    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--height", type=int, default=512, help="image height, a multiple of 8")
+    parser.add_argument("--width", type=int, default=512, help="image width, a multiple of 8")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per forward pass")
     parser.add_argument("--rows-per-shard", type=int, default=1000, help="target rows per work unit and shard")
-    parser.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS, default="webdataset")
-    parser.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpeg")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: fp16 on CUDA, fp32 on CPU")
+    parser.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS, default="webdataset",
+                        help="image shards: webdataset tars, or Hugging Face image Parquet")
+    parser.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpeg", help="image encoding")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                        help="auto: GPUs on a cluster the job joins or a machine with a GPU, else the CPU")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: fp16 on GPUs, fp32 on CPU")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the UNet and the VAE decoder (default: on with CUDA, off on the CPU)")
     parser.add_argument("--cpus-per-worker", type=float,
                         help="CPUs reserved per worker, one image encoder each (default: a GPU node's CPUs per GPU)")
     parser.add_argument("--num-workers", type=int, help="default: one per GPU in the cluster (1 without GPUs)")
-    parser.add_argument("--max-unit-attempts", type=int, default=3)
-    parser.add_argument("--storage-options", type=_json_object, default={}, help="JSON passed to fsspec")
+    parser.add_argument("--max-unit-attempts", type=int, default=3, help="tries per shard before it counts as failed")
+    parser.add_argument("--start-timeout", dest="start_timeout_s", type=float, default=900.0,
+                        help="seconds without any worker able to run before the job stops (exit 3)")
+    parser.add_argument("--unit-timeout", dest="unit_timeout_s", type=float,
+                        help="seconds one unit may run before its worker is restarted (default: 10x the measured)")
+    parser.add_argument("--lock-lease", dest="lock_lease_s", type=float, default=120.0,
+                        help="seconds after which an output lock nobody renews is taken over")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load .bin (pickle) weights of a model without safetensors; pickles can run code")
+    parser.add_argument("--storage-options", type=_json_object, default={},
+                        help="JSON passed to fsspec, or @FILE to read it from a file")
     parser.add_argument("--overwrite", action="store_true", help="delete this tool's outputs there and start over")
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -59,7 +83,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 def common_spec_args(args: argparse.Namespace) -> dict:
     names = (
         "prompts", "output", "prompt_column", "seed", "height", "width", "batch_size", "rows_per_shard",
-        "output_format", "image_format", "dtype", "compile", "cpus_per_worker", "num_workers", "max_unit_attempts", "storage_options",
+        "output_format", "image_format", "device", "dtype", "compile", "cpus_per_worker", "num_workers",
+        "start_timeout_s", "unit_timeout_s", "lock_lease_s", "allow_pickle", "max_unit_attempts", "storage_options",
         "overwrite", "ray_address",
     )
     return {name: getattr(args, name) for name in names}
@@ -71,14 +96,22 @@ def run(spec_args: dict, show_progress: bool = True) -> int:
     try:
         spec = JobSpec(**spec_args)
         progress = run_job(spec, show_progress=show_progress)
-    except (ValueError, InputError, ModelLoadError, OutputError, WorkerStartupError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, InputError, ModelLoadError, OutputError) as exc:
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except NoWorkersError as exc:
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
+        return EXIT_NO_WORKERS
+    except KeyboardInterrupt:
+        print("interrupted before the job started", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(progress.table())
     return exit_status(progress)
 
 
 def exit_status(progress: JobProgress) -> int:
+    if progress.lost:
+        return EXIT_OUTPUT_LOST
     if progress.interrupted:
-        return 130
-    return 0 if progress.complete else 1
+        return EXIT_INTERRUPTED
+    return EXIT_OK if progress.complete else EXIT_SHARDS_FAILED

@@ -1,22 +1,26 @@
 """Write reflow training pairs (prompt, seed, noise, teacher latent); optionally images from a student too."""
 
+import argparse
 import sys
 
 from jobs.cli import base_parser, common_spec_args, run
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = base_parser(__doc__)
+def parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = base_parser(__doc__, prog)
     parser.add_argument("--teacher", required=True, help="teacher model: local diffusers folder or hub id")
     parser.add_argument("--teacher-kind", choices=("sd", "rf"), default="sd",
                         help="sd: SD-1.5 with DPM-Solver; rf: a rectified-flow model with Euler steps")
     parser.add_argument("--steps", type=int, help="teacher steps (default 25)")
     parser.add_argument("--guidance-scale", type=float, help="teacher guidance (default: 5.0 sd, 1.5 rf)")
     parser.add_argument("--model", help="also write images from this student model in the same pass")
-    parser.add_argument("--student-steps", type=int)
-    parser.add_argument("--student-guidance-scale", type=float)
-    args = parser.parse_args(argv)
-    spec = common_spec_args(args) | {
+    parser.add_argument("--student-steps", type=int, help="student steps (default: as for generate)")
+    parser.add_argument("--student-guidance-scale", type=float, help="student guidance (default: as for generate)")
+    return parser
+
+
+def spec_args(args: argparse.Namespace) -> dict:
+    return common_spec_args(args) | {
         "tasks": ("images", "pairs") if args.model else ("pairs",),
         "teacher": args.teacher,
         "teacher_kind": args.teacher_kind,
@@ -26,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.student_steps,
         "guidance_scale": args.student_guidance_scale,
     }
-    return run(spec, show_progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return run(spec_args(args), show_progress=not args.no_progress)
 
 
 if __name__ == "__main__":

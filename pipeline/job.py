@@ -1,39 +1,48 @@
-"""The driver: plan the units, take the output, skip what is committed, run the pool, record the outcome.
+"""The driver: plan the units, pin the models, take the output, start workers, then commit what is not done.
 
 Resuming is re-running: committed shards are found by their markers and skipped, the rest are done again, and the
 result is the same as an uninterrupted run. A different spec on the same output is refused, as is a second live
-job on it.
+job on it. Nothing is written to the output (no `_job.json`, no deletion for --overwrite) until a worker is up,
+so a bad model or a cluster without room never binds or costs an output.
 """
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
+from typing import Callable
 
 import ray
+import torch
 
 from pipeline.commit import (
+    Fence,
     ShardStore,
-    acquire_lock,
     check_compatible,
+    identity_digest,
     job_manifest,
     read_manifest,
-    refresh_lock,
-    release_lock,
     write_manifest,
 )
+from pipeline.lock import OutputLock, OutputLostError
+from pipeline.model_source import ModelSource, job_identity, model_sources
 from pipeline.plan import input_fingerprint, list_input_files, plan_units
-from pipeline.pool import ActorPool, UnitResult, ray_worker_factory
+from pipeline.pool import ActorPool, PoolLimits, UnitResult, ray_worker_factory
 from pipeline.progress import JobProgress
 from pipeline.spec import JobSpec
-from pipeline.storage import filesystem, redact
+from pipeline.storage import filesystem, redact, redact_text
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_S = 30.0  # lock heartbeat and _job.json progress, well inside commit.LOCK_LEASE_S
-
 
 def connect_ray(address: str | None) -> None:
-    """Joins the cluster named by `address` or RAY_ADDRESS (Ray Jobs sets it), else starts a local Ray."""
+    """Joins the cluster named by `address` or RAY_ADDRESS (Ray Jobs sets it), else starts a local Ray.
+
+    A local Ray's workers inherit this process's environment, credentials included; a cluster's workers use
+    their own nodes' credentials.
+    """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -44,76 +53,145 @@ def connect_ray(address: str | None) -> None:
     ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
-def run_job(spec: JobSpec, pool: ActorPool | None = None, show_progress: bool = True) -> JobProgress:
-    """Runs `spec` to the end (or to Ctrl-C) and returns its progress; `pool` lets tests inject workers."""
-    input_fs, input_path = filesystem(spec.prompts, spec.storage_options)
-    output_fs, root = filesystem(spec.output, spec.storage_options)
-    files = list_input_files(input_fs, input_path, spec.prompt_column)
-    units = plan_units(files, spec.rows_per_shard)
-    inputs = input_fingerprint(files)
-    logger.info("%d input files, %d rows, %d units", len(files), sum(f.num_rows for f in files), len(units))
+def resolve_device(spec: JobSpec) -> JobSpec:
+    """Decides the device kind and dtype before any worker starts, without starting Ray.
 
-    token = acquire_lock(output_fs, root)
-    store = ShardStore(output_fs, root)
-    progress = JobProgress(total_units=len(units), total_samples=sum(unit.num_rows for unit in units))
-    manifest = {}
+    `auto`: GPUs on any cluster the job joins (even one with no GPU up yet: the autoscaler adds them), and on
+    a local machine with a GPU; the CPU only for a local Ray on a machine without one.
+    """
+    joins_cluster = ray.is_initialized() or bool(spec.ray_address or os.environ.get("RAY_ADDRESS"))
+    return spec.resolve(has_gpus=joins_cluster or torch.cuda.is_available())
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """`ray job stop` sends SIGTERM (then SIGKILL 3 s later): handled as Ctrl-C, so the lock is released."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        if spec.overwrite:
-            store.remove_outputs()
-        existing = read_manifest(output_fs, root)
-        if existing is not None:
-            check_compatible(existing, spec.identity(), inputs)
-        manifest = job_manifest(spec.identity(), inputs) | {
-            "storage_options": redact(spec.storage_options),
-            "num_units": len(units),
-        }
-        committed = store.committed()
-        todo = [unit for unit in units if unit.unit_id not in committed]
-        progress.skipped_units = len(units) - len(todo)
-        progress.skipped_samples = progress.total_samples - sum(unit.num_rows for unit in todo)
-        write_manifest(output_fs, root, manifest | {"progress": progress.summary()})
-        if progress.skipped_units:
-            logger.info("resuming: %d of %d shards already committed", progress.skipped_units, len(units))
-        if todo:
-            heartbeat = lambda: _heartbeat(output_fs, root, token, manifest, progress)  # noqa: E731
-            _run_units(spec, todo, pool, progress, heartbeat, show_progress)
-    except KeyboardInterrupt:
-        progress.interrupted = True
-        logger.warning("interrupted: committed shards stay, in-flight shards are left invisible")
+        yield
     finally:
-        progress.close()
-        if manifest:
-            write_manifest(output_fs, root, manifest | {"progress": progress.summary()})
-        release_lock(output_fs, root, token)
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Heartbeat:
+    """Renews the lock within its lease and, once the manifest exists, rewrites its progress."""
+
+    def __init__(self, lock: OutputLock, clock: Callable[[], float] = time.monotonic):
+        self.lock, self.clock = lock, clock
+        self.last = clock()
+        self.write_manifest: Callable[[], None] | None = None
+
+    def __call__(self) -> None:
+        if self.clock() - self.last >= self.lock.refresh_interval_s:
+            self.lock.refresh()  # raises OutputLostError if another job took the output
+            if self.write_manifest:
+                self.write_manifest()
+            self.last = self.clock()
+
+
+PoolFactory = Callable[[JobSpec, dict, Fence, int], ActorPool]
+
+
+def ray_pool(spec: JobSpec, sources: dict[str, ModelSource], fence: Fence, num_units: int) -> ActorPool:
+    """The pool of ShardWorker actors on the Ray cluster the spec names (or a local one)."""
+    connect_ray(spec.ray_address)
+    make_worker, num_workers = ray_worker_factory(spec, sources, fence)
+    limits = PoolLimits(start_timeout_s=spec.start_timeout_s, unit_timeout_s=spec.unit_timeout_s)
+    return ActorPool(make_worker, min(num_workers, num_units), spec.max_unit_attempts, limits)
+
+
+def run_job(spec: JobSpec, make_pool: PoolFactory = ray_pool, show_progress: bool = True) -> JobProgress:
+    """Runs `spec` to the end (or to Ctrl-C/SIGTERM) and returns its progress; `make_pool` lets tests inject
+    workers or watch the pool.
+
+    Raises for what stops a job before it runs: bad input or settings (exit 2), no worker in time (exit 3). A
+    job that loses its output to another job stops at once and returns with `progress.lost` (exit 4).
+    """
+    with sigterm_as_interrupt():
+        spec = resolve_device(spec)
+        input_fs, input_path = filesystem(spec.prompts, spec.storage_options)
+        output_fs, root = filesystem(spec.output, spec.storage_options)
+        files = list_input_files(input_fs, input_path, spec.prompt_column)
+        units = plan_units(files, spec.rows_per_shard)
+        inputs = input_fingerprint(files)
+        logger.info("%d input files, %d rows, %d units", len(files), sum(f.num_rows for f in files), len(units))
+        sources = model_sources(spec)
+        identity = job_identity(spec, sources)
+
+        lock = OutputLock(output_fs, root, lease_s=spec.lock_lease_s)
+        lock.acquire()
+        progress = JobProgress(total_units=len(units), total_samples=sum(unit.num_rows for unit in units))
+        try:
+            _run_locked(spec, make_pool, units, inputs, identity, sources, lock, progress, show_progress)
+        except KeyboardInterrupt:
+            progress.interrupted = True
+            logger.warning("interrupted: committed shards stay, in-flight shards are left invisible")
+        except OutputLostError as exc:
+            progress.lost = True
+            logger.error("%s", exc)
+        finally:
+            progress.close()
+            if not progress.lost:
+                if progress.manifest:
+                    write_manifest(output_fs, root, progress.manifest | {"progress": progress.summary()})
+                lock.release()
     return progress
 
 
-def _run_units(spec, units, pool, progress: JobProgress, heartbeat, show_progress: bool) -> None:
-    if pool is None:
-        connect_ray(spec.ray_address)
-        make_worker, num_workers = ray_worker_factory(spec)
-        pool = ActorPool(make_worker, min(num_workers, len(units)), spec.max_unit_attempts)
-    last_beat = time.monotonic()
+def _run_locked(spec, make_pool, units, inputs, identity, sources, lock, progress: JobProgress, show_progress):
+    output_fs, root = filesystem(spec.output, spec.storage_options)
+    store = ShardStore(output_fs, root)
+    existing = None if spec.overwrite else read_manifest(output_fs, root)
+    if existing is not None:
+        check_compatible(existing, identity, inputs)
+    lineage = [*(existing or {}).get("lineage", []), lock.token]
+    fence = Fence(lock.token, tuple(lineage), identity_digest(identity))
+    committed = {} if spec.overwrite else store.committed(fence)
+    todo = [unit for unit in units if unit.unit_id not in committed]
+    progress.skipped_units = len(units) - len(todo)
+    progress.skipped_samples = progress.total_samples - sum(unit.num_rows for unit in todo)
+    manifest = job_manifest(identity, inputs, lineage) | {
+        "prompts": spec.prompts,
+        "storage_options": redact(spec.storage_options),
+        "num_units": len(units),
+    }
+    if not todo:
+        logger.info("all %d shards are committed: nothing to do", len(units))
+        store.recover(committed)
+        progress.manifest = manifest
+        return
+    if progress.skipped_units:
+        logger.info("resuming: %d of %d shards already committed", progress.skipped_units, len(units))
 
-    def on_idle() -> None:
-        nonlocal last_beat
-        if time.monotonic() - last_beat >= HEARTBEAT_S:
-            heartbeat()
-            last_beat = time.monotonic()
-
-    def on_result(result: UnitResult) -> None:
-        progress.record(result)
-        if result.error is not None:
-            logger.error("shard %s failed after %d tries: %s", result.unit.shard, spec.max_unit_attempts, result.error)
-        on_idle()
-
-    progress.start_bar(show_progress)
+    heartbeat = Heartbeat(lock)
+    pool = make_pool(spec, sources, fence, len(todo))
     try:
-        pool.run(units, on_result, on_idle)
+        pool.wait_until_ready(on_idle=heartbeat)  # a bad model or no capacity: nothing written yet
+        if spec.overwrite:
+            store.remove_outputs()
+        progress.manifest = manifest
+        write_manifest(output_fs, root, manifest | {"progress": progress.summary()})
+        heartbeat.write_manifest = lambda: write_manifest(output_fs, root, manifest | {"progress": progress.summary()})
+        finished = store.recover(committed)
+        if finished:
+            logger.info("finished %d commits that a crash had interrupted", finished)
+
+        def on_result(result: UnitResult) -> None:
+            progress.record(result)
+            if result.error is not None:
+                logger.error("shard %s failed after %d tries: %s", result.unit.shard, spec.max_unit_attempts,
+                             redact_text(result.error))
+
+        progress.start_bar(show_progress)
+        pool.run(todo, on_result, heartbeat)
     finally:
-        pool.shutdown()
-
-
-def _heartbeat(fs, root: str, token: str, manifest: dict, progress: JobProgress) -> None:
-    refresh_lock(fs, root, token)
-    write_manifest(fs, root, manifest | {"progress": progress.summary()})
+        pool.shutdown()  # waits until no worker can commit any more
+        if progress.manifest:
+            store.finish_interrupted(fence.token)  # tries that won their marker as the job was stopped

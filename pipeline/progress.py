@@ -22,9 +22,12 @@ class JobProgress:
     failed_samples: int = 0
     truncated: int = 0
     generate_s: float = 0.0
+    encode_wait_s: float = 0.0  # the device waited for image encoders: the host is short of cores
     failed_units: list[UnitResult] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     interrupted: bool = False
+    lost: bool = False  # another job took the output over
+    manifest: dict | None = field(default=None, repr=False)  # _job.json once written (the job ran)
     bar: tqdm | None = field(default=None, repr=False)
 
     def start_bar(self, enabled: bool = True) -> None:
@@ -44,6 +47,7 @@ class JobProgress:
             self.failed_samples += stats["failed"]
             self.truncated += stats["truncated"]
             self.generate_s += stats["timings"]["generate_s"]
+            self.encode_wait_s += stats["timings"].get("encode_wait_s", 0.0)
             advanced = stats["count"]
         if self.bar is not None:
             self.bar.update(advanced)
@@ -68,9 +72,17 @@ class JobProgress:
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started
 
+    @property
+    def status(self) -> str:
+        if self.lost:
+            return "lost"
+        if self.interrupted:
+            return "interrupted"
+        return "complete" if self.complete else "incomplete"
+
     def summary(self) -> dict:
         return {
-            "status": "interrupted" if self.interrupted else ("complete" if self.complete else "incomplete"),
+            "status": self.status,
             "shards_total": self.total_units,
             "shards_committed_before": self.skipped_units,
             "shards_committed_now": self.committed_units,
@@ -83,6 +95,8 @@ class JobProgress:
             "samples_per_s": round(self.samples / self.elapsed_s, 3) if self.elapsed_s else 0.0,
             # one worker's rate while it holds the device: start-up, reads and uploads excluded
             "worker_generate_samples_per_s": round(self.successes / self.generate_s, 3) if self.generate_s else 0.0,
+            # above zero only when image encoding could not keep up: give workers more CPUs (--cpus-per-worker)
+            "device_waited_for_encoders_s": round(self.encode_wait_s, 3),
             "failed_shards": [
                 {"shard": result.unit.shard, "path": result.unit.path, "error": result.error[:2000]}
                 for result in self.failed_units

@@ -1,18 +1,22 @@
 """One validated job spec, built from flags; its identity decides whether a re-run may resume an output."""
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 from instaflow.models import TEACHER_KINDS, student_defaults, teacher_defaults
 from instaflow.sampling import check_inputs
+from pipeline.storage import normalize_location, normalize_model
 
 TASKS = ("images", "pairs")
 OUTPUT_FORMATS = ("webdataset", "parquet")
 IMAGE_FORMATS = ("jpeg", "png", "webp")
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
-# Settings that change speed, not outputs: a resumed job may change them freely (each shard records its own).
+DEVICE_CHOICES = ("auto", "gpu", "cpu")
+# Settings that change speed or where things are, not outputs: a resumed job may change them freely (each shard
+# records the speed settings it ran with). Inputs are compared by their fingerprints, models by their sources.
 RUN_ONLY_FIELDS = (
     "num_workers", "storage_options", "overwrite", "compile", "ray_address", "max_unit_attempts", "batch_size",
-    "cpus_per_worker",
+    "cpus_per_worker", "lock_lease_s", "start_timeout_s", "unit_timeout_s", "prompts", "output", "allow_pickle",
 )
 
 
@@ -35,7 +39,8 @@ class JobSpec:
     height: int = 512
     width: int = 512
     batch_size: int = 32  # the fastest measured on an H200 for both samplers (BENCHMARKS.md)
-    dtype: str | None = None  # None: float16 on CUDA, float32 on the CPU
+    device: str = "auto"  # auto: GPUs on a cluster the job joins or a machine with GPUs, else the CPU
+    dtype: str | None = None  # None: float16 on GPUs, float32 on the CPU
     # input and output
     prompt_column: str = "prompt"
     rows_per_shard: int = 1000
@@ -45,12 +50,19 @@ class JobSpec:
     # running
     num_workers: int | None = None  # None: one per GPU in the cluster, or one CPU worker without GPUs
     max_unit_attempts: int = 3
+    lock_lease_s: float = 120.0  # a lock unchanged for this long, on the reader's clock, is stale
+    start_timeout_s: float = 900.0  # no worker able to run for this long ends the job (exit 3)
+    unit_timeout_s: float | None = None  # None: ten times the measured time of a unit
     compile: bool | None = None  # None: on with CUDA, off on the CPU
+    allow_pickle: bool = False  # load .bin (pickle) weights when a model has no safetensors
     cpus_per_worker: float | None = None  # None: a GPU node's CPUs per GPU; image encoders run on these
     overwrite: bool = False
     ray_address: str | None = None
 
     def __post_init__(self):
+        self.prompts, self.output = normalize_location(self.prompts), normalize_location(self.output)
+        self.model = normalize_model(self.model) if self.model else self.model
+        self.teacher = normalize_model(self.teacher) if self.teacher else self.teacher
         self.tasks = tuple(self.tasks)
         if not self.tasks or any(task not in TASKS for task in self.tasks):
             raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks!r}")
@@ -75,6 +87,11 @@ class JobSpec:
         self._check_choice("image_format", IMAGE_FORMATS)
         if self.dtype is not None:
             self._check_choice("dtype", DTYPE_CHOICES)
+        self._check_choice("device", DEVICE_CHOICES)
+        for name in ("lock_lease_s", "start_timeout_s", "unit_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         for name in ("batch_size", "rows_per_shard", "max_unit_attempts"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -94,8 +111,20 @@ class JobSpec:
         if getattr(self, name) not in choices:
             raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
 
+    def resolve(self, has_gpus: bool) -> "JobSpec":
+        """This spec with its device kind and dtype decided (auto: GPUs where there are some), as the driver
+        decides them before any worker starts: fp16 on GPUs and fp32 on the CPU unless --dtype says."""
+        device = ("gpu" if has_gpus else "cpu") if self.device == "auto" else self.device
+        return dataclasses.replace(self, device=device, dtype=self.dtype or ("float16" if device == "gpu" else "float32"))
+
     def identity(self) -> dict:
-        """Everything that decides the output bytes. Two specs with equal identities write equal shards."""
+        """Everything that decides the output bytes. Two specs with equal identities write equal shards.
+
+        Call it on a resolved spec; the job replaces `model` and `teacher` by what was loaded (a hub revision or
+        a digest of the files), so another spelling of the same model is the same job.
+        """
+        if self.device == "auto":
+            raise ValueError("identity() needs a resolved spec: the device kind decides the outputs")
         identity = {k: v for k, v in asdict(self).items() if k not in RUN_ONLY_FIELDS}
         if "images" not in self.tasks:
             for name in ("model", "steps", "guidance_scale", "output_format", "image_format"):

@@ -1,10 +1,14 @@
-"""Storage access shared by the driver and the workers: any fsspec URL, retried I/O, atomic puts."""
+"""Storage access shared by the driver and the workers: any fsspec URL, retried I/O, atomic puts, and the
+conditional writes (create-if-absent, replace-if-unchanged) that the output lock and shard markers are built on."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
 import random
+import re
 import time
 import uuid
 from typing import Any, Callable, TypeVar
@@ -16,12 +20,20 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Environment variables that configure storage clients (fsspec, boto, gcsfs, huggingface_hub).
-# Ray workers do not inherit the driver's environment, so the driver forwards these.
+# Environment variables that configure storage clients (fsspec, boto, gcsfs, huggingface_hub). Workers on a
+# cluster use their own node's credentials; only these settings, never a secret, travel in Ray's runtime
+# environment, which `ray list actors --detail` and the dashboard display.
 _ENV_PREFIXES = ("FSSPEC_", "AWS_", "GOOGLE_", "GCS", "HF_")
 _ENV_NAMES = ("S3_ENDPOINT_URL",)
+_SECRET_NAME_PARTS = ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY", "CREDENTIAL", "SESSION", "KEY_ID", "API_KEY")
 
-_SECRET_WORDS = ("key", "secret", "token", "password", "credentials")
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "signature", "connection_string")
+_SECRET_IN_TEXT = [
+    re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)"),  # user:password@ in URLs
+    re.compile(r"(?i)(?<=[?&])(x-amz-[a-z-]*(?:signature|credential|token)|sig|signature|token|access_token|"
+               r"key|api_key|password)=[^&\s\"']+"),  # signed-URL and token query parameters
+    re.compile(r"(?i)(?<![a-z])(accountkey|sharedaccesssignature|password|pwd|secret|token)=[^;\s\"']+"),
+]
 
 # OSErrors that retrying cannot fix.
 _PERMANENT_OS_ERRORS = (
@@ -47,25 +59,76 @@ def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.Ab
     return fsspec.core.url_to_fs(url, **(storage_options or {}))
 
 
+def normalize_location(url: str) -> str:
+    """One spelling per location, so a re-run written differently is the same job: local paths absolute with no
+    trailing slash, URLs with a lower-case scheme and no trailing slash."""
+    if "://" in url:
+        scheme, rest = url.split("://", 1)
+        if scheme.lower() == "file":
+            return normalize_location(rest)
+        return f"{scheme.lower()}://{rest.rstrip('/') or rest}"
+    return os.path.abspath(os.path.expanduser(url))
+
+
+def normalize_model(model: str) -> str:
+    """A model given as a URL or an existing local folder is normalised; a hub id (org/name) stays as it is."""
+    if "://" in model or os.path.exists(os.path.expanduser(model)):
+        return normalize_location(model)
+    return model
+
+
 def storage_env() -> dict[str, str]:
-    """Storage-related environment variables of this process, to forward to Ray workers."""
+    """Storage settings of this process that are safe to show (endpoints, regions, offline flags), to forward
+    to Ray workers. Secrets never travel this way: workers use their node's own credentials (instance role,
+    workload identity, the node's environment), or the spec's storage options, which Ray does not display."""
     return {
         name: value
         for name, value in sorted(os.environ.items())
-        if name.startswith(_ENV_PREFIXES) or name in _ENV_NAMES
+        if (name.startswith(_ENV_PREFIXES) or name in _ENV_NAMES)
+        and not any(part in name.upper() for part in _SECRET_NAME_PARTS)
+        and redact_text(value) == value
     }
 
 
+def _is_secret_name(name: Any) -> bool:
+    return any(word in str(name).lower() for word in _SECRET_WORDS)
+
+
 def redact(options: Any) -> Any:
-    """Copy of storage options with secret-looking values replaced, safe to write to disk."""
+    """Copy of storage options with secrets replaced, safe to write to disk: values under secret-looking keys,
+    and secrets inside any string value (URL passwords, signed-URL parameters, connection strings)."""
     if isinstance(options, dict):
-        return {
-            k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) else redact(v)
-            for k, v in options.items()
-        }
+        return {k: "***" if _is_secret_name(k) else redact(v) for k, v in options.items()}
     if isinstance(options, (list, tuple)):
         return [redact(v) for v in options]
+    if isinstance(options, str):
+        return redact_text(options)
     return options
+
+
+def redact_text(text: str | None) -> str | None:
+    """A message or value with any embedded secret replaced by ***."""
+    if not text:
+        return text
+    for pattern in _SECRET_IN_TEXT:
+        text = pattern.sub(lambda m: m.group(0).split("=", 1)[0] + "=***" if "=" in m.group(0) else "***", text)
+    return text
+
+
+def secret_fields(values: Any, where: str = "") -> list[str]:
+    """Dotted names of the secrets in `values`: set entries with secret-looking names (what redact hides) and
+    strings that carry one (URL passwords, signed-URL parameters, connection strings)."""
+    if isinstance(values, dict):
+        found = []
+        for k, v in values.items():
+            name = f"{where}.{k}" if where else str(k)
+            found += [name] if _is_secret_name(k) and v not in (None, "") else secret_fields(v, name)
+        return found
+    if isinstance(values, (list, tuple)):
+        return [name for i, v in enumerate(values) for name in secret_fields(v, f"{where}[{i}]")]
+    if isinstance(values, str):
+        return [where] if redact_text(values) != values else []
+    return []
 
 
 def is_transient(error: BaseException) -> bool:
@@ -132,6 +195,164 @@ def _put_local(path: str, data: bytes) -> None:
         raise
 
 
+def move(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
+    """Move an object into place: a rename on a local disk, a server-side copy and delete on object stores.
+    Raises FileNotFoundError if the source is gone (moved already, perhaps)."""
+    if isinstance(fs, LocalFileSystem):
+        target = fs._strip_protocol(target)
+        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+        os.replace(fs._strip_protocol(source), target)
+    else:
+        with_retries(fs.mv, source, target, what=f"move {source} to {target}")
+
+
 def get_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     """Whole object, with retries."""
     return with_retries(fs.cat_file, path, what=f"read {path}")
+
+
+class OutputError(RuntimeError):
+    """The output location cannot be used by this job."""
+
+
+class PreconditionFailed(Exception):
+    """A conditional write found the object absent, present or changed, against its condition."""
+
+
+def _is_precondition_failure(error: BaseException) -> bool:
+    """s3fs turns S3's 412 into FileExistsError (If-None-Match) or OSError(EINVAL) (If-Match); gcsfs keeps 412."""
+    if isinstance(error, FileExistsError):
+        return True
+    cause = error.__cause__ or error.__context__
+    response = getattr(cause, "response", None) or getattr(error, "response", None)
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return status == 412 or response.get("Error", {}).get("Code") == "PreconditionFailed"
+    return getattr(error, "code", None) == 412
+
+
+class ConditionalStore:
+    """Create-if-absent and replace-if-unchanged on one object, with the store's own primitives.
+
+    `version` is whatever the store compares: S3's ETag, GCS's generation, a digest of a local file's bytes.
+    Transient errors are retried; a retry whose first try did land answers PreconditionFailed, so callers decide
+    by reading the object back (the lock and the markers carry a token that says whose write it was).
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem):
+        self.fs = fs
+
+    def read(self, path: str) -> tuple[bytes, str]:
+        raise NotImplementedError
+
+    def create(self, path: str, data: bytes) -> str:
+        raise NotImplementedError
+
+    def replace(self, path: str, data: bytes, version: str) -> str:
+        raise NotImplementedError
+
+    def _call(self, fn: Callable[..., T], *args: Any, what: str, **kwargs: Any) -> T:
+        def attempt():
+            try:
+                return fn(*args, **kwargs)
+            except Exception as error:
+                if _is_precondition_failure(error):
+                    raise PreconditionFailed(what) from error
+                raise
+
+        return with_retries(attempt, what=what)
+
+
+class S3ConditionalStore(ConditionalStore):
+    """S3: `If-None-Match: *` to create, `If-Match: <etag>` to replace (moto 5 enforces both)."""
+
+    def read(self, path: str) -> tuple[bytes, str]:
+        # ETag first, then the bytes: if the object changes in between, the ETag is the older one and a
+        # replace made with it fails its precondition, which is the safe way round.
+        self.fs.invalidate_cache(path)
+        etag = with_retries(self.fs.info, path, what=f"stat {path}")["ETag"]
+        return get_bytes(self.fs, path), etag
+
+    def create(self, path: str, data: bytes) -> str:
+        out = self._call(self.fs.pipe_file, path, data, mode="create", what=f"create {path}")
+        return out["ETag"]
+
+    def replace(self, path: str, data: bytes, version: str) -> str:
+        out = self._call(self.fs.pipe_file, path, data, IfMatch=version, what=f"replace {path}")
+        return out["ETag"]
+
+
+class GCSConditionalStore(ConditionalStore):
+    """GCS: generation preconditions (`ifGenerationMatch`, 0 meaning absent), through gcsfs's JSON API calls.
+
+    No GCS emulator installs here: this class is tested against a fake of the two calls it makes.
+    """
+
+    def read(self, path: str) -> tuple[bytes, str]:
+        self.fs.invalidate_cache(path)
+        generation = with_retries(self.fs.info, path, what=f"stat {path}")["generation"]
+        return get_bytes(self.fs, path), str(generation)
+
+    def create(self, path: str, data: bytes) -> str:
+        return self.replace(path, data, "0")
+
+    def replace(self, path: str, data: bytes, version: str) -> str:
+        bucket, key, _ = self.fs.split_path(path)
+        url = f"{self.fs._location}/upload/storage/v1/b/{bucket}/o"
+        out = self._call(self.fs.call, "POST", url, uploadType="media", name=key, ifGenerationMatch=version,
+                         data=data, json_out=True, what=f"write {path} if generation {version}")
+        self.fs.invalidate_cache(path)
+        return str(out["generation"])
+
+
+class LocalConditionalStore(ConditionalStore):
+    """A local or shared disk: an exclusive hard link to create, and a lock file around compare-and-replace."""
+
+    def read(self, path: str) -> tuple[bytes, str]:
+        with open(self.fs._strip_protocol(path), "rb") as f:
+            data = f.read()
+        return data, hashlib.sha256(data).hexdigest()
+
+    def create(self, path: str, data: bytes) -> str:
+        path = self.fs._strip_protocol(path)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails if the path exists; readers never see a partial file
+        except FileExistsError:
+            raise PreconditionFailed(f"create {path}") from None
+        finally:
+            os.remove(tmp)
+        return hashlib.sha256(data).hexdigest()
+
+    def replace(self, path: str, data: bytes, version: str) -> str:
+        local = self.fs._strip_protocol(path)
+        with open(f"{local}.guard", "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # every replace of this path, in any process, goes one at a time
+            try:
+                current = self.read(local)[1]
+            except FileNotFoundError:
+                current = None
+            if current != version:
+                raise PreconditionFailed(f"replace {path}")
+            _put_local(local, data)
+        return hashlib.sha256(data).hexdigest()
+
+
+def conditional_store(fs: fsspec.AbstractFileSystem) -> ConditionalStore:
+    """The conditional writes of this filesystem; outputs elsewhere cannot be locked or fenced."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & {"s3", "s3a"}:
+        return S3ConditionalStore(fs)
+    if protocols & {"gs", "gcs"}:
+        return GCSConditionalStore(fs)
+    if isinstance(fs, LocalFileSystem):
+        return LocalConditionalStore(fs)
+    raise OutputError(
+        f"outputs on {sorted(protocols)} are not supported: the output lock and shard commits need conditional "
+        "writes, which this engine implements for S3, GCS and local or shared disks"
+    )

@@ -22,11 +22,13 @@ import torch
 
 from instaflow.loading import ComponentCache, Runtime
 from instaflow.models import PromptBatch, Settings, Student, Teacher
-from pipeline.commit import ShardStore
+from pipeline.commit import Fence, ShardStore, identity_digest
+from pipeline.lock import OutputLock
+from pipeline.model_source import ModelSource, job_identity, model_sources
 from pipeline.plan import WorkUnit
 from pipeline.reader import Sample, read_unit
 from pipeline.spec import JobSpec
-from pipeline.storage import filesystem
+from pipeline.storage import filesystem, redact_text
 from pipeline.writers import (
     IMAGE_EXTENSIONS,
     encode_image,
@@ -40,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 # Errors after which the CUDA context is unusable: the process exits so that Ray restarts it clean.
 FATAL_DEVICE_ERRORS = ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "device-side assert")
+
+
+def _is_fatal(exc: BaseException) -> bool:
+    return any(marker in str(exc) for marker in FATAL_DEVICE_ERRORS)
 MAX_ERRORS_IN_STATS = 20
 MAX_BATCHES_AWAITING_ENCODE = 4  # per unit; bounds the page-locked memory that waits for the encoders
 
@@ -80,23 +86,34 @@ def encode_threads(cpus: float | None) -> int:
 class ShardWorker:
     """Student and/or teacher on one device, sharing the components they have in common."""
 
-    def __init__(self, spec: JobSpec):
+    def __init__(self, spec: JobSpec, sources: dict[str, ModelSource], fence: Fence):
         self.spec = spec
-        self.runtime = Runtime.default(spec.dtype, spec.compile)
-        cache = ComponentCache(self.runtime)
-        size = dict(height=spec.height, width=spec.width)
-        self.student = self.teacher = None
-        if "images" in spec.tasks:
-            self.student = Student(cache.load(spec.model), Settings(spec.steps, spec.guidance_scale, **size))
-        if "pairs" in spec.tasks:
-            settings = Settings(spec.teacher_steps, spec.teacher_guidance_scale, **size)
-            self.teacher = Teacher(cache.load(spec.teacher), spec.teacher_kind, settings)
+        self.fence = fence
+        self.runtime = Runtime.default(spec.dtype, spec.compile, device="cpu" if spec.device == "cpu" else None)
+        self.student, self.teacher = self.load_models(sources)
         self.input_fs, _ = filesystem(spec.prompts, spec.storage_options)
         output_fs, root = filesystem(spec.output, spec.storage_options)
         self.store = ShardStore(output_fs, root)
         self.device_lock = threading.Lock()
+        self.batch_size = spec.batch_size  # halved for good after an out-of-memory error
         self.encode_threads = encode_threads(spec.cpus_per_worker)
         self.encode_pool = ThreadPoolExecutor(self.encode_threads, thread_name_prefix="encode")
+
+    def load_models(self, sources: dict[str, ModelSource]) -> tuple[Student | None, Teacher | None]:
+        """The student and the teacher the job asks for, sharing what they have in common (the benchmarks
+        override this with stand-ins that take a fixed time on a simulated device)."""
+        spec = self.spec
+        cache = ComponentCache(self.runtime, allow_pickle=spec.allow_pickle)
+        size = dict(height=spec.height, width=spec.width)
+        student = teacher = None
+        for name, source in sources.items():
+            components = cache.load(source.local_dir(spec.storage_options), variant=source.variant)
+            if name == "model":
+                student = Student(components, Settings(spec.steps, spec.guidance_scale, **size))
+            else:
+                settings = Settings(spec.teacher_steps, spec.teacher_guidance_scale, **size)
+                teacher = Teacher(components, spec.teacher_kind, settings)
+        return student, teacher
 
     def describe(self) -> dict:
         """Where this worker runs; the driver waits on it to know the models have loaded.
@@ -118,7 +135,7 @@ class ShardWorker:
         try:
             return self._process(unit, attempt)
         except Exception as exc:
-            if any(marker in str(exc) for marker in FATAL_DEVICE_ERRORS):
+            if _is_fatal(exc):
                 logger.error("unit %s: fatal device error, restarting this worker: %s", unit.unit_id, exc)
                 os._exit(1)
             raise
@@ -135,31 +152,37 @@ class ShardWorker:
             pending = self._generate(batches, timings)
         with _timed(timings, "collect_s"):
             outputs = self._collect(pending)
+        rows = {sample.key: unit.first_row + i for i, sample in enumerate(unit_input.samples)}
+        for task_failures in outputs["failed"].values():
+            for key, reason in task_failures.items():
+                task_failures[key] = f"{unit.path} row {rows[key]}: {reason}"
         with _timed(timings, "shard_s"):
             files = self._shard_files(unit, unit_input.samples, unit_input.extra, outputs)
-        errors = [sample.error for sample in unit_input.samples if sample.error]
+        generation_errors = {key: reason for failures in outputs["failed"].values() for key, reason in failures.items()}
+        errors = [s.error for s in unit_input.samples if s.error] + list(generation_errors.values())
+        failed_keys = {s.key for s in unit_input.samples if s.error} | set(generation_errors)
         stats = {
             "shard": unit.shard,
             "unit": asdict(unit),
             "attempt": attempt,
             "count": len(unit_input.samples),
-            "successes": len(valid),
-            "failed": len(errors),
+            "successes": len(unit_input.samples) - len(failed_keys),
+            "failed": len(failed_keys),
             "truncated": sum(outputs["truncated"].values()),
-            "errors": errors[:MAX_ERRORS_IN_STATS],
-            "files": sorted(files),
+            "errors": [redact_text(error) for error in errors[:MAX_ERRORS_IN_STATS]],
             "worker": self.describe(),
             "run": self.run_settings(),
             "started_at": started_at,
             "timings": timings,
         }
-        self.store.commit(unit.unit_id, files, stats)
-        return stats
+        marker, committed_here = self.store.commit(unit.unit_id, files, stats, self.fence)
+        return marker | {"committed_by_this_try": committed_here}
 
     def run_settings(self) -> dict:
         """Settings that change speed but not outputs; a resumed job may change them, so each shard records its own."""
         return {
             "batch_size": self.spec.batch_size,
+            "batch_size_used": self.batch_size,
             "compile": self.runtime.compile,
             "dtype": str(self.runtime.dtype).removeprefix("torch."),
             "encode_threads": self.encode_threads,
@@ -167,72 +190,123 @@ class ShardWorker:
         }
 
     def _prepare(self, samples: list[Sample]) -> list[tuple[list[str], PromptBatch]]:
-        """Batches with their host work done (tokens, noise), before the unit waits for the device.
+        """Batches with their host work done (tokens, noise), before the unit waits for the device."""
+        size = self.batch_size
+        return [self._batch(samples[start : start + size]) for start in range(0, len(samples), size)]
 
-        Compiled models are specialised to one batch shape, so a short last batch is padded with copies of its
-        last sample, whose outputs are dropped. Outputs do not depend on the batch (the seed contract).
-        """
-        size, batches = self.spec.batch_size, []
-        for start in range(0, len(samples), size):
-            chunk = samples[start : start + size]
-            keys = [sample.key for sample in chunk]
-            if self.runtime.compile:
-                chunk = chunk + [chunk[-1]] * (size - len(chunk))
-            batch = PromptBatch([s.prompt for s in chunk], [s.seed for s in chunk], [s.negative_prompt for s in chunk])
-            for model in (self.student, self.teacher):
-                if model:
-                    model.prepare(batch)
-            batches.append((keys, batch))
-        return batches
+    def _batch(self, chunk: list[Sample]) -> tuple[list[str], PromptBatch]:
+        """One prepared batch. Compiled models are specialised to one batch shape, so a short batch is padded
+        with copies of its last sample, whose outputs are dropped (outputs do not depend on the batch)."""
+        keys = [sample.key for sample in chunk]
+        if self.runtime.compile:
+            chunk = chunk + [chunk[-1]] * (self.batch_size - len(chunk))
+        batch = PromptBatch([s.prompt for s in chunk], [s.seed for s in chunk], [s.negative_prompt for s in chunk])
+        for model in (self.student, self.teacher):
+            if model:
+                model.prepare(batch)
+        return keys, batch
 
     def _generate(self, batches: list[tuple[list[str], PromptBatch]], timings: dict) -> list[dict]:
         """Runs the models batch by batch under the device lock; copies and encodes proceed without it."""
         pending, awaiting_encode = [], collections.deque()
         for keys, batch in batches:
-            n = len(keys)
-            result = {"keys": keys}
-            if self.student:
-                out = self.student.generate(batch)
-                pixels = HostCopy(out.pixels[:n])
-                result["images"] = [self.encode_pool.submit(self._encode, pixels, i) for i in range(n)]
-                result["truncated"] = out.truncated[:n]
-                awaiting_encode.append(result["images"])
-            if self.teacher:
-                pairs = self.teacher.pairs(batch)
-                result["noise"] = HostCopy(pairs.noise[:n].float())
-                result["latent"] = HostCopy(pairs.latents[:n].float())
-                result["truncated"] = pairs.truncated[:n]
-            pending.append(result)
-            if len(awaiting_encode) > MAX_BATCHES_AWAITING_ENCODE:
-                with _timed(timings, "encode_wait_s"):
-                    wait(awaiting_encode.popleft())
+            for result in self._run_isolated(keys, batch):
+                pending.append(result)
+                if "images" in result:
+                    awaiting_encode.append(result["images"])
+                if len(awaiting_encode) > MAX_BATCHES_AWAITING_ENCODE:
+                    with _timed(timings, "encode_wait_s"):
+                        wait(awaiting_encode.popleft())
         return pending
+
+    def _run_isolated(self, keys: list[str], batch: PromptBatch) -> list[dict]:
+        """Runs a batch; if it raises, its halves are run apart until the failing rows are found, so one bad
+        sample fails alone. Out of memory: the worker halves its batch size for good and retries."""
+        try:
+            return [self._run_batch(keys, batch)]
+        except Exception as exc:
+            if _is_fatal(exc):
+                raise
+            out_of_memory = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
+            if out_of_memory and self.runtime.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(keys) == 1 and not (out_of_memory and self.batch_size > 1):
+                reason = f"generation failed: {type(exc).__name__}: {str(exc)[:300]}"
+                logger.warning("sample %s: %s", keys[0], reason)
+                return [{"keys": keys, "failed": dict.fromkeys(keys, reason), "truncated": [False]}]
+            if out_of_memory and len(keys) <= self.batch_size:  # not a batch made before an earlier halving
+                self.batch_size = max(1, len(keys) // 2)
+                logger.warning("out of memory at batch %d: retrying at batch %d", len(keys), self.batch_size)
+            samples = [Sample(key, prompt, seed, negative, None) for key, prompt, seed, negative in
+                       zip(keys, batch.prompts, batch.seeds, batch.negative_prompts)]
+            half = self.batch_size if out_of_memory else (len(keys) + 1) // 2
+            results = []
+            for start in range(0, len(samples), half):
+                results += self._run_isolated(*self._batch(samples[start : start + half]))
+            return results
+
+    def _run_batch(self, keys: list[str], batch: PromptBatch) -> dict:
+        n = len(keys)
+        result = {"keys": keys}
+        if self.student:
+            out = self.student.generate(batch)
+            pixels = HostCopy(out.pixels[:n])
+            result["images"] = [self.encode_pool.submit(self._encode, pixels, i) for i in range(n)]
+            result["images_finite"] = HostCopy(out.finite[:n])
+            result["truncated"] = out.truncated[:n]
+        if self.teacher:
+            pairs = self.teacher.pairs(batch)
+            result["noise"] = HostCopy(pairs.noise[:n].float())
+            result["latent"] = HostCopy(pairs.latents[:n].float())
+            result["pairs_finite"] = HostCopy(pairs.finite[:n])
+            result["truncated"] = pairs.truncated[:n]
+        return result
 
     def _encode(self, pixels: HostCopy, index: int) -> bytes:
         return encode_image(pixels.numpy()[index], self.spec.image_format)
 
-    @staticmethod
-    def _collect(pending: list[dict]) -> dict[str, dict]:
-        """Every batch's results keyed by sample key, once its copies and encodes are done."""
-        outputs = {"images": {}, "noise": {}, "latent": {}, "truncated": {}}
+    def _collect(self, pending: list[dict]) -> dict[str, dict]:
+        """Every batch's results keyed by sample key, once its copies and encodes are done; rows whose
+        generation raised, whose output is not finite or whose image did not encode are failed, per task."""
+        outputs = {"images": {}, "noise": {}, "latent": {}, "truncated": {}, "failed": {"images": {}, "pairs": {}}}
+        tasks = [task for task, model in (("images", self.student), ("pairs", self.teacher)) if model]
         for result in pending:
             keys = result["keys"]
             outputs["truncated"].update(zip(keys, result["truncated"]))
+            if "failed" in result:
+                for task in tasks:
+                    outputs["failed"][task].update(result["failed"])
+                continue
             if "images" in result:
-                outputs["images"].update(zip(keys, (future.result() for future in result["images"])))
-            for name in ("noise", "latent"):
-                if name in result:
-                    outputs[name].update(zip(keys, result[name].numpy()))
+                for key, future, finite in zip(keys, result["images"], result["images_finite"].numpy()):
+                    try:
+                        encoded = future.result()
+                    except Exception as exc:
+                        outputs["failed"]["images"][key] = f"image encoding failed: {type(exc).__name__}: {exc}"
+                        continue
+                    if finite:
+                        outputs["images"][key] = encoded
+                    else:
+                        outputs["failed"]["images"][key] = "non-finite output (NaN or inf in the latent or image)"
+            if "latent" in result:
+                noise, latents = result["noise"].numpy(), result["latent"].numpy()
+                for key, noise_i, latent_i, finite in zip(keys, noise, latents, result["pairs_finite"].numpy()):
+                    if finite:
+                        outputs["noise"][key], outputs["latent"][key] = noise_i, latent_i
+                    else:
+                        outputs["failed"]["pairs"][key] = "non-finite output (NaN or inf in the teacher latent)"
         return outputs
 
-    def _rows(self, samples: list[Sample], outputs: dict, model: str, steps: int, guidance_scale: float) -> list[dict]:
+    def _rows(self, samples: list[Sample], outputs: dict, task: str, model: str, steps: int,
+              guidance_scale: float) -> list[dict]:
+        failed = outputs["failed"][task]
         return [
             {
                 "key": s.key,
                 "prompt": s.prompt,
                 "seed": s.seed,
-                "status": "failed" if s.error else "ok",
-                "error_message": s.error,
+                "status": "failed" if s.error or s.key in failed else "ok",
+                "error_message": redact_text(s.error or failed.get(s.key)),
                 "model": model,
                 "steps": steps,
                 "guidance_scale": guidance_scale,
@@ -247,7 +321,7 @@ class ShardWorker:
     def _shard_files(self, unit: WorkUnit, samples: list[Sample], extra, outputs: dict) -> dict[str, bytes]:
         spec, files = self.spec, {}
         if self.student:
-            rows = self._rows(samples, outputs, spec.model, spec.steps, spec.guidance_scale)
+            rows = self._rows(samples, outputs, "images", spec.model, spec.steps, spec.guidance_scale)
             metadata = metadata_table(rows, extra)
             extension = IMAGE_EXTENSIONS[spec.image_format]
             images = outputs["images"]
@@ -258,7 +332,8 @@ class ShardWorker:
             else:
                 files[f"{prefix}.parquet"] = image_parquet_shard(metadata, images, extension)
         if self.teacher:
-            rows = self._rows(samples, outputs, spec.teacher, spec.teacher_steps, spec.teacher_guidance_scale)
+            rows = self._rows(samples, outputs, "pairs", spec.teacher, spec.teacher_steps,
+                              spec.teacher_guidance_scale)
             teacher = {
                 "model": spec.teacher,
                 "kind": spec.teacher_kind,
@@ -273,3 +348,13 @@ class ShardWorker:
             )
         return files
 
+
+def standalone_worker(spec: JobSpec) -> tuple[ShardWorker, OutputLock]:
+    """A worker outside Ray, on an output this process locks as a job would: for the GPU benchmark (whose
+    machine has no Ray) and for tests of the worker itself. The caller releases the lock."""
+    spec = spec.resolve(has_gpus=torch.cuda.is_available())
+    sources = model_sources(spec)
+    lock = OutputLock(*filesystem(spec.output, spec.storage_options), lease_s=spec.lock_lease_s)
+    lock.acquire()
+    fence = Fence(lock.token, (lock.token,), identity_digest(job_identity(spec, sources)))
+    return ShardWorker(spec, sources, fence), lock

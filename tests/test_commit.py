@@ -1,37 +1,38 @@
-"""Commit protocol, manifest, lock and storage helpers, on local disk and S3 (moto)."""
+"""Commit protocol (staged data, exclusive markers, fencing), manifest and storage helpers, on local disk and S3."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import socket
-import subprocess
-import sys
-import time
+import threading
 
 import fsspec
 import pytest
 
 from pipeline import commit, storage
 from pipeline.commit import (
-    OutputLockedError,
+    Fence,
     ShardStore,
     SpecMismatchError,
-    acquire_lock,
     check_compatible,
+    committed_shards,
     job_manifest,
     read_manifest,
-    refresh_lock,
-    release_lock,
     write_manifest,
 )
+from pipeline.lock import OutputLock, OutputLostError
 from pipeline.storage import get_bytes, put_atomic, redact, storage_env, with_retries
 
 
-@pytest.fixture(autouse=True)
-def no_lock_settle(monkeypatch):
-    monkeypatch.setattr(commit, "LOCK_SETTLE_S", 0)
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path):
+    """(fs, root) of an empty output on local disk or on moto's S3."""
+    if request.param == "local":
+        return fsspec.filesystem("file"), str(tmp_path / "out")
+    s3 = request.getfixturevalue("s3")
+    fs, root = storage.filesystem(s3.url(f"out-{os.urandom(4).hex()}"), s3.storage_options)
+    return fs, root
 
 
 @pytest.fixture
@@ -39,22 +40,129 @@ def local(tmp_path):
     return fsspec.filesystem("file"), str(tmp_path / "out")
 
 
-def test_commit_writes_files_then_marker(local, monkeypatch):
-    fs, root = local
-    written = []
-    monkeypatch.setattr(commit, "put_atomic", lambda fs_, path, data: written.append(path) or put_atomic(fs_, path, data))
+def held(fs, root, lineage=(), identity="spec-1") -> tuple[OutputLock, Fence]:
+    """A lock on the output and the fence of a run holding it."""
+    lock = OutputLock(fs, root, lease_s=5)
+    lock.acquire()
+    return lock, Fence(lock.token, (*lineage, lock.token), identity)
+
+
+def visible(fs, root) -> list[str]:
+    """What a reader that globs the output sees: every file outside `_` folders, relative to the root."""
+    fs.invalidate_cache()
+    return sorted(p[len(root) + 1:] for p in fs.find(root) if not p[len(root) + 1:].startswith("_"))
+
+
+def test_commit_stages_claims_then_moves_into_place(output, monkeypatch):
+    fs, root = output
     store = ShardStore(fs, root)
-    assert store.committed() == set()  # the root does not exist yet
+    lock, fence = held(fs, root)
+    assert store.committed(fence) == {}  # nothing there yet
+    steps = []
+    monkeypatch.setattr(commit, "put_atomic", lambda f, p, d: steps.append(("put", p[len(root) + 1:])) or put_atomic(f, p, d))
+    monkeypatch.setattr(commit, "move", lambda f, a, b: steps.append(("move", b[len(root) + 1:])) or storage.move(f, a, b))
 
-    store.commit(3, {"00003.tar": b"tar", "images/00003.parquet": b"pq"}, {"ok": 2, "failed": 1})
-    assert [p[len(root) + 1:] for p in written] == ["00003.tar", "images/00003.parquet", "00003.stats.json"]
-    assert store.committed() == {3}
-    assert store.read_stats(3) == {"ok": 2, "failed": 1}
-    assert open(f"{root}/00003.stats.json").read() == json.dumps({"failed": 1, "ok": 2}, indent=2, sort_keys=True)
+    marker, won = store.commit(3, {"00003.tar": b"tar", "images/00003.parquet": b"pq"}, {"count": 2}, fence)
+    assert won and marker["count"] == 2 and marker["fence"]["token"] == lock.token
+    staged = [path for kind, path in steps if kind == "put"]
+    assert all(path.startswith(f"_staging/{lock.token}/00003-") for path in staged) and len(staged) == 2
+    assert [step for step in steps if step[0] == "move"] == [("move", "00003.tar"), ("move", "images/00003.parquet")]
+    assert marker["files"]["00003.tar"]["bytes"] == 3
+    assert visible(fs, root) == ["00003.stats.json", "00003.tar", "images/00003.parquet"]
+    assert get_bytes(fs, f"{root}/images/00003.parquet") == b"pq"
+    assert store.committed(fence) == {3: marker}
+    assert store.staged_tries() == set()
 
-    put_atomic(fs, f"{root}/00004.tar", b"data but no marker")  # a crash before the marker
-    put_atomic(fs, f"{root}/123.stats.json", b"{}")  # not a shard name
-    assert store.committed() == {3}
+
+def test_a_try_that_dies_before_its_marker_leaves_nothing_visible(output):
+    fs, root = output
+    store = ShardStore(fs, root)
+    lock, fence = held(fs, root)
+    put_atomic(fs, f"{root}/_staging/{lock.token}/00001-deadbeef/00001.tar", b"half a shard")  # died here
+    assert visible(fs, root) == []
+    assert store.committed(fence) == {}
+    store.recover({})
+    assert store.staged_tries() == set()
+
+
+def test_a_crash_between_marker_and_move_is_finished_by_the_next_job(output, monkeypatch):
+    fs, root = output
+    store = ShardStore(fs, root)
+    lock, fence = held(fs, root)
+
+    def crash(*args):
+        raise KeyboardInterrupt("killed between marker and move")
+
+    monkeypatch.setattr(commit, "move", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.commit(5, {"00005.parquet": b"pairs"}, {"count": 1}, fence)
+    monkeypatch.undo()
+    assert visible(fs, root) == ["00005.stats.json"]  # committed: the marker counts, the data is staged
+    committed = store.committed(fence)
+    assert list(committed) == [5]
+    assert store.recover(committed) == 1
+    assert visible(fs, root) == ["00005.parquet", "00005.stats.json"] and store.staged_tries() == set()
+
+
+def test_of_two_tries_at_once_exactly_one_commits(output):
+    """Ray may not know whether a try ran, so the pool can run a unit twice at once."""
+    fs, root = output
+    lock, fence = held(fs, root)
+    results = []
+
+    def attempt(tag: bytes):
+        results.append(ShardStore(fs, root).commit(2, {"00002.tar": tag}, {"tag": tag.decode()}, fence))
+
+    tries = [threading.Thread(target=attempt, args=(tag,)) for tag in (b"one", b"two", b"three")]
+    for thread in tries:
+        thread.start()
+    for thread in tries:
+        thread.join()
+    winners = [marker for marker, won in results if won]
+    assert len(winners) == 1
+    assert all(marker == winners[0] for marker, _ in results)  # the losers report the winner's shard
+    assert get_bytes(fs, f"{root}/00002.tar").decode() == winners[0]["tag"]
+    assert ShardStore(fs, root).staged_tries() == set()
+
+
+def test_a_job_that_lost_the_output_cannot_commit(output):
+    fs, root = output
+    store = ShardStore(fs, root)
+    old, old_fence = held(fs, root)
+    old.release()
+    new, new_fence = held(fs, root)
+    with pytest.raises(OutputLostError, match="not committed"):
+        store.commit(1, {"00001.tar": b"late"}, {}, old_fence)
+    assert visible(fs, root) == [] and store.staged_tries() == set()
+
+
+def test_only_markers_of_the_lineage_and_spec_count(output):
+    fs, root = output
+    store = ShardStore(fs, root)
+    first, first_fence = held(fs, root, identity="spec-1")
+    store.commit(0, {"00000.tar": b"a"}, {}, first_fence)
+    first.release()
+    # A resume of the same job keeps the lineage: the first run's shard counts.
+    second, resumed = held(fs, root, lineage=first_fence.lineage, identity="spec-1")
+    assert list(store.committed(resumed)) == [0]
+    # Other settings, or a run after --overwrite (a new lineage), do not accept it ...
+    assert store.committed(Fence(second.token, resumed.lineage, "spec-2")) == {}
+    fresh = Fence(second.token, (second.token,), "spec-1")
+    assert store.committed(fresh) == {}
+    # ... and their own commit of that unit replaces the marker that does not count.
+    marker, won = store.commit(0, {"00000.tar": b"b"}, {}, fresh)
+    assert won and list(store.committed(fresh)) == [0] and get_bytes(fs, f"{root}/00000.tar") == b"b"
+
+
+def test_readers_find_committed_shards_through_the_manifest(output):
+    fs, root = output
+    with pytest.raises(commit.OutputError, match="no _job.json"):
+        committed_shards(fs, root)
+    lock, fence = held(fs, root, identity=commit.identity_digest({"steps": 1}))
+    write_manifest(fs, root, job_manifest({"steps": 1}, [], list(fence.lineage)))
+    ShardStore(fs, root).commit(4, {"00004.tar": b"x"}, {"count": 1}, fence)
+    put_atomic(fs, f"{root}/00005.stats.json", json.dumps({"count": 1}).encode())  # no fence: foreign
+    assert list(committed_shards(fs, root)) == [4]
 
 
 def test_put_atomic_leaves_nothing_partial_on_failure(tmp_path, monkeypatch):
@@ -77,7 +185,8 @@ def test_put_atomic_leaves_nothing_partial_on_failure(tmp_path, monkeypatch):
 def test_remove_outputs_keeps_user_files(local):
     fs, root = local
     ours = ["00001.tar", "00001.parquet", "00001.stats.json", "123456.tar", "_job.json",
-            "00002.tar.tmp-" + "a" * 32, "images/00001.parquet", "pairs/00001.parquet"]
+            "00002.tar.tmp-" + "a" * 32, "images/00001.parquet", "pairs/00001.parquet",
+            "_staging/abc/00003-def/00003.tar", "00003.stats.json.guard"]
     theirs = ["_job.lock", "README.md", "123.tar", "00001.tar.bak", "images/notes.txt", "other/00001.tar"]
     for name in ours + theirs:
         put_atomic(fs, f"{root}/{name}", b"x")
@@ -91,7 +200,7 @@ def test_manifest_round_trip_and_mismatch_messages(local):
     assert read_manifest(fs, root) is None
     inputs = [{"path": "s3://b/a.parquet", "size": 10, "etag": "e1", "mtime": "t"}]
     identity = {"model": "tiny", "steps": 1, "size": (16, 16)}
-    write_manifest(fs, root, job_manifest(identity, inputs))
+    write_manifest(fs, root, job_manifest(identity, inputs, ["t1"]))
     existing = read_manifest(fs, root)
     check_compatible(existing, identity, inputs)  # same job: resumable
 
@@ -110,47 +219,6 @@ def test_manifest_round_trip_and_mismatch_messages(local):
     put_atomic(fs, f"{root}/_job.json", b"{not json")
     with pytest.raises(commit.OutputError, match="_job.json is not valid JSON"):
         read_manifest(fs, root)
-
-
-def test_lock_refuses_a_live_holder_and_is_released(local):
-    fs, root = local
-    token = acquire_lock(fs, root)
-    with pytest.raises(OutputLockedError, match=rf"host {socket.gethostname()}, pid {os.getpid()}"):
-        acquire_lock(fs, root)
-    refresh_lock(fs, root, token)
-    with pytest.raises(OutputLockedError, match="lost the lock"):
-        refresh_lock(fs, root, "someone-else")
-    release_lock(fs, root, "someone-else")  # not ours: kept
-    assert fs.exists(f"{root}/_job.lock")
-    release_lock(fs, root, token)
-    assert not fs.exists(f"{root}/_job.lock")
-    release_lock(fs, root, token)  # already gone: fine
-
-
-def write_lock(fs, root, **fields):
-    lock = {"host": socket.gethostname(), "pid": os.getpid(), "token": "old", "started": "then",
-            "heartbeat": time.time(), **fields}
-    put_atomic(fs, f"{root}/_job.lock", json.dumps(lock).encode())
-
-
-def test_stale_locks_are_taken_over(local, caplog):
-    fs, root = local
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()  # exited and reaped: its pid is dead
-    write_lock(fs, root, pid=child.pid)
-    with caplog.at_level(logging.WARNING, logger="pipeline.commit"):
-        token = acquire_lock(fs, root)
-    assert "stale lock" in caplog.text and json.loads(get_bytes(fs, f"{root}/_job.lock"))["token"] == token
-
-    write_lock(fs, root, host="elsewhere", heartbeat=time.time() - commit.LOCK_LEASE_S - 1)
-    acquire_lock(fs, root)  # heartbeat too old
-    write_lock(fs, root, host="elsewhere")
-    with pytest.raises(OutputLockedError, match="host elsewhere"):
-        acquire_lock(fs, root)  # another host's pid cannot be checked: the lease decides
-
-    put_atomic(fs, f"{root}/_job.lock", b"garbage")
-    with pytest.raises(commit.OutputError, match="not a lock file"):
-        acquire_lock(fs, root)
 
 
 def test_with_retries_retries_transient_errors_only(caplog):
@@ -200,36 +268,25 @@ def test_transient_classification():
 
 def test_redact_and_storage_env(monkeypatch):
     options = {"key": "AKIA", "secret": "s", "anon": False,
-               "client_kwargs": {"endpoint_url": "http://h", "aws_session_token": "t"},
-               "Credentials": {"a": 1}, "profiles": [{"password": "p"}]}
+               "client_kwargs": {"endpoint_url": "http://u:pw@h", "aws_session_token": "t"},
+               "Credentials": {"a": 1}, "profiles": [{"password": "p"}],
+               "url": "https://h/o?X-Amz-Signature=abc&x=1", "connection_string": "AccountKey=k"}
     assert redact(options) == {"key": "***", "secret": "***", "anon": False,
-                               "client_kwargs": {"endpoint_url": "http://h", "aws_session_token": "***"},
-                               "Credentials": "***", "profiles": [{"password": "***"}]}
+                               "client_kwargs": {"endpoint_url": "http://***@h", "aws_session_token": "***"},
+                               "Credentials": "***", "profiles": [{"password": "***"}],
+                               "url": "https://h/o?X-Amz-Signature=***&x=1", "connection_string": "***"}
     assert options["key"] == "AKIA"
+    assert storage.redact_text("failed: DefaultEndpointsProtocol=https;AccountKey=abc==;x") == \
+        "failed: DefaultEndpointsProtocol=https;AccountKey=***;x"
     for name in ("AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL", "HF_HUB_OFFLINE", "S3_ENDPOINT_URL", "GCSFS_X"):
         monkeypatch.setenv(name, "v")
+    secrets = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "HF_TOKEN",
+               "GOOGLE_APPLICATION_CREDENTIALS", "FSSPEC_S3_SECRET")
+    for name in secrets:
+        monkeypatch.setenv(name, "planted-secret")
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", "http://user:planted@host")
     monkeypatch.setenv("MY_S3_ENDPOINT_URL", "no")
     env = storage_env()
-    assert {"AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL", "HF_HUB_OFFLINE", "S3_ENDPOINT_URL", "GCSFS_X"} <= set(env)
-    assert "MY_S3_ENDPOINT_URL" not in env
-
-
-def test_commit_and_lock_on_s3(s3):
-    fs, root = storage.filesystem(s3.url("out"), s3.storage_options)
-    store = ShardStore(fs, root)
-    assert store.committed() == set()
-    store.commit(0, {"00000.tar": b"a" * 1000}, {"ok": 1})
-    store.commit(7, {"00007.tar": b"b", "pairs/00007.parquet": b"c"}, {"ok": 2})
-    put_atomic(fs, f"{root}/00009.tar", b"no marker")
-    put_atomic(fs, f"{root}/notes.txt", b"user file")
-    assert store.committed() == {0, 7}
-    assert store.read_stats(7) == {"ok": 2} and get_bytes(fs, f"{root}/00000.tar") == b"a" * 1000
-
-    token = acquire_lock(fs, root)
-    with pytest.raises(OutputLockedError):
-        acquire_lock(fs, root)
-    store.remove_outputs()
-    assert store.committed() == set()
-    assert sorted(p.rsplit("/", 1)[1] for p in fs.find(root)) == ["_job.lock", "notes.txt"]
-    release_lock(fs, root, token)
-    assert not fs.exists(f"{root}/_job.lock")
+    assert {"AWS_ENDPOINT_URL", "HF_HUB_OFFLINE", "S3_ENDPOINT_URL", "GCSFS_X"} <= set(env)
+    assert not set(secrets) & set(env) and "FSSPEC_S3_ENDPOINT_URL" not in env and "MY_S3_ENDPOINT_URL" not in env
+    assert "planted" not in json.dumps(env)

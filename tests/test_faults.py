@@ -16,8 +16,8 @@ import ray
 
 from jobs.cli import exit_status
 from jobhelpers import data_files, metadata_rows, prompt_table, stats, write_prompts
-from pipeline.job import run_job
-from pipeline.pool import ActorPool, ray_worker_factory
+from pipeline.job import ray_pool, run_job
+from pipeline.pool import ActorPool
 from pipeline.spec import JobSpec
 
 NUM_PROMPTS = 48
@@ -35,7 +35,8 @@ def pairs_spec(prompts, tiny_models, output, **changes) -> JobSpec:
     """Teacher pairs at 25 DPM-Solver steps: slow enough on the CPU that faults land mid-unit."""
     return JobSpec(**{
         "prompts": str(prompts), "output": str(output), "tasks": ("pairs",), "teacher": str(tiny_models["sd15"]),
-        "height": 64, "width": 64, "rows_per_shard": 4, "batch_size": 4, "num_workers": 2, **changes,
+        "height": 64, "width": 64, "rows_per_shard": 4, "batch_size": 4, "num_workers": 2, "dtype": "float32",
+        "lock_lease_s": 2.0, **changes,
     })
 
 
@@ -63,14 +64,18 @@ def assert_exactly_once_and_identical(output, reference) -> None:
 
 def test_killed_worker_unit_is_redone_elsewhere(ray_gpus, prompts, tiny_models, reference, tmp_path):
     spec = pairs_spec(prompts, tiny_models, tmp_path / "out")
-    make_worker, num_workers = ray_worker_factory(spec)
-    pool = ActorPool(make_worker, num_workers, spec.max_unit_attempts)
+    pools = []
+
+    def watched_pool(*args):
+        pools.append(ray_pool(*args))
+        return pools[-1]
+
     result = {}
-    job = threading.Thread(target=lambda: result.update(progress=run_job(spec, pool=pool, show_progress=False)))
+    job = threading.Thread(target=lambda: result.update(progress=run_job(spec, watched_pool, show_progress=False)))
     job.start()
     wait_for_markers(tmp_path / "out", 1)
     # Each worker holds two units while work is pending, so this kill lands in the middle of one.
-    os.kill(pool.worker_info[0]["pid"], signal.SIGKILL)
+    os.kill(pools[0].worker_info[0]["pid"], signal.SIGKILL)
     job.join(timeout=300)
     assert result["progress"].complete
     assert any(shard["attempt"] > 1 for shard in stats(FS, str(tmp_path / "out")))
@@ -82,7 +87,7 @@ def test_interrupted_then_killed_driver_resumes(ray_gpus, prompts, tiny_models, 
     command = [
         sys.executable, "-m", "jobs.reflow_pairs", "--prompts", str(prompts), "--output", str(output),
         "--teacher", str(tiny_models["sd15"]), "--height", "64", "--width", "64", "--rows-per-shard", "4",
-        "--batch-size", "4", "--num-workers", "2", "--no-progress",
+        "--batch-size", "4", "--num-workers", "2", "--no-progress", "--dtype", "float32", "--lock-lease", "2",
         "--ray-address", ray.get_runtime_context().gcs_address,
     ]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
@@ -97,7 +102,7 @@ def test_interrupted_then_killed_driver_resumes(ray_gpus, prompts, tiny_models, 
         assert (output / marker.name.replace(".stats.json", ".parquet")).exists()
     assert len(list(output.glob("*.stats.json"))) < NUM_PROMPTS // 4
 
-    # kill -9: no clean-up at all; the lock it leaves behind is stale since its process is gone.
+    # kill -9: no clean-up at all; the lock it leaves behind is taken over once unchanged for its lease.
     committed = len(list(output.glob("*.stats.json")))
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_markers(output, committed + 1)
@@ -126,8 +131,8 @@ class FailingWorker:
 
 def test_unit_failing_every_try_is_reported_and_the_rest_completes(ray_gpus, prompts, tiny_models, tmp_path):
     spec = pairs_spec(prompts, tiny_models, tmp_path / "out", max_unit_attempts=3)
-    pool = ActorPool(lambda index: FailingWorker.remote(), 2, spec.max_unit_attempts)
-    progress = run_job(spec, pool=pool, show_progress=False)
+    progress = run_job(spec, lambda *args: ActorPool(lambda index: FailingWorker.remote(), 2, 3),
+                       show_progress=False)
     assert not progress.complete
     assert progress.committed_units == NUM_PROMPTS // 4 - 1
     [failure] = progress.summary()["failed_shards"]

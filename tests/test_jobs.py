@@ -2,6 +2,7 @@
 
 import io
 import json
+import threading
 
 import fsspec
 import numpy as np
@@ -16,10 +17,11 @@ from instaflow.models import PromptBatch, Settings, Student, Teacher
 from instaflow.sampling import noise_for_seed
 from jobhelpers import data_files, metadata_rows, prompt_table, stats, tar_members, write_prompts
 from jobs import generate, reflow_pairs
-from pipeline.commit import acquire_lock, release_lock
+from pipeline.lock import OutputLock
 from pipeline.writers import read_tensor_column
 
-SIZE = ["--height", "64", "--width", "64"]
+# 64x64 on logical GPUs: the workers compute on the CPU, so in fp32 like the references they are compared with.
+SIZE = ["--height", "64", "--width", "64", "--dtype", "float32"]
 
 
 @pytest.fixture(scope="module")
@@ -163,13 +165,18 @@ def test_resume_redoes_only_what_is_missing(ray_gpus, tiny_models, tmp_path):
 def test_second_live_job_is_refused(ray_gpus, tiny_models, tmp_path, capsys):
     fs = fsspec.filesystem("file")
     write_prompts(fs, str(tmp_path / "prompts.parquet"), prompt_table(4))
-    (tmp_path / "out").mkdir()
-    token = acquire_lock(fs, str(tmp_path / "out"))  # held by this live process, as a running job would
+    lock = OutputLock(fs, str(tmp_path / "out"), lease_s=2)  # held by this live process, renewing it
+    lock.acquire()
+    stop = threading.Event()
+    renewing = threading.Thread(target=lambda: [lock.refresh() for _ in iter(lambda: stop.wait(0.2), True)])
+    renewing.start()
     try:
         status = generate.main(["--prompts", str(tmp_path / "prompts.parquet"), "--output", str(tmp_path / "out"),
                                 "--model", str(tiny_models["instaflow"]), *SIZE, "--no-progress"])
     finally:
-        release_lock(fs, str(tmp_path / "out"), token)
+        stop.set()
+        renewing.join()
+        lock.release()
     assert status == 2
     assert "in use by another job" in capsys.readouterr().err
     assert not list((tmp_path / "out").glob("*.tar"))
@@ -202,5 +209,5 @@ def test_model_that_cannot_load_fails_the_job_clearly(ray_gpus, tmp_path, capsys
                             "--no-progress"])
     assert status == 2
     err = capsys.readouterr().err
-    assert "workers failed to start" in err and "no-such-model" in err
-    assert not list((tmp_path / "out").glob("*.stats.json"))
+    assert err.count("\n") == 1 and "no-such-model" in err and "Traceback" not in err  # one line, naming it
+    assert not (tmp_path / "out").exists()  # the output is not bound: nothing written, not even a lock

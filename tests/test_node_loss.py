@@ -9,8 +9,7 @@ from ray.cluster_utils import Cluster
 
 from conftest import private_ray_tmpdir
 from jobhelpers import data_files, metadata_rows, prompt_table, stats, write_prompts
-from pipeline.job import run_job
-from pipeline.pool import ActorPool, ray_worker_factory
+from pipeline.job import ray_pool, run_job
 from pipeline.spec import JobSpec
 
 FS = fsspec.filesystem("file")
@@ -36,21 +35,26 @@ def test_lost_node_costs_only_its_units(cluster, tiny_models, tmp_path):
 
     def spec(output):
         return JobSpec(prompts=str(tmp_path / "prompts.parquet"), output=str(tmp_path / output), tasks=("pairs",),
-                       teacher=str(tiny_models["sd15"]), height=64, width=64, rows_per_shard=4, batch_size=4)
+                       teacher=str(tiny_models["sd15"]), height=64, width=64, rows_per_shard=4, batch_size=4,
+                       dtype="float32")
 
     assert run_job(spec("reference"), show_progress=False).complete
     reference = data_files(FS, str(tmp_path / "reference"))
 
     faulty = spec("out")
-    make_worker, num_workers = ray_worker_factory(faulty)
-    assert num_workers == 4  # one per logical GPU across both nodes
-    pool = ActorPool(make_worker, num_workers, faulty.max_unit_attempts)
+    pools = []
+
+    def watched_pool(*args):
+        pools.append(ray_pool(*args))
+        return pools[-1]
+
     result = {}
-    job = threading.Thread(target=lambda: result.update(progress=run_job(faulty, pool=pool, show_progress=False)))
+    job = threading.Thread(target=lambda: result.update(progress=run_job(faulty, watched_pool, show_progress=False)))
     job.start()
     while len(list((tmp_path / "out").glob("*.stats.json"))) < 2:
         job.join(timeout=0.05)
         assert job.is_alive()
+    assert pools[0].num_workers == 4  # one per logical GPU across both nodes
     lost = gpu_nodes[0]
     lost_node_id = lost.node_id
     cluster.remove_node(lost)

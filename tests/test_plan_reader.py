@@ -48,7 +48,8 @@ def test_folder_plan_covers_every_row_once_and_is_stable(tmp_path):
     assert [f.path.rsplit("/", 1)[1] for f in files] == ["a.parquet", "empty.parquet", "b.parquet"]
     assert [f.path.split("://")[0] for f in files] == ["file"] * 3
     assert files[0].row_group_rows == (3, 3, 3, 1) and files[0].num_rows == 10
-    assert files[0].size == (tmp_path / "a.parquet").stat().st_size and files[0].mtime
+    assert files[0].size == (tmp_path / "a.parquet").stat().st_size
+    assert [f.name for f in files] == ["a.parquet", "empty.parquet", "sub/b.parquet"]
 
     units = plan_units(files, rows_per_unit=6)
     assert [(u.path.rsplit("/", 1)[1], u.first_row, u.num_rows, u.first_key_index) for u in units] == [
@@ -61,8 +62,9 @@ def test_folder_plan_covers_every_row_once_and_is_stable(tmp_path):
     rows = covered_rows(units)
     assert len(rows) == len(set(rows)) == 17
     assert plan_units(list_input_files(fs, str(tmp_path)), rows_per_unit=6) == units
-    assert input_fingerprint(files)[0] == {"path": files[0].path, "size": files[0].size, "etag": None,
-                                           "mtime": files[0].mtime}
+    assert input_fingerprint(files)[0] == {"path": "a.parquet", "size": files[0].size, "etag": files[0].etag,
+                                           "mtime": None}
+    assert files[0].etag.startswith("footer-sha256:") and files[0].etag != files[1].etag
 
 
 def test_plan_reads_only_footers(tmp_path, monkeypatch):
@@ -108,7 +110,8 @@ def test_s3_folder_glob_and_file(s3):
 
     files = list_input_files(fs, path)
     assert [f.path for f in files] == [s3.url("plan/a.parquet"), s3.url("plan/b.parquet")]
-    assert all(f.etag and '"' not in f.etag and f.mtime for f in files)
+    assert all(f.etag and '"' not in f.etag and not f.etag.startswith("footer") for f in files)
+    assert [f.name for f in files] == ["a.parquet", "b.parquet"]
     assert list_input_files(fs, s3.url("plan/*.parquet")) == files
     assert list_input_files(fs, s3.url("plan/b.parquet")) == files[1:]
 

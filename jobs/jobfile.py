@@ -1,0 +1,199 @@
+"""A job from the command line and a YAML job file, checked against the job's own argparse parser.
+
+A job file's keys are the job's flag names (`batch-size` or `batch_size`), plus an optional `job:`. The allowed
+keys and their types are read from the parser, so a flag added to a job works in job files without edits here;
+the job spec then rejects what no type can (a height of 0, images without a model). Flags override the file.
+A job always ends as the argv of its module (`python -m jobs.generate ...`), so that `run` and `submit` behave
+exactly as the module entry points do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import yaml
+
+from jobs import generate, reflow_pairs
+
+JOBS: dict[str, ModuleType] = {"generate": generate, "reflow-pairs": reflow_pairs}
+DEFAULT_JOB = "generate"
+_KINDS = {int: "an integer", float: "a number", None: "a string"}
+
+
+class JobFileError(ValueError):
+    """A job file that cannot be used; the message names the file and the key."""
+
+
+@dataclass
+class Job:
+    name: str  # a key of JOBS
+    args: argparse.Namespace  # the job's flags, file and command line merged, plus the command's own options
+
+    @property
+    def module(self) -> ModuleType:
+        return JOBS[self.name]
+
+    def spec_args(self) -> dict:
+        return self.module.spec_args(self.args)
+
+    def argv(self) -> list[str]:
+        """The job's flags as its module's command line: only what differs from the flags' defaults."""
+        argv = []
+        for action in job_flags(self.module.parser()).values():
+            value = getattr(self.args, action.dest)
+            if value == action.default and not action.required:
+                continue
+            flag = action.option_strings[0]
+            if isinstance(action, argparse.BooleanOptionalAction):
+                argv.append(flag if value else f"--no-{flag[2:]}")
+            elif action.nargs == 0:
+                argv.append(flag)
+            else:
+                argv += [flag, _as_text(value)]
+        return argv
+
+
+def job_flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The parser's flags by job-file key (the flag's name with underscores): what a job file may set."""
+    flags = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        supported = action.nargs is None or (action.nargs == 0 and _is_boolean(action))
+        if not action.option_strings or not supported:
+            raise TypeError(f"job flag {action.dest!r}: only single-value flags and switches work in job files")
+        flags[action.option_strings[0].lstrip("-").replace("-", "_")] = action
+    return flags
+
+
+def run_command(argv: list[str], prog: str) -> int:
+    """`instaflow-batch run`: the job's own module entry point, in this process, with the merged flags."""
+    try:
+        job = parse_job(prog, argv, add_options=lambda parser: None)
+    except JobFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return job.module.main(job.argv())
+
+
+def parse_job(prog: str, argv: list[str], add_options: Callable[[argparse.ArgumentParser], None]) -> Job:
+    """`[JOB] [--config FILE] [job flags]` for the command `prog`; `add_options` adds the command's own options.
+
+    Raises JobFileError for a bad job file; bad flags exit with status 2, as argparse does.
+    """
+    name, rest = _split_job_name(argv)
+    config = _config_path(rest)
+    values = read_job_file(config) if config else {}
+    file_job = values.pop("job", None)
+    if file_job is not None:
+        file_job = str(file_job).replace("_", "-")
+        if file_job not in JOBS:
+            raise JobFileError(f"{config}: job: {file_job!r} is not one of {', '.join(JOBS)}")
+        if name and name != file_job:
+            raise JobFileError(f"{config} is a {file_job} job, but the command line names {name}")
+    name = name or file_job or DEFAULT_JOB
+    parser = JOBS[name].parser(prog=f"{prog} {name}")
+    parser.description = (
+        f"{parser.description} Runs as `python -m {JOBS[name].__name__}` with the same flags. "
+        f"The job ({' or '.join(JOBS)}, default {DEFAULT_JOB}) comes first, or from the job file's `job:` key."
+    )
+    for action, value in _checked_values(config, values, job_flags(parser)):
+        action.default = value
+        action.required = False
+    parser.add_argument("--config", metavar="FILE", help="YAML job file: keys are the flag names; flags override it")
+    add_options(parser)
+    return Job(name, parser.parse_args(rest))
+
+
+def read_job_file(path: str) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise JobFileError(f"job file {path}: {exc.strerror or exc}") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise JobFileError(f"job file {path}: not valid YAML: {exc}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise JobFileError(f"job file {path}: must be a mapping of flag names to values, got {type(values).__name__}")
+    normalised = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name in normalised:
+            raise JobFileError(f"job file {path}: {key}: given twice (with - and with _)")
+        normalised[name] = value
+    return normalised
+
+
+def _split_job_name(argv: list[str]) -> tuple[str | None, list[str]]:
+    if not argv or argv[0].startswith("-"):
+        return None, argv
+    name = argv[0].replace("_", "-")
+    if name not in JOBS:
+        raise JobFileError(f"unknown job {argv[0]!r}: choose {' or '.join(JOBS)}")
+    return name, argv[1:]
+
+
+def _config_path(argv: list[str]) -> str | None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    return known.config
+
+
+def _checked_values(path: str, values: dict, flags: dict[str, argparse.Action]):
+    """(action, value) for each key of the file, its type checked as the flag's parser would check it."""
+    for key, value in values.items():
+        if key not in flags:
+            close = difflib.get_close_matches(key, flags, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(sorted(flags))}"
+            raise JobFileError(f"job file {path}: unknown key {key!r}{hint}")
+        action = flags[key]
+        if value is None and action.default is None:
+            continue
+        yield action, _checked_value(path, key, value, action)
+
+
+def _checked_value(path: str, key: str, value: Any, action: argparse.Action) -> Any:
+    where = f"job file {path}: {key}"
+    if _is_boolean(action):
+        if not isinstance(value, bool):
+            raise JobFileError(f"{where}: expected true or false, got {value!r}")
+        return value
+    try:
+        # The flag's own type function, fed the text a command line would give it: what it returns must be the
+        # file's value (so "64" is no integer and 64 no string), and its errors name what is wrong.
+        converted = action.type(_as_text(value)) if action.type else _as_text(value)
+    except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
+        raise JobFileError(f"{where}: {_expected(action)}, got {value!r} ({exc})") from None
+    if converted != value:
+        raise JobFileError(f"{where}: {_expected(action)}, got {value!r}")
+    if action.choices is not None and converted not in action.choices:
+        raise JobFileError(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return converted
+
+
+def _expected(action: argparse.Action) -> str:
+    return "expected " + _KINDS.get(action.type, f"a value for {action.option_strings[0]}")
+
+
+def _is_boolean(action: argparse.Action) -> bool:
+    return isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction))
+
+
+def _as_text(value: Any) -> str:
+    """A value as a command line spells it: JSON for objects, lists and booleans."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list, bool)) or value is None:
+        return json.dumps(value, sort_keys=True)
+    return str(value)

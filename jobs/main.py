@@ -1,0 +1,78 @@
+"""`instaflow-batch`: one command for the jobs, their clusters and their outputs.
+
+Each subcommand is one entry in COMMANDS, naming the function that implements it as "module:function"; the
+module is imported only when its subcommand runs, so `--help` and `status` do not wait for torch. Every function
+takes (argv, prog), parses argv with its own argparse parser, and returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+
+
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Every subcommand's help format: a flag's default is shown, except None and False, whose help says what
+    happens instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    summary: str
+    target: str  # "module:function", called as function(argv, prog) -> exit status
+
+    def __call__(self, argv: list[str]) -> int:
+        module, function = self.target.split(":")
+        status = getattr(importlib.import_module(module), function)(argv, f"instaflow-batch {self.name}")
+        return status or 0
+
+
+COMMANDS = (
+    Command("run", "run a job here: [generate|reflow-pairs] [--config job.yaml] [job flags]", "jobs.jobfile:run_command"),
+    Command("submit", "send a job to a Ray cluster through its Jobs API ([--wait] to follow it)", "jobs.submit:submit_command"),
+    Command("status", "a submitted job's status", "jobs.ray_jobs:status_command"),
+    Command("logs", "a submitted job's logs ([--follow])", "jobs.ray_jobs:logs_command"),
+    Command("stop", "stop a submitted job", "jobs.ray_jobs:stop_command"),
+    Command("preview", "a contact sheet of an output's images (or decoded pairs)", "jobs.preview:main"),
+    Command("tiny", "write the tiny offline models (for tests and demos)", "instaflow.tiny:main"),
+)
+
+
+def usage() -> str:
+    width = max(len(command.name) for command in COMMANDS)
+    lines = [f"  {command.name:<{width}}  {command.summary}" for command in COMMANDS]
+    return "\n".join([
+        "usage: instaflow-batch COMMAND [options]   (instaflow-batch COMMAND --help for its options)",
+        "",
+        "InstaFlow image datasets and reflow training pairs, on one machine or a Ray cluster.",
+        "",
+        "commands:",
+        *lines,
+        "",
+        "Exit status of run and submit --wait: 0 all shards committed, 1 some shards failed, 2 bad input or settings",
+        "(nothing ran), 3 no worker could start in time, 4 the output was lost to another job, 130 interrupted.",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    commands = {command.name: command for command in COMMANDS}
+    if argv[0] not in commands:
+        print(f"instaflow-batch: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""`instaflow-batch preview`: a contact sheet of an output's first samples, to see a dataset at a glance.
+
+It reads committed shards only (pipeline.commit.committed_shards), in shard order, until it has --n samples
+that succeeded. Images come from webdataset tars or image Parquet; reflow pairs are shown as their teacher
+latents decoded with the teacher's VAE (the model their `teacher` column names, or --vae MODEL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import posixpath
+import sys
+import tarfile
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from jobs.main import DefaultsShown
+from jobs.sheet import Cell, contact_sheet
+from pipeline.commit import committed_shards
+from pipeline.storage import OutputError, filesystem, get_bytes
+from pipeline.writers import read_tensor_column
+
+METADATA_COLUMNS = ["key", "prompt", "seed", "status"]
+IMAGE_EXTENSIONS = (".jpg", ".png", ".webp")
+
+
+class PreviewError(ValueError):
+    """The output has nothing to show, or its pairs cannot be decoded; the message says why."""
+
+
+@dataclass
+class Sample:
+    key: str
+    prompt: str
+    seed: int
+    image: Image.Image
+
+
+def main(argv: list[str], prog: str) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], formatter_class=DefaultsShown)
+    parser.add_argument("output", help="the job's output folder URL (s3://..., a path, ...)")
+    parser.add_argument("--out", required=True, help="where to write the sheet (PNG, JPEG, ... by extension)")
+    parser.add_argument("--n", type=int, default=64, help="samples to show, the first that succeeded")
+    parser.add_argument("--kind", choices=("auto", "images", "pairs"), default="auto",
+                        help="what to show of an output that has both (auto: images)")
+    parser.add_argument("--vae", metavar="MODEL", help="decode pairs with this model's VAE instead of the teacher's "
+                                                         "(when the recorded teacher cannot be reached)")
+    parser.add_argument("--thumb", type=int, default=256, help="image size on the sheet, in pixels")
+    parser.add_argument("--storage-options", type=json.loads, default={}, help="JSON passed to fsspec")
+    args = parser.parse_args(argv)
+    if args.n < 1 or args.thumb < 8:
+        parser.error("--n must be at least 1 and --thumb at least 8")
+    try:
+        kind, samples, num_shards = read_samples(args.output, args.n, args.kind, args.vae, args.storage_options)
+        sheet = contact_sheet([Cell(s.image, [f"{s.key}  seed {s.seed}", s.prompt]) for s in samples], args.thumb)
+        sheet.save(args.out)
+    except (PreviewError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {len(samples)} {kind} from {num_shards} committed shards of {args.output}")
+    return 0
+
+
+def read_samples(output: str, n: int, kind: str = "auto", vae: str | None = None,
+                 storage_options: dict | None = None) -> tuple[str, list[Sample], int]:
+    """(kind shown, up to n samples, shards read)."""
+    fs, root = filesystem(output, storage_options)
+    try:
+        shards = committed_shards(fs, root)
+    except OutputError as exc:
+        raise PreviewError(f"no committed shards in {output}: {exc}") from None
+    if not shards:
+        raise PreviewError(f"no committed shards in {output}")
+    files = {unit_id: _classify(fs, root, marker["files"]) for unit_id, marker in shards.items()}
+    if kind == "auto":
+        kind = "images" if any(found["images"] for found in files.values()) else "pairs"
+    samples, num_shards, decoder = [], 0, LatentDecoder(vae)
+    for unit_id in sorted(files):
+        if len(samples) >= n:
+            break
+        num_shards += 1
+        for path in files[unit_id][kind]:
+            read = _pair_samples(fs, path, decoder) if kind == "pairs" else _image_samples(fs, path)
+            samples += read[: n - len(samples)]
+    if not samples:
+        raise PreviewError(f"no {kind} that succeeded in the committed shards of {output}")
+    return kind, samples, num_shards
+
+
+def _classify(fs, root: str, names: list[str]) -> dict[str, list[str]]:
+    """A shard's data files by what they hold: image tars or image Parquet, pair Parquet (metadata skipped)."""
+    found = {"images": [], "pairs": []}
+    for name in names:
+        path = posixpath.join(root.rstrip("/"), name)
+        if name.endswith(".tar"):
+            found["images"].append(path)
+        elif name.endswith(".parquet"):
+            columns = pq.read_schema(fs.open(path, "rb")).names
+            if "image" in columns:
+                found["images"].append(path)
+            elif "latent" in columns:
+                found["pairs"].append(path)
+    return found
+
+
+def _image_samples(fs, path: str) -> list[Sample]:
+    data = get_bytes(fs, path)
+    if path.endswith(".tar"):
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            members = {member.name: tar.extractfile(member).read() for member in tar.getmembers()}
+        rows = [json.loads(body) for name, body in members.items() if name.endswith(".json")]
+        images = {posixpath.splitext(name)[0]: body for name, body in members.items() if name.endswith(IMAGE_EXTENSIONS)}
+        return [_sample(row, images[row["key"]]) for row in rows if row["status"] == "ok"]
+    table = pq.read_table(pa.BufferReader(data), columns=[*METADATA_COLUMNS, "image"])
+    return [_sample(row, row["image"]["bytes"]) for row in table.to_pylist() if row["status"] == "ok"]
+
+
+def _sample(row: dict, image: bytes) -> Sample:
+    return Sample(row["key"], row["prompt"], row["seed"], Image.open(io.BytesIO(image)))
+
+
+def _pair_samples(fs, path: str, decoder: "LatentDecoder") -> list[Sample]:
+    table = pq.read_table(pa.BufferReader(get_bytes(fs, path)), columns=[*METADATA_COLUMNS, "teacher", "latent"])
+    ok = [i for i, status in enumerate(table.column("status").to_pylist()) if status == "ok"]
+    if not ok:
+        return []
+    rows = table.take(ok)
+    pixels = decoder.decode(read_tensor_column(rows, "latent"), rows.column("teacher")[0].as_py())
+    return [Sample(row["key"], row["prompt"], row["seed"], Image.fromarray(image))
+            for row, image in zip(rows.select(METADATA_COLUMNS).to_pylist(), pixels)]
+
+
+class LatentDecoder:
+    """Decodes teacher latents on the CPU as the student's images are decoded, with the teacher's VAE (loaded once
+    per teacher) or with `vae_model`'s when one is given."""
+
+    def __init__(self, vae_model: str | None):
+        self.vae_model = vae_model
+        self._vaes: dict[str, object] = {}
+
+    def decode(self, latents: np.ndarray, teacher: str, batch_size: int = 8) -> np.ndarray:
+        """uint8 (N, H, W, 3) images of (N, 4, h, w) latents."""
+        import torch
+
+        from instaflow.sampling import decode_to_pixels
+
+        vae = self._vae(self.vae_model or teacher)
+        with torch.no_grad():
+            return np.concatenate([
+                decode_to_pixels(vae, torch.from_numpy(latents[i : i + batch_size])).cpu().numpy()
+                for i in range(0, len(latents), batch_size)
+            ])
+
+    def _vae(self, model: str):
+        if model not in self._vaes:
+            from diffusers import AutoencoderKL
+
+            from instaflow.loading import ModelLoadError, resolve_model_dir
+
+            try:
+                self._vaes[model] = AutoencoderKL.from_pretrained(resolve_model_dir(model) / "vae").eval()
+            except (ModelLoadError, OSError, ValueError) as exc:
+                hint = "" if self.vae_model else ("; pass --vae MODEL (a model with the same VAE, e.g. SD-1.5) "
+                                                  "to decode with that one")
+                raise PreviewError(f"cannot load the VAE of {model!r} to decode the pairs ({exc}){hint}") from None
+        return self._vaes[model]

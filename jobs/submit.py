@@ -1,0 +1,96 @@
+"""Sends a job to a Ray cluster: the job's module command line as the entrypoint, this project as its working dir.
+
+Local paths in the job are made absolute first (they must exist on the cluster's nodes), the spec's own checks
+run here before anything is sent, and no secret travels with the job: a cluster keeps each job's entrypoint and
+runtime env in plain text and its dashboard shows them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from jobs.jobfile import Job, JobFileError, parse_job
+from jobs.ray_jobs import AddressError, add_address, connect, follow
+from pipeline.spec import JobSpec
+from pipeline.storage import secret_fields
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Never uploaded with a job (gitignore patterns, relative to the project): environments, outputs, caches.
+WORKING_DIR_EXCLUDES = ["/.venv/", "/out/", "/.git/", "/.cache/", "/build/", "/dist/",
+                        "__pycache__/", ".pytest_cache/", "*.egg-info/"]
+LOCAL_PATH_FLAGS = ("prompts", "output")  # paths unless they are URLs
+MODEL_FLAGS = ("model", "teacher")  # local folders if they exist here, else hub ids
+
+CREDENTIALS_HELP = """\
+Credentials never travel with a submitted job: a Ray cluster stores each job's entrypoint and runtime
+environment in plain text and shows them on its dashboard. Give the cluster's nodes their own access instead,
+and keep only settings that are not secret (endpoint_url, region_name, anon) in --storage-options:
+  - a role for the nodes: on AWS an instance profile (cluster launcher: IamInstanceProfile in each node type's
+    node_config), or IRSA / EKS Pod Identity (KubeRay: serviceAccountName on the head and worker pods);
+  - environment variables on every node: a Kubernetes Secret as env on the head and worker pods (see
+    infra/kuberay/*.yaml), or `export AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=...` before `ray start`;
+    the job's driver inherits the node's environment and passes AWS_*, FSSPEC_*, GOOGLE_*, GCS* and HF_*
+    variables on to its workers;
+  - a credentials file on every node (~/.aws/credentials, or AWS_SHARED_CREDENTIALS_FILE /
+    GOOGLE_APPLICATION_CREDENTIALS pointing at one).
+`instaflow-batch run` on one machine may still take keys in --storage-options."""
+
+
+class SubmitError(ValueError):
+    """A job or an address that cannot be sent to a cluster; nothing was submitted."""
+
+
+def submit_command(argv: list[str], prog: str) -> int:
+    def add_options(parser: argparse.ArgumentParser) -> None:
+        add_address(parser)
+        parser.add_argument("--wait", action="store_true",
+                            help="follow the logs to the end and exit with the job's own exit status")
+
+    try:
+        job = parse_job(prog, argv, add_options)
+        entrypoint = job_entrypoint(job)
+        client = connect(job.args.address)
+        submission_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env())
+    except (JobFileError, AddressError, SubmitError, ValueError, ConnectionError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not job.args.wait:
+        print(submission_id)
+        print(f"follow it with: instaflow-batch logs --follow {submission_id}", file=sys.stderr)
+        return 0
+    print(f"submitted {submission_id}; following its logs", file=sys.stderr)
+    return follow(client, submission_id)
+
+
+def job_entrypoint(job: Job) -> str:
+    """The job's module command line, with local paths made absolute; refuses secrets and impossible values."""
+    if job.args.ray_address:
+        raise SubmitError("--ray-address has no place in a submitted job: it joins the cluster it is submitted "
+                          "to; name that cluster's dashboard with --address")
+    secrets = secret_fields({name: getattr(job.args, name) for name in
+                             ("storage_options", *LOCAL_PATH_FLAGS, *MODEL_FLAGS) if hasattr(job.args, name)})
+    if secrets:
+        raise SubmitError(f"refusing to submit secrets ({', '.join(secrets)}).\n{CREDENTIALS_HELP}")
+    for name in LOCAL_PATH_FLAGS:
+        value = getattr(job.args, name)
+        if "://" not in value:
+            setattr(job.args, name, os.path.abspath(os.path.expanduser(value)))
+    for name in MODEL_FLAGS:
+        value = getattr(job.args, name, None)
+        if value and Path(value).expanduser().exists():
+            setattr(job.args, name, str(Path(value).expanduser().resolve()))
+    JobSpec(**job.spec_args())  # the spec's own checks, here, before anything reaches the cluster
+    return shlex.join(["python", "-m", job.module.__name__, *job.argv()])
+
+
+def runtime_env() -> dict:
+    """This project as the job's working dir when running from a source checkout; else the cluster's install."""
+    if not (PROJECT_ROOT / "pyproject.toml").exists():
+        return {}
+    return {"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES}
+
+

@@ -1,0 +1,205 @@
+"""The output lock: at most one live job per output, built on the store's own conditional writes.
+
+`_job.lock` holds the owner's token, host, pid and a sequence number that every heartbeat raises. It is
+created only if absent, and replaced only if unchanged since it was read (ETag, generation or a digest of the
+bytes), so two jobs that start at once cannot both win, a heartbeat cannot overwrite a takeover, and a release
+cannot touch another job's lock. A lock is stale when its holder has not changed it for its lease, measured on
+the reader's clock from the last change it saw; the writer's clock is never trusted. A released lock stays as a
+file whose state is `released`, which the next job takes at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+import fsspec
+
+from pipeline.storage import ConditionalStore, OutputError, PreconditionFailed, conditional_store
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "_job.lock"
+DEFAULT_LEASE_S = 120.0
+REFRESHES_PER_LEASE = 8  # a live holder changes the lock this often per lease, so a watcher sees it quickly
+
+
+class OutputLockedError(OutputError):
+    """Another live job holds the output."""
+
+
+class OutputLostError(OutputError):
+    """This job no longer holds the output: another job took it over. The job stops at once (exit 4)."""
+
+
+@dataclass
+class LockRecord:
+    token: str
+    host: str
+    pid: int
+    started: str
+    heartbeat: float  # the writer's clock: shown to people, never used to judge staleness
+    seq: int
+    lease_s: float
+    state: str = "held"  # "held" or "released"
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, indent=2).encode()
+
+    @classmethod
+    def parse(cls, data: bytes, path: str) -> "LockRecord":
+        try:
+            record = cls(**json.loads(data))
+        except (ValueError, TypeError):  # not JSON, not UTF-8, or other fields
+            raise OutputError(
+                f"{path} is not a lock file written by this tool; delete it if no job is using the output"
+            ) from None
+        return record
+
+    def describe(self) -> str:
+        return f"host {self.host}, pid {self.pid}, started {self.started}"
+
+
+class OutputLock:
+    """One job's hold on an output: acquire, refresh within the lease, release."""
+
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        root: str,
+        lease_s: float = DEFAULT_LEASE_S,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        if lease_s <= 0:
+            raise ValueError(f"lock lease must be positive, got {lease_s!r}")
+        self.path = posixpath.join(root.rstrip("/"), LOCK_NAME)
+        self.root = root
+        self.store: ConditionalStore = conditional_store(fs)
+        self.lease_s = lease_s
+        self.clock, self.sleep = clock, sleep
+        now = time.time()
+        self.record = LockRecord(
+            token=uuid.uuid4().hex,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started=datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
+            heartbeat=now,
+            seq=0,
+            lease_s=lease_s,
+        )
+        self._version: str | None = None
+
+    @property
+    def token(self) -> str:
+        return self.record.token
+
+    @property
+    def refresh_interval_s(self) -> float:
+        return self.lease_s / REFRESHES_PER_LEASE
+
+    def acquire(self) -> None:
+        """Take the lock, or raise OutputLockedError if a live job holds it (seen changing within its lease)."""
+        while True:
+            try:
+                self._version = self.store.create(self.path, self.record.to_bytes())
+                return
+            except PreconditionFailed:
+                pass
+            try:
+                data, version = self.store.read(self.path)
+            except FileNotFoundError:
+                continue
+            held = LockRecord.parse(data, self.path)
+            if held.token == self.token:  # our create landed but its answer was lost
+                self._version = version
+                return
+            if held.state != "released":
+                version = self._wait_until_stale(held, version)
+                if version is None:
+                    continue  # it changed: look again (released, deleted or taken by someone else)
+                log.warning("taking over %s: its holder (%s) has not renewed it for %.0fs",
+                            self.path, held.describe(), held.lease_s)
+            try:
+                self._version = self.store.replace(self.path, self.record.to_bytes(), version)
+                return
+            except PreconditionFailed:
+                continue  # another starter changed it first; judge again what is there now
+
+    def _wait_until_stale(self, held: LockRecord, version: str) -> str | None:
+        """Watches a held lock for its lease. Returns its version if it never changed (stale), None if it
+        changed to released or vanished; raises OutputLockedError if its holder renewed it (alive)."""
+        log.info("%s is held by %s; watching it for up to %.0fs to see whether that job is alive",
+                 self.root, held.describe(), held.lease_s)
+        deadline = self.clock() + held.lease_s
+        poll_s = min(1.0, held.lease_s / 20)
+        while self.clock() < deadline:
+            self.sleep(poll_s)
+            try:
+                data, now_version = self.store.read(self.path)
+            except FileNotFoundError:
+                return None
+            if now_version == version:
+                continue
+            current = LockRecord.parse(data, self.path)
+            if current.state == "released":
+                return None
+            raise OutputLockedError(
+                f"{self.root} is in use by another job ({current.describe()}), which renewed its lock just now. "
+                "Wait for it to finish, or use another output."
+            )
+        return version
+
+    def refresh(self) -> None:
+        """Renew the lease; raises OutputLostError if another job took the lock."""
+        self._write(self.record.state)
+
+    def release(self) -> None:
+        """Mark the lock released, if it is still ours; never touches another job's lock."""
+        try:
+            self._write("released")
+        except OutputLostError as exc:
+            log.warning("not releasing %s: %s", self.path, exc)
+
+    def _write(self, state: str) -> None:
+        if self._version is None:
+            raise RuntimeError("the lock was never acquired")
+        record = LockRecord(**{**asdict(self.record), "seq": self.record.seq + 1, "heartbeat": time.time(),
+                               "state": state})
+        try:
+            try:
+                self._version = self.store.replace(self.path, record.to_bytes(), self._version)
+            except PreconditionFailed:
+                data, version = self.store.read(self.path)  # was it our own write, whose answer was lost?
+                if LockRecord.parse(data, self.path) != record:
+                    raise OutputLostError(self._lost_message(data)) from None
+                self._version = version
+        except FileNotFoundError:
+            raise OutputLostError(f"{self.path} was deleted while this job held it") from None
+        self.record = record
+
+    def _lost_message(self, data: bytes) -> str:
+        try:
+            other = LockRecord.parse(data, self.path).describe()
+        except OutputError:
+            other = "a file this tool did not write"
+        return f"lost the lock on {self.root} to another job ({other}); this job stops without writing more"
+
+
+def lock_holder(fs: fsspec.AbstractFileSystem, root: str) -> str | None:
+    """The token of the job holding the output now, or None: what a worker checks before it commits."""
+    path = posixpath.join(root.rstrip("/"), LOCK_NAME)
+    try:
+        data, _ = conditional_store(fs).read(path)
+    except FileNotFoundError:
+        return None
+    record = LockRecord.parse(data, path)
+    return record.token if record.state == "held" else None

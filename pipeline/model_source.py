@@ -1,0 +1,181 @@
+"""Where a job's models come from, pinned by the driver before any worker starts.
+
+A model is a local folder (pinned by a digest of its files), a Hugging Face hub repo (pinned to the commit the
+driver resolved, so 64 workers load the same revision), or a folder at any fsspec URL (pinned by its files'
+sizes and ETags, and copied once per node into a local cache). The driver's check is also the one clear error
+for a model that does not exist, before the output is touched.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from instaflow.loading import (
+    HUB_ID,
+    REQUIRED_COMPONENTS,
+    WEIGHT_COMPONENTS,
+    ModelLoadError,
+    hub_hint,
+    hub_patterns,
+    resolve_model_dir,
+)
+from pipeline.storage import filesystem, with_retries
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "INSTAFLOW_MODEL_CACHE"  # where URL models are copied on each node
+_digests: dict[tuple, str] = {}  # (path, size, mtime) of a file -> its sha256, for this process
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    model: str  # as given, normalised (spec.normalize_model)
+    kind: str  # "local", "hub" or "url"
+    revision: str  # a digest of the files, or the hub commit
+    variant: str | None = None  # "fp16": the repo's fp16 weights, downloaded instead of the full ones
+
+    def identity(self) -> dict:
+        """What the model is, for the job's identity: another spelling or location of the same files is equal."""
+        name = posixpath.basename(self.model.rstrip("/")) if self.kind == "local" else self.model
+        return {"kind": self.kind, "name": name, "revision": self.revision, "variant": self.variant}
+
+    def local_dir(self, storage_options: dict | None = None) -> str:
+        """A local folder holding the model, on the node that asks (a worker)."""
+        if self.kind == "local":
+            return self.model
+        if self.kind == "hub":
+            return str(resolve_model_dir(self.model, self.revision, self.variant))
+        return str(_cached_copy(self, storage_options or {}))
+
+
+def model_sources(spec) -> dict[str, ModelSource]:
+    """A resolved spec's models, pinned: {"model": student, "teacher": teacher}, for the tasks it has."""
+    names = {"model": spec.model if "images" in spec.tasks else None,
+             "teacher": spec.teacher if "pairs" in spec.tasks else None}
+    return {key: resolve_model_source(model, spec.dtype, spec.storage_options)
+            for key, model in names.items() if model}
+
+
+def job_identity(spec, sources: dict[str, ModelSource]) -> dict:
+    """The spec's identity with each model replaced by what it is, wherever it was read from."""
+    return spec.identity() | {key: source.identity() for key, source in sources.items()}
+
+
+def resolve_model_source(model: str, dtype: str, storage_options: dict | None = None) -> ModelSource:
+    """Pins `model`; raises ModelLoadError naming it if it cannot be found."""
+    if "://" in model:
+        return _url_source(model, storage_options or {})
+    path = Path(model).expanduser()
+    if path.is_dir():
+        _check_components(model, {p.name for p in path.iterdir() if p.is_dir()})
+        return ModelSource(model, "local", _local_digest(path))
+    if path.exists() or not HUB_ID.match(model):
+        raise ModelLoadError(f"model {model!r}: no such folder, and not a Hugging Face hub id (org/name)")
+    return _hub_source(model, dtype)
+
+
+def _check_components(model: str, folders: set[str]) -> None:
+    missing = [name for name in REQUIRED_COMPONENTS if name not in folders]
+    if missing:
+        raise ModelLoadError(f"model {model!r}: not a diffusers model folder (missing {', '.join(missing)})")
+
+
+def _local_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = file.stat()
+        key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _digests:
+            content = hashlib.sha256()
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    content.update(block)
+            _digests[key] = content.hexdigest()
+        digest.update(f"{file.relative_to(folder)}:{_digests[key]}\n".encode())
+    return digest.hexdigest()
+
+
+def _hub_source(model: str, dtype: str) -> ModelSource:
+    """The hub's current commit and file list; offline, what the local cache holds."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        info = HfApi().model_info(model)
+        files = {sibling.rfilename for sibling in info.siblings or []}
+        revision = info.sha
+    except Exception:  # offline, or the hub unreachable: fall back on the cache
+        try:
+            cached = Path(snapshot_download(model, local_files_only=True, allow_patterns=hub_patterns(None)[0]
+                                            + hub_patterns("fp16")[0]))
+        except Exception as exc:
+            raise ModelLoadError(f"model {model!r}: cannot load from the Hugging Face hub ({hub_hint()}): "
+                                 f"{exc}") from None
+        files = {str(p.relative_to(cached)) for p in cached.rglob("*") if p.is_file()}
+        revision = cached.name
+    _check_components(model, {name.split("/")[0] for name in files if "/" in name})
+    has_fp16 = all(any(f.startswith(f"{c}/") and f.endswith(".fp16.safetensors") for f in files)
+                   for c in WEIGHT_COMPONENTS)
+    return ModelSource(model, "hub", revision, "fp16" if dtype == "float16" and has_fp16 else None)
+
+
+def _url_source(model: str, storage_options: dict) -> ModelSource:
+    fs, root = filesystem(model, storage_options)
+    files, digest = _url_listing(fs, root, model)
+    _check_components(model, {rel.split("/")[0] for rel in files if "/" in rel})
+    return ModelSource(model, "url", digest)
+
+
+def _url_listing(fs, root: str, model: str) -> tuple[dict[str, dict], str]:
+    """The model's files by relative path, and a digest of their names, sizes and ETags (or mtimes)."""
+    try:
+        found = with_retries(fs.find, root, detail=True, what=f"list {model}")
+    except FileNotFoundError:
+        found = {}
+    if not found:
+        raise ModelLoadError(f"model {model!r}: no files there")
+    files = {posixpath.relpath(path, root): info for path, info in sorted(found.items())}
+    digest = hashlib.sha256()
+    for rel, info in files.items():
+        tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime") or ""
+        digest.update(f"{rel}:{info.get('size')}:{tag}\n".encode())
+    return files, digest.hexdigest()
+
+
+def _cached_copy(source: ModelSource, storage_options: dict) -> Path:
+    """The URL model in this node's cache, copied by the first worker that needs it while the others wait."""
+    cache = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "instaflow-batch" / "models")
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / source.revision
+    with open(cache / f"{source.revision}.lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        if (target / ".complete").exists():
+            return target
+        fs, root = filesystem(source.model, storage_options)
+        files, digest = _url_listing(fs, root, source.model)
+        if digest != source.revision:
+            raise ModelLoadError(f"model {source.model!r}: its files changed since the job started")
+        tmp = cache / f"{source.revision}.tmp-{uuid.uuid4().hex}"
+        try:
+            for rel, info in files.items():
+                local = tmp / rel
+                local.parent.mkdir(parents=True, exist_ok=True)
+                path = posixpath.join(root, rel)
+                with_retries(fs.get_file, path, str(local), what=f"copy {path}")
+                if local.stat().st_size != info.get("size"):
+                    raise ModelLoadError(f"model {source.model!r}: {path} changed while it was copied")
+            (tmp / ".complete").write_text(json.dumps({"model": source.model, "revision": source.revision}))
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("copied model %s to %s", source.model, target)
+        return target

@@ -1,0 +1,112 @@
+"""The worker alone (no Ray): one bad sample fails alone, NaN outputs are failed rows, out-of-memory halves the
+batch, and the good rows equal those of a run without the fault (to one level: batches of other sizes round
+the last bit differently, see the README on determinism)."""
+
+import io
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from PIL import Image
+
+from jobhelpers import tar_members
+from instaflow.models import Student
+from pipeline.plan import list_input_files, plan_units
+from pipeline.spec import JobSpec
+from pipeline.worker import standalone_worker
+
+FS = fsspec.filesystem("file")
+PROMPTS = [f"a red fox in the snow, number {i}" for i in range(8)]
+
+
+def run_unit(tmp_path, tiny_models, prompts, name, patch=None, **changes):
+    """Runs the one unit of `prompts` through a worker; returns its marker and its tar's members."""
+    path = tmp_path / f"{name}.parquet"
+    pq.write_table(pa.table({"prompt": prompts}), path)
+    spec = JobSpec(prompts=str(path), output=str(tmp_path / name), model=str(tiny_models["instaflow"]), height=64,
+                   width=64, batch_size=4, rows_per_shard=len(prompts), dtype="float32", image_format="png", **changes)
+    worker, lock = standalone_worker(spec)
+    try:
+        if patch:
+            patch(worker)
+        [unit] = plan_units(list_input_files(FS, str(path)), spec.rows_per_shard)
+        marker = worker.process(unit)
+    finally:
+        lock.release()
+    return marker, tar_members((tmp_path / name / "00000.tar").read_bytes())
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory, tiny_models):
+    return run_unit(tmp_path_factory.mktemp("clean"), tiny_models, PROMPTS, "clean")
+
+
+def images(members: dict) -> dict:
+    return {name: np.asarray(Image.open(io.BytesIO(data)), dtype=int) for name, data in members.items()
+            if name.endswith(".png")}
+
+
+def assert_same_images(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert np.abs(got[name] - want[name]).max() <= 1, name
+
+
+def test_a_sample_that_raises_fails_alone(tmp_path, tiny_models, clean):
+    prompts = [*PROMPTS[:5], "POISON", *PROMPTS[6:]]
+
+    def poison(worker):
+        real = worker.student.generate
+
+        def generate(batch):
+            if "POISON" in batch.prompts:
+                raise ValueError("this prompt breaks the model")
+            return real(batch)
+
+        worker.student.generate = generate
+
+    marker, members = run_unit(tmp_path, tiny_models, prompts, "poisoned", poison)
+    assert marker["successes"] == 7 and marker["failed"] == 1
+    [error] = marker["errors"]
+    assert "row 5" in error and "poisoned.parquet" in error and "this prompt breaks the model" in error
+    assert "000000000005.png" not in members
+    assert_same_images(images(members), {k: v for k, v in images(clean[1]).items() if k != "000000000005.png"})
+
+
+def test_non_finite_outputs_are_failed_rows_not_black_images(tmp_path, tiny_models, clean, monkeypatch):
+    real = Student.sample_latents
+
+    def nan_for_some(self, batch):
+        latents, truncated = real(self, batch)
+        with torch.inference_mode():
+            latents = latents.clone()
+            for i, prompt in enumerate(batch.prompts):
+                if prompt.endswith(("number 2", "number 7")):
+                    latents[i] = float("nan")
+        return latents, truncated
+
+    monkeypatch.setattr(Student, "sample_latents", nan_for_some)
+    marker, members = run_unit(tmp_path, tiny_models, PROMPTS, "nan")
+    assert marker["failed"] == 2 and all("non-finite output" in error for error in marker["errors"]), marker["errors"]
+    failed = ("000000000002.png", "000000000007.png")
+    assert_same_images(images(members), {k: v for k, v in images(clean[1]).items() if k not in failed})
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path, tiny_models, clean):
+    def small_memory(worker):
+        real = worker.student.generate
+
+        def generate(batch):
+            if len(batch.prompts) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real(batch)
+
+        worker.student.generate = generate
+
+    marker, members = run_unit(tmp_path, tiny_models, PROMPTS, "oom", small_memory)
+    assert marker["failed"] == 0 and marker["run"]["batch_size_used"] == 2
+    assert_same_images(images(members), images(clean[1]))
