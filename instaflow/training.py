@@ -52,8 +52,9 @@ def distill_l2_loss(unet, noise, latent, prompt_embeds) -> torch.Tensor:
     return squared_error(one_step_latent(unet, noise, prompt_embeds), latent)  # ||X1' − X1||²
 
 
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """x = D(z / scaling_factor), in [-1, 1] as the VAE gives it (and as LPIPS takes it)."""
+def decode_with_grad(vae, latents: torch.Tensor) -> torch.Tensor:
+    """x = D(z / scaling_factor) in [-1, 1], as sampling.decode gives it, but where gradients flow (that one runs
+    in inference mode)."""
     return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
 
 
@@ -61,9 +62,9 @@ def distill_lpips_loss(unet, vae, perceptual, noise, latent, prompt_embeds) -> t
     """One-step distillation in pixel space: both latents decoded, compared by `perceptual` (lpips.LPIPS or any
     module taking two image batches in [-1, 1] and giving one distance per sample). Gradients flow through the
     student's decoding only."""
-    student_images = decode(vae, one_step_latent(unet, noise, prompt_embeds))  # D(X1')
+    student_images = decode_with_grad(vae, one_step_latent(unet, noise, prompt_embeds))  # D(X1')
     with torch.no_grad():
-        teacher_images = decode(vae, latent)  # D(X1)
+        teacher_images = decode_with_grad(vae, latent)  # D(X1)
     return perceptual(student_images, teacher_images).float().flatten()  # LPIPS(D(X1'), D(X1))
 
 

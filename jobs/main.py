@@ -42,6 +42,9 @@ COMMANDS = (
     Command("logs", "a submitted job's logs ([--follow])", "jobs.ray_jobs:logs_command"),
     Command("stop", "stop a submitted job", "jobs.ray_jobs:stop_command"),
     Command("preview", "a contact sheet of an output's images (or decoded pairs)", "jobs.preview:main"),
+    Command("train", "train on reflow pairs with Ray Train: reflow, or one-step distillation", "jobs.train_reflow:main"),
+    Command("straightness", "measure a model or each checkpoint of a training run on held-out pairs",
+            "jobs.straightness:main"),
     Command("tiny", "write the tiny offline models (for tests and demos)", "instaflow.tiny:main"),
 )
 

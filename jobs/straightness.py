@@ -22,10 +22,12 @@ from instaflow.models import MODEL_RECORD
 from instaflow.text import encode_tokens, tokenize_prompts
 from instaflow.training import STRAIGHTNESS_TIMES, flow_measures
 from jobs.cli import _json_object
+from jobs.main import DefaultsShown
 from pipeline.commit import read_manifest
-from pipeline.pairs_data import PairsError, find_pairs, read_shard
-from pipeline.storage import filesystem, put_atomic
-from pipeline.train_worker import FINAL_DIR, list_checkpoints, read_ema_weights, stage_model
+from pipeline.model_source import resolve_model_source
+from pipeline.pairs_data import find_pairs, read_shard
+from pipeline.storage import OutputError, filesystem, normalize_location, normalize_model, put_atomic
+from pipeline.train_worker import FINAL_DIR, list_checkpoints, read_ema_weights
 
 logger = logging.getLogger(__name__)
 
@@ -66,27 +68,27 @@ def measure(components, unet, pairs: dict, batch_size: int) -> dict:
 
 
 def models_to_measure(model: str, storage_options: dict) -> list[tuple[str, str, object]]:
-    """(label, model to load, a callable giving checkpoint weights or None) for a model or a training output."""
-    if "://" in model and not model.startswith("file://"):
-        fs, root = filesystem(model, storage_options)
-    else:
-        fs, root = filesystem(model.removeprefix("file://"))
+    """(label, local model folder, a callable giving checkpoint weights or None) for a model or a training output."""
+    fs, root = filesystem(normalize_location(model), storage_options)
     manifest = read_manifest(fs, root) if fs.isdir(root) else None
-    if manifest is None or "init" not in manifest.get("spec", {}):
-        return [(model, stage_model(model, storage_options), None)]
-    init = stage_model(manifest["spec"]["init"], storage_options)
+    if manifest is None or "init" not in manifest:
+        return [(model, local_model(model, storage_options), None)]
+    init = local_model(manifest["init"], storage_options)
     found = [("init", init, None)]
     for step, folder in list_checkpoints(fs, root):
         found.append((f"step {step}", init, lambda folder=folder: read_ema_weights(fs, folder)))
-    final = posixpath.join(root, FINAL_DIR)
-    if fs.exists(posixpath.join(final, MODEL_RECORD)):
-        final_url = posixpath.join(model.rstrip("/"), FINAL_DIR)
-        found.append(("final", stage_model(final_url, storage_options), None))
+    if fs.exists(posixpath.join(root, FINAL_DIR, MODEL_RECORD)):
+        found.append(("final", local_model(posixpath.join(model.rstrip("/"), FINAL_DIR), storage_options), None))
     return found
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def local_model(model: str, storage_options: dict) -> str:
+    """A local folder holding the model: a hub id or a URL is fetched (and pinned) as jobs fetch theirs."""
+    return resolve_model_source(normalize_model(model), "float32", storage_options).local_dir(storage_options)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], formatter_class=DefaultsShown)
     parser.add_argument("--pairs", required=True, help="held-out pairs: a pairs output root or its pairs/ folder")
     parser.add_argument("--model", required=True, action="append",
                         help="a model or a training output (all its checkpoints); may be given more than once")
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 unet = copy.deepcopy(unet)
                 unet.load_state_dict(weights())
             rows.append({"model": label, **measure(components, unet, pairs, args.batch_size)})
-    except (PairsError, ModelLoadError, ValueError, FileNotFoundError) as exc:
+    except (ModelLoadError, OutputError, ValueError, FileNotFoundError) as exc:  # PairsError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(table(rows, len(pairs["prompts"])))

@@ -12,33 +12,30 @@ import os
 import posixpath
 import sys
 import threading
+from dataclasses import asdict
 
-from instaflow.loading import HUB_ID, ModelLoadError, resolve_model_dir
+import torch
+
+from instaflow.loading import ModelLoadError
 from instaflow.training import LOSSES
 from jobs.cli import _json_object
-from pipeline.commit import (
-    OutputError,
-    acquire_lock,
-    check_compatible,
-    job_manifest,
-    read_manifest,
-    refresh_lock,
-    release_lock,
-    write_manifest,
-)
-from pipeline.job import HEARTBEAT_S, connect_ray
-from pipeline.pairs_data import PairsError, find_pairs
-from pipeline.storage import filesystem, redact, storage_env, with_retries
+from jobs.main import DefaultsShown
+from pipeline.commit import check_compatible, job_manifest, read_manifest, write_manifest
+from pipeline.job import connect_ray, sigterm_as_interrupt
+from pipeline.lock import OutputLock, OutputLostError
+from pipeline.model_source import resolve_model_source
+from pipeline.pairs_data import find_pairs
+from pipeline.storage import OutputError, filesystem, redact, storage_env, with_retries
 from pipeline.train_spec import DEVICES, TrainSpec
-from pipeline.train_worker import CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE, train_worker
+from pipeline.train_worker import CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE, train_identity, train_worker
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_ENTRIES = (CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE, "_job.json")  # what --overwrite deletes
+OUTPUT_ENTRIES = (CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE)  # what --overwrite deletes (and _job.json is rewritten)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], formatter_class=DefaultsShown)
     parser.add_argument("--pairs", required=True, help="a pairs job's output root or its pairs/ folder (any fsspec URL)")
     parser.add_argument("--init", required=True, help="model to start from: diffusers folder, hub id or fsspec URL")
     parser.add_argument("--output", required=True, help="output folder: checkpoints/, final/, metrics.jsonl")
@@ -62,68 +59,83 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-text-embeddings", action="store_true",
                         help="encode each prompt once, into text-embeddings/ beside the pairs, and train from that")
     parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts from the last checkpoint")
+    parser.add_argument("--lock-lease", dest="lock_lease_s", type=float, default=120.0,
+                        help="seconds after which a lock its job stopped renewing is taken over")
     parser.add_argument("--storage-options", type=_json_object, default={}, help="JSON passed to fsspec")
     parser.add_argument("--overwrite", action="store_true", help="delete this tool's outputs there and start over")
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = vars(build_parser().parse_args(argv))
-    try:
-        spec = TrainSpec(**args)
-        pairs = find_pairs(spec.pairs, spec.storage_options)
-        if "://" not in spec.init and not HUB_ID.match(spec.init):
-            resolve_model_dir(spec.init)  # a local folder that is not there fails here, not on every worker
-    except (ValueError, ModelLoadError, OutputError) as exc:  # PairsError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    fs, root = filesystem(spec.output, spec.storage_options)
-    try:
-        token = acquire_lock(fs, root)
-    except OutputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    lock = LockKeeper(fs, root, token)
-    try:
-        connect_ray(spec.ray_address)
-        trainer = build_trainer(spec, fs, root)
-        prepare_output(spec, fs, root, [{"path": shard.path} for shard in pairs.shards])
-        lock.start()
-        result = trainer.fit()
-    except (PairsError, OutputError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if lock.lost:
-            print(f"error: lost the lock on {spec.output} to another job; stopped", file=sys.stderr)
-            return 4
-        logger.warning("interrupted: the last checkpoint stays; re-run the command to resume from it")
-        return 130
-    except Exception as exc:
-        return training_failure(exc)
-    finally:
-        lock.stop()
-        release_lock(fs, root, token)
-    print(f"trained: {result.metrics}\nfinal model: {posixpath.join(spec.output.rstrip('/'), FINAL_DIR)}")
+    args = vars(build_parser(prog).parse_args(argv))
+    with sigterm_as_interrupt():
+        try:
+            spec = TrainSpec(**args)
+            pairs = find_pairs(spec.pairs, spec.storage_options)
+            init = resolve_model_source(spec.init, "float32", spec.storage_options)
+            fs, root = filesystem(spec.output, spec.storage_options)
+            lock = OutputLock(fs, root, lease_s=spec.lock_lease_s)
+            lock.acquire()
+        except (ValueError, ModelLoadError, OutputError) as exc:  # PairsError is a ValueError
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        heartbeat = LockHeartbeat(lock)
+        try:
+            use_gpu = wants_gpus(spec)
+            connect_ray(spec.ray_address)
+            trainer = build_trainer(spec, init, fs, root, use_gpu)
+            prepare_output(spec, fs, root, train_identity(spec, init), [{"path": s.path} for s in pairs.shards],
+                           lock.token)
+            heartbeat.start()
+            result = trainer.fit()
+        except (OutputError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            if heartbeat.lost is not None:
+                print(f"error: {heartbeat.lost}", file=sys.stderr)
+                return 4
+            logger.warning("interrupted: the last checkpoint stays; re-run the command to resume from it")
+            return 130
+        except Exception as exc:
+            return training_failure(exc)
+        finally:
+            heartbeat.stop()
+            if heartbeat.lost is None:
+                lock.release()
+    print(f"trained: {result.metrics}\nfinal model: {posixpath.join(spec.output, FINAL_DIR)}")
     return 0
 
 
-def prepare_output(spec: TrainSpec, fs, root: str, inputs: list[dict]) -> None:
+def prepare_output(spec: TrainSpec, fs, root: str, identity: dict, inputs: list[dict], token: str) -> None:
     """Starts over on --overwrite; refuses an output trained with other settings or pairs; records ours."""
+    existing = None if spec.overwrite else read_manifest(fs, root)
+    if existing is not None:
+        check_compatible(existing, identity, inputs)
     if spec.overwrite:
         for name in OUTPUT_ENTRIES:
             path = posixpath.join(root, name)
             if fs.exists(path):
                 with_retries(fs.rm, path, recursive=True, what=f"delete {path}")
-    existing = read_manifest(fs, root)
-    if existing is not None:
-        check_compatible(existing, spec.identity(), inputs)
-    write_manifest(fs, root, job_manifest(spec.identity(), inputs) | {"storage_options": redact(spec.storage_options)})
+    lineage = [*(existing or {}).get("lineage", []), token]
+    manifest = job_manifest(identity, inputs, lineage) | {
+        "init": spec.init, "pairs": spec.pairs, "storage_options": redact(spec.storage_options),
+    }
+    write_manifest(fs, root, manifest)
 
 
-def build_trainer(spec: TrainSpec, fs, root: str):
+def wants_gpus(spec: TrainSpec) -> bool:
+    """As for generation jobs (pipeline.job.resolve_device), decided before Ray starts: `auto` is GPUs on any
+    cluster the job joins (even before a GPU is up: the autoscaler adds them) or on a machine with one."""
+    import ray
+
+    joins_cluster = ray.is_initialized() or bool(spec.ray_address or os.environ.get("RAY_ADDRESS"))
+    return spec.device == "gpu" or (spec.device == "auto" and (joins_cluster or torch.cuda.is_available()))
+
+
+def build_trainer(spec: TrainSpec, init, fs, root: str, use_gpu: bool):
     """A TorchTrainer whose run is named `checkpoints` under the output: Ray Train's checkpoints land in
     OUTPUT/checkpoints/step-NNNNNNN, on the output's own filesystem, and a re-run finds them."""
     import pyarrow.fs
@@ -132,15 +144,12 @@ def build_trainer(spec: TrainSpec, fs, root: str):
     from ray.train.torch import TorchTrainer
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = spec.device == "gpu" or (
-        spec.device == "auto" and (gpus > 0 or bool(spec.ray_address or os.environ.get("RAY_ADDRESS")))
-    )
     num_workers = spec.num_workers or (max(1, gpus) if use_gpu else 1)
     spec.layout(num_workers)  # a batch that does not split fails here, not on the workers
     logger.info("training on %d %s workers", num_workers, "GPU" if use_gpu else "CPU")
     return TorchTrainer(
         train_worker,
-        train_loop_config={"spec": vars(spec), "storage_env": storage_env()},
+        train_loop_config={"spec": vars(spec), "init": asdict(init), "storage_env": storage_env()},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=RunConfig(
             name=CHECKPOINTS_DIR,
@@ -168,12 +177,12 @@ def training_failure(exc: Exception) -> int:
     return 1
 
 
-class LockKeeper:
-    """Renews the output lock while Ray Train runs; if another job takes it, interrupts the run."""
+class LockHeartbeat:
+    """Renews the output lock while Ray Train runs; if another job takes the output, interrupts the run."""
 
-    def __init__(self, fs, root: str, token: str):
-        self.fs, self.root, self.token = fs, root, token
-        self.lost = False
+    def __init__(self, lock: OutputLock):
+        self.lock = lock
+        self.lost: OutputLostError | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lock-heartbeat", daemon=True)
 
@@ -186,12 +195,12 @@ class LockKeeper:
             self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
+        while not self._stop.wait(self.lock.refresh_interval_s):
             try:
-                refresh_lock(self.fs, self.root, self.token)
-            except OutputError as exc:
+                self.lock.refresh()
+            except OutputLostError as exc:
                 logger.error("%s", exc)
-                self.lost = True
+                self.lost = exc
                 _thread.interrupt_main()
                 return
 

@@ -14,6 +14,7 @@ pieces without reading them.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -29,9 +30,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.commit import committed_shards
+from pipeline.commit import MANIFEST_NAME, committed_shards
 from pipeline.plan import shard_name
-from pipeline.storage import filesystem, get_bytes, put_atomic
+from pipeline.storage import OutputError, filesystem, get_bytes, put_atomic
 from pipeline.writers import TENSOR_SHAPE_KEY, read_tensor_column
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class PairShard:
     unit_id: int
     path: str  # the shard's pair Parquet, a path of the store
     num_ok: int  # rows with status ok, as its marker counts them
+    sha256: str | None = None  # the file's digest, as its marker records it
 
 
 @dataclass(frozen=True)
@@ -79,23 +81,26 @@ def find_pairs(url: str, storage_options: dict | None = None) -> PairSet:
     storage_options = dict(storage_options or {})
     fs, path = filesystem(url, storage_options)
     root = path.rstrip("/")
-    markers = committed_shards(fs, root)
-    if not markers and posixpath.basename(root) == PAIRS_DIR:
-        root = posixpath.dirname(root)
+    if posixpath.basename(root) == PAIRS_DIR and not fs.exists(posixpath.join(root, MANIFEST_NAME)):
+        root = posixpath.dirname(root)  # the pairs/ folder of a job that wrote images too
+    try:
         markers = committed_shards(fs, root)
+    except OutputError as exc:
+        raise PairsError(f"{url}: {exc}") from None
     if not markers:
-        raise PairsError(f"{url}: no committed shards (no NNNNN.stats.json markers); is it the output of a pairs job?")
+        raise PairsError(f"{url}: no committed shards yet; is it the output of a pairs job?")
     shards = []
     for unit_id, stats in markers.items():
         name = shard_name(unit_id)
-        files = stats.get("files", [])
+        files = stats.get("files", {})
         pair_file = next((f for f in (f"{PAIRS_DIR}/{name}.parquet", f"{name}.parquet") if f in files), None)
         if pair_file is None:
-            raise PairsError(f"{url}: shard {name}'s marker lists no pair file ({name}.parquet), only {files}")
+            raise PairsError(f"{url}: shard {name}'s marker lists no pair file ({name}.parquet), only {sorted(files)}")
         if not isinstance(stats.get("successes"), int):
             raise PairsError(f"{url}: shard {name}'s marker has no 'successes' count of ok rows")
         if stats["successes"] > 0:
-            shards.append(PairShard(unit_id, posixpath.join(root, pair_file), stats["successes"]))
+            digest = files[pair_file].get("sha256") if isinstance(files, dict) else None
+            shards.append(PairShard(unit_id, posixpath.join(root, pair_file), stats["successes"], digest))
     if not shards:
         raise PairsError(f"{url}: its {len(markers)} committed shards hold no ok pairs")
     check_pair_schema(fs, shards[0].path)
@@ -147,8 +152,11 @@ def ok_rows(table: pa.Table, path: str) -> ShardRows:
 
 
 def read_shard(fs: fsspec.AbstractFileSystem, shard: PairShard, embeddings_path: str | None = None) -> ShardRows:
-    """One GET for the shard (and one for its cached embeddings), checked against its marker's count."""
-    table = pq.read_table(pa.BufferReader(get_bytes(fs, shard.path)), columns=list(PAIR_COLUMNS))
+    """One GET for the shard (and one for its cached embeddings), checked against its marker's digest and count."""
+    data = get_bytes(fs, shard.path)
+    if shard.sha256 is not None and hashlib.sha256(data).hexdigest() != shard.sha256:
+        raise PairsError(f"{shard.path}: its bytes do not match the digest its marker recorded")
+    table = pq.read_table(pa.BufferReader(data), columns=list(PAIR_COLUMNS))
     rows = ok_rows(table, shard.path)
     if len(rows.keys) != shard.num_ok:
         raise PairsError(f"{shard.path}: {len(rows.keys)} ok rows, but its marker counts {shard.num_ok}")

@@ -3,6 +3,7 @@
 from dataclasses import asdict, dataclass, field
 
 from instaflow.training import LOSSES
+from pipeline.storage import normalize_location, normalize_model
 
 DEVICES = ("auto", "gpu", "cpu")
 # Settings a resumed run may change: they change speed, how far to train or where, not the trained weights.
@@ -10,7 +11,8 @@ DEVICES = ("auto", "gpu", "cpu")
 # them goes on with a different order, and says so.)
 RUN_ONLY_FIELDS = (
     "output", "steps", "micro_batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "device",
-    "loader_workers", "cache_text_embeddings", "max_failures", "storage_options", "overwrite", "ray_address",
+    "loader_workers", "cache_text_embeddings", "max_failures", "lock_lease_s", "storage_options", "overwrite",
+    "ray_address",
 )
 
 
@@ -36,11 +38,17 @@ class TrainSpec:
     loader_workers: int = 2  # data-loader processes per worker; 0 reads in the training process
     cache_text_embeddings: bool = False
     max_failures: int = 3  # worker-group restarts Ray Train may make, each from the last checkpoint
+    lock_lease_s: float = 120.0  # a lock unchanged for this long, on the reader's clock, is stale
     storage_options: dict = field(default_factory=dict)
     overwrite: bool = False
     ray_address: str | None = None
 
     def __post_init__(self):
+        for name in ("pairs", "output"):
+            if isinstance(getattr(self, name), str) and getattr(self, name):
+                setattr(self, name, normalize_location(getattr(self, name)))
+        if isinstance(self.init, str) and self.init:
+            self.init = normalize_model(self.init)
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.device not in DEVICES:
@@ -64,6 +72,8 @@ class TrainSpec:
         _check_int("seed", self.seed, minimum=0)
         if self.seed >= 2**63:
             raise ValueError(f"seed must be below 2**63, got {self.seed!r}")
+        if not isinstance(self.lock_lease_s, (int, float)) or self.lock_lease_s <= 0:
+            raise ValueError(f"lock_lease_s must be a positive number of seconds, got {self.lock_lease_s!r}")
         if not isinstance(self.storage_options, dict):
             raise ValueError(f"storage_options must be a JSON object, got {self.storage_options!r}")
 

@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from instaflow.loading import ComponentCache, ModelLoadError, Runtime, component_digest, resolve_model_dir
+from instaflow.loading import ComponentCache, Runtime, component_digest
 from instaflow.models import MODEL_RECORD, ONE_STEP_DEFAULTS, TWO_RF_DEFAULTS
 from instaflow.text import encode_tokens, tokenize_prompts
 from instaflow.training import Trainer, learning_rate_at
+from pipeline.model_source import ModelSource
 from pipeline.pairs_data import PairStream, build_embedding_cache, find_pairs
 from pipeline.storage import filesystem, get_bytes, put_atomic, with_retries
 from pipeline.train_spec import TrainSpec
@@ -51,28 +52,10 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:07d}"
 
 
-def stage_model(model: str, storage_options: dict) -> str:
-    """A local folder or hub id as is; a model at an fsspec URL is copied into a local cache, keyed by the URL and
-    the listing of its files (so a changed model is copied again), atomically (workers on one node may race)."""
-    if "://" not in model or model.startswith("file://"):
-        return model.removeprefix("file://")
-    fs, path = filesystem(model, storage_options)
-    files = with_retries(fs.find, path, detail=True, what=f"list {model}")
-    if not files:
-        raise ModelLoadError(f"model {model!r}: no files there")
-    listing = sorted((name, info.get("size"), str(info.get("ETag") or info.get("etag") or info.get("mtime")))
-                     for name, info in files.items())
-    digest = hashlib.sha256(json.dumps([model, listing]).encode()).hexdigest()[:16]
-    local = Path(os.environ.get("INSTAFLOW_CACHE", Path.home() / ".cache" / "instaflow-batch")) / "models" / digest
-    if not local.is_dir():
-        local.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=local.parent))
-        with_retries(fs.get, path.rstrip("/") + "/", str(staging), recursive=True, what=f"copy {model}")
-        try:
-            staging.rename(local)
-        except OSError:  # another worker got there first
-            shutil.rmtree(staging, ignore_errors=True)
-    return str(local)
+def train_identity(spec: TrainSpec, init: ModelSource) -> dict:
+    """The spec's identity with the init model replaced by what it is (its files' digest or hub revision), so a
+    moved copy of the same model is the same run and a changed one is not."""
+    return spec.identity() | {"init": init.identity()}
 
 
 def train_worker(config: dict) -> None:
@@ -83,8 +66,8 @@ def train_worker(config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.update(config["storage_env"])  # storage settings, as the driver had them
     context = ray.train.get_context()
-    run = TrainRun(TrainSpec(**config["spec"]), context.get_world_rank(), context.get_world_size(),
-                   ray.train.torch.get_device())
+    spec, init = TrainSpec(**config["spec"]), ModelSource(**config["init"])
+    run = TrainRun(spec, init, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
     run.resume(ray.train.get_checkpoint())
     run.train(ray.train.report)
 
@@ -92,10 +75,11 @@ def train_worker(config: dict) -> None:
 class TrainRun:
     """A worker's part of the run: its models, its data readers, its steps; rank 0 also checkpoints and writes."""
 
-    def __init__(self, spec: TrainSpec, rank: int, world_size: int, device: torch.device):
+    def __init__(self, spec: TrainSpec, init: ModelSource, rank: int, world_size: int, device: torch.device):
         self.spec, self.rank, self.world_size, self.device = spec, rank, world_size, device
         self.layout = spec.layout(world_size)
-        self.model_folder = resolve_model_dir(stage_model(spec.init, spec.storage_options))
+        self.identity = train_identity(spec, init)
+        self.model_folder = Path(init.local_dir(spec.storage_options))
         self.components = ComponentCache(Runtime(device, torch.float32)).load(str(self.model_folder))
         self.trainer = Trainer(
             self.components.unet, spec.loss, spec.learning_rate, spec.warmup_steps, spec.weight_decay,
@@ -116,7 +100,7 @@ class TrainRun:
             return
         with checkpoint.as_directory() as folder:
             state = json.loads((Path(folder) / STATE_FILE).read_text())
-            if state["spec"] != json.loads(json.dumps(self.spec.identity())):
+            if state["spec"] != json.loads(json.dumps(self.identity)):
                 raise ValueError(f"checkpoint {checkpoint.path} was made with other settings: {state['spec']}")
             load = lambda name: torch.load(Path(folder) / name, map_location=self.device, weights_only=True)  # noqa: E731
             self.trainer.unet.load_state_dict(load(WEIGHTS_FILE))
@@ -140,7 +124,7 @@ class TrainRun:
                 torch.save(self.trainer.unet.state_dict(), os.path.join(folder, WEIGHTS_FILE))
                 torch.save(self.trainer.ema.state_dict(), os.path.join(folder, EMA_FILE))
                 torch.save(self.trainer.optimizer.state_dict(), os.path.join(folder, OPTIMIZER_FILE))
-                state = {"step": self.step, "spec": self.spec.identity(), "num_readers": self.layout.num_readers,
+                state = {"step": self.step, "spec": self.identity, "num_readers": self.layout.num_readers,
                          "metrics": self.history}
                 Path(folder, STATE_FILE).write_text(json.dumps(state, indent=1))
                 checkpoint = Checkpoint.from_directory(folder)
@@ -276,7 +260,7 @@ class TrainRun:
             "kind": "one-step" if one_step else "2-rectified-flow",
             "default_steps": steps,
             "default_guidance_scale": guidance,
-            "trained": {"step": self.step, **self.spec.identity()},
+            "trained": {"step": self.step, **self.identity},
         }
 
 

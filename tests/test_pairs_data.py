@@ -18,10 +18,11 @@ from instaflow.sampling import noise_for_seed
 from instaflow.text import encode_tokens, tokenize_prompts
 from jobhelpers import prompt_table, write_prompts
 from jobs import reflow_pairs
-from pipeline.commit import ShardStore
+from pipeline.commit import identity_digest, job_manifest, write_manifest
 from pipeline.pairs_data import PairsError, PairStream, build_embedding_cache, find_pairs, ray_dataset
 from pipeline.writers import read_tensor_column
 
+FS = fsspec.filesystem("file")
 NUM_PROMPTS = 30
 FAILED_ROW = 4
 
@@ -43,7 +44,7 @@ def pairs_url(cpu_ray, s3, tiny_models):
     status = reflow_pairs.main([
         "--prompts", s3.url("pd-in/p.parquet"), "--output", s3.url("pd-out"), "--teacher", str(tiny_models["sd15"]),
         "--steps", "4", "--model", str(tiny_models["instaflow"]), "--format", "parquet", "--height", "64",
-        "--width", "64", "--rows-per-shard", "8", "--batch-size", "8", "--no-progress",
+        "--width", "64", "--rows-per-shard", "8", "--batch-size", "8", "--no-progress", "--device", "cpu",
         "--storage-options", json.dumps(s3.storage_options),
     ])
     assert status == 0
@@ -80,7 +81,7 @@ def test_finds_committed_pairs_from_the_root_or_its_pairs_folder(pairs, pairs_ur
     assert pairs.num_pairs == NUM_PROMPTS - 1
     assert find_pairs(pairs_url + "/pairs/", s3.storage_options).shards == pairs.shards
     assert sum(row["status"] == "failed" for row in file_rows.values()) == 1
-    with pytest.raises(PairsError, match="no committed shards"):
+    with pytest.raises(PairsError, match="no _job.json"):
         find_pairs(pairs_url + "/images", s3.storage_options)
 
 
@@ -145,13 +146,24 @@ def test_ray_dataset(pairs, file_rows):
         assert np.array_equal(row["latent"], file_rows[row["key"]]["latent"])
 
 
+def committed_by_hand(root, files: dict[str, bytes], stats: dict) -> None:
+    """One shard committed the way the engine does it (manifest, fenced marker), by hand."""
+    identity = {"made": "by hand"}
+    write_manifest(FS, str(root), job_manifest(identity, [], ["token"]))
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    fence = {"token": "token", "identity": identity_digest(identity)}
+    (root / "00000.stats.json").write_text(json.dumps(stats | {"fence": fence}))
+
+
 def test_bad_pair_outputs_are_named(tmp_path):
-    store = ShardStore(fsspec.filesystem("file"), str(tmp_path))
     buf = io.BytesIO()
     pq.write_table(pa.table({"key": ["a"], "prompt": ["p"], "status": ["ok"]}), buf)
-    store.commit(0, {"00000.parquet": buf.getvalue()}, {"files": ["00000.parquet"], "successes": 1})
+    committed_by_hand(tmp_path, {"00000.parquet": buf.getvalue()}, {"files": {"00000.parquet": {}}, "successes": 1})
     with pytest.raises(PairsError, match=r"00000\.parquet: missing columns \['seed', 'noise', 'latent'\]"):
         find_pairs(str(tmp_path))
-    store.commit(0, {"00000.parquet": buf.getvalue()}, {"files": ["00000.parquet"]})
+    committed_by_hand(tmp_path, {}, {"files": {"00000.parquet": {}}})
     with pytest.raises(PairsError, match="no 'successes' count"):
         find_pairs(str(tmp_path))
+    with pytest.raises(PairsError, match="no _job.json"):
+        find_pairs(str(tmp_path / "elsewhere"))

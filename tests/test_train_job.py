@@ -43,7 +43,7 @@ def pairs(cpu_ray, tiny_models, tmp_path_factory):
     status = reflow_pairs.main([
         "--prompts", str(folder / "prompts.parquet"), "--output", str(folder / "out"),
         "--teacher", str(tiny_models["sd15"]), "--steps", "8", "--height", "64", "--width", "64",
-        "--rows-per-shard", "16", "--batch-size", "16", "--no-progress",
+        "--rows-per-shard", "16", "--batch-size", "16", "--no-progress", "--device", "cpu",
     ])
     assert status == 0
     return folder / "out"
@@ -126,7 +126,8 @@ def test_two_workers_equal_one_with_the_same_global_batch(reflow_run, pairs, tin
 
 def test_killed_run_resumes_bit_for_bit(reflow_run, pairs, tiny_models, tmp_path):
     output = tmp_path / "killed"
-    args = train_args(pairs, tiny_models["sd15"], output, 60, "--num-workers", "1", "--loader-workers", "2")
+    args = train_args(pairs, tiny_models["sd15"], output, 60, "--num-workers", "1", "--loader-workers", "2",
+                      "--lock-lease", "3")
     command = [sys.executable, "-m", "jobs.train_reflow", *args, "--ray-address", ray.get_runtime_context().gcs_address]
     driver = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": os.getcwd()}, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -171,7 +172,7 @@ def test_final_models_record_what_they_are_and_load_in_generate(cpu_ray, reflow_
     prompts, out = tmp_path / "prompts.parquet", tmp_path / "images"
     pq.write_table(prompt_table(3), prompts)
     assert generate.main(["--prompts", str(prompts), "--output", str(out), "--model", str(reflow_run / "final"),
-                          "--height", "64", "--width", "64", "--format", "parquet", "--no-progress"]) == 0
+                          "--height", "64", "--width", "64", "--format", "parquet", "--no-progress", "--device", "cpu"]) == 0
     images = pq.read_table(out / "00000.parquet", columns=["status", "image", "steps", "guidance_scale"]).to_pylist()
     assert len(images) == 3 and all(row["status"] == "ok" and row["image"]["bytes"] for row in images)
     assert {(row["steps"], row["guidance_scale"]) for row in images} == {(25, 1.5)}
@@ -180,7 +181,7 @@ def test_final_models_record_what_they_are_and_load_in_generate(cpu_ray, reflow_
 def test_bad_settings_exit_2_before_anything_runs(cpu_ray, pairs, tiny_models, tmp_path, capsys):
     output = tmp_path / "never"
     cases = {
-        "no committed shards": train_args(tmp_path / "nothing", tiny_models["sd15"], output, 10),
+        "no _job.json": train_args(tmp_path / "nothing", tiny_models["sd15"], output, 10),
         "no such folder": train_args(pairs, tmp_path / "no-model", output, 10),
         "not divisible by the 3 workers": train_args(pairs, tiny_models["sd15"], output, 10, "--num-workers", "3"),
         "learning_rate must be": train_args(pairs, tiny_models["sd15"], output, 10) + ["--learning-rate", "2"],
