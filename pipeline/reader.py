@@ -1,13 +1,17 @@
 """Read one work unit's rows and turn them into validated samples.
 
-Every input row becomes exactly one sample, in input order, so output row i of a shard is input row
-`unit.first_row + i` of `unit.path` (what `verify` needs to name the input rows of a key found in two shards).
+Every input row becomes exactly `samples_per_prompt` samples (one by default), in input order, each knowing its
+input row (`Sample.row`), so output row i of a shard is input row `unit.first_row + i // samples_per_prompt` of
+`unit.path` (what `verify` needs to name the input rows of a key found in two shards). With more than one sample
+per prompt, sample k of a row has the key `{key}-{k}` and the seed of the row's `seed` column plus k, or else one
+derived from the job seed and that key.
 A bad row, or a row group whose bytes cannot be decoded, gives samples with an error naming the file and row;
 only storage that cannot be read (after retries) fails the unit, which is then retried and never half-written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
@@ -41,6 +45,7 @@ class Sample:
     seed: int | None
     negative_prompt: str | None
     error: str | None  # None: the sample is valid
+    row: int | None = None  # the input row it comes from, in its file
 
 
 @dataclass
@@ -57,7 +62,8 @@ def derive_seed(job_seed: int, key: str) -> int:
 
 
 def read_unit(
-    fs: fsspec.AbstractFileSystem, unit: WorkUnit, prompt_column: str = "prompt", job_seed: int = 0
+    fs: fsspec.AbstractFileSystem, unit: WorkUnit, prompt_column: str = "prompt", job_seed: int = 0,
+    samples_per_prompt: int = 1,
 ) -> UnitInput:
     """Rows of a unit as samples; bad rows become samples with an error. Raises UnitReadError only when storage
     cannot give the rows (after retries), so that the unit is retried, never committed without them."""
@@ -74,17 +80,42 @@ def read_unit(
     for i, (prompt, raw_id, seed, negative) in enumerate(zip(*values)):
         row = unit.first_row + i
         if i in undecodable:
-            sample, problems = Sample(_default_key(unit.first_key_index + i), None, None, None, None), [undecodable[i]]
+            unreadable = Sample(_default_key(unit.first_key_index + i), None, None, None, None)
+            row_sample, row_problems, no_seed = unreadable, [undecodable[i]], True
         else:
-            sample, problems = _sample(unit.first_key_index + i, job_seed, prompt, raw_id, seed, negative)
-        if sample.key in first_row_of_key:
-            problems.append(f"duplicate id {sample.key!r} (first at row {first_row_of_key[sample.key]})")
-        else:
-            first_row_of_key[sample.key] = row
-        if problems:
-            sample.error = f"{unit.path} row {row}: {'; '.join(problems)}"
-        samples.append(sample)
-    return UnitInput(unit, samples, _extra_columns(table, present, unit.extra_schema))
+            row_sample, row_problems, no_seed = _sample(unit.first_key_index + i, prompt, raw_id, seed, negative)
+        for sample, problems in _per_prompt(row_sample, row_problems, no_seed, samples_per_prompt, job_seed):
+            sample.row = row
+            if sample.key in first_row_of_key:
+                problems.append(f"duplicate id {sample.key!r} (first at row {first_row_of_key[sample.key]})")
+            else:
+                first_row_of_key[sample.key] = row
+            if problems:
+                sample.error = f"{unit.path} row {row}: {'; '.join(problems)}"
+            samples.append(sample)
+    extra = _extra_columns(table, present, unit.extra_schema)
+    if samples_per_prompt > 1:
+        extra = extra.take(pa.array([i for i in range(table.num_rows) for _ in range(samples_per_prompt)]))
+    return UnitInput(unit, samples, extra)
+
+
+def _per_prompt(
+    sample: Sample, problems: list[str], no_seed: bool, count: int, job_seed: int
+) -> list[tuple[Sample, list[str]]]:
+    """The row's `count` samples: keyed `{key}-{k}` (the key itself for one), seeded with the row's seed plus k,
+    or else derived from the job seed and their own key; `no_seed`: the row's seed was unusable, derive none."""
+    samples = []
+    for k in range(count):
+        key, seed, own = sample.key if count == 1 else f"{sample.key}-{k}", None, list(problems)
+        if sample.seed is not None:
+            seed = sample.seed + k
+            if seed > MAX_SEED:
+                own.append(f"seed {sample.seed} + {k} outside [0, {MAX_SEED}]")
+                seed = None
+        elif not no_seed:
+            seed = derive_seed(job_seed, key)
+        samples.append((dataclasses.replace(sample, key=key, seed=seed), own))
+    return samples
 
 
 def _read_rows(fs: fsspec.AbstractFileSystem, unit: WorkUnit) -> tuple[pa.Table, dict[int, str]]:
@@ -161,8 +192,10 @@ def _utf8_or_bytes(value: bytes) -> str | bytes:
 
 
 def _sample(
-    key_index: int, job_seed: int, prompt: object, raw_id: object, seed: object, negative: object
-) -> tuple[Sample, list[str]]:
+    key_index: int, prompt: object, raw_id: object, seed: object, negative: object
+) -> tuple[Sample, list[str], bool]:
+    """The row as a sample with its own seed (None when it has none: the caller derives one), its problems, and
+    whether its seed was unusable."""
     problems = []
     key = _default_key(key_index) if raw_id is None else _text(raw_id)
     if raw_id is not None and not (_KEY_PATTERN.fullmatch(key) and len(key) <= MAX_KEY_CHARS):
@@ -186,9 +219,7 @@ def _sample(
     seed, seed_problem = _checked_seed(seed)
     if seed_problem:
         problems.append(seed_problem)
-    elif seed is None:
-        seed = derive_seed(job_seed, key)
-    return Sample(key, prompt, seed, negative, None), problems
+    return Sample(key, prompt, seed, negative, None), problems, seed_problem is not None
 
 
 def _default_key(key_index: int) -> str:

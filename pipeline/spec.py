@@ -34,6 +34,8 @@ class JobSpec:
     teacher_kind: str = "sd"
     teacher_steps: int | None = None
     teacher_guidance_scale: float | None = None
+    teacher_images: bool = False  # the decoded teacher latent as an `image` column of the pairs
+    samples_per_prompt: int = 1  # rows per input row: keys {key}-{k}, seeds the row's seed + k or derived
     # sampling shared by both
     seed: int = 0
     height: int = 512
@@ -92,7 +94,9 @@ class JobSpec:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        for name in ("batch_size", "rows_per_shard", "max_unit_attempts"):
+        if self.teacher_images and "pairs" not in self.tasks:
+            raise ValueError("teacher_images needs pairs (a --teacher)")
+        for name in ("batch_size", "rows_per_shard", "max_unit_attempts", "samples_per_prompt"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -130,7 +134,7 @@ class JobSpec:
             for name in ("model", "steps", "guidance_scale", "output_format", "image_format"):
                 identity.pop(name)
         if "pairs" not in self.tasks:
-            for name in ("teacher", "teacher_kind", "teacher_steps", "teacher_guidance_scale"):
+            for name in ("teacher", "teacher_kind", "teacher_steps", "teacher_guidance_scale", "teacher_images"):
                 identity.pop(name)
         identity["tasks"] = list(self.tasks)
         return identity

@@ -22,6 +22,7 @@ import torch
 
 from instaflow.loading import ComponentCache, Runtime
 from instaflow.models import PromptBatch, Settings, Student, Teacher
+from instaflow.sampling import decode, finite_per_sample, to_pixels
 from pipeline.commit import Fence, ShardStore, identity_digest
 from pipeline.lock import OutputLock
 from pipeline.model_source import ModelSource, job_identity, model_sources
@@ -144,7 +145,8 @@ class ShardWorker:
         started_at = time.time()
         timings = {"encode_wait_s": 0.0}
         with _timed(timings, "read_s"):
-            unit_input = read_unit(self.input_fs, unit, self.spec.prompt_column, self.spec.seed)
+            unit_input = read_unit(self.input_fs, unit, self.spec.prompt_column, self.spec.seed,
+                                   self.spec.samples_per_prompt)
         valid = [sample for sample in unit_input.samples if sample.error is None]
         with _timed(timings, "prepare_s"):
             batches = self._prepare(valid)
@@ -152,7 +154,7 @@ class ShardWorker:
             pending = self._generate(batches, timings)
         with _timed(timings, "collect_s"):
             outputs = self._collect(pending)
-        rows = {sample.key: unit.first_row + i for i, sample in enumerate(unit_input.samples)}
+        rows = {sample.key: sample.row for sample in unit_input.samples}
         for task_failures in outputs["failed"].values():
             for key, reason in task_failures.items():
                 task_failures[key] = f"{unit.path} row {rows[key]}: {reason}"
@@ -260,6 +262,11 @@ class ShardWorker:
             result["latent"] = HostCopy(pairs.latents[:n].float())
             result["pairs_finite"] = HostCopy(pairs.finite[:n])
             result["truncated"] = pairs.truncated[:n]
+            if self.spec.teacher_images:
+                images = decode(self.teacher.components.vae, pairs.latents[:n])
+                pixels = HostCopy(to_pixels(images))
+                result["teacher_images"] = [self.encode_pool.submit(self._encode, pixels, i) for i in range(n)]
+                result["pairs_finite"] = HostCopy(finite_per_sample(pairs.latents[:n], images))
         return result
 
     def _encode(self, pixels: HostCopy, index: int) -> bytes:
@@ -268,7 +275,8 @@ class ShardWorker:
     def _collect(self, pending: list[dict]) -> dict[str, dict]:
         """Every batch's results keyed by sample key, once its copies and encodes are done; rows whose
         generation raised, whose output is not finite or whose image did not encode are failed, per task."""
-        outputs = {"images": {}, "noise": {}, "latent": {}, "truncated": {}, "failed": {"images": {}, "pairs": {}}}
+        outputs = {"images": {}, "teacher_images": {}, "noise": {}, "latent": {}, "truncated": {},
+                   "failed": {"images": {}, "pairs": {}}}
         tasks = [task for task, model in (("images", self.student), ("pairs", self.teacher)) if model]
         for result in pending:
             keys = result["keys"]
@@ -295,6 +303,11 @@ class ShardWorker:
                         outputs["noise"][key], outputs["latent"][key] = noise_i, latent_i
                     else:
                         outputs["failed"]["pairs"][key] = "non-finite output (NaN or inf in the teacher latent)"
+            for key, future in zip(keys, result.get("teacher_images", ())):
+                try:
+                    outputs["teacher_images"][key] = future.result()
+                except Exception as exc:
+                    outputs["failed"]["pairs"][key] = f"teacher image encoding failed: {type(exc).__name__}: {exc}"
         return outputs
 
     def _rows(self, samples: list[Sample], outputs: dict, task: str, model: str, steps: int,
@@ -344,7 +357,8 @@ class ShardWorker:
             factor = components.vae_scale_factor
             shape = (components.unet.config.in_channels, spec.height // factor, spec.width // factor)
             files[f"{spec.pair_dir}{unit.shard}.parquet"] = pairs_parquet_shard(
-                metadata_table(rows, extra), outputs["noise"], outputs["latent"], teacher, shape
+                metadata_table(rows, extra), outputs["noise"], outputs["latent"], teacher, shape,
+                outputs["teacher_images"] if spec.teacher_images else None, IMAGE_EXTENSIONS[spec.image_format],
             )
         return files
 

@@ -100,19 +100,25 @@ def _image_of(images: dict[str, bytes], key: str) -> bytes:
 
 def image_parquet_shard(metadata: pa.Table, images: dict[str, bytes], extension: str) -> bytes:
     """Metadata plus an `image` column stored the way Hugging Face datasets stores Image features."""
+    return _parquet_bytes(with_image_column(metadata, images, extension))
+
+
+def with_image_column(table: pa.Table, images: dict[str, bytes], extension: str) -> pa.Table:
+    """The table with an `image` column (struct of bytes and path, null for failed rows) and the `huggingface`
+    schema metadata that makes datasets read it as an Image feature; other schema metadata is kept."""
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     image = pa.array(
         [
             {"bytes": _image_of(images, key), "path": f"{key}.{extension}"} if status == "ok" else None
-            for key, status in zip(metadata.column("key").to_pylist(), metadata.column("status").to_pylist())
+            for key, status in zip(table.column("key").to_pylist(), table.column("status").to_pylist())
         ],
         type=image_type,
     )
-    table = metadata.append_column("image", image)
+    table = table.append_column("image", image)
     features = {f.name: feature for f in table.schema if (feature := _hf_feature(f.type)) is not None}
     features["image"] = {"_type": "Image"}
     hf = json.dumps({"info": {"features": features}})  # in column order, which datasets keeps
-    return _parquet_bytes(table.replace_schema_metadata({b"huggingface": hf.encode()}))
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), b"huggingface": hf.encode()})
 
 
 _HF_DTYPES = {"halffloat": "float16", "float": "float32", "double": "float64"}
@@ -133,11 +139,14 @@ def pairs_parquet_shard(
     latent: dict[str, np.ndarray],
     teacher: dict,
     tensor_shape: tuple[int, ...],
+    images: dict[str, bytes] | None = None,
+    extension: str = "png",
 ) -> bytes:
     """Reflow training pairs: metadata, teacher settings, and float32 `noise` and `latent` tensors.
 
     Tensors are fixed-size lists (null for failed samples) with their shape in the field and schema
-    metadata; `teacher` holds the teacher's model, kind, steps and guidance_scale.
+    metadata; `teacher` holds the teacher's model, kind, steps and guidance_scale. `images` (the decoded
+    teacher latents, encoded) become an `image` column stored as image_parquet_shard stores images.
     """
     n = metadata.num_rows
     table = metadata
@@ -151,7 +160,10 @@ def pairs_parquet_shard(
         field = pa.field(name, type_, metadata={TENSOR_SHAPE_KEY: json.dumps(shape)})
         table = table.append_column(field, _tensor_column(name, arrays, keys, ok, shape))
     shapes = json.dumps({"latent": shape, "noise": shape}, sort_keys=True)
-    return _parquet_bytes(table.replace_schema_metadata({TENSOR_SHAPE_KEY: shapes.encode()}))
+    table = table.replace_schema_metadata({TENSOR_SHAPE_KEY: shapes.encode()})
+    if images is not None:
+        table = with_image_column(table, images, extension)
+    return _parquet_bytes(table)
 
 
 def _tensor_column(

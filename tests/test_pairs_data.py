@@ -11,15 +11,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from conftest import start_ray
 from instaflow.loading import ComponentCache, Runtime
-from instaflow.sampling import noise_for_seed
+from instaflow.sampling import decode, noise_for_seed, to_pixels
 from instaflow.text import encode_tokens, tokenize_prompts
 from jobhelpers import prompt_table, write_prompts
 from jobs import reflow_pairs
 from pipeline.commit import identity_digest, job_manifest, write_manifest
 from pipeline.pairs_data import PairsError, PairStream, build_embedding_cache, find_pairs, ray_dataset
+from pipeline.reader import MAX_SEED, derive_seed
 from pipeline.writers import read_tensor_column
 
 FS = fsspec.filesystem("file")
@@ -167,3 +169,39 @@ def test_bad_pair_outputs_are_named(tmp_path):
         find_pairs(str(tmp_path))
     with pytest.raises(PairsError, match="no _job.json"):
         find_pairs(str(tmp_path / "elsewhere"))
+
+
+def test_samples_per_prompt_and_teacher_images(cpu_ray, tiny_models, tmp_path):
+    """3 rows per prompt with their keys and seeds, and each pair's image equal to decoding its stored latent."""
+    top = MAX_SEED - 1  # its third sample's seed would overflow: that sample fails, the others do not
+    table = pa.table({
+        "id": ["a", "b", "c"],
+        "prompt": ["a red fox, photo", "an old lighthouse", "a bowl of ramen"],
+        "seed": pa.array([None, 7, top], pa.int64()),
+        "style": ["x", "y", "z"],
+    })
+    pq.write_table(table, tmp_path / "p.parquet")
+    assert reflow_pairs.main([
+        "--prompts", str(tmp_path / "p.parquet"), "--output", str(tmp_path / "out"),
+        "--teacher", str(tiny_models["sd15"]), "--steps", "4", "--height", "64", "--width", "64", "--seed", "11",
+        "--samples-per-prompt", "3", "--teacher-images", "--image-format", "png", "--batch-size", "4",
+        "--no-progress", "--device", "cpu",
+    ]) == 0  # one sample fails, as a row with its reason: the shard is committed
+    pairs = pq.read_table(tmp_path / "out" / "00000.parquet")
+    rows = pairs.select(["key", "seed", "status", "error_message", "style"]).to_pylist()
+    assert [r["key"] for r in rows] == [f"{key}-{k}" for key in "abc" for k in range(3)]
+    assert [r["style"] for r in rows] == ["x"] * 3 + ["y"] * 3 + ["z"] * 3
+    assert [r["seed"] for r in rows] == [derive_seed(11, f"a-{k}") for k in range(3)] + [7, 8, 9, top, top + 1, None]
+    assert [r["status"] for r in rows] == ["ok"] * 8 + ["failed"] and "outside" in rows[8]["error_message"]
+
+    features = json.loads(pairs.schema.metadata[b"huggingface"])["info"]["features"]
+    assert features["image"] == {"_type": "Image"}
+    vae = ComponentCache(Runtime.default()).load(str(tiny_models["sd15"])).vae
+    noise, latent = read_tensor_column(pairs, "noise"), read_tensor_column(pairs, "latent")
+    want = to_pixels(decode(vae, torch.from_numpy(latent[:8]))).numpy()
+    for i, image in enumerate(pairs.column("image").to_pylist()[:8]):
+        assert torch.equal(torch.from_numpy(noise[i]), noise_for_seed(rows[i]["seed"], 64, 64)[0])
+        pixels = np.asarray(Image.open(io.BytesIO(image["bytes"])))
+        assert image["path"] == f"{rows[i]['key']}.png"
+        assert np.abs(pixels.astype(int) - want[i].astype(int)).max() <= 1
+    assert pairs.column("image")[8].as_py() is None
