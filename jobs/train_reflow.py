@@ -7,6 +7,7 @@ was taken by another job, 130 interrupted.
 
 import _thread
 import argparse
+import importlib.util
 import logging
 import os
 import posixpath
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     with sigterm_as_interrupt():
         try:
             spec = TrainSpec(**args)
+            if spec.loss == "distill-lpips" and importlib.util.find_spec("lpips") is None:
+                raise ValueError("--loss distill-lpips needs the lpips package: pip install 'instaflow-batch[lpips]'")
             pairs = find_pairs(spec.pairs, spec.storage_options)
             init = resolve_model_source(spec.init, "float32", spec.storage_options)
             fs, root = filesystem(spec.output, spec.storage_options)

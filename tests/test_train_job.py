@@ -107,12 +107,15 @@ def test_reflow_lowers_the_loss_and_the_one_step_error(reflow_run, pairs, tiny_m
 
 
 def test_two_workers_equal_one_with_the_same_global_batch(reflow_run, pairs, tiny_models, s3):
-    """One worker reading with 2 loader processes, against 2 workers reading with one each (S3 output)."""
+    """One worker reading with 2 loader processes, against 2 workers reading with one each; S3 output, and the
+    text embeddings cached beside the pairs (each worker encodes half the shards) instead of encoded per step."""
     options = json.dumps(s3.storage_options)
     output = s3.url("train-two-workers")
     args = train_args(pairs, tiny_models["sd15"], output, 20, "--num-workers", "2", "--loader-workers", "1",
-                      "--storage-options", options)
+                      "--storage-options", options, "--cache-text-embeddings")
     assert train_reflow.main(args) == 0
+    [cache] = (pairs / "text-embeddings").iterdir()
+    assert sorted(path.name for path in cache.iterdir()) == [f"0000{i}.parquet" for i in range(4)]
     s3.fs.invalidate_cache()
     root = f"{s3.bucket}/train-two-workers"
     checkpoint = f"{root}/checkpoints/step-0000020"
