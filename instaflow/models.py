@@ -35,30 +35,30 @@ TWO_RF_DEFAULTS = (25, 1.5)  # 2-Rectified Flow: 25 Euler steps at guidance 1.5
 MODEL_RECORD = "instaflow_batch.json"
 
 
-def student_defaults(model: str) -> tuple[int, float]:
-    """(steps, guidance_scale): the model folder's record when it has one, else by name: InstaFlow is one step
-    without guidance, 2-RF models take Euler steps at 1.5."""
-    record = read_model_record(model)
+def student_defaults(model: str, record: str | None = None) -> tuple[int, float]:
+    """(steps, guidance_scale): from the model's record when it has one (`record`, its text, as a caller read it
+    from a store; else the record in a local model folder), else by name: InstaFlow is one step without guidance,
+    2-RF models take Euler steps at 1.5."""
+    where = f"{model.rstrip('/')}/{MODEL_RECORD}"
+    if record is None and Path(where).expanduser().is_file():
+        record = Path(where).expanduser().read_text()
     if record is not None:
-        return record["default_steps"], record["default_guidance_scale"]
+        return parse_model_record(record, where)
     return TWO_RF_DEFAULTS if TWO_RECTIFIED_FLOW.search(model) else ONE_STEP_DEFAULTS
 
 
-def read_model_record(model: str) -> dict | None:
-    """A local model folder's record (`MODEL_RECORD`), checked; None when the model has none."""
-    path = Path(model).expanduser() / MODEL_RECORD
-    if not path.is_file():
-        return None
+def parse_model_record(text: str, where: str) -> tuple[int, float]:
+    """A model record's (default_steps, default_guidance_scale), checked; errors name `where`."""
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(text)
         steps, guidance = record["default_steps"], record["default_guidance_scale"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: not a valid model record ({exc!r})") from None
+        raise ValueError(f"{where}: not a valid model record ({exc!r})") from None
     if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"{path}: default_steps must be a positive integer, got {steps!r}")
+        raise ValueError(f"{where}: default_steps must be a positive integer, got {steps!r}")
     if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
-        raise ValueError(f"{path}: default_guidance_scale must be a number >= 0, got {guidance!r}")
-    return record
+        raise ValueError(f"{where}: default_guidance_scale must be a number >= 0, got {guidance!r}")
+    return steps, float(guidance)
 
 
 def teacher_defaults(kind: str) -> tuple[int, float]:

@@ -133,7 +133,8 @@ class EMA:
         for name, p in module.named_parameters():
             if name in self.shadow:
                 shadow = self.shadow[name]
-                shadow.sub_(one_minus_decay * (shadow - p.detach()))  # s ← s − (1 − d)(s − θ) = d·s + (1 − d)·θ
+                # s ← s − (1 − d)(s − θ) = d·s + (1 − d)·θ
+                shadow.sub_(one_minus_decay * (shadow - p.detach()))
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}

@@ -147,7 +147,8 @@ def ok_rows(table: pa.Table, path: str) -> ShardRows:
     for name in ("noise", "latent"):
         bad = np.isnan(getattr(rows, name).reshape(len(rows.keys), -1)).any(axis=1)
         if bad.any():
-            raise PairsError(f"{path}: row with key {rows.keys[int(np.argmax(bad))]!r} is ok but its {name} is null or NaN")
+            key = rows.keys[int(np.argmax(bad))]
+            raise PairsError(f"{path}: row with key {key!r} is ok but its {name} is null or NaN")
     return rows
 
 
@@ -182,7 +183,7 @@ def embeddings_table(rows: ShardRows, embeds: np.ndarray) -> pa.Table:
 def read_embeddings(fs: fsspec.AbstractFileSystem, path: str, rows: ShardRows) -> np.ndarray:
     table = pq.read_table(pa.BufferReader(get_bytes(fs, path)))
     if table.column("key").to_pylist() != rows.keys or table.column("prompt").to_pylist() != rows.prompts:
-        raise PairsError(f"{path}: cached embeddings do not match their pair shard's rows; delete the file to rebuild it")
+        raise PairsError(f"{path}: cached embeddings do not match their pair shard's rows; delete it to rebuild it")
     return read_tensor_column(table, "prompt_embeds")
 
 

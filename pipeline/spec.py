@@ -3,9 +3,9 @@
 import dataclasses
 from dataclasses import asdict, dataclass, field
 
-from instaflow.models import TEACHER_KINDS, student_defaults, teacher_defaults
+from instaflow.models import MODEL_RECORD, TEACHER_KINDS, student_defaults, teacher_defaults
 from instaflow.sampling import check_inputs
-from pipeline.storage import normalize_location, normalize_model
+from pipeline.storage import filesystem, get_bytes, normalize_location, normalize_model
 
 TASKS = ("images", "pairs")
 OUTPUT_FORMATS = ("webdataset", "parquet")
@@ -71,7 +71,8 @@ class JobSpec:
         if "images" in self.tasks:
             if not self.model:
                 raise ValueError("images need a student --model")
-            default_steps, default_guidance = student_defaults(self.model)
+            record = model_record(self.model, self.storage_options)
+            default_steps, default_guidance = student_defaults(self.model, record)
             self.steps = default_steps if self.steps is None else self.steps
             self.guidance_scale = default_guidance if self.guidance_scale is None else float(self.guidance_scale)
             check_inputs(self.height, self.width, self.steps, self.guidance_scale)
@@ -147,3 +148,15 @@ class JobSpec:
     @property
     def pair_dir(self) -> str:
         return "pairs/" if len(self.tasks) > 1 else ""
+
+
+def model_record(model: str, storage_options: dict) -> str | None:
+    """The record of a model at an fsspec URL (a trained model says what it is), or None; local folders are read
+    by instaflow.models itself."""
+    if "://" not in model:
+        return None
+    fs, path = filesystem(model, storage_options)
+    try:
+        return get_bytes(fs, f"{path.rstrip('/')}/{MODEL_RECORD}").decode()
+    except FileNotFoundError:
+        return None

@@ -102,7 +102,9 @@ class TrainRun:
             state = json.loads((Path(folder) / STATE_FILE).read_text())
             if state["spec"] != json.loads(json.dumps(self.identity)):
                 raise ValueError(f"checkpoint {checkpoint.path} was made with other settings: {state['spec']}")
-            load = lambda name: torch.load(Path(folder) / name, map_location=self.device, weights_only=True)  # noqa: E731
+            def load(name: str):
+                return torch.load(Path(folder) / name, map_location=self.device, weights_only=True)
+
             self.trainer.unet.load_state_dict(load(WEIGHTS_FILE))
             self.trainer.optimizer.load_state_dict(load(OPTIMIZER_FILE))
             if self.trainer.ema is not None:

@@ -92,3 +92,11 @@ def ray_gpus(tmp_path_factory):
     ray = start_ray(tmp_path_factory, num_cpus=4, num_gpus=4)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cpus(tmp_path_factory):
+    """Ray with 4 logical CPUs and no GPU: Ray Train's CPU workers, and jobs that run with --device cpu."""
+    ray = start_ray(tmp_path_factory, num_cpus=4)
+    yield ray
+    ray.shutdown()

@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import start_ray
 from instaflow.loading import ComponentCache, Runtime
 from instaflow.sampling import decode, noise_for_seed, to_pixels
 from instaflow.text import encode_tokens, tokenize_prompts
@@ -30,14 +29,7 @@ FAILED_ROW = 4
 
 
 @pytest.fixture(scope="module")
-def cpu_ray(tmp_path_factory):
-    ray = start_ray(tmp_path_factory, num_cpus=4)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def pairs_url(cpu_ray, s3, tiny_models):
+def pairs_url(ray_cpus, s3, tiny_models):
     """Pairs and images in one pass (so pairs sit in pairs/), 4 shards, one row failing (an empty prompt)."""
     table = prompt_table(NUM_PROMPTS)
     prompts = table.column("prompt").to_pylist()
@@ -171,7 +163,7 @@ def test_bad_pair_outputs_are_named(tmp_path):
         find_pairs(str(tmp_path / "elsewhere"))
 
 
-def test_samples_per_prompt_and_teacher_images(cpu_ray, tiny_models, tmp_path):
+def test_samples_per_prompt_and_teacher_images(ray_cpus, tiny_models, tmp_path):
     """3 rows per prompt with their keys and seeds, and each pair's image equal to decoding its stored latent."""
     top = MAX_SEED - 1  # its third sample's seed would overflow: that sample fails, the others do not
     table = pa.table({

@@ -16,24 +16,17 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from conftest import start_ray
 from instaflow.models import student_defaults
 from jobhelpers import prompt_table
 from jobs import generate, reflow_pairs, straightness, train_reflow
+from pipeline.spec import JobSpec
 
 NUM_PROMPTS = 64
 REFLOW_STEPS = 300
 
 
 @pytest.fixture(scope="module")
-def cpu_ray(tmp_path_factory):
-    ray_module = start_ray(tmp_path_factory, num_cpus=4)
-    yield ray_module
-    ray_module.shutdown()
-
-
-@pytest.fixture(scope="module")
-def pairs(cpu_ray, tiny_models, tmp_path_factory):
+def pairs(ray_cpus, tiny_models, tmp_path_factory):
     """Pairs of the tiny SD teacher, one prompt failing (an empty prompt), in 4 shards."""
     folder = tmp_path_factory.mktemp("pairs")
     table = prompt_table(NUM_PROMPTS)
@@ -58,7 +51,7 @@ def train_args(pairs, init, output, steps, *extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reflow_run(cpu_ray, pairs, tiny_models, tmp_path_factory):
+def reflow_run(ray_cpus, pairs, tiny_models, tmp_path_factory):
     """Reflow from the SD teacher's UNet on its own pairs: one worker with two data-loader processes."""
     output = tmp_path_factory.mktemp("reflow")
     args = train_args(pairs, tiny_models["sd15"], output, REFLOW_STEPS, "--num-workers", "1", "--loader-workers", "2")
@@ -125,6 +118,9 @@ def test_two_workers_equal_one_with_the_same_global_batch(reflow_run, pairs, tin
     one_rows = [json.loads(line) for line in (reflow_run / "metrics.jsonl").read_text().splitlines()]
     two_rows = [json.loads(line) for line in s3.fs.cat_file(f"{root}/metrics.jsonl").decode().splitlines()]
     assert len(two_rows) == 1 and two_rows[0]["loss"] == pytest.approx(one_rows[0]["loss"], rel=1e-5)
+    # A job reads a model's record from the store too: this one says it is a 25-step 2-RF model.
+    spec = JobSpec(prompts="p.parquet", output="out", model=f"{output}/final", storage_options=s3.storage_options)
+    assert (spec.steps, spec.guidance_scale) == (25, 1.5)
 
 
 def test_killed_run_resumes_bit_for_bit(reflow_run, pairs, tiny_models, tmp_path):
@@ -153,7 +149,7 @@ def test_killed_run_resumes_bit_for_bit(reflow_run, pairs, tiny_models, tmp_path
     assert [(r["step"], r["loss"]) for r in rows] == [(r["step"], r["loss"]) for r in reference]
 
 
-def test_final_models_record_what_they_are_and_load_in_generate(cpu_ray, reflow_run, pairs, tmp_path):
+def test_final_models_record_what_they_are_and_load_in_generate(ray_cpus, reflow_run, pairs, tmp_path):
     """Distil the reflowed model to one step; each final folder records its own sampling defaults, and generate
     takes them from there, not from the folder's name."""
     distilled = tmp_path / "distilled"
@@ -181,7 +177,7 @@ def test_final_models_record_what_they_are_and_load_in_generate(cpu_ray, reflow_
     assert {(row["steps"], row["guidance_scale"]) for row in images} == {(25, 1.5)}
 
 
-def test_bad_settings_exit_2_before_anything_runs(cpu_ray, pairs, tiny_models, tmp_path, capsys):
+def test_bad_settings_exit_2_before_anything_runs(ray_cpus, pairs, tiny_models, tmp_path, capsys):
     output = tmp_path / "never"
     cases = {
         "no _job.json": train_args(tmp_path / "nothing", tiny_models["sd15"], output, 10),
