@@ -24,7 +24,7 @@ EXIT_OK, EXIT_SHARDS_FAILED, EXIT_BAD_INPUT, EXIT_NO_WORKERS, EXIT_OUTPUT_LOST, 
 logger = logging.getLogger(__name__)
 
 
-def _json_object(text: str) -> dict:
+def json_object(text: str) -> dict:
     """JSON given inline, or `@PATH` to read it from a file (keeps secrets out of command lines and Ray's
     job entrypoints: put the file on the nodes, e.g. a mounted Kubernetes secret)."""
     if text.startswith("@"):
@@ -72,7 +72,7 @@ def base_parser(description: str, prog: str | None = None) -> argparse.ArgumentP
                         help="seconds after which an output lock nobody renews is taken over")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="load .bin (pickle) weights of a model without safetensors; pickles can run code")
-    parser.add_argument("--storage-options", type=_json_object, default={},
+    parser.add_argument("--storage-options", type=json_object, default={},
                         help="JSON passed to fsspec, or @FILE to read it from a file")
     parser.add_argument("--overwrite", action="store_true", help="delete this tool's outputs there and start over")
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
