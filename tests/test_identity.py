@@ -66,3 +66,17 @@ def test_a_model_in_object_storage_is_pinned_and_copied_once_per_node(ray_gpus, 
     assert os.path.exists(f"{cache}/.complete") and os.path.exists(f"{cache}/unet/config.json")
     with pytest.raises(Exception, match="no files there"):
         resolve_model_source(s3.url("models/missing"), "float32", s3.storage_options)
+
+
+def test_a_model_whose_weights_do_not_load_is_one_line_and_exit_2(ray_gpus, tiny_models, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["instaflow"], broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # found by the driver; its workers cannot load it
+    write_prompts(FS, str(tmp_path / "prompts.parquet"), prompt_table(4))
+    status = generate.main(["--prompts", str(tmp_path / "prompts.parquet"), "--output", str(tmp_path / "out"),
+                            "--model", str(broken), "--num-workers", "1", *SIZE])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert status == 2 and len(lines) == 1 and str(broken) in lines[0], err[-2000:]
+    assert not (tmp_path / "out" / "_job.json").exists()
