@@ -57,9 +57,12 @@ def resolve_device(spec: JobSpec) -> JobSpec:
     """Decides the device kind and dtype before any worker starts, without starting Ray.
 
     `auto`: GPUs on any cluster the job joins (even one with no GPU up yet: the autoscaler adds them), and on
-    a local machine with a GPU; the CPU only for a local Ray on a machine without one.
+    a local machine with a GPU; the CPU only for a local Ray on a machine without one. A Ray this process is
+    already connected to (an earlier job's local Ray, a caller's) has GPUs or has not.
     """
-    joins_cluster = ray.is_initialized() or bool(spec.ray_address or os.environ.get("RAY_ADDRESS"))
+    if ray.is_initialized():
+        return spec.resolve(has_gpus=ray.cluster_resources().get("GPU", 0) > 0)
+    joins_cluster = bool(spec.ray_address or os.environ.get("RAY_ADDRESS"))
     return spec.resolve(has_gpus=joins_cluster or torch.cuda.is_available())
 
 
