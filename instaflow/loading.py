@@ -54,18 +54,23 @@ class Runtime:
         return cls(device=device, dtype=DTYPES[dtype], compile=compile)
 
 
-def hub_patterns(variant: str | None) -> tuple[list[str], list[str]]:
+def hub_patterns(variant: str | None, layout: str = "pipeline") -> tuple[list[str], list[str]]:
     """What to download of a hub repo: configs, the tokenizer, and one weight format, safetensors (the fp16
-    variant when running fp16 and the repo has it); no safety checker, no .bin, no flax/onnx duplicates."""
+    variant when running fp16 and the repo has it); no safety checker, no .bin, no flax/onnx duplicates.
+    A `module` repo (a lone model such as TAESD's decoder) has its config and weights at the top."""
     weights = f"*.{variant}.safetensors" if variant else "*.safetensors"
-    allow = ["model_index.json", "scheduler/*", "tokenizer/*"]
-    for name in WEIGHT_COMPONENTS:
-        allow += [f"{name}/*.json", f"{name}/{weights}"]
+    if layout == "module":
+        allow = ["*.json", weights]
+    else:
+        allow = ["model_index.json", "scheduler/*", "tokenizer/*"]
+        for name in WEIGHT_COMPONENTS:
+            allow += [f"{name}/*.json", f"{name}/{weights}"]
     ignore = ["*non_ema*"] + ([] if variant else ["*.fp16.*"])
     return allow, ignore
 
 
-def resolve_model_dir(model: str, revision: str | None = None, variant: str | None = None) -> Path:
+def resolve_model_dir(model: str, revision: str | None = None, variant: str | None = None,
+                      layout: str = "pipeline") -> Path:
     """A local folder as is; a hub id through the hub cache (honouring HF_HUB_OFFLINE), with one clear error."""
     path = Path(model).expanduser()
     if path.is_dir():
@@ -74,7 +79,7 @@ def resolve_model_dir(model: str, revision: str | None = None, variant: str | No
         raise ModelLoadError(f"model {model!r}: no such folder, and not a Hugging Face hub id (org/name)")
     from huggingface_hub import snapshot_download
 
-    allow, ignore = hub_patterns(variant)
+    allow, ignore = hub_patterns(variant, layout)
     try:
         return Path(snapshot_download(model, revision=revision, allow_patterns=allow, ignore_patterns=ignore))
     except Exception as exc:  # the hub raises a dozen types; the user needs one message naming the model
@@ -118,7 +123,11 @@ class Components:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Image side over latent side: one upsampling per decoder block after the first (AutoencoderKL and
+        the tiny AutoencoderTiny alike)."""
+        config = self.vae.config
+        blocks = getattr(config, "block_out_channels", None) or config.decoder_block_out_channels
+        return 2 ** (len(blocks) - 1)
 
     @property
     def default_size(self) -> int:
@@ -159,6 +168,15 @@ class ComponentCache:
             raise ModelLoadError(f"model {model!r} ({folder}): {exc}") from exc
         return Components(name=model, scheduler_config=scheduler_config, runtime=self.runtime, **parts)
 
+    def load_tiny_decoder(self, model: str) -> torch.nn.Module:
+        """A tiny decoder (diffusers' AutoencoderTiny, e.g. TAESD for SD-1.5) to use in place of the VAE: far
+        cheaper, for previews and for users who accept its quality."""
+        folder = resolve_model_dir(model, layout="module")
+        try:
+            return self._component("tiny_decoder", folder, None)
+        except Exception as exc:
+            raise ModelLoadError(f"tiny decoder {model!r} ({folder}): {exc}") from exc
+
     def _component(self, name: str, folder: Path, variant: str | None):
         if name == "tokenizer":
             key = (name, component_digest(folder))
@@ -175,10 +193,11 @@ class ComponentCache:
         return self._loaded[key]
 
     def _read_weights(self, name: str, folder: Path, variant: str | None) -> torch.nn.Module:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[name]
+        loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+                  "tiny_decoder": AutoencoderTiny}[name]
         safetensors = sorted(p.name for p in folder.glob("*.safetensors"))
         if not safetensors and not self.allow_pickle:
             raise ModelLoadError(f"{folder} has no .safetensors weights; pickle checkpoints (.bin) can run code "
@@ -194,6 +213,6 @@ class ComponentCache:
         module = module.to(self.runtime.device).eval().requires_grad_(False)
         if self.runtime.compile and name == "unet":
             module = torch.compile(module)
-        if self.runtime.compile and name == "vae":
+        if self.runtime.compile and name in ("vae", "tiny_decoder"):
             module.decode = torch.compile(module.decode)
         return module

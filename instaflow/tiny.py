@@ -4,7 +4,8 @@
 
 - `OUT_DIR/sd15`: a Stable Diffusion 1.5 teacher (`StableDiffusionPipeline`-loadable, PNDM scheduler config as SD-1.5 ships);
 - `OUT_DIR/instaflow`: an InstaFlow one-step student (`model_index.json` names `RectifiedFlowPipeline`, as the hub repo does);
-- `OUT_DIR/2rf`: a 2-Rectified-Flow model.
+- `OUT_DIR/2rf`: a 2-Rectified-Flow model;
+- `OUT_DIR/taesd`: a tiny decoder (AutoencoderTiny, TAESD's architecture) for `--decoder tiny`.
 
 All three share byte-identical VAE, text encoder and tokenizer folders, as the real InstaFlow repos share SD-1.5's.
 Everything is derived from fixed seeds, so two builds give the same weights.
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 # Words the tiny tokenizer learns merges from, so ordinary prompts take a handful of tokens per word.
@@ -146,6 +147,13 @@ def build_vae() -> AutoencoderKL:
     ).eval()
 
 
+def build_tiny_decoder() -> AutoencoderTiny:
+    """A tiny AutoencoderTiny (TAESD's architecture, few channels), for --decoder tiny."""
+    torch.manual_seed(6)
+    return AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                           num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).eval()
+
+
 def build_unet(seed: int) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -207,13 +215,15 @@ def build_tiny_models(out_dir: str | Path) -> dict[str, Path]:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    paths = {"sd15": out_dir / "sd15", "instaflow": out_dir / "instaflow", "2rf": out_dir / "2rf"}
+    paths = {"sd15": out_dir / "sd15", "instaflow": out_dir / "instaflow", "2rf": out_dir / "2rf",
+             "taesd": out_dir / "taesd"}
     if paths["sd15"].exists():
         shutil.rmtree(paths["sd15"])
     teacher.save_pretrained(paths["sd15"])
     write_slow_tokenizer_files(paths["sd15"] / "tokenizer")
     _write_rectified_flow_model(paths["instaflow"], paths["sd15"], build_unet(seed=4))
     _write_rectified_flow_model(paths["2rf"], paths["sd15"], build_unet(seed=5))
+    build_tiny_decoder().save_pretrained(paths["taesd"])
     return paths
 
 

@@ -16,7 +16,7 @@ from pipeline.job import run_job
 from pipeline.plan import InputError
 from pipeline.pool import NoWorkersError
 from pipeline.progress import JobProgress
-from pipeline.spec import DEVICE_CHOICES, IMAGE_FORMATS, OUTPUT_FORMATS, JobSpec
+from pipeline.spec import DECODERS, DEVICE_CHOICES, IMAGE_FORMATS, OUTPUT_FORMATS, TAESD, JobSpec
 from pipeline.storage import OutputError, redact_text
 
 EXIT_OK, EXIT_SHARDS_FAILED, EXIT_BAD_INPUT, EXIT_NO_WORKERS, EXIT_OUTPUT_LOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -24,7 +24,7 @@ EXIT_OK, EXIT_SHARDS_FAILED, EXIT_BAD_INPUT, EXIT_NO_WORKERS, EXIT_OUTPUT_LOST, 
 logger = logging.getLogger(__name__)
 
 
-def _json_object(text: str) -> dict:
+def json_object(text: str) -> dict:
     """JSON given inline, or `@PATH` to read it from a file (keeps secrets out of command lines and Ray's
     job entrypoints: put the file on the nodes, e.g. a mounted Kubernetes secret)."""
     if text.startswith("@"):
@@ -55,6 +55,10 @@ def base_parser(description: str, prog: str | None = None) -> argparse.ArgumentP
     parser.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS, default="webdataset",
                         help="image shards: webdataset tars, or Hugging Face image Parquet")
     parser.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpeg", help="image encoding")
+    parser.add_argument("--decoder", choices=DECODERS, default="full",
+                        help="tiny: decode images with a tiny decoder (TAESD), far faster, lower quality")
+    parser.add_argument("--tiny-decoder", default=TAESD, help="the tiny decoder for --decoder tiny: hub id, "
+                        "folder or URL of a diffusers AutoencoderTiny")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                         help="auto: GPUs on a cluster the job joins or a machine with a GPU, else the CPU")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: fp16 on GPUs, fp32 on CPU")
@@ -72,7 +76,7 @@ def base_parser(description: str, prog: str | None = None) -> argparse.ArgumentP
                         help="seconds after which an output lock nobody renews is taken over")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="load .bin (pickle) weights of a model without safetensors; pickles can run code")
-    parser.add_argument("--storage-options", type=_json_object, default={},
+    parser.add_argument("--storage-options", type=json_object, default={},
                         help="JSON passed to fsspec, or @FILE to read it from a file")
     parser.add_argument("--overwrite", action="store_true", help="delete this tool's outputs there and start over")
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
@@ -83,7 +87,7 @@ def base_parser(description: str, prog: str | None = None) -> argparse.ArgumentP
 def common_spec_args(args: argparse.Namespace) -> dict:
     names = (
         "prompts", "output", "prompt_column", "seed", "height", "width", "batch_size", "rows_per_shard",
-        "output_format", "image_format", "device", "dtype", "compile", "cpus_per_worker", "num_workers",
+        "output_format", "image_format", "decoder", "tiny_decoder", "device", "dtype", "compile", "cpus_per_worker", "num_workers",
         "start_timeout_s", "unit_timeout_s", "lock_lease_s", "allow_pickle", "max_unit_attempts", "storage_options",
         "overwrite", "ray_address",
     )

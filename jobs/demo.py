@@ -1,7 +1,8 @@
 """End-to-end demo on embedded defaults: a local Ray, the tiny offline models, the shipped prompts, local files.
 
 Builds the tiny models (once) under `--workdir`, then runs the image job and the reflow-pair job over
-jobs/data/prompts.parquet and prints where the outputs are. Re-running resumes (and finds nothing left to do).
+jobs/data/prompts.parquet, verifies both outputs and prints where they are. Re-running resumes (and finds nothing
+left to do).
 """
 
 import argparse
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from instaflow.tiny import build_tiny_models
 from jobs import generate, reflow_pairs
+from pipeline.verify import verify_output
 
 PROMPTS = Path(__file__).parent / "data" / "prompts.parquet"
 
@@ -31,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         status = reflow_pairs.main([
             *shared, "--output", str(workdir / "pairs"), "--teacher", str(models_dir / "sd15"), "--steps", "10",
         ])
+    for output in ("images", "pairs"):
+        if status == 0:
+            report = verify_output(str(workdir / output))
+            print(f"verify {workdir / output}: {'OK' if report.ok else 'NOT OK'}")
+            status = 0 if report.ok else 1
     print(f"images: {workdir / 'images'}  pairs: {workdir / 'pairs'}")
     return status
 

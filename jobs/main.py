@@ -41,6 +41,7 @@ COMMANDS = (
     Command("status", "a submitted job's status", "jobs.ray_jobs:status_command"),
     Command("logs", "a submitted job's logs ([--follow])", "jobs.ray_jobs:logs_command"),
     Command("stop", "stop a submitted job", "jobs.ray_jobs:stop_command"),
+    Command("verify", "check that an output is complete and intact, without trusting the writer", "jobs.verify:verify_command"),
     Command("preview", "a contact sheet of an output's images (or decoded pairs)", "jobs.preview:main"),
     Command("train", "train on reflow pairs with Ray Train: reflow, or one-step distillation", "jobs.train_reflow:main"),
     Command("straightness", "measure a model or each checkpoint of a training run on held-out pairs",
@@ -62,6 +63,7 @@ def usage() -> str:
         "",
         "Exit status of run and submit --wait: 0 all shards committed, 1 some shards failed, 2 bad input or settings",
         "(nothing ran), 3 no worker could start in time, 4 the output was lost to another job, 130 interrupted.",
+        "Of verify: 0 complete and intact, 1 something missing or corrupt, 2 not an output of this tool.",
     ])
 
 

@@ -22,7 +22,7 @@ from instaflow.training import LOSSES
 from jobs.cli import _json_object
 from jobs.main import DefaultsShown
 from pipeline.commit import check_compatible, job_manifest, read_manifest, write_manifest
-from pipeline.job import connect_ray, sigterm_as_interrupt
+from pipeline.job import connect_ray, handle_sigterm_as_interrupt, sigterm_as_interrupt
 from pipeline.lock import OutputLock, OutputLostError
 from pipeline.model_source import resolve_model_source
 from pipeline.pairs_data import find_pairs
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         try:
             use_gpu = wants_gpus(spec)
             connect_ray(spec.ray_address)
+            handle_sigterm_as_interrupt()  # ray.init puts its own SIGTERM handler in place of ours
             trainer = build_trainer(spec, init, fs, root, use_gpu)
             prepare_output(spec, fs, root, train_identity(spec, init), [{"path": s.path} for s in pairs.shards],
                            lock.token)
@@ -131,11 +132,15 @@ def prepare_output(spec: TrainSpec, fs, root: str, identity: dict, inputs: list[
 
 def wants_gpus(spec: TrainSpec) -> bool:
     """As for generation jobs (pipeline.job.resolve_device), decided before Ray starts: `auto` is GPUs on any
-    cluster the job joins (even before a GPU is up: the autoscaler adds them) or on a machine with one."""
+    cluster the job joins (even before a GPU is up: the autoscaler adds them) or on a machine with one; a Ray this
+    process already holds has GPUs or has not."""
     import ray
 
-    joins_cluster = ray.is_initialized() or bool(spec.ray_address or os.environ.get("RAY_ADDRESS"))
-    return spec.device == "gpu" or (spec.device == "auto" and (joins_cluster or torch.cuda.is_available()))
+    if spec.device != "auto":
+        return spec.device == "gpu"
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(spec.ray_address or os.environ.get("RAY_ADDRESS")) or torch.cuda.is_available()
 
 
 def build_trainer(spec: TrainSpec, init, fs, root: str, use_gpu: bool):

@@ -46,6 +46,7 @@ OUTPUT_DIRS = ("", "images", "pairs")  # root and the subfolders shards write to
 _READ_THREADS = 16
 
 _MARKER = re.compile(r"(\d{5,})\.stats\.json")
+_DATA_FILE = re.compile(r"\d{5,}\.(tar|parquet)")
 # leftovers of interrupted local writes (storage.put_atomic) and compare-and-replace guards
 _LOCAL_EXTRA = r"(\.tmp-[0-9a-f]{32}|\.guard)?"
 _SHARD_FILE = re.compile(rf"\d{{5,}}\.(tar|parquet|stats\.json){_LOCAL_EXTRA}")
@@ -239,6 +240,17 @@ class ShardStore:
         except FileNotFoundError:
             pass
 
+    def data_files(self) -> list[str]:
+        """Shard data files (NNNNN.tar, NNNNN.parquet) at the root and in images/ and pairs/, relative to the
+        root: what a reader that globs the output sees, committed or not."""
+        found = []
+        for sub in OUTPUT_DIRS:
+            for path in _list(self.fs, _join(self.root, sub)):
+                name = posixpath.basename(path)
+                if _DATA_FILE.fullmatch(name):
+                    found.append(f"{sub}/{name}" if sub else name)
+        return sorted(found)
+
     def remove_outputs(self) -> None:
         """Delete this engine's shard files, staging and manifest, never other files (for --overwrite).
 
@@ -297,7 +309,7 @@ def check_compatible(existing: dict, spec_identity: dict, inputs: list[dict]) ->
         for field in sorted(set(old) | set(new))
         if field not in old or field not in new or old[field] != new[field]
     ]
-    changed = _changed_inputs(existing.get("inputs", []), inputs)
+    changed = changed_inputs(existing.get("inputs", []), inputs)
     if changed:
         shown = ", ".join(changed[:10]) + (f", and {len(changed) - 10} more" if len(changed) > 10 else "")
         problems.append(f"  input files changed since the job started: {shown}")
@@ -312,7 +324,8 @@ def _shown(values: dict, field: str) -> str:
     return repr(values[field]) if field in values else "(unset)"
 
 
-def _changed_inputs(old: list[dict], new: list[dict]) -> list[str]:
+def changed_inputs(old: list[dict], new: list[dict]) -> list[str]:
+    """What differs between two input fingerprints, one line per file."""
     before = {f["path"]: f for f in old}
     after = {f["path"]: f for f in new}
     changes = [f"{p} (removed)" for p in sorted(before.keys() - after.keys())]

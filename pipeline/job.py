@@ -57,27 +57,35 @@ def resolve_device(spec: JobSpec) -> JobSpec:
     """Decides the device kind and dtype before any worker starts, without starting Ray.
 
     `auto`: GPUs on any cluster the job joins (even one with no GPU up yet: the autoscaler adds them), and on
-    a local machine with a GPU; the CPU only for a local Ray on a machine without one.
+    a local machine with a GPU; the CPU only for a local Ray on a machine without one. A Ray this process is
+    already connected to (an earlier job's local Ray, a caller's) has GPUs or has not.
     """
-    joins_cluster = ray.is_initialized() or bool(spec.ray_address or os.environ.get("RAY_ADDRESS"))
+    if ray.is_initialized():
+        return spec.resolve(has_gpus=ray.cluster_resources().get("GPU", 0) > 0)
+    joins_cluster = bool(spec.ray_address or os.environ.get("RAY_ADDRESS"))
     return spec.resolve(has_gpus=joins_cluster or torch.cuda.is_available())
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def handle_sigterm_as_interrupt() -> object:
+    """`ray job stop` sends SIGTERM (then SIGKILL 3 s later): handled as Ctrl-C, so the lock is released.
+    Returns the previous handler; does nothing off the main thread, where signals cannot be handled."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
 
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """`ray job stop` sends SIGTERM (then SIGKILL 3 s later): handled as Ctrl-C, so the lock is released."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = handle_sigterm_as_interrupt()
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class Heartbeat:
@@ -102,6 +110,7 @@ PoolFactory = Callable[[JobSpec, dict, Fence, int], ActorPool]
 def ray_pool(spec: JobSpec, sources: dict[str, ModelSource], fence: Fence, num_units: int) -> ActorPool:
     """The pool of ShardWorker actors on the Ray cluster the spec names (or a local one)."""
     connect_ray(spec.ray_address)
+    handle_sigterm_as_interrupt()  # ray.init puts its own SIGTERM handler (a crash dump) in place of ours
     make_worker, num_workers = ray_worker_factory(spec, sources, fence)
     limits = PoolLimits(start_timeout_s=spec.start_timeout_s, unit_timeout_s=spec.unit_timeout_s)
     return ActorPool(make_worker, min(num_workers, num_units), spec.max_unit_attempts, limits)

@@ -42,6 +42,7 @@ class ModelSource:
     kind: str  # "local", "hub" or "url"
     revision: str  # a digest of the files, or the hub commit
     variant: str | None = None  # "fp16": the repo's fp16 weights, downloaded instead of the full ones
+    layout: str = "pipeline"  # "pipeline": a diffusers model folder; "module": one model (a tiny decoder)
 
     def identity(self) -> dict:
         """What the model is, for the job's identity: another spelling or location of the same files is equal."""
@@ -53,16 +54,21 @@ class ModelSource:
         if self.kind == "local":
             return self.model
         if self.kind == "hub":
-            return str(resolve_model_dir(self.model, self.revision, self.variant))
+            return str(resolve_model_dir(self.model, self.revision, self.variant, self.layout))
         return str(_cached_copy(self, storage_options or {}))
 
 
 def model_sources(spec) -> dict[str, ModelSource]:
-    """A resolved spec's models, pinned: {"model": student, "teacher": teacher}, for the tasks it has."""
-    names = {"model": spec.model if "images" in spec.tasks else None,
-             "teacher": spec.teacher if "pairs" in spec.tasks else None}
-    return {key: resolve_model_source(model, spec.dtype, spec.storage_options)
-            for key, model in names.items() if model}
+    """A resolved spec's models, pinned, for the tasks it has: "model" (the student), "teacher", and "decoder"
+    (a tiny decoder in place of the student's VAE)."""
+    sources = {}
+    if "images" in spec.tasks:
+        sources["model"] = resolve_model_source(spec.model, spec.dtype, spec.storage_options)
+        if spec.decoder == "tiny":
+            sources["decoder"] = resolve_model_source(spec.tiny_decoder, spec.dtype, spec.storage_options, "module")
+    if "pairs" in spec.tasks:
+        sources["teacher"] = resolve_model_source(spec.teacher, spec.dtype, spec.storage_options)
+    return sources
 
 
 def job_identity(spec, sources: dict[str, ModelSource]) -> dict:
@@ -70,20 +76,27 @@ def job_identity(spec, sources: dict[str, ModelSource]) -> dict:
     return spec.identity() | {key: source.identity() for key, source in sources.items()}
 
 
-def resolve_model_source(model: str, dtype: str, storage_options: dict | None = None) -> ModelSource:
+def resolve_model_source(model: str, dtype: str, storage_options: dict | None = None,
+                         layout: str = "pipeline") -> ModelSource:
     """Pins `model`; raises ModelLoadError naming it if it cannot be found."""
     if "://" in model:
-        return _url_source(model, storage_options or {})
+        return _url_source(model, storage_options or {}, layout)
     path = Path(model).expanduser()
     if path.is_dir():
-        _check_components(model, {p.name for p in path.iterdir() if p.is_dir()})
-        return ModelSource(model, "local", _local_digest(path))
+        _check_layout(model, {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}, layout)
+        return ModelSource(model, "local", _local_digest(path), layout=layout)
     if path.exists() or not HUB_ID.match(model):
         raise ModelLoadError(f"model {model!r}: no such folder, and not a Hugging Face hub id (org/name)")
-    return _hub_source(model, dtype)
+    return _hub_source(model, dtype, layout)
 
 
-def _check_components(model: str, folders: set[str]) -> None:
+def _check_layout(model: str, files: set[str], layout: str) -> None:
+    """A diffusers model folder has its component folders; a lone module has its config at the top."""
+    if layout == "module":
+        if "config.json" not in files:
+            raise ModelLoadError(f"model {model!r}: not a diffusers model (no config.json)")
+        return
+    folders = {name.split("/")[0] for name in files if "/" in name}
     missing = [name for name in REQUIRED_COMPONENTS if name not in folders]
     if missing:
         raise ModelLoadError(f"model {model!r}: not a diffusers model folder (missing {', '.join(missing)})")
@@ -104,7 +117,7 @@ def _local_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _hub_source(model: str, dtype: str) -> ModelSource:
+def _hub_source(model: str, dtype: str, layout: str) -> ModelSource:
     """The hub's current commit and file list; offline, what the local cache holds."""
     from huggingface_hub import HfApi, snapshot_download
 
@@ -114,24 +127,25 @@ def _hub_source(model: str, dtype: str) -> ModelSource:
         revision = info.sha
     except Exception:  # offline, or the hub unreachable: fall back on the cache
         try:
-            cached = Path(snapshot_download(model, local_files_only=True, allow_patterns=hub_patterns(None)[0]
-                                            + hub_patterns("fp16")[0]))
+            patterns = hub_patterns(None, layout)[0] + hub_patterns("fp16", layout)[0]
+            cached = Path(snapshot_download(model, local_files_only=True, allow_patterns=patterns))
         except Exception as exc:
             raise ModelLoadError(f"model {model!r}: cannot load from the Hugging Face hub ({hub_hint()}): "
                                  f"{exc}") from None
         files = {str(p.relative_to(cached)) for p in cached.rglob("*") if p.is_file()}
         revision = cached.name
-    _check_components(model, {name.split("/")[0] for name in files if "/" in name})
-    has_fp16 = all(any(f.startswith(f"{c}/") and f.endswith(".fp16.safetensors") for f in files)
-                   for c in WEIGHT_COMPONENTS)
-    return ModelSource(model, "hub", revision, "fp16" if dtype == "float16" and has_fp16 else None)
+    _check_layout(model, files, layout)
+    folders = WEIGHT_COMPONENTS if layout == "pipeline" else ("",)
+    has_fp16 = all(any(f.startswith(f"{c}/" if c else "") and f.endswith(".fp16.safetensors") for f in files)
+                   for c in folders)
+    return ModelSource(model, "hub", revision, "fp16" if dtype == "float16" and has_fp16 else None, layout)
 
 
-def _url_source(model: str, storage_options: dict) -> ModelSource:
+def _url_source(model: str, storage_options: dict, layout: str) -> ModelSource:
     fs, root = filesystem(model, storage_options)
     files, digest = _url_listing(fs, root, model)
-    _check_components(model, {rel.split("/")[0] for rel in files if "/" in rel})
-    return ModelSource(model, "url", digest)
+    _check_layout(model, set(files), layout)
+    return ModelSource(model, "url", digest, layout=layout)
 
 
 def _url_listing(fs, root: str, model: str) -> tuple[dict[str, dict], str]:

@@ -20,6 +20,7 @@ from typing import Callable
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
+from instaflow.loading import ModelLoadError
 from pipeline.lock import OutputLostError
 from pipeline.plan import WorkUnit
 from pipeline.spec import JobSpec
@@ -237,6 +238,8 @@ class ActorPool:
             return
         waited = self.clock() - self._idle_since
         if len(self._given_up) == len(self.workers):
+            if "ModelLoadError" in self._last_startup_error:  # found by the driver, but its weights do not load
+                raise ModelLoadError(self._last_startup_error.split("ModelLoadError: ", 1)[-1])
             raise NoWorkersError(f"every worker failed to start repeatedly; the last error: "
                                  f"{self._last_startup_error}")
         if waited > self.limits.start_timeout_s:

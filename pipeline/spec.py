@@ -10,6 +10,8 @@ from pipeline.storage import filesystem, get_bytes, normalize_location, normaliz
 TASKS = ("images", "pairs")
 OUTPUT_FORMATS = ("webdataset", "parquet")
 IMAGE_FORMATS = ("jpeg", "png", "webp")
+DECODERS = ("full", "tiny")
+TAESD = "madebyollin/taesd"  # TAESD, the tiny decoder of SD-1.5's latents
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 DEVICE_CHOICES = ("auto", "gpu", "cpu")
 # Settings that change speed or where things are, not outputs: a resumed job may change them freely (each shard
@@ -29,6 +31,8 @@ class JobSpec:
     model: str | None = None
     steps: int | None = None  # None: the model's default (InstaFlow 1, 2-RF 25)
     guidance_scale: float | None = None  # None: the model's default (InstaFlow 0, 2-RF 1.5)
+    decoder: str = "full"  # "tiny": a tiny decoder in place of the VAE (changes the images: part of the identity)
+    tiny_decoder: str = TAESD
     # teacher, for pairs
     teacher: str | None = None
     teacher_kind: str = "sd"
@@ -87,6 +91,8 @@ class JobSpec:
                 self.teacher_guidance_scale = default_guidance
             check_inputs(self.height, self.width, self.teacher_steps, float(self.teacher_guidance_scale))
         self._check_choice("output_format", OUTPUT_FORMATS)
+        self._check_choice("decoder", DECODERS)
+        self.tiny_decoder = normalize_model(self.tiny_decoder)
         self._check_choice("image_format", IMAGE_FORMATS)
         if self.dtype is not None:
             self._check_choice("dtype", DTYPE_CHOICES)
@@ -132,8 +138,9 @@ class JobSpec:
             raise ValueError("identity() needs a resolved spec: the device kind decides the outputs")
         identity = {k: v for k, v in asdict(self).items() if k not in RUN_ONLY_FIELDS}
         if "images" not in self.tasks:
-            for name in ("model", "steps", "guidance_scale", "output_format", "image_format"):
+            for name in ("model", "steps", "guidance_scale", "output_format", "image_format", "decoder"):
                 identity.pop(name)
+        identity.pop("tiny_decoder")  # when used, the job records the decoder by what it is (its source)
         if "pairs" not in self.tasks:
             for name in ("teacher", "teacher_kind", "teacher_steps", "teacher_guidance_scale", "teacher_images"):
                 identity.pop(name)

@@ -10,6 +10,7 @@ are still being encoded; that wait is recorded in the shard's stats (`encode_wai
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -107,13 +108,17 @@ class ShardWorker:
         cache = ComponentCache(self.runtime, allow_pickle=spec.allow_pickle)
         size = dict(height=spec.height, width=spec.width)
         student = teacher = None
-        for name, source in sources.items():
+        if "model" in sources:
+            components = cache.load(sources["model"].local_dir(spec.storage_options), variant=sources["model"].variant)
+            if "decoder" in sources:
+                decoder = cache.load_tiny_decoder(sources["decoder"].local_dir(spec.storage_options))
+                components = dataclasses.replace(components, vae=decoder)
+            student = Student(components, Settings(spec.steps, spec.guidance_scale, **size))
+        if "teacher" in sources:
+            source = sources["teacher"]
             components = cache.load(source.local_dir(spec.storage_options), variant=source.variant)
-            if name == "model":
-                student = Student(components, Settings(spec.steps, spec.guidance_scale, **size))
-            else:
-                settings = Settings(spec.teacher_steps, spec.teacher_guidance_scale, **size)
-                teacher = Teacher(components, spec.teacher_kind, settings)
+            settings = Settings(spec.teacher_steps, spec.teacher_guidance_scale, **size)
+            teacher = Teacher(components, spec.teacher_kind, settings)
         return student, teacher
 
     def describe(self) -> dict:
@@ -313,6 +318,7 @@ class ShardWorker:
     def _rows(self, samples: list[Sample], outputs: dict, task: str, model: str, steps: int,
               guidance_scale: float) -> list[dict]:
         failed = outputs["failed"][task]
+        decoder = None if task == "pairs" else ("full" if self.spec.decoder == "full" else self.spec.tiny_decoder)
         return [
             {
                 "key": s.key,
@@ -327,6 +333,7 @@ class ShardWorker:
                 "width": self.spec.width,
                 "truncated": outputs["truncated"].get(s.key, False),
                 "negative_prompt": s.negative_prompt,
+                "decoder": decoder,
             }
             for s in samples
         ]

@@ -36,6 +36,7 @@ METADATA_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("truncated", pa.bool_()),  # prompt cut to the text encoder's 77 tokens
         ("negative_prompt", pa.string()),
+        ("decoder", pa.string()),  # images: "full" (the model's VAE) or the tiny decoder used; pairs: null
     ]
 )
 TENSOR_SHAPE_KEY = b"instaflow.tensor_shape"

@@ -17,6 +17,7 @@ import ray
 from jobs.cli import exit_status
 from jobhelpers import data_files, metadata_rows, prompt_table, stats, write_prompts
 from pipeline.job import ray_pool, run_job
+from pipeline.lock import lock_holder
 from pipeline.pool import ActorPool
 from pipeline.spec import JobSpec
 
@@ -101,6 +102,18 @@ def test_interrupted_then_killed_driver_resumes(ray_gpus, prompts, tiny_models, 
     for marker in output.glob("*.stats.json"):
         assert (output / marker.name.replace(".stats.json", ".parquet")).exists()
     assert len(list(output.glob("*.stats.json"))) < NUM_PROMPTS // 4
+    assert lock_holder(FS, str(output)) is None
+
+    # SIGTERM, as `ray job stop` sends it: the same clean stop, and the output is released at once.
+    committed = len(list(output.glob("*.stats.json")))
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for_markers(output, committed + 1)
+    driver.send_signal(signal.SIGTERM)
+    out, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 130, out.decode()[-3000:]
+    assert lock_holder(FS, str(output)) is None
+    for marker in output.glob("*.stats.json"):
+        assert (output / marker.name.replace(".stats.json", ".parquet")).exists()
 
     # kill -9: no clean-up at all; the lock it leaves behind is taken over once unchanged for its lease.
     committed = len(list(output.glob("*.stats.json")))

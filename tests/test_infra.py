@@ -78,7 +78,7 @@ def test_launcher_config():
 
 def test_commands_in_comments_and_readmes_are_jobs_that_parse():
     sources = [INFRA / "kuberay" / "raycluster.yaml", INFRA / "cluster" / "aws.yaml", INFRA / "README.md",
-               INFRA.parent / "docs" / "cli.md"]  # rayjob.yaml's entrypoint is checked with the manifest
+               INFRA.parent / "README.md"]  # rayjob.yaml's entrypoint is checked with the manifest
     commands = 0
     for path in sources:
         text = re.sub(r"\\\n[#\s]*", " ", path.read_text())  # join continued lines, in comments too
@@ -100,7 +100,7 @@ def test_commands_in_comments_and_readmes_are_jobs_that_parse():
 def test_job_file_reference_lists_every_key():
     from jobs.jobfile import job_flags
 
-    text = (INFRA.parent / "docs" / "cli.md").read_text()
+    text = (INFRA.parent / "README.md").read_text()
     documented = set(re.findall(r"^\| `(\w+)` \|", text, re.M))
     keys = {"job"} | {key for module in JOBS.values() for key in job_flags(module.parser())}
     assert documented == keys

@@ -1,13 +1,15 @@
 """The model layer against the published math and diffusers' own pipelines, on the tiny offline models."""
 
+import shutil
 import time
 
 import pytest
 import torch
 
-from instaflow.loading import ComponentCache, ModelLoadError, Runtime
+from instaflow.loading import ComponentCache, ModelLoadError, Runtime, hub_patterns
 from instaflow.models import PromptBatch, Settings, Student, Teacher, student_defaults, teacher_defaults
-from instaflow.sampling import check_inputs, noise_for_seed
+from instaflow.sampling import check_inputs, finite_per_sample, noise_for_seed
+from instaflow.text import tokenize_prompts
 from instaflow.tiny import build_tokenizer, build_unet
 
 PROMPTS = [
@@ -200,3 +202,57 @@ def test_defaults_follow_the_papers():
     assert teacher_defaults("sd") == (25, 5.0)
     with pytest.raises(ValueError, match="teacher kind"):
         teacher_defaults("ddim")
+
+
+def test_equal_weights_in_other_files_are_shared_and_pickles_refused(cache, tiny_models, tmp_path):
+    """Sharing goes by tensors: a copy whose VAE and text encoder were saved again (other file bytes, sharded)
+    shares them with the original; a model with only pickle weights loads only when allowed."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    copy = tmp_path / "resaved"
+    shutil.copytree(tiny_models["instaflow"], copy)
+    for name, loader in (("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
+        shutil.rmtree(copy / name)
+        loader.from_pretrained(tiny_models["instaflow"] / name).save_pretrained(copy / name, max_shard_size="20KB")
+    assert sorted(p.name for p in (copy / "vae").iterdir()) != sorted(
+        p.name for p in (tiny_models["instaflow"] / "vae").iterdir())
+    original, resaved = cache.load(str(tiny_models["instaflow"])), cache.load(str(copy))
+    assert resaved.vae is original.vae and resaved.text_encoder is original.text_encoder
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_models["instaflow"], pickled)
+    shutil.rmtree(pickled / "unet")
+    build_unet(seed=4).save_pretrained(pickled / "unet", safe_serialization=False)
+    with pytest.raises(ModelLoadError, match="no .safetensors weights.*--allow-pickle"):
+        ComponentCache(Runtime.default()).load(str(pickled))
+    unet = ComponentCache(Runtime.default(), allow_pickle=True).load(str(pickled)).unet
+    assert torch.equal(unet.conv_out.weight, build_unet(seed=4).conv_out.weight)
+
+
+def test_one_weight_format_is_downloaded_from_the_hub():
+    full_allow, full_ignore = hub_patterns(None)
+    fp16_allow, fp16_ignore = hub_patterns("fp16")
+    assert "unet/*.safetensors" in full_allow and "*.fp16.*" in full_ignore
+    assert "unet/*.fp16.safetensors" in fp16_allow and "unet/*.safetensors" not in fp16_allow
+    assert not any(pattern.endswith((".bin", "/*")) and pattern.startswith(("unet", "vae", "text_encoder"))
+                   for pattern in full_allow + fp16_allow)
+
+
+def test_tokenising_once_equals_the_tokenizers_own_padding_and_truncation(tiny_models):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_models["sd15"] / "tokenizer")
+    prompts = ["a cat", "", " ".join(["a very detailed castle"] * 40), "ünïcödé 東京 🦊"]
+    tokens = tokenize_prompts(tokenizer, prompts)
+    want = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    assert torch.equal(tokens.input_ids, want.input_ids)
+    assert torch.equal(tokens.attention_mask, want.attention_mask)
+    assert tokens.truncated == [False, False, True, False]
+
+
+def test_non_finite_samples_are_found_per_sample():
+    latents, images = torch.zeros(4, 4, 8, 8), torch.zeros(4, 3, 64, 64)
+    latents[1, 0, 0, 0] = float("nan")
+    images[3, 2, 5, 5] = float("inf")
+    assert finite_per_sample(latents, images).tolist() == [True, False, True, False]

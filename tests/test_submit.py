@@ -22,6 +22,7 @@ from infra.local.s3_server import CREDS
 from jobs.main import main
 from jobs.ray_jobs import connect, exit_status
 from pipeline.commit import committed_shards
+from pipeline.lock import lock_holder
 from tests.jobhelpers import prompt_table, write_prompts
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -122,16 +123,17 @@ def test_stopped_job_resubmitted_resumes_and_completes(address, bucket, tiny_mod
     assert main(["submit", *flags]) == 0
     job_id = capsys.readouterr().out.strip()
     deadline = time.monotonic() + 120
-    while not committed_shards(bucket, f"{BUCKET}/stopped"):
+    while not bucket.exists(f"{BUCKET}/stopped/_job.json") or not committed_shards(bucket, f"{BUCKET}/stopped"):
         assert time.monotonic() < deadline, "no shard committed in 120 s"
         time.sleep(0.2)
+        bucket.invalidate_cache()
     assert main(["stop", job_id]) == 0
     client = connect(None)
     while not client.get_job_info(job_id).status.is_terminal():
         time.sleep(0.2)
     assert client.get_job_info(job_id).status == JobStatus.STOPPED
     # A stopped driver (SIGTERM) must release its output, as Ctrl-C does, for the next job to take it at once.
-    assert not bucket.exists(f"{BUCKET}/stopped/_job.lock"), "SIGTERM left the output locked"
+    assert lock_holder(bucket, f"{BUCKET}/stopped") is None, "SIGTERM left the output locked"
     done_before = len(committed_shards(bucket, f"{BUCKET}/stopped"))
     assert done_before < 50, "the job finished before it could be stopped: make it longer"
     capsys.readouterr()

@@ -3,6 +3,7 @@ batch, and the good rows equal those of a run without the fault (to one level: b
 the last bit differently, see the README on determinism)."""
 
 import io
+import json
 
 import fsspec
 import numpy as np
@@ -110,3 +111,27 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path, tiny_models,
     marker, members = run_unit(tmp_path, tiny_models, PROMPTS, "oom", small_memory)
     assert marker["failed"] == 0 and marker["run"]["batch_size_used"] == 2
     assert_same_images(images(members), images(clean[1]))
+
+
+def test_the_tiny_decoder_decodes_the_students_latents(tmp_path, tiny_models):
+    from diffusers import AutoencoderTiny
+
+    from instaflow.loading import ComponentCache, Runtime
+    from instaflow.models import PromptBatch, Settings
+
+    assert JobSpec(prompts="p", output="o", model="m", decoder="tiny").resolve(False).identity() != \
+        JobSpec(prompts="p", output="o", model="m").resolve(False).identity()  # other images: another job
+    marker, members = run_unit(tmp_path, tiny_models, PROMPTS[:4], "tiny", decoder="tiny",
+                               tiny_decoder=str(tiny_models["taesd"]))
+    assert marker["failed"] == 0
+    meta = json.loads(members["000000000002.json"])
+    assert meta["decoder"] == str(tiny_models["taesd"])
+    # diffusers' own AutoencoderTiny on the student's latents, mapped to pixels as diffusers rounds
+    student = Student(ComponentCache(Runtime.default()).load(str(tiny_models["instaflow"])), Settings(1, 0.0, 64, 64))
+    latents, _ = student.sample_latents(PromptBatch(PROMPTS[2:3], [meta["seed"]], [None]))
+    taesd = AutoencoderTiny.from_pretrained(tiny_models["taesd"])
+    with torch.no_grad():
+        images = taesd.decode(latents).sample
+    want = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy().astype(int)
+    got = np.asarray(Image.open(io.BytesIO(members["000000000002.png"])), dtype=int)
+    assert np.abs(got - want).max() <= 1

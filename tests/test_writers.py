@@ -43,9 +43,9 @@ def metadata() -> pa.Table:
 
 def test_metadata_table_has_fixed_types(metadata):
     schema = metadata.schema
-    assert schema.names[:12] == ["key", "prompt", "seed", "status", "error_message", "model", "steps",
-                                 "guidance_scale", "height", "width", "truncated", "negative_prompt"]
-    assert schema.names[12:] == ["url", "score"]
+    assert schema.names[:13] == ["key", "prompt", "seed", "status", "error_message", "model", "steps",
+                                 "guidance_scale", "height", "width", "truncated", "negative_prompt", "decoder"]
+    assert schema.names[13:] == ["url", "score"]
     assert (schema.field("seed").type, schema.field("steps").type, schema.field("guidance_scale").type) == (
         pa.int64(), pa.int32(), pa.float32())
     assert metadata.column("error_message").to_pylist() == [None, "in.parquet row 1: empty prompt", None]

@@ -116,12 +116,20 @@ def start(args: argparse.Namespace) -> dict:
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = os.environ | CREDS | {"AWS_ENDPOINT_URL": endpoint, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                                 "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
+    autoscaling = []
+    if args.autoscaling_config:
+        # Ray's fake autoscaler: nodes of the config's types appear as local processes when work waits for them.
+        # Its provider finds the GCS on port 6379 only.
+        if ray_port != 6379:
+            raise SystemExit("the fake autoscaler needs --ray-port 6379")
+        env |= {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+        autoscaling = [f"--autoscaling-config={Path(args.autoscaling_config).resolve()}"]
     ray_command = [
         str(Path(sys.executable).with_name("ray")), "start", "--head", f"--node-ip-address={HOST}",
         f"--port={ray_port}", f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}",
         "--include-dashboard=true", f"--ray-client-server-port={client_port}",
         f"--dashboard-agent-listen-port={agent_port}", f"--temp-dir={temp_dir}",
-        f"--num-cpus={args.num_cpus}", f"--num-gpus={args.num_gpus}", "--disable-usage-stats",
+        f"--num-cpus={args.num_cpus}", f"--num-gpus={args.num_gpus}", "--disable-usage-stats", *autoscaling,
     ]
     started = subprocess.run(ray_command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     state["ray_pids"] = processes_naming(*_head_markers(state))
@@ -225,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     start_parser.add_argument("--upload", action="append", default=[], metavar="LOCAL:s3://bucket/key",
                               help="file or folder to upload (repeatable)")
     start_parser.add_argument("--temp-root", default="/tmp", help="where the head's private temp dir goes")
+    start_parser.add_argument("--autoscaling-config", help="a fake_multinode autoscaler config: GPU nodes appear "
+                              "as local processes when jobs wait for them (needs --ray-port 6379)")
     args = parser.parse_args(argv)
 
     if args.command == "stop":

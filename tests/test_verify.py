@@ -1,0 +1,89 @@
+"""`instaflow-batch verify` on a real output, intact and with each kind of damage."""
+
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import generate, reflow_pairs
+from jobs.main import main
+
+SIZE = ["--height", "64", "--width", "64", "--dtype", "float32"]  # logical GPUs compute on the CPU
+
+
+@pytest.fixture(scope="module")
+def finished(ray_gpus, tiny_models, tmp_path_factory):
+    """A finished images job of 3 shards, with one failed row and an id repeated across two units."""
+    root = tmp_path_factory.mktemp("verify")
+    ids = [f"k{i}" for i in range(12)]
+    ids[9] = "k1"  # a duplicate in another unit: the job cannot see it, verify must
+    prompts = [f"a lighthouse at dusk, number {i}" for i in range(12)]
+    prompts[4] = "   "
+    pq.write_table(pa.table({"id": ids, "prompt": prompts}), root / "prompts.parquet", row_group_size=4)
+    assert generate.main(["--prompts", str(root / "prompts.parquet"), "--output", str(root / "out"),
+                          "--model", str(tiny_models["instaflow"]), *SIZE, "--rows-per-shard", "4",
+                          "--num-workers", "2", "--no-progress"]) == 0
+    return root
+
+
+def damaged(finished, tmp_path, damage=None):
+    out = tmp_path / "out"
+    shutil.copytree(finished / "out", out)
+    if damage:
+        damage(out)
+    return out
+
+
+def verify(out, capsys) -> tuple[int, str]:
+    status = main(["verify", str(out)])
+    return status, capsys.readouterr().out
+
+
+def test_a_sound_output_passes_and_its_failed_rows_are_listed(finished, tmp_path, capsys):
+    fixed = damaged(finished, tmp_path, lambda out: None)
+    status, text = verify(fixed, capsys)
+    assert "shards           3 committed of 3 planned" in text and "rows (images)    12" in text
+    assert "images k4:" in text and "row 4: empty prompt" in text  # listed, not a problem
+    # The duplicate id across units is the one problem of this output.
+    assert status == 1 and "1 keys appear more than once in images: 'k1' in 00000+00002" in text
+
+
+@pytest.mark.parametrize("damage,problem", [
+    (lambda out: [(out / f"00001.{ext}").unlink() for ext in ("tar", "parquet", "stats.json")],
+     "1 planned shards not committed: 00001"),
+    (lambda out: (out / "00000.tar").write_bytes((out / "00000.tar").read_bytes()[:1000]),
+     "shard 00000: 00000.tar is 1000 bytes and not what its marker recorded"),
+    (lambda out: (out / "00002.parquet").unlink(), "shard 00002: 00002.parquet is missing"),
+    (lambda out: shutil.copy(out / "00000.tar", out / "00007.tar"),
+     "1 data files that no committed shard claims (a reader that globs the output would read them): 00007.tar"),
+    (lambda out: unfinish(out, 1), "1 commits were not moved into place (a crash)"),
+])
+def test_each_kind_of_damage_is_reported(finished, tmp_path, capsys, damage, problem):
+    status, text = verify(damaged(finished, tmp_path, damage), capsys)
+    assert status == 1 and problem in text, text
+    assert "verdict          NOT OK" in text
+
+
+def unfinish(out, unit_id: int) -> None:
+    """Puts a committed shard back as a crash between its marker and its move would have left it."""
+    marker = json.loads((out / f"{unit_id:05d}.stats.json").read_text())
+    staging = out / marker["staging"]
+    staging.mkdir(parents=True)
+    for name in marker["files"]:
+        shutil.move(out / name, staging / name)
+
+
+def test_a_pairs_output_verifies(ray_gpus, tiny_models, finished, tmp_path, capsys):
+    assert reflow_pairs.main(["--prompts", str(finished / "prompts.parquet"), "--output", str(tmp_path / "pairs"),
+                              "--teacher", str(tiny_models["sd15"]), "--steps", "3", *SIZE, "--rows-per-shard", "4",
+                              "--num-workers", "1", "--no-progress"]) == 0
+    status, text = verify(tmp_path / "pairs", capsys)
+    assert "shards           3 committed of 3 planned" in text and "rows (pairs)     12" in text
+    assert "'k1' in 00000+00002" in text and status == 1  # the same duplicate id
+
+
+def test_something_that_is_not_an_output_is_refused(tmp_path, capsys):
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "not an output of this tool" in capsys.readouterr().err
