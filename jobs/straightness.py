@@ -21,7 +21,7 @@ from instaflow.loading import ComponentCache, ModelLoadError, Runtime
 from instaflow.models import MODEL_RECORD
 from instaflow.text import encode_tokens, tokenize_prompts
 from instaflow.training import STRAIGHTNESS_TIMES, flow_measures
-from jobs.cli import _json_object
+from jobs.cli import json_object
 from jobs.main import DefaultsShown
 from pipeline.commit import read_manifest
 from pipeline.model_source import resolve_model_source
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="draws the flow times of the reflow loss")
     parser.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto")
     parser.add_argument("--report", help="also write the rows as JSON lines to this URL")
-    parser.add_argument("--storage-options", type=_json_object, default={}, help="JSON passed to fsspec")
+    parser.add_argument("--storage-options", type=json_object, default={}, help="JSON passed to fsspec")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.max_pairs < 1 or args.batch_size < 1:

@@ -19,7 +19,7 @@ import torch
 
 from instaflow.loading import ModelLoadError
 from instaflow.training import LOSSES
-from jobs.cli import _json_object
+from jobs.cli import json_object
 from jobs.main import DefaultsShown
 from pipeline.commit import check_compatible, job_manifest, read_manifest, write_manifest
 from pipeline.job import connect_ray, handle_sigterm_as_interrupt, sigterm_as_interrupt
@@ -62,7 +62,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts from the last checkpoint")
     parser.add_argument("--lock-lease", dest="lock_lease_s", type=float, default=120.0,
                         help="seconds after which a lock its job stopped renewing is taken over")
-    parser.add_argument("--storage-options", type=_json_object, default={}, help="JSON passed to fsspec")
+    parser.add_argument("--storage-options", type=json_object, default={}, help="JSON passed to fsspec")
     parser.add_argument("--overwrite", action="store_true", help="delete this tool's outputs there and start over")
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     return parser
