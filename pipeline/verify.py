@@ -73,8 +73,9 @@ def verify_output(output: str, storage_options: dict | None = None) -> VerifyRep
     store = ShardStore(fs, root)
     _check_staging(store, shards, report)
     _check_orphans(store, shards, report)
+    per_row = manifest.get("spec", {}).get("samples_per_prompt", 1)  # output rows per input row
     with ThreadPoolExecutor(_THREADS) as pool:
-        checked = list(pool.map(lambda item: _check_shard(fs, root, *item, planned), sorted(shards.items())))
+        checked = list(pool.map(lambda item: _check_shard(fs, root, *item, planned, per_row), sorted(shards.items())))
     keys: dict[str, dict[str, list[str]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     for shard_problems, shard_keys, failed in checked:
         report.problems += shard_problems
@@ -125,7 +126,9 @@ def _check_orphans(store: ShardStore, shards: dict[int, dict], report: VerifyRep
                                f"the output would read them): {', '.join(orphans[:MAX_LISTED])}")
 
 
-def _check_shard(fs, root: str, unit_id: int, marker: dict, planned: dict | None) -> tuple[list, dict, list]:
+def _check_shard(
+    fs, root: str, unit_id: int, marker: dict, planned: dict | None, per_row: int = 1
+) -> tuple[list, dict, list]:
     """(problems, {task: (shard, keys)}, failed rows) of one committed shard."""
     shard = f"{unit_id:05d}"
     problems, keys, failed = [], {}, []
@@ -160,8 +163,9 @@ def _check_shard(fs, root: str, unit_id: int, marker: dict, planned: dict | None
             continue
         task = _task_of(name, table, contents)
         rows = table.to_pylist()
-        if len(rows) != unit.get("num_rows"):
-            problems.append(f"shard {shard}: {name} has {len(rows)} rows, its unit {unit.get('num_rows')}")
+        if len(rows) != unit.get("num_rows", 0) * per_row:
+            problems.append(f"shard {shard}: {name} has {len(rows)} rows, its unit {unit.get('num_rows')}"
+                            + (f" x {per_row} samples per prompt" if per_row > 1 else ""))
         keys[task] = (shard, [row["key"] for row in rows])
         failed += [f"{task} {row['key']}: {row['error_message']}" for row in rows if row["status"] != "ok"]
         tar_name = name[: -len(".parquet")] + ".tar"

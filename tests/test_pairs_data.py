@@ -21,6 +21,7 @@ from jobs import reflow_pairs
 from pipeline.commit import identity_digest, job_manifest, write_manifest
 from pipeline.pairs_data import PairsError, PairStream, build_embedding_cache, find_pairs, ray_dataset
 from pipeline.reader import MAX_SEED, derive_seed
+from pipeline.verify import verify_output
 from pipeline.writers import read_tensor_column
 
 FS = fsspec.filesystem("file")
@@ -197,3 +198,5 @@ def test_samples_per_prompt_and_teacher_images(ray_cpus, tiny_models, tmp_path):
         assert image["path"] == f"{rows[i]['key']}.png"
         assert np.abs(pixels.astype(int) - want[i].astype(int)).max() <= 1
     assert pairs.column("image")[8].as_py() is None
+    report = verify_output(str(tmp_path / "out"))  # 9 rows from a unit of 3 input rows is what was asked
+    assert report.problems == [], report.problems
