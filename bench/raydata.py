@@ -1,0 +1,284 @@
+"""Benchmark 2: the engine against the best Ray Data pipeline we could write, on the same tiny model, the same
+prompts in S3 (moto, 127.0.0.1) and the same kind of output in S3 (webdataset tars of JPEGs at quality 95).
+
+    python bench/raydata.py [--prompts 8192] [--size 64] [--workers 2] [--repeats 2] [--no-resume] [--out DIR]
+    python bench/raydata.py --quick      # a few hundred prompts, no resume: the test runs this
+
+Each run is its own process with its own local Ray (4 logical CPUs, one logical GPU per worker; Ray Data's
+checkpoint filter needs the spare CPUs, FACTS.md), so that a run can be killed like a real job:
+- ours: `jobs.generate`, one worker per logical GPU with 1 CPU each;
+- Ray Data: `read_parquet`, `repartition` (one block per 64 prompts: without it one actor did all the work,
+  FACTS.md), `map_batches` with an actor pool (`compute=ActorPoolStrategy`, 1 GPU and 1 CPU per actor, as
+  ours) running the same `instaflow.models.Student`, then `write_webdataset`, with `DataContext.checkpoint_config`
+  on (id column `id`, in S3) so that it resumes. Two variants: JPEG encoding inside the actor, or in a
+  separate CPU stage after it; both are measured and the faster one is the baseline.
+
+Throughput is prompts over the job's time after Ray started (worker start and model load included, for both),
+and the steady state: rows per second over the middle half of the output files, by their storage timestamps.
+The systems run in turn, `--repeats` rounds, and medians are compared.
+Resume: a run is SIGKILLed (with its Ray) once half its output is written, then run again on the same output;
+the cost is the killed run's time plus the re-run's, minus an uninterrupted run's. Every output is checked for
+each prompt exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (  # noqa: E402
+    CpuMeter,
+    Figures,
+    build_tiny_models,
+    default_out,
+    local_ray,
+    pyarrow_s3,
+    s3_server,
+    s3_storage_options,
+    start_child,
+    write_prompt_files,
+    write_result,
+)
+
+SCRIPT = Path(__file__).resolve()
+ROWS_PER_BLOCK = 64  # our rows per shard and Ray Data's rows per block: the same unit of work and output file
+LOGICAL_CPUS = 4
+JOB_SEED = 0
+SYSTEMS = ("ours", "raydata-in-actor", "raydata-encode-stage")
+
+
+# ------------------------------------------------------------------------------------------- inside a child
+
+
+class TinyGenerator:
+    """Ray Data's map_batches actor: the engine's own student and seeds, so both do the same sampling work."""
+
+    def __init__(self, model_dir: str, size: int, encode: bool):
+        from instaflow.loading import ComponentCache, Runtime
+        from instaflow.models import Settings, Student
+
+        runtime = Runtime.default("float32", False, device="cpu")
+        self.student = Student(ComponentCache(runtime).load(model_dir), Settings(1, 0.0, size, size))
+        self.encode = encode
+
+    def __call__(self, batch: dict) -> dict:
+        from instaflow.models import PromptBatch
+        from pipeline.reader import derive_seed
+
+        keys, prompts = [str(k) for k in batch["id"]], [str(p) for p in batch["prompt"]]
+        seeds = [derive_seed(JOB_SEED, key) for key in keys]
+        pixels = self.student.generate(PromptBatch(prompts, seeds, [None] * len(keys))).pixels.numpy()
+        out = {"id": keys, "__key__": keys, "txt": prompts,
+               "json": [json.dumps({"key": k, "prompt": p, "seed": s}) for k, p, s in zip(keys, prompts, seeds)]}
+        return out | ({"jpg": encode_jpegs({"pixels": pixels})["jpg"]} if self.encode else {"pixels": pixels})
+
+
+def encode_jpegs(batch: dict) -> dict:
+    """JPEG at quality 95, as the engine writes (pipeline.writers.encode_image)."""
+    from pipeline.writers import encode_image
+
+    out = {k: v for k, v in batch.items() if k != "pixels"}
+    out["jpg"] = [encode_image(pixels, "jpeg") for pixels in batch["pixels"]]
+    return out
+
+
+def child_raydata(args) -> dict:
+    import ray.data
+    from ray.data.checkpoint import CheckpointConfig
+
+    pafs = pyarrow_s3(args.endpoint)
+    context = ray.data.DataContext.get_current()
+    context.checkpoint_config = CheckpointConfig(id_column="id", checkpoint_path=args.checkpoint,
+                                                 override_filesystem=pafs, delete_checkpoint_on_success=False)
+    context.enable_progress_bars = False
+    in_actor = args.system == "raydata-in-actor"
+    started = time.perf_counter()
+    ds = ray.data.read_parquet(args.prompts, filesystem=pafs)
+    ds = ds.repartition(args.blocks)
+    ds = ds.map_batches(TinyGenerator, fn_constructor_args=(args.model, args.size, in_actor),
+                        batch_size=args.batch, compute=ray.data.ActorPoolStrategy(size=args.workers), num_gpus=1,
+                        num_cpus=1)
+    if not in_actor:
+        ds = ds.map_batches(encode_jpegs, batch_size=args.batch, num_cpus=0.5)
+    ds.write_webdataset(args.output, filesystem=pafs, encoder=None)  # the JPEGs are already bytes
+    return {"job_s": time.perf_counter() - started}
+
+
+def child_ours(args) -> dict:
+    from jobs import generate
+
+    started = time.perf_counter()
+    status = generate.main([
+        "--prompts", f"s3://{args.prompts}", "--output", f"s3://{args.output}", "--model", args.model,
+        "--height", str(args.size), "--width", str(args.size), "--dtype", "float32", "--device", "gpu",
+        "--batch-size", str(args.batch), "--rows-per-shard", str(ROWS_PER_BLOCK), "--num-workers",
+        str(args.workers), "--cpus-per-worker", "1", "--seed", str(JOB_SEED), "--storage-options",
+        json.dumps(s3_storage_options(args.endpoint)), "--no-progress",
+    ])
+    if status != 0:
+        raise SystemExit(f"jobs.generate exited {status}")
+    return {"job_s": time.perf_counter() - started}
+
+
+def child_main(args) -> int:
+    with local_ray(LOGICAL_CPUS, args.workers, workdir=None):
+        result = child_ours(args) if args.system == "ours" else child_raydata(args)
+    write_result(args.result, result)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+
+
+class Comparison:
+    def __init__(self, s3, model_dir: Path, args, workdir: Path, figures: Figures):
+        self.s3, self.fs, self.model_dir, self.args, self.workdir = s3, s3.fs(), model_dir, args, workdir
+        self.figures = figures
+        self.prompts = f"{s3.bucket}/prompts"
+        write_prompt_files(self.fs, self.prompts, num_files=8, rows_per_file=args.prompts // 8,
+                           row_group_rows=ROWS_PER_BLOCK)
+        self.blocks = args.prompts // ROWS_PER_BLOCK
+
+    def start(self, system: str, name: str):
+        a = self.args
+        return start_child(SCRIPT, [
+            "child", system, "--endpoint", self.s3.endpoint_url, "--prompts", self.prompts,
+            "--output", f"{self.s3.bucket}/{name}/out", "--checkpoint", f"{self.s3.bucket}/{name}/checkpoint",
+            "--model", str(self.model_dir), "--size", str(a.size), "--batch", str(a.batch), "--workers",
+            str(a.workers), "--blocks", str(self.blocks)], self.workdir, name)
+
+    def written(self, system: str, name: str) -> int:
+        """Output files that count as done: our committed markers, Ray Data's tars."""
+        pattern = "*.stats.json" if system == "ours" else "*.tar"
+        self.fs.invalidate_cache()
+        return len(self.fs.glob(f"{self.s3.bucket}/{name}/out/{pattern}"))
+
+    def keys(self, system: str, name: str) -> list[str]:
+        """Every sample key in the output, once per time it was written."""
+        root = f"{self.s3.bucket}/{name}/out"
+        self.fs.invalidate_cache()
+        if system == "ours":
+            import pyarrow.parquet as pq
+
+            from pipeline.commit import committed_shards
+
+            keys = []
+            for marker in committed_shards(self.fs, root).values():
+                for file in marker["files"]:
+                    if file.endswith(".parquet"):
+                        keys += pq.read_table(f"{root}/{file}", filesystem=self.fs, columns=["key"])["key"].to_pylist()
+            return keys
+        keys = []
+        for path in self.fs.glob(f"{root}/*.tar"):
+            with tarfile.open(fileobj=io.BytesIO(self.fs.cat_file(path))) as tar:
+                keys += [m.name.rsplit(".", 1)[0] for m in tar.getmembers() if m.name.endswith(".jpg")]
+        return keys
+
+    def check_output(self, system: str, name: str) -> dict:
+        keys = self.keys(system, name)
+        return {"rows_written": len(keys), "distinct_keys": len(set(keys)), "duplicates": len(keys) - len(set(keys)),
+                "missing": self.args.prompts - len(set(keys))}
+
+    def steady_rate(self, name: str) -> float:
+        """Rows per second over the middle half of the output tars, by their storage timestamps (whole
+        seconds in moto): the same measure for both systems, with start-up and the tail left out."""
+        self.fs.invalidate_cache()
+        times = sorted(info["LastModified"].timestamp()
+                       for info in self.fs.glob(f"{self.s3.bucket}/{name}/out/*.tar", detail=True).values())
+        first, last = times[len(times) // 4], times[3 * len(times) // 4]
+        between = sum(1 for t in times if first < t <= last)
+        return between * ROWS_PER_BLOCK / (last - first) if last > first else float("nan")
+
+    def full_run(self, system: str, repeat: int) -> dict:
+        name = f"{system}-full-{repeat}"
+        with CpuMeter() as meter:
+            result = self.start(system, name).wait(self.args.timeout_s)
+        figures = {**result, "samples_per_s": self.args.prompts / result["job_s"],
+                   "steady_samples_per_s": self.steady_rate(name), **self.check_output(system, name),
+                   "other_jobs_cores": meter.result["other_jobs_cores"]}
+        self.figures.add(f"throughput: {system}", repeat=repeat, prompts=self.args.prompts, size=self.args.size,
+                         workers=self.args.workers, batch=self.args.batch, **figures)
+        return figures
+
+    def killed_and_resumed(self, system: str, full: dict) -> None:
+        name = f"{system}-resume"
+        target = self.blocks // 2
+        with CpuMeter() as meter:
+            child = self.start(system, name)
+            while self.written(system, name) < target:
+                if child.process.poll() is not None:
+                    raise RuntimeError(f"{system} finished before it could be killed; see {child.log_path}")
+                time.sleep(0.2)
+            killed_at = child.kill()
+            done_at_kill = self.written(system, name)
+            rerun = self.start(system, name).wait(self.args.timeout_s)
+        self.figures.add(
+            f"resume after a kill at 50%: {system}", prompts=self.args.prompts, killed_at_s=killed_at,
+            done_at_kill=done_at_kill / self.blocks, rerun_wall_s=rerun["wall_s"], rerun_job_s=rerun["job_s"],
+            full_wall_s=full["wall_s"], resume_cost_s=killed_at + rerun["wall_s"] - full["wall_s"],
+            other_jobs_cores=meter.result["other_jobs_cores"], **self.check_output(system, name))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "child":
+        return child_main(child_parser().parse_args(argv[1:]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=8192, help=f"a multiple of {8 * ROWS_PER_BLOCK}")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds over the systems; medians are compared")
+    parser.add_argument("--no-resume", action="store_true", help="throughput only")
+    parser.add_argument("--quick", action="store_true", help="512 prompts once, no resume: the test's setting")
+    parser.add_argument("--timeout-s", type=float, default=900)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompts, args.no_resume, args.repeats = 8 * ROWS_PER_BLOCK, True, 1
+    if args.prompts % (8 * ROWS_PER_BLOCK):
+        parser.error(f"--prompts must be a multiple of {8 * ROWS_PER_BLOCK} (8 files of whole blocks)")
+    figures = Figures("raydata", args.out or default_out())
+    figures.machine("python bench/raydata.py " + " ".join(argv))
+    with tempfile.TemporaryDirectory(prefix="bench-raydata-") as tmp, s3_server() as s3:
+        comparison = Comparison(s3, build_tiny_models(Path(tmp))["instaflow"], args, Path(tmp), figures)
+        runs = {system: [] for system in SYSTEMS}
+        for repeat in range(args.repeats):  # in turn, so that other jobs' load falls on every system
+            for system in SYSTEMS:
+                runs[system].append(comparison.full_run(system, repeat))
+        median = {system: {key: statistics.median(run[key] for run in runs[system])
+                           for key in ("samples_per_s", "steady_samples_per_s", "wall_s", "job_s")}
+                  for system in SYSTEMS}
+        for system in SYSTEMS:
+            figures.add(f"median: {system}", repeats=args.repeats, **median[system])
+        best = max(SYSTEMS[1:], key=lambda system: median[system]["samples_per_s"])
+        figures.add("ours over the best Ray Data pipeline (medians)", best=best, target=1.5,
+                    ratio_whole_job=median["ours"]["samples_per_s"] / median[best]["samples_per_s"],
+                    ratio_steady=median["ours"]["steady_samples_per_s"] / median[best]["steady_samples_per_s"])
+        if not args.no_resume:
+            for system in ("ours", best):
+                comparison.killed_and_resumed(system, median[system])
+    return 0
+
+
+def child_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="one run, in its own process and Ray")
+    parser.add_argument("system", choices=SYSTEMS)
+    for name in ("--endpoint", "--prompts", "--output", "--checkpoint", "--model", "--result"):
+        parser.add_argument(name, required=True)
+    for name in ("--size", "--batch", "--workers", "--blocks"):
+        parser.add_argument(name, type=int, required=True)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())
