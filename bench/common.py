@@ -194,19 +194,22 @@ def checkout_pythonpath() -> str:
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: float, num_gpus: int, workdir: Path | None):
+def local_ray(num_cpus: float, num_gpus: int, workdir: Path | None, address: str | None = None):
     """A private Ray on 127.0.0.1 with logical GPUs, its session in a new folder of `workdir` (None: in
-    RAY_TMPDIR as set, for a child process), unless one is already up (the tests share theirs)."""
+    RAY_TMPDIR as set, for a child process); or the Ray at `address`; or the one already up in this process."""
     import ray
 
     if ray.is_initialized():
         yield ray
         return
     os.environ["PYTHONPATH"] = checkout_pythonpath()  # workers import this checkout
-    temp_dir = os.environ["RAY_TMPDIR"] if workdir is None else tempfile.mkdtemp(prefix="r", dir=workdir)
-    os.environ["RAY_TMPDIR"] = temp_dir  # short: Ray's socket paths must fit in 107 bytes
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             _temp_dir=temp_dir, log_to_driver=False)
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        temp_dir = os.environ["RAY_TMPDIR"] if workdir is None else tempfile.mkdtemp(prefix="r", dir=workdir)
+        os.environ["RAY_TMPDIR"] = temp_dir  # short: Ray's socket paths must fit in 107 bytes
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 _temp_dir=temp_dir, log_to_driver=False)
     try:
         yield ray
     finally:

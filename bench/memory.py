@@ -1,7 +1,7 @@
 """Benchmark 6: a worker's memory over a run 10 times longer.
 
     python bench/memory.py [--units 6] [--factor 10] [--size 512] [--out DIR]
-    python bench/memory.py --quick      # 64x64, 2 and 6 units: the test runs this
+    python bench/memory.py --quick      # 64x64, 1 and 2 units: the test runs this
 
 One simulated worker (bench/simulated.py; 2 CPUs) writes images (JPEG) and reflow pairs in the same pass, from
 Parquet in S3 (moto) to shards in S3, with a short device time so that the host works flat out. The same job
@@ -54,11 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-shard", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--device-ms", type=float, default=2.0, help="per image and per pair")
-    parser.add_argument("--quick", action="store_true", help="64x64, 2 and 6 units: the test's setting")
+    parser.add_argument("--quick", action="store_true", help="64x64, 1 and 2 units: the test's setting")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
-        args.units, args.factor, args.size, args.rows_per_shard, args.batch = 2, 3, 64, 8, 4
+        args.units, args.factor, args.size, args.rows_per_shard, args.batch = 1, 2, 64, 8, 4
     figures = Figures("memory", args.out or default_out())
     figures.machine("python bench/memory.py " + " ".join(sys.argv[1:] if argv is None else argv))
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp, s3_server() as s3, \

@@ -100,11 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rows-per-shard", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all settings; medians are compared")
-    parser.add_argument("--quick", action="store_true", help="256 prompts in units of 32, once: the test's setting")
+    parser.add_argument("--quick", action="store_true",
+                        help="128 prompts in units of 16, one plain setting and one of ours, once: the test's")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    args.plain_threads, args.ours = (2, 1), OURS
     if args.quick:
-        args.prompts, args.rows_per_shard, args.batch, args.repeats = 256, 32, 8, 1
+        args.prompts, args.rows_per_shard, args.batch, args.repeats = 128, 16, 8, 1
+        args.plain_threads, args.ours = (1,), ((2, 1),)
     figures = Figures("plainloop", args.out or default_out())
     figures.machine("python bench/plainloop.py " + " ".join(sys.argv[1:] if argv is None else argv))
     common = {"prompts": args.prompts, "size": args.size, "batch": args.batch}
@@ -116,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
                                             row_group_rows=args.rows_per_shard // 4)
         runs = {f"plain loop, {threads} torch threads": functools.partial(
                     plain_loop, model_dir, Path(prompts_file), args.size, args.batch, threads)
-                for threads in (2, 1)}
+                for threads in args.plain_threads}
         runs |= {f"ours, {workers} worker(s) with {cpus} cpus each": functools.partial(
                      ours, model_dir, Path(prompts_file), size=args.size, batch=args.batch,
                      rows_per_shard=args.rows_per_shard, workers=workers, cpus=cpus)
-                 for workers, cpus in OURS}
+                 for workers, cpus in args.ours}
         with local_ray(num_cpus=2, num_gpus=2, workdir=workdir):
             for repeat in range(args.repeats):  # interleaved, so that other jobs' load falls on every setting
                 for index, (name, run) in enumerate(runs.items()):
@@ -130,13 +133,24 @@ def main(argv: list[str] | None = None) -> int:
     median = {name: statistics.median(values) for name, values in rates.items()}
     for name, value in median.items():
         figures.add(f"median: {name}", samples_per_s=value, repeats=args.repeats)
-    plain = [median[f"plain loop, {threads} torch threads"] for threads in (2, 1)]
-    ours_one = [median[f"ours, 1 worker(s) with {cpus} cpus each"] for cpus in (2, 1)]
-    figures.add("ours over the plain loop (medians)", one_worker_2_cpus_over_plain_2_threads=ours_one[0] / plain[0],
-                one_worker_1_cpu_over_plain_1_thread=ours_one[1] / plain[1],
-                best_one_worker_over_best_plain=max(ours_one) / max(plain),
-                two_workers_over_best_one_worker=median["ours, 2 worker(s) with 1 cpus each"] / max(ours_one))
+    figures.add("ours over the plain loop (medians)", **ratios(median))
     return 0
+
+
+def ratios(median: dict[str, float]) -> dict[str, float]:
+    """Ours against the plain loop, and two workers against one, among the settings that ran."""
+    plain = {threads: median.get(f"plain loop, {threads} torch threads") for threads in (2, 1)}
+    ours = {setting: median.get(f"ours, {setting[0]} worker(s) with {setting[1]} cpus each") for setting in OURS}
+    best_plain = max(filter(None, plain.values()), default=None)
+    best_one_worker = max(filter(None, (ours[1, 2], ours[1, 1])), default=None)
+    candidates = {
+        "one_worker_2_cpus_over_plain_2_threads": (ours[1, 2], plain[2]),
+        "one_worker_1_cpu_over_plain_1_thread": (ours[1, 1], plain[1]),
+        "best_one_worker_over_best_plain": (best_one_worker, best_plain),
+        "two_workers_over_best_one_worker": (ours[2, 1], best_one_worker),
+        "two_workers_over_best_plain": (ours[2, 1], best_plain),
+    }
+    return {name: a / b for name, (a, b) in candidates.items() if a and b}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark 5: planning and resume at scale.
 
     python bench/planning.py [--parts plan,rerun,digest] [--files 1000] [--rows-per-file 10000] [--out DIR]
-    python bench/planning.py --quick      # 20 files, 20 shards: the test runs this
+    python bench/planning.py --quick      # 20 files, 8 shards: the test runs this
 
 Parts:
 - plan: 10 million prompts in 1,000 Parquet files on local disk (row groups of 1,000; written once into
@@ -239,12 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--digest-scale", type=float, default=1.0, help="fraction of SD-1.5's size to digest")
     parser.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "instaflow-bench-data"),
                         help="where the prompt files are written once and kept")
-    parser.add_argument("--quick", action="store_true", help="20 files, 20 shards, 1%% of the digest: the test's")
+    parser.add_argument("--quick", action="store_true", help="20 files, 8 shards, 1%% of the digest: the test's")
     parser.add_argument("--timeout-s", type=float, default=900)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
-        args.files, args.rows_per_file, args.shards, args.digest_scale, args.storage = 20, 2000, 20, 0.01, "local"
+        args.files, args.rows_per_file, args.shards, args.digest_scale, args.storage = 20, 2000, 8, 0.01, "local"
     parts = [p for p in args.parts.split(",") if p]
     figures = Figures("planning", args.out or default_out())
     figures.machine("python bench/planning.py " + " ".join(argv))

@@ -2,13 +2,13 @@
 prompts in S3 (moto, 127.0.0.1) and the same kind of output in S3 (webdataset tars of JPEGs at quality 95).
 
     python bench/raydata.py [--prompts 8192] [--size 64] [--workers 2] [--repeats 2] [--no-resume] [--out DIR]
-    python bench/raydata.py --quick      # a few hundred prompts, no resume: the test runs this
+    python bench/raydata.py --quick      # 128 prompts, no resume: the test runs this
 
 Each run is its own process with its own local Ray (4 logical CPUs, one logical GPU per worker; Ray Data's
 checkpoint filter needs the spare CPUs, FACTS.md), so that a run can be killed like a real job:
 - ours: `jobs.generate`, one worker per logical GPU with 1 CPU each;
-- Ray Data: `read_parquet`, `repartition` (one block per 64 prompts: without it one actor did all the work,
-  FACTS.md), `map_batches` with an actor pool (`compute=ActorPoolStrategy`, 1 GPU and 1 CPU per actor, as
+- Ray Data: `read_parquet`, `repartition` (one block per 64 prompts, our shard size: without it one actor did
+  all the work, FACTS.md), `map_batches` with an actor pool (`compute=ActorPoolStrategy`, 1 GPU and 1 CPU per actor, as
   ours) running the same `instaflow.models.Student`, then `write_webdataset`, with `DataContext.checkpoint_config`
   on (id column `id`, in S3) so that it resumes. Two variants: JPEG encoding inside the actor, or in a
   separate CPU stage after it; both are measured and the faster one is the baseline.
@@ -50,7 +50,6 @@ from bench.common import (  # noqa: E402
 )
 
 SCRIPT = Path(__file__).resolve()
-ROWS_PER_BLOCK = 64  # our rows per shard and Ray Data's rows per block: the same unit of work and output file
 LOGICAL_CPUS = 4
 JOB_SEED = 0
 SYSTEMS = ("ours", "raydata-in-actor", "raydata-encode-stage")
@@ -120,7 +119,7 @@ def child_ours(args) -> dict:
     status = generate.main([
         "--prompts", f"s3://{args.prompts}", "--output", f"s3://{args.output}", "--model", args.model,
         "--height", str(args.size), "--width", str(args.size), "--dtype", "float32", "--device", "gpu",
-        "--batch-size", str(args.batch), "--rows-per-shard", str(ROWS_PER_BLOCK), "--num-workers",
+        "--batch-size", str(args.batch), "--rows-per-shard", str(args.rows_per_block), "--num-workers",
         str(args.workers), "--cpus-per-worker", "1", "--seed", str(JOB_SEED), "--storage-options",
         json.dumps(s3_storage_options(args.endpoint)), "--no-progress",
     ])
@@ -130,7 +129,7 @@ def child_ours(args) -> dict:
 
 
 def child_main(args) -> int:
-    with local_ray(LOGICAL_CPUS, args.workers, workdir=None):
+    with local_ray(LOGICAL_CPUS, args.workers, workdir=None, address=args.ray_address):
         result = child_ours(args) if args.system == "ours" else child_raydata(args)
     write_result(args.result, result)
     return 0
@@ -145,8 +144,8 @@ class Comparison:
         self.figures = figures
         self.prompts = f"{s3.bucket}/prompts"
         write_prompt_files(self.fs, self.prompts, num_files=8, rows_per_file=args.prompts // 8,
-                           row_group_rows=ROWS_PER_BLOCK)
-        self.blocks = args.prompts // ROWS_PER_BLOCK
+                           row_group_rows=args.rows_per_block)
+        self.blocks = args.prompts // args.rows_per_block
 
     def start(self, system: str, name: str):
         a = self.args
@@ -154,7 +153,8 @@ class Comparison:
             "child", system, "--endpoint", self.s3.endpoint_url, "--prompts", self.prompts,
             "--output", f"{self.s3.bucket}/{name}/out", "--checkpoint", f"{self.s3.bucket}/{name}/checkpoint",
             "--model", str(self.model_dir), "--size", str(a.size), "--batch", str(a.batch), "--workers",
-            str(a.workers), "--blocks", str(self.blocks)], self.workdir, name)
+            str(a.workers), "--blocks", str(self.blocks), "--rows-per-block", str(a.rows_per_block),
+            *(["--ray-address", a.ray_address] if a.ray_address else [])], self.workdir, name)
 
     def written(self, system: str, name: str) -> int:
         """Output files that count as done: our committed markers, Ray Data's tars."""
@@ -196,7 +196,7 @@ class Comparison:
                        for info in self.fs.glob(f"{self.s3.bucket}/{name}/out/*.tar", detail=True).values())
         first, last = times[len(times) // 4], times[3 * len(times) // 4]
         between = sum(1 for t in times if first < t <= last)
-        return between * ROWS_PER_BLOCK / (last - first) if last > first else float("nan")
+        return between * self.args.rows_per_block / (last - first) if last > first else float("nan")
 
     def full_run(self, system: str, repeat: int) -> dict:
         name = f"{system}-full-{repeat}"
@@ -233,34 +233,41 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "child":
         return child_main(child_parser().parse_args(argv[1:]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=8192, help=f"a multiple of {8 * ROWS_PER_BLOCK}")
+    parser.add_argument("--prompts", type=int, default=8192, help="a multiple of 8 times --rows-per-block")
+    parser.add_argument("--rows-per-block", type=int, default=64,
+                        help="our rows per shard and Ray Data's rows per block: the same unit of work and output file")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="rounds over the systems; medians are compared")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="ours first, then Ray Data variants")
+    parser.add_argument("--ray-address", help="run every step on this Ray instead of a fresh one each")
     parser.add_argument("--no-resume", action="store_true", help="throughput only")
-    parser.add_argument("--quick", action="store_true", help="512 prompts once, no resume: the test's setting")
+    parser.add_argument("--quick", action="store_true", help="128 prompts once, no resume: the test's setting")
     parser.add_argument("--timeout-s", type=float, default=900)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
-        args.prompts, args.no_resume, args.repeats = 8 * ROWS_PER_BLOCK, True, 1
-    if args.prompts % (8 * ROWS_PER_BLOCK):
-        parser.error(f"--prompts must be a multiple of {8 * ROWS_PER_BLOCK} (8 files of whole blocks)")
+        args.prompts, args.rows_per_block, args.batch, args.no_resume, args.repeats = 128, 16, 8, True, 1
+    if args.systems.split(",")[0] != "ours" or not set(args.systems.split(",")[1:]) <= set(SYSTEMS[1:]):
+        parser.error(f"--systems: ours, then one or more of {SYSTEMS[1:]}")
+    if args.prompts % (8 * args.rows_per_block):
+        parser.error("--prompts must be a multiple of 8 times --rows-per-block (8 files of whole blocks)")
     figures = Figures("raydata", args.out or default_out())
     figures.machine("python bench/raydata.py " + " ".join(argv))
     with tempfile.TemporaryDirectory(prefix="bench-raydata-") as tmp, s3_server() as s3:
         comparison = Comparison(s3, build_tiny_models(Path(tmp))["instaflow"], args, Path(tmp), figures)
-        runs = {system: [] for system in SYSTEMS}
+        systems = args.systems.split(",")
+        runs = {system: [] for system in systems}
         for repeat in range(args.repeats):  # in turn, so that other jobs' load falls on every system
-            for system in SYSTEMS:
+            for system in systems:
                 runs[system].append(comparison.full_run(system, repeat))
         median = {system: {key: statistics.median(run[key] for run in runs[system])
                            for key in ("samples_per_s", "steady_samples_per_s", "wall_s", "job_s")}
-                  for system in SYSTEMS}
-        for system in SYSTEMS:
+                  for system in systems}
+        for system in systems:
             figures.add(f"median: {system}", repeats=args.repeats, **median[system])
-        best = max(SYSTEMS[1:], key=lambda system: median[system]["samples_per_s"])
+        best = max(systems[1:], key=lambda system: median[system]["samples_per_s"])
         figures.add("ours over the best Ray Data pipeline (medians)", best=best, target=1.5,
                     ratio_whole_job=median["ours"]["samples_per_s"] / median[best]["samples_per_s"],
                     ratio_steady=median["ours"]["steady_samples_per_s"] / median[best]["steady_samples_per_s"])
@@ -275,8 +282,9 @@ def child_parser() -> argparse.ArgumentParser:
     parser.add_argument("system", choices=SYSTEMS)
     for name in ("--endpoint", "--prompts", "--output", "--checkpoint", "--model", "--result"):
         parser.add_argument(name, required=True)
-    for name in ("--size", "--batch", "--workers", "--blocks"):
+    for name in ("--size", "--batch", "--workers", "--blocks", "--rows-per-block"):
         parser.add_argument(name, type=int, required=True)
+    parser.add_argument("--ray-address")
     return parser
 
 

@@ -1,7 +1,7 @@
 """Benchmark 4: scaling over simulated GPUs on a multi-node `ray.cluster_utils.Cluster`, all on 127.0.0.1.
 
     python bench/scaling.py [--gpus 1,2,4,8] [--device-ms 50] [--size 512] [--out DIR]
-    python bench/scaling.py --quick      # 1 and 2 GPUs, 64x64: the test runs this
+    python bench/scaling.py --quick      # 2 GPUs on 2 nodes, 64x64: the test runs this
 
 N simulated GPUs sit on min(N, 4) nodes (1 GPU on 1 node, 2 on 2, 4 on 4, 8 on 4 nodes of 2), one worker per
 GPU with 1 CPU each, the engine's driver and pool, and the stand-in device of bench/simulated.py. Each worker
@@ -86,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--units-per-worker", type=int, default=12)
     parser.add_argument("--rows-per-shard", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--quick", action="store_true", help="1 and 2 GPUs at 64x64: the test's setting")
+    parser.add_argument("--quick", action="store_true", help="2 GPUs on 2 nodes at 64x64: the test's setting")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
         args.gpus, args.device_ms, args.size, args.units_per_worker, args.rows_per_shard, args.batch = \
-            "1,2", 5.0, 64, 4, 8, 4
+            "2", 5.0, 64, 4, 8, 4
     gpu_counts = [int(n) for n in args.gpus.split(",")]
     figures = Figures("scaling", args.out or default_out())
     figures.machine("python bench/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv))

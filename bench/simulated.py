@@ -2,7 +2,7 @@
 committed shards in S3 (moto, 127.0.0.1), through the engine's driver, pool and worker.
 
     python bench/simulated.py [--parts feed,cores] [--size 512] [--out DIR]
-    python bench/simulated.py --quick      # 64x64, a few units: the test runs this
+    python bench/simulated.py --quick      # 64x64, a few units, fewer runs: the test runs this
 
 The stand-in for the UNet and the decoder sleeps a fixed time per sample, as a GPU kernel frees the CPU, and
 returns real-sized outputs: (N, H, W, 3) uint8 pixels of 1/f^1.2 noise, whose JPEG (2.6 ms, 190 KB) and PNG
@@ -222,6 +222,7 @@ def simulated_job(spec: JobSpec, device: SimulatedDevice) -> dict:
         "samples": samples,
         "workers": pool.num_workers,
         "worker_ms_per_sample_beyond_encode": 1000 * host_beyond_encode_s / samples,
+        "images_encoded": counters["encoded"],
         "encode_ms_per_image": 1000 * counters["encode_s"] / max(counters["encoded"], 1),
         "stand_in_ms_per_sample": 1000 * counters["stand_in_s"] / samples,
         "driver_ms_per_sample": 1000 * meter.result.get("cpu_s_driver", 0.0) / samples,
@@ -279,16 +280,19 @@ class Setting:
     units: int
     batch: int  # JPEG runs
     rows_per_shard: int
-    small_batch: int  # pairs and the `cores` runs, whose samples take longer
+    small_batch: int  # pairs and PNG, whose samples take longer
     small_rows_per_shard: int
     encode_seconds: float
+    feed_runs: tuple[str, ...] = ("jpeg eager", "jpeg compiled", "png eager", "pairs")
+    cores_cpus: tuple[int, ...] = (1, 2)
 
 
 FULL = Setting(size=512, image_s=H200_EAGER_IMAGE_S, compiled_image_s=H200_COMPILED_IMAGE_S, pair_s=H200_PAIR_S,
                fast_image_s=0.001, units=16, batch=32, rows_per_shard=128, small_batch=16, small_rows_per_shard=32,
                encode_seconds=5.0)
-QUICK = Setting(size=64, image_s=0.002, compiled_image_s=0.001, pair_s=0.004, fast_image_s=0.0005, units=6, batch=4,
-                rows_per_shard=8, small_batch=4, small_rows_per_shard=8, encode_seconds=0.3)
+QUICK = Setting(size=64, image_s=0.002, compiled_image_s=0.001, pair_s=0.004, fast_image_s=0.0005, units=4, batch=4,
+                rows_per_shard=8, small_batch=4, small_rows_per_shard=8, encode_seconds=0.3,
+                feed_runs=("jpeg eager",), cores_cpus=(2,))
 
 
 class Bench:
@@ -318,13 +322,14 @@ class Bench:
 
 def part_feed(bench: Bench) -> None:
     s, figures = bench.setting, bench.figures
-    runs = (
-        ("images jpeg, H200 eager device time", ("images",), "jpeg", SimulatedDevice(image_s=s.image_s)),
-        ("images jpeg, H200 compiled device time", ("images",), "jpeg", SimulatedDevice(image_s=s.compiled_image_s)),
-        ("images png, H200 eager device time", ("images",), "png", SimulatedDevice(image_s=s.image_s)),
-        ("pairs, H200 eager device time", ("pairs",), "jpeg", SimulatedDevice(pair_s=s.pair_s)),
-    )
-    for name, tasks, image_format, device in runs:
+    runs = {  # name: (tasks, image format, device)
+        "jpeg eager": (("images",), "jpeg", SimulatedDevice(image_s=s.image_s)),
+        "jpeg compiled": (("images",), "jpeg", SimulatedDevice(image_s=s.compiled_image_s)),
+        "png eager": (("images",), "png", SimulatedDevice(image_s=s.image_s)),
+        "pairs": (("pairs",), "jpeg", SimulatedDevice(pair_s=s.pair_s)),
+    }
+    for name in s.feed_runs:
+        tasks, image_format, device = runs[name]
         pairs = tasks == ("pairs",)
         small = pairs or image_format == "png"  # slower per sample: smaller units, as many of them
         spec = bench.spec(tasks, image_format, s.small_batch if small else s.batch,
@@ -337,7 +342,7 @@ def part_feed(bench: Bench) -> None:
 
 def part_cores(bench: Bench) -> None:
     s, figures = bench.setting, bench.figures
-    for cpus in (1, 2):
+    for cpus in s.cores_cpus:
         one_thread = encode_rate(s.size, "png", s.encode_seconds)
         references = {f"{kind}_{cpus}_encode_per_s": encode_rate(s.size, "png", s.encode_seconds, cpus,
                                                                    processes=kind == "processes")
