@@ -234,6 +234,8 @@ def _role(process: psutil.Process, driver_pid: int) -> str:
         return "other"
     if "s3_server" in cmdline:
         return "s3"
+    if re.search(r"bench/\w+\.py child", cmdline):
+        return "driver"  # a benchmark step in its own process
     if cmdline.startswith("ray::") and "IDLE" not in cmdline and "Worker" in cmdline.split()[0]:
         return "workers"
     if cmdline.startswith("ray::"):
@@ -254,6 +256,7 @@ class CpuMeter:
         self._roles: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._own_cpu_s = 0.0  # the sampling itself, which runs in the driver's process: not the driver's work
         self.result: dict = {}
 
     def _sample(self) -> None:
@@ -269,12 +272,14 @@ class CpuMeter:
                 started_before = process.create_time() < self._started_at
                 self._first[process.pid] = cpu if started_before else 0.0
             self._last[process.pid] = cpu
-            if process.pid not in self._roles or self._roles[process.pid] == "ray_system":
+            if self._roles.get(process.pid) != "workers":  # an idle Ray process may become a worker later
                 self._roles[process.pid] = _role(process, me.pid)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
+            started = time.thread_time()
             self._sample()
+            self._own_cpu_s += time.thread_time() - started
 
     def __enter__(self) -> "CpuMeter":
         self._started_at = time.time()
@@ -294,6 +299,8 @@ class CpuMeter:
         for pid, last in self._last.items():
             role = self._roles[pid]
             by_role[role] = by_role.get(role, 0.0) + last - self._first[pid]
+        by_role["driver"] = by_role.get("driver", 0.0) - self._own_cpu_s
+        busy_s -= self._own_cpu_s
         mine = sum(by_role.values())
         self.result = {
             "wall_s": wall,

@@ -6,12 +6,14 @@
 One simulated worker (bench/simulated.py; 2 CPUs) writes images (JPEG) and reflow pairs in the same pass, from
 Parquet in S3 (moto) to shards in S3, with a short device time so that the host works flat out. The same job
 runs with `units` and with `factor` times as many units. Reported: the worker's peak resident memory in each
-run (`ru_maxrss`), and its resident memory as each unit completes, at every tenth of the run.
+run (`ru_maxrss`), its resident memory as each unit completes, at every tenth of the run, and at the end
+glibc's heap: bytes in use and bytes held free (a leak grows the first, fragmentation the second).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import Figures, build_tiny_models, default_out, local_ray, s3_server, write_prompt_files  # noqa: E402
 from bench.simulated import SimulatedDevice, simulated_job  # noqa: E402
 from pipeline.spec import JobSpec  # noqa: E402
+
+
+GROWTH_KEYS = ("malloc_in_use_mib", "malloc_held_free_mib", "python_objects")  # live heap, held free, objects
 
 
 def deciles(values: list[float]) -> list[float]:
@@ -42,6 +47,7 @@ def run(s3, model_dir: Path, units: int, args, name: str) -> dict:
     after_units = result["rss_after_each_unit_mib"]
     return {"units": units, "samples": result["samples"], "job_wall_s": result["job_wall_s"],
             "worker_peak_rss_mib": result["max_rss_mib"], "rss_after_units_by_decile_mib": deciles(after_units),
+            **{key: result[key] for key in GROWTH_KEYS if key in result},
             "rss_growth_second_half_mib": after_units[-1] - after_units[len(after_units) // 2],
             "samples_per_s": result["samples_per_s"], "other_jobs_cores": result["other_jobs_cores"]}
 
@@ -54,23 +60,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-shard", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--device-ms", type=float, default=2.0, help="per image and per pair")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="for the workers, e.g. glibc's MALLOC_ARENA_MAX=2 or MALLOC_MMAP_THRESHOLD_=1048576")
     parser.add_argument("--quick", action="store_true", help="64x64, 1 and 2 units: the test's setting")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
         args.units, args.factor, args.size, args.rows_per_shard, args.batch = 1, 2, 64, 8, 4
+    worker_env = dict(item.split("=", 1) for item in args.env)
+    os.environ.update(worker_env)  # the local Ray's workers inherit it
     figures = Figures("memory", args.out or default_out())
     figures.machine("python bench/memory.py " + " ".join(sys.argv[1:] if argv is None else argv))
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp, s3_server() as s3, \
             local_ray(num_cpus=2, num_gpus=1, workdir=Path(tmp)):
         model_dir = build_tiny_models(Path(tmp))["instaflow"]
         short = run(s3, model_dir, args.units, args, "short")
-        figures.add("short run", size=args.size, rows_per_shard=args.rows_per_shard, **short)
+        setting = {"size": args.size, "rows_per_shard": args.rows_per_shard, "worker_env": worker_env}
+        figures.add("short run", **setting, **short)
         long = run(s3, model_dir, args.units * args.factor, args, "long")
-        figures.add(f"{args.factor}x longer run", size=args.size, rows_per_shard=args.rows_per_shard, **long)
-        figures.add("peak memory, long run over short run",
-                    ratio=long["worker_peak_rss_mib"] / short["worker_peak_rss_mib"],
-                    growth_mib=long["worker_peak_rss_mib"] - short["worker_peak_rss_mib"])
+        figures.add(f"{args.factor}x longer run", **setting, **long)
+        growth = {f"{key}_growth": long[key] - short[key] for key in GROWTH_KEYS if key in long}
+        figures.add("long run against short run", peak_ratio=long["worker_peak_rss_mib"] / short["worker_peak_rss_mib"],
+                    worker_peak_rss_mib_growth=long["worker_peak_rss_mib"] - short["worker_peak_rss_mib"], **growth)
     return 0
 
 

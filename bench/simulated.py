@@ -23,7 +23,9 @@ Parts:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
+import gc
 import resource
 import sys
 import tempfile
@@ -136,6 +138,39 @@ class SimulatedTeacher(StandIn):
         return TeacherOutput(noise=noise, latents=latents, truncated=truncated, finite=torch.ones(n, dtype=torch.bool))
 
 
+class _MallocInfo(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def malloc_mib() -> dict:
+    """glibc's view of this process's heap, all arenas: bytes in use, and bytes it holds free (fragmentation or
+    caching that resident memory counts but no object uses). Empty where glibc has no mallinfo2."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return {}
+    mallinfo2.restype = _MallocInfo
+    info = mallinfo2()
+    return {"malloc_in_use_mib": (info.uordblks + info.hblkhd) / 2**20, "malloc_held_free_mib": info.fordblks / 2**20}
+
+
+def stand_in_components(model_dir: Path) -> SimpleNamespace:
+    """What the stand-ins and the worker use of a model's components: its real tokenizer, the CPU, and the
+    latent geometry of SD-1.5 (4 channels, 8x smaller than the image)."""
+    from transformers import CLIPTokenizer
+
+    return SimpleNamespace(tokenizer=CLIPTokenizer.from_pretrained(model_dir / "tokenizer"),
+                           runtime=Runtime(torch.device("cpu"), torch.float32), vae_scale_factor=8,
+                           unet=SimpleNamespace(config=SimpleNamespace(in_channels=4)))
+
+
+def stand_in_student(model_dir: Path, size: int, seconds_per_image: float) -> SimulatedStudent:
+    """A stand-in student outside the engine's worker (the Ray Data baseline runs it in its actors)."""
+    return SimulatedStudent(torch.from_numpy(image_bank(size, size)), stand_in_components(model_dir), size, size,
+                            0.0, seconds_per_image, lambda name, value: None)
+
+
 def _process_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -152,22 +187,14 @@ class SimulatedWorker(ShardWorker):
         self._cpu_after_load_s = _process_cpu_s()
 
     def load_models(self, sources):
-        from transformers import CLIPTokenizer
-
         spec = self.spec
         source = sources.get("model") or sources["teacher"]
-        components = SimpleNamespace(
-            tokenizer=CLIPTokenizer.from_pretrained(Path(source.local_dir()) / "tokenizer"),
-            runtime=Runtime(torch.device("cpu"), torch.float32),
-            vae_scale_factor=8,
-            unet=SimpleNamespace(config=SimpleNamespace(in_channels=4)),
-        )
+        components = stand_in_components(Path(source.local_dir()))
         size = (spec.height, spec.width)
         student = teacher = None
         if "images" in spec.tasks:
-            bank = torch.from_numpy(image_bank(spec.height, spec.width))
-            student = SimulatedStudent(bank, components, *size, spec.guidance_scale, self.device.image_s,
-                                       self._count)
+            student = SimulatedStudent(torch.from_numpy(image_bank(*size)), components, *size, spec.guidance_scale,
+                                       self.device.image_s, self._count)
         if "pairs" in spec.tasks:
             teacher = SimulatedTeacher(components, *size, spec.teacher_guidance_scale, self.device.pair_s,
                                        self._count)
@@ -188,9 +215,12 @@ class SimulatedWorker(ShardWorker):
         """CPU seconds since the models loaded (all threads), of which encoding and the stand-ins, and memory."""
         with self._counts_lock:
             counts = dict(self._counts)
+        gc.collect()
         return counts | {
+            "python_objects": len(gc.get_objects()),  # grows with the run if objects leak
             "process_cpu_s": _process_cpu_s() - self._cpu_after_load_s,
             "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            **malloc_mib(),
             "torch_threads": torch.get_num_threads(),
             "encode_threads": self.encode_threads,
         }
@@ -230,6 +260,7 @@ def simulated_job(spec: JobSpec, device: SimulatedDevice) -> dict:
         "s3_server_ms_per_sample": 1000 * meter.result.get("cpu_s_s3", 0.0) / samples,
         "other_jobs_cores": meter.result["other_jobs_cores"],
         "max_rss_mib": max(c["max_rss_mib"] for c in pool.worker_counters),
+        **{key: max(c[key] for c in pool.worker_counters) for key in [*malloc_mib(), "python_objects"]},
         "rss_after_each_unit_mib": pool.worker_rss_mib,
         "torch_threads": pool.worker_counters[0]["torch_threads"],
         "encode_threads": pool.worker_counters[0]["encode_threads"],
@@ -376,4 +407,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench import simulated  # by module name, so that Ray ships its classes by reference
+
+    sys.exit(simulated.main())

@@ -73,6 +73,7 @@ def test_memory(shared_ray, tmp_path):
     short, long = rows["short run"], rows["2x longer run"]
     assert short["samples"] * 2 == long["samples"]  # images and pairs of every prompt, in both runs
     assert short["worker_peak_rss_mib"] > 100 and len(long["rss_after_units_by_decile_mib"]) == 10
+    assert "python_objects_growth" in rows["long run against short run"]
 
 
 def test_scaling(tmp_path):
