@@ -44,35 +44,25 @@ STYLES = ("photo, 35mm lens, golden hour", "oil painting, highly detailed", "wat
 
 
 class Figures:
-    """Prints each figure as one JSON line and appends it to OUT/{bench}.jsonl, with the date and the machine."""
+    """Prints each figure as one JSON line and appends it to OUT/{bench}.jsonl."""
 
-    def __init__(self, bench: str, out: Path | None):
+    def __init__(self, bench: str, out: Path):
         self.bench = bench
-        self.path = (out / f"{bench}.jsonl") if out else None
-        if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.rows: list[dict] = []
+        self.path = out / f"{bench}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def add(self, name: str, **values) -> dict:
-        row = {"bench": self.bench, "name": name, **values}
-        self.rows.append(row)
-        line = json.dumps(row, default=_jsonable)
+    def add(self, name: str, **values) -> None:
+        line = json.dumps({"bench": self.bench, "name": name, **values}, default=str)
         print(line, flush=True)
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
-        return row
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
 
-    def machine(self, command: str) -> None:
-        self.add("machine", command=command, date=datetime.date.today().isoformat(), cpus=os.cpu_count(),
+    def machine(self, argv: list[str]) -> None:
+        """The first line of a run: its command, the date and the machine."""
+        self.add("machine", command=" ".join(["python", f"bench/{self.bench}.py", *argv]),
+                 date=datetime.date.today().isoformat(), cpus=os.cpu_count(),
                  memory_gib=round(psutil.virtual_memory().total / 2**30, 1), python=platform.python_version(),
                  load_1min=os.getloadavg()[0])
-
-
-def _jsonable(value):
-    if isinstance(value, float):
-        return round(value, 4)
-    return str(value)
 
 
 def default_out() -> Path:
@@ -120,7 +110,6 @@ class S3Server:
     """moto's S3 server in its own process (its CPU is then not the driver's), on 127.0.0.1."""
 
     endpoint_url: str
-    process: subprocess.Popen
     bucket: str
 
     @property
@@ -134,7 +123,6 @@ class S3Server:
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
-
 
 
 def s3_storage_options(endpoint_url: str) -> dict:
@@ -174,7 +162,7 @@ def s3_server(bucket: str = "bench"):
         saved = {name: os.environ.get(name) for name in S3_CREDENTIALS}
         os.environ.update(S3_CREDENTIALS)
         try:
-            yield S3Server(endpoint, process, bucket)
+            yield S3Server(endpoint, bucket)
         finally:
             for name, value in saved.items():
                 if value is None:
@@ -187,7 +175,9 @@ def s3_server(bucket: str = "bench"):
 
 
 def checkout_pythonpath() -> str:
-    return os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    """This checkout first on the path, so that Ray workers and child processes import it, not another copy."""
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO)]
+    return os.pathsep.join([str(REPO), *rest])
 
 
 # -------------------------------------------------------------------------------------------------------- Ray
@@ -226,6 +216,7 @@ def _busy_jiffies() -> int:
 
 
 def _role(process: psutil.Process, driver_pid: int) -> str:
+    """Which part of a benchmark a process of its tree is, for the split of CPU time."""
     if process.pid == driver_pid:
         return "driver"
     try:

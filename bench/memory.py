@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     worker_env = dict(item.split("=", 1) for item in args.env)
     os.environ.update(worker_env)  # the local Ray's workers inherit it
     figures = Figures("memory", args.out or default_out())
-    figures.machine("python bench/memory.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    figures.machine(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp, s3_server() as s3, \
             local_ray(num_cpus=2, num_gpus=1, workdir=Path(tmp)):
         model_dir = build_tiny_models(Path(tmp))["instaflow"]

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         args.prompts, args.rows_per_shard, args.batch, args.repeats = 128, 16, 8, 1
         args.plain_threads, args.ours = (1,), ((2, 1),)
     figures = Figures("plainloop", args.out or default_out())
-    figures.machine("python bench/plainloop.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    figures.machine(sys.argv[1:] if argv is None else argv)
     common = {"prompts": args.prompts, "size": args.size, "batch": args.batch}
     rates: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-plainloop-") as tmp:

@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         args.files, args.rows_per_file, args.shards, args.digest_scale, args.storage = 20, 2000, 8, 0.01, "local"
     parts = [p for p in args.parts.split(",") if p]
     figures = Figures("planning", args.out or default_out())
-    figures.machine("python bench/planning.py " + " ".join(argv))
+    figures.machine(argv)
     with tempfile.TemporaryDirectory(prefix="bench-planning-") as tmp:
         workdir = Path(tmp)
         if args.quick:

@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompts % (8 * args.rows_per_block):
         parser.error("--prompts must be a multiple of 8 times --rows-per-block (8 files of whole blocks)")
     figures = Figures("raydata", args.out or default_out())
-    figures.machine("python bench/raydata.py " + " ".join(argv))
+    figures.machine(argv)
     with tempfile.TemporaryDirectory(prefix="bench-raydata-") as tmp, s3_server() as s3:
         comparison = Comparison(s3, build_tiny_models(Path(tmp))["instaflow"], args, Path(tmp), figures)
         systems = args.systems.split(",")

@@ -14,6 +14,7 @@ state (every worker in its stride), over linear: N times the 1-GPU figure, and N
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -73,8 +74,6 @@ def run_on_cluster(num_gpus: int, spec: JobSpec, device: SimulatedDevice, workdi
 
 
 def _markers(output: str) -> list[dict]:
-    import json
-
     return [json.loads(path.read_text()) for path in Path(output).glob("*.stats.json")]
 
 
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             "2", 5.0, 64, 4, 8, 4
     gpu_counts = [int(n) for n in args.gpus.split(",")]
     figures = Figures("scaling", args.out or default_out())
-    figures.machine("python bench/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    figures.machine(sys.argv[1:] if argv is None else argv)
     device = SimulatedDevice(image_s=args.device_ms / 1000)
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
         workdir = Path(tmp)

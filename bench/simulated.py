@@ -16,8 +16,8 @@ Parts:
   (this machine's count), and the host CPU per image beyond the encode itself (worker, driver, Ray, S3 server);
 - cores: PNG with one worker whose device takes 1 ms per image, so the encoders are the limit, with 1 and 2
   CPUs per worker, over the rate of one thread encoding the same images. Beside each, what as many threads
-  and as many processes encode at that moment: the machine is shared, and Pillow holds the GIL while it
-  encodes into memory (`_encode` in its encode.c), so threads may not add up where processes would.
+  and as many processes encode outside the engine just before: the machine is shared, and these say how much
+  of it the encoders could have had.
 """
 
 from __future__ import annotations
@@ -278,10 +278,7 @@ def encode_bank_image(index: int, size: int, image_format: str) -> int:
 
 
 def encode_rate(size: int, image_format: str, min_seconds: float, workers: int = 1, processes: bool = False) -> float:
-    """Images per second that `workers` threads (or processes) encode, on the images the stand-in returns.
-
-    With the worker's thread pool and a pool of processes side by side at the same moment, this shows how much
-    of the machine the encoders could use: Pillow holds the GIL while it encodes into memory."""
+    """Images per second that `workers` threads (or processes) encode, on the images the stand-in returns."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
@@ -397,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := sorted(set(parts) - set(PARTS)):
         parser.error(f"unknown parts {unknown}; choose from {sorted(PARTS)}")
     figures = Figures("simulated", args.out or default_out())
-    figures.machine("python bench/simulated.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    figures.machine(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory(prefix="bench-simulated-") as tmp, s3_server() as s3, \
             local_ray(num_cpus=2, num_gpus=1, workdir=Path(tmp)):
         bench = Bench(s3, build_tiny_models(Path(tmp))["instaflow"], QUICK if args.quick else FULL, figures)
