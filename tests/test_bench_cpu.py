@@ -1,0 +1,84 @@
+"""Each CPU benchmark in bench/ at its smallest setting, so that the scripts cannot rot: they run end to end
+and what they measure holds together (every prompt written once, no model loaded on a finished job's re-run)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import memory, planning, plainloop, raydata, simulated
+from conftest import start_ray
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def shared_ray(tmp_path_factory):
+    """One Ray for the benchmarks that run in this process (each would otherwise start its own)."""
+    ray = start_ray(tmp_path_factory, num_cpus=4, num_gpus=2)
+    yield ray
+    ray.shutdown()
+
+
+def figures(out: Path, bench: str) -> dict[str, dict]:
+    return {row["name"]: row for row in map(json.loads, (out / f"{bench}.jsonl").read_text().splitlines())}
+
+
+def test_simulated_device(shared_ray, tmp_path):
+    assert simulated.main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = figures(tmp_path, "simulated")
+    images = rows["feed: jpeg eager"]
+    assert images["samples"] == images["images_encoded"] == simulated.QUICK.units * simulated.QUICK.rows_per_shard
+    # the stand-in holds the device for its time per sample: no run can beat that
+    assert 0 < images["samples"] / images["job_wall_s"] <= images["limit_per_s"]
+    cores = rows["cores: png, one worker, 2 cpus_per_worker"]
+    assert cores["encode_threads"] == 2 and cores["images_encoded"] == cores["samples"]
+    assert cores["threads_2_encode_per_s"] > 0 and cores["processes_2_encode_per_s"] > 0
+
+
+def test_plain_loop(shared_ray, tmp_path):
+    assert plainloop.main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = figures(tmp_path, "plainloop")
+    medians = [row for name, row in rows.items() if name.startswith("median: ")]
+    assert len(medians) == 2 and all(row["samples_per_s"] > 0 for row in medians)
+    assert rows["ours over the plain loop (medians)"]["two_workers_over_best_plain"] > 0
+
+
+def test_ray_data_comparison(shared_ray, tmp_path):
+    address = shared_ray.get_runtime_context().gcs_address
+    assert raydata.main(["--quick", "--systems", "ours,raydata-in-actor", "--ray-address", address,
+                         "--out", str(tmp_path)]) == 0
+    rows = figures(tmp_path, "raydata")
+    for system in ("ours", "raydata-in-actor"):
+        row = rows[f"throughput: {system}"]
+        assert (row["distinct_keys"], row["duplicates"], row["missing"]) == (row["prompts"], 0, 0)
+    assert rows["ours over the best Ray Data pipeline (medians)"]["best"] == "raydata-in-actor"
+
+
+def test_planning_and_rerun(shared_ray, tmp_path):
+    assert planning.main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = figures(tmp_path, "planning")
+    plan = rows["plan: list, footers, units, fingerprint"]
+    assert (plan["files"], plan["rows"], plan["units"], plan["units_asked_for"]) == (20, 40_000, 40, 40)
+    rerun = rows["rerun of a finished 8-shard job, local"]
+    assert rerun["exit_status"] == 0 and rerun["models_loaded"] == 0 and not rerun["ray_started"]
+    assert rows["digest of a local model folder, SD-1.5 fp32 size (sparse files)"]["bytes"] > 0
+
+
+def test_memory(shared_ray, tmp_path):
+    assert memory.main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = figures(tmp_path, "memory")
+    short, long = rows["short run"], rows["2x longer run"]
+    assert short["samples"] * 2 == long["samples"]  # images and pairs of every prompt, in both runs
+    assert short["worker_peak_rss_mib"] > 100 and len(long["rss_after_units_by_decile_mib"]) == 10
+    assert "python_objects_growth" in rows["long run against short run"]
+
+
+def test_scaling(tmp_path):
+    """In its own process: it starts a multi-node cluster, which cannot share this process's Ray."""
+    subprocess.run([sys.executable, "bench/scaling.py", "--quick", "--out", str(tmp_path)], cwd=REPO, check=True,
+                   timeout=300)
+    row = figures(tmp_path, "scaling")["2 simulated GPUs"]
+    assert row["nodes"] == row["nodes_used"] == 2 and row["samples"] > 0
