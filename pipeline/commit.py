@@ -155,6 +155,7 @@ class ShardStore:
         winner = self._claim(unit_id, marker, fence)
         if winner["fence"]["try"] != try_id:
             self._remove_staging(staging)
+            self.finish(winner)  # the winning try may have died before moving its files (idempotent)
             return winner, False
         self.finish(marker)
         return marker, True

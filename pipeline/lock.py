@@ -5,7 +5,9 @@ created only if absent, and replaced only if unchanged since it was read (ETag, 
 bytes), so two jobs that start at once cannot both win, a heartbeat cannot overwrite a takeover, and a release
 cannot touch another job's lock. A lock is stale when its holder has not changed it for its lease, measured on
 the reader's clock from the last change it saw; the writer's clock is never trusted. A released lock stays as a
-file whose state is `released`, which the next job takes at once.
+file whose state is `released`, which the next job takes at once. So is a lock whose holder ran on this machine
+(same boot, same PID namespace) and whose process is gone: a driver killed and started again on the same host
+(a laptop, a Ray head) resumes at once instead of after the lease.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class LockRecord:
     seq: int
     lease_s: float
     state: str = "held"  # "held" or "released"
+    machine: str = ""  # boot and PID namespace of the holder; "" where unknown (then only the lease decides)
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, indent=2).encode()
@@ -95,6 +98,7 @@ class OutputLock:
             heartbeat=now,
             seq=0,
             lease_s=lease_s,
+            machine=machine_id(),
         )
         self._version: str | None = None
 
@@ -122,7 +126,10 @@ class OutputLock:
             if held.token == self.token:  # our create landed but its answer was lost
                 self._version = version
                 return
-            if held.state != "released":
+            if held.state != "released" and self._holder_gone(held):
+                log.warning("taking over %s: its holder (%s) ran on this machine and has exited",
+                            self.path, held.describe())
+            elif held.state != "released":
                 version = self._wait_until_stale(held, version)
                 if version is None:
                     continue  # it changed: look again (released, deleted or taken by someone else)
@@ -133,6 +140,19 @@ class OutputLock:
                 return
             except PreconditionFailed:
                 continue  # another starter changed it first; judge again what is there now
+
+    def _holder_gone(self, held: LockRecord) -> bool:
+        """True only when the holder ran where its pid means the same process as here, and no such process
+        lives (or it is a zombie); anything uncertain is left to the lease."""
+        if not held.machine or held.machine != self.record.machine:
+            return False
+        try:
+            with open(f"/proc/{held.pid}/stat") as stat:
+                return stat.read().rpartition(")")[2].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+        except (OSError, IndexError):
+            return False
 
     def _wait_until_stale(self, held: LockRecord, version: str) -> str | None:
         """Watches a held lock for its lease. Returns its version if it never changed (stale), None if it
@@ -192,6 +212,15 @@ class OutputLock:
         except OutputError:
             other = "a file this tool did not write"
         return f"lost the lock on {self.root} to another job ({other}); this job stops without writing more"
+
+
+def machine_id() -> str:
+    """This machine's boot id and PID namespace: two processes that share both see each other's pids."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            return f"{boot.read().strip()}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
 
 
 def lock_holder(fs: fsspec.AbstractFileSystem, root: str) -> str | None:

@@ -12,6 +12,7 @@ run for `start_timeout_s` stops (NoWorkersError, exit 3); a worker that keeps fa
 import collections
 import dataclasses
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -67,6 +68,9 @@ def worker_options(num_gpus: int, num_cpus: float) -> dict:
     which counts the tries. Two concurrent calls per worker overlap I/O with generation (see the worker), and
     the CPUs it reserves run its image encoders. Only non-secret storage settings travel in the runtime
     environment, which Ray displays; credentials come from the nodes or from the spec (see storage_env).
+    glibc's mmap threshold is fixed, as a user's own setting wins: by default it grows to the size of each
+    batch buffer freed, so those buffers stay in arenas that are never returned and a worker's peak creeps up
+    over a long run (BENCHMARKS.md, memory).
     """
     return {
         "num_gpus": num_gpus,
@@ -75,7 +79,8 @@ def worker_options(num_gpus: int, num_cpus: float) -> dict:
         "max_task_retries": 0,
         "max_concurrency": UNITS_PER_WORKER,
         "scheduling_strategy": "SPREAD",
-        "runtime_env": {"env_vars": storage_env()},
+        "runtime_env": {"env_vars": {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "1048576"),
+                                     **storage_env()}},
     }
 
 

@@ -104,6 +104,22 @@ def test_a_crash_between_marker_and_move_is_finished_by_the_next_job(output, mon
     assert visible(fs, root) == ["00005.parquet", "00005.stats.json"] and store.staged_tries() == set()
 
 
+def test_a_later_try_finishes_the_move_of_a_winner_that_died(output, monkeypatch):
+    """A requeued unit, or a resumed job that started before an old worker's last commit, finds the marker
+    taken by a try that never moved its files: it moves them, so the shard is whole without another run."""
+    fs, root = output
+    store = ShardStore(fs, root)
+    lock, fence = held(fs, root)
+    monkeypatch.setattr(commit, "move", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        store.commit(3, {"00003.tar": b"same bytes"}, {"count": 1}, fence)
+    monkeypatch.undo()
+    marker, won = store.commit(3, {"00003.tar": b"same bytes"}, {"count": 1}, fence)
+    assert not won and marker["staging"].startswith(f"_staging/{fence.token}/")
+    assert visible(fs, root) == ["00003.stats.json", "00003.tar"] and store.staged_tries() == set()
+    assert get_bytes(fs, f"{root}/00003.tar") == b"same bytes"
+
+
 def test_of_two_tries_at_once_exactly_one_commits(output):
     """Ray may not know whether a try ran, so the pool can run a unit twice at once."""
     fs, root = output

@@ -3,6 +3,9 @@ GCS's generation logic against a fake (no GCS emulator installs here)."""
 
 import json
 import multiprocessing
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -11,7 +14,8 @@ import fsspec
 import pytest
 
 from pipeline import storage
-from pipeline.lock import LOCK_NAME, LockRecord, OutputLock, OutputLockedError, OutputLostError, lock_holder
+from pipeline.lock import (LOCK_NAME, LockRecord, OutputLock, OutputLockedError, OutputLostError, lock_holder,
+                           machine_id)
 from pipeline.storage import OutputError, PreconditionFailed, conditional_store, put_atomic
 
 LEASE_S = 1.0
@@ -80,6 +84,47 @@ def test_a_stale_lock_is_taken_over_and_its_old_holder_stops(output):
         dead.refresh()
     dead.release()  # not ours any more: left alone
     assert lock_holder(fs, root) == taker.token
+
+
+def exited_process(reap: bool) -> subprocess.Popen:
+    """A process that has exited: reaped (its pid is free) or a zombie (its parent has not waited for it)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    if reap:
+        process.wait()
+        return process
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with open(f"/proc/{process.pid}/stat") as stat:
+            if stat.read().rpartition(")")[2].split()[0] == "Z":
+                return process
+        time.sleep(0.05)
+    raise AssertionError("the child never exited")
+
+
+@pytest.mark.parametrize("reap", [True, False], ids=["exited", "zombie"])
+def test_a_holder_that_exited_on_this_machine_is_taken_over_at_once(output, reap):
+    """A driver killed and run again on the same host resumes without waiting out the lease. The same dead pid
+    recorded by another machine, or by a process of this one that lives, still gets its whole lease."""
+    fs, root = output
+    assert machine_id()
+    gone = exited_process(reap)
+    waited = []
+    clock = lambda: sum(waited)  # noqa: E731 - a clock that moves only when the lock sleeps
+
+    def hold(pid: int, machine: str) -> None:
+        record = LockRecord(token=uuid.uuid4().hex, host="h", pid=pid, started="then", heartbeat=0, seq=0,
+                            lease_s=60.0, machine=machine)
+        put_atomic(fs, f"{root}/{LOCK_NAME}", record.to_bytes())
+
+    for pid, machine, lease_waited in [(gone.pid, machine_id(), False), (gone.pid, "another-boot/pid:[1]", True),
+                                       (os.getpid(), machine_id(), True), (gone.pid, "", True)]:
+        hold(pid, machine)
+        waited.clear()
+        taker = OutputLock(fs, root, lease_s=60.0, clock=clock, sleep=waited.append)
+        taker.acquire()
+        assert lock_holder(fs, root) == taker.token
+        assert (sum(waited) >= 60.0) == lease_waited, (pid, machine)
+    gone.wait()
 
 
 def test_the_writers_clock_is_never_trusted(output):
