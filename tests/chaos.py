@@ -56,7 +56,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from infra.local.cluster import free_ports, processes_naming, with_descendants  # noqa: E402
+from infra.local.cluster import _signal, free_ports, processes_naming, with_descendants  # noqa: E402
 from infra.local.fault_proxy import ALL_FAULTS, CONTROL_PREFIX, KINDS  # noqa: E402
 from infra.local.s3_server import CREDS, HOST  # noqa: E402
 
@@ -253,19 +253,21 @@ class ChaosCluster:
             shutil.rmtree(self.ray_tmpdir, ignore_errors=True)
 
 
+def _ignored_signals(pid: int) -> set[signal.Signals]:
+    """The signals process `pid` ignores (SigIgn in /proc: bit n-1 for signal n)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return set()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    return {sig for sig in signal.Signals if mask >> (sig - 1) & 1}
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return ""
-
-
-def _signal(pid: int, sig: int) -> bool:
-    try:
-        os.kill(pid, sig)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------- the faults
@@ -279,6 +281,7 @@ class Fault:
     params: dict = field(default_factory=dict)
     injected: bool = False
     t_s: float | None = None  # when it fired, seconds since the run started
+    shards_at_fire: int | None = None  # shards committed when it fired
     leg: int | None = None
     detail: str = ""
     _due_since: float | None = None
@@ -462,9 +465,10 @@ def check_final(services: Services, root: str, prompts: dict[str, str], referenc
     facts["prompts_once"] = not (missing or extra or twice or wrong)
     facts["samples"] = sum(by_key.values())
     if reference is not None:
-        if set(files) != set(reference):
-            problems.append(f"data files differ from the reference run's: only here {sorted(set(files) - set(reference))[:5]},"
-                            f" only there {sorted(set(reference) - set(files))[:5]}")
+        only_here, only_there = sorted(set(files) - set(reference)), sorted(set(reference) - set(files))
+        if only_here or only_there:
+            problems.append(f"data files differ from the reference run's: only here {only_here[:5]}, "
+                            f"only there {only_there[:5]}")
         facts["bytes_equal_reference"] = files == reference
     holder = lock_holder(services.fs, root)
     if holder is not None:
@@ -480,7 +484,7 @@ class Driver:
     process: subprocess.Popen
     log: Path
     started: float
-    signalled: str | None = None  # the fault we sent it, if any
+    signalled: Fault | str | None = None  # the fault we sent it ("timeout" when the leg took too long)
     status: int | None = None
 
 
@@ -492,6 +496,7 @@ class Suite:
     workload: Workload
     workdir: Path
     prompts: dict[str, str]  # by id
+    num_units: int
     num_gpu_nodes: int
     leg_timeout_s: float
     keep_files: bool = False  # keep passed runs' logs, outputs and Ray files too
@@ -607,8 +612,9 @@ class Run:
                   "shards_at_start": shards_at_start, "shards_at_end": self._count_markers(), "drivers": []}
         for driver in drivers:
             expected = self._expected_statuses(driver, concurrent, number)
+            signalled = driver.signalled.type if isinstance(driver.signalled, Fault) else driver.signalled
             record["drivers"].append({"pid": driver.process.pid, "status": driver.status, "expected": expected,
-                                      "signalled": driver.signalled, "log": driver.log.name,
+                                      "signalled": signalled, "log": driver.log.name,
                                       "seconds": round(time.monotonic() - driver.started, 1)})
             if driver.status not in expected:
                 self.problems.append(f"leg {number}: driver {driver.process.pid} exited {driver.status}, expected "
@@ -627,12 +633,13 @@ class Run:
         return Driver(process, log, time.monotonic())
 
     def _expected_statuses(self, driver: Driver, concurrent: bool, leg: int) -> list[int]:
-        if driver.signalled == "driver_kill":
-            return [-signal.SIGKILL]
-        if driver.signalled == "interrupt":
-            return [EXIT_INTERRUPTED, EXIT_OK]  # 0 if every shard was committed as the signal came
         if driver.signalled == "timeout":
             return []
+        if isinstance(driver.signalled, Fault) and driver.signalled.type == "driver_kill":
+            return [-signal.SIGKILL]
+        if isinstance(driver.signalled, Fault):  # an interrupt: 0 only if every shard was committed already
+            all_committed = driver.signalled.shards_at_fire >= self.suite.num_units
+            return [EXIT_INTERRUPTED, EXIT_OK] if all_committed else [EXIT_INTERRUPTED]
         # A try lost to a worker or a storage fault counts against --max-unit-attempts; a unit can run out of
         # them and fail (exit 1), and the next leg redoes it.
         may_fail_tries = self.scenario.storage is not None or any(
@@ -665,9 +672,12 @@ class Run:
             if driver is None:
                 return
             sig = signal.SIGKILL if fault.type == "driver_kill" else getattr(signal, fault.params["signal"])
+            if sig in _ignored_signals(driver.process.pid):
+                raise RuntimeError(f"driver {driver.process.pid} ignores {sig.name}: the harness cannot test it "
+                                   "(started from a shell that ignores it, as `nohup ... &` does?)")
             if not _signal(driver.process.pid, sig):
                 return
-            driver.signalled = fault.type
+            driver.signalled = fault
             fault.detail = f"{sig.name} to driver {driver.process.pid}"
         else:
             busy = [(pid, title, node) for pid, title, node in cluster.workers() if ".process" in title]
@@ -685,7 +695,7 @@ class Run:
                 fault.detail = (f"node {node.node_id[:8]} removed ({'graceful' if graceful else 'killed'}) while "
                                 f"{title} (pid {pid}) ran on it; a node is added back after "
                                 f"{fault.params['back_after_s']}s")
-        fault.injected, fault.t_s, fault.leg = True, self.now(), leg
+        fault.injected, fault.t_s, fault.leg, fault.shards_at_fire = True, self.now(), leg, shards
 
     def _lock_holder(self, drivers: list[Driver]) -> Driver | None:
         """The live driver that holds the output's lock (or the only live one)."""
@@ -810,6 +820,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # A shell's `cmd &` (and nohup) starts us ignoring SIGINT, and the drivers would inherit that and ignore the
+    # interrupts the suite sends them. A handled signal is reset to the default at exec: the drivers get Python's.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from instaflow.tiny import build_tiny_models
 
     started = time.monotonic()
@@ -823,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     records, suite = [], None
     try:
         prompts, num_units = workload.upload(services.fs)
-        suite = Suite(services, workload, workdir, prompts, args.gpu_nodes, args.leg_timeout, args.keep,
+        suite = Suite(services, workload, workdir, prompts, num_units, args.gpu_nodes, args.leg_timeout, args.keep,
                       ChaosCluster(services, args.gpu_nodes) if args.shared_cluster else None)
         scenarios = [Scenario.from_seed(args.seed * 1000 + i, num_units, args.kinds, args.faults, args.always,
                                         args.storage_config) for i in range(args.runs)]

@@ -179,30 +179,27 @@ class _Handler(BaseHTTPRequestHandler):
         phase, action, delay_s = ("", "", 0.0)
         if decision is not None:
             (phase, action), delay_s = decision[0].split(":"), decision[1]
-        if phase == "before":
-            if action == "reset":
-                self._reset()
-                return
-            if action == "delay":
-                time.sleep(delay_s)
-            else:
-                self._error(action)
-                return
+        if phase == "before" and not self._act(action, delay_s):
+            return
         try:
             status, reason, headers, answer = self._forward(body)
         except OSError as exc:
             self._send(502, "Bad Gateway", [("Content-Type", "text/plain")], f"upstream: {exc}".encode())
             return
-        if phase == "after":
-            if action == "reset":
-                self._reset()
-                return
-            if action == "delay":
-                time.sleep(delay_s)
-            else:
-                self._error(action)
-                return
+        if phase == "after" and not self._act(action, delay_s):
+            return
         self._send(status, reason, headers, answer)
+
+    def _act(self, action: str, delay_s: float) -> bool:
+        """Acts out a fault. Returns True if the request goes on (after a delay), False if it ends here."""
+        if action == "delay":
+            time.sleep(delay_s)
+            return True
+        if action == "reset":
+            self._reset()
+        else:
+            self._error(action)
+        return False
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
