@@ -67,10 +67,27 @@ WORKER_TITLE = "ray::ShardWorker"
 FAULT_TYPES = ("worker_kill", "node_loss", "driver_kill", "interrupt", "concurrent_start", "storage")
 DRIVER_FAULTS = ("driver_kill", "interrupt")
 JOB_KINDS = ("generate", "reflow_pairs")
+# The exit statuses every entry point documents; the suite holds the drivers to the table, not to the code.
 EXIT_OK, EXIT_SHARDS_FAILED, EXIT_BAD_INPUT, EXIT_OUTPUT_LOST, EXIT_INTERRUPTED = 0, 1, 2, 4, 130
 MAX_EXTRA_LEGS = 3  # resumes beyond those the faults make, before a run counts as not finishing
 POLL_S = 0.2
 _MARKER = re.compile(r"\d{5}\.stats\.json")
+# Lines of the drivers' logs (workers' lines included: Ray forwards them) that show which recovery paths ran.
+ENGINE_EVENTS = {
+    "storage_retry": re.compile(r"failed \(attempt \d+/\d+\).*retrying in"),
+    "unit_try_failed": re.compile(r"unit \d+ failed on try"),
+    "unit_requeued_worker_lost": re.compile(r"lost unit \d+"),
+    "worker_replaced": re.compile(r"worker \d+ is dead, replacing it"),
+    "unit_deadline_passed": re.compile(r"passed its deadline"),
+    "lock_taken_over": re.compile(r"taking over \S*_job\.lock"),
+    "lock_refused": re.compile(r"is in use by another job"),
+    "lock_lost": re.compile(r"lost the lock on"),
+    "commit_refused_not_owner": re.compile(r"not committed: .* is now held by"),
+    "marker_replaced": re.compile(r"replacing marker"),
+    "interrupted_moves_finished": re.compile(r"finished \d+ commits that a crash had interrupted"),
+    "resumed": re.compile(r"resuming: \d+ of \d+ shards already committed"),
+    "interrupted": re.compile(r"interrupted: committed shards stay"),
+}
 _SHARD_TAR = re.compile(r"\d{5}\.tar")  # what a webdataset brace pattern {00000..NNNNN}.tar names
 
 
@@ -202,12 +219,16 @@ class ChaosCluster:
 
         self.ray_tmpdir = Path(tempfile.mkdtemp(prefix="chaos-ray-", dir="/tmp"))  # short: Ray's socket paths
         self.env = job_environment(services, self.ray_tmpdir)
-        with self._environment():
-            self.cluster = Cluster(initialize_head=True, head_node_args={
-                "num_cpus": 1, "num_gpus": 0, "include_dashboard": False, "node_ip_address": HOST})
-        for _ in range(num_gpu_nodes):
-            self.add_gpu_node()
-        self.cluster.wait_for_nodes()
+        try:
+            with self._environment():
+                self.cluster = Cluster(initialize_head=True, head_node_args={
+                    "num_cpus": 1, "num_gpus": 0, "include_dashboard": False, "node_ip_address": HOST})
+            for _ in range(num_gpu_nodes):
+                self.add_gpu_node()
+            self.cluster.wait_for_nodes()
+        except BaseException:
+            self._kill_leftovers()
+            raise
 
     @contextlib.contextmanager
     def _environment(self):
@@ -246,11 +267,14 @@ class ChaosCluster:
     def shutdown(self, keep_files: bool) -> None:
         """Stops every node; Ray's logs stay in `ray_tmpdir` if `keep_files` (a failed run's evidence)."""
         self.cluster.shutdown()
-        # Ray's per-node helpers not tracked by the Cluster (none expected): end those that name our temp dir.
-        for pid in with_descendants(processes_naming(str(self.ray_tmpdir))):
-            _signal(pid, signal.SIGKILL)
+        self._kill_leftovers()
         if not keep_files:
             shutil.rmtree(self.ray_tmpdir, ignore_errors=True)
+
+    def _kill_leftovers(self) -> None:
+        """Ends the processes that name our temp dir, and theirs (none expected after Cluster.shutdown)."""
+        for pid in with_descendants(processes_naming(str(self.ray_tmpdir))):
+            _signal(pid, signal.SIGKILL)
 
 
 def _ignored_signals(pid: int) -> set[signal.Signals]:
@@ -521,6 +545,7 @@ class Run:
         self.started = time.monotonic()
         self.node_comebacks: list[float] = []  # when to add a node back, in monotonic time
         self.phases: dict[str, float] = {}  # where the run's time went, in seconds
+        self.engine_events = collections.Counter()  # recovery paths the drivers' logs show
 
     def now(self) -> float:
         return round(time.monotonic() - self.started, 2)
@@ -573,6 +598,7 @@ class Run:
                 "config": self.scenario.storage, "requests": storage_stats.get("requests"),
                 "faults": storage_stats.get("faults"), "num_faults": len(storage_stats.get("events", []))},
             "legs": self.legs, "resumes": len(self.legs) - 1, "checks": self.checks,
+            "engine_events": dict(sorted(self.engine_events.items())),
             "ok": not self.problems, "problems": self.problems, "duration_s": self.now(), "phases": self.phases,
             "ray_tmpdir": str(cluster.ray_tmpdir) if cluster else None,
         }
@@ -611,6 +637,7 @@ class Run:
         record = {"leg": number, "kind": "concurrent start" if concurrent else ("start" if number == 1 else "resume"),
                   "shards_at_start": shards_at_start, "shards_at_end": self._count_markers(), "drivers": []}
         for driver in drivers:
+            self.engine_events.update(engine_events(driver.log))
             expected = self._expected_statuses(driver, concurrent, number)
             signalled = driver.signalled.type if isinstance(driver.signalled, Fault) else driver.signalled
             record["drivers"].append({"pid": driver.process.pid, "status": driver.status, "expected": expected,
@@ -747,6 +774,13 @@ def _fault_record(fault: Fault) -> dict:
     return record
 
 
+def engine_events(log: Path) -> collections.Counter:
+    counts = collections.Counter()
+    for line in log.read_text(errors="replace").splitlines():
+        counts.update(name for name, pattern in ENGINE_EVENTS.items() if pattern.search(line))
+    return counts
+
+
 def _tail(log: Path, lines: int = 8) -> str:
     try:
         return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:])[-1500:]
@@ -776,6 +810,9 @@ def summarize(records: list[dict], started: float) -> dict:
         if record["storage"]:
             storage.update(record["storage"]["faults"] or {})
     statuses = collections.Counter(str(d["status"]) for r in records for leg in r["legs"] for d in leg["drivers"])
+    events = collections.Counter()
+    for record in records:
+        events.update(record["engine_events"])
     return {
         "summary": True, "runs": len(records), "passed": sum(r["ok"] for r in records),
         "failed": [{"run": r["run"], "seed": r["seed"], "problems": r["problems"]} for r in records if not r["ok"]],
@@ -784,6 +821,9 @@ def summarize(records: list[dict], started: float) -> dict:
         "runs_with_storage_faults": sum(bool(r["storage"]) for r in records),
         "storage_faults_injected": dict(sorted(storage.items())), "storage_faults_total": sum(storage.values()),
         "driver_exit_statuses": dict(statuses), "resumes": sum(r["resumes"] for r in records),
+        "engine_events": dict(sorted(events.items())),
+        "runs_with_engine_event": dict(sorted(collections.Counter(
+            name for r in records for name in r["engine_events"]).items())),
         "duration_s": round(time.monotonic() - started, 1),
     }
 
