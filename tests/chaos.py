@@ -19,7 +19,9 @@ delay picked by the seed), once the faulty leg has committed something of its ow
 - interrupt: the driver gets SIGINT or SIGTERM (exit 130), then the same command is run again;
 - concurrent_start: the first leg starts two drivers on the same output at the same moment;
 - storage: the proxy fails a fraction of the requests of some kinds (reads, writes, multipart parts, markers, the
-  lock): 500, 503, SlowDown, a delay, or a reset, before forwarding or after (the write landed, its answer is lost).
+  lock): 500, 503, SlowDown, a delay, or a reset, before forwarding or after (the write landed, its answer is lost);
+- storage_outage (only when --faults names it): for 3 to 25 s, every request of some kinds gets one such fault (a
+  delay holds them until the outage ends), longer than the S3 client's own retries last.
 
 After a leg that was cut short: what the README's readers see by globbing the output is committed data only, its
 bytes are the reference's, and no key is seen twice. After the run: `instaflow-batch verify` passes, every prompt
@@ -64,7 +66,9 @@ BUCKET = "chaos"
 LOCK_LEASE_S = 2.0
 JOB_SEED = 7
 WORKER_TITLE = "ray::ShardWorker"
-FAULT_TYPES = ("worker_kill", "node_loss", "driver_kill", "interrupt", "concurrent_start", "storage")
+FAULT_TYPES = ("worker_kill", "node_loss", "driver_kill", "interrupt", "concurrent_start", "storage", "storage_outage")
+DEFAULT_FAULTS = FAULT_TYPES[:-1]  # the faults of issue 7; outages are asked for by name
+OUTAGE_FAULTS = ("before:503", "before:slowdown", "before:reset", "before:delay", "after:reset")
 DRIVER_FAULTS = ("driver_kill", "interrupt")
 JOB_KINDS = ("generate", "reflow_pairs")
 # The exit statuses every entry point documents; the suite holds the drivers to the table, not to the code.
@@ -128,6 +132,9 @@ class Services:
 
     def configure_faults(self, config: dict) -> None:
         self._control("config", json.dumps(config).encode())
+
+    def start_outage(self, outage: dict) -> None:
+        self._control("outage", json.dumps(outage).encode())
 
     def fault_stats(self) -> dict:
         return json.loads(self._control("stats"))
@@ -345,6 +352,10 @@ class Scenario:
                 faults.append(Fault("interrupt", **moment(signal=rng.choice(["SIGINT", "SIGTERM"]))))
             elif name == "concurrent_start":
                 faults.append(Fault("concurrent_start"))
+            elif name == "storage_outage":
+                kinds = [kind for kind in KINDS if rng.random() < 0.5] or [rng.choice(KINDS)]
+                faults.append(Fault("storage_outage", **moment(kinds=kinds, fault=rng.choice(OUTAGE_FAULTS),
+                                                               seconds=round(rng.uniform(3, 25), 1))))
         storage = None
         if "storage" in chosen:
             storage = storage_config(rng, seed)
@@ -646,6 +657,9 @@ class Run:
             if driver.status not in expected:
                 self.problems.append(f"leg {number}: driver {driver.process.pid} exited {driver.status}, expected "
                                      f"one of {expected}: {_tail(driver.log)}")
+            elif driver.status == EXIT_SHARDS_FAILED and not failed_shards_reported(driver.log):
+                self.problems.append(f"leg {number}: driver {driver.process.pid} exited 1 without reporting a failed "
+                                     f"shard (a crash?): {_tail(driver.log)}")
         if concurrent and all(d.status == EXIT_BAD_INPUT for d in drivers):
             self.problems.append(f"leg {number}: both concurrent drivers were refused; neither ran")
         self.legs.append(record)
@@ -670,7 +684,8 @@ class Run:
         # A try lost to a worker or a storage fault counts against --max-unit-attempts; a unit can run out of
         # them and fail (exit 1), and the next leg redoes it.
         may_fail_tries = self.scenario.storage is not None or any(
-            f.injected and f.leg == leg and f.type in ("worker_kill", "node_loss") for f in self.scenario.faults)
+            f.injected and f.leg == leg and f.type in ("worker_kill", "node_loss", "storage_outage")
+            for f in self.scenario.faults)
         expected = [EXIT_OK, EXIT_SHARDS_FAILED] if may_fail_tries else [EXIT_OK]
         if concurrent:
             expected += [EXIT_BAD_INPUT, EXIT_OUTPUT_LOST]  # refused (locked), or taken over at start-up
@@ -694,7 +709,11 @@ class Run:
             fault._due_since = time.monotonic()
         if time.monotonic() - fault._due_since < fault.delay_s:
             return
-        if fault.type in DRIVER_FAULTS:
+        if fault.type == "storage_outage":
+            self.services.start_outage(fault.params)
+            fault.detail = f"{fault.params['fault']} on every {'/'.join(fault.params['kinds'])} request for " \
+                           f"{fault.params['seconds']}s"
+        elif fault.type in DRIVER_FAULTS:
             driver = self._lock_holder(drivers)
             if driver is None:
                 return
@@ -774,6 +793,12 @@ def _fault_record(fault: Fault) -> dict:
     return record
 
 
+def failed_shards_reported(log: Path) -> bool:
+    """Whether the driver's summary table lists failed shards: what exit status 1 must mean, not a crash."""
+    found = re.search(r"^shards_failed\s+(\d+)\s*$", log.read_text(errors="replace"), re.MULTILINE)
+    return bool(found and int(found.group(1)) > 0)
+
+
 def engine_events(log: Path) -> collections.Counter:
     counts = collections.Counter()
     for line in log.read_text(errors="replace").splitlines():
@@ -838,7 +863,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--gpu-nodes", type=int, default=2, help="cluster nodes with one logical GPU each")
     parser.add_argument("--kinds", default=",".join(JOB_KINDS), help="job kinds the seeds choose from")
-    parser.add_argument("--faults", default=",".join(FAULT_TYPES), help="fault types the seeds choose from")
+    parser.add_argument("--faults", default=",".join(DEFAULT_FAULTS), help=f"fault types the seeds choose from, "
+                        f"of {', '.join(FAULT_TYPES)}")
     parser.add_argument("--always", default="", help="fault types every run injects (besides those chosen)")
     parser.add_argument("--storage-rules", dest="storage_config", type=json.loads,
                         help="the proxy's rules for runs with storage faults, as JSON, instead of the seed's choice")

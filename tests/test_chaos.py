@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import boto3
@@ -16,7 +17,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
 
-from infra.local.fault_proxy import ALL_FAULTS, FaultConfig, FaultProxy, request_kind
+from infra.local.fault_proxy import ALL_FAULTS, FaultConfig, FaultProxy, Outage, request_kind
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,6 +123,23 @@ def test_multipart_parts_are_their_own_kind(s3, proxy):
     assert proxy.state.stats()["faults"] == {"part:before:503": 1}
 
 
+def test_an_outage_fails_every_request_of_its_kinds_until_it_ends(s3, proxy):
+    proxy.state.start_outage(Outage(("write",), "before:503", 0.6))
+    started = time.monotonic()
+    for key in ("a", "b"):
+        with pytest.raises(ClientError):
+            client(proxy.url).put_object(Bucket=s3.bucket, Key=f"outage/{key}", Body=b"x")
+    client(proxy.url).list_objects_v2(Bucket=s3.bucket)  # reads are not in this outage
+    time.sleep(max(0.0, 0.7 - (time.monotonic() - started)))
+    client(proxy.url).put_object(Bucket=s3.bucket, Key="outage/after", Body=b"x")
+    assert proxy.state.stats()["faults"] == {"outage:write:before:503": 2}
+    # A delay holds each request until the outage ends, then lets it through.
+    proxy.state.start_outage(Outage(("read",), "before:delay", 0.5))
+    started = time.monotonic()
+    assert client(proxy.url).get_object(Bucket=s3.bucket, Key="outage/after")["Body"].read() == b"x"
+    assert 0.4 < time.monotonic() - started < 5
+
+
 def test_the_control_endpoint_sets_the_config_and_reports(proxy):
     connection = http.client.HTTPConnection(proxy.url.removeprefix("http://"))
     connection.request("PUT", "/_fault_proxy/config", body=json.dumps(only("after:reset").to_json()))
@@ -129,6 +147,12 @@ def test_the_control_endpoint_sets_the_config_and_reports(proxy):
     connection.request("PUT", "/_fault_proxy/config", body=b'{"rules": {"nope": {}}}')
     answer = connection.getresponse()
     assert answer.status == 400 and b"unknown request kinds" in answer.read()
+    connection.request("PUT", "/_fault_proxy/outage", body=b'{"kinds": ["lock"], "fault": "after:reset", "seconds": 9}')
+    assert connection.getresponse().read() == b"outage set"
+    assert proxy.state.outage == Outage(("lock",), "after:reset", 9)
+    connection.request("PUT", "/_fault_proxy/outage", body=b'{"kinds": [], "fault": "after:reset", "seconds": 9}')
+    answer = connection.getresponse()
+    assert answer.status == 400 and b"an outage needs kinds" in answer.read()
     connection.request("GET", "/_fault_proxy/stats")
     assert json.loads(connection.getresponse().read())["config"]["rules"]["write"]["faults"] == ["after:reset"]
 

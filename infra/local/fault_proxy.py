@@ -21,9 +21,13 @@ whether it landed: the case that conditional writes must survive. ACTION is one 
 The seed decides: the n-th request of a kind gets the fault that (seed, kind, n) picks, so a schedule is
 reproducible per kind (which request is the n-th depends on timing when clients run in parallel).
 
+An outage overlays the rules for a while: every request of its kinds gets its fault (a `delay` holds each
+request until the outage ends, as a store that stops answering would).
+
 Control, never faulted: `GET /_fault_proxy/stats` (requests and faults per kind, and the faults injected, with
-times), `PUT /_fault_proxy/config` (a new config as JSON; counters start again). S3 bucket names cannot begin
-with `_`, so these paths never shadow a bucket.
+times), `PUT /_fault_proxy/config` (a new config as JSON; counters start again), `PUT /_fault_proxy/outage`
+(`{"kinds": [...], "fault": "before:503", "seconds": 10}`, counted as `outage:KIND:FAULT`). S3 bucket names
+cannot begin with `_`, so these paths never shadow a bucket.
 """
 
 from __future__ import annotations
@@ -109,6 +113,21 @@ class FaultConfig:
         return rng.choice(rule.faults), rng.uniform(*self.delay_s)
 
 
+@dataclass(frozen=True)
+class Outage:
+    kinds: tuple[str, ...]
+    fault: str
+    seconds: float
+
+    @classmethod
+    def from_json(cls, value: dict) -> "Outage":
+        outage = cls(tuple(value["kinds"]), value["fault"], float(value["seconds"]))
+        if not outage.kinds or set(outage.kinds) - set(KINDS) or outage.fault not in ALL_FAULTS or outage.seconds <= 0:
+            raise ValueError(f"an outage needs kinds from {list(KINDS)}, one fault of {list(ALL_FAULTS)} and "
+                             f"seconds > 0, got {value!r}")
+        return outage
+
+
 def request_kind(method: str, path: str) -> str:
     """Which rule applies to a request, from its method and path-style URL (/bucket/key?query)."""
     parsed = urllib.parse.urlsplit(path)
@@ -137,18 +156,26 @@ class FaultState:
             self.requests = {kind: 0 for kind in KINDS}
             self.faults: dict[str, int] = {}
             self.events: list[dict] = []
+            self.outage: Outage | None = None
+            self.outage_ends = 0.0
+
+    def start_outage(self, outage: Outage) -> None:
+        with self._lock:
+            self.outage, self.outage_ends = outage, time.monotonic() + outage.seconds
 
     def next_fault(self, kind: str, method: str, path: str) -> tuple[str, float] | None:
         with self._lock:
             n = self.requests[kind]
             self.requests[kind] += 1
-            decision = self.config.decide(kind, n)
+            now = time.monotonic()
+            in_outage = self.outage is not None and kind in self.outage.kinds and now < self.outage_ends
+            decision = (self.outage.fault, self.outage_ends - now) if in_outage else self.config.decide(kind, n)
             if decision is not None:
-                name = f"{kind}:{decision[0]}"
+                name = f"{'outage:' if in_outage else ''}{kind}:{decision[0]}"
                 self.faults[name] = self.faults.get(name, 0) + 1
                 if len(self.events) < MAX_EVENTS:
-                    self.events.append({"t": round(time.monotonic() - self.started, 3), "kind": kind, "n": n,
-                                        "fault": decision[0], "method": method, "path": path.split("?")[0]})
+                    self.events.append({"t": round(now - self.started, 3), "kind": kind, "n": n, "fault": decision[0],
+                                        "outage": in_outage, "method": method, "path": path.split("?")[0]})
             return decision
 
     def stats(self) -> dict:
@@ -256,20 +283,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _control(self, body: bytes) -> None:
         name = self.path[len(CONTROL_PREFIX):].split("?")[0]
+        state = self.server.state
         if name == "stats" and self.command == "GET":
-            answer = json.dumps(self.server.state.stats()).encode()
-            self._send(200, "OK", [("Content-Type", "application/json")], answer)
+            self._send(200, "OK", [("Content-Type", "application/json")], json.dumps(state.stats()).encode())
             return
-        if name == "config" and self.command == "PUT":
+        setters = {"config": (FaultConfig.from_json, state.configure), "outage": (Outage.from_json, state.start_outage)}
+        if name in setters and self.command == "PUT":
+            parse, apply = setters[name]
             try:
-                config = FaultConfig.from_json(json.loads(body))
+                value = parse(json.loads(body))
             except (ValueError, KeyError, TypeError) as exc:
-                self._send(400, "Bad Request", [("Content-Type", "text/plain")], f"bad config: {exc}".encode())
+                self._send(400, "Bad Request", [("Content-Type", "text/plain")], f"bad {name}: {exc}".encode())
                 return
-            self.server.state.configure(config)
-            self._send(200, "OK", [("Content-Type", "application/json")], json.dumps(config.to_json()).encode())
+            apply(value)
+            self._send(200, "OK", [("Content-Type", "text/plain")], f"{name} set".encode())
             return
-        self._send(404, "Not Found", [("Content-Type", "text/plain")], b"GET stats or PUT config")
+        self._send(404, "Not Found", [("Content-Type", "text/plain")], b"GET stats, PUT config or PUT outage")
 
     def finish(self):
         try:
