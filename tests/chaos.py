@@ -1,0 +1,946 @@
+"""The chaos suite: one job of a few thousand prompts, run again and again under faults that a seed picks.
+
+    PYTHONPATH=$PWD RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled \\
+        .venv/bin/python tests/chaos.py --runs 50 --seed 1 --out out/chaos/runs.jsonl
+
+Everything listens on 127.0.0.1: moto's S3 server, and infra/local/fault_proxy.py in front of it. Every request
+of the jobs goes through the proxy; the checks go to the server directly. Each run gets a fresh
+`ray.cluster_utils.Cluster` (a head without GPUs, and nodes with one logical GPU each) and a fresh output, and
+runs its drivers as subprocesses, as a user would (`python -m jobs.generate ...` or `python -m jobs.reflow_pairs
+...`, `--lock-lease 2`, `--dtype float32`).
+
+The seed of a run picks the job and its faults; each fault fires after the k-th committed shard (k and a further
+delay picked by the seed), once the faulty leg has committed something of its own, so it lands mid-job:
+
+- worker_kill: a `ray::ShardWorker` process of the cluster, one that is running a unit, gets SIGKILL (1 to 3 times);
+- node_loss: the node of such a worker is removed (its processes killed, or stopped gracefully), and a new node
+  is added a few seconds later;
+- driver_kill: the driver gets SIGKILL, then the same command is run again;
+- interrupt: the driver gets SIGINT or SIGTERM (exit 130), then the same command is run again;
+- concurrent_start: the first leg starts two drivers on the same output at the same moment;
+- storage: the proxy fails a fraction of the requests of some kinds (reads, writes, multipart parts, markers, the
+  lock): 500, 503, SlowDown, a delay, or a reset, before forwarding or after (the write landed, its answer is lost);
+- storage_outage (only when --faults names it): for 3 to 25 s, every request of some kinds gets one such fault (a
+  delay holds them until the outage ends), longer than the S3 client's own retries last.
+
+After a leg that was cut short: what the README's readers see by globbing the output is committed data only, its
+bytes are the reference's, and no key is seen twice. After the run: `instaflow-batch verify` passes, every prompt
+appears exactly once, the readers see exactly the committed shards, every data file and every sample equals the
+fault-free reference run (one per job kind and invocation), and the output's lock is released.
+
+Output: one JSON line per run (seed, faults with their times, exit statuses, resumes, checks), then a summary
+line. A failed run keeps its driver logs, fault log and output listing under the work directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from infra.local.cluster import _signal, free_ports, processes_naming, with_descendants  # noqa: E402
+from infra.local.fault_proxy import ALL_FAULTS, CONTROL_PREFIX, KINDS  # noqa: E402
+from infra.local.s3_server import CREDS, HOST  # noqa: E402
+
+BUCKET = "chaos"
+LOCK_LEASE_S = 2.0
+JOB_SEED = 7
+WORKER_TITLE = "ray::ShardWorker"
+FAULT_TYPES = ("worker_kill", "node_loss", "driver_kill", "interrupt", "concurrent_start", "storage", "storage_outage")
+DEFAULT_FAULTS = FAULT_TYPES[:-1]  # the faults of issue 7; outages are asked for by name
+OUTAGE_FAULTS = ("before:503", "before:slowdown", "before:reset", "before:delay", "after:reset")
+DRIVER_FAULTS = ("driver_kill", "interrupt")
+JOB_KINDS = ("generate", "reflow_pairs")
+# The exit statuses every entry point documents; the suite holds the drivers to the table, not to the code.
+EXIT_OK, EXIT_SHARDS_FAILED, EXIT_BAD_INPUT, EXIT_OUTPUT_LOST, EXIT_INTERRUPTED = 0, 1, 2, 4, 130
+MAX_EXTRA_LEGS = 3  # resumes beyond those the faults make, before a run counts as not finishing
+POLL_S = 0.2
+_MARKER = re.compile(r"\d{5}\.stats\.json")
+# Lines of the drivers' logs (workers' lines included: Ray forwards them) that show which recovery paths ran.
+ENGINE_EVENTS = {
+    "storage_retry": re.compile(r"failed \(attempt \d+/\d+\).*retrying in"),
+    "unit_try_failed": re.compile(r"unit \d+ failed on try"),
+    "unit_requeued_worker_lost": re.compile(r"lost unit \d+"),
+    "worker_replaced": re.compile(r"worker \d+ is dead, replacing it"),
+    "unit_deadline_passed": re.compile(r"passed its deadline"),
+    "lock_taken_over": re.compile(r"taking over \S*_job\.lock"),
+    "lock_refused": re.compile(r"is in use by another job"),
+    "lock_lost": re.compile(r"lost the lock on"),
+    "commit_refused_not_owner": re.compile(r"not committed: .* is now held by"),
+    "marker_replaced": re.compile(r"replacing marker"),
+    "interrupted_moves_finished": re.compile(r"finished \d+ commits that a crash had interrupted"),
+    "resumed": re.compile(r"resuming: \d+ of \d+ shards already committed"),
+    "interrupted": re.compile(r"interrupted: committed shards stay"),
+}
+_SHARD_TAR = re.compile(r"\d{5}\.tar")  # what a webdataset brace pattern {00000..NNNNN}.tar names
+
+
+# ---------------------------------------------------------------------------------------------------- services
+
+
+class Services:
+    """moto's S3 server and the fault proxy in front of it, each a subprocess on 127.0.0.1."""
+
+    def __init__(self, workdir: Path):
+        import s3fs
+
+        s3_port, proxy_port = free_ports(2)
+        self.logs = workdir / "services"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        env = os.environ | {"PYTHONPATH": str(REPO)}
+        self.processes = []
+        self.s3_url = f"http://{HOST}:{s3_port}"
+        self.proxy_url = f"http://{HOST}:{proxy_port}"
+        self._start([sys.executable, "-m", "infra.local.s3_server", "--port", str(s3_port), "--bucket", BUCKET,
+                     "--quiet"], "s3_server.log", "Serving", env)
+        self._start([sys.executable, "-m", "infra.local.fault_proxy", "--target", self.s3_url, "--port",
+                     str(proxy_port)], "fault_proxy.log", "fault proxy", env)
+        self.direct_options = {"key": CREDS["AWS_ACCESS_KEY_ID"], "secret": CREDS["AWS_SECRET_ACCESS_KEY"],
+                               "client_kwargs": {"endpoint_url": self.s3_url,
+                                                 "region_name": CREDS["AWS_DEFAULT_REGION"]}}
+        self.fs = s3fs.S3FileSystem(skip_instance_cache=True, **self.direct_options)  # the checks' own view
+
+    def _start(self, command: list[str], log_name: str, ready_text: str, env: dict) -> None:
+        log = open(self.logs / log_name, "wb")
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        self.processes.append(process)
+        deadline = time.monotonic() + 60
+        while ready_text not in (self.logs / log_name).read_text(errors="replace"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{command[2]} did not start:\n{(self.logs / log_name).read_text()}")
+            time.sleep(0.1)
+
+    def configure_faults(self, config: dict) -> None:
+        self._control("config", json.dumps(config).encode())
+
+    def start_outage(self, outage: dict) -> None:
+        self._control("outage", json.dumps(outage).encode())
+
+    def fault_stats(self) -> dict:
+        return json.loads(self._control("stats"))
+
+    def _control(self, name: str, body: bytes | None = None) -> bytes:
+        request = urllib.request.Request(f"{self.proxy_url}{CONTROL_PREFIX}{name}", data=body,
+                                         method="PUT" if body is not None else "GET")
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.read()
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def job_environment(services: Services, ray_tmpdir: Path) -> dict:
+    """The environment of the cluster's processes and of every driver: S3 through the proxy, Ray on 127.0.0.1."""
+    return os.environ | CREDS | {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "AWS_ENDPOINT_URL": services.proxy_url,
+        "RAY_TMPDIR": str(ray_tmpdir),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The input (uploaded once) and the command line of each job kind."""
+
+    num_prompts: int
+    rows_per_shard: int
+    batch_size: int
+    models: Path
+
+    @property
+    def prompts_url(self) -> str:
+        return f"s3://{BUCKET}/prompts/"
+
+    def upload(self, fs) -> tuple[dict[str, str], int]:
+        """Two Parquet files with an `id` column, of row groups a quarter of a unit; returns the prompts by id
+        and the number of units the engine plans for them."""
+        import pyarrow as pa
+        from jobhelpers import prompt_table, write_prompts
+        from pipeline.plan import list_input_files, plan_units
+
+        prompts = {}
+        sizes = (self.num_prompts // 2, self.num_prompts - self.num_prompts // 2)
+        for part, size in enumerate(sizes):
+            start = sum(sizes[:part])
+            table = prompt_table(size, start=start)
+            ids = [f"p{start + i:06d}" for i in range(size)]
+            table = table.append_column("id", pa.array(ids))
+            prompts.update(zip(ids, table.column("prompt").to_pylist()))
+            write_prompts(fs, f"{BUCKET}/prompts/part-{part}.parquet", table,
+                          row_group_size=max(1, self.rows_per_shard // 4))
+        return prompts, len(plan_units(list_input_files(fs, f"{BUCKET}/prompts/"), self.rows_per_shard))
+
+    def command(self, kind: str, output: str, ray_address: str) -> list[str]:
+        common = ["--prompts", self.prompts_url, "--output", output, "--height", "64", "--width", "64",
+                  "--batch-size", str(self.batch_size), "--rows-per-shard", str(self.rows_per_shard),
+                  "--dtype", "float32", "--seed", str(JOB_SEED), "--lock-lease", str(LOCK_LEASE_S),
+                  "--no-progress", "--ray-address", ray_address]
+        if kind == "generate":
+            return [sys.executable, "-m", "jobs.generate", *common, "--model", str(self.models / "instaflow")]
+        return [sys.executable, "-m", "jobs.reflow_pairs", *common, "--teacher", str(self.models / "sd15"),
+                "--teacher-kind", "sd", "--steps", "4"]
+
+
+# ---------------------------------------------------------------------------------------------------- the cluster
+
+
+class ChaosCluster:
+    """A `ray.cluster_utils.Cluster` on 127.0.0.1: a head without GPUs, and nodes with one logical GPU each."""
+
+    def __init__(self, services: Services, num_gpu_nodes: int):
+        from ray.cluster_utils import Cluster
+
+        self.ray_tmpdir = Path(tempfile.mkdtemp(prefix="chaos-ray-", dir="/tmp"))  # short: Ray's socket paths
+        self.env = job_environment(services, self.ray_tmpdir)
+        try:
+            with self._environment():
+                self.cluster = Cluster(initialize_head=True, head_node_args={
+                    "num_cpus": 1, "num_gpus": 0, "include_dashboard": False, "node_ip_address": HOST})
+            for _ in range(num_gpu_nodes):
+                self.add_gpu_node()
+            self.cluster.wait_for_nodes()
+        except BaseException:
+            self._kill_leftovers()
+            raise
+
+    @contextlib.contextmanager
+    def _environment(self):
+        """The nodes' processes inherit this process's environment: the jobs', while a node starts."""
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(self.env)
+        try:
+            yield
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def add_gpu_node(self):
+        with self._environment():
+            return self.cluster.add_node(num_cpus=1, num_gpus=1, node_ip_address=HOST)
+
+    def workers(self) -> list[tuple[int, str, object]]:
+        """(pid, process title, node) of every ShardWorker process of this cluster's GPU nodes."""
+        found = []
+        for node in list(self.cluster.worker_nodes):
+            raylets = [info.process.pid for info in node.all_processes.get("raylet", [])]
+            for pid in with_descendants(raylets):
+                title = _cmdline(pid)
+                if title.startswith(WORKER_TITLE):
+                    found.append((pid, title, node))
+        return found
+
+    def remove_node(self, node, graceful: bool) -> None:
+        self.cluster.remove_node(node, allow_graceful=graceful)
+
+    def shutdown(self, keep_files: bool) -> None:
+        """Stops every node; Ray's logs stay in `ray_tmpdir` if `keep_files` (a failed run's evidence)."""
+        self.cluster.shutdown()
+        self._kill_leftovers()
+        if not keep_files:
+            shutil.rmtree(self.ray_tmpdir, ignore_errors=True)
+
+    def _kill_leftovers(self) -> None:
+        """Ends the processes that name our temp dir, and theirs (none expected after Cluster.shutdown)."""
+        for pid in with_descendants(processes_naming(str(self.ray_tmpdir))):
+            _signal(pid, signal.SIGKILL)
+
+
+def _ignored_signals(pid: int) -> set[signal.Signals]:
+    """The signals process `pid` ignores (SigIgn in /proc: bit n-1 for signal n)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return set()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    return {sig for sig in signal.Signals if mask >> (sig - 1) & 1}
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------------- the faults
+
+
+@dataclass
+class Fault:
+    type: str
+    after_shards: int = 0  # fires once this many shards are committed (and the leg has committed one)
+    delay_s: float = 0.0  # and then this long after
+    params: dict = field(default_factory=dict)
+    injected: bool = False
+    t_s: float | None = None  # when it fired, seconds since the run started
+    shards_at_fire: int | None = None  # shards committed when it fired
+    leg: int | None = None
+    detail: str = ""
+    _due_since: float | None = None
+
+
+@dataclass
+class Scenario:
+    seed: int
+    kind: str
+    faults: list[Fault]
+    storage: dict | None  # the proxy's config, or None for no storage faults
+
+    @classmethod
+    def from_seed(cls, seed: int, num_units: int, kinds: tuple[str, ...], menu: tuple[str, ...],
+                  forced: tuple[str, ...] = (), storage_rules: dict | None = None) -> "Scenario":
+        """A job kind and its faults: each of `menu` with probability 0.45 (at least one), plus `forced`.
+        `storage_rules`, if given, replace the storage faults the seed would pick (the seed still drives them)."""
+        rng = random.Random(f"chaos:{seed}")
+        kind = rng.choice(kinds)
+        chosen = [name for name in menu if rng.random() < 0.45]
+        chosen = sorted(set(chosen or [rng.choice(menu)]) | set(forced), key=FAULT_TYPES.index)
+        latest = max(1, int(num_units * 0.6))
+
+        def moment(**params) -> dict:
+            return dict(after_shards=rng.randint(1, latest), delay_s=round(rng.uniform(0, 1.5), 2), params=params)
+
+        faults = []
+        for name in chosen:
+            if name == "worker_kill":
+                faults += [Fault("worker_kill", **moment()) for _ in range(rng.randint(1, 3))]
+            elif name == "node_loss":
+                faults.append(Fault("node_loss", **moment(graceful=rng.random() < 0.5,
+                                                          back_after_s=round(rng.uniform(1, 6), 1))))
+            elif name == "driver_kill":
+                faults.append(Fault("driver_kill", **moment()))
+            elif name == "interrupt":
+                faults.append(Fault("interrupt", **moment(signal=rng.choice(["SIGINT", "SIGTERM"]))))
+            elif name == "concurrent_start":
+                faults.append(Fault("concurrent_start"))
+            elif name == "storage_outage":
+                kinds = [kind for kind in KINDS if rng.random() < 0.5] or [rng.choice(KINDS)]
+                faults.append(Fault("storage_outage", **moment(kinds=kinds, fault=rng.choice(OUTAGE_FAULTS),
+                                                               seconds=round(rng.uniform(3, 25), 1))))
+        storage = None
+        if "storage" in chosen:
+            storage = storage_config(rng, seed)
+            if storage_rules is not None:
+                storage["rules"] = storage_rules
+        return cls(seed, kind, sorted(faults, key=lambda f: f.after_shards), storage)
+
+
+def storage_config(rng: random.Random, seed: int) -> dict:
+    """Some request kinds (at least one), each failing a fraction of its requests (mostly a few percent, sometimes
+    enough that boto's own retries run out) with faults from ALL_FAULTS. Kinds that write always include lost
+    answers (after:reset), the fault that conditional writes must survive."""
+    kinds = [kind for kind in KINDS if rng.random() < 0.6] or [rng.choice(KINDS)]
+    rules = {}
+    for kind in kinds:
+        faults = sorted({fault for fault in ALL_FAULTS if rng.random() < 0.4} | (
+            {"after:reset"} if kind != "read" else set()) or {rng.choice(ALL_FAULTS)})
+        rate = rng.uniform(0.02, 0.1) if rng.random() < 0.7 else rng.uniform(0.2, 0.4)  # high: past boto's retries
+        rules[kind] = {"rate": round(rate, 3), "faults": faults}
+    return {"seed": seed, "rules": rules, "delay_s": [0.05, 1.0]}
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+
+
+def output_root(run_name: str) -> str:
+    return f"{BUCKET}/runs/{run_name}"
+
+
+def reader_view(fs, root: str) -> dict[str, list[str]]:
+    """The data files each of the README's readers picks up by globbing the output, relative to the root."""
+    import pyarrow.fs as pafs
+    from ray.data.datasource.file_meta_provider import _expand_directory
+
+    fs.invalidate_cache()
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.glob(f"{root}/*") if "/" in p)
+    ray_data = [path[len(root) + 1:] for path, _ in _expand_directory(
+        root, pafs.PyFileSystem(pafs.FSSpecHandler(fs)), ignore_missing_path=True) if path.endswith(".parquet")]
+    return {
+        "datasets": [n for n in names if n.endswith(".parquet")],  # load_dataset("parquet", data_files="out/*.parquet")
+        "webdataset": [n for n in names if _SHARD_TAR.fullmatch(n)],  # WebDataset("out/{00000..NNNNN}.tar")
+        "ray_data": ray_data,  # ray.data.read_parquet("out/")
+    }
+
+
+def check_visible(fs, root: str, reference: dict[str, bytes] | None) -> tuple[list[str], dict]:
+    """Problems with what readers see now, and what they see: only committed files (listed before the markers
+    are read, so a file moved in meanwhile still has its marker), each its marker's bytes and the reference's,
+    and no key twice."""
+    from pipeline.commit import committed_shards
+    from pipeline.storage import OutputError
+
+    view = reader_view(fs, root)
+    visible = sorted(set().union(*view.values()))
+    try:
+        committed = committed_shards(fs, root)
+    except OutputError:  # no _job.json yet: nothing is committed
+        committed = {}
+    claimed = {name: meta for marker in committed.values() for name, meta in marker.get("files", {}).items()}
+    problems, keys = [], collections.Counter()
+    for name in visible:
+        readers = [reader for reader, names in view.items() if name in names]
+        if name not in claimed:
+            problems.append(f"{name} is visible to {'+'.join(readers)} but no committed marker claims it")
+            continue
+        data = fs.cat_file(f"{root}/{name}")
+        if hashlib.sha256(data).hexdigest() != claimed[name]["sha256"]:
+            problems.append(f"{name}: its bytes are not those its marker records")
+        if reference is not None and data != reference.get(name):
+            problems.append(f"{name}: {differing_samples(name, data, reference.get(name))}")
+        if name.endswith(".parquet"):
+            keys.update(metadata_keys(data))
+    twice = sorted(key for key, count in keys.items() if count > 1)
+    if twice:
+        problems.append(f"{len(twice)} keys visible more than once: {twice[:10]}")
+    return problems, {"visible_files": len(visible), "committed_shards": len(committed), "visible_keys": len(keys)}
+
+
+def metadata_keys(parquet: bytes) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(parquet), columns=["key"]).column("key").to_pylist()
+
+
+def samples(name: str, data: bytes) -> dict[str, object]:
+    """A data file's samples: tar members by name, or Parquet rows by key."""
+    import pyarrow.parquet as pq
+
+    if name.endswith(".tar"):
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    return {row["key"]: row for row in pq.read_table(io.BytesIO(data)).to_pylist()}
+
+
+def differing_samples(name: str, data: bytes, expected: bytes | None) -> str:
+    if expected is None:
+        return "not in the reference run"
+    ours, theirs = samples(name, data), samples(name, expected)
+    differ = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
+    return (f"bytes differ from the reference run: {len(differ)} of {len(theirs)} samples differ "
+            f"({differ[:5]})" if differ else "bytes differ from the reference run, though every sample is equal")
+
+
+def check_final(services: Services, root: str, prompts: dict[str, str], reference: dict[str, bytes] | None,
+                log_dir: Path) -> tuple[list[str], dict, dict[str, bytes]]:
+    """Problems with a finished output, what was checked, and its data files (the reference, for a clean run)."""
+    from pipeline.lock import lock_holder
+
+    problems, facts = [], {}
+    verify = subprocess.run([sys.executable, "-m", "jobs.main", "verify", f"s3://{root}", "--storage-options",
+                             json.dumps(services.direct_options)], capture_output=True, text=True,
+                            env=os.environ | {"PYTHONPATH": str(REPO)}, timeout=600)
+    (log_dir / "verify.txt").write_text(verify.stdout + verify.stderr)
+    facts["verify_exit"] = verify.returncode
+    if verify.returncode != 0:
+        problems.append(f"verify exited {verify.returncode}: "
+                        + " | ".join(line.strip() for line in (verify.stdout + verify.stderr).splitlines()
+                                     if "PROBLEM" in line or "error" in line.lower())[:2000])
+    visible_problems, seen = check_visible(services.fs, root, reference)
+    problems += visible_problems
+    facts.update(seen)
+    view = reader_view(services.fs, root)
+    files = {name: services.fs.cat_file(f"{root}/{name}") for name in sorted(set().union(*view.values()))}
+    rows = collections.Counter()
+    for name, data in files.items():
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(io.BytesIO(data), columns=["key", "prompt", "status"])
+            for row in table.to_pylist():
+                rows[(row["key"], row["prompt"], row["status"])] += 1
+    by_key = collections.Counter(key for key, _, _ in rows.elements())
+    missing = sorted(set(prompts) - set(by_key))
+    extra = sorted(set(by_key) - set(prompts))
+    twice = sorted(key for key, count in by_key.items() if count > 1)
+    wrong = sorted(key for key, prompt, _ in rows if key in prompts and prompts[key] != prompt)
+    failed = sorted(key for key, _, status in rows if status != "ok")
+    for what, keys in (("prompts missing", missing), ("keys not in the input", extra), ("prompts seen twice", twice),
+                       ("keys with another prompt", wrong), ("rows not ok", failed)):
+        if keys:
+            problems.append(f"{len(keys)} {what}: {keys[:10]}")
+    facts["prompts_once"] = not (missing or extra or twice or wrong)
+    facts["samples"] = sum(by_key.values())
+    if reference is not None:
+        only_here, only_there = sorted(set(files) - set(reference)), sorted(set(reference) - set(files))
+        if only_here or only_there:
+            problems.append(f"data files differ from the reference run's: only here {only_here[:5]}, "
+                            f"only there {only_there[:5]}")
+        facts["bytes_equal_reference"] = files == reference
+    holder = lock_holder(services.fs, root)
+    if holder is not None:
+        problems.append(f"the output is still locked by {holder} after the job finished")
+    return problems, facts, files
+
+
+# ---------------------------------------------------------------------------------------------------- one run
+
+
+@dataclass
+class Driver:
+    process: subprocess.Popen
+    log: Path
+    started: float
+    signalled: Fault | str | None = None  # the fault we sent it ("timeout" when the leg took too long)
+    status: int | None = None
+
+
+@dataclass
+class Suite:
+    """What the runs of one invocation share."""
+
+    services: Services
+    workload: Workload
+    workdir: Path
+    prompts: dict[str, str]  # by id
+    num_units: int
+    num_gpu_nodes: int
+    leg_timeout_s: float
+    keep_files: bool = False  # keep passed runs' logs, outputs and Ray files too
+    shared_cluster: ChaosCluster | None = None  # None: a fresh cluster for each run
+
+
+class Run:
+    """One seeded run: legs of drivers until the job completes, the faults fired on the way, and the checks."""
+
+    def __init__(self, index: int, scenario: Scenario, suite: Suite, reference: dict[str, bytes] | None,
+                 name: str | None = None):
+        self.index, self.scenario, self.suite, self.reference = index, scenario, suite, reference
+        self.services = suite.services
+        self.name = name or f"run-{index:03d}-seed-{scenario.seed}"
+        self.dir = suite.workdir / self.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.root = output_root(self.name)
+        self.legs: list[dict] = []
+        self.checks: dict[str, dict] = {}
+        self.problems: list[str] = []
+        self.files: dict[str, bytes] = {}
+        self.started = time.monotonic()
+        self.node_comebacks: list[float] = []  # when to add a node back, in monotonic time
+        self.phases: dict[str, float] = {}  # where the run's time went, in seconds
+        self.engine_events = collections.Counter()  # recovery paths the drivers' logs show
+
+    def now(self) -> float:
+        return round(time.monotonic() - self.started, 2)
+
+    def execute(self) -> dict:
+        """Runs the scenario on a fresh cluster (or the suite's shared one), then checks the output."""
+        self.services.configure_faults(self.scenario.storage or {"seed": 0, "rules": {}})
+        cluster = self.suite.shared_cluster
+        try:
+            if cluster is None:
+                cluster = ChaosCluster(self.services, self.suite.num_gpu_nodes)
+                self.phases["cluster_start_s"] = self.now()
+            command = self.suite.workload.command(self.scenario.kind, f"s3://{self.root}", cluster.address)
+            planned_legs = 1 + sum(f.type in DRIVER_FAULTS for f in self.scenario.faults)
+            while True:
+                complete = self._leg(cluster, command, cluster.env)
+                if complete:
+                    break
+                if len(self.legs) >= planned_legs + MAX_EXTRA_LEGS:
+                    self.problems.append(f"the job did not complete in {len(self.legs)} legs")
+                    break
+                problems, seen = check_visible(self.services.fs, self.root, self.reference)
+                self.checks[f"after_leg_{len(self.legs)}"] = {"problems": problems, **seen}
+                self.problems += [f"after leg {len(self.legs)}: {p}" for p in problems]
+            storage_stats = self.services.fault_stats()
+            self.services.configure_faults({"seed": 0, "rules": {}})
+            if self.scenario.storage:
+                (self.dir / "storage_faults.json").write_text(json.dumps(storage_stats["events"], indent=1))
+            if not any("did not complete" in p for p in self.problems):
+                checks_started = self.now()
+                problems, facts, self.files = check_final(self.services, self.root, self.suite.prompts,
+                                                          self.reference, self.dir)
+                self.phases["final_checks_s"] = round(self.now() - checks_started, 2)
+                self.checks["final"] = {"problems": problems, **facts}
+                self.problems += problems
+        except Exception as exc:  # the harness itself failed: a failed run, with the reason
+            self.problems.append(f"harness error: {type(exc).__name__}: {exc}")
+            storage_stats = {}
+        finally:
+            if cluster is not None and cluster is not self.suite.shared_cluster:
+                shutdown_started = self.now()
+                cluster.shutdown(keep_files=self.suite.keep_files or bool(self.problems))
+                self.phases["cluster_shutdown_s"] = round(self.now() - shutdown_started, 2)
+        if self.problems:
+            self._keep_evidence()
+        return {
+            "run": self.index, "seed": self.scenario.seed, "kind": self.scenario.kind, "output": f"s3://{self.root}",
+            "faults": [_fault_record(f) for f in self.scenario.faults],
+            "storage": None if not self.scenario.storage else {
+                "config": self.scenario.storage, "requests": storage_stats.get("requests"),
+                "faults": storage_stats.get("faults"), "num_faults": len(storage_stats.get("events", []))},
+            "legs": self.legs, "resumes": len(self.legs) - 1, "checks": self.checks,
+            "engine_events": dict(sorted(self.engine_events.items())),
+            "ok": not self.problems, "problems": self.problems, "duration_s": self.now(), "phases": self.phases,
+            "ray_tmpdir": str(cluster.ray_tmpdir) if cluster else None,
+        }
+
+    # ----------------------------------------------------------------------------------------------- legs
+
+    def _leg(self, cluster: ChaosCluster, command: list[str], env: dict) -> bool:
+        """Runs one leg: its driver (two at once for a concurrent start), firing the faults that fall due. Returns
+        whether the job completed."""
+        number = len(self.legs) + 1
+        concurrent = number == 1 and any(f.type == "concurrent_start" for f in self.scenario.faults)
+        drivers = [self._start_driver(command, env, number, i) for i in range(2 if concurrent else 1)]
+        if concurrent:
+            fault = next(f for f in self.scenario.faults if f.type == "concurrent_start")
+            fault.injected, fault.t_s, fault.leg = True, self.now(), number
+            fault.detail = f"drivers {drivers[0].process.pid} and {drivers[1].process.pid} started together"
+        shards_at_start = self._count_markers()
+        deadline = time.monotonic() + self.suite.leg_timeout_s
+        while any(d.process.poll() is None for d in drivers):
+            if time.monotonic() > deadline:
+                for driver in drivers:
+                    if driver.process.poll() is None:
+                        driver.signalled = "timeout"
+                        driver.process.kill()
+                self.problems.append(f"leg {number} did not end within {self.suite.leg_timeout_s:.0f}s (a hang)")
+                break
+            shards = self._count_markers()
+            for fault in self.scenario.faults:
+                if not fault.injected and fault.type != "concurrent_start":
+                    self._maybe_fire(fault, shards, shards > shards_at_start, cluster, drivers, number)
+            self._bring_nodes_back(cluster)
+            time.sleep(POLL_S)
+        for driver in drivers:
+            driver.status = driver.process.wait()
+        self._bring_nodes_back(cluster, wait=True)
+        record = {"leg": number, "kind": "concurrent start" if concurrent else ("start" if number == 1 else "resume"),
+                  "shards_at_start": shards_at_start, "shards_at_end": self._count_markers(), "drivers": []}
+        for driver in drivers:
+            self.engine_events.update(engine_events(driver.log))
+            expected = self._expected_statuses(driver, concurrent, number)
+            signalled = driver.signalled.type if isinstance(driver.signalled, Fault) else driver.signalled
+            record["drivers"].append({"pid": driver.process.pid, "status": driver.status, "expected": expected,
+                                      "signalled": signalled, "log": driver.log.name,
+                                      "seconds": round(time.monotonic() - driver.started, 1)})
+            if driver.status not in expected:
+                self.problems.append(f"leg {number}: driver {driver.process.pid} exited {driver.status}, expected "
+                                     f"one of {expected}: {_tail(driver.log)}")
+            elif driver.status == EXIT_SHARDS_FAILED and not failed_shards_reported(driver.log):
+                self.problems.append(f"leg {number}: driver {driver.process.pid} exited 1 without reporting a failed "
+                                     f"shard (a crash?): {_tail(driver.log)}")
+        if concurrent and all(d.status == EXIT_BAD_INPUT for d in drivers):
+            self.problems.append(f"leg {number}: both concurrent drivers were refused; neither ran")
+        self.legs.append(record)
+        return any(d.status == EXIT_OK for d in drivers)
+
+    def _start_driver(self, command: list[str], env: dict, leg: int, index: int) -> Driver:
+        log = self.dir / f"leg{leg}-driver{index}.log"
+        handle = open(log, "wb")
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=env, cwd=REPO)
+        handle.close()
+        return Driver(process, log, time.monotonic())
+
+    def _expected_statuses(self, driver: Driver, concurrent: bool, leg: int) -> list[int]:
+        if driver.signalled == "timeout":
+            return []
+        if isinstance(driver.signalled, Fault) and driver.signalled.type == "driver_kill":
+            return [-signal.SIGKILL]
+        if isinstance(driver.signalled, Fault):  # an interrupt: 0 only if every shard was committed already
+            all_committed = driver.signalled.shards_at_fire >= self.suite.num_units
+            return [EXIT_INTERRUPTED, EXIT_OK] if all_committed else [EXIT_INTERRUPTED]
+        # A try lost to a worker or a storage fault counts against --max-unit-attempts; a unit can run out of
+        # them and fail (exit 1), and the next leg redoes it.
+        may_fail_tries = self.scenario.storage is not None or any(
+            f.injected and f.leg == leg and f.type in ("worker_kill", "node_loss", "storage_outage")
+            for f in self.scenario.faults)
+        expected = [EXIT_OK, EXIT_SHARDS_FAILED] if may_fail_tries else [EXIT_OK]
+        if concurrent:
+            expected += [EXIT_BAD_INPUT, EXIT_OUTPUT_LOST]  # refused (locked), or taken over at start-up
+        return expected
+
+    def _count_markers(self) -> int:
+        fs = self.services.fs
+        fs.invalidate_cache(self.root)
+        try:
+            return sum(bool(_MARKER.fullmatch(p.rsplit("/", 1)[1])) for p in fs.ls(self.root, detail=False))
+        except FileNotFoundError:
+            return 0
+
+    # ----------------------------------------------------------------------------------------------- faults
+
+    def _maybe_fire(self, fault: Fault, shards: int, leg_progressed: bool, cluster: ChaosCluster,
+                    drivers: list[Driver], leg: int) -> None:
+        if shards < fault.after_shards or not leg_progressed:
+            return
+        if fault._due_since is None:
+            fault._due_since = time.monotonic()
+        if time.monotonic() - fault._due_since < fault.delay_s:
+            return
+        if fault.type == "storage_outage":
+            self.services.start_outage(fault.params)
+            fault.detail = f"{fault.params['fault']} on every {'/'.join(fault.params['kinds'])} request for " \
+                           f"{fault.params['seconds']}s"
+        elif fault.type in DRIVER_FAULTS:
+            driver = self._lock_holder(drivers)
+            if driver is None:
+                return
+            sig = signal.SIGKILL if fault.type == "driver_kill" else getattr(signal, fault.params["signal"])
+            if sig in _ignored_signals(driver.process.pid):
+                raise RuntimeError(f"driver {driver.process.pid} ignores {sig.name}: the harness cannot test it "
+                                   "(started from a shell that ignores it, as `nohup ... &` does?)")
+            if not _signal(driver.process.pid, sig):
+                return
+            driver.signalled = fault
+            fault.detail = f"{sig.name} to driver {driver.process.pid}"
+        else:
+            busy = [(pid, title, node) for pid, title, node in cluster.workers() if ".process" in title]
+            if not busy:
+                return  # no worker is running a unit now: wait for one
+            pid, title, node = random.Random(f"{self.scenario.seed}:{fault.type}:{fault.after_shards}").choice(busy)
+            if fault.type == "worker_kill":
+                if not _signal(pid, signal.SIGKILL):
+                    return
+                fault.detail = f"SIGKILL to {title} (pid {pid}) on node {node.node_id[:8]}"
+            else:
+                graceful = fault.params["graceful"]
+                cluster.remove_node(node, graceful=graceful)
+                self.node_comebacks.append(time.monotonic() + fault.params["back_after_s"])
+                fault.detail = (f"node {node.node_id[:8]} removed ({'graceful' if graceful else 'killed'}) while "
+                                f"{title} (pid {pid}) ran on it; a node is added back after "
+                                f"{fault.params['back_after_s']}s")
+        fault.injected, fault.t_s, fault.leg, fault.shards_at_fire = True, self.now(), leg, shards
+
+    def _lock_holder(self, drivers: list[Driver]) -> Driver | None:
+        """The live driver that holds the output's lock (or the only live one)."""
+        alive = [d for d in drivers if d.process.poll() is None and d.signalled is None]
+        if len(alive) <= 1:
+            return alive[0] if alive else None
+        try:
+            record = json.loads(self.services.fs.cat_file(f"{self.root}/_job.lock"))
+        except (FileNotFoundError, ValueError):
+            return None
+        return next((d for d in alive if d.process.pid == record.get("pid")), None)
+
+    def _bring_nodes_back(self, cluster: ChaosCluster, wait: bool = False) -> None:
+        for when in sorted(self.node_comebacks):
+            if wait or time.monotonic() >= when:
+                cluster.add_gpu_node()
+                self.node_comebacks.remove(when)
+
+    def _keep_evidence(self) -> None:
+        """The output's listing and every marker and lock, beside the driver logs, for the diagnosis."""
+        fs = self.services.fs
+        try:
+            fs.invalidate_cache()
+            listing = sorted(fs.find(self.root))
+            (self.dir / "listing.txt").write_text("\n".join(listing) + "\n")
+            for path in listing:
+                if path.endswith((".stats.json", "_job.json", "_job.lock")):
+                    target = self.dir / "output" / path[len(self.root) + 1:]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(fs.cat_file(path))
+        except Exception as exc:
+            (self.dir / "listing.txt").write_text(f"could not list the output: {exc}\n")
+
+    def clean_up(self) -> None:
+        """A passed run leaves nothing: its output in the S3 server's memory, its logs."""
+        if self.suite.keep_files:
+            return
+        try:
+            self.services.fs.rm(self.root, recursive=True)
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _fault_record(fault: Fault) -> dict:
+    record = {k: v for k, v in asdict(fault).items() if not k.startswith("_")}
+    if fault.type == "concurrent_start":
+        record.pop("after_shards"), record.pop("delay_s")
+    return record
+
+
+def failed_shards_reported(log: Path) -> bool:
+    """Whether the driver's summary table lists failed shards: what exit status 1 must mean, not a crash."""
+    found = re.search(r"^shards_failed\s+(\d+)\s*$", log.read_text(errors="replace"), re.MULTILINE)
+    return bool(found and int(found.group(1)) > 0)
+
+
+def engine_events(log: Path) -> collections.Counter:
+    counts = collections.Counter()
+    for line in log.read_text(errors="replace").splitlines():
+        counts.update(name for name, pattern in ENGINE_EVENTS.items() if pattern.search(line))
+    return counts
+
+
+def _tail(log: Path, lines: int = 8) -> str:
+    try:
+        return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:])[-1500:]
+    except OSError:
+        return "(no log)"
+
+
+# ---------------------------------------------------------------------------------------------------- the suite
+
+
+def reference_run(kind: str, suite: Suite) -> tuple[dict, dict[str, bytes]]:
+    """The fault-free run of `kind` that every faulty run is compared with; it must pass every other check."""
+    run = Run(-1, Scenario(seed=0, kind=kind, faults=[], storage=None), suite, None, name=f"reference-{kind}")
+    record = run.execute()
+    record["run"] = f"reference-{kind}"
+    if not record["ok"]:
+        raise SystemExit(f"the fault-free reference run of {kind} failed: {record['problems']}; see {run.dir}")
+    run.clean_up()
+    return record, run.files
+
+
+def summarize(records: list[dict], started: float) -> dict:
+    injected = collections.Counter(f["type"] for r in records for f in r["faults"] if f["injected"])
+    planned = collections.Counter(f["type"] for r in records for f in r["faults"])
+    storage = collections.Counter()
+    for record in records:
+        if record["storage"]:
+            storage.update(record["storage"]["faults"] or {})
+    statuses = collections.Counter(str(d["status"]) for r in records for leg in r["legs"] for d in leg["drivers"])
+    events = collections.Counter()
+    for record in records:
+        events.update(record["engine_events"])
+    return {
+        "summary": True, "runs": len(records), "passed": sum(r["ok"] for r in records),
+        "failed": [{"run": r["run"], "seed": r["seed"], "problems": r["problems"]} for r in records if not r["ok"]],
+        "faults_planned": dict(planned), "faults_injected": dict(injected),
+        "faults_not_injected": dict(planned - injected),  # the job ended before their moment came
+        "runs_with_storage_faults": sum(bool(r["storage"]) for r in records),
+        "storage_faults_injected": dict(sorted(storage.items())), "storage_faults_total": sum(storage.values()),
+        "driver_exit_statuses": dict(statuses), "resumes": sum(r["resumes"] for r in records),
+        "engine_events": dict(sorted(events.items())),
+        "runs_with_engine_event": dict(sorted(collections.Counter(
+            name for r in records for name in r["engine_events"]).items())),
+        "duration_s": round(time.monotonic() - started, 1),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--runs", type=int, default=10, help="faulty runs")
+    parser.add_argument("--seed", type=int, default=1, help="run i gets the seed (seed * 1000 + i)")
+    parser.add_argument("--prompts", type=int, default=2000, help="prompts in the job (two input files)")
+    parser.add_argument("--rows-per-shard", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--gpu-nodes", type=int, default=2, help="cluster nodes with one logical GPU each")
+    parser.add_argument("--kinds", default=",".join(JOB_KINDS), help="job kinds the seeds choose from")
+    parser.add_argument("--faults", default=",".join(DEFAULT_FAULTS), help=f"fault types the seeds choose from, "
+                        f"of {', '.join(FAULT_TYPES)}")
+    parser.add_argument("--always", default="", help="fault types every run injects (besides those chosen)")
+    parser.add_argument("--storage-rules", dest="storage_config", type=json.loads,
+                        help="the proxy's rules for runs with storage faults, as JSON, instead of the seed's choice")
+    parser.add_argument("--leg-timeout", type=float, default=900.0, help="seconds a leg may take (more is a hang)")
+    parser.add_argument("--workdir", help="logs, models and Ray's files (default: a new folder under /tmp)")
+    parser.add_argument("--out", default="out/chaos/runs.jsonl", help="JSON lines: one per run, then a summary")
+    parser.add_argument("--keep", action="store_true", help="keep passed runs' logs, outputs and Ray files too")
+    parser.add_argument("--shared-cluster", action="store_true",
+                        help="one cluster for every run (faster; the default gives each run a fresh one)")
+    args = parser.parse_args(argv)
+    for name in ("kinds", "faults", "always"):
+        values = tuple(v for v in getattr(args, name).split(",") if v)
+        allowed = JOB_KINDS if name == "kinds" else FAULT_TYPES
+        if any(v not in allowed for v in values) or (name != "always" and not values):
+            parser.error(f"--{name} takes a comma-separated list of {allowed}")
+        setattr(args, name, values)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # A shell's `cmd &` (and nohup) starts us ignoring SIGINT, and the drivers would inherit that and ignore the
+    # interrupts the suite sends them. A handled signal is reset to the default at exec: the drivers get Python's.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    from instaflow.tiny import build_tiny_models
+
+    started = time.monotonic()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="chaos-", dir="/tmp"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    workload = Workload(args.prompts, args.rows_per_shard, args.batch_size, workdir / "models")
+    build_tiny_models(workload.models)
+    services = Services(workdir)
+    records, suite = [], None
+    try:
+        prompts, num_units = workload.upload(services.fs)
+        suite = Suite(services, workload, workdir, prompts, num_units, args.gpu_nodes, args.leg_timeout, args.keep,
+                      ChaosCluster(services, args.gpu_nodes) if args.shared_cluster else None)
+        scenarios = [Scenario.from_seed(args.seed * 1000 + i, num_units, args.kinds, args.faults, args.always,
+                                        args.storage_config) for i in range(args.runs)]
+        with out.open("a") as sink:
+            header = {"invocation": " ".join([Path(sys.executable).name, *sys.argv]),
+                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "workdir": str(workdir),
+                      "prompts": args.prompts, "units": num_units, "gpu_nodes": args.gpu_nodes}
+            sink.write(json.dumps(header) + "\n")
+            references = {}
+            for kind in sorted({scenario.kind for scenario in scenarios}):
+                record, references[kind] = reference_run(kind, suite)
+                print(f"reference {kind}: {record['duration_s']}s, {record['checks']['final']['samples']} samples",
+                      flush=True)
+                sink.write(json.dumps(record) + "\n")
+            for i, scenario in enumerate(scenarios):
+                run = Run(i, scenario, suite, references[scenario.kind])
+                record = run.execute()
+                records.append(record)
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
+                fired = ", ".join(f"{f['type']}@{f['t_s']}s" for f in record["faults"] if f["injected"])
+                storage = record["storage"]["num_faults"] if record["storage"] else 0
+                print(f"run {i} seed {scenario.seed} {scenario.kind}: {'ok' if record['ok'] else 'FAILED'} in "
+                      f"{record['duration_s']}s; faults: {fired or 'none fired'}; storage faults: {storage}; "
+                      f"exits: {[[d['status'] for d in leg['drivers']] for leg in record['legs']]}", flush=True)
+                for problem in record["problems"]:
+                    print(f"    PROBLEM {problem}", flush=True)
+                if record["ok"]:
+                    run.clean_up()
+            summary = summarize(records, started)
+            sink.write(json.dumps(summary) + "\n")
+    finally:
+        if suite is not None and suite.shared_cluster is not None:
+            suite.shared_cluster.shutdown(keep_files=args.keep or any(not r["ok"] for r in records))
+        services.stop()
+    print(json.dumps(summary, indent=1))
+    return 0 if summary["passed"] == summary["runs"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
