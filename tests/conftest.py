@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import dataclass
 
 import pytest
@@ -12,6 +13,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request
+# Started in the background by a script (`cmd &`), pytest would ignore SIGINT, and so would every driver it starts
+# (an ignored signal stays ignored across exec): the tests that interrupt drivers need it handled.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 S3_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
