@@ -15,6 +15,7 @@ import logging
 import os
 import posixpath
 import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,9 @@ from pipeline.storage import filesystem, with_retries
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "INSTAFLOW_MODEL_CACHE"  # where URL models are copied on each node
-_digests: dict[tuple, str] = {}  # (path, size, mtime) of a file -> its sha256, for this process
+CACHE_ENV = "INSTAFLOW_MODEL_CACHE"  # where URL models are copied on each node, and local files' digests kept
+DIGESTS_FILE = "local-file-digests.json"
+_digests: dict[str, str] = {}  # a file's path and stat (see _stat_key) -> its sha256; loaded from the cache folder
 
 
 @dataclass(frozen=True)
@@ -103,18 +105,62 @@ def _check_layout(model: str, files: set[str], layout: str) -> None:
 
 
 def _local_digest(folder: Path) -> str:
+    """sha256 over the folder's files and their digests. A file's digest is remembered, in this process and in
+    the cache folder, under its path, inode, size, mtime and ctime: any write changes the ctime, so a changed
+    file is read again, while a re-run on a large local model (4 GB for SD-1.5) does not read it all again."""
+    if not _digests:
+        _digests.update(_load_digests())
+    known = len(_digests)
     digest = hashlib.sha256()
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        stat = file.stat()
-        key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
-        if key not in _digests:
-            content = hashlib.sha256()
-            with open(file, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    content.update(block)
-            _digests[key] = content.hexdigest()
-        digest.update(f"{file.relative_to(folder)}:{_digests[key]}\n".encode())
+        key = _stat_key(file)
+        content = _digests.get(key)
+        if content is None:
+            content = _file_sha256(file)
+            if _stat_key(file) == key:  # not written while it was read
+                _digests[key] = content
+        digest.update(f"{file.relative_to(folder)}:{content}\n".encode())
+    if len(_digests) > known:
+        _save_digests()
     return digest.hexdigest()
+
+
+def _stat_key(file: Path) -> str:
+    stat = file.stat()
+    return f"{file.resolve()}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
+
+
+def _file_sha256(file: Path) -> str:
+    content = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            content.update(block)
+    return content.hexdigest()
+
+
+def _load_digests() -> dict[str, str]:
+    try:
+        known = json.loads((model_cache_dir() / DIGESTS_FILE).read_text())
+    except (OSError, ValueError):  # none yet, unreadable or damaged: digests are computed again
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _save_digests() -> None:
+    """Atomically, keeping only files that still exist; a cache that cannot be written costs only time."""
+    kept = {key: value for key, value in _digests.items() if os.path.exists(key.split("|", 1)[0])}
+    cache = model_cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=cache, prefix=f".{DIGESTS_FILE}.", delete=False) as tmp:
+            json.dump(kept, tmp)
+        os.replace(tmp.name, cache / DIGESTS_FILE)
+    except OSError as exc:
+        log.info("could not keep local file digests in %s: %s", cache, exc)
+
+
+def model_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "instaflow-batch" / "models")
 
 
 def _hub_source(model: str, dtype: str, layout: str) -> ModelSource:
@@ -166,7 +212,7 @@ def _url_listing(fs, root: str, model: str) -> tuple[dict[str, dict], str]:
 
 def _cached_copy(source: ModelSource, storage_options: dict) -> Path:
     """The URL model in this node's cache, copied by the first worker that needs it while the others wait."""
-    cache = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "instaflow-batch" / "models")
+    cache = model_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / source.revision
     with open(cache / f"{source.revision}.lock", "w") as guard:

@@ -65,6 +65,7 @@ def test_planning_and_rerun(shared_ray, tmp_path):
     rerun = rows["rerun of a finished 8-shard job, local"]
     assert rerun["exit_status"] == 0 and rerun["models_loaded"] == 0 and not rerun["ray_started"]
     assert rows["digest of a local model folder, SD-1.5 fp32 size (sparse files)"]["bytes"] > 0
+    assert rows["the same folder pinned again by the next run (digests kept in the model cache)"]["same_revision"]
 
 
 def test_memory(shared_ray, tmp_path):

@@ -4,12 +4,14 @@ can live in object storage, and a finished job's re-run starts no worker."""
 import json
 import os
 import shutil
+import time
 
 import fsspec
 import pytest
 
 from jobhelpers import prompt_table, write_prompts
 from jobs import generate
+from pipeline import model_source
 from pipeline.job import run_job
 from pipeline.model_source import resolve_model_source
 from pipeline.spec import JobSpec
@@ -80,3 +82,28 @@ def test_a_model_whose_weights_do_not_load_is_one_line_and_exit_2(ray_gpus, tiny
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert status == 2 and len(lines) == 1 and str(broken) in lines[0], err[-2000:]
     assert not (tmp_path / "out" / "_job.json").exists()
+
+
+def test_local_model_digests_are_kept_for_the_next_run_and_see_every_write(tmp_path, monkeypatch):
+    """A re-run does not read a large local model again, yet a file rewritten in place with its old size and
+    mtime is read again (its ctime changed)."""
+    monkeypatch.setenv(model_source.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(model_source, "_digests", {})
+    weights = tmp_path / "model" / "unet" / "weights.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"a" * 1000)
+    first = model_source._local_digest(tmp_path / "model")
+    assert (tmp_path / "cache" / model_source.DIGESTS_FILE).exists()
+
+    file_sha256 = model_source._file_sha256
+    monkeypatch.setattr(model_source, "_digests", {})  # as in a new driver process
+    monkeypatch.setattr(model_source, "_file_sha256", lambda file: pytest.fail(f"{file} was read again"))
+    assert model_source._local_digest(tmp_path / "model") == first
+
+    monkeypatch.setattr(model_source, "_file_sha256", file_sha256)
+    before = weights.stat()
+    time.sleep(0.01)
+    weights.write_bytes(b"b" * 1000)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    monkeypatch.setattr(model_source, "_digests", {})
+    assert model_source._local_digest(tmp_path / "model") != first
