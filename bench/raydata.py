@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="rounds over the systems; medians are compared")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="ours first, then Ray Data variants (none: ours alone)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help="ours first, then Ray Data variants (none: ours alone)")
     parser.add_argument("--ray-address", help="run every step on this Ray instead of a fresh one each")
     parser.add_argument("--no-resume", action="store_true", help="throughput only")
     parser.add_argument("--quick", action="store_true", help="128 prompts once, no resume: the test's setting")
