@@ -95,6 +95,11 @@ def _file_digest(path: Path) -> str:
     """Content identity of one file; hub-cache symlinks already point at blobs named by their hash."""
     if path.is_symlink():
         return Path(os.path.realpath(path)).name
+    return file_sha256(path)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):

@@ -15,21 +15,23 @@ import logging
 import os
 import posixpath
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from fsspec.implementations.local import LocalFileSystem
 
 from instaflow.loading import (
     HUB_ID,
     REQUIRED_COMPONENTS,
     WEIGHT_COMPONENTS,
     ModelLoadError,
+    file_sha256,
     hub_hint,
     hub_patterns,
     resolve_model_dir,
 )
-from pipeline.storage import filesystem, with_retries
+from pipeline.storage import filesystem, put_atomic, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +118,7 @@ def _local_digest(folder: Path) -> str:
         key = _stat_key(file)
         content = _digests.get(key)
         if content is None:
-            content = _file_sha256(file)
+            content = file_sha256(file)
             if _stat_key(file) == key:  # not written while it was read
                 _digests[key] = content
         digest.update(f"{file.relative_to(folder)}:{content}\n".encode())
@@ -130,14 +132,6 @@ def _stat_key(file: Path) -> str:
     return f"{file.resolve()}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
 
 
-def _file_sha256(file: Path) -> str:
-    content = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            content.update(block)
-    return content.hexdigest()
-
-
 def _load_digests() -> dict[str, str]:
     try:
         known = json.loads((model_cache_dir() / DIGESTS_FILE).read_text())
@@ -149,14 +143,11 @@ def _load_digests() -> dict[str, str]:
 def _save_digests() -> None:
     """Atomically, keeping only files that still exist; a cache that cannot be written costs only time."""
     kept = {key: value for key, value in _digests.items() if os.path.exists(key.split("|", 1)[0])}
-    cache = model_cache_dir()
+    path = model_cache_dir() / DIGESTS_FILE
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=cache, prefix=f".{DIGESTS_FILE}.", delete=False) as tmp:
-            json.dump(kept, tmp)
-        os.replace(tmp.name, cache / DIGESTS_FILE)
+        put_atomic(LocalFileSystem(), str(path), json.dumps(kept).encode())
     except OSError as exc:
-        log.info("could not keep local file digests in %s: %s", cache, exc)
+        log.info("could not keep local file digests in %s: %s", path, exc)
 
 
 def model_cache_dir() -> Path:

@@ -95,12 +95,12 @@ def test_local_model_digests_are_kept_for_the_next_run_and_see_every_write(tmp_p
     first = model_source._local_digest(tmp_path / "model")
     assert (tmp_path / "cache" / model_source.DIGESTS_FILE).exists()
 
-    file_sha256 = model_source._file_sha256
+    file_sha256 = model_source.file_sha256
     monkeypatch.setattr(model_source, "_digests", {})  # as in a new driver process
-    monkeypatch.setattr(model_source, "_file_sha256", lambda file: pytest.fail(f"{file} was read again"))
+    monkeypatch.setattr(model_source, "file_sha256", lambda file: pytest.fail(f"{file} was read again"))
     assert model_source._local_digest(tmp_path / "model") == first
 
-    monkeypatch.setattr(model_source, "_file_sha256", file_sha256)
+    monkeypatch.setattr(model_source, "file_sha256", file_sha256)
     before = weights.stat()
     time.sleep(0.01)
     weights.write_bytes(b"b" * 1000)
