@@ -181,6 +181,18 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 
 
 def _put_local(path: str, data: bytes) -> None:
+    tmp = _synced_copy_beside(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _synced_copy_beside(path: str, data: bytes) -> str:
+    """`data` in a new file next to `path`, on disk, so it can be renamed or linked into place; nothing is left
+    behind if writing fails."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
@@ -188,11 +200,11 @@ def _put_local(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    return tmp
 
 
 def move(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
@@ -315,12 +327,7 @@ class LocalConditionalStore(ConditionalStore):
 
     def create(self, path: str, data: bytes) -> str:
         path = self.fs._strip_protocol(path)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _synced_copy_beside(path, data)
         try:
             os.link(tmp, path)  # fails if the path exists; readers never see a partial file
         except FileExistsError:
