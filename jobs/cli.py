@@ -88,8 +88,8 @@ def common_spec_args(args: argparse.Namespace) -> dict:
     names = (
         "prompts", "output", "prompt_column", "seed", "height", "width", "batch_size", "rows_per_shard",
         "output_format", "image_format", "decoder", "tiny_decoder", "device", "dtype", "compile", "cpus_per_worker",
-        "num_workers", "start_timeout_s", "unit_timeout_s", "lock_lease_s", "allow_pickle", "max_unit_attempts", "storage_options",
-        "overwrite", "ray_address",
+        "num_workers", "start_timeout_s", "unit_timeout_s", "lock_lease_s", "allow_pickle", "max_unit_attempts",
+        "storage_options", "overwrite", "ray_address",
     )
     return {name: getattr(args, name) for name in names}
 
