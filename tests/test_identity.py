@@ -64,7 +64,7 @@ def test_a_model_in_object_storage_is_pinned_and_copied_once_per_node(ray_gpus, 
     args = ["--prompts", s3.url("model-in/"), "--output", s3.url("model-out"), "--model", url, "--num-workers", "2",
             "--storage-options", json.dumps(s3.storage_options), *SIZE]
     assert generate.main(args) == 0
-    cache = os.path.expanduser(f"~/.cache/instaflow-batch/models/{source.revision}")
+    cache = model_source.model_cache_dir() / source.revision
     assert os.path.exists(f"{cache}/.complete") and os.path.exists(f"{cache}/unet/config.json")
     with pytest.raises(Exception, match="no files there"):
         resolve_model_source(s3.url("models/missing"), "float32", s3.storage_options)
