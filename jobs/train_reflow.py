@@ -17,16 +17,16 @@ from dataclasses import asdict
 
 import torch
 
-from instaflow.loading import ModelLoadError
 from instaflow.training import LOSSES
-from jobs.cli import json_object
-from jobs.main import DefaultsShown
+from jobs.errors import entry_point, error_line, process_exit, report
+from jobs.main import Parser
+from jobs.options import check_output_folder, json_object
 from pipeline.commit import check_compatible, job_manifest, read_manifest, write_manifest
 from pipeline.job import connect_ray, handle_sigterm_as_interrupt, sigterm_as_interrupt
 from pipeline.lock import OutputLock, OutputLostError
 from pipeline.model_source import resolve_model_source
 from pipeline.pairs_data import find_pairs
-from pipeline.storage import OutputError, filesystem, redact, storage_env, with_retries
+from pipeline.storage import OutputError, filesystem, protect_secrets, redact, storage_env, with_retries
 from pipeline.train_spec import DEVICES, TrainSpec
 from pipeline.train_worker import CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE, train_identity, train_worker
 
@@ -36,7 +36,7 @@ OUTPUT_ENTRIES = (CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE)  # what --overwrite 
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], formatter_class=DefaultsShown)
+    parser = Parser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", required=True, help="a pairs job's output root or its pairs/ folder (any fsspec URL)")
     parser.add_argument("--init", required=True, help="model to start from: diffusers folder, hub id or fsspec URL")
     parser.add_argument("--output", required=True, help="output folder: checkpoints/, final/, metrics.jsonl")
@@ -58,7 +58,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="auto: GPUs if the cluster has them or is a remote cluster (which may add them)")
     parser.add_argument("--loader-workers", type=int, default=2, help="data-loader processes per worker")
     parser.add_argument("--cache-text-embeddings", action="store_true",
-                        help="encode each prompt once, into text-embeddings/ beside the pairs, and train from that")
+                        help="encode each prompt once, into _text-embeddings/ beside the pairs, and train from that")
     parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts from the last checkpoint")
     parser.add_argument("--lock-lease", dest="lock_lease_s", type=float, default=120.0,
                         help="seconds after which a lock its job stopped renewing is taken over")
@@ -68,22 +68,21 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+@entry_point
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = vars(build_parser(prog).parse_args(argv))
     with sigterm_as_interrupt():
-        try:
-            spec = TrainSpec(**args)
-            if spec.loss == "distill-lpips" and importlib.util.find_spec("lpips") is None:
-                raise ValueError("--loss distill-lpips needs the lpips package: pip install 'instaflow-batch[lpips]'")
-            pairs = find_pairs(spec.pairs, spec.storage_options)
-            init = resolve_model_source(spec.init, "float32", spec.storage_options)
-            fs, root = filesystem(spec.output, spec.storage_options)
-            lock = OutputLock(fs, root, lease_s=spec.lock_lease_s)
-            lock.acquire()
-        except (ValueError, ModelLoadError, OutputError) as exc:  # PairsError is a ValueError
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        spec = TrainSpec(**args)
+        protect_secrets(spec.storage_options)  # in what this driver logs
+        if spec.loss == "distill-lpips" and importlib.util.find_spec("lpips") is None:
+            raise ValueError("--loss distill-lpips needs the lpips package: pip install 'instaflow-batch[lpips]'")
+        pairs = find_pairs(spec.pairs, spec.storage_options)
+        init = resolve_model_source(spec.init, "float32", spec.storage_options)
+        fs, root = filesystem(spec.output, spec.storage_options)
+        check_output_folder(spec.output, spec.storage_options)
+        lock = OutputLock(fs, root, lease_s=spec.lock_lease_s)
+        lock.acquire()
         heartbeat = LockHeartbeat(lock)
         try:
             use_gpu = wants_gpus(spec)
@@ -94,13 +93,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                            lock.token)
             heartbeat.start()
             result = trainer.fit()
-        except (OutputError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        except (OutputError, ValueError):
+            raise  # exit 2, reported by entry_point
         except KeyboardInterrupt:
             if heartbeat.lost is not None:
-                print(f"error: {heartbeat.lost}", file=sys.stderr)
-                return 4
+                return report(heartbeat.lost)  # exit 4
             logger.warning("interrupted: the last checkpoint stays; re-run the command to resume from it")
             return 130
         except Exception as exc:
@@ -179,7 +176,7 @@ def training_failure(exc: Exception) -> int:
     )
 
     startup = (InsufficientClusterResourcesError, WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError)
-    print(f"error: training failed: {exc}", file=sys.stderr)
+    print(f"error: {error_line(f'training failed: {exc}')}", file=sys.stderr)
     if isinstance(exc, ControllerError) and isinstance(exc.controller_failure, startup):
         return 3
     return 1
@@ -214,4 +211,4 @@ class LockHeartbeat:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    process_exit(main())

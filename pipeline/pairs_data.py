@@ -1,5 +1,6 @@
 """Committed reflow pairs as training data: a torch IterableDataset sharded by rank and data-loader worker, a Ray
-Data dataset, and an optional cache of text embeddings beside the pairs.
+Data dataset, and an optional cache of text embeddings beside the pairs (under `_text-embeddings/`, which readers
+that glob the output skip, and `verify` does not take for stray data).
 
 Only committed shards are read (`pipeline.commit.committed_shards`), and only their ok rows. Data files are never
 globbed: each marker names its shard's files.
@@ -38,7 +39,7 @@ from pipeline.writers import TENSOR_SHAPE_KEY, read_tensor_column
 logger = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ("key", "prompt", "seed", "status", "noise", "latent")
-EMBEDDINGS_DIR = "text-embeddings"
+EMBEDDINGS_DIR = "_text-embeddings"
 PAIRS_DIR = "pairs"
 
 

@@ -1,25 +1,34 @@
 """Plan a job from Parquet footers alone: list input files and cut them into work units.
 
 Everything wrong with the input as a whole (no files, no rows, a missing or mistyped column, a file that is not
-Parquet, extra columns whose types clash) is found here, before any model loads, and reported as one InputError
-that names the file and field. Problems of single rows are the reader's: they become failed rows.
+Parquet, extra columns whose types clash, an output that the input would read) is found here, before any model
+loads, and reported as one InputError that names the file and field. Problems of single rows are the reader's:
+they become failed rows.
 """
 
 from __future__ import annotations
 
 import base64
 import collections
+import dataclasses
 import difflib
 import hashlib
 import logging
+import os
 import posixpath
+import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.utils import glob_translate
 
+from pipeline.model_source import local_file_digests
 from pipeline.storage import with_retries
 
 log = logging.getLogger(__name__)
@@ -27,11 +36,15 @@ log = logging.getLogger(__name__)
 _GLOB_CHARS = "*?["
 _FOOTER_THREADS = 16
 # Listing keys that hold a digest of the object's bytes, best first: equal bytes give equal tags on any copy.
-# (GCS's `etag` changes with every metadata update, so its `md5Hash` comes first; S3's ETag is an MD5.)
-_CONTENT_TAG_KEYS = ("md5Hash", "ETag", "etag")
+# (GCS's `etag` changes with every metadata update, so its `md5Hash` comes first; S3's ETag is an MD5; the
+# Hugging Face hub's `blob_id` is the git blob's hash.) Files on stores with none are digested here.
+_CONTENT_TAG_KEYS = ("md5Hash", "ETag", "etag", "blob_id")
 # Files and folders below a folder that Spark, Hadoop, Jupyter and pyarrow.dataset treat as not data.
 _IGNORED_PREFIXES = (".", "_")
 SAMPLE_FIELDS = ("id", "seed", "negative_prompt")  # optional columns read as sample fields, beside the prompt
+# Names of files a job writes below its output, to test whether a prompts glob would read them as input.
+_OUTPUT_PROBES = ("00000.parquet", "00000.tar", "00000.stats.json", "images/00000.parquet", "pairs/00000.parquet",
+                  "_job.json")
 
 
 class InputError(ValueError):
@@ -43,7 +56,7 @@ class InputFile:
     path: str  # full URL, as workers open it
     name: str  # path relative to the prompts root (a single file: its base name); the same in any copy
     size: int
-    etag: str  # a digest of the content: the store's, or of the Parquet footer where the store has none
+    etag: str  # a digest of the content: the store's, or sha256 of the bytes ("sha256:...") where it has none
     num_rows: int
     row_group_rows: tuple[int, ...]
     extra_schema: pa.Schema  # the columns carried into the output metadata as they are
@@ -70,10 +83,17 @@ def shard_name(unit_id: int) -> str:
     return f"{unit_id:05d}"
 
 
-def list_input_files(fs: fsspec.AbstractFileSystem, path: str, prompt_column: str = "prompt") -> list[InputFile]:
-    """Input files at a file, folder (every *.parquet below it) or glob, sorted by path.
+def sample_fields(prompt_column: str) -> tuple[str, ...]:
+    """The optional columns read as sample fields: a column named as the prompt column is the prompt, nothing else
+    (`--prompt-column id` gives rows keyed by index)."""
+    return tuple(name for name in SAMPLE_FIELDS if name != prompt_column)
 
-    Reads only each file's footer, and checks its columns so bad input fails before any work starts.
+
+def list_input_files(fs: fsspec.AbstractFileSystem, path: str, prompt_column: str = "prompt") -> list[InputFile]:
+    """Input files at a file, folder (every *.parquet below it, through symbolic links) or glob, sorted by path.
+
+    Reads each file's footer, and checks its columns so bad input fails before any work starts; files whose store
+    keeps no digest of them are read whole to digest them (local files once: see local_file_digests).
     """
     path = fs._strip_protocol(path).rstrip("/") or "/"
     url = fs.unstrip_protocol(path)
@@ -99,10 +119,10 @@ def list_input_files(fs: fsspec.AbstractFileSystem, path: str, prompt_column: st
             path=name,
             name=_relative(info["name"], root),
             size=int(info["size"]),
-            etag=_content_tag(info) or _footer_digest(meta),
+            etag=_content_tag(info) or "",
             num_rows=sum(row_group_rows),
             row_group_rows=row_group_rows,
-            extra_schema=pa.schema([f for f in schema if f.name != prompt_column and f.name not in SAMPLE_FIELDS]),
+            extra_schema=pa.schema([f for f in schema if f.name not in (prompt_column, *sample_fields(prompt_column))]),
         )
 
     # Footers are tiny, so planning time is round trips: fetch them concurrently, keep the order.
@@ -115,24 +135,47 @@ def list_input_files(fs: fsspec.AbstractFileSystem, path: str, prompt_column: st
         raise InputError(problems[0] + more)
     if not sum(f.num_rows for f in files):
         raise InputError(f"no rows to generate: the {len(files)} Parquet file(s) at {url} are all empty")
-    return files
+    return _with_content_digests(fs, files)
+
+
+def _with_content_digests(fs: fsspec.AbstractFileSystem, files: list[InputFile]) -> list[InputFile]:
+    """Files whose listing had no content tag, tagged with the sha256 of their bytes: a footer's statistics miss
+    an edit that keeps the size and every min and max, and an mtime changes with every copy."""
+    untagged = [f for f in files if not f.etag]
+    try:
+        if isinstance(fs, LocalFileSystem):
+            digests = local_file_digests([Path(fs._strip_protocol(f.path)) for f in untagged])
+        else:
+            with ThreadPoolExecutor(max_workers=_FOOTER_THREADS) as pool:
+                digests = list(pool.map(lambda f: _stream_sha256(fs, f.path), untagged))
+    except OSError as e:
+        raise InputError(f"cannot read {e.filename or 'an input file'} to digest it ({type(e).__name__}: "
+                         f"{e.strerror or e})") from None
+    tags = {f.path: f"sha256:{digest}" for f, digest in zip(untagged, digests)}
+    return [dataclasses.replace(f, etag=tags[f.path]) if f.path in tags else f for f in files]
+
+
+def _stream_sha256(fs: fsspec.AbstractFileSystem, url: str) -> str:
+    def read() -> str:
+        digest = hashlib.sha256()
+        with fs.open(url, "rb", block_size=1 << 22) as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    return with_retries(read, what=f"digest {url}")
 
 
 def _find_files(fs: fsspec.AbstractFileSystem, path: str, url: str) -> tuple[str, list[dict]]:
     """The prompts root (the folder names are taken relative to) and the files found under it."""
     fs.invalidate_cache()  # listings must be current: they decide what the job covers
     try:
-        if any(c in path for c in _GLOB_CHARS):
-            root = _glob_root(path)
-            found = with_retries(fs.glob, path, detail=True, what=f"list {url}").values()
-            return root, [i for i in found if i["type"] == "file"]  # a glob takes what it matches
+        if _is_glob(fs, path, url):
+            return _glob_root(path), _glob_files(fs, path, url)  # a glob takes what it matches
         info = with_retries(fs.info, path, what=f"list {url}")
         if info["type"] != "directory":
             return posixpath.dirname(path), [info]
-        found = with_retries(fs.find, path, detail=True, what=f"list {url}").values()
-        return path, [
-            i for i in found if i["type"] == "file" and i["name"].endswith(".parquet") and not _ignored(i["name"], path)
-        ]
+        return path, [i for i in _files_below(fs, path, url) if i["name"].endswith(".parquet")]
     except FileNotFoundError as e:  # keep a reason such as s3fs's "The specified bucket does not exist"
         reason = e.strerror or str(e)
         if not reason or path in reason:
@@ -140,6 +183,63 @@ def _find_files(fs: fsspec.AbstractFileSystem, path: str, url: str) -> tuple[str
         raise InputError(f"no Parquet files found at {url} ({reason})") from None
     except OSError as e:
         raise InputError(f"cannot list {url} ({type(e).__name__}: {e})") from None
+
+
+def _is_glob(fs: fsspec.AbstractFileSystem, path: str, url: str) -> bool:
+    """A path with glob characters is a glob only when nothing has that very name: a file may be called
+    `prompts[1].parquet`. Which one it was is logged."""
+    if not any(c in path for c in _GLOB_CHARS):
+        return False
+    literal = with_retries(fs.exists, path, what=f"list {url}")
+    log.info("prompts %s: %s", url, "read as the path of that name, not as a glob" if literal else "a glob")
+    return not literal
+
+
+def _glob_files(fs: fsspec.AbstractFileSystem, pattern: str, url: str) -> list[dict]:
+    if not isinstance(fs, LocalFileSystem):
+        return [i for i in with_retries(fs.glob, pattern, detail=True, what=f"list {url}").values()
+                if i["type"] == "file"]
+    root = _glob_root(pattern)  # matched as fsspec matches, but through symbolic links
+    depth = None if "**" in pattern else pattern[len(root):].count("/")
+    match = re.compile(glob_translate(pattern)).match
+    return [i for i in _local_files(root or "/", depth, skip_ignored=False) if match(i["name"])]
+
+
+def _files_below(fs: fsspec.AbstractFileSystem, folder: str, url: str) -> list[dict]:
+    """Files below a folder whose path names no `_` or `.` folder or file."""
+    if isinstance(fs, LocalFileSystem):
+        return _local_files(folder, None, skip_ignored=True)
+    found = with_retries(fs.find, folder, detail=True, what=f"list {url}").values()
+    return [i for i in found if i["type"] == "file" and not ignored_by_readers(_relative(i["name"], folder))]
+
+
+def _local_files(root: str, maxdepth: int | None, skip_ignored: bool) -> list[dict]:
+    """Files below a local folder, down to `maxdepth` levels, through symbolic links to files and folders (the
+    Hugging Face cache is folders of links, which fsspec's listing reports as `other`, not files). A link to a
+    folder above it is a loop: skipped with a warning. A link to nothing is listed, to fail naming itself."""
+    found = []
+
+    def walk(folder: str, ancestors: frozenset, depth: int) -> None:
+        with os.scandir(folder) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                if skip_ignored and entry.name.startswith(_IGNORED_PREFIXES):
+                    continue
+                try:
+                    st = entry.stat()  # of the target, for a link
+                except FileNotFoundError:
+                    found.append({"name": entry.path, "size": 0, "type": "file"})
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    found.append({"name": entry.path, "size": st.st_size, "type": "file"})
+                elif stat.S_ISDIR(st.st_mode) and (maxdepth is None or depth < maxdepth):
+                    if (st.st_dev, st.st_ino) in ancestors:
+                        log.warning("skipping %s: a link to a folder above it (a loop)", entry.path)
+                        continue
+                    walk(entry.path, ancestors | {(st.st_dev, st.st_ino)}, depth + 1)
+
+    top = os.stat(root)
+    walk(root, frozenset({(top.st_dev, top.st_ino)}), 1)
+    return found
 
 
 def _glob_root(pattern: str) -> str:
@@ -154,8 +254,59 @@ def _relative(name: str, root: str) -> str:
     return name[len(root) + 1 :] if name.startswith(root + "/") else posixpath.basename(name)
 
 
-def _ignored(name: str, root: str) -> bool:
-    return any(part.startswith(_IGNORED_PREFIXES) for part in _relative(name, root).split("/"))
+def ignored_by_readers(relative: str) -> bool:
+    """Whether a path below a folder is one that folder readers skip (Spark, pyarrow.dataset, Ray Data): some part
+    of it starts with `_` or `.`."""
+    return any(part.startswith(_IGNORED_PREFIXES) for part in relative.split("/"))
+
+
+def check_output_location(input_fs: fsspec.AbstractFileSystem, prompts: str, output_url: str,
+                          output_fs: fsspec.AbstractFileSystem, output_root: str) -> None:
+    """Refuses an output that would not be written where `output_url` says, or that the prompts would read as
+    input on the next run (a folder or glob that reaches into it), or that holds the prompts (its readers would
+    take them for data): one InputError, before anything is written."""
+    root = output_root.rstrip("/") or "/"
+    if output_fs._strip_protocol(output_url).rstrip("/") != root.rstrip("/") or "::" in output_url:
+        raise InputError(f"output {output_url}: fsspec would not write there but at {output_fs.unstrip_protocol(root)}"
+                         " ('::' chains filesystems); name the output folder plainly")
+    if any(c in output_url for c in _GLOB_CHARS):
+        raise InputError(f"output {output_url}: '*', '?' and '[' are glob characters, which fsspec expands when it "
+                         "moves or deletes files; choose a path without them")
+    if type(input_fs) is not type(output_fs):
+        return
+    path = input_fs._strip_protocol(prompts).rstrip("/") or "/"
+    url = input_fs.unstrip_protocol(path)
+    out = _real(output_fs, root)
+    if _is_glob(input_fs, path, url):
+        glob_root = _glob_root(path)
+        pattern = _real(input_fs, glob_root or "/").rstrip("/") + path[len(glob_root):]
+        if any(re.match(glob_translate(pattern), f"{out}/{name}") for name in _OUTPUT_PROBES):
+            raise InputError(f"output {output_url} is inside what the prompts glob {url} matches: the next run "
+                             "would read its shards as prompts; put the output elsewhere")
+        scope = _real(input_fs, glob_root or "/")
+    else:
+        scope = _real(input_fs, path)
+        try:
+            folder = with_retries(input_fs.info, path, what=f"list {url}")["type"] == "directory"
+        except FileNotFoundError:
+            folder = False  # reported as missing by the listing
+        if folder and _below(out, scope) and not ignored_by_readers(out[len(scope):].strip("/")):
+            raise InputError(f"output {output_url} is inside the prompts folder {url}: the next run would read "
+                             "its shards as prompts; put the output outside it (or in a folder whose name starts "
+                             "with '_')")
+    if _below(scope, out):
+        raise InputError(f"prompts {url} are inside the output {output_url}: readers of the output would take them "
+                         "for its data; put the output elsewhere")
+
+
+def _real(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The path with symbolic links and `..` resolved, on a local disk; as it is elsewhere."""
+    return os.path.realpath(path) if isinstance(fs, LocalFileSystem) else path.rstrip("/")
+
+
+def _below(path: str, folder: str) -> bool:
+    """`path` is `folder` or inside it."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 class TrackedFile:
@@ -201,22 +352,12 @@ def _content_tag(info: dict) -> str | None:
     return None
 
 
-def _footer_digest(meta: pq.FileMetaData) -> str:
-    """A digest of the Parquet footer (schema, row groups, column chunk sizes, offsets, statistics).
-
-    For stores whose listings hold no digest (local disks). Unlike an mtime it survives copies, such as Ray's
-    unpacking of a job's working dir. It misses only an edit that keeps the file's size and every byte count,
-    offset and min/max statistic of every column chunk.
-    """
-    sink = pa.BufferOutputStream()
-    meta.write_metadata_file(sink)
-    return "footer-sha256:" + hashlib.sha256(sink.getvalue()).hexdigest()
-
-
-def _is_string(t: pa.DataType) -> bool:
-    if pa.types.is_dictionary(t):  # pandas categoricals
+def is_text(t: pa.DataType) -> bool:
+    """Every Arrow string type pyarrow writes: string, large_string, string_view, and dictionaries of them (pandas
+    categoricals)."""
+    if pa.types.is_dictionary(t):
         t = t.value_type
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
 def _is_seed(t: pa.DataType) -> bool:
@@ -225,9 +366,9 @@ def _is_seed(t: pa.DataType) -> bool:
 
 
 _COLUMN_TYPES = {  # column: (type check, what it must be)
-    "id": (lambda t: _is_string(t) or pa.types.is_integer(t), "a string or an integer"),
+    "id": (lambda t: is_text(t) or pa.types.is_integer(t), "a string or an integer"),
     "seed": (_is_seed, "an integer"),
-    "negative_prompt": (_is_string, "a string"),
+    "negative_prompt": (is_text, "a string"),
 }
 
 
@@ -240,7 +381,7 @@ def _column_problem(path: str, schema: pa.Schema, prompt_column: str) -> str | N
     twice = [name for name, count in collections.Counter(schema.names).items() if count > 1]
     if twice:  # Arrow allows it; the output metadata and its readers do not
         return f"{path}: column {twice[0]!r} appears {schema.names.count(twice[0])} times"
-    checks = {prompt_column: (_is_string, "a string"), **_COLUMN_TYPES}
+    checks = {**_COLUMN_TYPES, prompt_column: (is_text, "a string")}  # the prompt column is the prompt, whatever its name
     for column, (ok, expected) in checks.items():
         type_ = schema.field(column).type if column in schema.names else None
         if type_ is not None and not (ok(type_) or pa.types.is_null(type_)):  # null: every value missing
@@ -327,7 +468,8 @@ def decode_extra_schema(encoded: str) -> pa.Schema:
 def input_fingerprint(files: list[InputFile]) -> list[dict]:
     """What identifies the input files' contents, for the job manifest and the resume check.
 
-    Paths are relative to the prompts root and tags are content digests, so the same prompts copied elsewhere
+    Paths are relative to the prompts root and tags are content digests (of the bytes: an edit that keeps the size
+    and the Parquet statistics changes them), so the same prompts copied elsewhere
     (a new working dir of a resubmitted Ray job) match. The `mtime` key stays for the manifest's format, unset:
     copies and unpacking change it while the content stays the same.
     """

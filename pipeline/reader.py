@@ -22,7 +22,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.plan import SAMPLE_FIELDS, TrackedFile, WorkUnit, decode_extra_schema
+from pipeline.plan import SAMPLE_FIELDS, TrackedFile, WorkUnit, decode_extra_schema, is_text
 from pipeline.storage import with_retries
 from pipeline.writers import OUTPUT_COLUMNS
 
@@ -72,7 +72,8 @@ def read_unit(
         table, undecodable = with_retries(_read_rows, fs, unit, what=f"read {unit.path} {rows}")
     except Exception as e:
         raise UnitReadError(f"cannot read {unit.path} {rows}: {type(e).__name__}: {e}") from e
-    fields = [prompt_column, *SAMPLE_FIELDS]
+    # (prompt, id, seed, negative_prompt); a field named as the prompt column is read as the prompt only
+    fields = [prompt_column, *(None if name == prompt_column else name for name in SAMPLE_FIELDS)]
     present = {name for name in fields if name in table.column_names}
     values = [_values(table.column(n)) if n in present else [None] * table.num_rows for n in fields]
     samples = []
@@ -93,10 +94,9 @@ def read_unit(
             if problems:
                 sample.error = f"{unit.path} row {row}: {'; '.join(problems)}"
             samples.append(sample)
-    extra = _extra_columns(table, present, unit.extra_schema)
-    if samples_per_prompt > 1:
-        extra = extra.take(pa.array([i for i in range(table.num_rows) for _ in range(samples_per_prompt)]))
-    return UnitInput(unit, samples, extra)
+    if samples_per_prompt > 1:  # repeated before the extra columns are picked: a table of none keeps its rows
+        table = table.take(pa.array([i for i in range(table.num_rows) for _ in range(samples_per_prompt)]))
+    return UnitInput(unit, samples, _extra_columns(table, present, unit.extra_schema))
 
 
 def _per_prompt(
@@ -172,10 +172,10 @@ def _read_groups_apart(
 
 def _values(column: pa.ChunkedArray) -> list:
     """A column's Python values; strings that are not valid UTF-8 come back as their raw bytes."""
+    if not is_text(column.type):
+        return column.to_pylist()
     if pa.types.is_dictionary(column.type):
         column = column.cast(column.type.value_type)
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        return column.to_pylist()
     try:
         column.validate(full=True)  # Parquet readers do not check UTF-8; other writers may not have either
     except pa.ArrowInvalid:

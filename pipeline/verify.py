@@ -3,9 +3,10 @@ committed shard and compares it with its marker and with the plan.
 
 Problems (each makes the output unfit to train on): a planned unit with no committed shard; a marker whose data
 is missing, a different size or digest, or not readable; a shard whose rows do not match its unit; a key that
-appears twice; a commit whose move into place was interrupted; data files a globbing reader would pick up that
-no committed marker claims; input files that changed since the job. Failed rows are listed, not problems: they
-are recorded outcomes.
+appears twice in ok rows; a commit whose move into place was interrupted; data files anywhere below the output
+that a globbing reader would pick up (outside `_` and `.` folders) and no committed marker claims; input files that
+changed since the job. Failed rows are listed, not problems: they are recorded outcomes, and their keys may repeat
+(a duplicate id fails by design).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from pipeline.commit import MANIFEST_NAME, ShardStore, changed_inputs, committed_shards, read_manifest
-from pipeline.plan import InputError, input_fingerprint, list_input_files, plan_units
+from pipeline.plan import InputError, ignored_by_readers, input_fingerprint, list_input_files, plan_units
 from pipeline.storage import OutputError, filesystem, get_bytes
 
 MAX_LISTED = 20
 _THREADS = 8
+_DATA_EXTENSIONS = (".parquet", ".tar", ".tgz", ".tar.gz")  # what readers of datasets glob for
 
 
 @dataclass
@@ -72,7 +74,7 @@ def verify_output(output: str, storage_options: dict | None = None) -> VerifyRep
             report.problems.append(f"{len(missing)} planned shards not committed: {_names(missing)}")
     store = ShardStore(fs, root)
     _check_staging(store, shards, report)
-    _check_orphans(store, shards, report)
+    _check_orphans(fs, root, shards, report)
     per_row = manifest.get("spec", {}).get("samples_per_prompt", 1)  # output rows per input row
     with ThreadPoolExecutor(_THREADS) as pool:
         checked = list(pool.map(lambda item: _check_shard(fs, root, *item, planned, per_row), sorted(shards.items())))
@@ -80,9 +82,9 @@ def verify_output(output: str, storage_options: dict | None = None) -> VerifyRep
     for shard_problems, shard_keys, failed in checked:
         report.problems += shard_problems
         report.failed_rows += failed
-        for task, (shard, task_keys) in shard_keys.items():
-            report.rows[task] = report.rows.get(task, 0) + len(task_keys)
-            for key in task_keys:
+        for task, (shard, num_rows, ok_keys) in shard_keys.items():
+            report.rows[task] = report.rows.get(task, 0) + num_rows
+            for key in ok_keys:
                 keys[task][key].append(shard)
     for task, where in keys.items():
         duplicates = {key: shards_of for key, shards_of in where.items() if len(shards_of) > 1}
@@ -118,18 +120,27 @@ def _check_staging(store: ShardStore, shards: dict[int, dict], report: VerifyRep
                                f"job finishes them: {_names(unfinished)}")
 
 
-def _check_orphans(store: ShardStore, shards: dict[int, dict], report: VerifyReport) -> None:
+def _check_orphans(fs, root: str, shards: dict[int, dict], report: VerifyReport) -> None:
     claimed = {name for marker in shards.values() for name in marker.get("files", {})}
-    orphans = [name for name in store.data_files() if name not in claimed]
+    orphans = [name for name in _readable_files(fs, root) if name not in claimed]
     if orphans:
         report.problems.append(f"{len(orphans)} data files that no committed shard claims (a reader that globs "
                                f"the output would read them): {', '.join(orphans[:MAX_LISTED])}")
 
 
+def _readable_files(fs, root: str) -> list[str]:
+    """Data files anywhere below the root, relative to it, that readers globbing the output pick up (`out/*.parquet`,
+    `out/**/*.tar`, a folder given to Ray Data): whatever their names, outside `_` and `.` folders."""
+    root = root.rstrip("/")
+    fs.invalidate_cache()
+    found = (path[len(root) + 1:] for path in fs.find(root))
+    return sorted(name for name in found if name.endswith(_DATA_EXTENSIONS) and not ignored_by_readers(name))
+
+
 def _check_shard(
     fs, root: str, unit_id: int, marker: dict, planned: dict | None, per_row: int = 1
 ) -> tuple[list, dict, list]:
-    """(problems, {task: (shard, keys)}, failed rows) of one committed shard."""
+    """(problems, {task: (shard, rows, keys of ok rows)}, failed rows) of one committed shard."""
     shard = f"{unit_id:05d}"
     problems, keys, failed = [], {}, []
     unit = marker.get("unit", {})
@@ -166,7 +177,7 @@ def _check_shard(
         if len(rows) != unit.get("num_rows", 0) * per_row:
             problems.append(f"shard {shard}: {name} has {len(rows)} rows, its unit {unit.get('num_rows')}"
                             + (f" x {per_row} samples per prompt" if per_row > 1 else ""))
-        keys[task] = (shard, [row["key"] for row in rows])
+        keys[task] = (shard, len(rows), [row["key"] for row in rows if row["status"] == "ok"])
         failed += [f"{task} {row['key']}: {row['error_message']}" for row in rows if row["status"] != "ok"]
         tar_name = name[: -len(".parquet")] + ".tar"
         if tar_name in contents:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tarfile
 
 import numpy as np
@@ -81,8 +82,24 @@ def webdataset_shard(metadata: pa.Table, images: dict[str, bytes], extension: st
             key = row["key"]
             _add_member(tar, f"{key}.{extension}", _image_of(images, key))
             _add_member(tar, f"{key}.txt", row["prompt"].encode())
-            _add_member(tar, f"{key}.json", json.dumps(row, ensure_ascii=False, default=str).encode())
+            _add_member(tar, f"{key}.json", _standard_json(row).encode())
     return {"tar": buf.getvalue(), "parquet": _parquet_bytes(metadata)}
+
+
+def _standard_json(row: dict) -> str:
+    """The row as RFC 8259 JSON, which has no NaN or infinities: in carried columns they become null, so strict
+    parsers read every sample. Values JSON has no type for (dates, bytes, decimals) are written as text."""
+    return json.dumps(_finite(row), ensure_ascii=False, default=str, allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

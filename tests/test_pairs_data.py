@@ -121,7 +121,7 @@ def test_text_embedding_cache(pairs, s3, tiny_models):
     assert build_embedding_cache(pairs, list(pairs.shards), "tiny", encode) == 4
     assert build_embedding_cache(pairs, list(pairs.shards), "tiny", encode) == 0  # present and current
     cache_file = pairs.embeddings_path("tiny", pairs.shards[0])
-    assert cache_file.startswith(f"{s3.bucket}/pd-out/text-embeddings/tiny/")
+    assert cache_file.startswith(f"{s3.bucket}/pd-out/_text-embeddings/tiny/")
     for sample in itertools.islice(PairStream(pairs, seed=0, encoder_id="tiny").reader_samples(0, 1), 10):
         torch.testing.assert_close(sample["prompt_embeds"], torch.from_numpy(encode([sample["prompt"]])[0]))
 

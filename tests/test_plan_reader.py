@@ -64,7 +64,7 @@ def test_folder_plan_covers_every_row_once_and_is_stable(tmp_path):
     assert plan_units(list_input_files(fs, str(tmp_path)), rows_per_unit=6) == units
     assert input_fingerprint(files)[0] == {"path": "a.parquet", "size": files[0].size, "etag": files[0].etag,
                                            "mtime": None}
-    assert files[0].etag.startswith("footer-sha256:") and files[0].etag != files[1].etag
+    assert files[0].etag.startswith("sha256:") and files[0].etag != files[1].etag
 
 
 def test_plan_reads_only_footers(tmp_path, monkeypatch):

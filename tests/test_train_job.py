@@ -107,7 +107,7 @@ def test_two_workers_equal_one_with_the_same_global_batch(reflow_run, pairs, tin
     args = train_args(pairs, tiny_models["sd15"], output, 20, "--num-workers", "2", "--loader-workers", "1",
                       "--storage-options", options, "--cache-text-embeddings")
     assert train_reflow.main(args) == 0
-    [cache] = (pairs / "text-embeddings").iterdir()
+    [cache] = (pairs / "_text-embeddings").iterdir()
     assert sorted(path.name for path in cache.iterdir()) == [f"0000{i}.parquet" for i in range(4)]
     s3.fs.invalidate_cache()
     root = f"{s3.bucket}/train-two-workers"
