@@ -28,7 +28,7 @@ from pipeline.commit import (
 )
 from pipeline.lock import OutputLock, OutputLostError
 from pipeline.model_source import ModelSource, job_identity, model_sources
-from pipeline.plan import input_fingerprint, list_input_files, plan_units
+from pipeline.plan import check_output_location, input_fingerprint, list_input_files, plan_units
 from pipeline.pool import ActorPool, PoolLimits, UnitResult, ray_worker_factory
 from pipeline.progress import JobProgress
 from pipeline.spec import JobSpec
@@ -127,6 +127,7 @@ def run_job(spec: JobSpec, make_pool: PoolFactory = ray_pool, show_progress: boo
         spec = resolve_device(spec)
         input_fs, input_path = filesystem(spec.prompts, spec.storage_options)
         output_fs, root = filesystem(spec.output, spec.storage_options)
+        check_output_location(input_fs, input_path, spec.output, output_fs, root)
         files = list_input_files(input_fs, input_path, spec.prompt_column)
         units = plan_units(files, spec.rows_per_shard)
         inputs = input_fingerprint(files)
