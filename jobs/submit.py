@@ -16,7 +16,7 @@ from pathlib import Path
 from jobs.jobfile import Job, JobFileError, parse_job
 from jobs.ray_jobs import AddressError, add_address, connect, follow
 from pipeline.spec import JobSpec
-from pipeline.storage import secret_fields
+from pipeline.storage import redact_text, secret_fields
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Never uploaded with a job (gitignore patterns, relative to the project): environments, outputs, caches.
@@ -84,7 +84,10 @@ def job_entrypoint(job: Job) -> str:
         if value and Path(value).expanduser().exists():
             setattr(job.args, name, str(Path(value).expanduser().resolve()))
     JobSpec(**job.spec_args())  # the spec's own checks, here, before anything reaches the cluster
-    return shlex.join(["python", "-m", job.module.__name__, *job.argv()])
+    entrypoint = shlex.join(["python", "-m", job.module.__name__, *job.argv()])
+    if redact_text(entrypoint) != entrypoint:  # in any other flag: by pattern, or a secret variable's value
+        raise SubmitError(f"refusing to submit secrets (in {redact_text(entrypoint)}).\n{CREDENTIALS_HELP}")
+    return entrypoint
 
 
 def runtime_env() -> dict:

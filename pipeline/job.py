@@ -29,10 +29,10 @@ from pipeline.commit import (
 from pipeline.lock import OutputLock, OutputLostError
 from pipeline.model_source import ModelSource, job_identity, model_sources
 from pipeline.plan import check_output_location, input_fingerprint, list_input_files, plan_units
-from pipeline.pool import ActorPool, PoolLimits, UnitResult, ray_worker_factory
+from pipeline.pool import ActorPool, PoolLimits, UnitResult, ray_worker_factory, withdraw_resource_request
 from pipeline.progress import JobProgress
 from pipeline.spec import JobSpec
-from pipeline.storage import filesystem, redact, redact_text
+from pipeline.storage import filesystem, protect_secrets, redact, redact_text
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ def run_job(spec: JobSpec, make_pool: PoolFactory = ray_pool, show_progress: boo
     job that loses its output to another job stops at once and returns with `progress.lost` (exit 4).
     """
     with sigterm_as_interrupt():
+        protect_secrets(spec.storage_options)  # in what this process logs, and wherever redact_text is used
         spec = resolve_device(spec)
         input_fs, input_path = filesystem(spec.prompts, spec.storage_options)
         output_fs, root = filesystem(spec.output, spec.storage_options)
@@ -147,6 +148,7 @@ def run_job(spec: JobSpec, make_pool: PoolFactory = ray_pool, show_progress: boo
             progress.lost = True
             logger.error("%s", exc)
         finally:
+            withdraw_resource_request()  # a long-lived cluster scales the job's GPU nodes down
             progress.close()
             if not progress.lost:
                 if progress.manifest:
@@ -168,7 +170,7 @@ def _run_locked(spec, make_pool, units, inputs, identity, sources, lock, progres
     progress.skipped_units = len(units) - len(todo)
     progress.skipped_samples = progress.total_samples - sum(unit.num_rows for unit in todo)
     manifest = job_manifest(identity, inputs, lineage) | {
-        "prompts": spec.prompts,
+        "prompts": redact_text(spec.prompts),
         "storage_options": redact(spec.storage_options),
         "num_units": len(units),
     }

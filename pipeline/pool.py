@@ -25,7 +25,7 @@ from instaflow.loading import ModelLoadError
 from pipeline.lock import OutputLostError
 from pipeline.plan import WorkUnit
 from pipeline.spec import JobSpec
-from pipeline.storage import storage_env
+from pipeline.storage import redact_text, storage_env
 from pipeline.worker import ShardWorker
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 UNITS_PER_WORKER = 2  # one generating, one being read or written: see pipeline/worker.py
 CPU_PER_CPU_WORKER = 1.0
 CPU_PER_GPU_FALLBACK = 1.0  # when no GPU node is up yet to say how many CPUs it has per GPU
+_requested_bundles: list[dict] = []  # what this process asked the autoscaler for, until its job ends
 
 
 class NoWorkersError(RuntimeError):
@@ -101,9 +102,27 @@ def ray_worker_factory(spec: JobSpec, *worker_args) -> tuple[Callable[[int], obj
                     num_gpus_up)
         from ray.autoscaler.sdk import request_resources
 
-        request_resources(bundles=[{"GPU": 1, "CPU": spec.cpus_per_worker}] * num_workers)
+        bundles = [{"GPU": 1, "CPU": spec.cpus_per_worker}] * num_workers
+        request_resources(bundles=bundles)
+        _requested_bundles[:] = bundles
     actor_class = ray.remote(ShardWorker).options(**worker_options(int(use_gpus), spec.cpus_per_worker))
     return (lambda index: actor_class.remote(spec, *worker_args)), num_workers
+
+
+def withdraw_resource_request() -> None:
+    """Withdraws what ray_worker_factory asked the autoscaler for: a request stands until it is replaced, so a
+    long-lived cluster would keep the job's GPU nodes after the job ends. Called once the job has ended, however
+    it ended; never raises, so that it hides nothing the job raised."""
+    if not _requested_bundles or not ray.is_initialized():
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    try:
+        request_resources(bundles=[])
+        _requested_bundles.clear()
+    except Exception as exc:  # the cluster gone: its autoscaler has nothing left to keep
+        logger.warning("could not withdraw the request for %d GPU workers from the autoscaler: %s",
+                       len(_requested_bundles), exc)
 
 
 @dataclass
@@ -199,7 +218,8 @@ class ActorPool:
             except RayActorError as exc:
                 # The worker died with the unit (or Ray cannot tell whether the try ran): the unit goes to
                 # whoever is free first; the commit protocol keeps a second try from committing twice.
-                reason = f"timed out after {self.clock() - started:.0f}s" if ref in timed_out else f"{exc}"
+                reason = f"timed out after {self.clock() - started:.0f}s" if ref in timed_out \
+                    else redact_text(str(exc))
                 logger.warning("worker %d lost unit %d (%s); unit requeued", index, unit.unit_id, reason)
                 if index in self._ready:  # restarting or dead: ask it again before handing it more
                     self._ready.discard(index)
@@ -209,8 +229,8 @@ class ActorPool:
             except Exception as exc:
                 cause = getattr(exc, "cause", None) or exc  # the worker's own exception, not Ray's wrapper
                 if isinstance(cause, OutputLostError):
-                    raise OutputLostError(str(cause)) from None
-                error = f"{type(cause).__name__}: {cause}"
+                    raise OutputLostError(redact_text(str(cause))) from None
+                error = redact_text(f"{type(cause).__name__}: {cause}")
                 logger.warning("unit %d failed on try %d: %s", unit.unit_id, attempts[unit.unit_id], error)
                 self._retry_or_fail(unit, attempts, pending, on_result, error)
                 continue
@@ -265,7 +285,8 @@ class ActorPool:
             # Dead for good: its constructor raised, or Ray gave up on it. A fresh worker takes its place,
             # unless this slot keeps failing (a bad node): then it is given up and the others go on.
             if exc.actor_init_failed:
-                self._last_startup_error = str(exc).strip().splitlines()[-1][:500] if str(exc).strip() else ""
+                last_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+                self._last_startup_error = redact_text(last_line)[:500]  # cut after: a cut secret is not found
                 failures = self._startup_failures[index]
                 failures.append(self.clock())
                 while failures and self.clock() - failures[0] > self.limits.startup_window_s:
@@ -275,7 +296,7 @@ class ActorPool:
                                  len(failures), self.limits.startup_window_s, self._last_startup_error)
                     self._given_up.add(index)
                     return
-            logger.warning("worker %d is dead, replacing it: %s", index, exc)
+            logger.warning("worker %d is dead, replacing it: %s", index, redact_text(str(exc)))
             self.workers[index] = self.make_worker(index)
             self._probes[self.workers[index].describe.remote()] = index
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from pipeline.pool import UnitResult
+from pipeline.storage import redact_text
 
 
 @dataclass
@@ -98,7 +99,7 @@ class JobProgress:
             # above zero only when image encoding could not keep up: give workers more CPUs (--cpus-per-worker)
             "device_waited_for_encoders_s": round(self.encode_wait_s, 3),
             "failed_shards": [
-                {"shard": result.unit.shard, "path": result.unit.path, "error": result.error[:2000]}
+                {"shard": result.unit.shard, "path": result.unit.path, "error": redact_text(result.error)[:2000]}
                 for result in self.failed_units
             ],
         }

@@ -4,6 +4,7 @@ conditional writes (create-if-absent, replace-if-unchanged) that the output lock
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -25,15 +26,46 @@ T = TypeVar("T")
 # environment, which `ray list actors --detail` and the dashboard display.
 _ENV_PREFIXES = ("FSSPEC_", "AWS_", "GOOGLE_", "GCS", "HF_")
 _ENV_NAMES = ("S3_ENDPOINT_URL",)
-_SECRET_NAME_PARTS = ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY", "CREDENTIAL", "SESSION", "KEY_ID", "API_KEY")
+# Never forwarded, whatever the value: secrets, and the settings that carry them (an ABFS account key or
+# connection string in FSSPEC_ABFS_*, HTTP headers, session tokens that would override the nodes' roles).
+_UNFORWARDED_NAME_PARTS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL", "SESSION", "SIGNATURE",
+                           "CONNECTION_STRING", "SAS", "AUTH", "HEADER", "COOKIE")
+# Variables anywhere in the environment whose values are secrets, hidden wherever they turn up (redact_text).
+_SECRET_ENV_NAME_PARTS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "SIGNATURE", "CONNECTION_STRING",
+                          "COOKIE", "_KEY")
+# A remembered or environment secret shorter than this is hidden only where a pattern finds it: hiding every
+# occurrence of a short value ("testing", "false") would blank ordinary words of messages.
+MIN_SECRET_LENGTH = 8
 
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "signature", "connection_string")
+# Keys of storage options whose values are secret (HTTP headers included: they carry Authorization and API keys).
+_SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "signature", "connection_string",
+                 "auth", "header", "cookie", "sas")
+# Secrets inside text; each pattern hides its `secret` group and keeps what comes before it (`keep`).
+_QUOTED_VALUE = r""""(?:[^"\\]|\\.)+"|'(?:[^'\\]|\\.)+'"""  # not empty: an empty value hides nothing
 _SECRET_IN_TEXT = [
-    re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)"),  # user:password@ in URLs
-    re.compile(r"(?i)(?<=[?&])(x-amz-[a-z-]*(?:signature|credential|token)|sig|signature|token|access_token|"
-               r"key|api_key|password)=[^&\s\"']+"),  # signed-URL and token query parameters
-    re.compile(r"(?i)(?<![a-z])(accountkey|sharedaccesssignature|password|pwd|secret|token)=[^;\s\"']+"),
+    # user:password@ in URLs
+    re.compile(r"(?P<keep>://)(?P<secret>[^/\s:@]+:(?P<password>[^/\s@]+))(?=@)"),
+    # signed-URL (X-Amz-Signature, X-Goog-Signature, X-Goog-Credential, Azure's sig) and token query parameters,
+    # and the fields of connection strings (;AccountKey=...)
+    re.compile(r"(?i)(?P<keep>[?&;][\w.-]*(?:sig|key|token|secret|passw|pwd|credential|auth)[\w.-]*=)"
+               r"(?P<secret>[^&;\s\"'#<>]+)"),
+    # name=value anywhere (aws_secret_access_key=..., SharedAccessSignature=..., Password=...), and name: value
+    # for names that can only be secrets
+    re.compile(r"(?i)(?P<keep>(?<![\w.-])(?:[\w.-]*(?:secret|token(?!iz)|passw|credential|signature|account_?key|"
+               r"access_?key|api[_-]?key|private_?key)[\w.-]*|pwd)\s*=\s*)(?P<secret>" + _QUOTED_VALUE +
+               r"|[^\s&;,\"'<>)}\]]+)"),
+    re.compile(r"(?i)(?P<keep>(?<![\w.-])[\w.-]*(?:secret|passw|account_?key|access_?key|api[_-]?key|"
+               r"private_?key)[\w.-]*:[ \t]*)(?P<secret>" + _QUOTED_VALUE + r"|[^\s&;,\"'<>)}\]]+)"),
+    # a quoted secret-looking name in a dict repr or JSON: {'secret': 'abc'}, "token": "abc", 'headers': {...}
+    re.compile(r"(?i)(?P<keep>(?P<quote>[\"'])[^\"'\n]*(?:key|secret|token|passw|pwd|credential|signature|auth|"
+               r"header|cookie|sas|sig)[^\"'\n]*(?P=quote)\s*:\s*)(?P<secret>" + _QUOTED_VALUE +
+               r"|\{[^{}]+\}|(?!(?:null|none|true|false)\b)[^\s,{}\]\"']+)"),
+    # Authorization headers in text, and bearer tokens anywhere
+    re.compile(r"(?i)(?P<keep>\b(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|digest|negotiate|"
+               r"token|aws4-hmac-sha256)\s+)?)(?P<secret>[^\s\"',;]+)"),
+    re.compile(r"(?i)(?P<keep>\bbearer\s+)(?P<secret>[\w.~+/=-]+)"),
 ]
+_remembered_secrets: set[str] = set()  # secret values of this process's storage options (remember_secrets)
 
 # OSErrors that retrying cannot fix.
 _PERMANENT_OS_ERRORS = (
@@ -80,12 +112,14 @@ def normalize_model(model: str) -> str:
 def storage_env() -> dict[str, str]:
     """Storage settings of this process that are safe to show (endpoints, regions, offline flags), to forward
     to Ray workers. Secrets never travel this way: workers use their node's own credentials (instance role,
-    workload identity, the node's environment), or the spec's storage options, which Ray does not display."""
+    workload identity, the node's environment), or the spec's storage options, which Ray does not display. A
+    setting is left out if its name says it holds or carries a secret, or if its value holds one (by pattern,
+    or as the value of a secret variable or storage option)."""
     return {
         name: value
         for name, value in sorted(os.environ.items())
         if (name.startswith(_ENV_PREFIXES) or name in _ENV_NAMES)
-        and not any(part in name.upper() for part in _SECRET_NAME_PARTS)
+        and not any(part in name.upper() for part in _UNFORWARDED_NAME_PARTS)
         and redact_text(value) == value
     }
 
@@ -107,12 +141,78 @@ def redact(options: Any) -> Any:
 
 
 def redact_text(text: str | None) -> str | None:
-    """A message or value with any embedded secret replaced by ***."""
+    """A message or value with every secret in it replaced by ***: the values of this process's secret
+    variables and remembered storage options wherever they appear, and secrets that patterns find (URL
+    passwords, signed-URL parameters, connection strings, Authorization headers, secret-named fields)."""
     if not text:
         return text
+    known = _known_secrets()
+    if known:
+        text = _value_pattern(tuple(sorted(known, key=lambda value: (-len(value), value)))).sub("***", text)
     for pattern in _SECRET_IN_TEXT:
-        text = pattern.sub(lambda m: m.group(0).split("=", 1)[0] + "=***" if "=" in m.group(0) else "***", text)
+        text = pattern.sub(lambda m: m.group("keep") + "***", text)
     return text
+
+
+def remember_secrets(options: Any) -> None:
+    """Remembers the secret values in storage options (under secret-looking keys, or inside their strings), so
+    that redact_text hides them wherever they turn up later: inside an error message, a repr, a log line."""
+    _remembered_secrets.update(value for value in _secret_values(options) if len(value) >= MIN_SECRET_LENGTH)
+
+
+def _secret_values(values: Any, secret: bool = False):
+    if isinstance(values, dict):
+        for k, v in values.items():
+            yield from _secret_values(v, secret or _is_secret_name(k))
+    elif isinstance(values, (list, tuple)):
+        for v in values:
+            yield from _secret_values(v, secret)
+    elif isinstance(values, str):
+        if secret:
+            yield values
+        for pattern in _SECRET_IN_TEXT:
+            for match in pattern.finditer(values):
+                yield from (found for name, found in match.groupdict().items()
+                            if name in ("secret", "password") and found)
+    elif secret and isinstance(values, (int, float)) and not isinstance(values, bool):
+        yield str(values)
+
+
+def _known_secrets() -> set[str]:
+    from_env = {value for name, value in os.environ.items()
+                if len(value) >= MIN_SECRET_LENGTH and any(part in name.upper() for part in _SECRET_ENV_NAME_PARTS)}
+    return _remembered_secrets | from_env
+
+
+@functools.lru_cache(maxsize=8)
+def _value_pattern(values: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(re.escape(value) for value in values))
+
+
+def protect_secrets(storage_options: dict | None) -> None:
+    """Hides this job's secrets in everything this process logs from now on (the driver and each worker call
+    it): remembers the storage options' secret values, and redacts every log record as it is made, whichever
+    logger or handler it goes to: its message with its arguments, and its traceback."""
+    remember_secrets(storage_options or {})
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "redacts_secrets", False):
+        return
+
+    def redacting_factory(*args, **kwargs) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # arguments that do not fit the format: logging reports it when the record is handled
+            return record
+        record.msg, record.args = redact_text(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
+        if record.stack_info:
+            record.stack_info = redact_text(record.stack_info)
+        return record
+
+    redacting_factory.redacts_secrets = True
+    logging.setLogRecordFactory(redacting_factory)
 
 
 def secret_fields(values: Any, where: str = "") -> list[str]:

@@ -34,7 +34,7 @@ from instaflow.text import encode_tokens, tokenize_prompts
 from instaflow.training import Trainer, learning_rate_at
 from pipeline.model_source import ModelSource
 from pipeline.pairs_data import PairStream, build_embedding_cache, find_pairs
-from pipeline.storage import filesystem, get_bytes, put_atomic, with_retries
+from pipeline.storage import filesystem, get_bytes, protect_secrets, put_atomic, with_retries
 from pipeline.train_spec import TrainSpec
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ def train_worker(config: dict) -> None:
     os.environ.update(config["storage_env"])  # storage settings, as the driver had them
     context = ray.train.get_context()
     spec, init = TrainSpec(**config["spec"]), ModelSource(**config["init"])
+    protect_secrets(spec.storage_options)
     run = TrainRun(spec, init, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
     run.resume(ray.train.get_checkpoint())
     run.train(ray.train.report)

@@ -30,7 +30,7 @@ from pipeline.model_source import ModelSource, job_identity, model_sources
 from pipeline.plan import WorkUnit
 from pipeline.reader import Sample, read_unit
 from pipeline.spec import JobSpec
-from pipeline.storage import filesystem, redact_text
+from pipeline.storage import filesystem, protect_secrets, redact_text
 from pipeline.writers import (
     IMAGE_EXTENSIONS,
     encode_image,
@@ -89,6 +89,7 @@ class ShardWorker:
     """Student and/or teacher on one device, sharing the components they have in common."""
 
     def __init__(self, spec: JobSpec, sources: dict[str, ModelSource], fence: Fence):
+        protect_secrets(spec.storage_options)  # before anything this process logs or writes
         self.spec = spec
         self.fence = fence
         self.runtime = Runtime.default(spec.dtype, spec.compile, device="cpu" if spec.device == "cpu" else None)

@@ -1,16 +1,29 @@
 """Credentials never pass through Ray: a planted secret is found nowhere Ray displays, nor in the output."""
 
+import io
 import json
+import logging
 import os
+import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import ray
+from ray import cloudpickle
 from ray.util import state
 
 from conftest import private_ray_tmpdir
 from jobhelpers import prompt_table, write_prompts
 from jobs import generate
+from pipeline import storage
+from pipeline.job import ray_pool, run_job
+from pipeline.lock import OutputLostError
+from pipeline.pool import ActorPool, NoWorkersError, worker_options
+from pipeline.spec import JobSpec
+from pipeline.worker import ShardWorker
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
 
 PLANTED = "planted-s3cr3t-9f2c"
 
@@ -55,3 +68,181 @@ def test_a_planted_secret_is_nowhere_ray_or_the_output_shows_it(ray_with_dashboa
         assert PLANTED.encode() not in s3.fs.cat_file(path), path
     printed = capsys.readouterr()
     assert PLANTED not in printed.out + printed.err + caplog.text
+
+
+# Redaction by pattern: each form a secret takes in a message, a URL, a repr or JSON.
+FORMS = [
+    ("https://storage.googleapis.com/b/o?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Credential=sa%40p.iam.gserviceaccount"
+     ".com%2F20260101&X-Goog-Signature=0a1b2c3d4e5f", ["0a1b2c3d4e5f", "sa%40p.iam"]),
+    ("https://h/o?X-Amz-Security-Token=tok123&X-Amz-Signature=sig456", ["tok123", "sig456"]),
+    ("https://acct.blob.core.windows.net/c/b?sv=2022&sig=azsig%3D", ["azsig"]),
+    ("failed: DefaultEndpointsProtocol=https;AccountName=a;AccountKey=acctkey==;EndpointSuffix=x", ["acctkey"]),
+    ("ConnectionError: could not connect to http://admin:hunter2x@minio:9000/bucket", ["hunter2x"]),
+    ("request headers: Authorization: Bearer eyJhbGciOi.payload.sig", ["eyJhbGciOi"]),
+    ("sent Authorization: Basic dXNlcjpwYXNz", ["dXNlcjpwYXNz"]),
+    ("botocore config: aws_secret_access_key=wJalrXUtnFEMI/K7MDENG and more", ["wJalrXUtnFEMI"]),
+    ("ValueError: bad options {'secret': 'abc', 'anon': False}", ["abc"]),
+    ('error: {"token": "tkn-1", "x": 1}', ["tkn-1"]),
+    ("options {'headers': {'X-Api-Key': 'zzz-key', 'User-Agent': 'me'}, 'anon': True}", ["zzz-key", "me"]),
+    ("S3FileSystem(secret='s3cr3t', anon=False)", ["s3cr3t"]),
+    ("client_secret: cl1ent", ["cl1ent"]),
+]
+
+
+@pytest.mark.parametrize("text,secrets", FORMS)
+def test_redaction_finds_secrets_in_every_form(text, secrets):
+    redacted = storage.redact_text(text)
+    assert "***" in redacted and not [secret for secret in secrets if secret in redacted], redacted
+
+
+def test_redaction_leaves_ordinary_messages_alone():
+    for text in ("KeyError: 'prompt'", "prompt truncated to 77 tokens: a cat", "sample 000012: generation failed",
+                 '{"key": "", "token": null, "headers": {}}', "s3://bucket/out/000001.tar"):
+        assert storage.redact_text(text) == text
+
+
+def test_secrets_are_hidden_by_value_wherever_they_turn_up(monkeypatch, caplog):
+    """A secret of the storage options or the environment is hidden in any string, whatever surrounds it, and in
+    every log record of the process, its arguments and its traceback included."""
+    monkeypatch.setattr(storage, "_remembered_secrets", set())
+    monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_KEY", "env-account-key-1")
+    options = {"secret": "option-secret-1", "headers": {"X-Trace": "header-value-1"},
+               "client_kwargs": {"endpoint_url": "http://user:url-password-1@127.0.0.1:9"}, "anon": False}
+    storage.protect_secrets(options)
+    secrets = ["env-account-key-1", "option-secret-1", "header-value-1", "url-password-1"]
+    text = "; ".join(f"rejected ({secret})" for secret in secrets)
+    assert storage.redact_text(text) == "; ".join(["rejected (***)"] * 4)
+    assert storage.redact(options) == {"secret": "***", "headers": "***", "anon": False,
+                                       "client_kwargs": {"endpoint_url": "http://***@127.0.0.1:9"}}
+    log = logging.getLogger("pipeline.test")
+    with caplog.at_level(logging.INFO):
+        log.warning("unit %d failed: %s", 3, "upload refused for header-value-1")
+        try:
+            raise ConnectionError("endpoint said no to option-secret-1")
+        except ConnectionError:
+            log.exception("worker lost")
+    formatted = "\n".join(logging.Formatter().format(record) for record in caplog.records)
+    assert "unit 3 failed: upload refused for ***" in formatted and "ConnectionError" in formatted
+    assert not [secret for secret in secrets if secret in formatted + caplog.text]
+
+
+def test_no_secret_is_forwarded_in_the_runtime_environment(monkeypatch):
+    """What Ray shows of a worker's environment (its runtime env) holds storage settings, never a secret: not
+    by name (an ABFS account key or connection string, HTTP headers), nor inside a value (an fsspec JSON
+    config, a URL password), nor as the value of a secret variable or storage option."""
+    monkeypatch.setattr(storage, "_remembered_secrets", set())
+    storage.remember_secrets({"secret": "remembered-1"})
+    monkeypatch.setenv("MY_TOKEN", "env-secret-value-1")
+    kept = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "FSSPEC_S3_ANON": "false", "HF_HUB_OFFLINE": "1",
+            "FSSPEC_ABFS_ACCOUNT_NAME": "acct"}
+    dropped = {"FSSPEC_ABFS_ACCOUNT_KEY": "k1", "FSSPEC_ABFS_CONNECTION_STRING": "AccountName=a;AccountKey=k2",
+               "FSSPEC_ABFS_SAS_TOKEN": "sv=1&sig=k3", "FSSPEC_HTTP_HEADERS": '{"X-Api-Key": "k4"}',
+               "FSSPEC_HTTP_CLIENT_KWARGS": '{"headers": {"Authorization": "Bearer k5"}}',
+               "FSSPEC_S3": '{"secret": "k6"}', "AWS_CONTAINER_AUTHORIZATION_TOKEN": "k7",
+               "GCSFS_DEFAULT_PROJECT": "http://u:k8@h", "FSSPEC_GCS_ENDPOINT_URL": "http://h/remembered-1",
+               "HF_ENDPOINT": "http://h/env-secret-value-1", "AZURE_STORAGE_ACCOUNT_KEY": "k9"}
+    for name, value in {**kept, **dropped}.items():
+        monkeypatch.setenv(name, value)
+    env = worker_options(1, 1.0)["runtime_env"]["env_vars"]
+    assert kept.items() <= env.items() and not set(dropped) & set(env)
+
+
+def test_submit_refuses_a_secret_in_any_flag(tiny_models, monkeypatch, capsys):
+    """The entrypoint Ray stores and shows carries no secret: by pattern in any flag, by key in the storage
+    options (headers included), or as the value of one of this machine's secret variables."""
+    from jobs.main import main
+
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")  # nothing listens: a send would fail
+    monkeypatch.setenv("HF_TOKEN", PLANTED)
+    flags = ["--prompts", "s3://b/prompts/", "--output", "s3://b/out/", "--model", str(tiny_models["instaflow"]),
+             "--height", "64", "--width", "64", "--no-progress"]
+    for extra in (["--decoder", "tiny", "--tiny-decoder", "https://h/taesd?X-Goog-Signature=abcdef"],
+                  ["--decoder", "tiny", "--tiny-decoder", f"org/{PLANTED}"],
+                  ["--storage-options", '{"headers": {"X-Api-Key": "abcdef"}}']):
+        assert main(["submit", *flags, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "refusing to submit secrets" in err and "abcdef" not in err and PLANTED not in err, err
+
+
+LEAKED = "leaked-option-secret-7d1e"  # the storage options' secret, quoted by a failing client library
+LEAKED_TOKEN = "leaked-session-token-3b9a"
+
+
+class LeakyWorker(ShardWorker):
+    """A worker whose errors quote the job's secrets in no form a pattern knows, as a client library's might: one
+    row fails on every try, and one unit fails on every try."""
+
+    def _run_batch(self, keys, batch):
+        if any(prompt.endswith("number 1") for prompt in batch.prompts):
+            raise ConnectionError(f"upload refused ({self.spec.storage_options['client_kwargs']['aws_session_token']})")
+        return super()._run_batch(keys, batch)
+
+    def process(self, unit, attempt=1):
+        if unit.unit_id == 2:
+            logging.getLogger("pipeline.worker").warning("giving up on %s", self.spec.storage_options["secret"])
+            raise ConnectionError(f"endpoint rejected {self.spec.storage_options['secret']}")
+        return super().process(unit, attempt)
+
+
+def test_a_secret_in_a_workers_errors_is_nowhere_the_job_writes_or_logs(ray_with_dashboard, s3, tiny_models,
+                                                                       caplog, capsys):
+    write_prompts(s3.fs, f"{s3.bucket}/leak-in/p.parquet", prompt_table(12), row_group_size=4)
+    options = {**s3.storage_options, "secret": LEAKED,  # moto checks neither the secret nor the token
+               "client_kwargs": {**s3.storage_options["client_kwargs"], "aws_session_token": LEAKED_TOKEN}}
+    spec = JobSpec(prompts=s3.url("leak-in/"), output=s3.url("leak-out/"), model=str(tiny_models["instaflow"]),
+                   height=64, width=64, dtype="float32", rows_per_shard=4, batch_size=4, max_unit_attempts=2,
+                   storage_options=options)
+
+    def leaky_pool(spec, sources, fence, num_units):
+        actor = ray.remote(LeakyWorker).options(**worker_options(1, 1.0))
+        return ActorPool(lambda index: actor.remote(spec, sources, fence), 2, spec.max_unit_attempts)
+
+    with caplog.at_level(logging.INFO):
+        progress = run_job(spec, leaky_pool, show_progress=False)
+    assert progress.committed_units == 2 and [r.unit.unit_id for r in progress.failed_units] == [2]
+    assert progress.failed_samples == 1 and "endpoint rejected ***" in progress.summary()["failed_shards"][0]["error"]
+
+    written = {}  # every file of the output, the rows' error messages read out of the (compressed) Parquet
+    s3.fs.invalidate_cache()
+    for path in s3.fs.find(f"{s3.bucket}/leak-out"):
+        data = s3.fs.cat_file(path)
+        written[path] = data.decode(errors="replace")
+        if path.endswith(".parquet"):
+            written[path] += json.dumps(pq.read_table(io.BytesIO(data), columns=["error_message"]).to_pylist())
+    assert any("upload refused (***)" in text for text in written.values())  # the failed row says why
+    assert any(path.endswith("_job.json") for path in written)
+    printed = capsys.readouterr()
+    ray_logs = [path.read_text(errors="replace") for path in Path(os.environ["RAY_TMPDIR"]).rglob("*")
+                if path.is_file() and path.suffix in (".log", ".out", ".err")]
+    everything = [*written.values(), progress.table(), json.dumps(progress.summary()), printed.out, printed.err,
+                  caplog.text, *ray_logs]
+    assert "giving up on ***" in "".join(ray_logs)  # the worker's own log line is there, redacted
+    for secret in (LEAKED, LEAKED_TOKEN):
+        assert not [text[max(0, text.find(secret) - 200):][:400] for text in everything if secret in text]
+
+
+@pytest.mark.parametrize("outcome", ["complete", "no workers", "interrupted", "lost", "crashed"])
+def test_the_autoscaler_request_is_withdrawn_however_the_job_ends(ray_with_dashboard, tiny_models, tmp_path,
+                                                                 monkeypatch, outcome):
+    """A job that asks for more GPUs than are up asks the autoscaler for them; the request stands until it is
+    replaced, so the job withdraws it when it ends, however it ends, or a long-lived cluster keeps the nodes."""
+    import ray.autoscaler.sdk
+
+    requests = []
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda **kwargs: requests.append(kwargs))
+    stops = {"interrupted": KeyboardInterrupt(), "lost": OutputLostError("taken over"), "crashed": RuntimeError("x")}
+    if outcome in stops:
+        def stop(*args, **kwargs):
+            raise stops[outcome]
+        monkeypatch.setattr(ActorPool, "wait_until_ready", stop)
+    write_prompts(storage.filesystem("file")[0], str(tmp_path / "p.parquet"), prompt_table(4))
+    spec = JobSpec(prompts=str(tmp_path / "p.parquet"), output=str(tmp_path / "out"),
+                   model=str(tiny_models["instaflow"]), height=64, width=64, dtype="float32", rows_per_shard=4,
+                   num_workers=3, **({"cpus_per_worker": 64, "start_timeout_s": 1} if outcome == "no workers" else {}))
+    if outcome in ("no workers", "crashed"):
+        with pytest.raises(NoWorkersError if outcome == "no workers" else RuntimeError):
+            run_job(spec, ray_pool, show_progress=False)
+    else:
+        progress = run_job(spec, ray_pool, show_progress=False)
+        assert progress.status == {"lost": "lost", "interrupted": "interrupted"}.get(outcome, "complete")
+    assert len(requests[0]["bundles"]) == 3 and requests[-1] == {"bundles": []}, requests
