@@ -5,15 +5,17 @@ the units they held go back to the queue for any live worker. A unit that raises
 reported failed; the rest of the job goes on. When Ray cannot tell whether a try ran, the unit is handed out
 again at once, and the commit protocol (pipeline/commit.py) lets at most one try commit.
 
-Every wait is bounded: a unit that runs past its deadline has its worker restarted; a job where no worker can
-run for `start_timeout_s` stops (NoWorkersError, exit 3); a worker that keeps failing to start is given up.
+Every wait is bounded: a unit that runs past its deadline has its worker restarted, and a killed worker whose
+calls never end is replaced (pipeline/unit_deadlines.py); a job where no worker can run for `start_timeout_s`
+stops (NoWorkersError, exit 3); a worker that keeps failing to start is given up. A unit whose try fails in
+generation as a whole (GenerationError) is retried on another worker; when the first units all fail so, the job
+stops (SystematicFailureError) instead of running every unit into the same error.
 """
 
 import collections
 import dataclasses
 import logging
 import os
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -26,7 +28,8 @@ from pipeline.lock import OutputLostError
 from pipeline.plan import WorkUnit
 from pipeline.spec import JobSpec
 from pipeline.storage import redact_text, storage_env
-from pipeline.worker import ShardWorker
+from pipeline.unit_deadlines import Try, UnitDeadlines
+from pipeline.worker import GenerationError, ShardWorker
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,11 @@ class NoWorkersError(RuntimeError):
     """No worker could run for the allowed time: no capacity, or workers that keep failing to start (exit 3)."""
 
 
+class SystematicFailureError(RuntimeError):
+    """The first units to finish all failed every try in generation and none committed: the models or the
+    devices fail, not the rows, so the job stops rather than run every unit into the same error (exit 1)."""
+
+
 @dataclass(frozen=True)
 class PoolLimits:
     """How long the pool waits, in one place. None for `unit_timeout_s` means: derived from measured speed."""
@@ -47,6 +55,8 @@ class PoolLimits:
     start_timeout_s: float = 900.0  # no worker able to run for this long ends the job
     unit_timeout_s: float | None = None
     first_units_timeout_s: float = 1800.0  # until the pool has timed a few units (model compile, cold caches)
+    warmup_timeout_s: float = 600.0  # more for the units of a worker that has not committed one since it started
+    abandon_after_kill_s: float = 60.0  # a killed worker whose calls have not ended by then is replaced
     startup_failures: int = 3  # a worker slot failing to start this often within the window is given up
     startup_window_s: float = 600.0
     units_to_measure: int = 3
@@ -155,7 +165,7 @@ class ActorPool:
         self._given_up: set[int] = set()
         self._startup_failures: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         self._last_startup_error = ""
-        self._unit_seconds_per_row: collections.deque = collections.deque(maxlen=50)
+        self.deadlines = UnitDeadlines(limits, clock)
         self._idle_since = clock()
 
     def start(self) -> None:
@@ -184,25 +194,51 @@ class ActorPool:
         poll_s: float = 1.0,
     ) -> None:
         """Runs every unit to commit or failure. `on_idle` is called every `poll_s` while waiting (progress,
-        heartbeat); an exception it raises, like OutputLostError, stops the pool at once."""
+        heartbeat); an exception it raises, like OutputLostError, stops the pool at once. Raises
+        SystematicFailureError once the first `min(workers + 1, units)` units to fail for good all failed in
+        generation before any committed: more units than workers, so no one bad device explains it."""
         self.start()
         pending = collections.deque(units)
-        attempts = collections.Counter()
-        in_flight: dict = {}  # task ref -> (worker index, unit, started, deadline)
-        load = collections.Counter()  # worker index -> units in flight
-        timed_out: set = set()
+        charged = collections.Counter()  # unit id -> tries that count against max_unit_attempts
+        failed_on = collections.defaultdict(set)  # unit id -> workers on which a try of it raised
+        in_flight: dict = {}  # task ref -> Try
+        systematic: list[str] = []  # errors of the units failed for good in generation while none committed
+        stop_after = min(self.num_workers + 1, len(units))
+
+        def lost(attempt: Try, reason: str) -> None:
+            """A try whose worker died or was given up on: charged, unless it waited behind a try that hung."""
+            if not attempt.charged:
+                logger.warning("worker %d lost unit %d with the try it waited behind; requeued, no try charged",
+                               attempt.index, attempt.unit.unit_id)
+                charged[attempt.unit.unit_id] -= 1
+                pending.appendleft(attempt.unit)
+                return
+            logger.warning("worker %d lost unit %d (%s); unit requeued", attempt.index, attempt.unit.unit_id, reason)
+            self._retry_or_fail(attempt.unit, charged, pending, on_result, f"worker lost: {reason}")
 
         while pending or in_flight:
-            for index in sorted(self._ready, key=lambda i: load[i]):
-                while pending and load[index] < UNITS_PER_WORKER:
-                    unit = pending.popleft()
-                    attempts[unit.unit_id] += 1
-                    ref = self.workers[index].process.remote(unit, attempts[unit.unit_id])
-                    started = self.clock()
-                    in_flight[ref] = (index, unit, started, started + self._unit_timeout_s(unit) * (load[index] + 1))
+            load = collections.Counter(attempt.index for attempt in in_flight.values())
+            killed = {attempt.index for attempt in in_flight.values() if attempt.killed_at is not None}
+            for index in sorted(self._ready - killed, key=lambda i: load[i]):
+                while load[index] < UNITS_PER_WORKER and (unit := self._next_unit(pending, index, failed_on)):
+                    charged[unit.unit_id] += 1
+                    ref = self.workers[index].process.remote(unit, charged[unit.unit_id])
+                    ahead = [attempt for attempt in in_flight.values() if attempt.index == index]
+                    in_flight[ref] = self.deadlines.start(index, unit, ahead)
                     load[index] += 1
             self._check_capacity(in_flight=bool(in_flight))
-            self._restart_overdue(in_flight, timed_out)
+            for index, culprit in self.deadlines.overdue(in_flight):
+                logger.error("unit %d on worker %d passed its deadline (%.0fs): restarting the worker",
+                             culprit.unit.unit_id, index, self.clock() - culprit.started)
+                ray.kill(self.workers[index], no_restart=False)
+            for index, refs in self.deadlines.abandoned(in_flight).items():
+                logger.error("worker %d did not end %.0fs after it was killed: replacing it", index,
+                             self.limits.abandon_after_kill_s)
+                for ref in refs:
+                    attempt = in_flight.pop(ref)
+                    lost(attempt, f"timed out after {attempt.killed_at - attempt.started:.0f}s; the worker did "
+                                  "not end when killed")
+                self._replace(index)
             done, _ = ray.wait([*in_flight, *self._probes], num_returns=1, timeout=poll_s)
             if not done:
                 on_idle()
@@ -211,51 +247,51 @@ class ActorPool:
             if ref in self._probes:
                 self._on_probe(ref)
                 continue
-            index, unit, started, _ = in_flight.pop(ref)
-            load[index] -= 1
+            attempt = in_flight.pop(ref)
+            index, unit = attempt.index, attempt.unit
             try:
                 result = UnitResult(unit, stats=ray.get(ref))
             except RayActorError as exc:
                 # The worker died with the unit (or Ray cannot tell whether the try ran): the unit goes to
                 # whoever is free first; the commit protocol keeps a second try from committing twice.
-                reason = f"timed out after {self.clock() - started:.0f}s" if ref in timed_out \
+                timed_out = attempt.killed_at is not None
+                reason = f"timed out after {attempt.killed_at - attempt.started:.0f}s" if timed_out \
                     else redact_text(str(exc))
-                logger.warning("worker %d lost unit %d (%s); unit requeued", index, unit.unit_id, reason)
                 if index in self._ready:  # restarting or dead: ask it again before handing it more
                     self._ready.discard(index)
                     self._probes[self.workers[index].describe.remote()] = index
-                self._retry_or_fail(unit, attempts, pending, on_result, f"worker lost: {reason}")
+                lost(attempt, reason)
                 continue
             except Exception as exc:
                 cause = getattr(exc, "cause", None) or exc  # the worker's own exception, not Ray's wrapper
                 if isinstance(cause, OutputLostError):
                     raise OutputLostError(redact_text(str(cause))) from None
                 error = redact_text(f"{type(cause).__name__}: {cause}")
-                logger.warning("unit %d failed on try %d: %s", unit.unit_id, attempts[unit.unit_id], error)
-                self._retry_or_fail(unit, attempts, pending, on_result, error)
+                logger.warning("unit %d failed on try %d: %s", unit.unit_id, charged[unit.unit_id], error)
+                failed_on[unit.unit_id].add(index)
+                failed = self._retry_or_fail(unit, charged, pending, on_result, error)
+                if failed and isinstance(cause, GenerationError) and systematic is not None:
+                    systematic.append(error)
+                    if len(systematic) >= stop_after and (pending or in_flight):
+                        raise SystematicFailureError(
+                            f"stopped early: the first {len(systematic)} shards to fail all failed every try "
+                            f"({self.max_unit_attempts}) in generation and none committed, so the models or "
+                            f"devices fail, not the rows: {error.removeprefix('GenerationError: ')}")
                 continue
-            self._unit_seconds_per_row.append((self.clock() - started) / max(unit.num_rows, 1))
+            self.deadlines.on_committed(attempt)
+            systematic = None  # a unit committed: the generation works; later failures are the units' own
             on_result(result)
             on_idle()
 
-    def _unit_timeout_s(self, unit: WorkUnit) -> float:
-        """A fixed limit if one is set; else ten times the median measured time for a unit of this size."""
-        if self.limits.unit_timeout_s is not None:
-            return self.limits.unit_timeout_s
-        if len(self._unit_seconds_per_row) < self.limits.units_to_measure:
-            return self.limits.first_units_timeout_s
-        return 60.0 + 10 * statistics.median(self._unit_seconds_per_row) * unit.num_rows
-
-    def _restart_overdue(self, in_flight: dict, timed_out: set) -> None:
-        """Restarts a worker whose unit ran past its deadline (a hung kernel, a GPU that stopped answering);
-        its units come back through the worker-lost path and are retried."""
-        now = self.clock()
-        for ref, (index, unit, started, deadline) in in_flight.items():
-            if now > deadline and ref not in timed_out:
-                logger.error("unit %d on worker %d passed its deadline (%.0fs): restarting the worker",
-                             unit.unit_id, index, now - started)
-                timed_out.update(r for r, entry in in_flight.items() if entry[0] == index)
-                ray.kill(self.workers[index], no_restart=False)
+    def _next_unit(self, pending: collections.deque, index: int, failed_on: dict) -> WorkUnit | None:
+        """The first pending unit that has not raised on worker `index` (a bad GPU fails whatever it takes), or
+        that has raised on every ready worker."""
+        for position, unit in enumerate(pending):
+            tried = failed_on.get(unit.unit_id)
+            if not tried or index not in tried or self._ready <= tried:
+                del pending[position]
+                return unit
+        return None
 
     def _check_capacity(self, in_flight: bool) -> None:
         if self._ready or in_flight:
@@ -279,6 +315,7 @@ class ActorPool:
         try:
             self.worker_info[index] = ray.get(ref)
             self._ready.add(index)
+            self.deadlines.on_worker_started(index)
         except ActorUnavailableError:
             self._probes[self.workers[index].describe.remote()] = index  # restarting: ask again
         except RayActorError as exc:
@@ -297,14 +334,28 @@ class ActorPool:
                     self._given_up.add(index)
                     return
             logger.warning("worker %d is dead, replacing it: %s", index, redact_text(str(exc)))
-            self.workers[index] = self.make_worker(index)
-            self._probes[self.workers[index].describe.remote()] = index
+            self._new_worker(index)
 
-    def _retry_or_fail(self, unit, attempts, pending, on_result, error: str) -> None:
+    def _replace(self, index: int) -> None:
+        """Gives up on a worker that did not end when killed (stuck in the kernel): it may not restart, and a
+        fresh one takes its place; answers still due from it are not waited for."""
+        ray.kill(self.workers[index], no_restart=True)
+        self._ready.discard(index)
+        for ref in [ref for ref, probed in self._probes.items() if probed == index]:
+            del self._probes[ref]
+        self._new_worker(index)
+
+    def _new_worker(self, index: int) -> None:
+        self.workers[index] = self.make_worker(index)
+        self._probes[self.workers[index].describe.remote()] = index
+
+    def _retry_or_fail(self, unit, attempts, pending, on_result, error: str) -> bool:
+        """Requeues `unit`, or reports it failed once its tries are used up; returns whether it failed."""
         if attempts[unit.unit_id] < self.max_unit_attempts:
             pending.append(unit)
-        else:
-            on_result(UnitResult(unit, error=error))
+            return False
+        on_result(UnitResult(unit, error=error))
+        return True
 
     def shutdown(self, wait_s: float = 10.0) -> None:
         """Kills the workers and waits (bounded) until they are gone, so none commits after this returns."""

@@ -48,6 +48,14 @@ FATAL_DEVICE_ERRORS = ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "device-sid
 
 def _is_fatal(exc: BaseException) -> bool:
     return any(marker in str(exc) for marker in FATAL_DEVICE_ERRORS)
+
+
+class GenerationError(RuntimeError):
+    """Generation failed in a way no row explains: every valid row of the unit failed, every row of a batch
+    failed alike when run alone, or out of memory at batch 1. The try fails as a whole (nothing is committed) and
+    the pool retries the unit on another worker, rather than commit the rows as failed."""
+
+
 MAX_ERRORS_IN_STATS = 20
 MAX_BATCHES_AWAITING_ENCODE = 4  # per unit; bounds the page-locked memory that waits for the encoders
 
@@ -160,6 +168,9 @@ class ShardWorker:
             pending = self._generate(batches, timings)
         with _timed(timings, "collect_s"):
             outputs = self._collect(pending)
+        for task_failures in outputs["failed"].values():
+            if valid and all(sample.key in task_failures for sample in valid):
+                raise GenerationError(f"{task_failures[valid[0].key]} (and every other row of the unit)")
         rows = {sample.key: sample.row for sample in unit_input.samples}
         for task_failures in outputs["failed"].values():
             for key, reason in task_failures.items():
@@ -215,13 +226,23 @@ class ShardWorker:
         return keys, batch
 
     def _generate(self, batches: list[tuple[list[str], PromptBatch]], timings: dict) -> list[dict]:
-        """Runs the models batch by batch under the device lock; copies and encodes proceed without it."""
+        """Runs the models batch by batch under the device lock; copies and encodes proceed without it.
+
+        `batches` is emptied as it goes: a batch caches its embeddings and noise on the device, freed once it has
+        run rather than when the unit returns. The encodes of both the student's and the teacher's images count
+        against MAX_BATCHES_AWAITING_ENCODE."""
         pending, awaiting_encode = [], collections.deque()
-        for keys, batch in batches:
-            for result in self._run_isolated(keys, batch):
+        while batches:
+            keys = batches[0][0]
+            results = self._run_isolated(*batches.pop(0))
+            reasons = {reason for result in results for reason in result.get("failed", {}).values()}
+            if len(keys) > 1 and len(reasons) == 1 and all("failed" in result for result in results):
+                raise GenerationError(f"{reasons.pop()} (for all {len(keys)} rows of a batch, each run alone)")
+            for result in results:
                 pending.append(result)
-                if "images" in result:
-                    awaiting_encode.append(result["images"])
+                encodes = [*result.get("images", ()), *result.get("teacher_images", ())]
+                if encodes:
+                    awaiting_encode.append(encodes)
                 if len(awaiting_encode) > MAX_BATCHES_AWAITING_ENCODE:
                     with _timed(timings, "encode_wait_s"):
                         wait(awaiting_encode.popleft())
@@ -229,29 +250,36 @@ class ShardWorker:
 
     def _run_isolated(self, keys: list[str], batch: PromptBatch) -> list[dict]:
         """Runs a batch; if it raises, its halves are run apart until the failing rows are found, so one bad
-        sample fails alone. Out of memory: the worker halves its batch size for good and retries."""
+        sample fails alone. Out of memory: the worker halves the batch size that ran (padding included) for good
+        and retries; out of memory at batch 1 is no row's fault, so the try fails (GenerationError)."""
         try:
             return [self._run_batch(keys, batch)]
         except Exception as exc:
             if _is_fatal(exc):
                 raise
+            ran = len(batch.prompts)  # what the device held: a compiled model's batches are padded
             out_of_memory = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
-            if out_of_memory and self.runtime.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(keys) == 1 and not (out_of_memory and self.batch_size > 1):
+            if out_of_memory and ran == 1:
+                raise GenerationError(f"out of memory at batch 1: {type(exc).__name__}: {str(exc)[:300]}") from exc
+            if len(keys) == 1 and not out_of_memory:
                 reason = f"generation failed: {type(exc).__name__}: {str(exc)[:300]}"
                 logger.warning("sample %s: %s", keys[0], reason)
                 return [{"keys": keys, "failed": dict.fromkeys(keys, reason), "truncated": [False]}]
-            if out_of_memory and len(keys) <= self.batch_size:  # not a batch made before an earlier halving
-                self.batch_size = max(1, len(keys) // 2)
-                logger.warning("out of memory at batch %d: retrying at batch %d", len(keys), self.batch_size)
-            samples = [Sample(key, prompt, seed, negative, None) for key, prompt, seed, negative in
-                       zip(keys, batch.prompts, batch.seeds, batch.negative_prompts)]
+            if out_of_memory and ran <= self.batch_size:  # not a batch made before an earlier halving
+                self.batch_size = ran // 2
+                logger.warning("out of memory at batch %d: retrying at batch %d", ran, self.batch_size)
             half = self.batch_size if out_of_memory else (len(keys) + 1) // 2
-            results = []
-            for start in range(0, len(samples), half):
-                results += self._run_isolated(*self._batch(samples[start : start + half]))
-            return results
+        # The halves run outside the except block, whose traceback holds the failed pass's tensors, and without
+        # this batch's own (the caller passed it on, not kept it).
+        samples = [Sample(key, prompt, seed, negative, None) for key, prompt, seed, negative in
+                   zip(keys, batch.prompts, batch.seeds, batch.negative_prompts)]
+        del batch
+        if out_of_memory and self.runtime.device.type == "cuda":
+            torch.cuda.empty_cache()
+        results = []
+        for start in range(0, len(samples), half):
+            results += self._run_isolated(*self._batch(samples[start : start + half]))
+        return results
 
     def _run_batch(self, keys: list[str], batch: PromptBatch) -> dict:
         n = len(keys)

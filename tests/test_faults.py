@@ -1,9 +1,12 @@
-"""Faults mid-job: a worker killed, the driver interrupted and killed, a unit that keeps failing.
+"""Faults mid-job: a worker killed, the driver interrupted and killed, a unit that keeps failing, a model that
+fails for every prompt.
 
 Each run must end with every prompt exactly once and data bytes identical to an uninterrupted run.
 """
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +17,9 @@ import fsspec
 import pytest
 import ray
 
+from jobs import generate
 from jobs.cli import exit_status
+from jobs.main import main as instaflow_batch
 from jobhelpers import data_files, metadata_rows, prompt_table, stats, write_prompts
 from pipeline.job import ray_pool, run_job
 from pipeline.lock import lock_holder
@@ -152,3 +157,32 @@ def test_unit_failing_every_try_is_reported_and_the_rest_completes(ray_gpus, pro
     assert failure["shard"] == "00001" and "simulated 503" in failure["error"]
     assert "00001" in progress.table()
     assert exit_status(progress) == 1
+
+
+def test_a_model_that_fails_for_every_prompt_stops_the_job_and_commits_nothing(ray_gpus, prompts, tiny_models,
+                                                                                tmp_path, capsys):
+    """Its tokenizer gives ids the text encoder has no rows for (a tokenizer from another model): every call
+    raises. No shard of failed rows may count as done: the job stops early with exit 1 and one line naming the
+    error, verify is not OK, and a re-run tries again instead of skipping."""
+    model = tmp_path / "mismatched"
+    shutil.copytree(tiny_models["instaflow"], model)
+    for name in ("vocab.json", "tokenizer.json"):
+        path = model / "tokenizer" / name
+        data = json.loads(path.read_text())
+        vocab = data if name == "vocab.json" else data["model"]["vocab"]
+        vocab.update({token: i + 10**6 for token, i in vocab.items() if not token.startswith("<|")})
+        path.write_text(json.dumps(data))
+    output = tmp_path / "out"
+    command = ["--prompts", str(prompts), "--output", str(output), "--model", str(model), "--height", "64",
+               "--width", "64", "--dtype", "float32", "--rows-per-shard", "4", "--batch-size", "4",
+               "--num-workers", "2", "--max-unit-attempts", "2", "--no-progress"]
+    for run in ("first", "re-run"):
+        capsys.readouterr()
+        started = time.monotonic()
+        assert generate.main(command) == 1, run
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "stopped early" in errors[0] and "IndexError" in errors[0], (run, errors)
+        assert "a bug" not in errors[0]  # a known outcome, not an unexpected exception
+        assert time.monotonic() - started < 120
+        assert not list(output.glob("*.stats.json")) and not list(output.glob("*.tar"))
+    assert instaflow_batch(["verify", str(output)]) == 1

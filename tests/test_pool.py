@@ -1,4 +1,5 @@
-"""Bounded waits: a hung unit, a cluster without room, workers that keep failing to start, a lost output."""
+"""Bounded waits: a hung unit, a worker that does not die when killed, a fresh worker's warm-up, a cluster without
+room, workers that keep failing to start, a lost output, a job whose models fail for every unit."""
 
 import json
 import os
@@ -17,9 +18,10 @@ from jobs.cli import exit_status
 from pipeline.job import run_job
 from pipeline.lock import LOCK_NAME, LockRecord, lock_holder
 from pipeline.plan import WorkUnit
-from pipeline.pool import ActorPool, NoWorkersError, PoolLimits
+from pipeline.pool import ActorPool, NoWorkersError, PoolLimits, SystematicFailureError
 from pipeline.spec import JobSpec
 from pipeline.storage import conditional_store
+from pipeline.worker import GenerationError
 
 FS = fsspec.filesystem("file")
 SIZE = ["--height", "64", "--width", "64", "--dtype", "float32"]
@@ -33,12 +35,18 @@ def stats_for(unit, attempt):
 
 @ray.remote(num_cpus=0.1, max_restarts=-1)
 class HangsOnFirstTry:
-    """Unit 1's first try never returns, as a hung kernel would not."""
+    """Each process warms up (`warm_up_s`, as torch.compile does on the first batches); then unit 1's first try
+    never returns, as a hung kernel would not. One call at a time: a second waits behind the first."""
+
+    def __init__(self, warm_up_s=0.0):
+        self.warm_up_s = warm_up_s
 
     def describe(self):
         return {"pid": os.getpid()}
 
     def process(self, unit, attempt):
+        time.sleep(self.warm_up_s)
+        self.warm_up_s = 0.0
         if unit.unit_id == 1 and attempt == 1:
             time.sleep(3600)
         return stats_for(unit, attempt)
@@ -48,16 +56,83 @@ def units(n):
     return [WorkUnit(i, "in.parquet", 4 * i, 4, 4 * i) for i in range(n)]
 
 
+def by_unit(results) -> dict:
+    return {result.unit.unit_id: result for result in results}
+
+
 def test_a_unit_past_its_deadline_gets_its_worker_restarted_and_is_retried(ray_gpus):
+    """Units take no time but the worker's warm-up (1.5 s), longer than the unit timeout (1 s): a fresh worker's
+    first units get the warm-up allowance, the restarted one's too. Unit 2, waiting behind the hung unit 1 when
+    the worker is killed, is requeued without losing a try."""
     results = []
-    pool = ActorPool(lambda i: HangsOnFirstTry.remote(), 1, 3, PoolLimits(unit_timeout_s=2.0))
+    limits = PoolLimits(unit_timeout_s=1.0, warmup_timeout_s=4.0)
+    pool = ActorPool(lambda i: HangsOnFirstTry.remote(warm_up_s=1.5), 1, 2, limits)
     started = time.monotonic()
-    pool.run(units(3), results.append, poll_s=0.2)
+    pool.run(units(4), results.append, poll_s=0.2)
     pool.shutdown()
     assert time.monotonic() - started < 60
-    by_unit = {result.unit.unit_id: result for result in results}
-    assert sorted(by_unit) == [0, 1, 2] and all(result.error is None for result in results)
-    assert by_unit[1].stats["attempt"] == 2
+    assert sorted(by_unit(results)) == [0, 1, 2, 3] and all(result.error is None for result in results)
+    assert {unit: result.stats["attempt"] for unit, result in by_unit(results).items()} == {0: 1, 1: 2, 2: 1, 3: 1}
+    assert len({result.stats["pid"] for result in results}) == 2  # the one restart, for unit 1
+
+
+def test_a_killed_worker_whose_calls_never_end_is_replaced(ray_gpus, monkeypatch):
+    """A process in uninterruptible sleep (a GPU fault) does not die when killed, and Ray never answers its calls:
+    the pool stops waiting for them after `abandon_after_kill_s` and puts a fresh worker in its place."""
+    real_kill = ray.kill
+    monkeypatch.setattr(ray, "kill", lambda actor, no_restart=True: no_restart and real_kill(actor, no_restart=True))
+    made, results = [], []
+
+    def make_worker(index):
+        made.append(HangsOnFirstTry.remote())
+        return made[-1]
+
+    limits = PoolLimits(unit_timeout_s=1.0, warmup_timeout_s=5.0, abandon_after_kill_s=1.0)
+    pool = ActorPool(make_worker, 1, 3, limits)
+    run = threading.Thread(target=pool.run, args=(units(3), results.append), kwargs={"poll_s": 0.2}, daemon=True)
+    run.start()
+    run.join(timeout=60)
+    assert not run.is_alive(), "the pool still waits for the calls of a worker that was killed"
+    pool.shutdown()
+    assert len(made) == 2
+    assert all(result.error is None for result in results) and by_unit(results)[1].stats["attempt"] == 2
+
+
+@ray.remote(num_cpus=0.1, max_restarts=-1)
+class FailsInGeneration:
+    """A worker whose models fail for every row (`broken`), as a model that raises on every call does."""
+
+    def __init__(self, broken):
+        self.broken = broken
+
+    def describe(self):
+        return {"pid": os.getpid()}
+
+    def process(self, unit, attempt):
+        if self.broken:
+            time.sleep(0.2)
+            raise GenerationError("generation failed: IndexError: index out of range in self (and every other row)")
+        return stats_for(unit, attempt)
+
+
+def test_units_that_fail_in_generation_everywhere_stop_the_job_early(ray_gpus):
+    results = []
+    pool = ActorPool(lambda i: FailsInGeneration.remote(True), 2, 2)
+    with pytest.raises(SystematicFailureError, match="first 3 shards .* IndexError: index out of range in self"):
+        pool.run(units(20), results.append, poll_s=0.2)
+    pool.shutdown()
+    assert len(results) == 3 and all("IndexError" in result.error for result in results)
+
+
+def test_a_unit_that_fails_in_generation_on_one_worker_is_retried_on_another(ray_gpus):
+    """One bad GPU: each unit it fails goes to the other worker, which commits it; the job does not stop."""
+    results = []
+    pool = ActorPool(lambda i: FailsInGeneration.remote(i == 0), 2, 2)
+    pool.start()
+    ray.get([worker.describe.remote() for worker in pool.workers])
+    pool.run(units(8), results.append, poll_s=0.2)
+    pool.shutdown()
+    assert sorted(by_unit(results)) == list(range(8)) and all(result.error is None for result in results)
 
 
 @ray.remote(num_cpus=0.1, max_restarts=-1)

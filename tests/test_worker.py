@@ -1,9 +1,14 @@
 """The worker alone (no Ray): one bad sample fails alone, NaN outputs are failed rows, out-of-memory halves the
 batch, and the good rows equal those of a run without the fault (to one level: batches of other sizes round
-the last bit differently, see the README on determinism)."""
+the last bit differently, see the README on determinism). A failure no row explains fails the try, with nothing
+committed; a unit's device tensors and encodes are bounded."""
 
+import dataclasses
 import io
 import json
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import numpy as np
@@ -18,7 +23,8 @@ from jobhelpers import tar_members
 from instaflow.models import Student
 from pipeline.plan import list_input_files, plan_units
 from pipeline.spec import JobSpec
-from pipeline.worker import standalone_worker
+from pipeline import worker as worker_module
+from pipeline.worker import GenerationError, ShardWorker, standalone_worker
 
 FS = fsspec.filesystem("file")
 PROMPTS = [f"a red fox in the snow, number {i}" for i in range(8)]
@@ -26,19 +32,25 @@ PROMPTS = [f"a red fox in the snow, number {i}" for i in range(8)]
 
 def run_unit(tmp_path, tiny_models, prompts, name, patch=None, **changes):
     """Runs the one unit of `prompts` through a worker; returns its marker and its tar's members."""
+    marker = process_unit(tmp_path, tiny_models, prompts, name, patch, **changes)
+    return marker, tar_members((tmp_path / name / "00000.tar").read_bytes())
+
+
+def process_unit(tmp_path, tiny_models, prompts, name, patch=None, **changes) -> dict:
+    """The marker of the one unit of `prompts`, processed by a worker that `patch` may change."""
     path = tmp_path / f"{name}.parquet"
     pq.write_table(pa.table({"prompt": prompts}), path)
     spec = JobSpec(prompts=str(path), output=str(tmp_path / name), model=str(tiny_models["instaflow"]), height=64,
-                   width=64, batch_size=4, rows_per_shard=len(prompts), dtype="float32", image_format="png", **changes)
+                   width=64, rows_per_shard=len(prompts), dtype="float32", image_format="png",
+                   **{"batch_size": 4, **changes})
     worker, lock = standalone_worker(spec)
     try:
         if patch:
             patch(worker)
         [unit] = plan_units(list_input_files(FS, str(path)), spec.rows_per_shard)
-        marker = worker.process(unit)
+        return worker.process(unit)
     finally:
         lock.release()
-    return marker, tar_members((tmp_path / name / "00000.tar").read_bytes())
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +147,88 @@ def test_the_tiny_decoder_decodes_the_students_latents(tmp_path, tiny_models):
     want = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy().astype(int)
     got = np.asarray(Image.open(io.BytesIO(members["000000000002.png"])), dtype=int)
     assert np.abs(got - want).max() <= 1
+
+
+def fail_generation(when):
+    """A patch under which the student's generate raises what `when(batch, calls so far)` returns, if anything."""
+
+    def patch(worker):
+        real, calls = worker.student.generate, []
+
+        def generate(batch):
+            calls.append(len(batch.prompts))
+            error = when(batch, len(calls) - 1)
+            if error is not None:
+                raise error
+            return real(batch)
+
+        worker.student.generate = generate
+
+    return patch
+
+
+@pytest.mark.parametrize("num_rows, when, message", [
+    (8, lambda batch, calls: IndexError("index out of range in self"), "IndexError: index out of range in self"),
+    (8, lambda batch, calls: torch.OutOfMemoryError("CUDA out of memory"), "out of memory at batch 1"),
+    (8, lambda batch, calls: RuntimeError("kernel failed") if calls else None, "all 4 rows of a batch"),
+    (1, lambda batch, calls: ValueError("wrong dtype"), "ValueError: wrong dtype .and every other row of the unit"),
+], ids=["every call", "out of memory at batch 1", "every call after the first", "a unit of one row"])
+def test_a_failure_no_row_explains_fails_the_try_and_commits_nothing(tmp_path, tiny_models, num_rows, when,
+                                                                      message):
+    """A model or device that fails for every row (or for a whole batch alike) is not a bad sample: no shard of
+    failed rows is committed, so verify does not count it and a retry or re-run redoes it."""
+    with pytest.raises(GenerationError, match=message):
+        process_unit(tmp_path, tiny_models, PROMPTS[:num_rows], "broken", fail_generation(when))
+    assert not list((tmp_path / "broken").glob("*.stats.json"))
+    assert not list((tmp_path / "broken").glob("*.tar"))
+
+
+def test_out_of_memory_on_a_padded_batch_halves_the_batch_that_ran(tmp_path, tiny_models, clean):
+    """A compiled model's batches are padded to the batch size: 3 rows ran as 4, so half is 2, not 1."""
+    def compiled_small_memory(worker):
+        worker.runtime = dataclasses.replace(worker.runtime, compile=True)  # pads; the models stay eager
+        fail_generation(lambda batch, calls: torch.OutOfMemoryError("CUDA out of memory")
+                        if len(batch.prompts) > 2 else None)(worker)
+
+    marker, members = run_unit(tmp_path, tiny_models, PROMPTS[:3], "padded", compiled_small_memory)
+    assert marker["failed"] == 0 and marker["run"]["batch_size_used"] == 2
+    assert_same_images(images(members), {k: v for k, v in images(clean[1]).items()
+                                         if k < "000000000003.png"})
+
+
+def test_a_batch_is_freed_once_it_has_run(tmp_path, tiny_models):
+    """Its embeddings and noise are cached on the device: they must not stay until the unit returns."""
+    seen, alive = [], []
+
+    def watch(worker):
+        real = worker.student.generate
+
+        def generate(batch):
+            alive.append(sum(ref() is not None for ref in seen))
+            seen.append(weakref.ref(batch))
+            return real(batch)
+
+        worker.student.generate = generate
+
+    marker = process_unit(tmp_path, tiny_models, PROMPTS, "freed", watch, batch_size=2)
+    assert marker["failed"] == 0 and len(seen) == 4
+    assert alive == [0, 0, 0, 0]
+
+
+def test_teacher_images_count_against_the_encodes_awaited(monkeypatch):
+    """The device waits for the encoders once MAX_BATCHES_AWAITING_ENCODE batches are encoding, whichever model
+    made the images (stand-ins: batches that generate at once, encodes that take 20 ms on one thread)."""
+    monkeypatch.setattr(worker_module, "MAX_BATCHES_AWAITING_ENCODE", 2)
+    worker = ShardWorker.__new__(ShardWorker)  # no models: only the generate loop runs
+    pool, futures, most_encoding = ThreadPoolExecutor(1), [], []
+
+    def run_isolated(keys, batch):
+        most_encoding.append(len({batch_id for batch_id, future in futures if not future.done()}))
+        made = [pool.submit(time.sleep, 0.02) for _ in keys]
+        futures.extend((keys[0], future) for future in made)
+        return [{"keys": keys, "teacher_images": made}]
+
+    worker._run_isolated = run_isolated
+    worker._generate([([f"{i}a", f"{i}b"], None) for i in range(12)], {})
+    pool.shutdown()
+    assert max(most_encoding) <= 2
