@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
-from pipeline.commit import MANIFEST_NAME, ShardStore, changed_inputs, committed_shards, read_manifest
+from pipeline.commit import MANIFEST_NAME, Fence, ShardStore, changed_inputs, committed_shards, read_manifest
 from pipeline.plan import InputError, ignored_by_readers, input_fingerprint, list_input_files, plan_units
 from pipeline.storage import OutputError, filesystem, get_bytes
 
@@ -63,8 +63,12 @@ def verify_output(output: str, storage_options: dict | None = None) -> VerifyRep
     manifest = read_manifest(fs, root)
     if manifest is None:
         raise OutputError(f"{output} has no {MANIFEST_NAME}: not an output of this tool")
+    committed_shards(fs, root)  # raises OutputError for a manifest that is not this tool's
     report = VerifyReport(output=output)
-    shards = committed_shards(fs, root)
+    store = ShardStore(fs, root)
+    # Every marker that counts, its files in place or not: readers see only the first kind; verify names the rest.
+    scan = store.scan(Fence.from_manifest(manifest))
+    shards = scan.in_place | scan.pending | scan.broken
     report.committed_units = len(shards)
     planned = _plan(manifest, storage_options, report)
     if planned is not None:
@@ -72,7 +76,6 @@ def verify_output(output: str, storage_options: dict | None = None) -> VerifyRep
         missing = sorted(set(planned) - set(shards))
         if missing:
             report.problems.append(f"{len(missing)} planned shards not committed: {_names(missing)}")
-    store = ShardStore(fs, root)
     _check_staging(store, shards, report)
     _check_orphans(fs, root, shards, report)
     per_row = manifest.get("spec", {}).get("samples_per_prompt", 1)  # output rows per input row

@@ -59,11 +59,47 @@ def test_a_sound_output_passes_and_its_failed_rows_are_listed(finished, tmp_path
     (lambda out: shutil.copy(out / "00000.tar", out / "00007.tar"),
      "1 data files that no committed shard claims (a reader that globs the output would read them): 00007.tar"),
     (lambda out: unfinish(out, 1), "1 commits were not moved into place (a crash)"),
+    (lambda out: shutil.copy(out / "00000.parquet", out / "copy.parquet"), "claims (a reader that globs the output "
+     "would read them): copy.parquet"),
+    (lambda out: (out / "images").mkdir() or shutil.copy(out / "00001.tar", out / "images" / "foo.tar"),
+     "claims (a reader that globs the output would read them): images/foo.tar"),
+    (lambda out: (out / "pairs" / "x").mkdir(parents=True) or shutil.copy(out / "00001.parquet",
+                                                                         out / "pairs" / "x" / "old.parquet"),
+     "pairs/x/old.parquet"),
 ])
 def test_each_kind_of_damage_is_reported(finished, tmp_path, capsys, damage, problem):
     status, text = verify(damaged(finished, tmp_path, damage), capsys)
     assert status == 1 and problem in text, text
     assert "verdict          NOT OK" in text
+
+
+def test_files_that_readers_skip_are_not_strays(finished, tmp_path, capsys):
+    """Below `_` and `.` folders (the training's embedding cache, a tool's cache), and files that are not data."""
+    def add(out):
+        for name in ("_text-embeddings/tiny/00000.parquet", ".cache/x.parquet", "notes.txt", "00000.parquet.tmp-1"):
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(b"x")
+
+    status, text = verify(damaged(finished, tmp_path, add), capsys)
+    assert "problems         1" in text and "'k1' in 00000+00002" in text, text  # only the known duplicate
+
+
+def test_failed_rows_with_repeated_keys_and_k_samples_on_a_prompt_only_file_verify(ray_gpus, tiny_models, tmp_path,
+                                                                                   capsys):
+    """`reflow-pairs --samples-per-prompt 2` (with images) on a file of only prompt and id columns: every shard
+    commits, and verify says OK although keys repeat in failed rows: a duplicate id in its unit (failed by design),
+    and an id repeated in another unit whose row failed (an empty prompt)."""
+    ids = ["a", "b", "a", "c", "d", "c"]
+    prompts = ["a red fox", "an owl", "a cat", "a lighthouse", "a bowl of ramen", "  "]
+    pq.write_table(pa.table({"id": ids, "prompt": prompts}), tmp_path / "p.parquet", row_group_size=4)
+    status = reflow_pairs.main(["--prompts", str(tmp_path / "p.parquet"), "--output", str(tmp_path / "out"),
+                                "--teacher", str(tiny_models["sd15"]), "--steps", "2", "--model",
+                                str(tiny_models["instaflow"]), "--samples-per-prompt", "2", *SIZE,
+                                "--rows-per-shard", "4", "--num-workers", "1", "--no-progress"])
+    assert status == 0
+    status, text = verify(tmp_path / "out", capsys)
+    assert status == 0 and "rows (pairs)     12" in text and "rows (images)    12" in text, text
+    assert " a-0: " in text and "duplicate id 'a-0' (first at row 0)" in text and "c-1: " in text
 
 
 def unfinish(out, unit_id: int) -> None:
