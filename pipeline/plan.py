@@ -170,8 +170,11 @@ def _find_files(fs: fsspec.AbstractFileSystem, path: str, url: str) -> tuple[str
     """The prompts root (the folder names are taken relative to) and the files found under it."""
     fs.invalidate_cache()  # listings must be current: they decide what the job covers
     try:
-        if _is_glob(fs, path, url):
-            return _glob_root(path), _glob_files(fs, path, url)  # a glob takes what it matches
+        if any(c in path for c in _GLOB_CHARS):
+            glob = _is_glob(fs, path, url)
+            log.info("prompts %s: %s", url, "a glob" if glob else "read as the path of that name, not as a glob")
+            if glob:
+                return _glob_root(path), _glob_files(fs, path, url)  # a glob takes what it matches
         info = with_retries(fs.info, path, what=f"list {url}")
         if info["type"] != "directory":
             return posixpath.dirname(path), [info]
@@ -187,12 +190,8 @@ def _find_files(fs: fsspec.AbstractFileSystem, path: str, url: str) -> tuple[str
 
 def _is_glob(fs: fsspec.AbstractFileSystem, path: str, url: str) -> bool:
     """A path with glob characters is a glob only when nothing has that very name: a file may be called
-    `prompts[1].parquet`. Which one it was is logged."""
-    if not any(c in path for c in _GLOB_CHARS):
-        return False
-    literal = with_retries(fs.exists, path, what=f"list {url}")
-    log.info("prompts %s: %s", url, "read as the path of that name, not as a glob" if literal else "a glob")
-    return not literal
+    `prompts[1].parquet`."""
+    return any(c in path for c in _GLOB_CHARS) and not with_retries(fs.exists, path, what=f"list {url}")
 
 
 def _glob_files(fs: fsspec.AbstractFileSystem, pattern: str, url: str) -> list[dict]:

@@ -11,6 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from jobhelpers import tar_members
+
 from pipeline.writers import (
     IMAGE_EXTENSIONS,
     encode_image,
@@ -140,3 +142,24 @@ def test_all_failed_shard_keeps_the_schema(metadata):
     assert table.schema.field("noise").type == pa.list_(pa.float32(), 24)
     assert read_tensor_column(table, "noise").shape == (3, *SHAPE)
     assert webdataset_shard(failed, {}, "jpg")["tar"]  # an empty but valid tar
+
+
+def test_tar_metadata_is_strict_json_and_the_parquet_keeps_nan(metadata):
+    """NaN and infinities in carried columns, nested in lists and structs too, are null in the JSON (RFC 8259 has
+    none), so strict parsers read every sample; the Parquet keeps the floats as they were."""
+    extra = pa.table({
+        "score": [float("nan"), 1.0, float("-inf")],
+        "scores": [[float("inf"), 2.0], [], None],
+        "box": [{"x": float("nan"), "label": "cat"}, None, {"x": 3.0, "label": None}],
+    })
+    table = metadata_table(metadata.select(list(range(13))).to_pylist(), extra)
+    images = {"a0": encode_image(pixels(0), "png"), "a2": encode_image(pixels(2), "png")}
+    shard = webdataset_shard(table, images, "png")
+    rows = {}
+    for name, data in tar_members(shard["tar"]).items():
+        if name.endswith(".json"):
+            rows[name] = json.loads(data, parse_constant=lambda c: pytest.fail(f"{name}: {c} is not JSON"))
+    assert [(r["score"], r["scores"], r["box"]) for _, r in sorted(rows.items())] == [
+        (None, [None, 2.0], {"x": None, "label": "cat"}), (None, None, {"x": 3.0, "label": None})]
+    scores = pq.read_table(io.BytesIO(shard["parquet"])).column("score").to_pylist()
+    assert np.isnan(scores[0]) and scores[2] == float("-inf")
