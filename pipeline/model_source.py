@@ -3,7 +3,9 @@
 A model is a local folder (pinned by a digest of its files), a Hugging Face hub repo (pinned to the commit the
 driver resolved, so 64 workers load the same revision), or a folder at any fsspec URL (pinned by its files'
 sizes and ETags, and copied once per node into a local cache). The driver's check is also the one clear error
-for a model that does not exist, before the output is touched.
+for a model that does not exist, before the output is touched. The driver also pins the sha256 of each file of a
+local or URL model, and a worker loads only files with those digests: a node whose folder differs, or a copy
+that arrived different, is a ModelLoadError naming the file, never a job made with other weights.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from instaflow.loading import (
     hub_patterns,
     resolve_model_dir,
 )
-from pipeline.storage import filesystem, put_atomic, with_retries
+from pipeline.storage import filesystem, put_atomic, redact_text, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +51,17 @@ class ModelSource:
     revision: str  # a digest of the files, or the hub commit
     variant: str | None = None  # "fp16": the repo's fp16 weights, downloaded instead of the full ones
     layout: str = "pipeline"  # "pipeline": a diffusers model folder; "module": one model (a tiny decoder)
+    files: tuple[tuple[str, str], ...] = ()  # (relative path, sha256) of a local or URL model's files
 
     def identity(self) -> dict:
         """What the model is, for the job's identity: another spelling or location of the same files is equal."""
-        name = posixpath.basename(self.model.rstrip("/")) if self.kind == "local" else self.model
+        name = posixpath.basename(self.model.rstrip("/")) if self.kind == "local" else redact_text(self.model)
         return {"kind": self.kind, "name": name, "revision": self.revision, "variant": self.variant}
 
     def local_dir(self, storage_options: dict | None = None) -> str:
-        """A local folder holding the model, on the node that asks (a worker)."""
+        """A local folder holding the model, on the node that asks (a worker), with the files the driver pinned."""
         if self.kind == "local":
+            _check_pinned(self, _file_digests(Path(self.model)))
             return self.model
         if self.kind == "hub":
             return str(resolve_model_dir(self.model, self.revision, self.variant, self.layout))
@@ -90,7 +94,8 @@ def resolve_model_source(model: str, dtype: str, storage_options: dict | None = 
     path = Path(model).expanduser()
     if path.is_dir():
         _check_layout(model, {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}, layout)
-        return ModelSource(model, "local", _local_digest(path), layout=layout)
+        files = _file_digests(path)
+        return ModelSource(model, "local", _digest_of(files), layout=layout, files=tuple(files.items()))
     if path.exists() or not HUB_ID.match(model):
         raise ModelLoadError(f"model {model!r}: no such folder, and not a Hugging Face hub id (org/name)")
     return _hub_source(model, dtype, layout)
@@ -108,13 +113,30 @@ def _check_layout(model: str, files: set[str], layout: str) -> None:
         raise ModelLoadError(f"model {model!r}: not a diffusers model folder (missing {', '.join(missing)})")
 
 
-def _local_digest(folder: Path) -> str:
-    """sha256 over the folder's files and their digests (local_file_digests: a re-run reads none of them again)."""
+def _file_digests(folder: Path) -> dict[str, str]:
+    """The sha256 of each file of the folder, by relative path, in the order the model's digest takes them
+    (local_file_digests: a re-run, or the check of each worker on a node, reads none of them again)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {str(file.relative_to(folder)): content for file, content in zip(files, local_file_digests(files))}
+
+
+def _digest_of(files: dict[str, str]) -> str:
+    """The model's digest: sha256 over its files' names and digests."""
     digest = hashlib.sha256()
-    for file, content in zip(files, local_file_digests(files)):
-        digest.update(f"{file.relative_to(folder)}:{content}\n".encode())
+    for rel, content in files.items():
+        digest.update(f"{rel}:{content}\n".encode())
     return digest.hexdigest()
+
+
+def _check_pinned(source: ModelSource, found: dict[str, str]) -> None:
+    """Raises ModelLoadError naming the first file of this node's model that is not what the driver pinned."""
+    pinned = dict(source.files)
+    for rel in sorted(pinned.keys() | found.keys()):
+        if found.get(rel) != pinned.get(rel):
+            how = ("is missing" if rel not in found else "is not in the driver's copy" if rel not in pinned
+                   else f"has other contents (sha256 {found[rel][:12]}, pinned {pinned[rel][:12]})")
+            raise ModelLoadError(f"model {source.model!r}: {rel} {how} on this node: the driver pinned the model "
+                                 "by its files' digests, and every node must have the same files")
 
 
 def local_file_digests(files: list[Path]) -> list[str]:
@@ -151,8 +173,10 @@ def _load_digests() -> dict[str, str]:
 
 
 def _save_digests() -> None:
-    """Atomically, keeping only files that still exist; a cache that cannot be written costs only time."""
-    kept = {key: value for key, value in _digests.items() if os.path.exists(key.split("|", 1)[0])}
+    """Atomically, keeping only local files that still exist (and URLs' files, by their version tags); a cache
+    that cannot be written costs only time."""
+    kept = {key: value for key, value in _digests.items()
+            if "://" in key.split("|", 1)[0] or os.path.exists(key.split("|", 1)[0])}
     path = model_cache_dir() / DIGESTS_FILE
     try:
         put_atomic(LocalFileSystem(), str(path), json.dumps(kept).encode())
@@ -192,7 +216,7 @@ def _url_source(model: str, storage_options: dict, layout: str) -> ModelSource:
     fs, root = filesystem(model, storage_options)
     files, digest = _url_listing(fs, root, model)
     _check_layout(model, set(files), layout)
-    return ModelSource(model, "url", digest, layout=layout)
+    return ModelSource(model, "url", digest, layout=layout, files=tuple(_url_file_digests(fs, root, files).items()))
 
 
 def _url_listing(fs, root: str, model: str) -> tuple[dict[str, dict], str]:
@@ -206,19 +230,55 @@ def _url_listing(fs, root: str, model: str) -> tuple[dict[str, dict], str]:
     files = {posixpath.relpath(path, root): info for path, info in sorted(found.items())}
     digest = hashlib.sha256()
     for rel, info in files.items():
-        tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime") or ""
-        digest.update(f"{rel}:{info.get('size')}:{tag}\n".encode())
+        digest.update(f"{rel}:{info.get('size')}:{_version_tag(info)}\n".encode())
     return files, digest.hexdigest()
 
 
+def _version_tag(info: dict) -> str:
+    return str(info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime") or "")
+
+
+def _url_file_digests(fs, root: str, files: dict[str, dict]) -> dict[str, str]:
+    """The sha256 of each file of a URL model, read by the driver once per version of the file: remembered in
+    the cache folder under its URL, size and version tag (ETag, MD5 hash or mtime), like local files."""
+    if not _digests:
+        _digests.update(_load_digests())
+    known = len(_digests)
+    found = {}
+    for rel, info in files.items():
+        path = posixpath.join(root, rel)
+        tag = _version_tag(info)
+        key = f"{fs.unstrip_protocol(path)}|{info.get('size')}|{tag}" if tag else None  # no tag: read each time
+        content = _digests.get(key) if key else None
+        if content is None:
+            content = with_retries(_stream_sha256, fs, path, what=f"read {path}")
+            if key:
+                _digests[key] = content
+        found[rel] = content
+    if len(_digests) > known:
+        _save_digests()
+    return found
+
+
+def _stream_sha256(fs, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _cached_copy(source: ModelSource, storage_options: dict) -> Path:
-    """The URL model in this node's cache, copied by the first worker that needs it while the others wait."""
+    """The URL model in this node's cache, copied by the first worker that needs it while the others wait.
+    Each file of a copy is checked once, against the sha256 the driver pinned; its `.complete` marker keeps
+    those digests, and a copy whose marker has other ones (or none: an older copy) is made again."""
     cache = model_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / source.revision
+    pinned = dict(source.files)
     with open(cache / f"{source.revision}.lock", "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
-        if (target / ".complete").exists():
+        if _copy_digests(target) == pinned:
             return target
         fs, root = filesystem(source.model, storage_options)
         files, digest = _url_listing(fs, root, source.model)
@@ -233,10 +293,20 @@ def _cached_copy(source: ModelSource, storage_options: dict) -> Path:
                 with_retries(fs.get_file, path, str(local), what=f"copy {path}")
                 if local.stat().st_size != info.get("size"):
                     raise ModelLoadError(f"model {source.model!r}: {path} changed while it was copied")
-            (tmp / ".complete").write_text(json.dumps({"model": source.model, "revision": source.revision}))
+                _check_pinned(source, {**pinned, rel: file_sha256(local)})
+            (tmp / ".complete").write_text(json.dumps({"model": redact_text(source.model),
+                                                       "revision": source.revision, "files": pinned}))
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("copied model %s to %s", source.model, target)
         return target
+
+
+def _copy_digests(copy: Path) -> dict | None:
+    """The file digests a complete copy was checked against; None for no copy or one made before they were."""
+    try:
+        return json.loads((copy / ".complete").read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -1,10 +1,12 @@
 """One job, one identity: other spellings of the same job resume it, models are pinned by what they are, a model
 can live in object storage, and a finished job's re-run starts no worker."""
 
+import dataclasses
 import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -12,7 +14,8 @@ import pytest
 from jobhelpers import prompt_table, write_prompts
 from jobs import generate
 from pipeline import model_source
-from pipeline.job import run_job
+from instaflow.loading import ModelLoadError
+from pipeline.job import ray_pool, run_job
 from pipeline.model_source import resolve_model_source
 from pipeline.spec import JobSpec
 
@@ -92,13 +95,13 @@ def test_local_model_digests_are_kept_for_the_next_run_and_see_every_write(tmp_p
     weights = tmp_path / "model" / "unet" / "weights.safetensors"
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"a" * 1000)
-    first = model_source._local_digest(tmp_path / "model")
+    first = model_source._file_digests(tmp_path / "model")
     assert (tmp_path / "cache" / model_source.DIGESTS_FILE).exists()
 
     file_sha256 = model_source.file_sha256
     monkeypatch.setattr(model_source, "_digests", {})  # as in a new driver process
     monkeypatch.setattr(model_source, "file_sha256", lambda file: pytest.fail(f"{file} was read again"))
-    assert model_source._local_digest(tmp_path / "model") == first
+    assert model_source._file_digests(tmp_path / "model") == first
 
     monkeypatch.setattr(model_source, "file_sha256", file_sha256)
     before = weights.stat()
@@ -106,4 +109,81 @@ def test_local_model_digests_are_kept_for_the_next_run_and_see_every_write(tmp_p
     weights.write_bytes(b"b" * 1000)
     os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
     monkeypatch.setattr(model_source, "_digests", {})
-    assert model_source._local_digest(tmp_path / "model") != first
+    assert model_source._file_digests(tmp_path / "model") != first
+
+
+def _rewrite_in_place(path) -> None:
+    """Other bytes, the same size: weights that would still load, and silently make other images."""
+    data = bytearray(path.read_bytes())
+    data[-8:] = bytes(255 - b for b in data[-8:])
+    path.write_bytes(bytes(data))
+
+
+def test_a_worker_whose_local_model_is_not_the_pinned_one_does_not_start(ray_gpus, tiny_models, tmp_path):
+    """The driver pins a local model by its files' digests; a node whose folder has other files (another copy on
+    a shared path, a file rewritten since) fails to start, naming the model and the file, and nothing is made."""
+    model = tmp_path / "instaflow"
+    shutil.copytree(tiny_models["instaflow"], model)
+    write_prompts(FS, str(tmp_path / "prompts.parquet"), prompt_table(4))
+    spec = JobSpec(prompts=str(tmp_path / "prompts.parquet"), output=str(tmp_path / "out"), model=str(model),
+                   height=64, width=64, rows_per_shard=4, dtype="float32", num_workers=1)
+
+    def pool_after_the_model_changed(*args):
+        _rewrite_in_place(model / "unet" / "diffusion_pytorch_model.safetensors")  # after the driver pinned it
+        return ray_pool(*args)
+
+    with pytest.raises(ModelLoadError) as error:
+        run_job(spec, pool_after_the_model_changed, show_progress=False)
+    assert str(model) in str(error.value) and "unet/diffusion_pytorch_model.safetensors" in str(error.value)
+    assert not (tmp_path / "out" / "_job.json").exists()
+
+
+def test_a_local_model_is_checked_against_its_pinned_digests_without_reading_it_again(tiny_models, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.setenv(model_source.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(model_source, "_digests", {})
+    model = tmp_path / "instaflow"
+    shutil.copytree(tiny_models["instaflow"], model)
+    source = resolve_model_source(str(model), "float32")
+    file_sha256 = model_source.file_sha256
+    monkeypatch.setattr(model_source, "_digests", {})  # as in a worker on the same node: the digests kept on disk
+    monkeypatch.setattr(model_source, "file_sha256", lambda file: pytest.fail(f"{file} was read again"))
+    assert source.local_dir() == str(model)
+
+    monkeypatch.setattr(model_source, "file_sha256", file_sha256)
+    changes = [("text_encoder/config.json", "has other contents", lambda p: p.write_text(p.read_text() + " ")),
+               ("vae/config.json", "is missing", lambda p: p.unlink()),
+               ("unet/extra.bin", "is not in the driver's copy", lambda p: p.write_bytes(b"x"))]
+    for rel, how, change in changes:
+        change(model / rel)
+        with pytest.raises(ModelLoadError, match=f"model '{model}': {rel} {how}"):
+            source.local_dir()
+        shutil.rmtree(model)
+        shutil.copytree(tiny_models["instaflow"], model)
+
+
+def test_a_url_models_copy_is_checked_by_sha256_once(s3, tiny_models, tmp_path, monkeypatch):
+    """The driver pins each file's sha256 (read once per version of the file: its ETag); a worker's copy is
+    checked against them as it is made, and its .complete marker keeps them, so later loads read nothing."""
+    monkeypatch.setenv(model_source.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(model_source, "_digests", {})
+    s3.fs.put(str(tiny_models["instaflow"]), f"{s3.bucket}/pinned/instaflow", recursive=True)
+    url = s3.url("pinned/instaflow")
+    source = resolve_model_source(url, "float32", s3.storage_options)
+    local = tiny_models["instaflow"]
+    assert dict(source.files) == {str(p.relative_to(local)): model_source.file_sha256(p)
+                                  for p in local.rglob("*") if p.is_file()}
+
+    rel, digest = source.files[0]
+    other = dataclasses.replace(source, files=((rel, "0" * 64), *source.files[1:]))  # as if the copy arrived other
+    with pytest.raises(ModelLoadError, match=f"{rel} has other contents"):
+        other.local_dir(s3.storage_options)
+    assert not (model_source.model_cache_dir() / source.revision).exists()
+
+    copy = Path(source.local_dir(s3.storage_options))
+    assert json.loads((copy / ".complete").read_text())["files"] == dict(source.files)
+    monkeypatch.setattr(model_source, "file_sha256", lambda file: pytest.fail(f"{file} was read again"))
+    monkeypatch.setattr(model_source, "_stream_sha256", lambda fs, path: pytest.fail(f"{path} was read again"))
+    assert source.local_dir(s3.storage_options) == str(copy)
+    monkeypatch.setattr(model_source, "_digests", {})  # the next run's driver: the digests kept on disk
+    assert resolve_model_source(url, "float32", s3.storage_options) == source
