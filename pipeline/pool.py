@@ -195,14 +195,15 @@ class ActorPool:
     ) -> None:
         """Runs every unit to commit or failure. `on_idle` is called every `poll_s` while waiting (progress,
         heartbeat); an exception it raises, like OutputLostError, stops the pool at once. Raises
-        SystematicFailureError once the first `min(workers + 1, units)` units to fail for good all failed in
-        generation before any committed: more units than workers, so no one bad device explains it."""
+        SystematicFailureError once `min(workers + 1, units)` units have failed every try in generation and none
+        has committed: more units than workers (each retried on other workers), so no one bad device explains it."""
         self.start()
         pending = collections.deque(units)
         charged = collections.Counter()  # unit id -> tries that count against max_unit_attempts
         failed_on = collections.defaultdict(set)  # unit id -> workers on which a try of it raised
         in_flight: dict = {}  # task ref -> Try
-        systematic: list[str] = []  # errors of the units failed for good in generation while none committed
+        systematic: list[str] = []  # errors of the units that failed for good in generation
+        committed = False
         stop_after = min(self.num_workers + 1, len(units))
 
         def lost(attempt: Try, reason: str) -> None:
@@ -270,16 +271,16 @@ class ActorPool:
                 logger.warning("unit %d failed on try %d: %s", unit.unit_id, charged[unit.unit_id], error)
                 failed_on[unit.unit_id].add(index)
                 failed = self._retry_or_fail(unit, charged, pending, on_result, error)
-                if failed and isinstance(cause, GenerationError) and systematic is not None:
+                if failed and isinstance(cause, GenerationError):
                     systematic.append(error)
-                    if len(systematic) >= stop_after and (pending or in_flight):
+                    if not committed and len(systematic) >= stop_after and (pending or in_flight):
                         raise SystematicFailureError(
-                            f"stopped early: the first {len(systematic)} shards to fail all failed every try "
-                            f"({self.max_unit_attempts}) in generation and none committed, so the models or "
-                            f"devices fail, not the rows: {error.removeprefix('GenerationError: ')}")
+                            f"stopped early: {len(systematic)} shards failed every try ({self.max_unit_attempts}) "
+                            f"in generation and none committed, so the models or the devices fail, not the rows: "
+                            f"{error.removeprefix('GenerationError: ')}")
                 continue
             self.deadlines.on_committed(attempt)
-            systematic = None  # a unit committed: the generation works; later failures are the units' own
+            committed = True  # the generation works: later failures are the units' own
             on_result(result)
             on_idle()
 

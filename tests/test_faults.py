@@ -21,10 +21,12 @@ from jobs import generate
 from jobs.cli import exit_status
 from jobs.main import main as instaflow_batch
 from jobhelpers import data_files, metadata_rows, prompt_table, stats, write_prompts
+from pipeline.commit import ShardStore
 from pipeline.job import ray_pool, run_job
 from pipeline.lock import lock_holder
 from pipeline.pool import ActorPool
 from pipeline.spec import JobSpec
+from pipeline.storage import filesystem
 
 NUM_PROMPTS = 48
 FS = fsspec.filesystem("file")
@@ -135,7 +137,11 @@ def test_interrupted_then_killed_driver_resumes(ray_gpus, prompts, tiny_models, 
 
 @ray.remote(num_cpus=0.1, max_restarts=-1)
 class FailingWorker:
-    """Stands in for ShardWorker: unit 1 always fails as a storage error would, the others succeed."""
+    """Stands in for ShardWorker: unit 1 always fails as a storage error would, the others commit a stand-in
+    shard (the driver checks at the end that what was reported committed is there)."""
+
+    def __init__(self, spec, sources, fence):
+        self.store, self.fence = ShardStore(*filesystem(spec.output, spec.storage_options)), fence
 
     def describe(self):
         return {"pid": os.getpid()}
@@ -143,14 +149,17 @@ class FailingWorker:
     def process(self, unit, attempt):
         if unit.unit_id == 1:
             raise OSError(f"simulated 503 Slow Down reading {unit.path}")
-        return {"count": unit.num_rows, "successes": unit.num_rows, "failed": 0, "truncated": 0,
-                "timings": {"generate_s": 0.0}, "attempt": attempt}
+        stats = {"count": unit.num_rows, "successes": unit.num_rows, "failed": 0, "truncated": 0,
+                 "timings": {"generate_s": 0.0}, "attempt": attempt}
+        marker, committed_here = self.store.commit(unit.unit_id, {f"{unit.shard}.parquet": b"stand-in"}, stats,
+                                                   self.fence)
+        return marker | {"committed_by_this_try": committed_here}
 
 
 def test_unit_failing_every_try_is_reported_and_the_rest_completes(ray_gpus, prompts, tiny_models, tmp_path):
     spec = pairs_spec(prompts, tiny_models, tmp_path / "out", max_unit_attempts=3)
-    progress = run_job(spec, lambda *args: ActorPool(lambda index: FailingWorker.remote(), 2, 3),
-                       show_progress=False)
+    progress = run_job(spec, lambda spec, sources, fence, num_units: ActorPool(
+        lambda index: FailingWorker.remote(spec, sources, fence), 2, 3), show_progress=False)
     assert not progress.complete
     assert progress.committed_units == NUM_PROMPTS // 4 - 1
     [failure] = progress.summary()["failed_shards"]

@@ -232,3 +232,10 @@ def test_teacher_images_count_against_the_encodes_awaited(monkeypatch):
     worker._generate([([f"{i}a", f"{i}b"], None) for i in range(12)], {})
     pool.shutdown()
     assert max(most_encoding) <= 2
+
+
+def test_a_unit_whose_rows_all_have_bad_input_commits_them_as_failed_rows(tmp_path, tiny_models):
+    """Bad input is the rows' own: every row gets its reason and the shard commits, nothing is retried."""
+    marker = process_unit(tmp_path, tiny_models, pa.array([None, None, None], pa.string()), "nulls")
+    assert marker["committed_by_this_try"] and marker["count"] == 3 and marker["failed"] == 3
+    assert all("nulls.parquet row" in error for error in marker["errors"])
