@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
-from pipeline.commit import MANIFEST_NAME, Fence, ShardStore, changed_inputs, committed_shards, read_manifest
+from pipeline.commit import MANIFEST_NAME, Fence, ShardStore, changed_inputs, read_manifest
 from pipeline.plan import InputError, ignored_by_readers, input_fingerprint, list_input_files, plan_units
 from pipeline.storage import OutputError, filesystem, get_bytes
 
@@ -63,7 +63,8 @@ def verify_output(output: str, storage_options: dict | None = None) -> VerifyRep
     manifest = read_manifest(fs, root)
     if manifest is None:
         raise OutputError(f"{output} has no {MANIFEST_NAME}: not an output of this tool")
-    committed_shards(fs, root)  # raises OutputError for a manifest that is not this tool's
+    if not isinstance(manifest, dict):
+        raise OutputError(f"{output}/{MANIFEST_NAME} is not a JSON object: not an output of this tool")
     report = VerifyReport(output=output)
     store = ShardStore(fs, root)
     # Every marker that counts, its files in place or not: readers see only the first kind; verify names the rest.

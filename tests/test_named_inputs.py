@@ -116,7 +116,7 @@ def run_generate(tmp_path, prompts, output, capsys) -> tuple[int, list[str]]:
     ("{tmp}/in", r"output \S*/in is inside the prompts folder"),
     ("{tmp}/in/linked-away/../out", r"inside the prompts folder"),
     ("{tmp}", r"prompts \S*/in are inside the output"),
-], ids=["chained", "glob characters", "inside the prompts", "the prompts folder", "via ..", "holds the prompts"])
+], ids=["chained", "glob characters", "inside the prompts", "the prompts folder", "a dotted path", "holds the prompts"])
 def test_an_output_that_is_not_where_named_or_is_input_is_refused(tmp_path, capsys, output, message):
     write(tmp_path / "in" / "a.parquet", pa.table({"prompt": ["a cat"]}))
     before = sorted(p.name for p in tmp_path.rglob("*"))
@@ -307,3 +307,19 @@ def test_every_option_on_inputs_with_any_extra_columns(tmp_path, tiny_models, co
             if member.endswith(".json"):
                 row = json.loads(data, parse_constant=lambda c: pytest.fail(f"{member}: {c} is not JSON"))
                 assert columns != "many" or row["score"] in (0.5, None)
+
+
+def test_on_object_storage_a_literal_key_first_and_edits_change_the_etag(s3):
+    """S3 (moto): a key with glob characters is that object; an object rewritten with bytes of the same size gets
+    another ETag, so a resume is refused."""
+    fs, _ = fsspec.core.url_to_fs(s3.url(""), **s3.storage_options)
+    data = parquet_bytes(pa.table({"prompt": ["the literal object"]}))
+    s3.fs.pipe_file(f"{s3.bucket}/named/p[1].parquet", data)
+    s3.fs.pipe_file(f"{s3.bucket}/named/p1.parquet", parquet_bytes(pa.table({"prompt": ["matched by the glob"]})))
+    files = list_input_files(fs, s3.url("named/p[1].parquet"))
+    assert [f.name for f in files] == ["p[1].parquet"]
+    assert [s.prompt for s in read_unit(fs, plan_units(files, 10)[0]).samples] == ["the literal object"]
+    assert [f.name for f in list_input_files(fs, s3.url("named/p[12].parquet"))] == ["p1.parquet"]
+    s3.fs.pipe_file(f"{s3.bucket}/named/p[1].parquet", data.replace(b"literal", b"LITERAL"))
+    edited = list_input_files(fs, s3.url("named/p[1].parquet"))
+    assert edited[0].size == files[0].size and edited[0].etag != files[0].etag
