@@ -1,12 +1,13 @@
 """When a unit's try is overdue, whom a kill charges, and when a killed worker is given up on (for the pool).
 
 A try's deadline is the pool's unit timeout (fixed, or ten times the measured time per row) after the deadline of
-the last try ahead of it on its worker (so that deadlines pass in the order the tries wait), plus a warm-up allowance on a worker that has not committed a unit since it (re)started:
-its first batches compile (torch.compile took 61-77 s on an H200), which is no unit's fault, so that time is
-neither a reason to kill it nor part of what is measured. A worker is killed for its oldest overdue try, and only
-that try is charged: the others were waiting behind it. A killed worker whose calls have not ended
-`abandon_after_kill_s` later (a process stuck in uninterruptible sleep does not die) is given up on: its calls
-count as lost, and the pool puts a fresh worker in its place.
+the last try ahead of it on its worker, so that deadlines pass in the order the tries wait. A worker that has not
+committed a unit since it (re)started gets a warm-up allowance on top: its first batches compile (torch.compile
+took 61-77 s on an H200), which is no unit's fault, so that time is neither a reason to kill it nor part of what
+is measured. A worker is killed for its oldest overdue try, and only that try is charged: the others were waiting
+behind it. A killed worker whose calls have not ended `abandon_after_kill_s` later (a process stuck in
+uninterruptible sleep does not die) is given up on: its calls count as lost, and the pool puts a fresh worker in
+its place.
 """
 
 import collections

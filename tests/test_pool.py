@@ -118,7 +118,7 @@ class FailsInGeneration:
 def test_units_that_fail_in_generation_everywhere_stop_the_job_early(ray_gpus):
     results = []
     pool = ActorPool(lambda i: FailsInGeneration.remote(True), 2, 2)
-    with pytest.raises(SystematicFailureError, match="stopped early: 3 shards failed .* IndexError: index out of range in self"):
+    with pytest.raises(SystematicFailureError, match="stopped early: 3 shards failed .* IndexError"):
         pool.run(units(20), results.append, poll_s=0.2)
     pool.shutdown()
     assert len(results) == 3 and all("IndexError" in result.error for result in results)
