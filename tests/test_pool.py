@@ -21,6 +21,7 @@ from pipeline.plan import WorkUnit
 from pipeline.pool import ActorPool, NoWorkersError, PoolLimits, SystematicFailureError
 from pipeline.spec import JobSpec
 from pipeline.storage import conditional_store
+from pipeline.unit_deadlines import UnitDeadlines
 from pipeline.worker import GenerationError
 
 FS = fsspec.filesystem("file")
@@ -227,3 +228,31 @@ def test_a_job_that_loses_its_output_stops_at_once_with_exit_4(ray_gpus, tiny_mo
     assert progress.committed_units < 20
     assert lock_holder(FS, str(output)) == "intruder"  # the new owner's lock and manifest are left alone
     assert (output / "_job.json").read_bytes() == manifest_then
+
+
+def test_deadlines_wait_in_order_allow_for_warm_up_and_charge_only_the_overdue_try():
+    """No Ray: a fake clock. A fresh worker's tries get the warm-up allowance and are not measured; a try queued
+    behind another is due after it; a kill charges the oldest overdue try only."""
+    now = [0.0]
+    deadlines = UnitDeadlines(PoolLimits(unit_timeout_s=None, first_units_timeout_s=100.0, warmup_timeout_s=50.0,
+                                         units_to_measure=1), lambda: now[0])
+    unit = units(1)[0]
+    deadlines.on_worker_started(0)
+    first = deadlines.start(0, unit, [])
+    second = deadlines.start(0, unit, [first])
+    assert (first.deadline, second.deadline) == (150.0, 250.0)
+    now[0] = 70.0
+    deadlines.on_committed(first)  # 70 s with its warm-up: not a measure of a unit's time
+    assert deadlines.unit_timeout_s(unit) == 100.0
+    warm = deadlines.start(0, unit, [second])
+    assert warm.deadline == 350.0 and not warm.on_cold_worker
+    now[0] = 72.0
+    deadlines.on_committed(warm)  # 2 s for 4 rows, warm: measured
+    assert deadlines.unit_timeout_s(unit) == 60.0 + 10 * 0.5 * 4
+    in_flight = {"second": second, "next": deadlines.start(0, unit, [second])}
+    now[0] = 251.0
+    [(index, culprit)] = deadlines.overdue(in_flight)
+    assert index == 0 and culprit is second and second.charged and not in_flight["next"].charged
+    assert deadlines.overdue(in_flight) == []  # killed once
+    now[0] = 251.0 + PoolLimits().abandon_after_kill_s + 1
+    assert deadlines.abandoned(in_flight) == {0: ["second", "next"]}
