@@ -266,8 +266,9 @@ def check_output_location(input_fs: fsspec.AbstractFileSystem, prompts: str, out
     take them for data): one InputError, before anything is written."""
     root = output_root.rstrip("/") or "/"
     if output_fs._strip_protocol(output_url).rstrip("/") != root.rstrip("/") or "::" in output_url:
+        why = " ('::' chains filesystems)" if "::" in output_url else ""
         raise InputError(f"output {output_url}: fsspec would not write there but at {output_fs.unstrip_protocol(root)}"
-                         " ('::' chains filesystems); name the output folder plainly")
+                         f"{why}; name the output folder plainly")
     if any(c in output_url for c in _GLOB_CHARS):
         raise InputError(f"output {output_url}: '*', '?' and '[' are glob characters, which fsspec expands when it "
                          "moves or deletes files; choose a path without them")
@@ -287,8 +288,8 @@ def check_output_location(input_fs: fsspec.AbstractFileSystem, prompts: str, out
         scope = _real(input_fs, path)
         try:
             folder = with_retries(input_fs.info, path, what=f"list {url}")["type"] == "directory"
-        except FileNotFoundError:
-            folder = False  # reported as missing by the listing
+        except OSError:
+            folder = False  # missing or unreadable: the listing says so
         if folder and _below(out, scope) and not ignored_by_readers(out[len(scope):].strip("/")):
             raise InputError(f"output {output_url} is inside the prompts folder {url}: the next run would read "
                              "its shards as prompts; put the output outside it (or in a folder whose name starts "
