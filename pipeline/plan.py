@@ -294,9 +294,9 @@ def check_output_location(input_fs: fsspec.AbstractFileSystem, prompts: str, out
             raise InputError(f"output {output_url} is inside the prompts folder {url}: the next run would read "
                              "its shards as prompts; put the output outside it (or in a folder whose name starts "
                              "with '_')")
-    if _below(scope, out):
+    if _below(scope, out) and not ignored_by_readers(scope[len(out):].strip("/")):
         raise InputError(f"prompts {url} are inside the output {output_url}: readers of the output would take them "
-                         "for its data; put the output elsewhere")
+                         "for its data; put them elsewhere (or in a folder of the output whose name starts with '_')")
 
 
 def _real(fs: fsspec.AbstractFileSystem, path: str) -> str:

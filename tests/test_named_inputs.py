@@ -139,6 +139,8 @@ def test_outputs_beside_or_below_the_prompts_that_the_input_does_not_read(tmp_pa
     check(tmp_path / "data", tmp_path / "data" / "_out")  # skipped by the folder's listing
     check(tmp_path / "data" / "a.parquet", tmp_path / "data" / "out")  # one file: its folder is not input
     check(tmp_path / "data", tmp_path / "out")
+    write(tmp_path / "out" / "_prompts" / "a.parquet", pa.table({"prompt": ["kept with the dataset"]}))
+    check(tmp_path / "out" / "_prompts", tmp_path / "out")  # readers of the output skip its `_` folders
     for prompts, output in ((tmp_path / "data" / "*" / "*.parquet", tmp_path / "data" / "out"),
                             (tmp_path / "data" / "**", tmp_path / "data" / "_out"),
                             (link, tmp_path / "data" / "out"),  # the same folder through a link
