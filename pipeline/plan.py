@@ -381,7 +381,8 @@ def _column_problem(path: str, schema: pa.Schema, prompt_column: str) -> str | N
     twice = [name for name, count in collections.Counter(schema.names).items() if count > 1]
     if twice:  # Arrow allows it; the output metadata and its readers do not
         return f"{path}: column {twice[0]!r} appears {schema.names.count(twice[0])} times"
-    checks = {**_COLUMN_TYPES, prompt_column: (is_text, "a string")}  # the prompt column is the prompt, whatever its name
+    # the prompt column is the prompt, whatever its name: its check comes last, over a sample field's
+    checks = {**_COLUMN_TYPES, prompt_column: (is_text, "a string")}
     for column, (ok, expected) in checks.items():
         type_ = schema.field(column).type if column in schema.names else None
         if type_ is not None and not (ok(type_) or pa.types.is_null(type_)):  # null: every value missing

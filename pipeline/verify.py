@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline.commit import MANIFEST_NAME, Fence, ShardStore, changed_inputs, read_manifest
 from pipeline.plan import InputError, ignored_by_readers, input_fingerprint, list_input_files, plan_units
-from pipeline.storage import OutputError, filesystem, get_bytes
+from pipeline.storage import OutputError, filesystem, get_bytes, with_retries
 
 MAX_LISTED = 20
 _THREADS = 8
@@ -137,7 +137,7 @@ def _readable_files(fs, root: str) -> list[str]:
     `out/**/*.tar`, a folder given to Ray Data): whatever their names, outside `_` and `.` folders."""
     root = root.rstrip("/")
     fs.invalidate_cache()
-    found = (path[len(root) + 1:] for path in fs.find(root))
+    found = (path[len(root) + 1:] for path in with_retries(fs.find, root, what=f"list {root}"))
     return sorted(name for name in found if name.endswith(_DATA_EXTENSIONS) and not ignored_by_readers(name))
 
 

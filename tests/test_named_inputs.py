@@ -160,7 +160,8 @@ def test_a_prompt_column_named_like_a_sample_field_is_the_prompt(tmp_path, colum
     files = list_input_files(FS, str(tmp_path), column)
     [unit] = plan_units(files, 10)
     samples = read_unit(FS, unit, column, job_seed=3).samples
-    assert [(s.prompt, s.error, s.negative_prompt) for s in samples] == [("a red fox", None, None), ("an owl", None, None)]
+    assert [(s.prompt, s.error, s.negative_prompt) for s in samples] == [("a red fox", None, None),
+                                                                         ("an owl", None, None)]
     assert [s.key for s in samples] == ["000000000000", "000000000001"] and all(s.seed is not None for s in samples)
     assert files[0].extra_schema.names == ["style"]
 
