@@ -6,11 +6,13 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import json
 import logging
 import os
 import random
 import re
 import time
+import urllib.parse
 import uuid
 from typing import Any, Callable, TypeVar
 
@@ -41,7 +43,8 @@ MIN_SECRET_LENGTH = 8
 _SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "signature", "connection_string",
                  "auth", "header", "cookie", "sas")
 # Secrets inside text; each pattern hides its `secret` group and keeps what comes before it (`keep`).
-_QUOTED_VALUE = r""""(?:[^"\\]|\\.)+"|'(?:[^'\\]|\\.)+'"""  # not empty: an empty value hides nothing
+# A quoted value, not empty (an empty value hides nothing); also with escaped quotes, as JSON inside a string has
+_QUOTED_VALUE = r""""(?:[^"\\]|\\.)+"|'(?:[^'\\]|\\.)+'|\\"(?:(?!\\").)+\\"|\\'(?:(?!\\').)+\\'"""
 _SECRET_IN_TEXT = [
     # user:password@ in URLs
     re.compile(r"(?P<keep>://)(?P<secret>[^/\s:@]+:(?P<password>[^/\s@]+))(?=@)"),
@@ -179,9 +182,12 @@ def _secret_values(values: Any, secret: bool = False):
 
 
 def _known_secrets() -> set[str]:
+    """The remembered secrets and the secret variables' values, each as it may be written: raw, URL-encoded, or
+    escaped in JSON or a repr."""
     from_env = {value for name, value in os.environ.items()
                 if len(value) >= MIN_SECRET_LENGTH and any(part in name.upper() for part in _SECRET_ENV_NAME_PARTS)}
-    return _remembered_secrets | from_env
+    return {form for value in _remembered_secrets | from_env
+            for form in (value, urllib.parse.quote(value, safe=""), json.dumps(value)[1:-1], repr(value)[1:-1])}
 
 
 @functools.lru_cache(maxsize=8)

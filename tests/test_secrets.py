@@ -86,6 +86,7 @@ FORMS = [
     ("options {'headers': {'X-Api-Key': 'zzz-key', 'User-Agent': 'me'}, 'anon': True}", ["zzz-key", "me"]),
     ("S3FileSystem(secret='s3cr3t', anon=False)", ["s3cr3t"]),
     ("client_secret: cl1ent", ["cl1ent"]),
+    (r'ClientError: "{\"password\": \"pa55word\", \"x\": 1}"', ["pa55word"]),  # JSON inside a string
 ]
 
 
@@ -106,19 +107,19 @@ def test_secrets_are_hidden_by_value_wherever_they_turn_up(monkeypatch, caplog):
     every log record of the process, its arguments and its traceback included."""
     monkeypatch.setattr(storage, "_remembered_secrets", set())
     monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_KEY", "env-account-key-1")
-    options = {"secret": "option-secret-1", "headers": {"X-Trace": "header-value-1"},
+    options = {"secret": "option/secret+1", "headers": {"X-Trace": "header-value-1"},
                "client_kwargs": {"endpoint_url": "http://user:url-password-1@127.0.0.1:9"}, "anon": False}
     storage.protect_secrets(options)
-    secrets = ["env-account-key-1", "option-secret-1", "header-value-1", "url-password-1"]
-    text = "; ".join(f"rejected ({secret})" for secret in secrets)
-    assert storage.redact_text(text) == "; ".join(["rejected (***)"] * 4)
+    secrets = ["env-account-key-1", "option/secret+1", "header-value-1", "url-password-1"]
+    text = "; ".join(f"rejected ({secret})" for secret in [*secrets, "option%2Fsecret%2B1"])  # URL-encoded too
+    assert storage.redact_text(text) == "; ".join(["rejected (***)"] * 5)
     assert storage.redact(options) == {"secret": "***", "headers": "***", "anon": False,
                                        "client_kwargs": {"endpoint_url": "http://***@127.0.0.1:9"}}
     log = logging.getLogger("pipeline.test")
     with caplog.at_level(logging.INFO):
         log.warning("unit %d failed: %s", 3, "upload refused for header-value-1")
         try:
-            raise ConnectionError("endpoint said no to option-secret-1")
+            raise ConnectionError("endpoint said no to option/secret+1")
         except ConnectionError:
             log.exception("worker lost")
     formatted = "\n".join(logging.Formatter().format(record) for record in caplog.records)
