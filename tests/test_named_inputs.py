@@ -263,17 +263,16 @@ EXTRA_COLUMNS = {
                      {name: f"input_{name}" for name in OUTPUT_NAMED} | {"status": "input_input_status",
                                                                           "input_status": "input_status"}),
 }
-OPTIONS = {  # spec changes for a pairs job
-    "3 samples, images": {"samples_per_prompt": 3, "model": "instaflow"},
-    "2 samples, images as parquet, teacher images": {"samples_per_prompt": 2, "model": "instaflow",
-                                                     "output_format": "parquet", "teacher_images": True},
+OPTIONS = {  # (tasks, spec changes): what `generate` and `reflow-pairs` can ask for
+    "images": (("images",), {}),
+    "images as parquet": (("images",), {"output_format": "parquet"}),
+    "pairs": (("pairs",), {}),
+    "pairs, 3 samples": (("pairs",), {"samples_per_prompt": 3}),
+    "pairs and images, 3 samples": (("images", "pairs"), {"samples_per_prompt": 3}),
+    "pairs and images as parquet, 2 samples, teacher images": (("images", "pairs"), {
+        "samples_per_prompt": 2, "output_format": "parquet", "teacher_images": True}),
 }
-
-
-# Each kind of input with the options that repeat or add rows (a pairs-only job with one sample per prompt is
-# what most other tests run).
-CASES = [("none", "3 samples, images"), ("none", "2 samples, images as parquet, teacher images"),
-         ("many", "3 samples, images"), ("output-named", "2 samples, images as parquet, teacher images")]
+CASES = [(columns, options) for columns in EXTRA_COLUMNS for options in OPTIONS]
 
 
 @pytest.mark.parametrize("columns,options", CASES, ids=[f"{c} columns, {o}" for c, o in CASES])
@@ -281,15 +280,15 @@ def test_every_option_on_inputs_with_any_extra_columns(tmp_path, tiny_models, co
     """The worker writes every shard (no `metadata rows but 0 rows of extra columns`): each output row carries its
     input row's extra columns, renamed input_<name> where they clash with output columns, and tar metadata is
     strict JSON (NaN as null)."""
-    changes = dict(OPTIONS[options])
-    if "model" in changes:
-        changes["model"] = str(tiny_models[changes["model"]])
+    tasks, changes = OPTIONS[options]
+    models = {"model": str(tiny_models["instaflow"])} if "images" in tasks else {}
+    if "pairs" in tasks:
+        models |= {"teacher": str(tiny_models["sd15"]), "teacher_steps": 2}
     extra, renamed = EXTRA_COLUMNS[columns]
     path = tmp_path / "in.parquet"
     write(path, pa.table({"prompt": ["a red fox", "an owl"], **extra}))
-    spec = JobSpec(prompts=str(path), output=str(tmp_path / "out"), tasks=("images", "pairs") if "model" in changes
-                   else ("pairs",), teacher=str(tiny_models["sd15"]), teacher_steps=2, height=64, width=64,
-                   batch_size=4, rows_per_shard=2, dtype="float32", device="cpu", **changes)
+    spec = JobSpec(prompts=str(path), output=str(tmp_path / "out"), tasks=tasks, height=64, width=64, batch_size=4,
+                   rows_per_shard=2, dtype="float32", device="cpu", **models, **changes)
     worker, lock = standalone_worker(spec)
     try:
         [unit] = plan_units(list_input_files(FS, str(path)), spec.rows_per_shard)
