@@ -90,7 +90,9 @@ _TRANSIENT_S3_CODES = {
 
 
 def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Filesystem and path for a URL; options not given here come from the environment."""
+    """Filesystem and path for a URL; options not given here come from the environment. The options' secrets are
+    remembered, so that whatever uses them hides them in its messages (redact_text)."""
+    remember_secrets(storage_options or {})
     return fsspec.core.url_to_fs(url, **(storage_options or {}))
 
 

@@ -247,3 +247,27 @@ def test_the_autoscaler_request_is_withdrawn_however_the_job_ends(ray_with_dashb
         progress = run_job(spec, ray_pool, show_progress=False)
         assert progress.status == {"lost": "lost", "interrupted": "interrupted"}.get(outcome, "complete")
     assert len(requests[0]["bundles"]) == 3 and requests[-1] == {"bundles": []}, requests
+
+
+def test_a_secret_of_the_storage_options_is_hidden_in_the_error_of_any_command(s3, monkeypatch, capsys):
+    """Every command that reaches storage with the options (verify here) hides their secrets in what it prints,
+    not only jobs: here an error that quotes the secret in no form a pattern knows."""
+    from jobs.main import main
+
+    monkeypatch.setattr(storage, "_remembered_secrets", set())
+    secret = "verify-secret-5a7c"
+
+    def refusing(method):
+        def read(self, path, *args, **kwargs):
+            if path.endswith("_job.json"):
+                raise PermissionError(f"access denied with {secret}")
+            return method(self, path, *args, **kwargs)
+        return read
+
+    s3.fs.pipe_file(f"{s3.bucket}/verify-out/_job.json", b"{}")
+    for method in ("_cat_file", "_info", "_open"):
+        monkeypatch.setattr(type(s3.fs), method, refusing(getattr(type(s3.fs), method)))
+    options = {**s3.storage_options, "secret": secret}
+    main(["verify", s3.url("verify-out/"), "--storage-options", json.dumps(options)])
+    printed = capsys.readouterr()
+    assert "access denied with ***" in printed.err and secret not in printed.out + printed.err, printed.err
