@@ -197,6 +197,30 @@ def _value_pattern(values: tuple[str, ...]) -> re.Pattern:
     return re.compile("|".join(re.escape(value) for value in values))
 
 
+def raises_redacted(fn: Callable[..., T]) -> Callable[..., T]:
+    """Makes `fn` raise its exceptions with any secret in their message hidden (same type where it can be built
+    from a message, the same traceback): a Ray actor's errors are kept and shown by Ray (`ray list tasks
+    --detail`, `ray list actors --detail`, the dashboard), out of reach of this process's logging."""
+    @functools.wraps(fn)
+    def calling(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:
+            text = str(error)
+            safe = redact_text(text)
+            if safe == text:
+                raise
+            try:
+                redacted = type(error)(safe)
+                if str(redacted) != safe:
+                    raise TypeError(type(error).__name__)
+            except Exception:  # a type that is not built from its message
+                redacted = RuntimeError(f"{type(error).__name__}: {safe}")
+            raise redacted.with_traceback(error.__traceback__) from None
+
+    return calling
+
+
 def protect_secrets(storage_options: dict | None) -> None:
     """Hides this job's secrets in everything this process logs from now on (the driver and each worker call
     it): remembers the storage options' secret values, and redacts every log record as it is made, whichever

@@ -30,7 +30,7 @@ from pipeline.model_source import ModelSource, job_identity, model_sources
 from pipeline.plan import WorkUnit
 from pipeline.reader import Sample, read_unit
 from pipeline.spec import JobSpec
-from pipeline.storage import filesystem, protect_secrets, redact_text
+from pipeline.storage import filesystem, protect_secrets, raises_redacted, redact_text
 from pipeline.writers import (
     IMAGE_EXTENSIONS,
     encode_image,
@@ -96,6 +96,7 @@ def encode_threads(cpus: float | None) -> int:
 class ShardWorker:
     """Student and/or teacher on one device, sharing the components they have in common."""
 
+    @raises_redacted  # Ray shows why a worker failed to start, and why a call failed
     def __init__(self, spec: JobSpec, sources: dict[str, ModelSource], fence: Fence):
         protect_secrets(spec.storage_options)  # before anything this process logs or writes
         self.spec = spec
@@ -146,6 +147,7 @@ class ShardWorker:
             where["gpu_ids"] = [str(gpu) for gpu in ray.get_gpu_ids()]
         return where
 
+    @raises_redacted
     def process(self, unit: WorkUnit, attempt: int = 1) -> dict:
         try:
             return self._process(unit, attempt)

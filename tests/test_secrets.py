@@ -178,11 +178,11 @@ class LeakyWorker(ShardWorker):
             raise ConnectionError(f"upload refused ({self.spec.storage_options['client_kwargs']['aws_session_token']})")
         return super()._run_batch(keys, batch)
 
-    def process(self, unit, attempt=1):
+    def _process(self, unit, attempt):
         if unit.unit_id == 2:
             logging.getLogger("pipeline.worker").warning("giving up on %s", self.spec.storage_options["secret"])
             raise ConnectionError(f"endpoint rejected {self.spec.storage_options['secret']}")
-        return super().process(unit, attempt)
+        return super()._process(unit, attempt)
 
 
 def test_a_secret_in_a_workers_errors_is_nowhere_the_job_writes_or_logs(ray_with_dashboard, s3, tiny_models,
@@ -215,8 +215,11 @@ def test_a_secret_in_a_workers_errors_is_nowhere_the_job_writes_or_logs(ray_with
     printed = capsys.readouterr()
     ray_logs = [path.read_text(errors="replace") for path in Path(os.environ["RAY_TMPDIR"]).rglob("*")
                 if path.is_file() and path.suffix in (".log", ".out", ".err")]
+    address = ray_with_dashboard  # what Ray's state API shows of the failed tasks (their errors) and the actors
+    shown = json.dumps([state.list_tasks(address=address, detail=True, limit=10_000),
+                        state.list_actors(address=address, detail=True, limit=10_000)], default=str)
     everything = [*written.values(), progress.table(), json.dumps(progress.summary()), printed.out, printed.err,
-                  caplog.text, *ray_logs]
+                  caplog.text, shown, *ray_logs]
     assert "giving up on ***" in "".join(ray_logs)  # the worker's own log line is there, redacted
     for secret in (LEAKED, LEAKED_TOKEN):
         assert not [text[max(0, text.find(secret) - 200):][:400] for text in everything if secret in text]
@@ -271,3 +274,28 @@ def test_a_secret_of_the_storage_options_is_hidden_in_the_error_of_any_command(s
     main(["verify", s3.url("verify-out/"), "--storage-options", json.dumps(options)])
     printed = capsys.readouterr()
     assert "access denied with ***" in printed.err and secret not in printed.out + printed.err, printed.err
+
+
+class LeakyStartWorker(ShardWorker):
+    """A worker that cannot start, its error quoting the storage options' secret."""
+
+    def load_models(self, sources):
+        raise ConnectionError(f"model store rejected {self.spec.storage_options['secret']}")
+
+
+def test_a_secret_in_a_workers_start_up_error_is_nowhere_shown(ray_with_dashboard, tiny_models, tmp_path, caplog):
+    write_prompts(storage.filesystem("file")[0], str(tmp_path / "p.parquet"), prompt_table(4))
+    secret = "start-up-secret-0e4d"
+    spec = JobSpec(prompts=str(tmp_path / "p.parquet"), output=str(tmp_path / "out"),
+                   model=str(tiny_models["instaflow"]), height=64, width=64, dtype="float32", rows_per_shard=4,
+                   storage_options={"secret": secret})
+
+    def leaky_pool(spec, sources, fence, num_units):
+        actor = ray.remote(LeakyStartWorker).options(**worker_options(1, 1.0))
+        return ActorPool(lambda index: actor.remote(spec, sources, fence), 1, spec.max_unit_attempts)
+
+    with caplog.at_level(logging.INFO), pytest.raises(NoWorkersError) as error:
+        run_job(spec, leaky_pool, show_progress=False)
+    assert "model store rejected ***" in str(error.value)
+    shown = json.dumps(state.list_actors(address=ray_with_dashboard, detail=True, limit=10_000), default=str)
+    assert "LeakyStartWorker" in shown and secret not in shown and secret not in caplog.text
