@@ -34,7 +34,7 @@ from instaflow.text import encode_tokens, tokenize_prompts
 from instaflow.training import Trainer, learning_rate_at
 from pipeline.model_source import ModelSource
 from pipeline.pairs_data import PairStream, build_embedding_cache, find_pairs
-from pipeline.storage import filesystem, get_bytes, protect_secrets, put_atomic, with_retries
+from pipeline.storage import filesystem, get_bytes, protect_secrets, put_atomic, raises_redacted, with_retries
 from pipeline.train_spec import TrainSpec
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def train_identity(spec: TrainSpec, init: ModelSource) -> dict:
     return spec.identity() | {"init": init.identity()}
 
 
+@raises_redacted  # Ray shows why a training worker failed
 def train_worker(config: dict) -> None:
     """Ray Train's per-worker entry point."""
     import ray.train
