@@ -9,8 +9,11 @@ whose files are still staged finishes the move (the worker that wrote it, or the
 between marker and move loses nothing.
 
 A marker counts as committed only if its token is in the output's lineage (the tokens of the runs since the
-last --overwrite, kept in `_job.json`) and its identity is the spec's. A try from before an --overwrite, or of
-other settings, can never make a shard count.
+last --overwrite, kept in `_job.json`), its identity is the spec's, its paths are the ones a try of its unit
+writes, and its files exist (staged or in place). A try from before an --overwrite, or of other settings, can
+never make a shard count; nor can a marker whose staged files were deleted before it was created (a straggler of
+an old run whose staging the next run cleaned up): the next try of its unit replaces it, conditionally. Readers
+see a shard only once its files are in place.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import posixpath
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 
@@ -46,6 +49,7 @@ OUTPUT_DIRS = ("", "images", "pairs")  # root and the subfolders shards write to
 _READ_THREADS = 16
 
 _MARKER = re.compile(r"(\d{5,})\.stats\.json")
+_NAME = re.compile(r"[0-9a-zA-Z_-]{1,64}")  # tokens and try ids: one path segment, nothing to climb out with
 _DATA_FILE = re.compile(r"\d{5,}\.(tar|parquet)")
 # leftovers of interrupted local writes (storage.put_atomic) and compare-and-replace guards
 _LOCAL_EXTRA = r"(\.tmp-[0-9a-f]{32}|\.guard)?"
@@ -55,6 +59,10 @@ _JOB_FILE = re.compile(rf"_job\.json{_LOCAL_EXTRA}|_job\.lock\.tmp-[0-9a-f]{{32}
 
 class SpecMismatchError(OutputError):
     """The output holds a job with different settings or inputs."""
+
+
+class BrokenCommitError(OutputError):
+    """A marker whose files are neither staged nor in place: it must not count, and its unit is redone."""
 
 
 def _join(root: str, name: str) -> str:
@@ -71,6 +79,43 @@ def _list(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
         return with_retries(fs.ls, folder, detail=False, what=f"list {folder}")
     except FileNotFoundError:
         return []
+
+
+def _sizes(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, int]:
+    """File sizes in one folder by name, from one listing."""
+    fs.invalidate_cache(folder)
+    try:
+        entries = with_retries(fs.ls, folder, detail=True, what=f"list {folder}")
+    except FileNotFoundError:
+        return {}
+    return {posixpath.basename(e["name"].rstrip("/")): e.get("size") for e in entries if e.get("type") != "directory"}
+
+
+def marker_problem(unit_id: int, marker: dict) -> str | None:
+    """Why a marker's paths are not those a try of its unit writes, or None. Markers are files anyone with
+    write access to the output can plant; their paths are joined to the root and moved or deleted, so only
+    `_staging/{token}/{shard}-{try}` and the shard's own data files under the root are ever accepted."""
+    shard = shard_name(unit_id)
+    fence = marker.get("fence")
+    if not isinstance(fence, dict) or not all(isinstance(fence.get(k), str) for k in ("token", "identity", "try")):
+        return "no fence"
+    staging = marker.get("staging")
+    expected = f"{STAGING_DIR}/{fence['token']}/{shard}-{fence['try']}"
+    if staging != expected or not _NAME.fullmatch(fence["token"]) or not _NAME.fullmatch(fence["try"]):
+        return f"staging {str(staging)[:200]!r} is not {STAGING_DIR}/TOKEN/{shard}-TRY"
+    files = marker.get("files")
+    if not isinstance(files, dict) or not files:
+        return "no files"
+    for name, info in files.items():
+        if not _shard_data_name(shard).fullmatch(str(name)):
+            return f"file {str(name)[:200]!r} is not a data file of shard {shard}"
+        if not isinstance(info, dict) or not isinstance(info.get("bytes"), int):
+            return f"file {name!r} has no size"
+    return None
+
+
+def _shard_data_name(shard: str) -> re.Pattern:
+    return re.compile(rf"(images/|pairs/)?{shard}\.(tar|parquet)")
 
 
 def identity_digest(identity: dict) -> str:
@@ -113,23 +158,47 @@ class ShardStore:
         return sorted(int(m.group(1)) for m in matches if m)
 
     def read_markers(self, unit_ids: list[int]) -> dict[int, dict]:
-        """Markers by unit id, read in parallel; one that vanished meanwhile is left out."""
+        """Markers by unit id, read in parallel; one that vanished meanwhile is left out. One that is not JSON,
+        or whose paths are not its unit's (marker_problem), is returned as {"invalid": why}: it never counts."""
 
         def read(unit_id: int) -> dict | None:
             try:
-                return json.loads(get_bytes(self.fs, self._marker(unit_id)))
+                marker = json.loads(get_bytes(self.fs, self._marker(unit_id)))
             except FileNotFoundError:
                 return None
             except ValueError:
-                return {"unreadable": True}  # not JSON: counts as no commit
+                return {"invalid": "not JSON"}
+            problem = marker_problem(unit_id, marker) if isinstance(marker, dict) else "not a JSON object"
+            if problem:
+                log.warning("ignoring marker %s: %s", self._marker(unit_id), problem)
+                return {"invalid": problem}
+            return marker
 
         with ThreadPoolExecutor(_READ_THREADS) as pool:
             markers = dict(zip(unit_ids, pool.map(read, unit_ids)))
         return {unit_id: marker for unit_id, marker in markers.items() if marker is not None}
 
+    def scan(self, fence: Fence) -> "Scan":
+        """Every marker that counts for this fence, sorted by where its files are, from one listing of each
+        output folder and of the staging."""
+        markers = {u: m for u, m in self.read_markers(self.marker_ids()).items() if fence.accepts(m)}
+        sizes = {sub: _sizes(self.fs, _join(self.root, sub)) for sub in OUTPUT_DIRS}
+        staged = self.staged_tries() if markers else set()
+        result = Scan()
+        for unit_id, marker in markers.items():
+            in_place = all(_in(sizes, name) == info["bytes"] for name, info in marker["files"].items())
+            if in_place:
+                result.in_place[unit_id] = marker
+            elif marker["staging"] in staged:
+                result.pending[unit_id] = marker
+            else:
+                result.broken[unit_id] = marker
+        return result
+
     def committed(self, fence: Fence) -> dict[int, dict]:
-        """The markers that count for this fence, by unit id."""
-        return {unit_id: m for unit_id, m in self.read_markers(self.marker_ids()).items() if fence.accepts(m)}
+        """The markers that count for this fence and have their files (in place or staged), by unit id."""
+        scan = self.scan(fence)
+        return scan.in_place | scan.pending
 
     def commit(self, unit_id: int, files: dict[str, bytes], stats: dict, fence: Fence) -> tuple[dict, bool]:
         """Stage a try's files, then make them the unit's shard unless another try already did.
@@ -147,21 +216,30 @@ class ShardStore:
             "files": {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
                       for name, data in sorted(files.items())},
         }
+        self._check_holder(fence, unit_id, staging)
+        while True:
+            winner = self._claim(unit_id, marker, fence)
+            if winner["fence"]["try"] == try_id:
+                self.finish(marker)
+                return marker, True
+            try:
+                self.finish(winner)  # the winning try may have died before moving its files (idempotent)
+            except BrokenCommitError as exc:
+                log.warning("%s; replacing it with this try's", exc)
+                continue  # _claim now finds the broken marker and replaces it
+            self._remove_staging(staging)
+            return winner, False
+
+    def _check_holder(self, fence: Fence, unit_id: int, staging: str) -> None:
         holder = lock_holder(self.fs, self.root)
         if holder != fence.token:
             self._remove_staging(staging)
             raise OutputLostError(f"shard {shard_name(unit_id)} not committed: {self.root} is now held by "
                                   f"{'another job' if holder else 'no job'}, not by this one")
-        winner = self._claim(unit_id, marker, fence)
-        if winner["fence"]["try"] != try_id:
-            self._remove_staging(staging)
-            self.finish(winner)  # the winning try may have died before moving its files (idempotent)
-            return winner, False
-        self.finish(marker)
-        return marker, True
 
     def _claim(self, unit_id: int, marker: dict, fence: Fence) -> dict:
-        """Create the marker if absent; replace one that does not count. Returns the marker that holds."""
+        """Create the marker if absent; replace one that does not count, or counts but lost its files.
+        Returns the marker that holds."""
         path = self._marker(unit_id)
         data = _json_bytes(marker)
         while True:
@@ -178,27 +256,57 @@ class ShardStore:
                 existing = json.loads(existing_bytes)
             except ValueError:
                 existing = {}
-            if existing.get("fence", {}).get("try") == marker["fence"]["try"] or fence.accepts(existing):
-                return existing  # ours (an answer was lost), or another try of this lineage won
-            log.warning("replacing marker %s of another lineage or settings (%s)", path, existing.get("fence"))
+            if not isinstance(existing, dict) or marker_problem(unit_id, existing):
+                existing = {}
+            if existing.get("fence", {}).get("try") == marker["fence"]["try"]:
+                return existing  # ours: an answer was lost
+            if fence.accepts(existing):
+                if self._has_files(existing):
+                    return existing  # another try of this lineage won
+                log.warning("replacing marker %s: its files are neither staged nor in place", path)
+            else:
+                log.warning("replacing marker %s of another lineage or settings (%s)", path, existing.get("fence"))
+                self._check_holder(fence, unit_id, marker["staging"])  # a straggler never replaces a newer job's
             try:
                 self.store.replace(path, data, version)
                 return marker
             except PreconditionFailed:
                 continue
 
+    def _has_files(self, marker: dict) -> bool:
+        """Each file staged or in place with its size. Staging is looked at first: a move under way takes a file
+        from there to its place, never the other way."""
+        for name, info in marker["files"].items():
+            staged, target = _join(self.root, f"{marker['staging']}/{name}"), _join(self.root, name)
+            self.fs.invalidate_cache(staged)
+            self.fs.invalidate_cache(target)
+            if self.fs.exists(staged):
+                continue
+            try:
+                if self.fs.size(target) == info["bytes"]:
+                    continue
+            except FileNotFoundError:
+                pass
+            return False
+        return True
+
     def finish(self, marker: dict) -> None:
-        """Move a committed try's staged files into place (idempotent: a move already done is skipped)."""
-        staging = marker.get("staging")
-        if not staging:
-            return
+        """Move a committed try's staged files into place (idempotent: a move already done is skipped). Raises
+        BrokenCommitError if a file is neither staged nor in place with the marker's size."""
+        staging = marker["staging"]
         for name in sorted(marker["files"]):
             source, target = _join(self.root, f"{staging}/{name}"), _join(self.root, name)
             try:
                 move(self.fs, source, target)
             except FileNotFoundError:
-                if not self.fs.exists(target):
-                    raise OutputError(f"{target}: committed but neither staged nor in place") from None
+                self.fs.invalidate_cache(target)
+                try:
+                    size = self.fs.size(target)
+                except FileNotFoundError:
+                    size = None
+                if size != marker["files"][name]["bytes"]:
+                    raise BrokenCommitError(f"{target}: committed by try {marker['fence']['try']} but neither "
+                                            "staged nor in place") from None
         self._remove_staging(staging)
 
     def staged_tries(self) -> set[str]:
@@ -210,16 +318,22 @@ class ShardStore:
                 found.add(f"{STAGING_DIR}/{posixpath.basename(token_dir)}/{posixpath.basename(try_dir)}")
         return found
 
-    def recover(self, committed: dict[int, dict]) -> int:
+    def recover(self, committed: dict[int, dict]) -> tuple[int, list[int]]:
         """At job start: finish the moves of committed shards that a crash interrupted, and delete every
-        other staged try (losers, and tries that never committed). Returns the number of moves finished."""
+        other staged try (losers, and tries that never committed). Returns the number of moves finished and
+        the units whose files turned out to be gone (their markers do not count: redo them)."""
         staged = self.staged_tries()
-        pending = [m for m in committed.values() if m.get("staging") in staged]
-        for marker in pending:
-            self.finish(marker)
-        for leftover in staged - {m["staging"] for m in pending}:
+        pending = [(u, m) for u, m in committed.items() if m.get("staging") in staged]
+        broken = []
+        for unit_id, marker in pending:
+            try:
+                self.finish(marker)
+            except BrokenCommitError as exc:
+                log.warning("%s: the unit will be done again", exc)
+                broken.append(unit_id)
+        for leftover in staged - {m["staging"] for _, m in pending}:
             self._remove_staging(leftover)
-        return len(pending)
+        return len(pending) - len(broken), broken
 
     def finish_interrupted(self, token: str) -> None:
         """When a run stops: finish the moves of its tries that won their marker, delete its other staged
@@ -273,13 +387,31 @@ class ShardStore:
         log.info("removed %d old output files from %s", len(doomed), self.root)
 
 
+@dataclass
+class Scan:
+    """The markers that count, by where their files are: in place (readable), pending (still staged: the
+    committing try, or the next run, moves them), broken (gone: the unit is redone)."""
+
+    in_place: dict[int, dict] = field(default_factory=dict)
+    pending: dict[int, dict] = field(default_factory=dict)
+    broken: dict[int, dict] = field(default_factory=dict)
+
+
+def _in(sizes: dict[str, dict[str, int]], name: str) -> int | None:
+    sub, _, base = name.rpartition("/")
+    return sizes.get(sub, {}).get(base)
+
+
 def committed_shards(fs: fsspec.AbstractFileSystem, root: str) -> dict[int, dict]:
-    """Every committed shard of an output, by unit id, with its marker (stats; `files` names its data files,
-    relative to the root, with their sizes and digests). Readers of an output use this, never a glob."""
+    """Every committed shard of an output whose files are in place, by unit id, with its marker (stats; `files`
+    names its data files, relative to the root, with their sizes and digests). Readers of an output use this,
+    never a glob: a shard whose move into place is not done yet is not shown."""
     manifest = read_manifest(fs, root)
     if manifest is None:
         raise OutputError(f"{root} has no {MANIFEST_NAME}: not an output of this tool, or no job has started there")
-    return ShardStore(fs, root).committed(Fence.from_manifest(manifest))
+    if not isinstance(manifest, dict):
+        raise OutputError(f"{_join(root, MANIFEST_NAME)} is not a JSON object: not an output of this tool")
+    return ShardStore(fs, root).scan(Fence.from_manifest(manifest)).in_place
 
 
 def job_manifest(spec_identity: dict, inputs: list[dict], lineage: list[str]) -> dict:
@@ -290,11 +422,16 @@ def job_manifest(spec_identity: dict, inputs: list[dict], lineage: list[str]) ->
 def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> dict | None:
     path = _join(root, MANIFEST_NAME)
     try:
-        return json.loads(get_bytes(fs, path))
+        manifest = json.loads(get_bytes(fs, path))
     except FileNotFoundError:
         return None
-    except ValueError as e:  # not JSON, or not UTF-8
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past the parser's depth
         raise OutputError(f"{path} is not valid JSON ({e}); pass --overwrite to start over") from None
+    if not isinstance(manifest, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(manifest), "a number")
+        raise OutputError(f"{path} holds {kind}, not a JSON object: not a manifest of this tool; pass --overwrite to "
+                          "start over")
+    return manifest
 
 
 def write_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> None:
@@ -316,8 +453,8 @@ def check_compatible(existing: dict, spec_identity: dict, inputs: list[dict]) ->
         problems.append(f"  input files changed since the job started: {shown}")
     if problems:
         raise SpecMismatchError(
-            "the output holds a job with different settings:\n" + "\n".join(problems)
-            + "\nPass --overwrite to start over there, or use another output location."
+            "the output holds a job with different settings: " + "; ".join(p.strip() for p in problems)
+            + ". Pass --overwrite to start over there, or use another output location."
         )
 
 

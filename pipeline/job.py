@@ -24,15 +24,16 @@ from pipeline.commit import (
     identity_digest,
     job_manifest,
     read_manifest,
-    write_manifest,
 )
-from pipeline.lock import OutputLock, OutputLostError
+from pipeline.deadline import call_within, plan_timeout_s
+from pipeline.lock import LeaseKeeper, OutputLock, OutputLostError
+from pipeline.manifest import ManifestWriter
 from pipeline.model_source import ModelSource, job_identity, model_sources
 from pipeline.plan import check_output_location, input_fingerprint, list_input_files, plan_units
 from pipeline.pool import ActorPool, PoolLimits, UnitResult, ray_worker_factory, withdraw_resource_request
 from pipeline.progress import JobProgress
 from pipeline.spec import JobSpec
-from pipeline.storage import filesystem, protect_secrets, redact, redact_text
+from pipeline.storage import check_conditional_writes, filesystem, is_transient, protect_secrets, redact, redact_text
 
 logger = logging.getLogger(__name__)
 
@@ -89,18 +90,26 @@ def sigterm_as_interrupt():
 
 
 class Heartbeat:
-    """Renews the lock within its lease and, once the manifest exists, rewrites its progress."""
+    """Called by the pool while it waits: stops the job once the lease keeper has lost the output, and rewrites
+    the manifest's progress now and then (renewing the lock is the keeper's, in every phase)."""
 
-    def __init__(self, lock: OutputLock, clock: Callable[[], float] = time.monotonic):
-        self.lock, self.clock = lock, clock
+    def __init__(self, keeper: LeaseKeeper, interval_s: float, clock: Callable[[], float] = time.monotonic):
+        self.keeper, self.interval_s, self.clock = keeper, interval_s, clock
         self.last = clock()
         self.write_manifest: Callable[[], None] | None = None
 
     def __call__(self) -> None:
-        if self.clock() - self.last >= self.lock.refresh_interval_s:
-            self.lock.refresh()  # raises OutputLostError if another job took the output
-            if self.write_manifest:
+        self.keeper.check()  # raises OutputLostError if another job took the output
+        if self.write_manifest and self.clock() - self.last >= self.interval_s:
+            try:
                 self.write_manifest()
+            except OutputLostError:
+                raise
+            except Exception as exc:  # a storage outage: progress is written again at the next interval
+                if not is_transient(exc):
+                    raise
+                logger.warning("could not write the job's progress (%s: %s); trying again later",
+                               type(exc).__name__, redact_text(str(exc)))
             self.last = self.clock()
 
 
@@ -129,18 +138,24 @@ def run_job(spec: JobSpec, make_pool: PoolFactory = ray_pool, show_progress: boo
         input_fs, input_path = filesystem(spec.prompts, spec.storage_options)
         output_fs, root = filesystem(spec.output, spec.storage_options)
         check_output_location(input_fs, input_path, spec.output, output_fs, root)
-        files = list_input_files(input_fs, input_path, spec.prompt_column)
+        files = call_within(plan_timeout_s(), f"list and read the prompts at {spec.prompts}", list_input_files,
+                            input_fs, input_path, spec.prompt_column)
         units = plan_units(files, spec.rows_per_shard)
         inputs = input_fingerprint(files)
         logger.info("%d input files, %d rows, %d units", len(files), sum(f.num_rows for f in files), len(units))
         sources = model_sources(spec)
         identity = job_identity(spec, sources)
 
+        check_conditional_writes(output_fs, root)
         lock = OutputLock(output_fs, root, lease_s=spec.lock_lease_s)
         lock.acquire()
+        keeper = LeaseKeeper(lock).start()
+        manifests = ManifestWriter(output_fs, root, confirm_held=lock.refresh)
         progress = JobProgress(total_units=len(units), total_samples=sum(unit.num_rows for unit in units))
         try:
-            _run_locked(spec, make_pool, units, inputs, identity, sources, lock, progress, show_progress)
+            _run_locked(spec, make_pool, units, inputs, identity, sources, keeper, manifests, progress,
+                        show_progress)
+            keeper.check()
         except KeyboardInterrupt:
             progress.interrupted = True
             logger.warning("interrupted: committed shards stay, in-flight shards are left invisible")
@@ -150,21 +165,36 @@ def run_job(spec: JobSpec, make_pool: PoolFactory = ray_pool, show_progress: boo
         finally:
             withdraw_resource_request()  # a long-lived cluster scales the job's GPU nodes down
             progress.close()
+            keeper.stop()
+            if keeper.error is not None and not progress.lost:
+                progress.lost = True
+                logger.error("%s", keeper.error)
             if not progress.lost:
-                if progress.manifest:
-                    write_manifest(output_fs, root, progress.manifest | {"progress": progress.summary()})
-                lock.release()
+                try:
+                    if progress.manifest:
+                        manifests.write(progress.manifest | {"progress": progress.summary()})
+                    lock.release()
+                except OutputLostError as exc:
+                    progress.lost = True
+                    logger.error("%s", exc)
+                except Exception as exc:  # storage down at the very end: the lease runs out by itself
+                    if not is_transient(exc):
+                        raise
+                    logger.error("could not write the final progress or release the lock on %s (%s: %s); "
+                                 "the next job takes the output once the lease has run out", root,
+                                 type(exc).__name__, redact_text(str(exc)))
     return progress
 
 
-def _run_locked(spec, make_pool, units, inputs, identity, sources, lock, progress: JobProgress, show_progress):
+def _run_locked(spec, make_pool, units, inputs, identity, sources, keeper: LeaseKeeper, manifests: ManifestWriter,
+                progress: JobProgress, show_progress):
     output_fs, root = filesystem(spec.output, spec.storage_options)
     store = ShardStore(output_fs, root)
     existing = None if spec.overwrite else read_manifest(output_fs, root)
     if existing is not None:
         check_compatible(existing, identity, inputs)
-    lineage = [*(existing or {}).get("lineage", []), lock.token]
-    fence = Fence(lock.token, tuple(lineage), identity_digest(identity))
+    lineage = [*(existing or {}).get("lineage", []), keeper.lock.token]
+    fence = Fence(keeper.lock.token, tuple(lineage), identity_digest(identity))
     committed = {} if spec.overwrite else store.committed(fence)
     todo = [unit for unit in units if unit.unit_id not in committed]
     progress.skipped_units = len(units) - len(todo)
@@ -176,24 +206,25 @@ def _run_locked(spec, make_pool, units, inputs, identity, sources, lock, progres
     }
     if not todo:
         logger.info("all %d shards are committed: nothing to do", len(units))
-        store.recover(committed)
-        progress.manifest = manifest
-        return
+        _recover(store, committed, units, todo)
+        if not todo:
+            progress.manifest = manifest
+            return
     if progress.skipped_units:
         logger.info("resuming: %d of %d shards already committed", progress.skipped_units, len(units))
 
-    heartbeat = Heartbeat(lock)
+    heartbeat = Heartbeat(keeper, interval_s=keeper.lock.refresh_interval_s)
     pool = make_pool(spec, sources, fence, len(todo))
     try:
         pool.wait_until_ready(on_idle=heartbeat)  # a bad model or no capacity: nothing written yet
+        keeper.check()
         if spec.overwrite:
             store.remove_outputs()
         progress.manifest = manifest
-        write_manifest(output_fs, root, manifest | {"progress": progress.summary()})
-        heartbeat.write_manifest = lambda: write_manifest(output_fs, root, manifest | {"progress": progress.summary()})
-        finished = store.recover(committed)
-        if finished:
-            logger.info("finished %d commits that a crash had interrupted", finished)
+        write_progress = lambda: manifests.write(manifest | {"progress": progress.summary()})  # noqa: E731
+        write_progress()
+        heartbeat.write_manifest = write_progress
+        _recover(store, committed, units, todo)
 
         def on_result(result: UnitResult) -> None:
             progress.record(result)
@@ -203,7 +234,31 @@ def _run_locked(spec, make_pool, units, inputs, identity, sources, lock, progres
 
         progress.start_bar(show_progress)
         pool.run(todo, on_result, heartbeat)
+        keeper.check()
+        _audit(store, fence, todo, progress)
     finally:
         pool.shutdown()  # waits until no worker can commit any more
-        if progress.manifest:
+        if progress.manifest and keeper.error is None:
             store.finish_interrupted(fence.token)  # tries that won their marker as the job was stopped
+
+
+def _recover(store: ShardStore, committed: dict, units: list, todo: list) -> None:
+    """Finishes moves a crash interrupted; units whose committed files turned out to be gone join `todo`."""
+    finished, broken = store.recover(committed)
+    if finished:
+        logger.info("finished %d commits that a crash had interrupted", finished)
+    todo += [unit for unit in units if unit.unit_id in broken and unit not in todo]
+
+
+def _audit(store: ShardStore, fence: Fence, todo: list, progress: JobProgress) -> None:
+    """After the last unit: every unit this run committed must still be committed with its files. One that is
+    not (its marker replaced by a straggler of another run, its files deleted) is reported failed, never
+    counted: a re-run does it again."""
+    scan = store.scan(fence)
+    found = scan.in_place | scan.pending
+    failed = {result.unit.unit_id for result in progress.failed_units}
+    for unit in todo:
+        if unit.unit_id not in found and unit.unit_id not in failed:
+            reason = "committed, then found without a valid marker or its files at the end of the run"
+            logger.error("shard %s: %s; a re-run does it again", unit.shard, reason)
+            progress.uncommit(unit, reason)

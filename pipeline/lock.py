@@ -17,6 +17,7 @@ import logging
 import os
 import posixpath
 import socket
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ from typing import Callable
 
 import fsspec
 
-from pipeline.storage import ConditionalStore, OutputError, PreconditionFailed, conditional_store
+from pipeline.storage import ConditionalStore, OutputError, PreconditionFailed, conditional_store, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class OutputLock:
             machine=machine_id(),
         )
         self._version: str | None = None
+        self._writing = threading.Lock()  # the lease keeper's thread and the driver's both write it
 
     @property
     def token(self) -> str:
@@ -194,6 +196,10 @@ class OutputLock:
             log.warning("not releasing %s: %s", self.path, exc)
 
     def _write(self, state: str) -> None:
+        with self._writing:
+            self._write_unlocked(state)
+
+    def _write_unlocked(self, state: str) -> None:
         if self._version is None:
             raise RuntimeError("the lock was never acquired")
         record = LockRecord(**{**asdict(self.record), "seq": self.record.seq + 1, "heartbeat": time.time(),
@@ -216,6 +222,58 @@ class OutputLock:
         except OutputError:
             other = "a file this tool did not write"
         return f"lost the lock on {self.root} to another job ({other}); this job stops without writing more"
+
+
+class LeaseKeeper:
+    """Renews a held lock from a thread of its own, from acquire to release, whatever the driver is doing
+    (listing a large output, starting Ray, recovering, deleting for --overwrite, stopping workers).
+
+    A storage outage is ridden out: failed renewals are retried until the lease would run out, counted from the
+    last renewal that landed (no other job can judge the lock stale before then). Only then, or when another
+    job has taken the lock, is the output given up: `error` is set, and `check()` raises it in the driver.
+    """
+
+    def __init__(self, lock: OutputLock, clock: Callable[[], float] = time.monotonic, retry_s: float = 1.0):
+        self.lock, self.clock, self.retry_s = lock, clock, retry_s
+        self.error: OutputLostError | None = None
+        self.renewed_at = clock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+
+    def start(self) -> "LeaseKeeper":
+        self.renewed_at = self.clock()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.lock.lease_s)
+
+    def check(self) -> None:
+        """Raises OutputLostError once the lock is lost or could not be renewed within its lease."""
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        wait_s = self.lock.refresh_interval_s
+        while not self._stop.wait(wait_s):
+            try:
+                self.lock.refresh()
+                self.renewed_at, wait_s = self.clock(), self.lock.refresh_interval_s
+            except OutputLostError as exc:
+                self.error = exc
+                return
+            except Exception as exc:  # storage unreachable: try again until the lease would run out
+                unrenewed_s = self.clock() - self.renewed_at
+                if not is_transient(exc) or unrenewed_s + self.retry_s >= self.lock.lease_s - self.lock.refresh_interval_s:
+                    self.error = OutputLostError(
+                        f"could not renew the lock on {self.lock.root} for {unrenewed_s:.0f}s "
+                        f"({type(exc).__name__}: {exc}); stopping before another job may take the output over")
+                    return
+                log.warning("renewing the lock on %s failed (%s: %s); retrying, %.0fs of its lease left",
+                            self.lock.root, type(exc).__name__, exc, self.lock.lease_s - unrenewed_s)
+                wait_s = self.retry_s
 
 
 def machine_id() -> str:

@@ -54,6 +54,11 @@ class JobProgress:
             self.bar.update(advanced)
             self._postfix()
 
+    def uncommit(self, unit, reason: str) -> None:
+        """A unit recorded as committed whose commit did not hold at the end of the run: failed after all."""
+        self.committed_units -= 1
+        self.failed_units.append(UnitResult(unit, error=reason))
+
     def _postfix(self) -> None:
         done = self.skipped_units + self.committed_units
         self.bar.set_postfix_str(

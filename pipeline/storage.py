@@ -395,6 +395,9 @@ class ConditionalStore:
     def replace(self, path: str, data: bytes, version: str) -> str:
         raise NotImplementedError
 
+    def check_mutual_exclusion(self, path: str) -> None:
+        """Raises OutputError if a lock this store takes around writes would not exclude another process."""
+
     def _call(self, fn: Callable[..., T], *args: Any, what: str, **kwargs: Any) -> T:
         def attempt():
             try:
@@ -457,6 +460,23 @@ class LocalConditionalStore(ConditionalStore):
             data = f.read()
         return data, hashlib.sha256(data).hexdigest()
 
+    def check_mutual_exclusion(self, path: str) -> None:
+        """flock locks belong to an open file: a second open of the same file must not get the lock while the
+        first holds it. Filesystems that make flock a no-op (some network and FUSE mounts) grant both."""
+        guard = f"{self.fs._strip_protocol(path)}.guard"
+        try:
+            with open(guard, "a") as first, open(guard, "a") as second:
+                fcntl.flock(first, fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(second, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return
+                raise OutputError(f"{os.path.dirname(guard)}: file locks (flock) are not enforced on this "
+                                  "filesystem, so two jobs could both hold the output; use another disk")
+        finally:
+            if os.path.exists(guard):
+                os.remove(guard)
+
     def create(self, path: str, data: bytes) -> str:
         path = self.fs._strip_protocol(path)
         tmp = _synced_copy_beside(path, data)
@@ -480,6 +500,43 @@ class LocalConditionalStore(ConditionalStore):
                 raise PreconditionFailed(f"replace {path}")
             _put_local(local, data)
         return hashlib.sha256(data).hexdigest()
+
+
+def check_conditional_writes(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Refuses (OutputError) an output whose store ignores the preconditions that the lock and the markers rely
+    on: several S3-compatible stores accept `If-None-Match` and `If-Match` and then write anyway, and some
+    filesystems make `flock` a no-op. Then two jobs would both hold the lock and every try would win. One probe
+    object, written three times, once per job."""
+    store = conditional_store(fs)
+    probe = f"{root.rstrip('/')}/_probe-{uuid.uuid4().hex}"
+    where = _describe_store(fs, root)
+    try:
+        version = store.create(probe, b"first")
+    except OSError as exc:
+        raise OutputError(f"{where}: cannot create a file there ({type(exc).__name__}: {exc})") from None
+    try:
+        for what, write in (("a create of an object that exists", lambda: store.create(probe, b"second")),
+                            ("a replace with a stale version", lambda: store.replace(probe, b"third", f"x{version}"))):
+            try:
+                write()
+            except PreconditionFailed:
+                continue
+            raise OutputError(f"{where} does not honour conditional writes ({what} succeeded): two jobs could "
+                              "both hold the output and every try would commit; use a store that does")
+        store.check_mutual_exclusion(probe)
+    finally:
+        try:
+            with_retries(fs.rm, probe, what=f"delete {probe}")
+        except FileNotFoundError:
+            pass
+
+
+def _describe_store(fs: fsspec.AbstractFileSystem, root: str) -> str:
+    """The output with the endpoint it is written through, where one is set (credentials left out)."""
+    endpoint = (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url") or getattr(fs, "endpoint_url", None)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    name = root if isinstance(fs, LocalFileSystem) else f"{protocol}://{root}"
+    return redact_text(f"{name} (endpoint {endpoint})" if endpoint else name)
 
 
 def conditional_store(fs: fsspec.AbstractFileSystem) -> ConditionalStore:

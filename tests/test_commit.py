@@ -100,7 +100,7 @@ def test_a_crash_between_marker_and_move_is_finished_by_the_next_job(output, mon
     assert visible(fs, root) == ["00005.stats.json"]  # committed: the marker counts, the data is staged
     committed = store.committed(fence)
     assert list(committed) == [5]
-    assert store.recover(committed) == 1
+    assert store.recover(committed) == (1, [])
     assert visible(fs, root) == ["00005.parquet", "00005.stats.json"] and store.staged_tries() == set()
 
 

@@ -1,0 +1,240 @@
+"""Commits that must never count without their data, and manifests only the holder writes (issue: nothing silently
+wrong, part 1). Each test interleaves an old run's straggler with the next run through the public store API, on
+local disk and on moto's S3."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+
+import fsspec
+import pytest
+
+from pipeline import commit, storage
+from pipeline.commit import BrokenCommitError, Fence, ShardStore, committed_shards, job_manifest, read_manifest
+from pipeline.job import _audit
+from pipeline.lock import LeaseKeeper, OutputLock, OutputLostError
+from pipeline.manifest import ManifestWriter
+from pipeline.plan import WorkUnit
+from pipeline.progress import JobProgress
+from pipeline.storage import OutputError, check_conditional_writes, get_bytes, put_atomic
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path):
+    if request.param == "local":
+        return fsspec.filesystem("file"), str(tmp_path / "out")
+    s3 = request.getfixturevalue("s3")
+    return storage.filesystem(s3.url(f"fence-{os.urandom(4).hex()}"), s3.storage_options)
+
+
+def take_over(fs, root, old: OutputLock) -> tuple[OutputLock, Fence]:
+    """The next run takes the output from `old` (as after its lease ran out) and resumes its lineage."""
+    old.release()
+    new = OutputLock(fs, root, lease_s=5)
+    new.acquire()
+    return new, Fence(new.token, (old.token, new.token), "spec-1")
+
+
+def old_run(fs, root) -> tuple[OutputLock, Fence]:
+    lock = OutputLock(fs, root, lease_s=5)
+    lock.acquire()
+    return lock, Fence(lock.token, (lock.token,), "spec-1")
+
+
+def write_job(fs, root, fence: Fence) -> None:
+    storage.put_atomic(fs, f"{root}/_job.json", json.dumps(job_manifest({}, [], list(fence.lineage))
+                                                           | {"identity": fence.identity}).encode())
+
+
+def test_a_straggler_whose_staging_was_cleaned_up_never_makes_its_unit_count(output, monkeypatch):
+    """The old run's try passes its fence check; the next run takes over and deletes staging without markers;
+    then the straggler creates its marker. The marker must not count, and the next run's try of the unit
+    commits its own data in its place."""
+    fs, root = output
+    old, old_fence = old_run(fs, root)
+    store = ShardStore(fs, root)
+    state = {}
+    real_holder = commit.lock_holder
+
+    def holder_then_takeover(fs_, root_):
+        token = real_holder(fs_, root_)
+        if "new" not in state:  # between the straggler's fence check and its claim
+            state["new"] = take_over(fs, root, old)
+            new_store = ShardStore(fs, root)
+            assert new_store.committed(state["new"][1]) == {}
+            new_store.recover({})  # deletes every staged try that has no marker: the straggler's
+        return token
+
+    monkeypatch.setattr(commit, "lock_holder", holder_then_takeover)
+    with pytest.raises(BrokenCommitError):
+        store.commit(7, {"00007.tar": b"straggler"}, {"count": 1}, old_fence)
+    monkeypatch.undo()
+    new, new_fence = state["new"]
+    write_job(fs, root, new_fence)
+    assert fs.exists(f"{root}/00007.stats.json")  # the straggler's marker is there ...
+    scan = ShardStore(fs, root).scan(new_fence)
+    assert list(scan.broken) == [7] and not scan.in_place and not scan.pending  # ... and does not count
+    assert committed_shards(fs, root) == {}
+    marker, won = ShardStore(fs, root).commit(7, {"00007.tar": b"redone"}, {"count": 1}, new_fence)
+    assert won and marker["fence"]["token"] == new.token
+    assert get_bytes(fs, f"{root}/00007.tar") == b"redone" and list(committed_shards(fs, root)) == [7]
+
+
+def test_a_try_that_finds_a_winner_without_files_replaces_it(output):
+    fs, root = output
+    lock, fence = old_run(fs, root)
+    store = ShardStore(fs, root)
+    store.commit(2, {"00002.tar": b"first"}, {"count": 1}, fence)
+    fs.rm(f"{root}/00002.tar")  # its data lost after the commit
+    assert store.scan(fence).broken.keys() == {2}
+    marker, won = store.commit(2, {"00002.tar": b"again"}, {"count": 1}, fence)
+    assert won and get_bytes(fs, f"{root}/00002.tar") == b"again" and store.scan(fence).in_place.keys() == {2}
+
+
+def test_a_straggler_cannot_replace_the_marker_of_the_run_that_took_over(output, monkeypatch):
+    fs, root = output
+    old, old_fence = old_run(fs, root)
+    real_holder = commit.lock_holder
+    calls = []
+
+    def holder_then_takeover_and_commit(fs_, root_):
+        token = real_holder(fs_, root_)
+        if not calls:
+            calls.append("taking over")
+            new, new_fence = take_over(fs, root, old)
+            fresh = Fence(new.token, (new.token,), "spec-2")  # an --overwrite with other settings
+            calls.append(ShardStore(fs, root).commit(4, {"00004.tar": b"new settings"}, {}, fresh))
+        return token
+
+    monkeypatch.setattr(commit, "lock_holder", holder_then_takeover_and_commit)
+    with pytest.raises(OutputLostError):
+        ShardStore(fs, root).commit(4, {"00004.tar": b"old settings"}, {}, old_fence)
+    marker, _ = calls[1]
+    assert json.loads(get_bytes(fs, f"{root}/00004.stats.json"))["fence"] == marker["fence"]
+    assert get_bytes(fs, f"{root}/00004.tar") == b"new settings"
+
+
+@pytest.mark.parametrize("planted", [
+    {"staging": "../../victim-dir", "files": {"00003.tar": {"bytes": 6}}},
+    {"files": {"../victim.tar": {"bytes": 6}}},
+    {"files": {"/tmp/victim.tar": {"bytes": 6}}},
+    {"files": {"00004.tar": {"bytes": 6}}},  # another shard's file
+    {"staging": "_staging/../../victim-dir", "files": {"00003.tar": {"bytes": 6}}},
+])
+def test_a_planted_marker_cannot_name_paths_outside_its_shard(tmp_path, planted):
+    fs, root = fsspec.filesystem("file"), str(tmp_path / "out")
+    lock, fence = old_run(fs, root)
+    victim = tmp_path / "victim.tar"
+    victim.write_bytes(b"victim")
+    (tmp_path / "victim-dir").mkdir()
+    (tmp_path / "victim-dir" / "00003.tar").write_bytes(b"victim")
+    try_id = "0" * 32
+    marker = {"fence": {"token": lock.token, "identity": "spec-1", "try": try_id},
+              "staging": f"_staging/{lock.token}/00003-{try_id}"} | planted
+    put_atomic(fs, f"{root}/00003.stats.json", json.dumps(marker).encode())
+    store = ShardStore(fs, root)
+    assert store.committed(fence) == {}
+    assert store.read_markers([3])[3]["invalid"]
+    won_marker, won = store.commit(3, {"00003.tar": b"honest"}, {}, fence)
+    assert won and get_bytes(fs, f"{root}/00003.tar") == b"honest"
+    assert victim.read_bytes() == b"victim" and (tmp_path / "victim-dir" / "00003.tar").read_bytes() == b"victim"
+
+
+def test_readers_see_a_shard_only_once_its_files_are_in_place(output, monkeypatch):
+    fs, root = output
+    lock, fence = old_run(fs, root)
+    write_job(fs, root, fence)
+    store = ShardStore(fs, root)
+    monkeypatch.setattr(commit, "move", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        store.commit(5, {"00005.tar": b"data", "images/00005.parquet": b"meta"}, {"count": 1}, fence)
+    monkeypatch.undo()
+    assert committed_shards(fs, root) == {}  # marker there, files staged: not readable yet
+    assert list(store.committed(fence)) == [5]  # but the driver skips it and finishes the move
+    assert store.recover(store.committed(fence)) == (1, [])
+    assert list(committed_shards(fs, root)) == [5]
+
+
+def test_only_the_holder_writes_the_manifest(output):
+    fs, root = output
+    old, old_fence = old_run(fs, root)
+    old_writer = ManifestWriter(fs, root, confirm_held=old.refresh)
+    old_writer.write({"lineage": [old.token], "who": "old"})
+    new, _ = take_over(fs, root, old)
+    old.record.state = "held"  # the old driver still believes it holds the output
+    new_writer = ManifestWriter(fs, root, confirm_held=new.refresh)
+    old_writer.write({"lineage": [old.token], "who": "old, late"})  # before the new job's first write
+    new_writer.write({"lineage": [old.token, new.token], "who": "new"})  # wins over the stale write
+    with pytest.raises(OutputLostError):
+        old_writer.write({"lineage": [old.token], "who": "old, restoring its spec"})
+    assert read_manifest(fs, root)["who"] == "new"
+    new_writer.write({"lineage": [old.token, new.token], "who": "new, progress"})
+    assert read_manifest(fs, root)["who"] == "new, progress"
+
+
+def test_the_lease_keeper_renews_in_every_phase_and_rides_out_a_short_outage(tmp_path, monkeypatch):
+    fs, root = fsspec.filesystem("file"), str(tmp_path / "out")
+    lock = OutputLock(fs, root, lease_s=2.0)
+    lock.acquire()
+    keeper = LeaseKeeper(lock, retry_s=0.05).start()
+    time.sleep(0.8)  # the driver busy elsewhere (listing, ray.init, recover): the keeper renews meanwhile
+    assert lock.record.seq >= 2
+    real_replace, outage = lock.store.replace, {"until": time.monotonic() + 1.0}
+
+    def flaky_replace(*args, **kwargs):
+        if time.monotonic() < outage["until"]:
+            raise ConnectionError("storage unreachable")
+        return real_replace(*args, **kwargs)
+
+    monkeypatch.setattr(lock.store, "replace", flaky_replace)
+    seq = lock.record.seq
+    time.sleep(1.6)
+    keeper.check()  # an outage shorter than the lease is ridden out
+    assert lock.record.seq > seq
+    outage["until"] = time.monotonic() + 10  # longer than the lease: the output is given up, with the reason
+    time.sleep(2.5)
+    with pytest.raises(OutputLostError, match="could not renew the lock.*ConnectionError"):
+        keeper.check()
+    keeper.stop()
+
+
+def test_the_audit_reports_a_unit_whose_commit_did_not_hold(tmp_path):
+    fs, root = fsspec.filesystem("file"), str(tmp_path / "out")
+    lock, fence = old_run(fs, root)
+    store = ShardStore(fs, root)
+    units = [WorkUnit(unit_id=i, path="p.parquet", first_row=i, num_rows=1, first_key_index=i) for i in range(2)]
+    progress = JobProgress(total_units=2, total_samples=2)
+    for unit in units:
+        marker, _ = store.commit(unit.unit_id, {f"{unit.shard}.tar": b"x"}, {"count": 1}, fence)
+        progress.committed_units += 1
+    fs.rm(f"{root}/00001.tar")
+    _audit(store, fence, units, progress)
+    assert not progress.complete and [r.unit.unit_id for r in progress.failed_units] == [1]
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused(s3, monkeypatch):
+    fs, root = storage.filesystem(s3.url("ignores-conditions"), s3.storage_options)
+    check_conditional_writes(fs, root)  # moto honours them
+    assert not [p for p in fs.find(root)]  # the probe cleans up after itself
+    real_pipe = fs.pipe_file
+
+    def careless_pipe(path, data, mode="overwrite", **kwargs):
+        kwargs.pop("IfMatch", None)
+        return real_pipe(path, data, **kwargs)  # as stores that accept the headers and ignore them
+
+    monkeypatch.setattr(fs, "pipe_file", careless_pipe)
+    with pytest.raises(OutputError, match="does not honour conditional writes") as refused:
+        check_conditional_writes(fs, root)
+    assert s3.endpoint_url in str(refused.value) and "testing" not in str(refused.value)
+
+
+def test_a_disk_where_flock_is_a_no_op_is_refused(tmp_path, monkeypatch):
+    fs = fsspec.filesystem("file")
+    check_conditional_writes(fs, str(tmp_path / "out"))
+    monkeypatch.setattr(fcntl, "flock", lambda *args: None)
+    with pytest.raises(OutputError, match="flock"):
+        check_conditional_writes(fs, str(tmp_path / "out"))
+    assert os.listdir(tmp_path / "out") == []
