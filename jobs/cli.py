@@ -6,44 +6,20 @@ settings (nothing ran); 3 no worker could start in time; 4 the output was lost t
 """
 
 import argparse
-import json
 import logging
-import sys
 
-from instaflow.loading import ModelLoadError
-from jobs.main import DefaultsShown
+from jobs.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_OUTPUT_LOST, EXIT_SHARDS_FAILED
+from jobs.main import Parser
+from jobs.options import check_output_folder, json_object, storage_options_flag
 from pipeline.job import run_job
-from pipeline.plan import InputError
-from pipeline.pool import NoWorkersError
 from pipeline.progress import JobProgress
 from pipeline.spec import DECODERS, DEVICE_CHOICES, IMAGE_FORMATS, OUTPUT_FORMATS, TAESD, JobSpec
-from pipeline.storage import OutputError, redact_text
-
-EXIT_OK, EXIT_SHARDS_FAILED, EXIT_BAD_INPUT, EXIT_NO_WORKERS, EXIT_OUTPUT_LOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 logger = logging.getLogger(__name__)
 
 
-def json_object(text: str) -> dict:
-    """JSON given inline, or `@PATH` to read it from a file (keeps secrets out of command lines and Ray's
-    job entrypoints: put the file on the nodes, e.g. a mounted Kubernetes secret)."""
-    if text.startswith("@"):
-        try:
-            with open(text[1:]) as f:
-                text = f.read()
-        except OSError as exc:
-            raise argparse.ArgumentTypeError(f"cannot read {text[1:]}: {exc.strerror}") from None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
-
-
 def base_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=DefaultsShown)
+    parser = Parser(prog=prog, description=description)
     parser.add_argument("--prompts", required=True, help="Parquet file, folder or glob, on any fsspec filesystem")
     parser.add_argument("--output", required=True, help="output folder URL (s3://, gs://, file://, a path, ...)")
     parser.add_argument("--prompt-column", default="prompt", help="column holding the prompt text")
@@ -76,8 +52,9 @@ def base_parser(description: str, prog: str | None = None) -> argparse.ArgumentP
                         help="seconds after which an output lock nobody renews is taken over")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="load .bin (pickle) weights of a model without safetensors; pickles can run code")
-    parser.add_argument("--storage-options", type=json_object, default={},
-                        help="JSON passed to fsspec, or @FILE to read it from a file")
+    parser.add_argument("--storage-options", type=storage_options_flag, default={},
+                        help="JSON passed to fsspec, or @FILE to read it from a file on the machine that runs the "
+                             "driver (for submit: the cluster's)")
     parser.add_argument("--overwrite", action="store_true", help="delete this tool's outputs there and start over")
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -95,20 +72,18 @@ def common_spec_args(args: argparse.Namespace) -> dict:
 
 
 def run(spec_args: dict, show_progress: bool = True) -> int:
-    """Builds the spec, runs the job, prints the summary; returns the exit status."""
+    """Builds the spec, runs the job, prints the summary; returns the exit status. What stops a job before it
+    runs is raised, for jobs.errors.entry_point to report (exit 2 or 3)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        spec = JobSpec(**spec_args)
-        progress = run_job(spec, show_progress=show_progress)
-    except (ValueError, InputError, ModelLoadError, OutputError) as exc:
-        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except NoWorkersError as exc:
-        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
-        return EXIT_NO_WORKERS
-    except KeyboardInterrupt:
-        print("interrupted before the job started", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    options = spec_args["storage_options"]
+    if isinstance(options, str):  # @FILE, read here: on the machine that runs the driver
+        try:
+            options = json_object(options)
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"--storage-options: {exc}") from None
+    spec = JobSpec(**spec_args | {"storage_options": options})
+    check_output_folder(spec.output, spec.storage_options)
+    progress = run_job(spec, show_progress=show_progress)
     print(progress.table())
     return exit_status(progress)
 

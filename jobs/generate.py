@@ -1,9 +1,9 @@
 """Generate an image dataset with InstaFlow (or a 2-Rectified-Flow model) from Parquet prompt shards."""
 
 import argparse
-import sys
 
 from jobs.cli import base_parser, common_spec_args, run
+from jobs.errors import entry_point, process_exit
 
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -20,10 +20,11 @@ def spec_args(args: argparse.Namespace) -> dict:
     }
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     return run(spec_args(args), show_progress=not args.no_progress)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    process_exit(main())

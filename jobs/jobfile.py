@@ -3,6 +3,8 @@
 A job file's keys are the job's flag names (`batch-size` or `batch_size`), plus an optional `job:`. The allowed
 keys and their types are read from the parser, so a flag added to a job works in job files without edits here;
 the job spec then rejects what no type can (a height of 0, images without a model). Flags override the file.
+Job files are read as YAML 1.2 reads them (`yes`, `no`, `on` and `off` are strings, so no flag takes them for a
+boolean), and a key given twice or an alias (`*name`, which can expand a small file to gigabytes) is refused.
 A job always ends as the argv of its module (`python -m jobs.generate ...`), so that `run` and `submit` behave
 exactly as the module entry points do.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import sys
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -21,14 +23,46 @@ from typing import Any, Callable
 import yaml
 
 from jobs import generate, reflow_pairs
+from jobs.errors import shown
 
 JOBS: dict[str, ModuleType] = {"generate": generate, "reflow-pairs": reflow_pairs}
 DEFAULT_JOB = "generate"
 _KINDS = {int: "an integer", float: "a number", None: "a string"}
+MAX_JOB_FILE_BYTES = 1 << 20  # a job file is a few dozen settings
 
 
 class JobFileError(ValueError):
     """A job file that cannot be used; the message names the file and the key."""
+
+
+class JobFileLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans (only true and false), no aliases, and no key twice."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.MarkedYAMLError(None, None, f"an alias (*{event.anchor}) is not allowed in a job file: write "
+                                       "the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (list, dict)):
+                continue  # unhashable: PyYAML's own error says so
+            if key in seen:
+                raise yaml.MarkedYAMLError(None, None, f"{shown(key)} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_BOOLEAN_TAG = "tag:yaml.org,2002:bool"
+JobFileLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOLEAN_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+JobFileLoader.add_implicit_resolver(_BOOLEAN_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 @dataclass
@@ -75,11 +109,7 @@ def job_flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 def run_command(argv: list[str], prog: str) -> int:
     """`instaflow-batch run`: the job's own module entry point, in this process, with the merged flags."""
-    try:
-        job = parse_job(prog, argv, add_options=lambda parser: None)
-    except JobFileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    job = parse_job(prog, argv, add_options=lambda parser: None)
     return job.module.main(job.argv())
 
 
@@ -95,7 +125,7 @@ def parse_job(prog: str, argv: list[str], add_options: Callable[[argparse.Argume
     if file_job is not None:
         file_job = str(file_job).replace("_", "-")
         if file_job not in JOBS:
-            raise JobFileError(f"{config}: job: {file_job!r} is not one of {', '.join(JOBS)}")
+            raise JobFileError(f"{config}: job: {shown(file_job)} is not one of {', '.join(JOBS)}")
         if name and name != file_job:
             raise JobFileError(f"{config} is a {file_job} job, but the command line names {name}")
     name = name or file_job or DEFAULT_JOB
@@ -113,14 +143,7 @@ def parse_job(prog: str, argv: list[str], add_options: Callable[[argparse.Argume
 
 
 def read_job_file(path: str) -> dict:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise JobFileError(f"job file {path}: {exc.strerror or exc}") from None
-    try:
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise JobFileError(f"job file {path}: not valid YAML: {exc}") from None
+    values = _parse_yaml(path, _read_text(path))
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -129,9 +152,42 @@ def read_job_file(path: str) -> dict:
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name in normalised:
-            raise JobFileError(f"job file {path}: {key}: given twice (with - and with _)")
+            raise JobFileError(f"job file {path}: {shown(key)} is given twice (with - and with _)")
         normalised[name] = value
     return normalised
+
+
+def _read_text(path: str) -> str:
+    """The file as UTF-8 text (a UTF-8 byte-order mark allowed); any other encoding is refused by name."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_JOB_FILE_BYTES + 1)
+    except OSError as exc:
+        raise JobFileError(f"job file {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_JOB_FILE_BYTES:
+        raise JobFileError(f"job file {path}: larger than {MAX_JOB_FILE_BYTES // 1024} KiB, which no job file is")
+    for bom, encoding in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                          (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if data.startswith(bom):
+            raise JobFileError(f"job file {path}: is {encoding} text; save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise JobFileError(f"job file {path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                           "save it as UTF-8") from None
+
+
+def _parse_yaml(path: str, text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=JobFileLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise JobFileError(f"job file {path}: {where}{exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise JobFileError(f"job file {path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise JobFileError(f"job file {path}: nested too deeply") from None
 
 
 def _split_job_name(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -139,7 +195,7 @@ def _split_job_name(argv: list[str]) -> tuple[str | None, list[str]]:
         return None, argv
     name = argv[0].replace("_", "-")
     if name not in JOBS:
-        raise JobFileError(f"unknown job {argv[0]!r}: choose {' or '.join(JOBS)}")
+        raise JobFileError(f"unknown job {shown(argv[0])}: choose {' or '.join(JOBS)}")
     return name, argv[1:]
 
 
@@ -156,7 +212,7 @@ def _checked_values(path: str, values: dict, flags: dict[str, argparse.Action]):
         if key not in flags:
             close = difflib.get_close_matches(key, flags, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(sorted(flags))}"
-            raise JobFileError(f"job file {path}: unknown key {key!r}{hint}")
+            raise JobFileError(f"job file {path}: unknown key {shown(key)}{hint}")
         action = flags[key]
         if value is None and action.default is None:
             continue
@@ -167,18 +223,18 @@ def _checked_value(path: str, key: str, value: Any, action: argparse.Action) -> 
     where = f"job file {path}: {key}"
     if _is_boolean(action):
         if not isinstance(value, bool):
-            raise JobFileError(f"{where}: expected true or false, got {value!r}")
+            raise JobFileError(f"{where}: expected true or false, got {shown(value)}")
         return value
     try:
         # The flag's own type function, fed the text a command line would give it: what it returns must be the
         # file's value (so "64" is no integer and 64 no string), and its errors name what is wrong.
         converted = action.type(_as_text(value)) if action.type else _as_text(value)
     except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
-        raise JobFileError(f"{where}: {_expected(action)}, got {value!r} ({exc})") from None
+        raise JobFileError(f"{where}: {_expected(action)}, got {shown(value)} ({exc})") from None
     if converted != value:
-        raise JobFileError(f"{where}: {_expected(action)}, got {value!r}")
+        raise JobFileError(f"{where}: {_expected(action)}, got {shown(value)}")
     if action.choices is not None and converted not in action.choices:
-        raise JobFileError(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+        raise JobFileError(f"{where}: {shown(value)} is not one of {', '.join(map(str, action.choices))}")
     return converted
 
 

@@ -2,7 +2,8 @@
 
 Each subcommand is one entry in COMMANDS, naming the function that implements it as "module:function"; the
 module is imported only when its subcommand runs, so `--help` and `status` do not wait for torch. Every function
-takes (argv, prog), parses argv with its own argparse parser, and returns the exit status.
+takes (argv, prog), parses argv with its own `Parser`, and returns the exit status; what it raises is reported
+by jobs.errors.entry_point, the one place an error becomes a line on stderr and an exit status.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import argparse
 import importlib
 import sys
 from dataclasses import dataclass
+from typing import NoReturn
+
+from jobs.errors import EXIT_BAD_INPUT, entry_point, error_line, process_exit, shown
 
 
 class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
@@ -23,6 +27,18 @@ class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """Every command's parser: defaults shown in --help, and a bad flag is one line (the usage is --help's)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsShown)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {error_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 @dataclass(frozen=True)
 class Command:
     name: str
@@ -31,8 +47,11 @@ class Command:
 
     def __call__(self, argv: list[str]) -> int:
         module, function = self.target.split(":")
-        status = getattr(importlib.import_module(module), function)(argv, f"instaflow-batch {self.name}")
-        return status or 0
+        return entry_point(lambda: getattr(importlib.import_module(module), function)(argv, self.prog))()
+
+    @property
+    def prog(self) -> str:
+        return f"instaflow-batch {self.name}"
 
 
 COMMANDS = (
@@ -68,16 +87,22 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """The console script (argv None: the process's own, and the process ends here) or a call with `argv`."""
+    if argv is None:
+        process_exit(dispatch(sys.argv[1:]))
+    return dispatch(argv)
+
+
+def dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
     commands = {command.name: command for command in COMMANDS}
     if argv[0] not in commands:
-        print(f"instaflow-batch: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
-        return 2
+        print(f"instaflow-batch: error: unknown command {shown(argv[0])} (see instaflow-batch --help)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return commands[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -7,11 +7,9 @@ latents decoded with the teacher's VAE (the model their `teacher` column names, 
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import posixpath
-import sys
 import tarfile
 from dataclasses import dataclass
 
@@ -20,7 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from jobs.main import DefaultsShown
+from jobs.errors import shown
+from jobs.main import Parser
+from jobs.options import json_object
 from jobs.sheet import Cell, contact_sheet
 from pipeline.commit import committed_shards
 from pipeline.storage import OutputError, filesystem, get_bytes
@@ -43,7 +43,7 @@ class Sample:
 
 
 def main(argv: list[str], prog: str) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], formatter_class=DefaultsShown)
+    parser = Parser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("output", help="the job's output folder URL (s3://..., a path, ...)")
     parser.add_argument("--out", required=True, help="where to write the sheet (PNG, JPEG, ... by extension)")
     parser.add_argument("--n", type=int, default=64, help="samples to show, the first that succeeded")
@@ -52,17 +52,16 @@ def main(argv: list[str], prog: str) -> int:
     parser.add_argument("--vae", metavar="MODEL", help="decode pairs with this model's VAE instead of the teacher's "
                                                          "(when the recorded teacher cannot be reached)")
     parser.add_argument("--thumb", type=int, default=256, help="image size on the sheet, in pixels")
-    parser.add_argument("--storage-options", type=json.loads, default={}, help="JSON passed to fsspec")
+    parser.add_argument("--storage-options", type=json_object, default={}, help="JSON passed to fsspec, or @FILE")
     args = parser.parse_args(argv)
     if args.n < 1 or args.thumb < 8:
         parser.error("--n must be at least 1 and --thumb at least 8")
+    kind, samples, num_shards = read_samples(args.output, args.n, args.kind, args.vae, args.storage_options)
+    sheet = contact_sheet([Cell(s.image, [f"{s.key}  seed {s.seed}", s.prompt]) for s in samples], args.thumb)
     try:
-        kind, samples, num_shards = read_samples(args.output, args.n, args.kind, args.vae, args.storage_options)
-        sheet = contact_sheet([Cell(s.image, [f"{s.key}  seed {s.seed}", s.prompt]) for s in samples], args.thumb)
         sheet.save(args.out)
-    except (PreviewError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # PIL: an extension it cannot write
+        raise PreviewError(f"--out {shown(args.out)}: {exc}") from None
     print(f"{args.out}: {len(samples)} {kind} from {num_shards} committed shards of {args.output}")
     return 0
 

@@ -14,13 +14,27 @@ import os
 import sys
 import time
 
-from jobs.main import DefaultsShown
+from jobs.errors import error_line
+from jobs.main import Parser
 
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 
 
 class AddressError(ValueError):
     """No cluster address was given."""
+
+
+class JobsApiError(ValueError):
+    """The cluster's Jobs API could not be reached, or refused the request; the message is its answer."""
+
+
+@contextlib.contextmanager
+def jobs_api():
+    """Calls to the Jobs API, whose client raises RuntimeError and ConnectionError for a cluster's answers."""
+    try:
+        yield
+    except (RuntimeError, ConnectionError) as exc:
+        raise JobsApiError(str(exc) or type(exc).__name__) from None
 
 
 def add_address(parser: argparse.ArgumentParser) -> None:
@@ -57,16 +71,17 @@ def _environment_without(names: tuple[str, ...]):
 def follow(client, submission_id: str) -> int:
     """Prints the job's logs until it ends, then its outcome; returns the driver's exit status."""
     try:
-        asyncio.run(_print_log_tail(client, submission_id))
-        info = _final_info(client, submission_id)
+        with jobs_api():
+            asyncio.run(_print_log_tail(client, submission_id))
+            info = _final_info(client, submission_id)
+            status = exit_status(info)
     except KeyboardInterrupt:
         print(f"\nstopped following; the job goes on. Stop it with: instaflow-batch stop {submission_id}",
               file=sys.stderr)
         return 130
-    status = exit_status(info)
     print(f"job {submission_id} {info.status.value}, exit status {status}", file=sys.stderr)
     if info.status.value == "FAILED" and info.driver_exit_code is None:
-        print(info.message, file=sys.stderr)
+        print(f"error: {error_line(info.message or 'the job failed before its driver ran')}", file=sys.stderr)
     return status
 
 
@@ -101,7 +116,7 @@ def exit_status(info) -> int:
 
 
 def _id_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=DefaultsShown)
+    parser = Parser(prog=prog, description=description)
     parser.add_argument("submission_id", help="as printed by submit (raysubmit_...)")
     add_address(parser)
     return parser
@@ -109,11 +124,8 @@ def _id_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def status_command(argv: list[str], prog: str) -> int:
     args = _id_parser(prog, "A submitted job's status, and its driver's exit status once it has ended.").parse_args(argv)
-    try:
+    with jobs_api():
         info = connect(args.address).get_job_info(args.submission_id)
-    except (AddressError, ConnectionError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     print(f"status: {info.status.value}")
     if info.driver_exit_code is not None:
         print(f"driver exit status: {info.driver_exit_code}")
@@ -127,17 +139,12 @@ def logs_command(argv: list[str], prog: str) -> int:
     parser = _id_parser(prog, "A submitted job's logs (its driver's output).")
     parser.add_argument("--follow", action="store_true", help="keep printing until the job ends")
     args = parser.parse_args(argv)
-    try:
+    with jobs_api():
         client = connect(args.address)
         if args.follow:
             asyncio.run(_print_log_tail(client, args.submission_id))
         else:
             print(client.get_job_logs(args.submission_id), end="")
-    except (AddressError, ConnectionError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
     return 0
 
 
@@ -145,10 +152,7 @@ def stop_command(argv: list[str], prog: str) -> int:
     parser = _id_parser(prog, "Stops a submitted job: its driver gets SIGTERM, committed shards stay, and "
                               "submitting the same job again resumes it.")
     args = parser.parse_args(argv)
-    try:
+    with jobs_api():
         stopping = connect(args.address).stop_job(args.submission_id)
-    except (AddressError, ConnectionError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     print(f"stopping {args.submission_id}" if stopping else f"{args.submission_id} had already ended")
     return 0

@@ -1,9 +1,9 @@
 """Write reflow training pairs (prompt, seed, noise, teacher latent); optionally images from a student too."""
 
 import argparse
-import sys
 
 from jobs.cli import base_parser, common_spec_args, run
+from jobs.errors import entry_point, process_exit
 
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -38,10 +38,11 @@ def spec_args(args: argparse.Namespace) -> dict:
     }
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     return run(spec_args(args), show_progress=not args.no_progress)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    process_exit(main())

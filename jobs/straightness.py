@@ -7,26 +7,25 @@ is seen straightening the flow and distillation lowering the one-step error. Eve
 the same flow times. Runs in one process, on a GPU when there is one.
 """
 
-import argparse
 import copy
 import json
 import logging
 import posixpath
-import sys
 
 import numpy as np
 import torch
 
-from instaflow.loading import ComponentCache, ModelLoadError, Runtime
+from instaflow.loading import ComponentCache, Runtime
 from instaflow.models import MODEL_RECORD
 from instaflow.text import encode_tokens, tokenize_prompts
 from instaflow.training import STRAIGHTNESS_TIMES, flow_measures
-from jobs.cli import json_object
-from jobs.main import DefaultsShown
+from jobs.errors import entry_point, process_exit
+from jobs.main import Parser
+from jobs.options import json_object
 from pipeline.commit import read_manifest
 from pipeline.model_source import resolve_model_source
 from pipeline.pairs_data import find_pairs, read_shard
-from pipeline.storage import OutputError, filesystem, normalize_location, normalize_model, put_atomic
+from pipeline.storage import filesystem, normalize_location, normalize_model, put_atomic
 from pipeline.train_worker import FINAL_DIR, list_checkpoints, read_ema_weights
 
 logger = logging.getLogger(__name__)
@@ -87,8 +86,9 @@ def local_model(model: str, storage_options: dict) -> str:
     return resolve_model_source(normalize_model(model), "float32", storage_options).local_dir(storage_options)
 
 
+@entry_point
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], formatter_class=DefaultsShown)
+    parser = Parser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", required=True, help="held-out pairs: a pairs output root or its pairs/ folder")
     parser.add_argument("--model", required=True, action="append",
                         help="a model or a training output (all its checkpoints); may be given more than once")
@@ -101,24 +101,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.max_pairs < 1 or args.batch_size < 1:
-        print("error: --max-pairs and --batch-size must be positive", file=sys.stderr)
-        return 2
+        parser.error("--max-pairs and --batch-size must be positive")
     use_gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())
     cache = ComponentCache(Runtime(torch.device("cuda" if use_gpu else "cpu"), torch.float32))
-    try:
-        pairs = held_out(args.pairs, args.storage_options, args.max_pairs, args.seed)
-        targets = [target for model in args.model for target in models_to_measure(model, args.storage_options)]
-        rows = []
-        for label, model, weights in targets:
-            components = cache.load(model)
-            unet = components.unet
-            if weights is not None:  # a copy: the cached UNet keeps the model's own weights for other labels
-                unet = copy.deepcopy(unet)
-                unet.load_state_dict(weights())
-            rows.append({"model": label, **measure(components, unet, pairs, args.batch_size)})
-    except (ModelLoadError, OutputError, ValueError, FileNotFoundError) as exc:  # PairsError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    pairs = held_out(args.pairs, args.storage_options, args.max_pairs, args.seed)
+    targets = [target for model in args.model for target in models_to_measure(model, args.storage_options)]
+    rows = []
+    for label, model, weights in targets:
+        components = cache.load(model)
+        unet = components.unet
+        if weights is not None:  # a copy: the cached UNet keeps the model's own weights for other labels
+            unet = copy.deepcopy(unet)
+            unet.load_state_dict(weights())
+        rows.append({"model": label, **measure(components, unet, pairs, args.batch_size)})
     print(table(rows, len(pairs["prompts"])))
     if args.report:
         fs, path = filesystem(args.report, args.storage_options)
@@ -136,4 +131,4 @@ def table(rows: list[dict], num_pairs: int) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    process_exit(main())

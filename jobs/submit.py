@@ -2,7 +2,8 @@
 
 Local paths in the job are made absolute first (they must exist on the cluster's nodes), the spec's own checks
 run here before anything is sent, and no secret travels with the job: a cluster keeps each job's entrypoint and
-runtime env in plain text and its dashboard shows them.
+runtime env in plain text and its dashboard shows them. `--storage-options @FILE` names a file on the cluster's
+nodes: it travels as its path and the job's driver reads it there (nothing reads it here).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from jobs.jobfile import Job, JobFileError, parse_job
-from jobs.ray_jobs import AddressError, add_address, connect, follow
+from jobs.jobfile import Job, parse_job
+from jobs.main import DefaultsShown
+from jobs.ray_jobs import add_address, connect, follow, jobs_api
 from pipeline.spec import JobSpec
 from pipeline.storage import redact_text, secret_fields
 
@@ -36,8 +38,16 @@ and keep only settings that are not secret (endpoint_url, region_name, anon) in 
     the job's driver inherits the node's environment and passes AWS_*, FSSPEC_*, GOOGLE_*, GCS* and HF_*
     variables on to its workers;
   - a credentials file on every node (~/.aws/credentials, or AWS_SHARED_CREDENTIALS_FILE /
-    GOOGLE_APPLICATION_CREDENTIALS pointing at one).
+    GOOGLE_APPLICATION_CREDENTIALS pointing at one);
+  - a JSON file on every node, named with --storage-options @/path/on/the/nodes.json: the driver reads it there.
 `instaflow-batch run` on one machine may still take keys in --storage-options."""
+SECRETS_HINT = ("a cluster shows every job's entrypoint; give its nodes their own access (an instance profile or "
+                "IRSA role, a Secret as env, a credentials file) or name a JSON file on the nodes with "
+                "--storage-options @FILE (instaflow-batch submit --help says more)")
+
+
+class _HelpWithCredentials(DefaultsShown, argparse.RawDescriptionHelpFormatter):
+    """submit --help: defaults shown, and the credentials notes as written."""
 
 
 class SubmitError(ValueError):
@@ -49,15 +59,14 @@ def submit_command(argv: list[str], prog: str) -> int:
         add_address(parser)
         parser.add_argument("--wait", action="store_true",
                             help="follow the logs to the end and exit with the job's own exit status")
+        parser.formatter_class = _HelpWithCredentials
+        parser.epilog = CREDENTIALS_HELP
 
-    try:
-        job = parse_job(prog, argv, add_options)
-        entrypoint = job_entrypoint(job)
+    job = parse_job(prog, argv, add_options)
+    entrypoint = job_entrypoint(job)
+    with jobs_api():
         client = connect(job.args.address)
         submission_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env())
-    except (JobFileError, AddressError, SubmitError, ValueError, ConnectionError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     if not job.args.wait:
         print(submission_id)
         print(f"follow it with: instaflow-batch logs --follow {submission_id}", file=sys.stderr)
@@ -74,20 +83,28 @@ def job_entrypoint(job: Job) -> str:
     secrets = secret_fields({name: getattr(job.args, name) for name in
                              ("storage_options", *LOCAL_PATH_FLAGS, *MODEL_FLAGS) if hasattr(job.args, name)})
     if secrets:
-        raise SubmitError(f"refusing to submit secrets ({', '.join(secrets)}).\n{CREDENTIALS_HELP}")
+        raise SubmitError(f"refusing to submit secrets ({', '.join(secrets)}): {SECRETS_HINT}")
     for name in LOCAL_PATH_FLAGS:
         value = getattr(job.args, name)
         if "://" not in value:
-            setattr(job.args, name, os.path.abspath(os.path.expanduser(value)))
+            setattr(job.args, name, _absolute(value))
     for name in MODEL_FLAGS:
         value = getattr(job.args, name, None)
         if value and Path(value).expanduser().exists():
             setattr(job.args, name, str(Path(value).expanduser().resolve()))
-    JobSpec(**job.spec_args())  # the spec's own checks, here, before anything reaches the cluster
+    options = job.args.storage_options
+    if isinstance(options, str):  # @FILE: a file on the nodes; relative to where the command runs, as other paths
+        job.args.storage_options = "@" + _absolute(options[1:])
+    # The spec's own checks, here, before anything reaches the cluster (an @FILE's settings are the driver's).
+    JobSpec(**job.spec_args() | {"storage_options": {} if isinstance(options, str) else options})
     entrypoint = shlex.join(["python", "-m", job.module.__name__, *job.argv()])
     if redact_text(entrypoint) != entrypoint:  # in any other flag: by pattern, or a secret variable's value
-        raise SubmitError(f"refusing to submit secrets (in {redact_text(entrypoint)}).\n{CREDENTIALS_HELP}")
+        raise SubmitError(f"refusing to submit secrets (in {redact_text(entrypoint)}): {SECRETS_HINT}")
     return entrypoint
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def runtime_env() -> dict:

@@ -1,5 +1,6 @@
 """`instaflow-batch`: the dispatcher, job files checked against the jobs' own parsers, and `run` as the module."""
 
+import re
 from pathlib import Path
 
 import fsspec
@@ -93,10 +94,35 @@ def test_job_file_that_is_not_a_mapping_or_spells_a_key_twice(tmp_path):
         parse(["--config", str(listing)])
     twice = tmp_path / "twice.yaml"
     twice.write_text("batch-size: 4\nbatch_size: 8\n")
-    with pytest.raises(JobFileError, match="batch_size: given twice"):
+    with pytest.raises(JobFileError, match="'batch_size' is given twice"):
         parse(["--config", str(twice)])
     with pytest.raises(JobFileError, match="missing.yaml"):
         parse(["--config", str(tmp_path / "missing.yaml")])
+
+
+@pytest.mark.parametrize("text, message", [
+    *((f"compile: {word}\n", f"compile: expected true or false, got '{word}'")
+      for word in ("yes", "no", "on", "off", "y", "n", "Yes", "NO", "On")),
+    ("allow_pickle: off\n", "allow_pickle: expected true or false, got 'off'"),
+    ("height: 64\nheight: 128\n", "line 5, column 1: 'height' is given twice"),
+    ("storage_options: {anon: true, anon: false}\n", "line 4, column 31: 'anon' is given twice"),
+    ("x: &a 64\nheight: *a\n", "line 5, column 9: an alias (*a) is not allowed"),
+])
+def test_job_file_is_read_as_yaml_1_2_without_duplicates_or_aliases(tmp_path, text, message):
+    """YAML 1.1's yes/no/on/off are strings, which no switch takes; a key twice never silently keeps one."""
+    config = tmp_path / "job.yaml"
+    config.write_text("prompts: p\noutput: o\nmodel: m\n" + text)
+    with pytest.raises(JobFileError, match=re.escape(message)) as error:
+        parse(["--config", str(config)])
+    assert str(config) in str(error.value)
+
+
+def test_job_file_booleans_and_yaml_1_1_words_as_strings(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("prompts: p\noutput: o\nmodel: m\ncompile: True\noverwrite: false\nprompt_column: yes\n"
+                      "tiny_decoder: off\n")
+    args = parse(["--config", str(config)]).args
+    assert (args.compile, args.overwrite, args.prompt_column, args.tiny_decoder) == (True, False, "yes", "off")
 
 
 def test_required_flags_come_from_the_file_or_the_command_line(tmp_path, capsys):

@@ -160,6 +160,40 @@ def test_secrets_are_refused_before_anything_is_sent(tiny_models, capsys, monkey
     assert "height" in capsys.readouterr().err
 
 
+def test_storage_options_file_is_read_by_the_driver_on_the_cluster(address, bucket, tiny_models, tmp_path, capsys):
+    """`--storage-options @FILE` names a file on the nodes: the driver reads it there (here the node is this
+    machine); a file that no node has fails the driver, with status 2 and the file named."""
+    options = {"client_kwargs": {"region_name": "us-east-1"}, "default_block_size": 5 * 2**20}
+    on_nodes = tmp_path / "on-nodes.json"
+    on_nodes.write_text(json.dumps(options))
+    assert main(["submit", "--wait", *job_flags(tiny_models, "options-file"), "--storage-options", f"@{on_nodes}"]) == 0
+    printed = capsys.readouterr()
+    info = connect(None).get_job_info(submission_id(printed.err))
+    assert f"--storage-options @{on_nodes}" in info.entrypoint and "region_name" not in info.entrypoint
+    manifest = json.loads(bucket.cat(f"{BUCKET}/options-file/_job.json"))
+    assert manifest["storage_options"] == options  # what the driver read from the file
+
+    absent = tmp_path / "absent.json"
+    assert main(["submit", "--wait", *job_flags(tiny_models, "no-options"), "--storage-options", f"@{absent}"]) == 2
+    printed = capsys.readouterr()
+    assert f"error: --storage-options: '{absent}': cannot read it (No such file or directory)" in printed.out
+    assert not bucket.exists(f"{BUCKET}/no-options")
+
+
+def test_storage_options_file_is_not_read_where_the_job_is_submitted(tiny_models, tmp_path, monkeypatch):
+    """The path travels, made absolute as other local paths; its content (secrets allowed) is never read here."""
+    from jobs.jobfile import parse_job
+    from jobs.submit import job_entrypoint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "secrets.json").write_text('{"key": "AKIA0", "secret": "s3cr3t"}')
+    for given, sent in (("@secrets.json", f"@{tmp_path}/secrets.json"), ("@/run/s3.json", "@/run/s3.json")):
+        job = parse_job("instaflow-batch submit", [*job_flags(tiny_models, "x"), "--storage-options", given],
+                        lambda parser: None)
+        entrypoint = job_entrypoint(job)
+        assert f"--storage-options {sent}" in entrypoint and "s3cr3t" not in entrypoint
+
+
 def test_local_paths_are_made_absolute(tiny_models, tmp_path, monkeypatch):
     from jobs.jobfile import parse_job
     from jobs.submit import job_entrypoint
