@@ -33,8 +33,8 @@ _ENV_NAMES = ("S3_ENDPOINT_URL",)
 _UNFORWARDED_NAME_PARTS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL", "SESSION", "SIGNATURE",
                            "CONNECTION_STRING", "SAS", "AUTH", "HEADER", "COOKIE")
 # Variables anywhere in the environment whose values are secrets, hidden wherever they turn up (redact_text).
-_SECRET_ENV_NAME_PARTS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "SIGNATURE", "CONNECTION_STRING",
-                          "COOKIE", "_KEY")
+_SECRET_ENV_NAME = re.compile("SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|SIGNATURE|CONNECTION_STRING|COOKIE|_KEY",
+                              re.IGNORECASE)
 # A remembered or environment secret shorter than this is hidden only where a pattern finds it: hiding every
 # occurrence of a short value ("testing", "false") would blank ordinary words of messages.
 MIN_SECRET_LENGTH = 8
@@ -68,6 +68,9 @@ _SECRET_IN_TEXT = [
                r"token|aws4-hmac-sha256)\s+)?)(?P<secret>[^\s\"',;]+)"),
     re.compile(r"(?i)(?P<keep>\bbearer\s+)(?P<secret>[\w.~+/=-]+)"),
 ]
+# Every pattern but the first needs one of these in the text: most messages are spared the costlier patterns.
+_SECRET_HINTS = ("sig", "key", "token", "secret", "passw", "pwd", "credential", "auth", "cookie", "header", "sas",
+                 "bearer")
 _remembered_secrets: set[str] = set()  # secret values of this process's storage options (remember_secrets)
 
 # OSErrors that retrying cannot fix.
@@ -154,7 +157,9 @@ def redact_text(text: str | None) -> str | None:
     known = _known_secrets()
     if known:
         text = _value_pattern(tuple(sorted(known, key=lambda value: (-len(value), value)))).sub("***", text)
-    for pattern in _SECRET_IN_TEXT:
+    lowered = text.lower()
+    patterns = _SECRET_IN_TEXT if any(hint in lowered for hint in _SECRET_HINTS) else _SECRET_IN_TEXT[:1]
+    for pattern in patterns:
         text = pattern.sub(lambda m: m.group("keep") + "***", text)
     return text
 
@@ -186,9 +191,9 @@ def _secret_values(values: Any, secret: bool = False):
 def _known_secrets() -> set[str]:
     """The remembered secrets and the secret variables' values, each as it may be written: raw, URL-encoded, or
     escaped in JSON or a repr."""
-    from_env = {value for name, value in os.environ.items()
-                if len(value) >= MIN_SECRET_LENGTH and any(part in name.upper() for part in _SECRET_ENV_NAME_PARTS)}
-    return {form for value in _remembered_secrets | from_env
+    from_env = {os.environ[name] for name in os.environ if _SECRET_ENV_NAME.search(name)}
+    values = _remembered_secrets | {value for value in from_env if len(value) >= MIN_SECRET_LENGTH}
+    return {form for value in values
             for form in (value, urllib.parse.quote(value, safe=""), json.dumps(value)[1:-1], repr(value)[1:-1])}
 
 
