@@ -24,6 +24,7 @@ import yaml
 
 from jobs import generate, reflow_pairs
 from jobs.errors import shown
+from jobs.main import Parser
 
 JOBS: dict[str, ModuleType] = {"generate": generate, "reflow-pairs": reflow_pairs}
 DEFAULT_JOB = "generate"
@@ -119,7 +120,7 @@ def parse_job(prog: str, argv: list[str], add_options: Callable[[argparse.Argume
     Raises JobFileError for a bad job file; bad flags exit with status 2, as argparse does.
     """
     name, rest = _split_job_name(argv)
-    config = _config_path(rest)
+    config = _config_path(prog, rest)
     values = read_job_file(config) if config else {}
     file_job = values.pop("job", None)
     if file_job is not None:
@@ -199,8 +200,8 @@ def _split_job_name(argv: list[str]) -> tuple[str | None, list[str]]:
     return name, argv[1:]
 
 
-def _config_path(argv: list[str]) -> str | None:
-    pre = argparse.ArgumentParser(add_help=False)
+def _config_path(prog: str, argv: list[str]) -> str | None:
+    pre = Parser(prog=prog, add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     return known.config
