@@ -427,11 +427,20 @@ def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> dict | None:
         return None
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past the parser's depth
         raise OutputError(f"{path} is not valid JSON ({e}); pass --overwrite to start over") from None
-    if not isinstance(manifest, dict):
-        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(manifest), "a number")
-        raise OutputError(f"{path} holds {kind}, not a JSON object: not a manifest of this tool; pass --overwrite to "
-                          "start over")
+    wrong = [f"{field} is {_json_kind(manifest[field])}" for field, kind in _MANIFEST_FIELDS.items()
+             if isinstance(manifest, dict) and field in manifest and not isinstance(manifest[field], kind)]
+    if not isinstance(manifest, dict) or wrong:
+        what = ", ".join(wrong) if wrong else f"holds {_json_kind(manifest)}, not a JSON object"
+        raise OutputError(f"{path}: {what}: not a manifest of this tool; pass --overwrite to start over")
     return manifest
+
+
+_MANIFEST_FIELDS = {"spec": dict, "inputs": list, "lineage": list, "progress": dict}  # what readers index into
+
+
+def _json_kind(value) -> str:
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), "a number")
 
 
 def write_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> None:

@@ -91,24 +91,29 @@ def test_storage_options_that_are_not_a_json_object(job, tmp_path, capsys):
 
 def test_verify_on_what_is_not_an_output(tmp_path, capsys):
     a_file = write(tmp_path / "a-file", "x")
-    for manifest, kind in (("[1, 2]", "an array"), ("7", "a number"), ('"x"', "a string"), ("null", "null")):
-        (tmp_path / f"out-{kind}").mkdir()
-        write(tmp_path / f"out-{kind}" / "_job.json", manifest)
+    manifests = {"[1, 2]": "holds an array, not a JSON object", "7": "holds a number, not a JSON object",
+                 '"x"': "holds a string, not a JSON object", "null": "holds null, not a JSON object",
+                 '{"spec": [1], "inputs": {}}': "spec is an array, inputs is an object"}
     cases = [(a_file, "is a file, not an output folder"), (str(tmp_path / "missing"), "no such folder"),
-             (str(tmp_path / f"x{ESCAPE}\nb"), "x\\x1b[31m\\nb': no such folder"),
-             *((str(tmp_path / f"out-{kind}"), f"_job.json holds {kind}, not a JSON object")
-               for kind in ("an array", "a number", "a string", "null"))]
+             (str(tmp_path / f"x{ESCAPE}\nb"), "x\\x1b[31m\\nb': no such folder")]
+    for i, (manifest, expected) in enumerate(manifests.items()):
+        output = tmp_path / f"out-{i}"
+        output.mkdir()
+        write(output / "_job.json", manifest)
+        cases.append((str(output), f"_job.json: {expected}"))
     for output, expected in cases:
         assert main(["verify", output]) == 2, output
         assert expected in error_line(capsys)
 
 
-def test_a_rerun_over_a_job_json_that_is_not_a_mapping(job, tmp_path, capsys):
+@pytest.mark.parametrize("manifest, expected", [("[]", "holds an array, not a JSON object"),
+                                                ('{"lineage": "x", "spec": 1}', "spec is a number, lineage is a string")])
+def test_a_rerun_over_a_job_json_that_is_not_a_manifest(job, tmp_path, capsys, manifest, expected):
     (tmp_path / "out").mkdir()
-    write(tmp_path / "out" / "_job.json", "[]")
+    write(tmp_path / "out" / "_job.json", manifest)
     assert main([*job, "--output", str(tmp_path / "out")]) == 2
-    assert "_job.json holds an array, not a JSON object" in error_line(capsys)
-    assert (tmp_path / "out" / "_job.json").read_text() == "[]"  # nothing was written over it
+    assert f"_job.json: {expected}" in error_line(capsys)
+    assert (tmp_path / "out" / "_job.json").read_text() == manifest  # nothing was written over it
 
 
 @pytest.mark.parametrize("text, expected", [
