@@ -5,20 +5,21 @@ jobs/data/prompts.parquet, verifies both outputs and prints where they are. Re-r
 left to do).
 """
 
-import argparse
-import sys
 from pathlib import Path
 
 from instaflow.tiny import build_tiny_models
 from jobs import generate, reflow_pairs
+from jobs.errors import entry_point, process_exit
+from jobs.main import Parser
 from pipeline.verify import verify_output
 
 PROMPTS = Path(__file__).parent / "data" / "prompts.parquet"
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="out/demo", help="where models and outputs go (default: out/demo)")
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="out/demo", help="where models and outputs go")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
     models_dir = workdir / "models"
@@ -43,4 +44,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    process_exit(main())
