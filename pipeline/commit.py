@@ -50,7 +50,6 @@ _READ_THREADS = 16
 
 _MARKER = re.compile(r"(\d{5,})\.stats\.json")
 _NAME = re.compile(r"[0-9a-zA-Z_-]{1,64}")  # tokens and try ids: one path segment, nothing to climb out with
-_DATA_FILE = re.compile(r"\d{5,}\.(tar|parquet)")
 # leftovers of interrupted local writes (storage.put_atomic) and compare-and-replace guards
 _LOCAL_EXTRA = r"(\.tmp-[0-9a-f]{32}|\.guard)?"
 _SHARD_FILE = re.compile(rf"\d{{5,}}\.(tar|parquet|stats\.json){_LOCAL_EXTRA}")
@@ -355,17 +354,6 @@ class ShardStore:
         except FileNotFoundError:
             pass
 
-    def data_files(self) -> list[str]:
-        """Shard data files (NNNNN.tar, NNNNN.parquet) at the root and in images/ and pairs/, relative to the
-        root: what a reader that globs the output sees, committed or not."""
-        found = []
-        for sub in OUTPUT_DIRS:
-            for path in _list(self.fs, _join(self.root, sub)):
-                name = posixpath.basename(path)
-                if _DATA_FILE.fullmatch(name):
-                    found.append(f"{sub}/{name}" if sub else name)
-        return sorted(found)
-
     def remove_outputs(self) -> None:
         """Delete this engine's shard files, staging and manifest, never other files (for --overwrite).
 
@@ -481,8 +469,14 @@ def changed_inputs(old: list[dict], new: list[dict]) -> list[str]:
             changes.append(f"{path} (added)")
             continue
         diffs = [f"{k} {before[path].get(k)} -> {f.get(k)}" for k in ("size", "etag", "mtime")
-                 if before[path].get(k) != f.get(k)]
+                 if before[path].get(k) != f.get(k) and not _upgraded(k, before[path], f)]
         if diffs:
             changes.append(f"{path} ({', '.join(diffs)})")
     return changes
 
+
+def _upgraded(key: str, old: dict, new: dict) -> bool:
+    """Outputs begun before local inputs were tagged by content recorded a digest of each Parquet footer instead:
+    a file of the same size is taken as the same once, and its content digest is kept from then on."""
+    return (key == "etag" and str(old.get("etag")).startswith("footer-sha256:")
+            and str(new.get("etag")).startswith("sha256:") and old.get("size") == new.get("size"))

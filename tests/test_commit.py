@@ -232,6 +232,13 @@ def test_manifest_round_trip_and_mismatch_messages(local):
     assert "s3://b/a.parquet (size 10 -> 11, etag e1 -> e2)" in str(e.value)
     assert "s3://b/new.parquet (added)" in str(e.value)
 
+    # An output begun when local inputs were tagged by a digest of their footer resumes once with content digests.
+    footer = [{"path": "a.parquet", "size": 10, "etag": "footer-sha256:ab", "mtime": None}]
+    stored = json.loads(json.dumps(job_manifest(identity, footer, ["t1"])))
+    check_compatible(stored, identity, [{**footer[0], "etag": "sha256:cd"}])
+    with pytest.raises(SpecMismatchError, match="size 10 -> 12"):
+        check_compatible(stored, identity, [{**footer[0], "size": 12, "etag": "sha256:cd"}])
+
     put_atomic(fs, f"{root}/_job.json", b"{not json")
     with pytest.raises(commit.OutputError, match="_job.json is not valid JSON"):
         read_manifest(fs, root)
