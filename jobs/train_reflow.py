@@ -12,7 +12,6 @@ import logging
 import os
 import posixpath
 import sys
-import threading
 from dataclasses import asdict
 
 import torch
@@ -21,9 +20,10 @@ from instaflow.training import LOSSES
 from jobs.errors import entry_point, error_line, process_exit, report
 from jobs.main import Parser
 from jobs.options import check_output_folder, json_object
-from pipeline.commit import check_compatible, job_manifest, read_manifest, write_manifest
+from pipeline.commit import check_compatible, job_manifest, read_manifest
 from pipeline.job import connect_ray, handle_sigterm_as_interrupt, sigterm_as_interrupt
-from pipeline.lock import OutputLock, OutputLostError
+from pipeline.lock import LeaseKeeper, OutputLock
+from pipeline.manifest import ManifestWriter
 from pipeline.model_source import resolve_model_source
 from pipeline.pairs_data import find_pairs
 from pipeline.storage import OutputError, filesystem, protect_secrets, redact, storage_env, with_retries
@@ -83,34 +83,33 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         check_output_folder(spec.output, spec.storage_options)
         lock = OutputLock(fs, root, lease_s=spec.lock_lease_s)
         lock.acquire()
-        heartbeat = LockHeartbeat(lock)
+        keeper = LeaseKeeper(lock, on_lost=_thread.interrupt_main).start()  # Ray Train runs in the main thread
         try:
             use_gpu = wants_gpus(spec)
             connect_ray(spec.ray_address)
             handle_sigterm_as_interrupt()  # ray.init puts its own SIGTERM handler in place of ours
             trainer = build_trainer(spec, init, fs, root, use_gpu)
             prepare_output(spec, fs, root, train_identity(spec, init), [{"path": s.path} for s in pairs.shards],
-                           lock.token)
-            heartbeat.start()
+                           lock)
             result = trainer.fit()
         except (OutputError, ValueError):
             raise  # exit 2, reported by entry_point
         except KeyboardInterrupt:
-            if heartbeat.lost is not None:
-                return report(heartbeat.lost)  # exit 4
+            if keeper.error is not None:
+                return report(keeper.error)  # exit 4
             logger.warning("interrupted: the last checkpoint stays; re-run the command to resume from it")
             return 130
         except Exception as exc:
             return training_failure(exc)
         finally:
-            heartbeat.stop()
-            if heartbeat.lost is None:
+            keeper.stop()
+            if keeper.error is None:
                 lock.release()
     print(f"trained: {result.metrics}\nfinal model: {posixpath.join(spec.output, FINAL_DIR)}")
     return 0
 
 
-def prepare_output(spec: TrainSpec, fs, root: str, identity: dict, inputs: list[dict], token: str) -> None:
+def prepare_output(spec: TrainSpec, fs, root: str, identity: dict, inputs: list[dict], lock: OutputLock) -> None:
     """Starts over on --overwrite; refuses an output trained with other settings or pairs; records ours."""
     existing = None if spec.overwrite else read_manifest(fs, root)
     if existing is not None:
@@ -120,11 +119,11 @@ def prepare_output(spec: TrainSpec, fs, root: str, identity: dict, inputs: list[
             path = posixpath.join(root, name)
             if fs.exists(path):
                 with_retries(fs.rm, path, recursive=True, what=f"delete {path}")
-    lineage = [*(existing or {}).get("lineage", []), token]
+    lineage = [*(existing or {}).get("lineage", []), lock.token]
     manifest = job_manifest(identity, inputs, lineage) | {
         "init": spec.init, "pairs": spec.pairs, "storage_options": redact(spec.storage_options),
     }
-    write_manifest(fs, root, manifest)
+    ManifestWriter(fs, root, confirm_held=lock.refresh).write(manifest)
 
 
 def wants_gpus(spec: TrainSpec) -> bool:
@@ -180,34 +179,6 @@ def training_failure(exc: Exception) -> int:
     if isinstance(exc, ControllerError) and isinstance(exc.controller_failure, startup):
         return 3
     return 1
-
-
-class LockHeartbeat:
-    """Renews the output lock while Ray Train runs; if another job takes the output, interrupts the run."""
-
-    def __init__(self, lock: OutputLock):
-        self.lock = lock
-        self.lost: OutputLostError | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lock-heartbeat", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.lock.refresh_interval_s):
-            try:
-                self.lock.refresh()
-            except OutputLostError as exc:
-                logger.error("%s", exc)
-                self.lost = exc
-                _thread.interrupt_main()
-                return
 
 
 if __name__ == "__main__":

@@ -230,11 +230,13 @@ class LeaseKeeper:
 
     A storage outage is ridden out: failed renewals are retried until the lease would run out, counted from the
     last renewal that landed (no other job can judge the lock stale before then). Only then, or when another
-    job has taken the lock, is the output given up: `error` is set, and `check()` raises it in the driver.
+    job has taken the lock, is the output given up: `error` is set, `on_lost` is called, and `check()` raises
+    the error in the driver.
     """
 
-    def __init__(self, lock: OutputLock, clock: Callable[[], float] = time.monotonic, retry_s: float = 1.0):
-        self.lock, self.clock, self.retry_s = lock, clock, retry_s
+    def __init__(self, lock: OutputLock, clock: Callable[[], float] = time.monotonic, retry_s: float = 1.0,
+                 on_lost: Callable[[], None] = lambda: None):
+        self.lock, self.clock, self.retry_s, self.on_lost = lock, clock, retry_s, on_lost
         self.error: OutputLostError | None = None
         self.renewed_at = clock()
         self._stop = threading.Event()
@@ -256,6 +258,12 @@ class LeaseKeeper:
             raise self.error
 
     def _run(self) -> None:
+        self._renew()
+        if self.error is not None:
+            log.error("%s", self.error)
+            self.on_lost()  # e.g. interrupt a main thread that never looks at check()
+
+    def _renew(self) -> None:
         wait_s = self.lock.refresh_interval_s
         while not self._stop.wait(wait_s):
             try:
