@@ -430,7 +430,10 @@ class S3ConditionalStore(ConditionalStore):
         return out["ETag"]
 
     def replace(self, path: str, data: bytes, version: str) -> str:
-        out = self._call(self.fs.pipe_file, path, data, IfMatch=version, what=f"replace {path}")
+        try:
+            out = self._call(self.fs.pipe_file, path, data, IfMatch=version, what=f"replace {path}")
+        except FileNotFoundError:  # S3 answers If-Match on a deleted key with 404 NoSuchKey, not 412
+            raise PreconditionFailed(f"replace {path}") from None
         return out["ETag"]
 
 
@@ -517,6 +520,8 @@ def check_conditional_writes(fs: fsspec.AbstractFileSystem, root: str) -> None:
     where = _describe_store(fs, root)
     try:
         version = store.create(probe, b"first")
+    except PreconditionFailed:  # the name is new: our own create landed and its answer was lost
+        version = store.read(probe)[1]
     except OSError as exc:
         raise OutputError(f"{where}: cannot create a file there ({type(exc).__name__}: {exc})") from None
     try:

@@ -23,6 +23,20 @@ delay picked by the seed), once the faulty leg has committed something of its ow
 - storage_outage (only when --faults names it): for 3 to 25 s, every request of some kinds gets one such fault (a
   delay holds them until the outage ends), longer than the S3 client's own retries last.
 
+And the faults of issue 13, which do not wait for a commit:
+
+- early: before the leg's first commit, 0 to 2.5 s after a live driver holds the lock (or a ShardWorker process
+  runs, starting or warming up): a driver kill, an interrupt, a worker kill, or an outage of 0.5 to 1.8 s (shorter
+  than the 2 s lease: the engine must ride it out);
+- overwrite: a first leg runs the job with another --seed (to the end, or killed after k shards); the run's own
+  command then gets --overwrite, and the moment its markers start to vanish (the removal of the old output; polled
+  every 20 ms) the driver is killed or interrupted, or writes (and reads) fail for 0.5 to 1.8 s; the final checks
+  compare with the reference of the run's own settings;
+- local_output: the output is a folder of this machine, not S3 (storage faults then reach only the prompts);
+- multipart: s3fs uploads in parts of 32 or 128 KiB (tests/chaos_site/sitecustomize.py in the jobs' processes;
+  moto told to accept parts under S3's 5 MiB), so most shards are multipart uploads and the `part` storage faults
+  have requests to fail; each run's record counts its multipart requests by step, from the proxy.
+
 After a leg that was cut short: what the README's readers see by globbing the output is committed data only, its
 bytes are the reference's, and no key is seen twice. After the run: `instaflow-batch verify` passes, every prompt
 appears exactly once, the readers see exactly the committed shards, every data file and every sample equals the
@@ -66,16 +80,22 @@ BUCKET = "chaos"
 LOCK_LEASE_S = 2.0
 JOB_SEED = 7
 WORKER_TITLE = "ray::ShardWorker"
-FAULT_TYPES = ("worker_kill", "node_loss", "driver_kill", "interrupt", "concurrent_start", "storage", "storage_outage")
-DEFAULT_FAULTS = FAULT_TYPES[:-1]  # the faults of issue 7; outages are asked for by name
+FAULT_TYPES = ("worker_kill", "node_loss", "driver_kill", "interrupt", "concurrent_start", "storage", "early",
+               "overwrite", "local_output", "multipart", "storage_outage")
+DEFAULT_FAULTS = FAULT_TYPES[:-1]  # those of issues 7 and 13; outages longer than the lease are asked for by name
+VARIANTS = ("concurrent_start", "local_output", "multipart")  # set up as the run starts, not fired mid-job
 OUTAGE_FAULTS = ("before:503", "before:slowdown", "before:reset", "before:delay", "after:reset")
 DRIVER_FAULTS = ("driver_kill", "interrupt")
+EARLY_ACTIONS = ("driver_kill", "interrupt", "worker_kill", "storage_outage")
+SHORT_OUTAGE_S = (0.5, 1.8)  # shorter than the lease: the engine must ride these out
+OLD_SEED = JOB_SEED + 1  # the settings an --overwrite run's first leg used
 JOB_KINDS = ("generate", "reflow_pairs")
 # The exit statuses every entry point documents; the suite holds the drivers to the table, not to the code.
 EXIT_OK, EXIT_SHARDS_FAILED, EXIT_BAD_INPUT, EXIT_OUTPUT_LOST, EXIT_INTERRUPTED = 0, 1, 2, 4, 130
 MAX_EXTRA_LEGS = 3  # resumes beyond those the faults make, before a run counts as not finishing
 POLL_S = 0.2
 _MARKER = re.compile(r"\d{5}\.stats\.json")
+_DATA = re.compile(r"\d{5}\.(tar|parquet)")
 # Lines of the drivers' logs (workers' lines included: Ray forwards them) that show which recovery paths ran.
 ENGINE_EVENTS = {
     "storage_retry": re.compile(r"failed \(attempt \d+/\d+\).*retrying in"),
@@ -91,6 +111,7 @@ ENGINE_EVENTS = {
     "interrupted_moves_finished": re.compile(r"finished \d+ commits that a crash had interrupted"),
     "resumed": re.compile(r"resuming: \d+ of \d+ shards already committed"),
     "interrupted": re.compile(r"interrupted: committed shards stay"),
+    "old_output_removed": re.compile(r"removed \d+ old output files from"),
 }
 _SHARD_TAR = re.compile(r"\d{5}\.tar")  # what a webdataset brace pattern {00000..NNNNN}.tar names
 
@@ -111,8 +132,12 @@ class Services:
         self.processes = []
         self.s3_url = f"http://{HOST}:{s3_port}"
         self.proxy_url = f"http://{HOST}:{proxy_port}"
+        # moto refuses parts under S3's 5 MiB (and spills objects over it to disk); the multipart runs use less.
         self._start([sys.executable, "-m", "infra.local.s3_server", "--port", str(s3_port), "--bucket", BUCKET,
-                     "--quiet"], "s3_server.log", "Serving", env)
+                     "--quiet"], "s3_server.log", "Serving",
+                    env | {"S3_UPLOAD_PART_MIN_SIZE": "1", "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(16 << 20)})
+        self.part_size_file = workdir / "part_size"  # read by tests/chaos_site/sitecustomize.py at each upload
+        self.set_part_size(0)
         self._start([sys.executable, "-m", "infra.local.fault_proxy", "--target", self.s3_url, "--port",
                      str(proxy_port)], "fault_proxy.log", "fault proxy", env)
         self.direct_options = {"key": CREDS["AWS_ACCESS_KEY_ID"], "secret": CREDS["AWS_SECRET_ACCESS_KEY"],
@@ -129,6 +154,10 @@ class Services:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{command[2]} did not start:\n{(self.logs / log_name).read_text()}")
             time.sleep(0.1)
+
+    def set_part_size(self, size: int) -> None:
+        """The multipart part size of the jobs' s3fs uploads from now on (0: s3fs's own)."""
+        self.part_size_file.write_text(str(size))
 
     def configure_faults(self, config: dict) -> None:
         self._control("config", json.dumps(config).encode())
@@ -159,7 +188,9 @@ class Services:
 def job_environment(services: Services, ray_tmpdir: Path) -> dict:
     """The environment of the cluster's processes and of every driver: S3 through the proxy, Ray on 127.0.0.1."""
     return os.environ | CREDS | {
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests" / "chaos_site"),
+                                                    os.environ.get("PYTHONPATH")])),
+        "CHAOS_PART_SIZE_FILE": str(services.part_size_file),
         "AWS_ENDPOINT_URL": services.proxy_url,
         "RAY_TMPDIR": str(ray_tmpdir),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -204,10 +235,10 @@ class Workload:
                           row_group_size=max(1, self.rows_per_shard // 4))
         return prompts, len(plan_units(list_input_files(fs, f"{BUCKET}/prompts/"), self.rows_per_shard))
 
-    def command(self, kind: str, output: str, ray_address: str) -> list[str]:
+    def command(self, kind: str, output: str, ray_address: str, seed: int = JOB_SEED) -> list[str]:
         common = ["--prompts", self.prompts_url, "--output", output, "--height", "64", "--width", "64",
                   "--batch-size", str(self.batch_size), "--rows-per-shard", str(self.rows_per_shard),
-                  "--dtype", "float32", "--seed", str(JOB_SEED), "--lock-lease", str(LOCK_LEASE_S),
+                  "--dtype", "float32", "--seed", str(seed), "--lock-lease", str(LOCK_LEASE_S),
                   "--no-progress", "--ray-address", ray_address]
         if kind == "generate":
             return [sys.executable, "-m", "jobs.generate", *common, "--model", str(self.models / "instaflow")]
@@ -318,6 +349,15 @@ class Fault:
     _due_since: float | None = None
 
 
+def action(fault: Fault) -> str:
+    """What a fault does: its type, or for `early` and `overwrite` faults the action the seed picked."""
+    return fault.params.get("action", fault.type)
+
+
+def short_outage(rng: random.Random, kinds: list[str]) -> dict:
+    return dict(kinds=kinds, fault=rng.choice(OUTAGE_FAULTS), seconds=round(rng.uniform(*SHORT_OUTAGE_S), 1))
+
+
 @dataclass
 class Scenario:
     seed: int
@@ -327,7 +367,8 @@ class Scenario:
 
     @classmethod
     def from_seed(cls, seed: int, num_units: int, kinds: tuple[str, ...], menu: tuple[str, ...],
-                  forced: tuple[str, ...] = (), storage_rules: dict | None = None) -> "Scenario":
+                  forced: tuple[str, ...] = (), storage_rules: dict | None = None,
+                  part_sizes: tuple[int, ...] = (32 << 10, 128 << 10)) -> "Scenario":
         """A job kind and its faults: each of `menu` with probability 0.45 (at least one), plus `forced`.
         `storage_rules`, if given, replace the storage faults the seed would pick (the seed still drives them)."""
         rng = random.Random(f"chaos:{seed}")
@@ -350,8 +391,26 @@ class Scenario:
                 faults.append(Fault("driver_kill", **moment()))
             elif name == "interrupt":
                 faults.append(Fault("interrupt", **moment(signal=rng.choice(["SIGINT", "SIGTERM"]))))
-            elif name == "concurrent_start":
-                faults.append(Fault("concurrent_start"))
+            elif name in ("concurrent_start", "local_output"):
+                faults.append(Fault(name))
+            elif name == "multipart":
+                faults.append(Fault("multipart", params={"part_size": rng.choice(part_sizes)}))
+            elif name == "early":  # once the lock is held (or a worker runs), before this leg's first commit
+                act = rng.choice(EARLY_ACTIONS)
+                params = {"action": act, "when": "workers" if act == "worker_kill" else rng.choice(["lock", "workers"])}
+                if act == "interrupt":
+                    params["signal"] = rng.choice(["SIGINT", "SIGTERM"])
+                elif act == "storage_outage":
+                    params.update(short_outage(rng, [k for k in KINDS if rng.random() < 0.5] or [rng.choice(KINDS)]))
+                faults.append(Fault("early", delay_s=round(rng.uniform(0, 2.5), 2), params=params))
+            elif name == "overwrite":  # lands as the --overwrite leg removes the old output
+                act = rng.choice(["driver_kill", "interrupt", "storage_outage"])
+                params = {"action": act, "old_cut_at": rng.choice([None, rng.randint(1, latest)])}
+                if act == "interrupt":
+                    params["signal"] = rng.choice(["SIGINT", "SIGTERM"])
+                elif act == "storage_outage":
+                    params.update(short_outage(rng, ["write"] + (["read"] if rng.random() < 0.5 else [])))
+                faults.append(Fault("overwrite", params=params))
             elif name == "storage_outage":
                 kinds = [kind for kind in KINDS if rng.random() < 0.5] or [rng.choice(KINDS)]
                 faults.append(Fault("storage_outage", **moment(kinds=kinds, fault=rng.choice(OUTAGE_FAULTS),
@@ -401,20 +460,30 @@ def reader_view(fs, root: str) -> dict[str, list[str]]:
     }
 
 
-def check_visible(fs, root: str, reference: dict[str, bytes] | None) -> tuple[list[str], dict]:
-    """Problems with what readers see now, and what they see: only committed files (listed before the markers
-    are read, so a file moved in meanwhile still has its marker), each its marker's bytes and the reference's,
-    and no key twice."""
-    from pipeline.commit import committed_shards
-    from pipeline.storage import OutputError
+def counted_markers(fs, root: str) -> tuple[dict[int, dict], dict[int, dict]]:
+    """The markers that count, as the engine sorts them: in place (what `committed_shards` gives readers), and
+    pending (committed, their move into place not finished: a crash between marker and move, until a re-run)."""
+    from pipeline.commit import Fence, ShardStore
+    from pipeline.manifest import read_manifest
 
+    manifest = read_manifest(fs, root)
+    if not isinstance(manifest, dict):  # no _job.json yet: nothing is committed
+        return {}, {}
+    scan = ShardStore(fs, root).scan(Fence.from_manifest(manifest))
+    return scan.in_place, scan.pending
+
+
+def check_visible(fs, root: str, reference: dict[str, bytes] | None) -> tuple[list[str], dict]:
+    """Problems with what readers see now, and what they see: only files of markers that count (listed before
+    the markers are read, so a file moved in meanwhile still has its marker), each its marker's bytes and the
+    reference's, and no key twice. A globbing reader also sees the files already moved of a shard whose move a
+    crash cut short (`committed_shards` leaves such a shard out until a re-run finishes it); they are counted."""
     view = reader_view(fs, root)
     visible = sorted(set().union(*view.values()))
-    try:
-        committed = committed_shards(fs, root)
-    except OutputError:  # no _job.json yet: nothing is committed
-        committed = {}
-    claimed = {name: meta for marker in committed.values() for name, meta in marker.get("files", {}).items()}
+    committed, pending = counted_markers(fs, root)
+    claimed = {name: meta for marker in [*committed.values(), *pending.values()]
+               for name, meta in marker.get("files", {}).items()}
+    pending_files = {name for marker in pending.values() for name in marker.get("files", {})}
     problems, keys = [], collections.Counter()
     for name in visible:
         readers = [reader for reader, names in view.items() if name in names]
@@ -431,7 +500,8 @@ def check_visible(fs, root: str, reference: dict[str, bytes] | None) -> tuple[li
     twice = sorted(key for key, count in keys.items() if count > 1)
     if twice:
         problems.append(f"{len(twice)} keys visible more than once: {twice[:10]}")
-    return problems, {"visible_files": len(visible), "committed_shards": len(committed), "visible_keys": len(keys)}
+    return problems, {"visible_files": len(visible), "committed_shards": len(committed), "visible_keys": len(keys),
+                      "pending_shards": len(pending), "visible_pending_files": len(pending_files & set(visible))}
 
 
 def metadata_keys(parquet: bytes) -> list[str]:
@@ -459,26 +529,28 @@ def differing_samples(name: str, data: bytes, expected: bytes | None) -> str:
             f"({differ[:5]})" if differ else "bytes differ from the reference run, though every sample is equal")
 
 
-def check_final(services: Services, root: str, prompts: dict[str, str], reference: dict[str, bytes] | None,
-                log_dir: Path) -> tuple[list[str], dict, dict[str, bytes]]:
+def check_final(fs, url: str, root: str, storage_options: dict | None, prompts: dict[str, str],
+                reference: dict[str, bytes] | None, log_dir: Path) -> tuple[list[str], dict, dict[str, bytes]]:
     """Problems with a finished output, what was checked, and its data files (the reference, for a clean run)."""
     from pipeline.lock import lock_holder
 
     problems, facts = [], {}
-    verify = subprocess.run([sys.executable, "-m", "jobs.main", "verify", f"s3://{root}", "--storage-options",
-                             json.dumps(services.direct_options)], capture_output=True, text=True,
-                            env=os.environ | {"PYTHONPATH": str(REPO)}, timeout=600)
+    options = ["--storage-options", json.dumps(storage_options)] if storage_options else []
+    verify = subprocess.run([sys.executable, "-m", "jobs.main", "verify", url, *options], capture_output=True,
+                            text=True, env=os.environ | {"PYTHONPATH": str(REPO)}, timeout=600)
     (log_dir / "verify.txt").write_text(verify.stdout + verify.stderr)
     facts["verify_exit"] = verify.returncode
     if verify.returncode != 0:
         problems.append(f"verify exited {verify.returncode}: "
                         + " | ".join(line.strip() for line in (verify.stdout + verify.stderr).splitlines()
                                      if "PROBLEM" in line or "error" in line.lower())[:2000])
-    visible_problems, seen = check_visible(services.fs, root, reference)
+    visible_problems, seen = check_visible(fs, root, reference)
     problems += visible_problems
     facts.update(seen)
-    view = reader_view(services.fs, root)
-    files = {name: services.fs.cat_file(f"{root}/{name}") for name in sorted(set().union(*view.values()))}
+    if seen["pending_shards"]:
+        problems.append(f"{seen['pending_shards']} committed shards are not in place after the job finished")
+    view = reader_view(fs, root)
+    files = {name: fs.cat_file(f"{root}/{name}") for name in sorted(set().union(*view.values()))}
     rows = collections.Counter()
     for name, data in files.items():
         if name.endswith(".parquet"):
@@ -505,7 +577,7 @@ def check_final(services: Services, root: str, prompts: dict[str, str], referenc
             problems.append(f"data files differ from the reference run's: only here {only_here[:5]}, "
                             f"only there {only_there[:5]}")
         facts["bytes_equal_reference"] = files == reference
-    holder = lock_holder(services.fs, root)
+    holder = lock_holder(fs, root)
     if holder is not None:
         problems.append(f"the output is still locked by {holder} after the job finished")
     return problems, facts, files
@@ -548,7 +620,16 @@ class Run:
         self.name = name or f"run-{index:03d}-seed-{scenario.seed}"
         self.dir = suite.workdir / self.name
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.root = output_root(self.name)
+        if self._has("local_output"):  # a folder of this machine: the cluster's nodes all run here
+            from fsspec.implementations.local import LocalFileSystem
+
+            self.fs, self.root, self.storage_options = LocalFileSystem(), str(self.dir / "output"), None
+            self.url = self.root
+        else:
+            self.fs, self.root, self.storage_options = self.services.fs, output_root(self.name), \
+                self.services.direct_options
+            self.url = f"s3://{self.root}"
+        self.main_leg = 1  # the number of the first leg of the run's own command (after an old-settings leg)
         self.legs: list[dict] = []
         self.checks: dict[str, dict] = {}
         self.problems: list[str] = []
@@ -561,24 +642,41 @@ class Run:
     def now(self) -> float:
         return round(time.monotonic() - self.started, 2)
 
+    def _has(self, fault_type: str) -> Fault | None:
+        return next((f for f in self.scenario.faults if f.type == fault_type), None)
+
     def execute(self) -> dict:
         """Runs the scenario on a fresh cluster (or the suite's shared one), then checks the output."""
         self.services.configure_faults(self.scenario.storage or {"seed": 0, "rules": {}})
+        multipart = self._has("multipart")
+        self.services.set_part_size(multipart.params["part_size"] if multipart else 0)
+        for variant in VARIANTS[1:]:
+            if self._has(variant):
+                fault = self._has(variant)
+                fault.injected, fault.t_s, fault.leg = True, 0.0, 1
+                fault.detail = (f"output in {self.root}" if variant == "local_output" else
+                                f"s3fs uploads in parts of {multipart.params['part_size']} bytes")
         cluster = self.suite.shared_cluster
         try:
             if cluster is None:
                 cluster = ChaosCluster(self.services, self.suite.num_gpu_nodes)
                 self.phases["cluster_start_s"] = self.now()
-            command = self.suite.workload.command(self.scenario.kind, f"s3://{self.root}", cluster.address)
-            planned_legs = 1 + sum(f.type in DRIVER_FAULTS for f in self.scenario.faults)
+            command = self.suite.workload.command(self.scenario.kind, self.url, cluster.address)
+            if self._has("overwrite"):
+                self._old_settings_leg(cluster)
+                command.append("--overwrite")
+            self.main_leg = len(self.legs) + 1
+            planned_legs = len(self.legs) + 1 + sum(action(f) in DRIVER_FAULTS for f in self.scenario.faults)
             while True:
-                complete = self._leg(cluster, command, cluster.env)
+                complete = self._leg(cluster, command, cluster.env, self.scenario.faults)
                 if complete:
                     break
                 if len(self.legs) >= planned_legs + MAX_EXTRA_LEGS:
                     self.problems.append(f"the job did not complete in {len(self.legs)} legs")
                     break
-                problems, seen = check_visible(self.services.fs, self.root, self.reference)
+                # Until an --overwrite leg has removed the old output, readers may see the old settings' files.
+                old_gone = not self._has("overwrite") or self.engine_events["old_output_removed"]
+                problems, seen = check_visible(self.fs, self.root, self.reference if old_gone else None)
                 self.checks[f"after_leg_{len(self.legs)}"] = {"problems": problems, **seen}
                 self.problems += [f"after leg {len(self.legs)}: {p}" for p in problems]
             storage_stats = self.services.fault_stats()
@@ -587,8 +685,8 @@ class Run:
                 (self.dir / "storage_faults.json").write_text(json.dumps(storage_stats["events"], indent=1))
             if not any("did not complete" in p for p in self.problems):
                 checks_started = self.now()
-                problems, facts, self.files = check_final(self.services, self.root, self.suite.prompts,
-                                                          self.reference, self.dir)
+                problems, facts, self.files = check_final(self.fs, self.url, self.root, self.storage_options,
+                                                          self.suite.prompts, self.reference, self.dir)
                 self.phases["final_checks_s"] = round(self.now() - checks_started, 2)
                 self.checks["final"] = {"problems": problems, **facts}
                 self.problems += problems
@@ -603,12 +701,13 @@ class Run:
         if self.problems:
             self._keep_evidence()
         return {
-            "run": self.index, "seed": self.scenario.seed, "kind": self.scenario.kind, "output": f"s3://{self.root}",
+            "run": self.index, "seed": self.scenario.seed, "kind": self.scenario.kind, "output": self.url,
             "faults": [_fault_record(f) for f in self.scenario.faults],
             "storage": None if not self.scenario.storage else {
                 "config": self.scenario.storage, "requests": storage_stats.get("requests"),
                 "faults": storage_stats.get("faults"), "num_faults": len(storage_stats.get("events", []))},
-            "legs": self.legs, "resumes": len(self.legs) - 1, "checks": self.checks,
+            "multipart": storage_stats.get("multipart"),  # multipart requests of the run, by step
+            "legs": self.legs, "resumes": len(self.legs) - self.main_leg, "checks": self.checks,
             "engine_events": dict(sorted(self.engine_events.items())),
             "ok": not self.problems, "problems": self.problems, "duration_s": self.now(), "phases": self.phases,
             "ray_tmpdir": str(cluster.ray_tmpdir) if cluster else None,
@@ -616,17 +715,32 @@ class Run:
 
     # ----------------------------------------------------------------------------------------------- legs
 
-    def _leg(self, cluster: ChaosCluster, command: list[str], env: dict) -> bool:
+    def _old_settings_leg(self, cluster: ChaosCluster) -> None:
+        """The first leg of an --overwrite run: the job with another --seed, complete or killed after some shards
+        (the seed says), checked as a cut-short leg with no reference; the next legs overwrite it."""
+        fault = self._has("overwrite")
+        old = self.suite.workload.command(self.scenario.kind, self.url, cluster.address, seed=OLD_SEED)
+        cut = fault.params["old_cut_at"]
+        self._leg(cluster, old, cluster.env, [Fault("driver_kill", after_shards=cut)] if cut else [],
+                  kind="old settings")
+        problems, seen = check_visible(self.fs, self.root, None)
+        self.checks["after_old_settings"] = {"problems": problems, **seen}
+        self.problems += [f"after the old-settings leg: {p}" for p in problems]
+
+    def _leg(self, cluster: ChaosCluster, command: list[str], env: dict, faults: list[Fault],
+             kind: str | None = None) -> bool:
         """Runs one leg: its driver (two at once for a concurrent start), firing the faults that fall due. Returns
         whether the job completed."""
         number = len(self.legs) + 1
-        concurrent = number == 1 and any(f.type == "concurrent_start" for f in self.scenario.faults)
+        concurrent = number == self.main_leg and kind is None and self._has("concurrent_start") is not None
         drivers = [self._start_driver(command, env, number, i) for i in range(2 if concurrent else 1)]
         if concurrent:
             fault = next(f for f in self.scenario.faults if f.type == "concurrent_start")
             fault.injected, fault.t_s, fault.leg = True, self.now(), number
             fault.detail = f"drivers {drivers[0].process.pid} and {drivers[1].process.pid} started together"
-        shards_at_start = self._count_markers()
+        shards_at_start = low = self._count_markers()  # low: the fewest seen (an --overwrite removes markers)
+        overwrite = self._has("overwrite")
+        removal = overwrite if kind is None and overwrite and not overwrite.injected else None
         deadline = time.monotonic() + self.suite.leg_timeout_s
         while any(d.process.poll() is None for d in drivers):
             if time.monotonic() > deadline:
@@ -636,16 +750,27 @@ class Run:
                         driver.process.kill()
                 self.problems.append(f"leg {number} did not end within {self.suite.leg_timeout_s:.0f}s (a hang)")
                 break
-            shards = self._count_markers()
-            for fault in self.scenario.faults:
-                if not fault.injected and fault.type != "concurrent_start":
-                    self._maybe_fire(fault, shards, shards > shards_at_start, cluster, drivers, number)
+            names = self._listing()
+            shards = sum(bool(_MARKER.fullmatch(name)) for name in names)
+            low = min(low, shards)
+            for fault in faults:
+                if fault.injected or fault.type in VARIANTS:
+                    continue
+                if fault.type == "overwrite":
+                    if removal and shards < shards_at_start:  # the markers go first
+                        self._fire(fault, cluster, drivers, number, shards, names)
+                elif fault.type == "early":
+                    if shards == low:  # this leg has committed nothing yet
+                        self._maybe_fire_early(fault, shards, cluster, drivers, number)
+                else:
+                    self._maybe_fire(fault, shards, shards > low, cluster, drivers, number)
             self._bring_nodes_back(cluster)
-            time.sleep(POLL_S)
+            time.sleep(0.02 if removal and not removal.injected else POLL_S)  # removal takes a fraction of a second
         for driver in drivers:
             driver.status = driver.process.wait()
         self._bring_nodes_back(cluster, wait=True)
-        record = {"leg": number, "kind": "concurrent start" if concurrent else ("start" if number == 1 else "resume"),
+        record = {"leg": number, "kind": kind or ("concurrent start" if concurrent else (
+                      "start" if number == self.main_leg else "resume")) + (" --overwrite" if "--overwrite" in command else ""),
                   "shards_at_start": shards_at_start, "shards_at_end": self._count_markers(), "drivers": []}
         for driver in drivers:
             self.engine_events.update(engine_events(driver.log))
@@ -676,7 +801,7 @@ class Run:
     def _expected_statuses(self, driver: Driver, concurrent: bool, leg: int) -> list[int]:
         if driver.signalled == "timeout":
             return []
-        if isinstance(driver.signalled, Fault) and driver.signalled.type == "driver_kill":
+        if isinstance(driver.signalled, Fault) and action(driver.signalled) == "driver_kill":
             return [-signal.SIGKILL]
         if isinstance(driver.signalled, Fault):  # an interrupt: 0 only if every shard was committed already
             all_committed = driver.signalled.shards_at_fire >= self.suite.num_units
@@ -684,20 +809,23 @@ class Run:
         # A try lost to a worker or a storage fault counts against --max-unit-attempts; a unit can run out of
         # them and fail (exit 1), and the next leg redoes it.
         may_fail_tries = self.scenario.storage is not None or any(
-            f.injected and f.leg == leg and f.type in ("worker_kill", "node_loss", "storage_outage")
+            f.injected and f.leg == leg and action(f) in ("worker_kill", "node_loss", "storage_outage")
             for f in self.scenario.faults)
         expected = [EXIT_OK, EXIT_SHARDS_FAILED] if may_fail_tries else [EXIT_OK]
         if concurrent:
             expected += [EXIT_BAD_INPUT, EXIT_OUTPUT_LOST]  # refused (locked), or taken over at start-up
         return expected
 
-    def _count_markers(self) -> int:
-        fs = self.services.fs
-        fs.invalidate_cache(self.root)
+    def _listing(self) -> list[str]:
+        """The names in the output's root now."""
+        self.fs.invalidate_cache(self.root)
         try:
-            return sum(bool(_MARKER.fullmatch(p.rsplit("/", 1)[1])) for p in fs.ls(self.root, detail=False))
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
         except FileNotFoundError:
-            return 0
+            return []
+
+    def _count_markers(self) -> int:
+        return sum(bool(_MARKER.fullmatch(name)) for name in self._listing())
 
     # ----------------------------------------------------------------------------------------------- faults
 
@@ -709,15 +837,34 @@ class Run:
             fault._due_since = time.monotonic()
         if time.monotonic() - fault._due_since < fault.delay_s:
             return
-        if fault.type == "storage_outage":
-            self.services.start_outage(fault.params)
-            fault.detail = f"{fault.params['fault']} on every {'/'.join(fault.params['kinds'])} request for " \
-                           f"{fault.params['seconds']}s"
-        elif fault.type in DRIVER_FAULTS:
+        self._fire(fault, cluster, drivers, leg, shards)
+
+    def _maybe_fire_early(self, fault: Fault, shards: int, cluster: ChaosCluster, drivers: list[Driver],
+                          leg: int) -> None:
+        """An `early` fault: `delay_s` after a live driver holds the lock (or a worker process runs), while this
+        leg has committed nothing yet."""
+        if fault._due_since is None:
+            started = (any(title.startswith(WORKER_TITLE) for _, title, _ in cluster.workers())
+                       if fault.params["when"] == "workers" else self._lock_holder(drivers, by_record=True))
+            if not started:
+                return
+            fault._due_since = time.monotonic()
+        if time.monotonic() - fault._due_since >= fault.delay_s:
+            self._fire(fault, cluster, drivers, leg, shards)
+
+    def _fire(self, fault: Fault, cluster: ChaosCluster, drivers: list[Driver], leg: int, shards: int,
+              names: list[str] | None = None) -> None:
+        """Acts the fault out now (unless its target is not there yet: then it stays due)."""
+        act = action(fault)
+        if act == "storage_outage":
+            outage = {key: fault.params[key] for key in ("kinds", "fault", "seconds")}
+            self.services.start_outage(outage)
+            fault.detail = f"{outage['fault']} on every {'/'.join(outage['kinds'])} request for {outage['seconds']}s"
+        elif act in DRIVER_FAULTS:
             driver = self._lock_holder(drivers)
             if driver is None:
                 return
-            sig = signal.SIGKILL if fault.type == "driver_kill" else getattr(signal, fault.params["signal"])
+            sig = signal.SIGKILL if act == "driver_kill" else getattr(signal, fault.params["signal"])
             if sig in _ignored_signals(driver.process.pid):
                 raise RuntimeError(f"driver {driver.process.pid} ignores {sig.name}: the harness cannot test it "
                                    "(started from a shell that ignores it, as `nohup ... &` does?)")
@@ -725,12 +872,13 @@ class Run:
                 return
             driver.signalled = fault
             fault.detail = f"{sig.name} to driver {driver.process.pid}"
-        else:
-            busy = [(pid, title, node) for pid, title, node in cluster.workers() if ".process" in title]
+        else:  # before the first commit, any worker (starting, warming up); later one running a unit
+            busy = [(pid, title, node) for pid, title, node in cluster.workers()
+                    if ".process" in title or fault.type == "early"]
             if not busy:
                 return  # no worker is running a unit now: wait for one
             pid, title, node = random.Random(f"{self.scenario.seed}:{fault.type}:{fault.after_shards}").choice(busy)
-            if fault.type == "worker_kill":
+            if act == "worker_kill":
                 if not _signal(pid, signal.SIGKILL):
                     return
                 fault.detail = f"SIGKILL to {title} (pid {pid}) on node {node.node_id[:8]}"
@@ -741,16 +889,23 @@ class Run:
                 fault.detail = (f"node {node.node_id[:8]} removed ({'graceful' if graceful else 'killed'}) while "
                                 f"{title} (pid {pid}) ran on it; a node is added back after "
                                 f"{fault.params['back_after_s']}s")
+        if names is not None:  # where the removal of the old output was when the fault fired
+            fault.detail += (f"; the output had {sum(bool(_MARKER.fullmatch(n)) for n in names)} markers, "
+                             f"{sum(bool(_DATA.fullmatch(n)) for n in names)} data files"
+                             f"{', _job.json' if '_job.json' in names else ''} left")
         fault.injected, fault.t_s, fault.leg, fault.shards_at_fire = True, self.now(), leg, shards
 
-    def _lock_holder(self, drivers: list[Driver]) -> Driver | None:
-        """The live driver that holds the output's lock (or the only live one)."""
+    def _lock_holder(self, drivers: list[Driver], by_record: bool = False) -> Driver | None:
+        """The live driver that holds the output's lock (or the only live one, unless `by_record`)."""
         alive = [d for d in drivers if d.process.poll() is None and d.signalled is None]
-        if len(alive) <= 1:
+        if len(alive) <= 1 and not by_record:
             return alive[0] if alive else None
         try:
-            record = json.loads(self.services.fs.cat_file(f"{self.root}/_job.lock"))
+            self.fs.invalidate_cache(self.root)
+            record = json.loads(self.fs.cat_file(f"{self.root}/_job.lock"))
         except (FileNotFoundError, ValueError):
+            return None
+        if record.get("state") == "released":
             return None
         return next((d for d in alive if d.process.pid == record.get("pid")), None)
 
@@ -762,7 +917,7 @@ class Run:
 
     def _keep_evidence(self) -> None:
         """The output's listing and every marker and lock, beside the driver logs, for the diagnosis."""
-        fs = self.services.fs
+        fs = self.fs
         try:
             fs.invalidate_cache()
             listing = sorted(fs.find(self.root))
@@ -780,7 +935,7 @@ class Run:
         if self.suite.keep_files:
             return
         try:
-            self.services.fs.rm(self.root, recursive=True)
+            self.fs.rm(self.root, recursive=True)
         except FileNotFoundError:
             pass
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -788,7 +943,7 @@ class Run:
 
 def _fault_record(fault: Fault) -> dict:
     record = {k: v for k, v in asdict(fault).items() if not k.startswith("_")}
-    if fault.type == "concurrent_start":
+    if fault.type in VARIANTS or fault.type == "overwrite":
         record.pop("after_shards"), record.pop("delay_s")
     return record
 
@@ -846,6 +1001,9 @@ def summarize(records: list[dict], started: float) -> dict:
         "runs_with_storage_faults": sum(bool(r["storage"]) for r in records),
         "storage_faults_injected": dict(sorted(storage.items())), "storage_faults_total": sum(storage.values()),
         "driver_exit_statuses": dict(statuses), "resumes": sum(r["resumes"] for r in records),
+        "multipart_requests": dict(sum((collections.Counter(r["multipart"] or {}) for r in records),
+                                       collections.Counter())),
+        "runs_with_multipart_uploads": sum(bool((r["multipart"] or {}).get("complete")) for r in records),
         "engine_events": dict(sorted(events.items())),
         "runs_with_engine_event": dict(sorted(collections.Counter(
             name for r in records for name in r["engine_events"]).items())),

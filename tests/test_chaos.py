@@ -1,7 +1,8 @@
 """The fault proxy does what the chaos suite says it does, and a CI-sized chaos run passes.
 
 The long suite is tests/chaos.py (see RELIABILITY.md); here: the proxy against moto, then two short seeded runs
-with storage faults (lost answers included), a worker killed mid-unit and the driver killed and re-run.
+with storage faults (lost answers included), a worker killed mid-unit and the driver killed and re-run, and two
+with the faults of issue 13: before the first commit, during --overwrite, a local output, multipart uploads.
 """
 
 import http.client
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import boto3
 import pytest
+import s3fs
 from botocore.config import Config
 from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
 
 from infra.local.fault_proxy import ALL_FAULTS, FaultConfig, FaultProxy, Outage, request_kind
+from pipeline.storage import PreconditionFailed, check_conditional_writes, conditional_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,6 +124,13 @@ def test_multipart_parts_are_their_own_kind(s3, proxy):
     assert error.value.response["Error"]["Code"] == "ServiceUnavailable"
     s3_client.put_object(Bucket=s3.bucket, Key="multipart/plain", Body=b"x")  # a plain write is not a part
     assert proxy.state.stats()["faults"] == {"part:before:503": 1}
+    proxy.state.configure(FaultConfig())
+    upload = s3_client.create_multipart_upload(Bucket=s3.bucket, Key="multipart/object")["UploadId"]
+    etag = s3_client.upload_part(Bucket=s3.bucket, Key="multipart/object", UploadId=upload, PartNumber=1,
+                                 Body=b"x" * (5 << 20))["ETag"]
+    s3_client.complete_multipart_upload(Bucket=s3.bucket, Key="multipart/object", UploadId=upload,
+                                        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag}]})
+    assert proxy.state.stats()["multipart"] == {"create": 1, "part": 1, "complete": 1, "abort": 0}
 
 
 def test_an_outage_fails_every_request_of_its_kinds_until_it_ends(s3, proxy):
@@ -157,6 +167,35 @@ def test_the_control_endpoint_sets_the_config_and_reports(proxy):
     assert json.loads(connection.getresponse().read())["config"]["rules"]["write"]["faults"] == ["after:reset"]
 
 
+def test_the_conditional_write_probe_survives_the_lost_answer_of_its_first_create(s3, proxy):
+    """The probe's first create lands and its answer is lost; the retry then fails its precondition, which the
+    probe must take for its own write (its name is new), not for a store that refuses it (the chaos suite's CI runs
+    exited 1 with 'unexpected PreconditionFailed: create .../_probe-...')."""
+    def lose_only_the_first_write(seed):
+        return FaultConfig.from_json({"seed": seed, "rules": {"write": {"rate": 0.3, "faults": ["after:reset"]}}})
+
+    seed = next(seed for seed in range(1000) if lose_only_the_first_write(seed).decide("write", 0)
+                and not any(lose_only_the_first_write(seed).decide("write", n) for n in range(1, 20)))
+    proxy.state.configure(lose_only_the_first_write(seed))
+    options = s3.storage_options
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options | {"client_kwargs": {
+        **options["client_kwargs"], "endpoint_url": proxy.url}})
+    check_conditional_writes(fs, f"{s3.bucket}/probed")
+    assert proxy.state.stats()["faults"] == {"write:after:reset": 1}
+    assert not s3.fs.glob(f"{s3.bucket}/probed/*")  # the probe is gone
+
+
+def test_a_replace_of_a_deleted_object_fails_its_precondition_on_s3(s3):
+    """S3 answers If-Match on a missing key with 404, not 412: a replace must still say PreconditionFailed (an
+    --overwrite deletes _job.json after its writer read the old version; every first --overwrite of an S3 output
+    exited 2 with 'The specified key does not exist.')."""
+    store, path = conditional_store(s3.fs), f"{s3.bucket}/replaced/_job.json"
+    version = store.create(path, b"old")
+    s3.fs.rm(path)
+    with pytest.raises(PreconditionFailed):
+        store.replace(path, b"new", version)
+
+
 LOST_ANSWERS = {  # every kind of write loses some answers; reads and the lock see the other faults too
     "write": {"rate": 0.1, "faults": ["after:reset", "after:500", "before:503"]},
     "marker": {"rate": 0.25, "faults": ["after:reset", "after:slowdown", "before:reset"]},
@@ -165,13 +204,11 @@ LOST_ANSWERS = {  # every kind of write loses some answers; reads and the lock s
 }
 
 
-def test_short_chaos_runs_pass(tmp_path):
-    """Two seeded runs of a small job, each with storage faults (lost answers included), a worker killed mid-unit
-    and the driver killed then re-run; every check of the long suite must pass."""
+def short_chaos(tmp_path, *options: str) -> list[dict]:
+    """Two seeded runs of a small job through tests/chaos.py; every check of the long suite must pass."""
     out = tmp_path / "runs.jsonl"
-    command = [sys.executable, str(REPO / "tests" / "chaos.py"), "--runs", "2", "--seed", "5", "--prompts", "96",
-               "--rows-per-shard", "12", "--kinds", "generate", "--faults", "storage",
-               "--always", "worker_kill,driver_kill,storage", "--storage-rules", json.dumps(LOST_ANSWERS),
+    command = [sys.executable, str(REPO / "tests" / "chaos.py"), "--runs", "2", "--prompts", "96",
+               "--rows-per-shard", "12", "--kinds", "generate", *options,
                "--shared-cluster", "--workdir", str(tmp_path / "work"), "--out", str(out)]
     env = os.environ | {"PYTHONPATH": str(REPO), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                         "RAY_AUTH_MODE": "disabled"}
@@ -180,6 +217,13 @@ def test_short_chaos_runs_pass(tmp_path):
     summary, runs = lines[-1], [line for line in lines if isinstance(line.get("run"), int)]
     assert summary.get("summary") and finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-4000:]
     assert summary["passed"] == summary["runs"] == 2
+    return runs
+
+
+def test_short_chaos_runs_pass(tmp_path):
+    """Storage faults (lost answers included), a worker killed mid-unit and the driver killed then re-run."""
+    runs = short_chaos(tmp_path, "--seed", "5", "--faults", "storage", "--always", "worker_kill,driver_kill,storage",
+                       "--storage-rules", json.dumps(LOST_ANSWERS))
     for run in runs:
         fired = {fault["type"] for fault in run["faults"] if fault["injected"]}
         assert {"worker_kill", "driver_kill"} <= fired, run["faults"]
@@ -189,3 +233,18 @@ def test_short_chaos_runs_pass(tmp_path):
     lost = sum(count for run in runs for name, count in run["storage"]["faults"].items()
                if name.endswith("after:reset") and not name.startswith("read"))
     assert lost > 0, [run["storage"] for run in runs]
+
+
+def test_short_chaos_runs_of_issue_13_pass(tmp_path):
+    """Seed 16's two runs: the driver killed once it holds the lock and before its first commit, an old output
+    (other --seed) overwritten while the driver is killed (run 0) or writes fail (run 1) during its removal, run 0
+    with multipart uploads (parts of 32 KiB) and run 1 on a local folder."""
+    runs = short_chaos(tmp_path, "--seed", "16", "--faults", "local_output,multipart", "--always", "early,overwrite")
+    for run, variant in zip(runs, ("multipart", "local_output")):
+        fired = {fault["type"]: fault for fault in run["faults"] if fault["injected"]}
+        assert {"early", "overwrite", variant} <= set(fired), run["faults"]
+        assert fired["early"]["leg"] >= 2 and fired["overwrite"]["leg"] == 2, run["faults"]
+        assert run["legs"][0]["kind"] == "old settings" and run["engine_events"].get("old_output_removed")
+        assert run["checks"]["final"]["bytes_equal_reference"] and run["checks"]["final"]["verify_exit"] == 0
+    assert runs[0]["multipart"]["complete"] > 0 and runs[0]["output"].startswith("s3://")
+    assert not runs[1]["output"].startswith("s3://") and not runs[1]["multipart"]["create"]

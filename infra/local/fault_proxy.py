@@ -24,8 +24,8 @@ reproducible per kind (which request is the n-th depends on timing when clients 
 An outage overlays the rules for a while: every request of its kinds gets its fault (a `delay` holds each
 request until the outage ends, as a store that stops answering would).
 
-Control, never faulted: `GET /_fault_proxy/stats` (requests and faults per kind, and the faults injected, with
-times), `PUT /_fault_proxy/config` (a new config as JSON; counters start again), `PUT /_fault_proxy/outage`
+Control, never faulted: `GET /_fault_proxy/stats` (requests and faults per kind, multipart requests by step
+(`create`, `part`, `complete`, `abort`: as they arrived, faulted or not), and the faults injected, with times), `PUT /_fault_proxy/config` (a new config as JSON; counters start again), `PUT /_fault_proxy/outage`
 (`{"kinds": [...], "fault": "before:503", "seconds": 10}`, counted as `outage:KIND:FAULT`). S3 bucket names
 cannot begin with `_`, so these paths never shadow a bucket.
 """
@@ -142,6 +142,16 @@ def request_kind(method: str, path: str) -> str:
     return "write" if method in ("PUT", "POST", "DELETE") else "read"
 
 
+def multipart_step(method: str, path: str) -> str | None:
+    """Which step of a multipart upload a request is (create, part, complete, abort), or None."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query, keep_blank_values=True)
+    if "uploads" in query:
+        return "create" if method == "POST" else None  # GET ?uploads lists uploads
+    if "uploadId" in query:
+        return {"PUT": "part", "POST": "complete", "DELETE": "abort"}.get(method)
+    return None
+
+
 class FaultState:
     """The config in force and what happened under it, shared by the request threads."""
 
@@ -154,6 +164,7 @@ class FaultState:
             self.config = config
             self.started = time.monotonic()
             self.requests = {kind: 0 for kind in KINDS}
+            self.multipart = {step: 0 for step in ("create", "part", "complete", "abort")}
             self.faults: dict[str, int] = {}
             self.events: list[dict] = []
             self.outage: Outage | None = None
@@ -167,6 +178,9 @@ class FaultState:
         with self._lock:
             n = self.requests[kind]
             self.requests[kind] += 1
+            step = multipart_step(method, path) if kind == "part" else None
+            if step is not None:
+                self.multipart[step] += 1
             now = time.monotonic()
             in_outage = self.outage is not None and kind in self.outage.kinds and now < self.outage_ends
             decision = (self.outage.fault, self.outage_ends - now) if in_outage else self.config.decide(kind, n)
@@ -181,7 +195,7 @@ class FaultState:
     def stats(self) -> dict:
         with self._lock:
             return {"config": self.config.to_json(), "requests": dict(self.requests), "faults": dict(self.faults),
-                    "events": list(self.events)}
+                    "multipart": dict(self.multipart), "events": list(self.events)}
 
 
 class _Handler(BaseHTTPRequestHandler):
