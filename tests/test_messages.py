@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.main import main
+from pipeline.deadline import abandoned_calls
 from tests.jobhelpers import prompt_table
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -240,6 +241,19 @@ def test_sigterm_stops_a_driver_blocked_on_a_fifo(tiny_models, tmp_path):
     assert [line for line in err.splitlines() if "error" in line] == ["error: interrupted"]
 
 
+def release_readers(fifo: Path, timeout_s: float = 60.0) -> None:
+    """Opens `fifo` for each reader that waits on it (planning retries its reads) until no call given up on is
+    left: this test process must not keep a blocked thread, which its exit would wait for."""
+    deadline = time.monotonic() + timeout_s
+    while abandoned_calls():
+        assert time.monotonic() < deadline, "the abandoned planning call never returned"
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # ENXIO: no reader waits at this moment
+            pass
+        time.sleep(0.02)
+
+
 def test_a_blocked_prompts_path_is_an_error_after_the_plan_timeout(job, tmp_path, capsys, monkeypatch):
     fifo = tmp_path / "prompts.parquet"
     os.mkfifo(fifo)
@@ -252,7 +266,7 @@ def test_a_blocked_prompts_path_is_an_error_after_the_plan_timeout(job, tmp_path
         line = error_line(capsys)
         assert f"prompts at {fifo}: no answer in 1 s" in line and "INSTAFLOW_PLAN_TIMEOUT_S" in line
     finally:
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # lets the abandoned open return: the process can exit
+        release_readers(fifo)
     assert not (tmp_path / "out").exists()
     monkeypatch.setenv("INSTAFLOW_PLAN_TIMEOUT_S", "soon")
     assert main([*job, "--output", str(tmp_path / "out")]) == 2
