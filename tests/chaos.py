@@ -529,15 +529,17 @@ def differing_samples(name: str, data: bytes, expected: bytes | None) -> str:
             f"({differ[:5]})" if differ else "bytes differ from the reference run, though every sample is equal")
 
 
-def check_final(fs, url: str, root: str, storage_options: dict | None, prompts: dict[str, str],
+def check_final(services: Services, fs, url: str, root: str, prompts: dict[str, str],
                 reference: dict[str, bytes] | None, log_dir: Path) -> tuple[list[str], dict, dict[str, bytes]]:
     """Problems with a finished output, what was checked, and its data files (the reference, for a clean run)."""
     from pipeline.lock import lock_holder
 
     problems, facts = [], {}
-    options = ["--storage-options", json.dumps(storage_options)] if storage_options else []
+    options = ["--storage-options", json.dumps(services.direct_options)] if url.startswith("s3://") else []
+    # verify re-plans from the prompts, on S3 even for a local output: it reads the server directly
+    env = os.environ | CREDS | {"PYTHONPATH": str(REPO), "AWS_ENDPOINT_URL": services.s3_url}
     verify = subprocess.run([sys.executable, "-m", "jobs.main", "verify", url, *options], capture_output=True,
-                            text=True, env=os.environ | {"PYTHONPATH": str(REPO)}, timeout=600)
+                            text=True, env=env, timeout=600)
     (log_dir / "verify.txt").write_text(verify.stdout + verify.stderr)
     facts["verify_exit"] = verify.returncode
     if verify.returncode != 0:
@@ -623,11 +625,10 @@ class Run:
         if self._has("local_output"):  # a folder of this machine: the cluster's nodes all run here
             from fsspec.implementations.local import LocalFileSystem
 
-            self.fs, self.root, self.storage_options = LocalFileSystem(), str(self.dir / "output"), None
+            self.fs, self.root = LocalFileSystem(), str(self.dir / "output")
             self.url = self.root
         else:
-            self.fs, self.root, self.storage_options = self.services.fs, output_root(self.name), \
-                self.services.direct_options
+            self.fs, self.root = self.services.fs, output_root(self.name)
             self.url = f"s3://{self.root}"
         self.main_leg = 1  # the number of the first leg of the run's own command (after an old-settings leg)
         self.legs: list[dict] = []
@@ -685,7 +686,7 @@ class Run:
                 (self.dir / "storage_faults.json").write_text(json.dumps(storage_stats["events"], indent=1))
             if not any("did not complete" in p for p in self.problems):
                 checks_started = self.now()
-                problems, facts, self.files = check_final(self.fs, self.url, self.root, self.storage_options,
+                problems, facts, self.files = check_final(self.services, self.fs, self.url, self.root,
                                                           self.suite.prompts, self.reference, self.dir)
                 self.phases["final_checks_s"] = round(self.now() - checks_started, 2)
                 self.checks["final"] = {"problems": problems, **facts}
