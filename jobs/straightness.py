@@ -22,7 +22,7 @@ from instaflow.training import STRAIGHTNESS_TIMES, flow_measures
 from jobs.errors import entry_point, process_exit
 from jobs.main import Parser
 from jobs.options import json_object
-from pipeline.commit import read_manifest
+from pipeline.manifest import read_manifest
 from pipeline.model_source import resolve_model_source
 from pipeline.pairs_data import find_pairs, read_shard
 from pipeline.storage import filesystem, normalize_location, normalize_model, put_atomic

@@ -20,10 +20,9 @@ from instaflow.training import LOSSES
 from jobs.errors import entry_point, error_line, process_exit, report
 from jobs.main import Parser
 from jobs.options import check_output_folder, json_object
-from pipeline.commit import check_compatible, job_manifest, read_manifest
 from pipeline.job import connect_ray, handle_sigterm_as_interrupt, sigterm_as_interrupt
 from pipeline.lock import LeaseKeeper, OutputLock
-from pipeline.manifest import ManifestWriter
+from pipeline.manifest import ManifestWriter, check_compatible, job_manifest, read_manifest
 from pipeline.model_source import resolve_model_source
 from pipeline.pairs_data import find_pairs
 from pipeline.storage import OutputError, filesystem, protect_secrets, redact, storage_env, with_retries

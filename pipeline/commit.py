@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import fsspec
 
 from pipeline.lock import OutputLostError, lock_holder
+from pipeline.manifest import MANIFEST_NAME, read_manifest
 from pipeline.plan import shard_name
 from pipeline.storage import (
     OutputError,
@@ -43,7 +44,6 @@ from pipeline.storage import (
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "_job.json"
 STAGING_DIR = "_staging"
 OUTPUT_DIRS = ("", "images", "pairs")  # root and the subfolders shards write to
 _READ_THREADS = 16
@@ -54,10 +54,6 @@ _NAME = re.compile(r"[0-9a-zA-Z_-]{1,64}")  # tokens and try ids: one path segme
 _LOCAL_EXTRA = r"(\.tmp-[0-9a-f]{32}|\.guard)?"
 _SHARD_FILE = re.compile(rf"\d{{5,}}\.(tar|parquet|stats\.json){_LOCAL_EXTRA}")
 _JOB_FILE = re.compile(rf"_job\.json{_LOCAL_EXTRA}|_job\.lock\.tmp-[0-9a-f]{{32}}")
-
-
-class SpecMismatchError(OutputError):
-    """The output holds a job with different settings or inputs."""
 
 
 class BrokenCommitError(OutputError):
@@ -115,11 +111,6 @@ def marker_problem(unit_id: int, marker: dict) -> str | None:
 
 def _shard_data_name(shard: str) -> re.Pattern:
     return re.compile(rf"(images/|pairs/)?{shard}\.(tar|parquet)")
-
-
-def identity_digest(identity: dict) -> str:
-    """A short, stable name for a spec identity, recorded in every marker."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -400,83 +391,3 @@ def committed_shards(fs: fsspec.AbstractFileSystem, root: str) -> dict[int, dict
     if not isinstance(manifest, dict):
         raise OutputError(f"{_join(root, MANIFEST_NAME)} is not a JSON object: not an output of this tool")
     return ShardStore(fs, root).scan(Fence.from_manifest(manifest)).in_place
-
-
-def job_manifest(spec_identity: dict, inputs: list[dict], lineage: list[str]) -> dict:
-    """The manifest check_compatible compares against; callers may add informational keys."""
-    return {"spec": spec_identity, "identity": identity_digest(spec_identity), "inputs": inputs, "lineage": lineage}
-
-
-def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> dict | None:
-    path = _join(root, MANIFEST_NAME)
-    try:
-        manifest = json.loads(get_bytes(fs, path))
-    except FileNotFoundError:
-        return None
-    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past the parser's depth
-        raise OutputError(f"{path} is not valid JSON ({e}); pass --overwrite to start over") from None
-    wrong = [f"{field} is {_json_kind(manifest[field])}" for field, kind in _MANIFEST_FIELDS.items()
-             if isinstance(manifest, dict) and field in manifest and not isinstance(manifest[field], kind)]
-    if not isinstance(manifest, dict) or wrong:
-        what = ", ".join(wrong) if wrong else f"holds {_json_kind(manifest)}, not a JSON object"
-        raise OutputError(f"{path}: {what}: not a manifest of this tool; pass --overwrite to start over")
-    return manifest
-
-
-_MANIFEST_FIELDS = {"spec": dict, "inputs": list, "lineage": list, "progress": dict}  # what readers index into
-
-
-def _json_kind(value) -> str:
-    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
-    return kinds.get(type(value), "a number")
-
-
-def write_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> None:
-    put_atomic(fs, _join(root, MANIFEST_NAME), _json_bytes(manifest))
-
-
-def check_compatible(existing: dict, spec_identity: dict, inputs: list[dict]) -> None:
-    """Raise SpecMismatchError unless resuming `existing` with this spec and these inputs is safe."""
-    old = existing.get("spec", {})
-    new = json.loads(json.dumps(spec_identity))  # compare as stored: tuples become lists
-    problems = [
-        f"  {field}: {_shown(old, field)} -> {_shown(new, field)}"
-        for field in sorted(set(old) | set(new))
-        if field not in old or field not in new or old[field] != new[field]
-    ]
-    changed = changed_inputs(existing.get("inputs", []), inputs)
-    if changed:
-        shown = ", ".join(changed[:10]) + (f", and {len(changed) - 10} more" if len(changed) > 10 else "")
-        problems.append(f"  input files changed since the job started: {shown}")
-    if problems:
-        raise SpecMismatchError(
-            "the output holds a job with different settings: " + "; ".join(p.strip() for p in problems)
-            + ". Pass --overwrite to start over there, or use another output location."
-        )
-
-
-def _shown(values: dict, field: str) -> str:
-    return repr(values[field]) if field in values else "(unset)"
-
-
-def changed_inputs(old: list[dict], new: list[dict]) -> list[str]:
-    """What differs between two input fingerprints, one line per file."""
-    before = {f["path"]: f for f in old}
-    after = {f["path"]: f for f in new}
-    changes = [f"{p} (removed)" for p in sorted(before.keys() - after.keys())]
-    for path, f in sorted(after.items()):
-        if path not in before:
-            changes.append(f"{path} (added)")
-            continue
-        diffs = [f"{k} {before[path].get(k)} -> {f.get(k)}" for k in ("size", "etag", "mtime")
-                 if before[path].get(k) != f.get(k) and not _upgraded(k, before[path], f)]
-        if diffs:
-            changes.append(f"{path} ({', '.join(diffs)})")
-    return changes
-
-
-def _upgraded(key: str, old: dict, new: dict) -> bool:
-    """Outputs begun before local inputs were tagged by content recorded a digest of each Parquet footer instead:
-    a file of the same size is taken as the same once, and its content digest is kept from then on."""
-    return (key == "etag" and str(old.get("etag")).startswith("footer-sha256:")
-            and str(new.get("etag")).startswith("sha256:") and old.get("size") == new.get("size"))

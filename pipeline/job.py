@@ -17,17 +17,10 @@ from typing import Callable
 import ray
 import torch
 
-from pipeline.commit import (
-    Fence,
-    ShardStore,
-    check_compatible,
-    identity_digest,
-    job_manifest,
-    read_manifest,
-)
+from pipeline.commit import Fence, ShardStore
 from pipeline.deadline import call_within, plan_timeout_s
 from pipeline.lock import LeaseKeeper, OutputLock, OutputLostError
-from pipeline.manifest import ManifestWriter
+from pipeline.manifest import ManifestWriter, check_compatible, identity_digest, job_manifest, read_manifest
 from pipeline.model_source import ModelSource, job_identity, model_sources
 from pipeline.plan import check_output_location, input_fingerprint, list_input_files, plan_units
 from pipeline.pool import ActorPool, PoolLimits, UnitResult, ray_worker_factory, withdraw_resource_request

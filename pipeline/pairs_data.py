@@ -31,7 +31,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.commit import MANIFEST_NAME, committed_shards
+from pipeline.commit import committed_shards
+from pipeline.manifest import MANIFEST_NAME
 from pipeline.plan import shard_name
 from pipeline.storage import OutputError, filesystem, get_bytes, put_atomic
 from pipeline.writers import TENSOR_SHAPE_KEY, read_tensor_column

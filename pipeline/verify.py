@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
-from pipeline.commit import MANIFEST_NAME, Fence, ShardStore, changed_inputs, read_manifest
+from pipeline.commit import Fence, ShardStore
+from pipeline.manifest import MANIFEST_NAME, changed_inputs, read_manifest
 from pipeline.plan import InputError, ignored_by_readers, input_fingerprint, list_input_files, plan_units
 from pipeline.storage import OutputError, filesystem, get_bytes, with_retries
 

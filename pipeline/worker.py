@@ -24,7 +24,8 @@ import torch
 from instaflow.loading import ComponentCache, Runtime
 from instaflow.models import PromptBatch, Settings, Student, Teacher
 from instaflow.sampling import decode, finite_per_sample, to_pixels
-from pipeline.commit import Fence, ShardStore, identity_digest
+from pipeline.commit import Fence, ShardStore
+from pipeline.manifest import identity_digest
 from pipeline.lock import OutputLock
 from pipeline.model_source import ModelSource, job_identity, model_sources
 from pipeline.plan import WorkUnit

@@ -11,16 +11,8 @@ import fsspec
 import pytest
 
 from pipeline import commit, storage
-from pipeline.commit import (
-    Fence,
-    ShardStore,
-    SpecMismatchError,
-    check_compatible,
-    committed_shards,
-    job_manifest,
-    read_manifest,
-    write_manifest,
-)
+from pipeline.commit import Fence, ShardStore, committed_shards
+from pipeline.manifest import ManifestWriter, SpecMismatchError, check_compatible, identity_digest, job_manifest, read_manifest
 from pipeline.lock import OutputLock, OutputLostError
 from pipeline.storage import get_bytes, put_atomic, redact, storage_env, with_retries
 
@@ -174,8 +166,8 @@ def test_readers_find_committed_shards_through_the_manifest(output):
     fs, root = output
     with pytest.raises(commit.OutputError, match="no _job.json"):
         committed_shards(fs, root)
-    lock, fence = held(fs, root, identity=commit.identity_digest({"steps": 1}))
-    write_manifest(fs, root, job_manifest({"steps": 1}, [], list(fence.lineage)))
+    lock, fence = held(fs, root, identity=identity_digest({"steps": 1}))
+    ManifestWriter(fs, root, confirm_held=lambda: None).write(job_manifest({"steps": 1}, [], list(fence.lineage)))
     ShardStore(fs, root).commit(4, {"00004.tar": b"x"}, {"count": 1}, fence)
     put_atomic(fs, f"{root}/00005.stats.json", json.dumps({"count": 1}).encode())  # no fence: foreign
     assert list(committed_shards(fs, root)) == [4]
@@ -216,7 +208,7 @@ def test_manifest_round_trip_and_mismatch_messages(local):
     assert read_manifest(fs, root) is None
     inputs = [{"path": "s3://b/a.parquet", "size": 10, "etag": "e1", "mtime": "t"}]
     identity = {"model": "tiny", "steps": 1, "size": (16, 16)}
-    write_manifest(fs, root, job_manifest(identity, inputs, ["t1"]))
+    ManifestWriter(fs, root, confirm_held=lambda: None).write(job_manifest(identity, inputs, ["t1"]))
     existing = read_manifest(fs, root)
     check_compatible(existing, identity, inputs)  # same job: resumable
 

@@ -13,10 +13,10 @@ import fsspec
 import pytest
 
 from pipeline import commit, storage
-from pipeline.commit import BrokenCommitError, Fence, ShardStore, committed_shards, job_manifest, read_manifest
+from pipeline.commit import BrokenCommitError, Fence, ShardStore, committed_shards
 from pipeline.job import _audit
 from pipeline.lock import LeaseKeeper, OutputLock, OutputLostError
-from pipeline.manifest import ManifestWriter
+from pipeline.manifest import ManifestWriter, job_manifest, read_manifest
 from pipeline.plan import WorkUnit
 from pipeline.progress import JobProgress
 from pipeline.storage import OutputError, check_conditional_writes, get_bytes, put_atomic

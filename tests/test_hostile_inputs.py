@@ -34,7 +34,7 @@ from hostile_corpus import (
 )
 from jobhelpers import tar_members
 from jobs import generate
-from pipeline.commit import SpecMismatchError, check_compatible
+from pipeline.manifest import SpecMismatchError, check_compatible
 from pipeline.plan import InputError, input_fingerprint, list_input_files, plan_units
 from pipeline.reader import UnitReadError, derive_seed, read_unit
 

@@ -19,7 +19,7 @@ import pytest
 from hostile_corpus import parquet_bytes
 from jobhelpers import tar_members
 from jobs import generate
-from pipeline.commit import SpecMismatchError, check_compatible
+from pipeline.manifest import SpecMismatchError, check_compatible
 from pipeline.plan import InputError, check_output_location, input_fingerprint, list_input_files, plan_units
 from pipeline.reader import read_unit
 from pipeline.spec import JobSpec

@@ -18,7 +18,7 @@ from instaflow.sampling import decode, noise_for_seed, to_pixels
 from instaflow.text import encode_tokens, tokenize_prompts
 from jobhelpers import prompt_table, write_prompts
 from jobs import reflow_pairs
-from pipeline.commit import identity_digest, job_manifest, write_manifest
+from pipeline.manifest import ManifestWriter, identity_digest, job_manifest
 from pipeline.pairs_data import PairsError, PairStream, build_embedding_cache, find_pairs, ray_dataset
 from pipeline.reader import MAX_SEED, derive_seed
 from pipeline.verify import verify_output
@@ -144,11 +144,13 @@ def test_ray_dataset(pairs, file_rows):
 def committed_by_hand(root, files: dict[str, bytes], stats: dict) -> None:
     """One shard committed the way the engine does it (manifest, fenced marker), by hand."""
     identity = {"made": "by hand"}
-    write_manifest(FS, str(root), job_manifest(identity, [], ["token"]))
+    ManifestWriter(FS, str(root), confirm_held=lambda: None).write(job_manifest(identity, [], ["token"]))
     for name, data in files.items():
         (root / name).write_bytes(data)
-    fence = {"token": "token", "identity": identity_digest(identity)}
-    (root / "00000.stats.json").write_text(json.dumps(stats | {"fence": fence}))
+    fence = {"token": "token", "identity": identity_digest(identity), "try": "0"}
+    sized = {name: info | {"bytes": (root / name).stat().st_size} for name, info in stats["files"].items()}
+    marker = stats | {"fence": fence, "staging": "_staging/token/00000-0", "files": sized}
+    (root / "00000.stats.json").write_text(json.dumps(marker))
 
 
 def test_bad_pair_outputs_are_named(tmp_path):
