@@ -60,7 +60,7 @@ class ManifestWriter:
                 else:
                     self.version = self.store.replace(self.path, data, self.version)
                 return
-            except PreconditionFailed:
+            except (PreconditionFailed, FileNotFoundError):  # changed, or deleted (S3 answers If-Match so)
                 try:
                     current, version = self.store.read(self.path)
                 except FileNotFoundError:

@@ -173,6 +173,9 @@ def test_only_the_holder_writes_the_manifest(output):
     assert read_manifest(fs, root)["who"] == "new"
     new_writer.write({"lineage": [old.token, new.token], "who": "new, progress"})
     assert read_manifest(fs, root)["who"] == "new, progress"
+    fs.rm(f"{root}/_job.json")  # as --overwrite removes the old output
+    new_writer.write({"lineage": [new.token], "who": "new, after removing the old output"})
+    assert read_manifest(fs, root)["who"] == "new, after removing the old output"
 
 
 def test_the_lease_keeper_renews_in_every_phase_and_rides_out_a_short_outage(tmp_path, monkeypatch):
