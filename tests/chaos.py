@@ -33,7 +33,7 @@ And the faults of issue 13, which do not wait for a commit:
   every 20 ms) the driver is killed or interrupted, or writes (and reads) fail for 0.5 to 1.8 s; the final checks
   compare with the reference of the run's own settings;
 - local_output: the output is a folder of this machine, not S3 (storage faults then reach only the prompts);
-- multipart: s3fs uploads in parts of 32 or 128 KiB (tests/chaos_site/sitecustomize.py in the jobs' processes;
+- multipart: s3fs uploads in parts of 32 or 128 KiB (--part-sizes) (tests/chaos_site/sitecustomize.py in the jobs' processes;
   moto told to accept parts under S3's 5 MiB), so most shards are multipart uploads and the `part` storage faults
   have requests to fail; each run's record counts its multipart requests by step, from the proxy.
 
@@ -1025,6 +1025,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--faults", default=",".join(DEFAULT_FAULTS), help=f"fault types the seeds choose from, "
                         f"of {', '.join(FAULT_TYPES)}")
     parser.add_argument("--always", default="", help="fault types every run injects (besides those chosen)")
+    parser.add_argument("--part-sizes", default="32768,131072",
+                        help="part sizes in bytes that `multipart` runs choose from (s3fs uploads in parts above twice)")
     parser.add_argument("--storage-rules", dest="storage_config", type=json.loads,
                         help="the proxy's rules for runs with storage faults, as JSON, instead of the seed's choice")
     parser.add_argument("--leg-timeout", type=float, default=900.0, help="seconds a leg may take (more is a hang)")
@@ -1040,6 +1042,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if any(v not in allowed for v in values) or (name != "always" and not values):
             parser.error(f"--{name} takes a comma-separated list of {allowed}")
         setattr(args, name, values)
+    try:
+        args.part_sizes = tuple(int(size) for size in args.part_sizes.split(","))
+    except ValueError:
+        parser.error("--part-sizes takes a comma-separated list of byte counts")
     return args
 
 
@@ -1064,7 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
         suite = Suite(services, workload, workdir, prompts, num_units, args.gpu_nodes, args.leg_timeout, args.keep,
                       ChaosCluster(services, args.gpu_nodes) if args.shared_cluster else None)
         scenarios = [Scenario.from_seed(args.seed * 1000 + i, num_units, args.kinds, args.faults, args.always,
-                                        args.storage_config) for i in range(args.runs)]
+                                        args.storage_config, args.part_sizes) for i in range(args.runs)]
         with out.open("a") as sink:
             header = {"invocation": " ".join([Path(sys.executable).name, *sys.argv]),
                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "workdir": str(workdir),

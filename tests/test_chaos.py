@@ -224,9 +224,10 @@ def short_chaos(tmp_path, *options: str) -> list[dict]:
 def test_short_chaos_runs_pass(tmp_path):
     """Storage faults (lost answers included), a worker killed mid-unit and the driver killed then re-run; seed
     125 adds, before the first commit, a driver kill (run 0) and a storage outage (run 1), and gives run 0
-    multipart uploads (parts of 32 or 128 KiB) and run 1 a local output."""
+    multipart uploads (parts of 32 KiB: its tars are over 64 KiB) and run 1 a local output."""
     runs = short_chaos(tmp_path, "--seed", "125", "--faults", "storage,local_output,multipart",
-                       "--always", "worker_kill,driver_kill,storage,early", "--storage-rules", json.dumps(LOST_ANSWERS))
+                       "--always", "worker_kill,driver_kill,storage,early", "--part-sizes", "32768",
+                       "--storage-rules", json.dumps(LOST_ANSWERS))
     for run, variant in zip(runs, ("multipart", "local_output")):
         early = next(fault for fault in run["faults"] if fault["type"] == "early")
         assert early["injected"] and early["shards_at_fire"] == 0 and early["leg"] == 1, early
