@@ -35,6 +35,9 @@ _KNOWN_ERRORS = (
     ("pipeline.storage", "OutputError", EXIT_BAD_INPUT),
     ("instaflow.loading", "ModelLoadError", EXIT_BAD_INPUT),
     ("argparse", "ArgumentTypeError", EXIT_BAD_INPUT),
+    # storage that cannot be reached or refuses: no credentials, an endpoint that does not answer, access denied
+    ("botocore.exceptions", "BotoCoreError", EXIT_BAD_INPUT),
+    ("botocore.exceptions", "ClientError", EXIT_BAD_INPUT),
     ("builtins", "ValueError", EXIT_BAD_INPUT),  # every input check of this project raises a ValueError kind
     ("builtins", "OSError", EXIT_BAD_INPUT),  # a path or URL that cannot be read or written
 )
@@ -71,6 +74,8 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename is not None:
         paths = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None)
         return f"{paths}: {exc.strerror or type(exc).__name__}"
+    if type(exc).__module__.startswith("botocore"):
+        return f"storage: {type(exc).__name__}: {exc}"
     return str(exc) or type(exc).__name__
 
 

@@ -194,6 +194,21 @@ def test_an_unexpected_error_is_one_line_with_its_traceback_in_a_file(tmp_path, 
         path.unlink()
 
 
+def test_storage_that_refuses_or_has_no_credentials_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    import jobs.verify
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    for error in (NoCredentialsError(), ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "ListObjects")):
+        def refusing(output, storage_options, error=error):
+            raise error
+
+        monkeypatch.setattr(jobs.verify, "verify_output", refusing)
+        (tmp_path / "out").mkdir(exist_ok=True)  # a local folder: no storage client looks for credentials here
+        assert main(["verify", str(tmp_path / "out")]) == 2
+        line = error_line(capsys)
+        assert line.startswith(f"error: storage: {type(error).__name__}: ") and "unexpected" not in line
+
+
 def run_module(args: list[str], **kwargs) -> subprocess.Popen:
     env = os.environ | kwargs.pop("env", {})
     return subprocess.Popen([sys.executable, "-m", *args], cwd=PROJECT, env=env, stdout=subprocess.PIPE,
