@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.gpus, args.device_ms, args.size, args.units_per_worker, args.rows_per_shard, args.batch = \
-            "2", 5.0, 64, 4, 8, 4
+            "2", 5.0, 64, 8, 8, 4  # 8 units a worker: both get some even when one starts seconds later
     gpu_counts = [int(n) for n in args.gpus.split(",")]
     figures = Figures("scaling", args.out or default_out())
     figures.machine(sys.argv[1:] if argv is None else argv)
