@@ -230,7 +230,9 @@ def test_short_chaos_runs_pass(tmp_path):
                        "--storage-rules", json.dumps(LOST_ANSWERS))
     for run, variant in zip(runs, ("multipart", "local_output")):
         early = next(fault for fault in run["faults"] if fault["type"] == "early")
-        assert early["injected"] and early["shards_at_fire"] == 0 and early["leg"] == 1, early
+        # fired in the first leg; on a warm machine the small job may commit a shard within the fault's delay, so
+        # how many shards it found is recorded (RELIABILITY.md), not asserted here
+        assert early["injected"] and early["leg"] == 1, early
         assert variant in {fault["type"] for fault in run["faults"] if fault["injected"]}, run["faults"]
     assert runs[0]["multipart"]["complete"] > 0 and runs[0]["output"].startswith("s3://")
     assert not runs[1]["output"].startswith("s3://") and runs[1]["multipart"]["create"] == 0
