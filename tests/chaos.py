@@ -34,8 +34,9 @@ And the faults of issue 13, which do not wait for a commit:
   compare with the reference of the run's own settings;
 - local_output: the output is a folder of this machine, not S3 (storage faults then reach only the prompts);
 - multipart: s3fs uploads in parts of 32 or 128 KiB (--part-sizes) (tests/chaos_site/sitecustomize.py in the jobs' processes;
-  moto told to accept parts under S3's 5 MiB), so most shards are multipart uploads and the `part` storage faults
-  have requests to fail; each run's record counts its multipart requests by step, from the proxy.
+  moto told to accept parts under S3's 5 MiB), so most shards are multipart uploads, and the proxy fails a fraction
+  of the parts (a `part` rule, besides any the storage fault drew); each run's record counts its multipart requests
+  by step, from the proxy.
 
 After a leg that was cut short: what the README's readers see by globbing the output is committed data only, its
 bytes are the reference's, and no key is seen twice. After the run: `instaflow-batch verify` passes, every prompt
@@ -420,6 +421,9 @@ class Scenario:
             storage = storage_config(rng, seed)
             if storage_rules is not None:
                 storage["rules"] = storage_rules
+        if "multipart" in chosen and storage_rules is None:  # the parts get faults too, so that `part` is exercised
+            storage = storage or {"seed": seed, "rules": {}, "delay_s": [0.05, 1.0]}
+            storage["rules"].setdefault("part", storage_rule(rng, "part"))
         return cls(seed, kind, sorted(faults, key=lambda f: f.after_shards), storage)
 
 
@@ -428,13 +432,14 @@ def storage_config(rng: random.Random, seed: int) -> dict:
     enough that boto's own retries run out) with faults from ALL_FAULTS. Kinds that write always include lost
     answers (after:reset), the fault that conditional writes must survive."""
     kinds = [kind for kind in KINDS if rng.random() < 0.6] or [rng.choice(KINDS)]
-    rules = {}
-    for kind in kinds:
-        faults = sorted({fault for fault in ALL_FAULTS if rng.random() < 0.4} | (
-            {"after:reset"} if kind != "read" else set()) or {rng.choice(ALL_FAULTS)})
-        rate = rng.uniform(0.02, 0.1) if rng.random() < 0.7 else rng.uniform(0.2, 0.4)  # high: past boto's retries
-        rules[kind] = {"rate": round(rate, 3), "faults": faults}
-    return {"seed": seed, "rules": rules, "delay_s": [0.05, 1.0]}
+    return {"seed": seed, "rules": {kind: storage_rule(rng, kind) for kind in kinds}, "delay_s": [0.05, 1.0]}
+
+
+def storage_rule(rng: random.Random, kind: str) -> dict:
+    faults = sorted({fault for fault in ALL_FAULTS if rng.random() < 0.4} | (
+        {"after:reset"} if kind != "read" else set()) or {rng.choice(ALL_FAULTS)})
+    rate = rng.uniform(0.02, 0.1) if rng.random() < 0.7 else rng.uniform(0.2, 0.4)  # high: past boto's retries
+    return {"rate": round(rate, 3), "faults": faults}
 
 
 # ---------------------------------------------------------------------------------------------------- checks
