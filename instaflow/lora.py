@@ -1,0 +1,268 @@
+"""LoRA adapters and fine-tune merges on the student, as the InstaFlow repo applies them (code/rf_lora.py).
+
+A LoRA file (diffusers/PEFT or kohya/CivitAI format) is read and converted by diffusers' own loader, checked
+against the model's modules, then loaded as PEFT adapters into the UNet and the text encoder, fused into their
+weights and unloaded: afterwards they are plain modules with changed weights, so a LoRA costs no speed. A fine-tune
+merge adds SCALE x (fine-tune UNet - base UNet) to the student's UNet, the repo's "hf" mode.
+
+Both change the modules they are given, in place: callers pass their own copies (`copy.deepcopy`), never modules
+that the component cache shares with another model (a teacher).
+"""
+
+import functools
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+# The prefixes diffusers' StableDiffusionLoraLoaderMixin gives each part's keys (its unet_name, text_encoder_name).
+UNET = "unet"
+TEXT_ENCODER = "text_encoder"
+LORA_WEIGHT = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
+
+
+class LoraError(ValueError):
+    """A LoRA file that cannot be used; the message names the file."""
+
+
+class LoraMismatchError(LoraError):
+    """A LoRA key that does not fit the model: the message names the file and the first such key."""
+
+    def __init__(self, file: str, key: str, why: str):
+        self.file, self.key = file, key
+        super().__init__(f"{file}: LoRA key {key!r} does not fit the model: {why}")
+
+
+class MergeMismatchError(ValueError):
+    """A fine-tune whose UNet tensors do not line up with the student's; the message names the first tensor."""
+
+
+@dataclass(frozen=True)
+class Lora:
+    """One LoRA file as diffusers' `lora_state_dict` returns it: keys in diffusers naming, prefixed `unet.` or
+    `text_encoder.`; kohya's per-module `.alpha` values (`network_alphas`), or the LoraConfig arguments a
+    diffusers-written file stores in its header (`metadata`, alpha among them). Without either, alpha = rank."""
+
+    name: str
+    state_dict: dict[str, torch.Tensor]
+    network_alphas: dict[str, float] | None
+    metadata: dict | None
+
+
+def read_lora(path: str | Path) -> Lora:
+    """Reads a local `.safetensors` LoRA (never a pickle) through diffusers, which converts kohya/CivitAI keys
+    (`lora_unet_*`, `lora_te_*`, `.alpha`) to its own names."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise LoraError(f"{path}: LoRA files must be .safetensors (pickle files can run code when loaded)")
+    try:
+        state_dict, network_alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
+            str(path), use_safetensors=True, return_lora_metadata=True)
+    except Exception as exc:  # safetensors, OS and conversion errors: the user needs the file named
+        raise LoraError(f"{path}: not a readable LoRA file: {exc}") from None
+    if not state_dict:
+        raise LoraError(f"{path}: holds no tensors")
+    return Lora(str(path), state_dict, network_alphas or None, metadata)
+
+
+def meta_modules(model_dir: str | Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The UNet and text encoder of a diffusers model folder built from their config.json files alone, on the
+    `meta` device (no weights read, no memory): enough for `check_lora` on a driver."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    model_dir = Path(model_dir)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir / UNET))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(model_dir / TEXT_ENCODER))
+    return unet, text_encoder
+
+
+def _peft_names(lora: Lora, part: str, model: torch.nn.Module) -> dict[str, str]:
+    """{key in lora.state_dict: the PEFT name diffusers' loader gives it inside `model`} for one part, renamed by
+    the same diffusers functions as `load_lora_adapter` (UNet) and `_load_lora_into_text_encoder` use."""
+    from diffusers.utils.state_dict_utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    keys = [key for key in lora.state_dict if key.startswith(f"{part}.")]
+    if not keys:
+        return {}
+    weights = {key.removeprefix(f"{part}."): lora.state_dict[key] for key in keys}
+    if part == UNET:
+        renamed = weights if "lora_A" in next(iter(weights)) else convert_unet_state_dict_to_peft(weights)
+    else:
+        try:
+            renamed = convert_state_dict_to_peft(convert_state_dict_to_diffusers(weights))
+        except ValueError as exc:  # diffusers cannot tell the naming scheme of these keys
+            raise LoraMismatchError(lora.name, keys[0], str(exc)) from None
+        if not hasattr(model, "text_model"):  # transformers 5 flattens CLIPTextModel; files keep `text_model.`
+            renamed = {name.removeprefix("text_model."): value for name, value in renamed.items()}
+    if len(renamed) != len(keys):
+        raise LoraMismatchError(lora.name, keys[0], "two keys of this part name the same weight")
+    return dict(zip(keys, renamed))  # the renames are key by key, in order
+
+
+def _expected_shapes(module: torch.nn.Module, rank: int) -> tuple[tuple, tuple]:
+    """(lora_A, lora_B) weight shapes that PEFT's LoRA layers have on `module`: A = down, B = up."""
+    if isinstance(module, torch.nn.Linear):
+        return (rank, module.in_features), (module.out_features, rank)
+    kernel = tuple(module.weight.shape[2:])  # PEFT's conv lora_A has the module's kernel, lora_B is 1x1
+    return (rank, module.weight.shape[1], *kernel), (module.out_channels, rank, 1, 1)
+
+
+def check_lora(lora: Lora, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
+    """Raises LoraMismatchError, naming the file and the first key, when a key is neither the UNet's nor the text
+    encoder's, names a module the model does not have (or one LoRA cannot adapt), or has a shape that does not fit.
+
+    Diffusers itself only warns about keys it cannot place and drops them; here they refuse the file. Works on real
+    modules or on `meta_modules` (it reads module names and shapes only), so a driver can run it before any worker
+    starts. Key names in the message are diffusers' (after its kohya conversion)."""
+    parts = {UNET: unet, TEXT_ENCODER: text_encoder}
+    for key in lora.state_dict:
+        if key.split(".", 1)[0] not in parts:
+            raise LoraMismatchError(lora.name, key, "names neither the UNet (unet.) nor the text encoder "
+                                                    "(text_encoder.)")
+    for part, model in parts.items():
+        factors: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+        for key, name in _peft_names(lora, part, model).items():
+            match = LORA_WEIGHT.match(name)
+            if match is None:
+                raise LoraMismatchError(lora.name, key, "not a LoRA down/up weight (lora_A/lora_B) that diffusers "
+                                                        "fuses")
+            try:
+                module = model.get_submodule(match["module"])
+            except AttributeError:
+                raise LoraMismatchError(lora.name, key, f"the {part} has no module {match['module']!r}") from None
+            if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                raise LoraMismatchError(lora.name, key, f"{match['module']!r} is a {type(module).__name__}, "
+                                                        "not a Linear or Conv2d layer")
+            factors.setdefault(match["module"], {})[match["factor"]] = (key, lora.state_dict[key])
+        for module_name, pair in factors.items():
+            if len(pair) != 2:
+                (key, _), = pair.values()
+                raise LoraMismatchError(lora.name, key, "its down (lora_A) or up (lora_B) half is missing")
+            (key_a, a), (key_b, b) = pair["A"], pair["B"]
+            want_a, want_b = _expected_shapes(model.get_submodule(module_name), rank=a.shape[0])
+            for key, tensor, want in ((key_a, a, want_a), (key_b, b, want_b)):
+                if tuple(tensor.shape) != want:
+                    raise LoraMismatchError(lora.name, key, f"shape {tuple(tensor.shape)}, the {part}'s "
+                                                            f"{module_name!r} takes {want}")
+
+
+def fuse_loras(unet: torch.nn.Module, text_encoder: torch.nn.Module, loras: Sequence[tuple[Lora, float]]) -> None:
+    """Fuses each (LoRA, scale) into `unet` and `text_encoder`, in place:
+    W <- W + sum_i scale_i * alpha_i / rank_i * B_i @ A_i, for every module a LoRA adapts.
+
+    Through diffusers' own path, as `pipe.load_lora_weights(...); pipe.set_adapters(...); pipe.fuse_lora();
+    pipe.unload_lora_weights()` runs on a StableDiffusionPipeline: `load_lora_into_unet` /
+    `load_lora_into_text_encoder` inject the adapters, `set_adapters` gives each its scale, `fuse_lora` merges
+    them (PEFT's safe merge: a non-finite result is refused), and unloading puts the plain layers back.
+
+    The modules must be uncompiled and this worker's own copies. All LoRAs are checked before any is loaded; an
+    error while fusing leaves the modules half changed: discard them.
+    """
+    for lora, _ in loras:
+        check_lora(lora, unet, text_encoder)
+    with warnings.catch_warnings():
+        # PEFT warns on a second adapter and on merging one while another is merged: both are the plan here.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        warnings.filterwarnings("ignore", message="Already following adapters were merged")
+        _load_and_fuse(unet, text_encoder, loras)
+
+
+def _load_and_fuse(unet: torch.nn.Module, text_encoder: torch.nn.Module, loras: Sequence[tuple[Lora, float]]) -> None:
+    """fuse_loras after its checks: load every adapter, give each its scale, fuse, unload."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as loader
+    from diffusers.loaders.lora_base import (
+        _remove_text_encoder_monkey_patch,  # what `unload_lora_weights` runs on a pipeline's text encoder
+        fuse_text_encoder_lora,
+        set_adapters_for_text_encoder,
+    )
+
+    adapters = {UNET: [], TEXT_ENCODER: []}  # part -> [(adapter name, lora, scale)]
+    for i, (lora, scale) in enumerate(loras):
+        name = f"lora_{i}"
+        arguments = dict(state_dict=lora.state_dict, network_alphas=lora.network_alphas, adapter_name=name,
+                         metadata=_fitting_metadata(lora.metadata, text_encoder))
+        if any(key.startswith(f"{UNET}.") for key in lora.state_dict):
+            loader.load_lora_into_unet(unet=unet, **arguments)
+            adapters[UNET].append((name, lora, scale))
+        if any(key.startswith(f"{TEXT_ENCODER}.") for key in lora.state_dict):
+            loader.load_lora_into_text_encoder(text_encoder=text_encoder, **arguments)
+            adapters[TEXT_ENCODER].append((name, lora, scale))
+
+    if adapters[UNET]:
+        names, _, scales = zip(*adapters[UNET])
+        unet.set_adapters(list(names), weights=list(scales))
+        _fuse_one_by_one(adapters[UNET], UNET, unet.fuse_lora)
+        unet.unload_lora()
+    if adapters[TEXT_ENCODER]:
+        names, _, scales = zip(*adapters[TEXT_ENCODER])
+        set_adapters_for_text_encoder(list(names), text_encoder, list(scales))
+        _fuse_one_by_one(adapters[TEXT_ENCODER], TEXT_ENCODER, functools.partial(fuse_text_encoder_lora, text_encoder))
+        _remove_text_encoder_monkey_patch(text_encoder)
+
+
+def _fitting_metadata(metadata: dict | None, text_encoder: torch.nn.Module) -> dict | None:
+    """The file's adapter metadata with `text_model.` dropped from the text encoder's module names where the
+    text encoder has none (transformers 5 flattens CLIPTextModel): diffusers drops it from the keys but not from
+    the metadata, so a file written under transformers 4 would match no module."""
+    if metadata is None or hasattr(text_encoder, "text_model"):
+        return metadata
+
+    def strip(name: str) -> str:
+        return name.removeprefix("text_model.")
+
+    fitted = dict(metadata)
+    for field in ("target_modules", "rank_pattern", "alpha_pattern"):
+        value = metadata.get(f"{TEXT_ENCODER}.{field}")
+        if isinstance(value, dict):
+            fitted[f"{TEXT_ENCODER}.{field}"] = {strip(name): v for name, v in value.items()}
+        elif isinstance(value, list):
+            fitted[f"{TEXT_ENCODER}.{field}"] = [strip(name) for name in value]
+    return fitted
+
+
+def _fuse_one_by_one(adapters: list[tuple[str, Lora, float]], part: str, fuse) -> None:
+    """Fuses the adapters one at a time (the sum is the same), so the error names a LoRA that breaks the model."""
+    for name, lora, scale in adapters:
+        try:
+            fuse(safe_fusing=True, adapter_names=[name])
+        except ValueError as exc:  # PEFT's safe merge found NaN or inf
+            raise LoraError(f"{lora.name}: fusing into the {part} at scale {scale} gives non-finite weights "
+                            f"({exc})") from None
+
+
+def merge_finetune(unet: torch.nn.Module, finetune_unet: torch.nn.Module, base_unet: torch.nn.Module,
+                   scale: float) -> None:
+    """W <- W + scale * (W_finetune - W_base) for every tensor of `unet`, in place: the InstaFlow repo's "hf" mode
+    (`load_hf_hub_lora` + `merge_dW_to_unet` in code/rf_lora.py), which adds e.g. dreamshaper-7's difference from
+    SD-1.5 to the InstaFlow UNet. (Taking the fine-tune's VAE and text encoder, the rest of that mode, is the
+    caller's.)
+
+    Differences from the repo: it walks the fine-tune's keys and loads with strict=False, so tensors of the student
+    that the fine-tune lacks pass silently; here the three UNets must have the same tensor names and shapes, and the
+    first that differs is named. It computes in the models' dtype (fp16 there); here the difference and the sum are
+    in float32, rounded once to the student's dtype (at fp32, the same numbers).
+    """
+    target, finetune, base = unet.state_dict(), finetune_unet.state_dict(), base_unet.state_dict()
+    for label, other in (("fine-tune", finetune), ("base", base)):
+        for name in [*target, *other]:
+            if name not in target or name not in other:
+                where = "the student's UNet" if name not in target else f"the {label} UNet"
+                raise MergeMismatchError(f"UNet tensor {name!r} is missing from {where}")
+            if target[name].shape != other[name].shape:
+                raise MergeMismatchError(f"UNet tensor {name!r}: shape {tuple(other[name].shape)} in the {label} "
+                                         f"UNet, {tuple(target[name].shape)} in the student's")
+    with torch.no_grad():
+        for name, weight in target.items():
+            delta = finetune[name].to(weight.device, torch.float32) - base[name].to(weight.device, torch.float32)
+            weight.copy_(weight.float() + scale * delta)

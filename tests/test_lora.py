@@ -1,0 +1,271 @@
+"""LoRA fusing and fine-tune merges (instaflow.lora) against the LoRA formula and diffusers' unfused adapters, on
+the tiny models and the tiny adapters (instaflow.tiny_adapters), fp32 on the CPU."""
+
+import copy
+import dataclasses
+import hashlib
+
+import pytest
+import safetensors.torch
+import torch
+
+from instaflow.loading import ComponentCache, Runtime, component_digest, tensor_digest
+from instaflow.lora import (
+    LoraError,
+    LoraMismatchError,
+    MergeMismatchError,
+    check_lora,
+    fuse_loras,
+    merge_finetune,
+    meta_modules,
+    read_lora,
+)
+from instaflow.models import PromptBatch, Settings, Student
+from instaflow.tiny_adapters import ALPHA, RANK, write_tiny_adapters
+
+UNET_MODULE = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+KOHYA_UNET = "lora_unet_" + UNET_MODULE.replace(".", "_")
+TE_MODULE = "encoder.layers.1.self_attn.out_proj"
+KOHYA_TE = "lora_te_text_model_" + TE_MODULE.replace(".", "_")
+FUSED_TOLERANCE = 1e-5  # fp32: fused W + s*a/r*B@A against the unfused adapter, on outputs of magnitude ~1
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_models, tmp_path_factory):
+    return write_tiny_adapters(tmp_path_factory.mktemp("adapters"), tiny_models["sd15"])
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return ComponentCache(Runtime.default(device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def student(cache, tiny_models):
+    return cache.load(str(tiny_models["instaflow"]))
+
+
+def fused(components, loras):
+    """The components with copies of the UNet and text encoder that have `loras` fused in."""
+    unet, text_encoder = copy.deepcopy(components.unet), copy.deepcopy(components.text_encoder)
+    fuse_loras(unet, text_encoder, loras)
+    return dataclasses.replace(components, unet=unet, text_encoder=text_encoder)
+
+
+def images(components) -> torch.Tensor:
+    batch = PromptBatch(["a red fox in the snow", "a castle above the sea at sunset"], [3, 7], [None, None])
+    return Student(components, Settings(1, 0.0, 64, 64)).generate(batch).pixels
+
+
+def unet_velocity(unet, components):
+    """The UNet's velocity for fixed noise and prompt embeddings (of the unchanged text encoder)."""
+    ids = components.tokenizer(["a red fox in the snow"], padding="max_length", max_length=77,
+                               return_tensors="pt").input_ids
+    with torch.no_grad():
+        embeds = components.text_encoder(ids)[0]
+        noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+        return unet(noise, torch.tensor([1000.0]), encoder_hidden_states=embeds).sample
+
+
+def text_embeddings(text_encoder, components):
+    ids = components.tokenizer(["a castle above the sea at sunset"], padding="max_length", max_length=77,
+                               return_tensors="pt").input_ids
+    with torch.no_grad():
+        return text_encoder(ids)[0]
+
+
+def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    return max((sa[name] - sb[name]).abs().max().item() for name in sa)
+
+
+def test_scale_zero_is_no_lora(student, adapters):
+    lora = read_lora(adapters["lora-kohya"])
+    zero = fused(student, [(lora, 0.0)])
+    assert tensor_digest(zero.unet) == tensor_digest(student.unet)
+    assert tensor_digest(zero.text_encoder) == tensor_digest(student.text_encoder)
+    assert torch.equal(images(zero), images(student))
+
+
+def test_lora_changes_images_visibly_and_leaves_plain_modules(student, adapters):
+    with_lora = fused(student, [(read_lora(adapters["lora-kohya"]), 1.0)])
+    before, after = images(student).float(), images(with_lora).float()
+    assert (after - before).abs().mean() > 5  # of 255: a visible change
+    assert torch.isfinite(after).all()
+    for fused_module, plain in ((with_lora.unet, student.unet), (with_lora.text_encoder, student.text_encoder)):
+        assert type(fused_module.get_submodule(UNET_MODULE if plain is student.unet else TE_MODULE)) is torch.nn.Linear
+        assert fused_module.state_dict().keys() == plain.state_dict().keys()  # no LoRA layers left
+        assert not getattr(fused_module, "peft_config", None)
+
+
+def test_fused_equals_lora_formula_and_unfused_adapter(student, adapters):
+    """W + scale * alpha / rank * up @ down, read from the file by hand; and diffusers' adapter, loaded and active
+    but not fused, gives the same UNet and text-encoder outputs."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as loader
+    from diffusers.loaders.lora_base import set_adapters_for_text_encoder
+
+    scale = 0.7
+    lora = read_lora(adapters["lora-kohya"])
+    with_lora = fused(student, [(lora, scale)])
+    raw = safetensors.torch.load_file(adapters["lora-kohya"])
+    for module, kohya, base, merged in ((UNET_MODULE, KOHYA_UNET, student.unet, with_lora.unet),
+                                        (TE_MODULE, KOHYA_TE, student.text_encoder, with_lora.text_encoder)):
+        assert raw[f"{kohya}.alpha"].item() == ALPHA != RANK
+        delta = scale * ALPHA / RANK * raw[f"{kohya}.lora_up.weight"] @ raw[f"{kohya}.lora_down.weight"]
+        expected = base.get_submodule(module).weight + delta
+        torch.testing.assert_close(merged.get_submodule(module).weight, expected, rtol=0, atol=1e-6)
+
+    unet, text_encoder = copy.deepcopy(student.unet), copy.deepcopy(student.text_encoder)
+    loader.load_lora_into_unet(lora.state_dict, lora.network_alphas, unet, adapter_name="unfused")
+    loader.load_lora_into_text_encoder(lora.state_dict, lora.network_alphas, text_encoder, adapter_name="unfused")
+    unet.set_adapters(["unfused"], weights=[scale])
+    set_adapters_for_text_encoder(["unfused"], text_encoder, [scale])
+    assert unet_velocity(unet, student).sub(unet_velocity(student.unet, student)).abs().max() > 0.05
+    torch.testing.assert_close(unet_velocity(with_lora.unet, student), unet_velocity(unet, student),
+                               rtol=0, atol=FUSED_TOLERANCE)
+    torch.testing.assert_close(text_embeddings(with_lora.text_encoder, student),
+                               text_embeddings(text_encoder, student), rtol=0, atol=FUSED_TOLERANCE)
+
+
+def test_kohya_and_diffusers_files_give_the_same_lora(student, adapters, tmp_path):
+    """The kohya file (alpha in the file), the diffusers file (alpha/rank folded into lora_B) and a diffusers file
+    with adapter metadata (alpha in its header, as diffusers writes now; its text-encoder module names with
+    `text_model.`, as written under transformers 4) fuse to the same weights, within fp32 rounding, and the same
+    images, within one level of 255."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    raw = safetensors.torch.load_file(adapters["lora-diffusers"])
+    unscaled = {k: v / (ALPHA / RANK) if ".lora_B." in k else v for k, v in raw.items()}
+    parts = {part: {k.removeprefix(f"{part}."): v for k, v in unscaled.items() if k.startswith(f"{part}.")}
+             for part in ("unet", "text_encoder")}
+    metadata = {part: {"r": RANK, "lora_alpha": ALPHA,
+                       "target_modules": sorted({k.split(".lora_")[0] for k in parts[part]})} for part in parts}
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        tmp_path, unet_lora_layers=parts["unet"], text_encoder_lora_layers=parts["text_encoder"],
+        unet_lora_adapter_metadata=metadata["unet"], text_encoder_lora_adapter_metadata=metadata["text_encoder"],
+        weight_name="lora-metadata.safetensors")
+    with_metadata = read_lora(tmp_path / "lora-metadata.safetensors")
+    assert with_metadata.metadata and with_metadata.network_alphas is None
+
+    kohya = fused(student, [(read_lora(adapters["lora-kohya"]), 1.0)])
+    kohya_images = images(kohya).int()
+    for lora in (read_lora(adapters["lora-diffusers"]), with_metadata):
+        other = fused(student, [(lora, 1.0)])
+        assert max_difference(other.unet, kohya.unet) < 1e-6
+        assert max_difference(other.text_encoder, kohya.text_encoder) < 1e-6
+        assert (images(other).int() - kohya_images).abs().max() <= 1
+
+
+def test_several_loras_add_with_their_scales(student, adapters):
+    kohya, diffusers_file = read_lora(adapters["lora-kohya"]), read_lora(adapters["lora-diffusers"])
+    both = fused(student, [(kohya, 0.5), (diffusers_file, 0.25)])
+    once = fused(student, [(kohya, 0.75)])
+    assert max_difference(both.unet, once.unet) < 1e-6
+    assert max_difference(both.text_encoder, once.text_encoder) < 1e-6
+
+
+def test_fusing_into_a_copy_leaves_the_shared_modules_unchanged(student, adapters):
+    digests = tensor_digest(student.unet), tensor_digest(student.text_encoder)
+    fused(student, [(read_lora(adapters["lora-kohya"]), 1.0)])
+    assert (tensor_digest(student.unet), tensor_digest(student.text_encoder)) == digests
+
+
+def test_a_lora_that_breaks_the_weights_is_refused(student, adapters, tmp_path):
+    tensors = safetensors.torch.load_file(adapters["lora-kohya"])
+    tensors[f"{KOHYA_UNET}.lora_up.weight"][0, 0] = float("inf")
+    safetensors.torch.save_file(tensors, tmp_path / "broken.safetensors")
+    with pytest.raises(LoraError, match="broken.safetensors: fusing into the unet at scale 1.0 gives non-finite"):
+        fused(student, [(read_lora(tmp_path / "broken.safetensors"), 1.0)])
+
+
+def _rename(key: str) -> str:
+    return key.replace("attn2_to_k", "attn3_to_k")
+
+
+def _narrow(tensors: dict, key: str) -> None:
+    tensors[key] = tensors[key][:, :16].contiguous()
+
+
+@pytest.mark.parametrize("fmt,change,named", [
+    ("kohya", lambda t: {_rename(k): v for k, v in t.items()},
+     "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn3.to_k_lora.down.weight"),
+    ("kohya", lambda t: _narrow(t, f"{KOHYA_TE}.lora_down.weight"),
+     "text_encoder.text_model.encoder.layers.1.self_attn.to_out_lora.down.weight"),
+    ("diffusers", lambda t: _narrow(t, f"unet.{UNET_MODULE}.lora_A.weight"), f"unet.{UNET_MODULE}.lora_A.weight"),
+    ("diffusers", lambda t: {k.replace("unet.", "transformer."): v for k, v in t.items()},
+     "transformer.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.lora_A.weight"),
+    ("diffusers", lambda t: {k.replace("encoder.layers.1.", "encoder.layers.5."): v for k, v in t.items()},
+     "text_encoder.text_model.encoder.layers.5.self_attn.k_proj.lora_A.weight"),
+], ids=["kohya-renamed-module", "kohya-text-encoder-shape", "diffusers-unet-shape", "diffusers-other-model",
+        "diffusers-missing-layer"])
+def test_lora_for_another_model_is_refused_naming_file_and_key(student, tiny_models, adapters, tmp_path,
+                                                               fmt, change, named):
+    tensors = safetensors.torch.load_file(adapters[f"lora-{fmt}"])
+    tensors = change(tensors) or tensors
+    path = tmp_path / f"other-{fmt}.safetensors"
+    safetensors.torch.save_file(tensors, path)
+    lora = read_lora(path)
+    with pytest.raises(LoraMismatchError) as on_meta:
+        check_lora(lora, *meta_modules(tiny_models["instaflow"]))  # what a driver runs: configs only
+    assert on_meta.value.file == str(path) and on_meta.value.key == named
+    assert str(path) in str(on_meta.value) and named in str(on_meta.value)
+    unet, text_encoder = copy.deepcopy(student.unet), copy.deepcopy(student.text_encoder)
+    with pytest.raises(LoraMismatchError, match="does not fit"):
+        fuse_loras(unet, text_encoder, [(read_lora(adapters["lora-kohya"]), 1.0), (lora, 1.0)])
+    assert tensor_digest(unet) == tensor_digest(student.unet)  # refused before anything was loaded
+    assert not getattr(unet, "peft_config", None) and not getattr(text_encoder, "peft_config", None)
+
+
+def test_only_safetensors_loras_are_read(tmp_path):
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(1)}, tmp_path / "lora.bin")
+    with pytest.raises(LoraError, match="must be .safetensors"):
+        read_lora(tmp_path / "lora.bin")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(LoraError, match="broken.safetensors"):
+        read_lora(tmp_path / "broken.safetensors")
+
+
+def test_merge_finetune(student, cache, tiny_models, adapters):
+    """The InstaFlow repo's "hf" mode: W + scale * (W_finetune - W_base), tensor by tensor."""
+    finetune, base = cache.load(str(adapters["finetune"])), cache.load(str(tiny_models["sd15"]))
+    unchanged = copy.deepcopy(student.unet)
+    merge_finetune(unchanged, finetune.unet, base.unet, 0.0)
+    assert tensor_digest(unchanged) == tensor_digest(student.unet)
+
+    onto_itself = copy.deepcopy(base.unet)
+    merge_finetune(onto_itself, finetune.unet, base.unet, 1.0)
+    assert max_difference(onto_itself, finetune.unet) < 1e-6
+
+    merged = copy.deepcopy(student.unet)
+    merge_finetune(merged, finetune.unet, base.unet, 0.5)
+    name = "conv_in.weight"
+    files = [safetensors.torch.load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")[name]
+             for folder in (tiny_models["instaflow"], adapters["finetune"], tiny_models["sd15"])]
+    torch.testing.assert_close(merged.state_dict()[name], files[0] + 0.5 * (files[1] - files[2]), rtol=0, atol=1e-7)
+    merged_images = images(dataclasses.replace(student, unet=merged)).float()
+    assert torch.isfinite(merged_images).all() and (merged_images - images(student).float()).abs().mean() > 1
+
+
+def test_merge_finetune_names_the_first_tensor_that_differs(student, tiny_models):
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(tiny_models["sd15"] / "unet")
+    other = UNet2DConditionModel.from_config({**config, "cross_attention_dim": 16})
+    target = copy.deepcopy(student.unet)
+    with pytest.raises(MergeMismatchError, match=r"'down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn2"
+                                                 r"\.to_k\.weight': shape \(32, 16\) in the fine-tune UNet"):
+        merge_finetune(target, other, student.unet, 1.0)
+    assert tensor_digest(target) == tensor_digest(student.unet)
+
+
+def test_finetune_is_a_loadable_sd15_that_differs_and_adapters_are_deterministic(cache, tiny_models, adapters,
+                                                                                 tmp_path):
+    finetune, sd15 = cache.load(str(adapters["finetune"])), cache.load(str(tiny_models["sd15"]))
+    for name in ("unet", "vae", "text_encoder"):
+        assert tensor_digest(getattr(finetune, name)) != tensor_digest(getattr(sd15, name))
+    assert finetune.tokenizer is sd15.tokenizer  # the same tokenizer files
+    again = write_tiny_adapters(tmp_path, tiny_models["sd15"])
+    for name in ("lora-kohya", "lora-diffusers"):
+        assert hashlib.sha256(again[name].read_bytes()).digest() == hashlib.sha256(adapters[name].read_bytes()).digest()
+    assert component_digest(again["finetune"]) == component_digest(adapters["finetune"])
