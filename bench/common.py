@@ -308,10 +308,13 @@ class CpuMeter:
 class TimedPool(ActorPool):
     """The engine's pool, noting when each unit's result arrives, which worker sent it (for steady-state rates)
     and that worker's memory, and asking each worker for its counters when the units are done, before the job
-    shuts them down."""
+    shuts them down. With `all_ready_first`, units are handed out only once every worker has started (bounded by
+    the start timeout): a scaling figure needs every worker in it, and on a loaded machine one worker can start
+    seconds after another and find the queue empty."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, all_ready_first: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.all_ready_first = all_ready_first
         self.completions: list[tuple[float, int, int]] = []  # (seconds since run() began, rows, worker pid)
         self.worker_rss_mib: list[float] = []  # the sending worker's resident memory as each unit completes
         self.worker_counters: list[dict] = []
@@ -329,9 +332,26 @@ class TimedPool(ActorPool):
                     self.worker_rss_mib.append(psutil.Process(pid).memory_info().rss / 2**20)
             on_result(result)
 
+        if self.all_ready_first:
+            self._wait_for_every_worker(on_idle, poll_s)
         super().run(units, timed, on_idle, poll_s)
         if all(hasattr(worker, "counters") for worker in self.workers):
             self.worker_counters = ray.get([worker.counters.remote() for worker in self.workers])
+
+    def _wait_for_every_worker(self, on_idle, poll_s: float) -> None:
+        import ray
+
+        self.start()
+        deadline = time.monotonic() + self.limits.start_timeout_s
+        while len(self._ready) < self.num_workers and self._probes:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(self._ready)} of {self.num_workers} workers started in "
+                                   f"{self.limits.start_timeout_s:.0f}s")
+            done, _ = ray.wait(list(self._probes), num_returns=1, timeout=poll_s)
+            if done:
+                self._on_probe(done[0])
+            else:
+                on_idle()
 
     def steady_rate(self) -> dict:
         """Rows per second in the steady state, summed over the workers: for each worker, the least-squares
@@ -354,8 +374,9 @@ class TimedPool(ActorPool):
                 "units_per_worker": [len(done) for done in by_worker.values()]}
 
 
-def timed_pools(pools: list, worker_class=None, *extra_args):
-    """A pool factory for `run_job` that makes TimedPools and keeps them in `pools`.
+def timed_pools(pools: list, worker_class=None, *extra_args, all_ready_first: bool = False):
+    """A pool factory for `run_job` that makes TimedPools and keeps them in `pools` (`all_ready_first`: see
+    TimedPool).
 
     Without `worker_class`, the engine's own ShardWorker actors (`ray_worker_factory`); with one, actors of
     that class with the same options (resources, restarts, concurrency), given `extra_args` after the usual.
@@ -374,7 +395,8 @@ def timed_pools(pools: list, worker_class=None, *extra_args):
                 return actor.remote(spec, sources, fence, *extra_args)
 
         limits = PoolLimits(start_timeout_s=spec.start_timeout_s, unit_timeout_s=spec.unit_timeout_s)
-        pools.append(TimedPool(make_worker, min(num_workers, num_units), spec.max_unit_attempts, limits))
+        pools.append(TimedPool(make_worker, min(num_workers, num_units), spec.max_unit_attempts, limits,
+                               all_ready_first=all_ready_first))
         return pools[-1]
 
     return make_pool

@@ -4,8 +4,8 @@
     python bench/scaling.py --quick      # 2 GPUs on 2 nodes, 64x64: the test runs this
 
 N simulated GPUs sit on min(N, 4) nodes (1 GPU on 1 node, 2 on 2, 4 on 4, 8 on 4 nodes of 2), one worker per
-GPU with 1 CPU each, the engine's driver and pool, and the stand-in device of bench/simulated.py. Each worker
-gets the same number of units (weak scaling), from one Parquet file on local disk to webdataset shards (JPEG)
+GPU with 1 CPU each, the engine's driver and pool, and the stand-in device of bench/simulated.py. Units are
+handed out once every worker has started, and each worker gets the same number of units (weak scaling), from one Parquet file on local disk to webdataset shards (JPEG)
 on local disk. The device time per image is long enough that 8 workers' host work (about 4 CPU-ms per 512x512
 image, measured by bench/simulated.py) stays near half of this machine's 2 cores. Throughput is the steady
 state (every worker in its stride), over linear: N times the 1-GPU figure, and N times the device's limit.
@@ -60,7 +60,7 @@ def run_on_cluster(num_gpus: int, spec: JobSpec, device: SimulatedDevice, workdi
         cluster_start_s = time.perf_counter() - started
         pools: list = []
         with CpuMeter() as meter:
-            progress = run_job(spec, make_pool=timed_pools(pools, SimulatedWorker, device), show_progress=False)
+            progress = run_job(spec, make_pool=timed_pools(pools, SimulatedWorker, device, all_ready_first=True), show_progress=False)
         if not progress.complete:
             raise RuntimeError(f"the job on {num_gpus} GPUs did not complete: {progress.summary()}")
         node_ids = {stats["worker"]["node_id"] for stats in _markers(spec.output)}
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.gpus, args.device_ms, args.size, args.units_per_worker, args.rows_per_shard, args.batch = \
-            "2", 5.0, 64, 8, 8, 4  # 8 units a worker: both get some even when one starts seconds later
+            "2", 5.0, 64, 8, 8, 4
     gpu_counts = [int(n) for n in args.gpus.split(",")]
     figures = Figures("scaling", args.out or default_out())
     figures.machine(sys.argv[1:] if argv is None else argv)
