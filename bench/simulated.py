@@ -54,6 +54,8 @@ from instaflow.loading import Runtime  # noqa: E402
 from instaflow.models import PromptBatch, StudentOutput, TeacherOutput  # noqa: E402
 from pipeline.job import run_job  # noqa: E402
 from pipeline.spec import JobSpec  # noqa: E402
+from pipeline.stages.images import ImagesStage  # noqa: E402
+from pipeline.stages.pairs import PairsStage  # noqa: E402
 from pipeline.worker import ShardWorker  # noqa: E402
 from pipeline.writers import encode_image  # noqa: E402
 
@@ -191,14 +193,14 @@ class SimulatedWorker(ShardWorker):
         source = sources.get("model") or sources["teacher"]
         components = stand_in_components(Path(source.local_dir()))
         size = (spec.height, spec.width)
-        student = teacher = None
+        stages = []
         if "images" in spec.tasks:
-            student = SimulatedStudent(torch.from_numpy(image_bank(*size)), components, *size, spec.guidance_scale,
-                                       self.device.image_s, self._count)
+            stages.append(ImagesStage(spec, SimulatedStudent(torch.from_numpy(image_bank(*size)), components, *size,
+                                                             spec.guidance_scale, self.device.image_s, self._count)))
         if "pairs" in spec.tasks:
-            teacher = SimulatedTeacher(components, *size, spec.teacher_guidance_scale, self.device.pair_s,
-                                       self._count)
-        return student, teacher
+            stages.append(PairsStage(spec, SimulatedTeacher(components, *size, spec.teacher_guidance_scale,
+                                                            self.device.pair_s, self._count)))
+        return stages
 
     def _count(self, name: str, value: float) -> None:
         with self._counts_lock:

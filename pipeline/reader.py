@@ -63,7 +63,7 @@ def derive_seed(job_seed: int, key: str) -> int:
 
 def read_unit(
     fs: fsspec.AbstractFileSystem, unit: WorkUnit, prompt_column: str = "prompt", job_seed: int = 0,
-    samples_per_prompt: int = 1,
+    samples_per_prompt: int = 1, added_columns: tuple[str, ...] = (),
 ) -> UnitInput:
     """Rows of a unit as samples; bad rows become samples with an error. Raises UnitReadError only when storage
     cannot give the rows (after retries), so that the unit is retried, never committed without them."""
@@ -96,7 +96,7 @@ def read_unit(
             samples.append(sample)
     if samples_per_prompt > 1:  # repeated before the extra columns are picked: a table of none keeps its rows
         table = table.take(pa.array([i for i in range(table.num_rows) for _ in range(samples_per_prompt)]))
-    return UnitInput(unit, samples, _extra_columns(table, present, unit.extra_schema))
+    return UnitInput(unit, samples, _extra_columns(table, present, unit.extra_schema, added_columns))
 
 
 def _per_prompt(
@@ -258,8 +258,10 @@ def _shown(value: str | bytes, limit: int = 60) -> str:
     return f"{text[:limit]}... ({len(value)} {'bytes' if isinstance(value, bytes) else 'characters'})"
 
 
-def _extra_columns(table: pa.Table, used: set[str], extra_schema: str | None) -> pa.Table:
-    """Input columns not consumed as sample fields, renamed where they would clash with output columns.
+def _extra_columns(table: pa.Table, used: set[str], extra_schema: str | None,
+                   added_columns: tuple[str, ...]) -> pa.Table:
+    """Input columns not consumed as sample fields, renamed where they would clash with output columns (those of
+    this module's writers, and `added_columns`, which the job's stages add).
 
     With a job-wide extra schema (the input files differ in their columns) each is cast to it, and missing
     ones are null, so that every shard of the job has the same columns.
@@ -276,10 +278,11 @@ def _extra_columns(table: pa.Table, used: set[str], extra_schema: str | None) ->
             schema=schema,
         )
     names = extra.column_names
-    taken = set(OUTPUT_COLUMNS) | set(names)
+    reserved = OUTPUT_COLUMNS | set(added_columns)
+    taken = set(reserved) | set(names)
     renamed = []
     for name in names:
-        if name in OUTPUT_COLUMNS:
+        if name in reserved:
             new = f"input_{name}"
             while new in taken:
                 new = f"input_{new}"

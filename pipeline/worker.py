@@ -10,7 +10,6 @@ are still being encoded; that wait is recorded in the shard's stats (`encode_wai
 
 import collections
 import contextlib
-import dataclasses
 import logging
 import os
 import sys
@@ -21,9 +20,8 @@ from dataclasses import asdict
 
 import torch
 
-from instaflow.loading import ComponentCache, Runtime
-from instaflow.models import PromptBatch, Settings, Student, Teacher
-from instaflow.sampling import decode, finite_per_sample, to_pixels
+from instaflow.loading import Runtime
+from instaflow.models import PromptBatch
 from pipeline.commit import Fence, ShardStore
 from pipeline.manifest import identity_digest
 from pipeline.lock import OutputLock
@@ -31,15 +29,10 @@ from pipeline.model_source import ModelSource, job_identity, model_sources
 from pipeline.plan import WorkUnit
 from pipeline.reader import Sample, read_unit
 from pipeline.spec import JobSpec
+from pipeline.stages import build_stages
+from pipeline.stages.base import HostCopy, Stage, UnitOutputs
 from pipeline.storage import filesystem, protect_secrets, raises_redacted, redact_text
-from pipeline.writers import (
-    IMAGE_EXTENSIONS,
-    encode_image,
-    image_parquet_shard,
-    metadata_table,
-    pairs_parquet_shard,
-    webdataset_shard,
-)
+from pipeline.writers import encode_image
 
 logger = logging.getLogger(__name__)
 
@@ -61,25 +54,6 @@ MAX_ERRORS_IN_STATS = 20
 MAX_BATCHES_AWAITING_ENCODE = 4  # per unit; bounds the page-locked memory that waits for the encoders
 
 
-class HostCopy:
-    """A device tensor copied to page-locked host memory without blocking the device; `numpy()` waits for it."""
-
-    def __init__(self, tensor: torch.Tensor):
-        self._event = None
-        if tensor.device.type == "cuda":
-            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            self._host.copy_(tensor, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host = tensor
-
-    def numpy(self):
-        if self._event is not None:
-            self._event.synchronize()
-        return self._host.numpy()
-
-
 @contextlib.contextmanager
 def _timed(timings: dict, name: str):
     clock = time.perf_counter()
@@ -95,7 +69,8 @@ def encode_threads(cpus: float | None) -> int:
 
 
 class ShardWorker:
-    """Student and/or teacher on one device, sharing the components they have in common."""
+    """A unit's lifecycle on one device: read, prepare, the device lock, per-row isolation and out-of-memory
+    halving, the encoder pool, commit. What is generated, scored and written is the job's stages'."""
 
     @raises_redacted  # Ray shows why a worker failed to start, and why a call failed
     def __init__(self, spec: JobSpec, sources: dict[str, ModelSource], fence: Fence):
@@ -103,7 +78,12 @@ class ShardWorker:
         self.spec = spec
         self.fence = fence
         self.runtime = Runtime.default(spec.dtype, spec.compile, device="cpu" if spec.device == "cpu" else None)
-        self.student, self.teacher = self.load_models(sources)
+        self.stages = self.load_models(sources)
+        self.outputs = [stage.name for stage in self.stages if stage.is_output]
+        self.added_fields: dict[str, list] = {}
+        for stage in self.stages:
+            for output, fields in stage.added_fields().items():
+                self.added_fields.setdefault(output, []).extend(fields)
         self.input_fs, _ = filesystem(spec.prompts, spec.storage_options)
         output_fs, root = filesystem(spec.output, spec.storage_options)
         self.store = ShardStore(output_fs, root)
@@ -112,25 +92,13 @@ class ShardWorker:
         self.encode_threads = encode_threads(spec.cpus_per_worker)
         self.encode_pool = ThreadPoolExecutor(self.encode_threads, thread_name_prefix="encode")
 
-    def load_models(self, sources: dict[str, ModelSource]) -> tuple[Student | None, Teacher | None]:
-        """The student and the teacher the job asks for, sharing what they have in common (the benchmarks
-        override this with stand-ins that take a fixed time on a simulated device)."""
-        spec = self.spec
-        cache = ComponentCache(self.runtime, allow_pickle=spec.allow_pickle)
-        size = dict(height=spec.height, width=spec.width)
-        student = teacher = None
-        if "model" in sources:
-            components = cache.load(sources["model"].local_dir(spec.storage_options), variant=sources["model"].variant)
-            if "decoder" in sources:
-                decoder = cache.load_tiny_decoder(sources["decoder"].local_dir(spec.storage_options))
-                components = dataclasses.replace(components, vae=decoder)
-            student = Student(components, Settings(spec.steps, spec.guidance_scale, **size))
-        if "teacher" in sources:
-            source = sources["teacher"]
-            components = cache.load(source.local_dir(spec.storage_options), variant=source.variant)
-            settings = Settings(spec.teacher_steps, spec.teacher_guidance_scale, **size)
-            teacher = Teacher(components, spec.teacher_kind, settings)
-        return student, teacher
+    def load_models(self, sources: dict[str, ModelSource]) -> list[Stage]:
+        """The job's stages with their models (the benchmarks override this with stand-ins that take a fixed
+        time on a simulated device)."""
+        return build_stages(self.spec, sources, self.runtime)
+
+    def stage(self, name: str) -> Stage:
+        return next(stage for stage in self.stages if stage.name == name)
 
     def describe(self) -> dict:
         """Where this worker runs; the driver waits on it to know the models have loaded.
@@ -161,9 +129,10 @@ class ShardWorker:
     def _process(self, unit: WorkUnit, attempt: int) -> dict:
         started_at = time.time()
         timings = {"encode_wait_s": 0.0}
+        added = tuple(field.name for fields in self.added_fields.values() for field in fields)
         with _timed(timings, "read_s"):
             unit_input = read_unit(self.input_fs, unit, self.spec.prompt_column, self.spec.seed,
-                                   self.spec.samples_per_prompt)
+                                   self.spec.samples_per_prompt, added)
         valid = [sample for sample in unit_input.samples if sample.error is None]
         with _timed(timings, "prepare_s"):
             batches = self._prepare(valid)
@@ -171,18 +140,21 @@ class ShardWorker:
             pending = self._generate(batches, timings)
         with _timed(timings, "collect_s"):
             outputs = self._collect(pending)
-        for task_failures in outputs["failed"].values():
-            if valid and all(sample.key in task_failures for sample in valid):
-                raise GenerationError(f"{task_failures[valid[0].key]} (and every other row of the unit)")
+        for output_failures in outputs.failed.values():
+            if valid and all(sample.key in output_failures for sample in valid):
+                raise GenerationError(f"{output_failures[valid[0].key]} (and every other row of the unit)")
         rows = {sample.key: sample.row for sample in unit_input.samples}
-        for task_failures in outputs["failed"].values():
-            for key, reason in task_failures.items():
-                task_failures[key] = f"{unit.path} row {rows[key]}: {reason}"
+        for output_failures in outputs.failed.values():
+            for key, reason in output_failures.items():
+                output_failures[key] = f"{unit.path} row {rows[key]}: {reason}"
         with _timed(timings, "shard_s"):
-            files = self._shard_files(unit, unit_input.samples, unit_input.extra, outputs)
-        generation_errors = {key: reason for failures in outputs["failed"].values() for key, reason in failures.items()}
+            files = {}
+            for stage in self.stages:
+                files.update(stage.files(unit.shard, unit_input.samples, unit_input.extra, outputs))
+        generation_errors = {key: reason for failures in outputs.failed.values() for key, reason in failures.items()}
         errors = [s.error for s in unit_input.samples if s.error] + list(generation_errors.values())
         failed_keys = {s.key for s in unit_input.samples if s.error} | set(generation_errors)
+        truncated = {key for flags in outputs.truncated.values() for key, flag in flags.items() if flag}
         stats = {
             "shard": unit.shard,
             "unit": asdict(unit),
@@ -190,7 +162,7 @@ class ShardWorker:
             "count": len(unit_input.samples),
             "successes": len(unit_input.samples) - len(failed_keys),
             "failed": len(failed_keys),
-            "truncated": sum(outputs["truncated"].values()),
+            "truncated": len(truncated),
             "errors": [redact_text(error) for error in errors[:MAX_ERRORS_IN_STATS]],
             "worker": self.describe(),
             "run": self.run_settings(),
@@ -223,17 +195,16 @@ class ShardWorker:
         if self.runtime.compile:
             chunk = chunk + [chunk[-1]] * (self.batch_size - len(chunk))
         batch = PromptBatch([s.prompt for s in chunk], [s.seed for s in chunk], [s.negative_prompt for s in chunk])
-        for model in (self.student, self.teacher):
-            if model:
-                model.prepare(batch)
+        for stage in self.stages:
+            stage.prepare(batch)
         return keys, batch
 
     def _generate(self, batches: list[tuple[list[str], PromptBatch]], timings: dict) -> list[dict]:
-        """Runs the models batch by batch under the device lock; copies and encodes proceed without it.
+        """Runs the stages batch by batch under the device lock; copies and encodes proceed without it.
 
         `batches` is emptied as it goes: a batch caches its embeddings and noise on the device, freed once it has
-        run rather than when the unit returns. The encodes of both the student's and the teacher's images count
-        against MAX_BATCHES_AWAITING_ENCODE."""
+        run rather than when the unit returns. The encodes of every stage count against
+        MAX_BATCHES_AWAITING_ENCODE."""
         pending, awaiting_encode = [], collections.deque()
         while batches:
             keys = batches[0][0]
@@ -243,7 +214,8 @@ class ShardWorker:
                 raise GenerationError(f"{reasons.pop()} (for all {len(keys)} rows of a batch, each run alone)")
             for result in results:
                 pending.append(result)
-                encodes = [*result.get("images", ()), *result.get("teacher_images", ())]
+                encodes = [future for stage_result in result.get("stages", {}).values()
+                           for future in stage_result.get("encodes", ())]
                 if encodes:
                     awaiting_encode.append(encodes)
                 if len(awaiting_encode) > MAX_BATCHES_AWAITING_ENCODE:
@@ -267,7 +239,7 @@ class ShardWorker:
             if len(keys) == 1 and not out_of_memory:
                 reason = f"generation failed: {type(exc).__name__}: {str(exc)[:300]}"
                 logger.warning("sample %s: %s", keys[0], reason)
-                return [{"keys": keys, "failed": dict.fromkeys(keys, reason), "truncated": [False]}]
+                return [{"keys": keys, "failed": dict.fromkeys(keys, reason)}]
             if out_of_memory and ran <= self.batch_size:  # not a batch made before an earlier halving
                 self.batch_size = ran // 2
                 logger.warning("out of memory at batch %d: retrying at batch %d", ran, self.batch_size)
@@ -285,121 +257,29 @@ class ShardWorker:
         return results
 
     def _run_batch(self, keys: list[str], batch: PromptBatch) -> dict:
-        n = len(keys)
-        result = {"keys": keys}
-        if self.student:
-            out = self.student.generate(batch)
-            pixels = HostCopy(out.pixels[:n])
-            result["images"] = [self.encode_pool.submit(self._encode, pixels, i) for i in range(n)]
-            result["images_finite"] = HostCopy(out.finite[:n])
-            result["truncated"] = out.truncated[:n]
-        if self.teacher:
-            pairs = self.teacher.pairs(batch)
-            result["noise"] = HostCopy(pairs.noise[:n].float())
-            result["latent"] = HostCopy(pairs.latents[:n].float())
-            result["pairs_finite"] = HostCopy(pairs.finite[:n])
-            result["truncated"] = pairs.truncated[:n]
-            if self.spec.teacher_images:
-                images = decode(self.teacher.components.vae, pairs.latents[:n])
-                pixels = HostCopy(to_pixels(images))
-                result["teacher_images"] = [self.encode_pool.submit(self._encode, pixels, i) for i in range(n)]
-                result["pairs_finite"] = HostCopy(finite_per_sample(pairs.latents[:n], images))
-        return result
+        """Every stage on one batch, in order; a later stage reads what earlier ones left on the device."""
+        produced, results = {}, {}
+        for stage in self.stages:
+            results[stage.name] = stage.run(batch, len(keys), produced, self._encode_batch)
+        return {"keys": keys, "stages": results}
+
+    def _encode_batch(self, pixels: HostCopy, n: int) -> list:
+        return [self.encode_pool.submit(self._encode, pixels, i) for i in range(n)]
 
     def _encode(self, pixels: HostCopy, index: int) -> bytes:
         return encode_image(pixels.numpy()[index], self.spec.image_format)
 
-    def _collect(self, pending: list[dict]) -> dict[str, dict]:
-        """Every batch's results keyed by sample key, once its copies and encodes are done; rows whose
-        generation raised, whose output is not finite or whose image did not encode are failed, per task."""
-        outputs = {"images": {}, "teacher_images": {}, "noise": {}, "latent": {}, "truncated": {},
-                   "failed": {"images": {}, "pairs": {}}}
-        tasks = [task for task, model in (("images", self.student), ("pairs", self.teacher)) if model]
+    def _collect(self, pending: list[dict]) -> UnitOutputs:
+        """Every batch's results by row key, once its copies and encodes are done; rows whose batch raised are
+        failed in every output, and each stage fails the rows whose outputs it cannot use."""
+        outputs = UnitOutputs(self.outputs, self.added_fields)
         for result in pending:
-            keys = result["keys"]
-            outputs["truncated"].update(zip(keys, result["truncated"]))
             if "failed" in result:
-                for task in tasks:
-                    outputs["failed"][task].update(result["failed"])
+                outputs.fail_everywhere(result["failed"])
                 continue
-            if "images" in result:
-                for key, future, finite in zip(keys, result["images"], result["images_finite"].numpy()):
-                    try:
-                        encoded = future.result()
-                    except Exception as exc:
-                        outputs["failed"]["images"][key] = f"image encoding failed: {type(exc).__name__}: {exc}"
-                        continue
-                    if finite:
-                        outputs["images"][key] = encoded
-                    else:
-                        outputs["failed"]["images"][key] = "non-finite output (NaN or inf in the latent or image)"
-            if "latent" in result:
-                noise, latents = result["noise"].numpy(), result["latent"].numpy()
-                for key, noise_i, latent_i, finite in zip(keys, noise, latents, result["pairs_finite"].numpy()):
-                    if finite:
-                        outputs["noise"][key], outputs["latent"][key] = noise_i, latent_i
-                    else:
-                        outputs["failed"]["pairs"][key] = "non-finite output (NaN or inf in the teacher latent)"
-            for key, future in zip(keys, result.get("teacher_images", ())):
-                try:
-                    outputs["teacher_images"][key] = future.result()
-                except Exception as exc:
-                    outputs["failed"]["pairs"][key] = f"teacher image encoding failed: {type(exc).__name__}: {exc}"
+            for stage in self.stages:
+                stage.collect(result["keys"], result["stages"][stage.name], outputs)
         return outputs
-
-    def _rows(self, samples: list[Sample], outputs: dict, task: str, model: str, steps: int,
-              guidance_scale: float) -> list[dict]:
-        failed = outputs["failed"][task]
-        decoder = None if task == "pairs" else ("full" if self.spec.decoder == "full" else self.spec.tiny_decoder)
-        return [
-            {
-                "key": s.key,
-                "prompt": s.prompt,
-                "seed": s.seed,
-                "status": "failed" if s.error or s.key in failed else "ok",
-                "error_message": redact_text(s.error or failed.get(s.key)),
-                "model": model,
-                "steps": steps,
-                "guidance_scale": guidance_scale,
-                "height": self.spec.height,
-                "width": self.spec.width,
-                "truncated": outputs["truncated"].get(s.key, False),
-                "negative_prompt": s.negative_prompt,
-                "decoder": decoder,
-            }
-            for s in samples
-        ]
-
-    def _shard_files(self, unit: WorkUnit, samples: list[Sample], extra, outputs: dict) -> dict[str, bytes]:
-        spec, files = self.spec, {}
-        if self.student:
-            rows = self._rows(samples, outputs, "images", spec.model, spec.steps, spec.guidance_scale)
-            metadata = metadata_table(rows, extra)
-            extension = IMAGE_EXTENSIONS[spec.image_format]
-            images = outputs["images"]
-            prefix = f"{spec.image_dir}{unit.shard}"
-            if spec.output_format == "webdataset":
-                shard = webdataset_shard(metadata, images, extension)
-                files[f"{prefix}.tar"], files[f"{prefix}.parquet"] = shard["tar"], shard["parquet"]
-            else:
-                files[f"{prefix}.parquet"] = image_parquet_shard(metadata, images, extension)
-        if self.teacher:
-            rows = self._rows(samples, outputs, "pairs", spec.teacher, spec.teacher_steps,
-                              spec.teacher_guidance_scale)
-            teacher = {
-                "model": spec.teacher,
-                "kind": spec.teacher_kind,
-                "steps": spec.teacher_steps,
-                "guidance_scale": spec.teacher_guidance_scale,
-            }
-            components = self.teacher.components
-            factor = components.vae_scale_factor
-            shape = (components.unet.config.in_channels, spec.height // factor, spec.width // factor)
-            files[f"{spec.pair_dir}{unit.shard}.parquet"] = pairs_parquet_shard(
-                metadata_table(rows, extra), outputs["noise"], outputs["latent"], teacher, shape,
-                outputs["teacher_images"] if spec.teacher_images else None, IMAGE_EXTENSIONS[spec.image_format],
-            )
-        return files
 
 
 def standalone_worker(spec: JobSpec) -> tuple[ShardWorker, OutputLock]:

@@ -47,15 +47,19 @@ _TEACHER_COLUMNS = {  # column: (key in the teacher dict, type)
     "teacher_steps": ("steps", pa.int32()),
     "teacher_guidance_scale": ("guidance_scale", pa.float32()),
 }
-# Every column this module writes; input columns with these names are carried as input_<name>.
+# Every column this module writes; input columns with these names (or those a job's stages add) are carried as
+# input_<name>.
 OUTPUT_COLUMNS = frozenset(METADATA_SCHEMA.names) | set(_TEACHER_COLUMNS) | {"image", "noise", "latent"}
 
 
-def metadata_table(rows: list[dict], extra: pa.Table) -> pa.Table:
-    """One row per input sample (failed ones too) with fixed column types, then the extra input columns."""
+def metadata_table(rows: list[dict], extra: pa.Table, added: list[tuple[pa.Field, list]] = ()) -> pa.Table:
+    """One row per input sample (failed ones too) with fixed column types, then the columns a job's stages add
+    (scores, the LoRA record), then the extra input columns."""
     if extra.num_rows != len(rows):
         raise ValueError(f"{len(rows)} metadata rows but {extra.num_rows} rows of extra columns")
     table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+    for field, values in added:
+        table = table.append_column(field, pa.array(values, type=field.type))
     for name, column in zip(extra.column_names, extra.columns):
         table = table.append_column(extra.schema.field(name), column)
     return table

@@ -73,14 +73,14 @@ def test_a_sample_that_raises_fails_alone(tmp_path, tiny_models, clean):
     prompts = [*PROMPTS[:5], "POISON", *PROMPTS[6:]]
 
     def poison(worker):
-        real = worker.student.generate
+        real = worker.stage("images").student.generate
 
         def generate(batch):
             if "POISON" in batch.prompts:
                 raise ValueError("this prompt breaks the model")
             return real(batch)
 
-        worker.student.generate = generate
+        worker.stage("images").student.generate = generate
 
     marker, members = run_unit(tmp_path, tiny_models, prompts, "poisoned", poison)
     assert marker["successes"] == 7 and marker["failed"] == 1
@@ -111,14 +111,14 @@ def test_non_finite_outputs_are_failed_rows_not_black_images(tmp_path, tiny_mode
 
 def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path, tiny_models, clean):
     def small_memory(worker):
-        real = worker.student.generate
+        real = worker.stage("images").student.generate
 
         def generate(batch):
             if len(batch.prompts) > 2:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             return real(batch)
 
-        worker.student.generate = generate
+        worker.stage("images").student.generate = generate
 
     marker, members = run_unit(tmp_path, tiny_models, PROMPTS, "oom", small_memory)
     assert marker["failed"] == 0 and marker["run"]["batch_size_used"] == 2
@@ -153,7 +153,7 @@ def fail_generation(when):
     """A patch under which the student's generate raises what `when(batch, calls so far)` returns, if anything."""
 
     def patch(worker):
-        real, calls = worker.student.generate, []
+        real, calls = worker.stage("images").student.generate, []
 
         def generate(batch):
             calls.append(len(batch.prompts))
@@ -162,7 +162,7 @@ def fail_generation(when):
                 raise error
             return real(batch)
 
-        worker.student.generate = generate
+        worker.stage("images").student.generate = generate
 
     return patch
 
@@ -201,14 +201,14 @@ def test_a_batch_is_freed_once_it_has_run(tmp_path, tiny_models):
     seen, alive = [], []
 
     def watch(worker):
-        real = worker.student.generate
+        real = worker.stage("images").student.generate
 
         def generate(batch):
             alive.append(sum(ref() is not None for ref in seen))
             seen.append(weakref.ref(batch))
             return real(batch)
 
-        worker.student.generate = generate
+        worker.stage("images").student.generate = generate
 
     marker = process_unit(tmp_path, tiny_models, PROMPTS, "freed", watch, batch_size=2)
     assert marker["failed"] == 0 and len(seen) == 4
@@ -226,7 +226,7 @@ def test_teacher_images_count_against_the_encodes_awaited(monkeypatch):
         most_encoding.append(len({batch_id for batch_id, future in futures if not future.done()}))
         made = [pool.submit(time.sleep, 0.02) for _ in keys]
         futures.extend((keys[0], future) for future in made)
-        return [{"keys": keys, "teacher_images": made}]
+        return [{"keys": keys, "stages": {"pairs": {"encodes": made}}}]
 
     worker._run_isolated = run_isolated
     worker._generate([([f"{i}a", f"{i}b"], None) for i in range(12)], {})

@@ -1,0 +1,133 @@
+"""What a stage is, and what a unit's stages collect: the worker runs a list of stages, knowing none of them.
+
+A stage owns its models, its host work before the device lock (`prepare`), its device work per batch (`run`),
+its collection once copies and encodes are done (`collect`), the metadata columns it adds, and the files it
+writes. A stage that writes rows and files of its own is an output ("images", "pairs"); others add columns to
+those outputs (scores). Stages run in order within a batch, and a later stage reads an earlier one's device
+tensors from `produced` (scores read the student's images before they are copied to the host).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Callable
+
+import pyarrow as pa
+import torch
+
+from instaflow.models import PromptBatch
+from pipeline.reader import Sample
+from pipeline.storage import redact_text
+
+Encode = Callable[["HostCopy", int], list[Future]]  # the worker's encoders: one future per image of a batch
+
+
+class HostCopy:
+    """A device tensor copied to page-locked host memory without blocking the device; `numpy()` waits for it."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._event = None
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor
+
+    def numpy(self):
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.numpy()
+
+
+class UnitOutputs:
+    """What a unit's stages collected, per output and row key: failures, truncation, and values (data files'
+    contents and the metadata columns stages add)."""
+
+    def __init__(self, outputs: list[str], added_fields: dict[str, list[pa.Field]]):
+        self.outputs = outputs
+        self.added_fields = added_fields
+        self.failed: dict[str, dict[str, str]] = {output: {} for output in outputs}
+        self.truncated: dict[str, dict[str, bool]] = {output: {} for output in outputs}
+        self.values: dict[str, dict[str, dict]] = {output: {} for output in outputs}
+
+    def fail(self, output: str, key: str, reason: str) -> None:
+        self.failed[output].setdefault(key, reason)
+
+    def fail_everywhere(self, reasons: dict[str, str]) -> None:
+        """Rows whose batch raised: no output has them."""
+        for output in self.outputs:
+            for key, reason in reasons.items():
+                self.fail(output, key, reason)
+
+    def column(self, output: str, name: str) -> dict:
+        """The values by row key of one column (or data) of an output, filled by the stages that make it."""
+        return self.values[output].setdefault(name, {})
+
+    def added_columns(self, output: str, samples: list[Sample]) -> list[tuple[pa.Field, list]]:
+        """The columns other stages (and the output's own options) add to its metadata, null on failed rows."""
+        failed = self.failed[output]
+        return [(field, [None if s.error or s.key in failed else self.column(output, field.name).get(s.key)
+                         for s in samples]) for field in self.added_fields.get(output, [])]
+
+
+class Stage:
+    """One step of a unit's work; see the module docstring. Subclasses set `name` and override what they do."""
+
+    name: str
+    is_output = False  # writes rows and files of its own
+
+    def added_fields(self) -> dict[str, list[pa.Field]]:
+        """Metadata columns this stage adds, by output, in order."""
+        return {}
+
+    def prepare(self, batch: PromptBatch) -> None:
+        """Host work for `run`, done before the unit waits for the device."""
+
+    def run(self, batch: PromptBatch, n: int, produced: dict, encode: Encode) -> dict:
+        """Device work on one batch, whose first `n` samples are real (the rest pad a compiled model's batch).
+        Puts device tensors later stages may read into `produced[self.name]`; returns what `collect` needs,
+        with the batch's encode futures under "encodes" (the worker bounds how many batches await encoders)."""
+        raise NotImplementedError
+
+    def collect(self, keys: list[str], result: dict, outputs: UnitOutputs) -> None:
+        """Once the batch's copies and encodes are done: its values and failures, into `outputs`."""
+
+    def files(self, shard: str, samples: list[Sample], extra: pa.Table, outputs: UnitOutputs) -> dict[str, bytes]:
+        """The shard's files of this output, by path relative to the output root."""
+        return {}
+
+
+def metadata_rows(spec, samples: list[Sample], outputs: UnitOutputs, output: str, model: str, steps: int,
+                  guidance_scale: float, decoder: str | None) -> list[dict]:
+    """One row per sample of the unit (failed ones too), in writers.METADATA_SCHEMA's columns."""
+    failed, truncated = outputs.failed[output], outputs.truncated[output]
+    return [
+        {
+            "key": s.key,
+            "prompt": s.prompt,
+            "seed": s.seed,
+            "status": "failed" if s.error or s.key in failed else "ok",
+            "error_message": redact_text(s.error or failed.get(s.key)),
+            "model": model,
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+            "height": spec.height,
+            "width": spec.width,
+            "truncated": truncated.get(s.key, False),
+            "negative_prompt": s.negative_prompt,
+            "decoder": decoder,
+        }
+        for s in samples
+    ]
+
+
+def collect_encoded(keys: list[str], futures: list[Future], outputs: UnitOutputs, output: str, what: str) -> None:
+    """A batch's encoded images into `output`'s image column; a row whose image did not encode fails there."""
+    images = outputs.column(output, "image")
+    for key, future in zip(keys, futures):
+        try:
+            images[key] = future.result()
+        except Exception as exc:
+            outputs.fail(output, key, f"{what} encoding failed: {type(exc).__name__}: {exc}")

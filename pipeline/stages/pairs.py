@@ -1,0 +1,67 @@
+"""The teacher's reflow pairs: (noise, teacher latent) per row, and with --teacher-images the decoded latent."""
+
+from __future__ import annotations
+
+from instaflow.loading import ComponentCache
+from instaflow.models import PromptBatch, Settings, Teacher
+from instaflow.sampling import decode, finite_per_sample, to_pixels
+from pipeline.stages.base import Encode, HostCopy, Stage, UnitOutputs, collect_encoded, metadata_rows
+from pipeline.writers import IMAGE_EXTENSIONS, metadata_table, pairs_parquet_shard
+
+NON_FINITE = "non-finite output (NaN or inf in the teacher latent)"
+
+
+class PairsStage(Stage):
+    name = "pairs"
+    is_output = True
+
+    def __init__(self, spec, teacher: Teacher):
+        self.spec = spec
+        self.teacher = teacher
+
+    @classmethod
+    def load(cls, spec, sources: dict, cache: ComponentCache) -> "PairsStage":
+        source = sources["teacher"]
+        components = cache.load(source.local_dir(spec.storage_options), variant=source.variant)
+        settings = Settings(spec.teacher_steps, spec.teacher_guidance_scale, height=spec.height, width=spec.width)
+        return cls(spec, Teacher(components, spec.teacher_kind, settings))
+
+    def prepare(self, batch: PromptBatch) -> None:
+        self.teacher.prepare(batch)
+
+    def run(self, batch: PromptBatch, n: int, produced: dict, encode: Encode) -> dict:
+        pairs = self.teacher.pairs(batch)
+        result = {"noise": HostCopy(pairs.noise[:n].float()), "latent": HostCopy(pairs.latents[:n].float()),
+                  "finite": HostCopy(pairs.finite[:n]), "truncated": pairs.truncated[:n]}
+        if self.spec.teacher_images:
+            images = decode(self.teacher.components.vae, pairs.latents[:n])
+            pixels = to_pixels(images)
+            produced[self.name] = pixels
+            result["encodes"] = encode(HostCopy(pixels), n)
+            result["finite"] = HostCopy(finite_per_sample(pairs.latents[:n], images))
+        return result
+
+    def collect(self, keys: list[str], result: dict, outputs: UnitOutputs) -> None:
+        outputs.truncated[self.name].update(zip(keys, result["truncated"]))
+        noise, latents = outputs.column(self.name, "noise"), outputs.column(self.name, "latent")
+        for key, noise_i, latent_i, finite in zip(keys, result["noise"].numpy(), result["latent"].numpy(),
+                                                  result["finite"].numpy()):
+            if finite:
+                noise[key], latents[key] = noise_i, latent_i
+            else:
+                outputs.fail(self.name, key, NON_FINITE)
+        collect_encoded(keys, result.get("encodes", ()), outputs, self.name, "teacher image")
+
+    def files(self, shard: str, samples, extra, outputs: UnitOutputs) -> dict[str, bytes]:
+        spec = self.spec
+        rows = metadata_rows(spec, samples, outputs, self.name, spec.teacher, spec.teacher_steps,
+                             spec.teacher_guidance_scale, None)
+        teacher = {"model": spec.teacher, "kind": spec.teacher_kind, "steps": spec.teacher_steps,
+                   "guidance_scale": spec.teacher_guidance_scale}
+        components = self.teacher.components
+        factor = components.vae_scale_factor
+        shape = (components.unet.config.in_channels, spec.height // factor, spec.width // factor)
+        images = outputs.column(self.name, "image") if spec.teacher_images else None
+        return {f"{spec.pair_dir}{shard}.parquet": pairs_parquet_shard(
+            metadata_table(rows, extra, outputs.added_columns(self.name, samples)), outputs.column(self.name, "noise"),
+            outputs.column(self.name, "latent"), teacher, shape, images, IMAGE_EXTENSIONS[spec.image_format])}
