@@ -14,6 +14,9 @@ layer from BENCHMARKS.md: 16.4 ms per image (60.9 images/s), 9.2 ms compiled (10
 Parts:
 - feed: steady-state samples/s over the stand-in's own limit for JPEG, PNG and pairs on one worker with 2 CPUs
   (this machine's count), and the host CPU per image beyond the encode itself (worker, driver, Ray, S3 server);
+  "jpeg eager, scores" adds --scores nsfw,clip, whose scorers are stand-ins too (a fixed device time per image,
+  SCORE_S), while their host work is the engine's own: CLIP's tokens, the safety checker's decision per row,
+  the score columns;
 - cores: PNG with one worker whose device takes 1 ms per image, so the encoders are the limit, with 1 and 2
   CPUs per worker, over the rate of one thread encoding the same images. Beside each, what as many threads
   and as many processes encode outside the engine just before: the machine is shared, and these say how much
@@ -56,6 +59,8 @@ from pipeline.job import run_job  # noqa: E402
 from pipeline.spec import JobSpec  # noqa: E402
 from pipeline.stages.images import ImagesStage  # noqa: E402
 from pipeline.stages.pairs import PairsStage  # noqa: E402
+from pipeline.stages.scores import ScoresStage  # noqa: E402
+from instaflow.scores import ClipScorer, SafetyScorer  # noqa: E402
 from pipeline.worker import ShardWorker  # noqa: E402
 from pipeline.writers import encode_image  # noqa: E402
 
@@ -91,6 +96,7 @@ class SimulatedDevice:
 
     image_s: float = H200_EAGER_IMAGE_S
     pair_s: float = H200_PAIR_S
+    score_s: float = 0.0  # each scorer, per image
 
 
 class StandIn:
@@ -111,8 +117,7 @@ class StandIn:
         batch.prepare(self.components, self.height, self.width, self.guidance_scale)  # real host work
 
     def _hold_device(self, num_samples: int, started: float, cpu_started: float) -> None:
-        self.count_cpu("stand_in_s", time.thread_time() - cpu_started)
-        time.sleep(max(0.0, num_samples * self.seconds_per_sample - (time.perf_counter() - started)))
+        _hold(self.count_cpu, num_samples * self.seconds_per_sample, started, cpu_started)
 
 
 class SimulatedStudent(StandIn):
@@ -138,6 +143,40 @@ class SimulatedTeacher(StandIn):
         truncated = batch.truncated(self.components)
         self._hold_device(n, started, cpu_started)
         return TeacherOutput(noise=noise, latents=latents, truncated=truncated, finite=torch.ones(n, dtype=torch.bool))
+
+
+class SimulatedSafety(SafetyScorer):
+    """The safety checker on the simulated device: cosines of the real shape, and the real decision on the host."""
+
+    def __init__(self, seconds_per_image: float, count_cpu):
+        self.special_thresholds, self.concept_thresholds = [0.15] * 3, [0.2] * 17
+        self.seconds_per_image, self.count_cpu = seconds_per_image, count_cpu
+
+    def cosines(self, pixels: torch.Tensor) -> torch.Tensor:
+        started, cpu_started = time.perf_counter(), time.thread_time()
+        cosines = torch.rand(len(pixels), 20) * 0.4
+        _hold(self.count_cpu, len(pixels) * self.seconds_per_image, started, cpu_started)
+        return cosines
+
+
+class SimulatedClip(ClipScorer):
+    """CLIP on the simulated device; its tokens are the real host work (the model's tokenizer)."""
+
+    def __init__(self, tokenizer, seconds_per_image: float, count_cpu):
+        self.tokenizer, self.model = tokenizer, SimpleNamespace(device=torch.device("cpu"))
+        self.seconds_per_image, self.count_cpu = seconds_per_image, count_cpu
+
+    def scores(self, pixels: torch.Tensor, tokens) -> torch.Tensor:
+        started, cpu_started = time.perf_counter(), time.thread_time()
+        scores = torch.rand(len(pixels)) * 40
+        _hold(self.count_cpu, len(pixels) * self.seconds_per_image, started, cpu_started)
+        return scores
+
+
+def _hold(count_cpu, seconds: float, started: float, cpu_started: float) -> None:
+    """Holds the device for the rest of `seconds`; the CPU spent making the outputs is counted apart."""
+    count_cpu("stand_in_s", time.thread_time() - cpu_started)
+    time.sleep(max(0.0, seconds - (time.perf_counter() - started)))
 
 
 class _MallocInfo(ctypes.Structure):
@@ -200,6 +239,11 @@ class SimulatedWorker(ShardWorker):
         if "pairs" in spec.tasks:
             stages.append(PairsStage(spec, SimulatedTeacher(components, *size, spec.teacher_guidance_scale,
                                                             self.device.pair_s, self._count)))
+        if spec.scores:
+            stages.append(ScoresStage(
+                spec, SimulatedSafety(self.device.score_s, self._count) if "nsfw" in spec.scores else None,
+                SimulatedClip(components.tokenizer, self.device.score_s, self._count) if "clip" in spec.scores
+                else None))
         return stages
 
     def _count(self, name: str, value: float) -> None:
@@ -239,7 +283,7 @@ def simulated_job(spec: JobSpec, device: SimulatedDevice) -> dict:
         raise RuntimeError(f"the simulated job did not complete: {progress.summary()}")
     pool = pools[0]
     seconds_per_sample = (device.image_s if "images" in spec.tasks else 0) + (
-        device.pair_s if "pairs" in spec.tasks else 0)
+        device.pair_s if "pairs" in spec.tasks else 0) + len(spec.scores) * device.score_s
     limit = pool.num_workers / seconds_per_sample if seconds_per_sample else None  # None: no device time
     steady = pool.steady_rate()
     samples = progress.total_samples
@@ -313,28 +357,31 @@ class Setting:
     small_batch: int  # pairs and PNG, whose samples take longer
     small_rows_per_shard: int
     encode_seconds: float
-    feed_runs: tuple[str, ...] = ("jpeg eager", "jpeg compiled", "png eager", "pairs")
+    score_s: float  # each scorer's device time per image (not measured on a GPU yet: a stated stand-in)
+    feed_runs: tuple[str, ...] = ("jpeg eager", "jpeg compiled", "png eager", "pairs", "jpeg eager, scores")
     cores_cpus: tuple[int, ...] = (1, 2)
 
 
 FULL = Setting(size=512, image_s=H200_EAGER_IMAGE_S, compiled_image_s=H200_COMPILED_IMAGE_S, pair_s=H200_PAIR_S,
                fast_image_s=0.001, units=16, batch=32, rows_per_shard=128, small_batch=16, small_rows_per_shard=32,
-               encode_seconds=5.0)
+               encode_seconds=5.0, score_s=0.002)
 QUICK = Setting(size=64, image_s=0.002, compiled_image_s=0.001, pair_s=0.004, fast_image_s=0.0005, units=4, batch=4,
-                rows_per_shard=8, small_batch=4, small_rows_per_shard=8, encode_seconds=0.3,
-                feed_runs=("jpeg eager",), cores_cpus=(2,))
+                rows_per_shard=8, small_batch=4, small_rows_per_shard=8, encode_seconds=0.3, score_s=0.0005,
+                feed_runs=("jpeg eager", "jpeg eager, scores"), cores_cpus=(2,))
 
 
 class Bench:
     """The S3 server, the prompts and the tiny model folder (the driver pins it; the stand-ins use its
     tokenizer) that every run of this benchmark uses."""
 
-    def __init__(self, s3, model_dir: Path, setting: Setting, figures: Figures):
-        self.s3, self.fs, self.model_dir, self.setting, self.figures = s3, s3.fs(), model_dir, setting, figures
+    def __init__(self, s3, models: dict[str, Path], setting: Setting, figures: Figures):
+        self.s3, self.fs, self.setting, self.figures = s3, s3.fs(), setting, figures
+        self.model_dir = models["instaflow"]
+        self.scorers = {"safety_checker": str(models["safety_checker"]), "clip_model": str(models["clip"])}
         self.runs = 0
 
     def spec(self, tasks: tuple[str, ...], image_format: str, batch: int, rows_per_shard: int,
-             cpus_per_worker: float, num_workers: int = 1) -> JobSpec:
+             cpus_per_worker: float, num_workers: int = 1, scores: tuple[str, ...] = ()) -> JobSpec:
         """A job over fresh prompts in S3 (the setting's number of units) to a fresh S3 output."""
         self.runs += 1
         units = self.setting.units
@@ -347,27 +394,30 @@ class Bench:
                        teacher=model if "pairs" in tasks else None, height=self.setting.size,
                        width=self.setting.size, batch_size=batch, rows_per_shard=rows_per_shard,
                        image_format=image_format, dtype="float32", num_workers=num_workers,
-                       cpus_per_worker=cpus_per_worker, storage_options=self.s3.storage_options)
+                       cpus_per_worker=cpus_per_worker, storage_options=self.s3.storage_options, scores=scores,
+                       **self.scorers)
 
 
 def part_feed(bench: Bench) -> None:
     s, figures = bench.setting, bench.figures
-    runs = {  # name: (tasks, image format, device)
-        "jpeg eager": (("images",), "jpeg", SimulatedDevice(image_s=s.image_s)),
-        "jpeg compiled": (("images",), "jpeg", SimulatedDevice(image_s=s.compiled_image_s)),
-        "png eager": (("images",), "png", SimulatedDevice(image_s=s.image_s)),
-        "pairs": (("pairs",), "jpeg", SimulatedDevice(pair_s=s.pair_s)),
+    scores = ("nsfw", "clip")
+    runs = {  # name: (tasks, image format, device, scores)
+        "jpeg eager": (("images",), "jpeg", SimulatedDevice(image_s=s.image_s), ()),
+        "jpeg compiled": (("images",), "jpeg", SimulatedDevice(image_s=s.compiled_image_s), ()),
+        "png eager": (("images",), "png", SimulatedDevice(image_s=s.image_s), ()),
+        "pairs": (("pairs",), "jpeg", SimulatedDevice(pair_s=s.pair_s), ()),
+        "jpeg eager, scores": (("images",), "jpeg", SimulatedDevice(image_s=s.image_s, score_s=s.score_s), scores),
     }
     for name in s.feed_runs:
-        tasks, image_format, device = runs[name]
+        tasks, image_format, device, scored = runs[name]
         pairs = tasks == ("pairs",)
         small = pairs or image_format == "png"  # slower per sample: smaller units, as many of them
         spec = bench.spec(tasks, image_format, s.small_batch if small else s.batch,
-                          s.small_rows_per_shard if small else s.rows_per_shard, cpus_per_worker=2)
+                          s.small_rows_per_shard if small else s.rows_per_shard, cpus_per_worker=2, scores=scored)
         result = simulated_job(spec, device)
-        figures.add(f"feed: {name}", size=s.size, device_ms_per_sample=1000 * (device.pair_s if pairs else
-                                                                               device.image_s),
-                    batch=spec.batch_size, rows_per_shard=spec.rows_per_shard, cpus_per_worker=2, **result)
+        device_s = device.pair_s if pairs else device.image_s + len(scored) * device.score_s
+        figures.add(f"feed: {name}", size=s.size, device_ms_per_sample=1000 * device_s, batch=spec.batch_size,
+                    rows_per_shard=spec.rows_per_shard, cpus_per_worker=2, scores=",".join(scored), **result)
 
 
 def part_cores(bench: Bench) -> None:
@@ -399,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     figures.machine(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory(prefix="bench-simulated-") as tmp, s3_server() as s3, \
             local_ray(num_cpus=2, num_gpus=1, workdir=Path(tmp)):
-        bench = Bench(s3, build_tiny_models(Path(tmp))["instaflow"], QUICK if args.quick else FULL, figures)
+        bench = Bench(s3, build_tiny_models(Path(tmp)), QUICK if args.quick else FULL, figures)
         for part in parts:
             PARTS[part](bench)
     return 0

@@ -6,6 +6,7 @@ keyed by a digest of their tensors, so a student and a teacher that ship the sam
 and SD-1.5 do, in different file formats) share one copy in memory.
 """
 
+import copy
 import hashlib
 import json
 import logging
@@ -57,10 +58,11 @@ class Runtime:
 def hub_patterns(variant: str | None, layout: str = "pipeline") -> tuple[list[str], list[str]]:
     """What to download of a hub repo: configs, the tokenizer, and one weight format, safetensors (the fp16
     variant when running fp16 and the repo has it); no safety checker, no .bin, no flax/onnx duplicates.
-    A `module` repo (a lone model such as TAESD's decoder) has its config and weights at the top."""
+    A `module` repo (a lone model such as TAESD's decoder, or a scorer with its processor and tokenizer) has its
+    configs, tokenizer files and weights at the top."""
     weights = f"*.{variant}.safetensors" if variant else "*.safetensors"
     if layout == "module":
-        allow = ["*.json", weights]
+        allow = ["*.json", "*.txt", weights]
     else:
         allow = ["model_index.json", "scheduler/*", "tokenizer/*"]
         for name in WEIGHT_COMPONENTS:
@@ -145,7 +147,7 @@ def tensor_digest(module: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -182,6 +184,28 @@ class ComponentCache:
         except Exception as exc:
             raise ModelLoadError(f"tiny decoder {model!r} ({folder}): {exc}") from exc
 
+    def load_scorer(self, kind: str, folder: str) -> tuple:
+        """A scorer from a model folder with its image processor: "safety_checker" (diffusers'
+        StableDiffusionSafetyChecker) -> (model, processor); "clip" (a transformers CLIPModel) -> (model,
+        processor, tokenizer)."""
+        from transformers import CLIPImageProcessor, CLIPTokenizer
+
+        path = Path(folder)
+        try:
+            model = self._component(kind, path, None)
+            processor = CLIPImageProcessor.from_pretrained(path)
+            if kind == "clip":
+                return model, processor, CLIPTokenizer.from_pretrained(path)
+            return model, processor
+        except Exception as exc:
+            raise ModelLoadError(f"{kind.replace('_', ' ')} {folder!r}: {exc}") from exc
+
+    def editable_copy(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A copy of a loaded module for one model to change (a fused LoRA, a merged fine-tune): uncompiled, never
+        shared through this cache, so the models that share the original keep it as it is. Give it to `place`
+        once changed."""
+        return copy.deepcopy(getattr(module, "_orig_mod", module))
+
     def _component(self, name: str, folder: Path, variant: str | None):
         if name == "tokenizer":
             key = (name, component_digest(folder))
@@ -194,15 +218,19 @@ class ComponentCache:
         module = self._read_weights(name, folder, variant)
         key = (name, tensor_digest(module))
         if key not in self._loaded:
-            self._loaded[key] = self._place(name, module)
+            self._loaded[key] = self.place(name, module)
         return self._loaded[key]
 
     def _read_weights(self, name: str, folder: Path, variant: str | None) -> torch.nn.Module:
         from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
         from transformers import CLIPTextModel
 
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import CLIPModel
+
         loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
-                  "tiny_decoder": AutoencoderTiny}[name]
+                  "tiny_decoder": AutoencoderTiny, "safety_checker": StableDiffusionSafetyChecker,
+                  "clip": CLIPModel}[name]
         safetensors = sorted(p.name for p in folder.glob("*.safetensors"))
         if not safetensors and not self.allow_pickle:
             raise ModelLoadError(f"{folder} has no .safetensors weights; pickle checkpoints (.bin) can run code "
@@ -212,7 +240,8 @@ class ComponentCache:
         return loader.from_pretrained(folder, torch_dtype=self.runtime.dtype, variant=variant,
                                       use_safetensors=None if self.allow_pickle else True)
 
-    def _place(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
+    def place(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
+        """`module` on the device, for inference, compiled where that pays (the UNet, the decoders)."""
         # Contiguous memory, not channels_last: on an H200 channels_last made one-step images 11% slower
         # (BENCHMARKS.md). diffusers attends with PyTorch's SDPA by default.
         module = module.to(self.runtime.device).eval().requires_grad_(False)

@@ -70,17 +70,18 @@ def read_lora(path: str | Path) -> Lora:
     return Lora(str(path), state_dict, network_alphas or None, metadata)
 
 
-def meta_modules(model_dir: str | Path) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The UNet and text encoder of a diffusers model folder built from their config.json files alone, on the
-    `meta` device (no weights read, no memory): enough for `check_lora` on a driver."""
+def meta_modules(model_dir: str | Path, parts: Sequence[str] = (UNET, TEXT_ENCODER)) -> list[torch.nn.Module]:
+    """The UNet and/or text encoder of a diffusers model folder, in the order `parts` names them, built from their
+    config.json files alone on the `meta` device (no weights read, no memory): enough for `check_lora` and
+    `check_merge` on a driver."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     model_dir = Path(model_dir)
+    build = {UNET: lambda: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir / UNET)),
+             TEXT_ENCODER: lambda: CLIPTextModel(CLIPTextConfig.from_pretrained(model_dir / TEXT_ENCODER))}
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir / UNET))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(model_dir / TEXT_ENCODER))
-    return unet, text_encoder
+        return [build[part]() for part in parts]
 
 
 def _peft_names(lora: Lora, part: str, model: torch.nn.Module) -> dict[str, str]:
@@ -253,6 +254,17 @@ def merge_finetune(unet: torch.nn.Module, finetune_unet: torch.nn.Module, base_u
     first that differs is named. It computes in the models' dtype (fp16 there); here the difference and the sum are
     in float32, rounded once to the student's dtype (at fp32, the same numbers).
     """
+    check_merge(unet, finetune_unet, base_unet)
+    target, finetune, base = unet.state_dict(), finetune_unet.state_dict(), base_unet.state_dict()
+    with torch.no_grad():
+        for name, weight in target.items():
+            delta = finetune[name].to(weight.device, torch.float32) - base[name].to(weight.device, torch.float32)
+            weight.copy_(weight.float() + scale * delta)
+
+
+def check_merge(unet: torch.nn.Module, finetune_unet: torch.nn.Module, base_unet: torch.nn.Module) -> None:
+    """Raises MergeMismatchError naming the first tensor that the three UNets do not share by name and shape.
+    Works on `meta_modules` too, so a driver can run it before any worker starts."""
     target, finetune, base = unet.state_dict(), finetune_unet.state_dict(), base_unet.state_dict()
     for label, other in (("fine-tune", finetune), ("base", base)):
         for name in [*target, *other]:
@@ -262,7 +274,3 @@ def merge_finetune(unet: torch.nn.Module, finetune_unet: torch.nn.Module, base_u
             if target[name].shape != other[name].shape:
                 raise MergeMismatchError(f"UNet tensor {name!r}: shape {tuple(other[name].shape)} in the {label} "
                                          f"UNet, {tuple(target[name].shape)} in the student's")
-    with torch.no_grad():
-        for name, weight in target.items():
-            delta = finetune[name].to(weight.device, torch.float32) - base[name].to(weight.device, torch.float32)
-            weight.copy_(weight.float() + scale * delta)

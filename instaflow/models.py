@@ -80,6 +80,7 @@ class PromptBatch:
     prompts: list[str]
     seeds: list[int]
     negative_prompts: list[str | None]
+    stage_inputs: dict = field(default_factory=dict, repr=False)  # what other stages prepare on the host, by stage
     _tokens: dict = field(default_factory=dict, repr=False)
     _encoded: dict = field(default_factory=dict, repr=False)
     _host_noise: dict = field(default_factory=dict, repr=False)

@@ -1,13 +1,17 @@
 """Tiny random-initialised models in the exact diffusers folder layout, for tests and the demo.
 
-`python -m instaflow.tiny OUT_DIR` writes three models that load through the same code as the real ones:
+`python -m instaflow.tiny OUT_DIR` writes models that load through the same code as the real ones:
 
 - `OUT_DIR/sd15`: a Stable Diffusion 1.5 teacher (`StableDiffusionPipeline`-loadable, PNDM scheduler config as SD-1.5 ships);
 - `OUT_DIR/instaflow`: an InstaFlow one-step student (`model_index.json` names `RectifiedFlowPipeline`, as the hub repo does);
 - `OUT_DIR/2rf`: a 2-Rectified-Flow model;
-- `OUT_DIR/taesd`: a tiny decoder (AutoencoderTiny, TAESD's architecture) for `--decoder tiny`.
+- `OUT_DIR/taesd`: a tiny decoder (AutoencoderTiny, TAESD's architecture) for `--decoder tiny`;
+- `OUT_DIR/lora-kohya.safetensors`, `OUT_DIR/lora-diffusers.safetensors` and `OUT_DIR/finetune`: one LoRA in two
+  formats and a fine-tune of sd15/, for `--lora` and `--merge-finetune` (instaflow.tiny_adapters);
+- `OUT_DIR/safety_checker` and `OUT_DIR/clip`: scorers for `--scores` (instaflow.tiny_scorers).
 
-All three share byte-identical VAE, text encoder and tokenizer folders, as the real InstaFlow repos share SD-1.5's.
+The three models share byte-identical VAE, text encoder and tokenizer folders, as the real InstaFlow repos share
+SD-1.5's.
 Everything is derived from fixed seeds, so two builds give the same weights.
 """
 
@@ -202,7 +206,10 @@ def _write_rectified_flow_model(out: Path, teacher_dir: Path, unet: UNet2DCondit
 
 
 def build_tiny_models(out_dir: str | Path) -> dict[str, Path]:
-    """Writes the three tiny models under `out_dir` and returns their folders by name."""
+    """Writes the tiny models, adapters and scorers under `out_dir` and returns their paths by name."""
+    from instaflow.tiny_adapters import write_tiny_adapters
+    from instaflow.tiny_scorers import write_tiny_scorers
+
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
     teacher = StableDiffusionPipeline(
@@ -224,12 +231,14 @@ def build_tiny_models(out_dir: str | Path) -> dict[str, Path]:
     _write_rectified_flow_model(paths["instaflow"], paths["sd15"], build_unet(seed=4))
     _write_rectified_flow_model(paths["2rf"], paths["sd15"], build_unet(seed=5))
     build_tiny_decoder().save_pretrained(paths["taesd"])
+    paths |= write_tiny_adapters(out_dir, paths["sd15"])
+    paths |= write_tiny_scorers(out_dir, paths["instaflow"])
     return paths
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", help="folder to write sd15/, instaflow/ and 2rf/ into")
+    parser.add_argument("out_dir", help="folder to write sd15/, instaflow/, 2rf/ and the rest into")
     args = parser.parse_args(argv)
     for name, path in build_tiny_models(args.out_dir).items():
         print(f"{name}: {path}")

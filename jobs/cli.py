@@ -13,9 +13,19 @@ from jobs.main import Parser
 from jobs.options import check_output_folder, json_object, storage_options_flag
 from pipeline.job import run_job
 from pipeline.progress import JobProgress
-from pipeline.spec import DECODERS, DEVICE_CHOICES, IMAGE_FORMATS, OUTPUT_FORMATS, TAESD, JobSpec
+from pipeline.spec import CLIP_MODEL, DECODERS, DEVICE_CHOICES, IMAGE_FORMATS, OUTPUT_FORMATS, SAFETY_CHECKER, SD15, \
+    TAESD, JobSpec
 
 logger = logging.getLogger(__name__)
+
+
+class Repeatable(argparse.Action):
+    """A flag that may be given several times, its values kept in order. Values on the command line replace
+    the default (a job file's list) rather than add to it, as every other flag overrides the file."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, [*([] if given is self.default else given), values])
 
 
 def base_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
@@ -35,6 +45,18 @@ def base_parser(description: str, prog: str | None = None) -> argparse.ArgumentP
                         help="tiny: decode images with a tiny decoder (TAESD), far faster, lower quality")
     parser.add_argument("--tiny-decoder", default=TAESD, help="the tiny decoder for --decoder tiny: hub id, "
                         "folder or URL of a diffusers AutoencoderTiny")
+    parser.add_argument("--lora", dest="loras", metavar="SRC[:SCALE]", action=Repeatable, default=[],
+                        help="fuse a LoRA into the student (repeatable, in order): a .safetensors file (path, URL or "
+                             "HUB_ID/FILE), diffusers or kohya format; SCALE default 1.0")
+    parser.add_argument("--merge-finetune", metavar="MODEL[:SCALE]",
+                        help="add SCALE x (this fine-tune's UNet - --merge-base's) to the student's UNet and take its "
+                             "VAE and text encoder (InstaFlow's 'hf' LoRA mode); SCALE default 1.0")
+    parser.add_argument("--merge-base", default=SD15, help="the model --merge-finetune was fine-tuned from")
+    parser.add_argument("--scores", default="", metavar="nsfw,clip",
+                        help="per-row scores of the images made: nsfw (the SD safety checker's score and flag; "
+                             "images are not changed) and/or clip (CLIP score of image and prompt)")
+    parser.add_argument("--safety-checker", default=SAFETY_CHECKER, help="the model of --scores nsfw")
+    parser.add_argument("--clip-model", default=CLIP_MODEL, help="the CLIP model of --scores clip")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                         help="auto: GPUs on a cluster the job joins or a machine with a GPU, else the CPU")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: fp16 on GPUs, fp32 on CPU")
@@ -66,7 +88,8 @@ def common_spec_args(args: argparse.Namespace) -> dict:
         "prompts", "output", "prompt_column", "seed", "height", "width", "batch_size", "rows_per_shard",
         "output_format", "image_format", "decoder", "tiny_decoder", "device", "dtype", "compile", "cpus_per_worker",
         "num_workers", "start_timeout_s", "unit_timeout_s", "lock_lease_s", "allow_pickle", "max_unit_attempts",
-        "storage_options", "overwrite", "ray_address",
+        "storage_options", "overwrite", "ray_address", "loras", "merge_finetune", "merge_base", "scores",
+        "safety_checker", "clip_model",
     )
     return {name: getattr(args, name) for name in names}
 

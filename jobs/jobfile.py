@@ -23,6 +23,7 @@ from typing import Any, Callable
 import yaml
 
 from jobs import generate, reflow_pairs
+from jobs.cli import Repeatable
 from jobs.errors import shown
 from jobs.main import Parser
 
@@ -86,7 +87,10 @@ class Job:
             if value == action.default and not action.required:
                 continue
             flag = action.option_strings[0]
-            if isinstance(action, argparse.BooleanOptionalAction):
+            if isinstance(action, Repeatable):
+                for item in value:
+                    argv += [flag, _as_text(item)]
+            elif isinstance(action, argparse.BooleanOptionalAction):
                 argv.append(flag if value else f"--no-{flag[2:]}")
             elif action.nargs == 0:
                 argv.append(flag)
@@ -222,6 +226,10 @@ def _checked_values(path: str, values: dict, flags: dict[str, argparse.Action]):
 
 def _checked_value(path: str, key: str, value: Any, action: argparse.Action) -> Any:
     where = f"job file {path}: {key}"
+    if isinstance(action, Repeatable):  # a list of values, or one value
+        items = value if isinstance(value, list) else [value]
+        return [_checked_value(path, f"{key}[{index}]" if isinstance(value, list) else key, item,
+                               _OneOf(action)) for index, item in enumerate(items)]
     if _is_boolean(action):
         if not isinstance(value, bool):
             raise JobFileError(f"{where}: expected true or false, got {shown(value)}")
@@ -237,6 +245,13 @@ def _checked_value(path: str, key: str, value: Any, action: argparse.Action) -> 
     if action.choices is not None and converted not in action.choices:
         raise JobFileError(f"{where}: {shown(value)} is not one of {', '.join(map(str, action.choices))}")
     return converted
+
+
+class _OneOf(argparse.Action):
+    """One value of a Repeatable flag, checked as a single-value flag of the same type."""
+
+    def __init__(self, repeatable: argparse.Action):
+        super().__init__(repeatable.option_strings, repeatable.dest, type=repeatable.type, choices=repeatable.choices)
 
 
 def _expected(action: argparse.Action) -> str:

@@ -27,6 +27,7 @@ from pipeline.storage import OutputError, filesystem, get_bytes
 from pipeline.writers import read_tensor_column
 
 METADATA_COLUMNS = ["key", "prompt", "seed", "status"]
+SCORE_COLUMNS = ["nsfw_score", "nsfw", "clip_score"]  # --scores: read where a shard has them
 IMAGE_EXTENSIONS = (".jpg", ".png", ".webp")
 
 
@@ -40,6 +41,22 @@ class Sample:
     prompt: str
     seed: int
     image: Image.Image
+    scores: dict  # the row's score columns that are present
+
+    def caption(self, show_scores: bool) -> list[str]:
+        lines = [f"{self.key}  seed {self.seed}"]
+        if show_scores:
+            lines.append(score_line(self.scores))
+        return [*lines, self.prompt]
+
+
+def score_line(scores: dict) -> str:
+    parts = []
+    if scores.get("nsfw_score") is not None:
+        parts.append(f"nsfw {scores['nsfw_score']:.3f}" + (" FLAGGED" if scores.get("nsfw") else ""))
+    if scores.get("clip_score") is not None:
+        parts.append(f"clip {scores['clip_score']:.1f}")
+    return "  ".join(parts) or "no scores"
 
 
 def main(argv: list[str], prog: str) -> int:
@@ -51,13 +68,15 @@ def main(argv: list[str], prog: str) -> int:
                         help="what to show of an output that has both (auto: images)")
     parser.add_argument("--vae", metavar="MODEL", help="decode pairs with this model's VAE instead of the teacher's "
                                                          "(when the recorded teacher cannot be reached)")
+    parser.add_argument("--scores", action="store_true",
+                        help="show each sample's scores (nsfw_score, nsfw, clip_score) where the job made them")
     parser.add_argument("--thumb", type=int, default=256, help="image size on the sheet, in pixels")
     parser.add_argument("--storage-options", type=json_object, default={}, help="JSON passed to fsspec, or @FILE")
     args = parser.parse_args(argv)
     if args.n < 1 or args.thumb < 8:
         parser.error("--n must be at least 1 and --thumb at least 8")
     kind, samples, num_shards = read_samples(args.output, args.n, args.kind, args.vae, args.storage_options)
-    sheet = contact_sheet([Cell(s.image, [f"{s.key}  seed {s.seed}", s.prompt]) for s in samples], args.thumb)
+    sheet = contact_sheet([Cell(s.image, s.caption(args.scores)) for s in samples], args.thumb)
     try:
         sheet.save(args.out)
     except ValueError as exc:  # PIL: an extension it cannot write
@@ -116,23 +135,30 @@ def _image_samples(fs, path: str) -> list[Sample]:
         rows = [json.loads(body) for name, body in members.items() if name.endswith(".json")]
         images = {posixpath.splitext(name)[0]: body for name, body in members.items() if name.endswith(IMAGE_EXTENSIONS)}
         return [_sample(row, images[row["key"]]) for row in rows if row["status"] == "ok"]
-    table = pq.read_table(pa.BufferReader(data), columns=[*METADATA_COLUMNS, "image"])
+    table = _read_columns(data, [*METADATA_COLUMNS, "image"])
     return [_sample(row, row["image"]["bytes"]) for row in table.to_pylist() if row["status"] == "ok"]
 
 
-def _sample(row: dict, image: bytes) -> Sample:
-    return Sample(row["key"], row["prompt"], row["seed"], Image.open(io.BytesIO(image)))
+def _read_columns(data: bytes, columns: list[str]) -> pa.Table:
+    """`columns` of a Parquet file, and its score columns where it has them."""
+    names = pq.read_schema(pa.BufferReader(data)).names
+    return pq.read_table(pa.BufferReader(data), columns=[*columns, *(c for c in SCORE_COLUMNS if c in names)])
+
+
+def _sample(row: dict, image: bytes | Image.Image) -> Sample:
+    image = image if isinstance(image, Image.Image) else Image.open(io.BytesIO(image))
+    return Sample(row["key"], row["prompt"], row["seed"], image, {c: row[c] for c in SCORE_COLUMNS if c in row})
 
 
 def _pair_samples(fs, path: str, decoder: "LatentDecoder") -> list[Sample]:
-    table = pq.read_table(pa.BufferReader(get_bytes(fs, path)), columns=[*METADATA_COLUMNS, "teacher", "latent"])
+    table = _read_columns(get_bytes(fs, path), [*METADATA_COLUMNS, "teacher", "latent"])
     ok = [i for i, status in enumerate(table.column("status").to_pylist()) if status == "ok"]
     if not ok:
         return []
     rows = table.take(ok)
     pixels = decoder.decode(read_tensor_column(rows, "latent"), rows.column("teacher")[0].as_py())
-    return [Sample(row["key"], row["prompt"], row["seed"], Image.fromarray(image))
-            for row, image in zip(rows.select(METADATA_COLUMNS).to_pylist(), pixels)]
+    return [_sample(row, Image.fromarray(image))
+            for row, image in zip(rows.drop_columns(["teacher", "latent"]).to_pylist(), pixels)]
 
 
 class LatentDecoder:

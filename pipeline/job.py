@@ -21,11 +21,12 @@ from pipeline.commit import Fence, ShardStore
 from pipeline.deadline import call_within, plan_timeout_s
 from pipeline.lock import LeaseKeeper, OutputLock, OutputLostError
 from pipeline.manifest import ManifestWriter, check_compatible, identity_digest, job_manifest, read_manifest
-from pipeline.model_source import ModelSource, job_identity, model_sources
+from pipeline.model_source import ModelSource, job_identity
 from pipeline.plan import check_output_location, input_fingerprint, list_input_files, plan_units
 from pipeline.pool import ActorPool, PoolLimits, UnitResult, ray_worker_factory, withdraw_resource_request
 from pipeline.progress import JobProgress
 from pipeline.spec import JobSpec
+from pipeline.stages import check_stages, model_sources
 from pipeline.storage import check_conditional_writes, filesystem, is_transient, protect_secrets, redact, redact_text
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ def run_job(spec: JobSpec, make_pool: PoolFactory = ray_pool, show_progress: boo
         inputs = input_fingerprint(files)
         logger.info("%d input files, %d rows, %d units", len(files), sum(f.num_rows for f in files), len(units))
         sources = model_sources(spec)
+        check_stages(spec, sources)
         identity = job_identity(spec, sources)
 
         check_conditional_writes(output_fs, root)

@@ -2,7 +2,8 @@
 
 A model is a local folder (pinned by a digest of its files), a Hugging Face hub repo (pinned to the commit the
 driver resolved, so 64 workers load the same revision), or a folder at any fsspec URL (pinned by its files'
-sizes and ETags, and copied once per node into a local cache). The driver's check is also the one clear error
+sizes and ETags, and copied once per node into a local cache). A weights file (a LoRA) is pinned the same way:
+a local file or a URL by its sha256, `HUB_ID/FILE` by the repo's commit. The driver's check is also the one clear error
 for a model that does not exist, before the output is touched. The driver also pins the sha256 of each file of a
 local or URL model, and a worker loads only files with those digests: a node whose folder differs, or a copy
 that arrived different, is a ModelLoadError naming the file, never a job made with other weights.
@@ -10,6 +11,7 @@ that arrived different, is a ModelLoadError naming the file, never a job made wi
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -17,6 +19,7 @@ import logging
 import os
 import posixpath
 import shutil
+import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,7 +53,8 @@ class ModelSource:
     kind: str  # "local", "hub" or "url"
     revision: str  # a digest of the files, or the hub commit
     variant: str | None = None  # "fp16": the repo's fp16 weights, downloaded instead of the full ones
-    layout: str = "pipeline"  # "pipeline": a diffusers model folder; "module": one model (a tiny decoder)
+    layout: str = "pipeline"  # "pipeline": a diffusers model folder; "module": one model (a tiny decoder, a
+    # scorer); "file": one weights file (a LoRA)
     files: tuple[tuple[str, str], ...] = ()  # (relative path, sha256) of a local or URL model's files
 
     def identity(self) -> dict:
@@ -60,6 +64,8 @@ class ModelSource:
 
     def local_dir(self, storage_options: dict | None = None) -> str:
         """A local folder holding the model, on the node that asks (a worker), with the files the driver pinned."""
+        if self.layout == "file":
+            raise ValueError(f"{self.model!r} is a file: use local_file()")
         if self.kind == "local":
             _check_pinned(self, _file_digests(Path(self.model)))
             return self.model
@@ -68,17 +74,40 @@ class ModelSource:
         return str(_cached_copy(self, storage_options or {}))
 
 
-def model_sources(spec) -> dict[str, ModelSource]:
-    """A resolved spec's models, pinned, for the tasks it has: "model" (the student), "teacher", and "decoder"
-    (a tiny decoder in place of the student's VAE)."""
-    sources = {}
-    if "images" in spec.tasks:
-        sources["model"] = resolve_model_source(spec.model, spec.dtype, spec.storage_options)
-        if spec.decoder == "tiny":
-            sources["decoder"] = resolve_model_source(spec.tiny_decoder, spec.dtype, spec.storage_options, "module")
-    if "pairs" in spec.tasks:
-        sources["teacher"] = resolve_model_source(spec.teacher, spec.dtype, spec.storage_options)
-    return sources
+    def local_file(self, storage_options: dict | None = None) -> str:
+        """The weights file (layout "file") on the node that asks, with the contents the driver pinned."""
+        if self.layout != "file":
+            raise ValueError(f"{self.model!r} is a folder: use local_dir()")
+        if self.kind == "local":
+            path = Path(self.model).expanduser()
+            _check_pinned(self, {path.name: local_file_digests([path])[0]} if path.is_file() else {})
+            return str(path)
+        if self.kind == "hub":
+            repo, filename = _hub_file(self.model)
+            return _hub_download(self.model, repo, filename, revision=self.revision)
+        [(name, _)] = self.files
+        return str(_cached_copy(self, storage_options or {}) / name)
+
+    @contextlib.contextmanager
+    def config_files(self, names: list[str], storage_options: dict | None = None):
+        """A local folder holding the model's files `names` (configs, on a driver that needs only those)."""
+        if self.kind == "local":
+            yield Path(self.model).expanduser()
+        elif self.kind == "hub":
+            paths = [_hub_download(self.model, self.model, name, revision=self.revision) for name in names]
+            yield Path(paths[0][: -len(names[0])]) if paths else None
+        else:
+            fs, root = filesystem(self.model, storage_options or {})
+            with tempfile.TemporaryDirectory(prefix="configs-") as tmp:
+                for name in names:
+                    local = Path(tmp) / name
+                    local.parent.mkdir(parents=True, exist_ok=True)
+                    path = posixpath.join(root, name)
+                    try:
+                        with_retries(fs.get_file, path, str(local), what=f"read {path}")
+                    except FileNotFoundError:
+                        raise ModelLoadError(f"model {self.model!r}: it has no {name}") from None
+                yield Path(tmp)
 
 
 def job_identity(spec, sources: dict[str, ModelSource]) -> dict:
@@ -89,6 +118,8 @@ def job_identity(spec, sources: dict[str, ModelSource]) -> dict:
 def resolve_model_source(model: str, dtype: str, storage_options: dict | None = None,
                          layout: str = "pipeline") -> ModelSource:
     """Pins `model`; raises ModelLoadError naming it if it cannot be found."""
+    if layout == "file":
+        return _file_source(model, storage_options or {})
     if "://" in model:
         return _url_source(model, storage_options or {}, layout)
     path = Path(model).expanduser()
@@ -99,6 +130,53 @@ def resolve_model_source(model: str, dtype: str, storage_options: dict | None = 
     if path.exists() or not HUB_ID.match(model):
         raise ModelLoadError(f"model {model!r}: no such folder, and not a Hugging Face hub id (org/name)")
     return _hub_source(model, dtype, layout)
+
+
+def _file_source(model: str, storage_options: dict) -> ModelSource:
+    """One weights file: a local path, an fsspec URL, or HUB_ID/FILE in a hub repo."""
+    if "://" in model:
+        fs, path = filesystem(model, storage_options)
+        files, digest, _ = _url_listing(fs, path, model, "file")
+        return ModelSource(model, "url", digest, layout="file",
+                           files=tuple(_url_file_digests(fs, posixpath.dirname(path), files).items()))
+    path = Path(model).expanduser()
+    if path.is_file():
+        [content] = local_file_digests([path])
+        return ModelSource(model, "local", content, layout="file", files=((path.name, content),))
+    if path.exists():
+        raise ModelLoadError(f"{model!r} is a folder, not a weights file")
+    repo, filename = _hub_file(model)
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().model_info(repo)
+        if filename not in {sibling.rfilename for sibling in info.siblings or []}:
+            raise ModelLoadError(f"{model!r}: the hub repo {repo} has no file {filename}")
+        return ModelSource(model, "hub", info.sha, layout="file")
+    except ModelLoadError:
+        raise
+    except Exception:  # offline, or the hub unreachable: what the local cache holds
+        cached = Path(_hub_download(model, repo, filename, local_files_only=True))
+        return ModelSource(model, "hub", cached.parents[len(Path(filename).parts) - 1].name, layout="file")
+
+
+def _hub_file(model: str) -> tuple[str, str]:
+    """(repo, file) of `HUB_ID/FILE`; raises ModelLoadError for a name that is neither a local file nor that."""
+    parts = model.split("/")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    if len(parts) < 3 or not HUB_ID.match(repo) or not all(parts[2:]):
+        raise ModelLoadError(f"{model!r}: no such file, and not a file in a Hugging Face hub repo (org/name/FILE)")
+    return repo, filename
+
+
+def _hub_download(model: str, repo: str, filename: str, **options) -> str:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo, filename, **options)
+    except Exception as exc:  # the hub raises a dozen types; the user needs one message naming the file
+        raise ModelLoadError(f"{model!r}: cannot load {filename} from the Hugging Face hub ({hub_hint()}): "
+                             f"{exc}") from None
 
 
 def _check_layout(model: str, files: set[str], layout: str) -> None:
@@ -214,24 +292,35 @@ def _hub_source(model: str, dtype: str, layout: str) -> ModelSource:
 
 def _url_source(model: str, storage_options: dict, layout: str) -> ModelSource:
     fs, root = filesystem(model, storage_options)
-    files, digest = _url_listing(fs, root, model)
+    files, digest, _ = _url_listing(fs, root, model, layout)
     _check_layout(model, set(files), layout)
     return ModelSource(model, "url", digest, layout=layout, files=tuple(_url_file_digests(fs, root, files).items()))
 
 
-def _url_listing(fs, root: str, model: str) -> tuple[dict[str, dict], str]:
-    """The model's files by relative path, and a digest of their names, sizes and ETags (or mtimes)."""
-    try:
-        found = with_retries(fs.find, root, detail=True, what=f"list {model}")
-    except FileNotFoundError:
-        found = {}
-    if not found:
-        raise ModelLoadError(f"model {model!r}: no files there")
-    files = {posixpath.relpath(path, root): info for path, info in sorted(found.items())}
+def _url_listing(fs, root: str, model: str, layout: str) -> tuple[dict[str, dict], str, str]:
+    """The model's files by path relative to the folder that holds them (the model's root; a file's own folder),
+    a digest of their names, sizes and ETags (or mtimes), and that folder."""
+    if layout == "file":
+        try:
+            info = with_retries(fs.info, root, what=f"read {model}")
+        except FileNotFoundError:
+            raise ModelLoadError(f"{model!r}: no such file") from None
+        if info.get("type") != "file":
+            raise ModelLoadError(f"{model!r} is a folder, not a weights file")
+        found, base = {root: info}, posixpath.dirname(root)
+    else:
+        try:
+            found = with_retries(fs.find, root, detail=True, what=f"list {model}")
+        except FileNotFoundError:
+            found = {}
+        if not found:
+            raise ModelLoadError(f"model {model!r}: no files there")
+        base = root
+    files = {posixpath.relpath(path, base): info for path, info in sorted(found.items())}
     digest = hashlib.sha256()
     for rel, info in files.items():
         digest.update(f"{rel}:{info.get('size')}:{_version_tag(info)}\n".encode())
-    return files, digest.hexdigest()
+    return files, digest.hexdigest(), base
 
 
 def _version_tag(info: dict) -> str:
@@ -281,7 +370,7 @@ def _cached_copy(source: ModelSource, storage_options: dict) -> Path:
         if _copy_digests(target) == pinned:
             return target
         fs, root = filesystem(source.model, storage_options)
-        files, digest = _url_listing(fs, root, source.model)
+        files, digest, root = _url_listing(fs, root, source.model, source.layout)
         if digest != source.revision:
             raise ModelLoadError(f"model {source.model!r}: its files changed since the job started")
         tmp = cache / f"{source.revision}.tmp-{uuid.uuid4().hex}"

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline.plan import SAMPLE_FIELDS, TrackedFile, WorkUnit, decode_extra_schema, is_text
 from pipeline.storage import with_retries
-from pipeline.writers import OUTPUT_COLUMNS
+from pipeline.writers import OUTPUT_COLUMNS, renamed_apart
 
 MAX_SEED = 2**63 - 1
 MAX_EXACT_FLOAT_SEED = 2**53  # beyond it a float column cannot hold every integer: the seed may not be the one meant
@@ -63,7 +63,7 @@ def derive_seed(job_seed: int, key: str) -> int:
 
 def read_unit(
     fs: fsspec.AbstractFileSystem, unit: WorkUnit, prompt_column: str = "prompt", job_seed: int = 0,
-    samples_per_prompt: int = 1, added_columns: tuple[str, ...] = (),
+    samples_per_prompt: int = 1,
 ) -> UnitInput:
     """Rows of a unit as samples; bad rows become samples with an error. Raises UnitReadError only when storage
     cannot give the rows (after retries), so that the unit is retried, never committed without them."""
@@ -96,7 +96,7 @@ def read_unit(
             samples.append(sample)
     if samples_per_prompt > 1:  # repeated before the extra columns are picked: a table of none keeps its rows
         table = table.take(pa.array([i for i in range(table.num_rows) for _ in range(samples_per_prompt)]))
-    return UnitInput(unit, samples, _extra_columns(table, present, unit.extra_schema, added_columns))
+    return UnitInput(unit, samples, _extra_columns(table, present, unit.extra_schema))
 
 
 def _per_prompt(
@@ -258,10 +258,9 @@ def _shown(value: str | bytes, limit: int = 60) -> str:
     return f"{text[:limit]}... ({len(value)} {'bytes' if isinstance(value, bytes) else 'characters'})"
 
 
-def _extra_columns(table: pa.Table, used: set[str], extra_schema: str | None,
-                   added_columns: tuple[str, ...]) -> pa.Table:
-    """Input columns not consumed as sample fields, renamed where they would clash with output columns (those of
-    this module's writers, and `added_columns`, which the job's stages add).
+def _extra_columns(table: pa.Table, used: set[str], extra_schema: str | None) -> pa.Table:
+    """Input columns not consumed as sample fields, renamed where they would clash with output columns (and, when
+    a shard is written, with the columns its job's stages add: writers.metadata_table).
 
     With a job-wide extra schema (the input files differ in their columns) each is cast to it, and missing
     ones are null, so that every shard of the job has the same columns.
@@ -277,16 +276,4 @@ def _extra_columns(table: pa.Table, used: set[str], extra_schema: str | None,
             },
             schema=schema,
         )
-    names = extra.column_names
-    reserved = OUTPUT_COLUMNS | set(added_columns)
-    taken = set(reserved) | set(names)
-    renamed = []
-    for name in names:
-        if name in reserved:
-            new = f"input_{name}"
-            while new in taken:
-                new = f"input_{new}"
-            taken.add(new)
-            name = new
-        renamed.append(name)
-    return extra.rename_columns(renamed)
+    return renamed_apart(extra, OUTPUT_COLUMNS)

@@ -1,6 +1,8 @@
 """One validated job spec, built from flags; its identity decides whether a re-run may resume an output."""
 
 import dataclasses
+import math
+import os
 from dataclasses import asdict, dataclass, field
 
 from instaflow.models import MODEL_RECORD, TEACHER_KINDS, student_defaults, teacher_defaults
@@ -12,6 +14,10 @@ OUTPUT_FORMATS = ("webdataset", "parquet")
 IMAGE_FORMATS = ("jpeg", "png", "webp")
 DECODERS = ("full", "tiny")
 TAESD = "madebyollin/taesd"  # TAESD, the tiny decoder of SD-1.5's latents
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the base a fine-tune's difference is taken from
+SCORES = ("nsfw", "clip")
+SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
+CLIP_MODEL = "openai/clip-vit-large-patch14"
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 DEVICE_CHOICES = ("auto", "gpu", "cpu")
 # Settings that change speed or where things are, not outputs: a resumed job may change them freely (each shard
@@ -20,6 +26,8 @@ RUN_ONLY_FIELDS = (
     "num_workers", "storage_options", "overwrite", "compile", "ray_address", "max_unit_attempts", "batch_size",
     "cpus_per_worker", "lock_lease_s", "start_timeout_s", "unit_timeout_s", "prompts", "output", "allow_pickle",
 )
+# Where models are named: the job records each by what it is (its source: digest or hub revision), not by name.
+MODEL_NAME_FIELDS = ("tiny_decoder", "loras", "merge_finetune", "merge_base", "safety_checker", "clip_model")
 
 
 @dataclass
@@ -33,6 +41,15 @@ class JobSpec:
     guidance_scale: float | None = None  # None: the model's default (InstaFlow 0, 2-RF 1.5)
     decoder: str = "full"  # "tiny": a tiny decoder in place of the VAE (changes the images: part of the identity)
     tiny_decoder: str = TAESD
+    # the student's weights changed, once per worker: LoRA adapters, and a fine-tune's difference from its base
+    loras: tuple = ()  # (source, scale) pairs in order, or "SRC[:SCALE]" texts (a .safetensors file)
+    merge_finetune: str | None = None  # a model, or "MODEL[:SCALE]"
+    merge_scale: float = 1.0
+    merge_base: str = SD15
+    # per-row scores of the images made (the student's; the teacher's with teacher_images)
+    scores: tuple[str, ...] = ()
+    safety_checker: str = SAFETY_CHECKER
+    clip_model: str = CLIP_MODEL
     # teacher, for pairs
     teacher: str | None = None
     teacher_kind: str = "sd"
@@ -90,6 +107,8 @@ class JobSpec:
             if self.teacher_guidance_scale is None:
                 self.teacher_guidance_scale = default_guidance
             check_inputs(self.height, self.width, self.teacher_steps, float(self.teacher_guidance_scale))
+        self._check_adapters()
+        self._check_scores()
         self._check_choice("output_format", OUTPUT_FORMATS)
         self._check_choice("decoder", DECODERS)
         self.tiny_decoder = normalize_model(self.tiny_decoder)
@@ -118,6 +137,40 @@ class JobSpec:
         if not isinstance(self.storage_options, dict):
             raise ValueError(f"storage_options must be a JSON object, got {self.storage_options!r}")
 
+    def _check_adapters(self) -> None:
+        """LoRAs as (source, scale) pairs of .safetensors files; the fine-tune split from its scale."""
+        if isinstance(self.loras, str):
+            raise ValueError(f"loras must be a list of SRC[:SCALE], got {self.loras!r}")
+        self.loras = tuple(split_scale(lora, "--lora") if isinstance(lora, str) else tuple(lora)
+                           for lora in self.loras)
+        for source, scale in self.loras:
+            if not source.endswith(".safetensors"):
+                raise ValueError(f"--lora {source!r}: LoRA files must be .safetensors (pickle files can run code "
+                                 "when loaded)")
+            _check_scale(scale, f"--lora {source!r}")
+        self.loras = tuple((normalize_model(source), float(scale)) for source, scale in self.loras)
+        if self.merge_finetune:
+            self.merge_finetune, scale = split_scale(self.merge_finetune, "--merge-finetune", default=None)
+            self.merge_scale = self.merge_scale if scale is None else scale
+            _check_scale(self.merge_scale, f"--merge-finetune {self.merge_finetune!r}")
+            self.merge_scale = float(self.merge_scale)
+            self.merge_finetune = normalize_model(self.merge_finetune)
+        self.merge_base = normalize_model(self.merge_base)
+        if (self.loras or self.merge_finetune) and "images" not in self.tasks:
+            raise ValueError("--lora and --merge-finetune change the student: they need a student --model")
+
+    def _check_scores(self) -> None:
+        scores = self.scores.split(",") if isinstance(self.scores, str) else list(self.scores)
+        scores = [score.strip() for score in scores if score.strip()]
+        unknown = [score for score in scores if score not in SCORES]
+        if unknown or len(set(scores)) != len(scores):
+            raise ValueError(f"scores must be a comma-separated subset of {', '.join(SCORES)} (each once), got "
+                             f"{','.join(scores)!r}")
+        self.scores = tuple(score for score in SCORES if score in scores)  # one order: the same job, however named
+        if self.scores and "images" not in self.tasks and not self.teacher_images:
+            raise ValueError("--scores scores images: they need a student --model, or --teacher-images")
+        self.safety_checker, self.clip_model = normalize_model(self.safety_checker), normalize_model(self.clip_model)
+
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         if getattr(self, name) not in choices:
             raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
@@ -140,7 +193,15 @@ class JobSpec:
         if "images" not in self.tasks:
             for name in ("model", "steps", "guidance_scale", "output_format", "image_format", "decoder"):
                 identity.pop(name)
-        identity.pop("tiny_decoder")  # when used, the job records the decoder by what it is (its source)
+        for name in MODEL_NAME_FIELDS:  # when used, the job records each model by what it is (its source)
+            identity.pop(name)
+        # Settings a job without them does not have, so that adding them kept the identity of older jobs.
+        if self.loras:
+            identity["lora_scales"] = [scale for _, scale in self.loras]
+        if not self.merge_finetune:
+            identity.pop("merge_scale")
+        if not self.scores:
+            identity.pop("scores")
         if "pairs" not in self.tasks:
             for name in ("teacher", "teacher_kind", "teacher_steps", "teacher_guidance_scale", "teacher_images"):
                 identity.pop(name)
@@ -155,6 +216,26 @@ class JobSpec:
     @property
     def pair_dir(self) -> str:
         return "pairs/" if len(self.tasks) > 1 else ""
+
+
+def split_scale(text: str, what: str, default: float | None = 1.0) -> tuple[str, float | None]:
+    """"SRC[:SCALE]" -> (SRC, SCALE): a last ":NUMBER" is the scale, unless a local path has the whole text as its
+    name (a URL's "s3:" is no number); without one, `default`."""
+    source, colon, tail = text.rpartition(":")
+    if not colon or os.path.exists(os.path.expanduser(text)):
+        return text, default
+    try:
+        scale = float(tail)
+    except ValueError:
+        return text, default
+    if not source:
+        raise ValueError(f"{what} {text!r}: no file or model before the scale")
+    return source, scale
+
+
+def _check_scale(scale, what: str) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{what}: the scale must be a finite number, got {scale!r}")
 
 
 def model_record(model: str, storage_options: dict) -> str | None:

@@ -25,11 +25,11 @@ from instaflow.models import PromptBatch
 from pipeline.commit import Fence, ShardStore
 from pipeline.manifest import identity_digest
 from pipeline.lock import OutputLock
-from pipeline.model_source import ModelSource, job_identity, model_sources
+from pipeline.model_source import ModelSource, job_identity
 from pipeline.plan import WorkUnit
 from pipeline.reader import Sample, read_unit
 from pipeline.spec import JobSpec
-from pipeline.stages import build_stages
+from pipeline.stages import build_stages, model_sources
 from pipeline.stages.base import HostCopy, Stage, UnitOutputs
 from pipeline.storage import filesystem, protect_secrets, raises_redacted, redact_text
 from pipeline.writers import encode_image
@@ -129,10 +129,9 @@ class ShardWorker:
     def _process(self, unit: WorkUnit, attempt: int) -> dict:
         started_at = time.time()
         timings = {"encode_wait_s": 0.0}
-        added = tuple(field.name for fields in self.added_fields.values() for field in fields)
         with _timed(timings, "read_s"):
             unit_input = read_unit(self.input_fs, unit, self.spec.prompt_column, self.spec.seed,
-                                   self.spec.samples_per_prompt, added)
+                                   self.spec.samples_per_prompt)
         valid = [sample for sample in unit_input.samples if sample.error is None]
         with _timed(timings, "prepare_s"):
             batches = self._prepare(valid)

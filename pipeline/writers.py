@@ -47,19 +47,20 @@ _TEACHER_COLUMNS = {  # column: (key in the teacher dict, type)
     "teacher_steps": ("steps", pa.int32()),
     "teacher_guidance_scale": ("guidance_scale", pa.float32()),
 }
-# Every column this module writes; input columns with these names (or those a job's stages add) are carried as
-# input_<name>.
+# Every column this module writes; input columns with these names (or those a job's stages add to an output) are
+# carried as input_<name>.
 OUTPUT_COLUMNS = frozenset(METADATA_SCHEMA.names) | set(_TEACHER_COLUMNS) | {"image", "noise", "latent"}
 
 
 def metadata_table(rows: list[dict], extra: pa.Table, added: list[tuple[pa.Field, list]] = ()) -> pa.Table:
     """One row per input sample (failed ones too) with fixed column types, then the columns a job's stages add
-    (scores, the LoRA record), then the extra input columns."""
+    to this output (scores, the LoRA record), then the extra input columns, renamed apart from those."""
     if extra.num_rows != len(rows):
         raise ValueError(f"{len(rows)} metadata rows but {extra.num_rows} rows of extra columns")
     table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
     for field, values in added:
         table = table.append_column(field, pa.array(values, type=field.type))
+    extra = renamed_apart(extra, {field.name for field, _ in added})
     for name, column in zip(extra.column_names, extra.columns):
         table = table.append_column(extra.schema.field(name), column)
     return table
@@ -74,6 +75,23 @@ def encode_image(pixels: np.ndarray, image_format: str) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(buf, **_PIL_SAVE_ARGS[image_format])
     return buf.getvalue()
+
+
+def renamed_apart(extra: pa.Table, reserved: set[str] | frozenset[str]) -> pa.Table:
+    """Carried input columns with a reserved (output) name become input_<name> (input_input_<name>, ... where
+    that is taken too)."""
+    names = extra.column_names
+    taken = set(reserved) | set(names)
+    renamed = []
+    for name in names:
+        if name in reserved:
+            new = f"input_{name}"
+            while new in taken:
+                new = f"input_{new}"
+            taken.add(new)
+            name = new
+        renamed.append(name)
+    return extra.rename_columns(renamed)
 
 
 def webdataset_shard(metadata: pa.Table, images: dict[str, bytes], extension: str) -> dict[str, bytes]:

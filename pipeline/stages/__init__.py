@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 from instaflow.loading import ComponentCache, Runtime
+from pipeline.model_source import ModelSource
 from pipeline.stages.base import Stage
 from pipeline.stages.images import ImagesStage
 from pipeline.stages.pairs import PairsStage
+from pipeline.stages.scores import ScoresStage
+
+STAGES: tuple[type[Stage], ...] = (ImagesStage, PairsStage, ScoresStage)  # scores read the images made before
 
 
-def build_stages(spec, sources: dict, runtime: Runtime) -> list[Stage]:
-    """The spec's stages with their models loaded; models equal in their tensors are loaded once and shared."""
+def model_sources(spec) -> dict[str, ModelSource]:
+    """A resolved spec's models, pinned, by their key in the job's identity: each of its stages' models."""
+    sources: dict[str, ModelSource] = {}
+    for stage in STAGES:
+        if stage.wanted(spec):
+            sources |= stage.sources(spec)
+    return sources
+
+
+def check_stages(spec, sources: dict[str, ModelSource]) -> None:
+    """The driver's checks of the stages' models (a LoRA that does not fit the student), before any worker."""
+    for stage in STAGES:
+        if stage.wanted(spec):
+            stage.check(spec, sources)
+
+
+def build_stages(spec, sources: dict[str, ModelSource], runtime: Runtime) -> list[Stage]:
+    """The spec's stages with their models loaded; modules equal in their tensors are loaded once and shared."""
     cache = ComponentCache(runtime, allow_pickle=spec.allow_pickle)
-    stages: list[Stage] = []
-    if "images" in spec.tasks:
-        stages.append(ImagesStage.load(spec, sources, cache))
-    if "pairs" in spec.tasks:
-        stages.append(PairsStage.load(spec, sources, cache))
-    return stages
+    return [stage.load(spec, sources, cache) for stage in STAGES if stage.wanted(spec)]

@@ -1,8 +1,9 @@
 """What a stage is, and what a unit's stages collect: the worker runs a list of stages, knowing none of them.
 
-A stage owns its models, its host work before the device lock (`prepare`), its device work per batch (`run`),
-its collection once copies and encodes are done (`collect`), the metadata columns it adds, and the files it
-writes. A stage that writes rows and files of its own is an output ("images", "pairs"); others add columns to
+A stage owns its models (pinned on the driver by `sources`, which also gives its part of the job's identity;
+checked there by `check`; loaded once per worker by `load`), its host work before the device lock (`prepare`),
+its device work per batch (`run`), its collection once copies and encodes are done (`collect`), the metadata
+columns it adds, and the files it writes. A stage that writes rows and files of its own is an output ("images", "pairs"); others add columns to
 those outputs (scores). Stages run in order within a batch, and a later stage reads an earlier one's device
 tensors from `produced` (scores read the student's images before they are copied to the host).
 """
@@ -15,7 +16,9 @@ from typing import Callable
 import pyarrow as pa
 import torch
 
+from instaflow.loading import ComponentCache
 from instaflow.models import PromptBatch
+from pipeline.model_source import ModelSource
 from pipeline.reader import Sample
 from pipeline.storage import redact_text
 
@@ -77,6 +80,25 @@ class Stage:
 
     name: str
     is_output = False  # writes rows and files of its own
+
+    @classmethod
+    def wanted(cls, spec) -> bool:
+        """Whether the spec's job runs this stage."""
+        raise NotImplementedError
+
+    @classmethod
+    def sources(cls, spec) -> dict[str, ModelSource]:
+        """This stage's models, pinned (on the driver), by their key in the job's identity."""
+        return {}
+
+    @classmethod
+    def check(cls, spec, sources: dict[str, ModelSource]) -> None:
+        """Checks on the driver, before any worker starts, that need the pinned models; raises ValueError."""
+
+    @classmethod
+    def load(cls, spec, sources: dict[str, ModelSource], cache: ComponentCache) -> "Stage":
+        """The stage with its models loaded, on a worker (modules equal in their tensors come from `cache`)."""
+        raise NotImplementedError
 
     def added_fields(self) -> dict[str, list[pa.Field]]:
         """Metadata columns this stage adds, by output, in order."""

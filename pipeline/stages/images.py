@@ -1,24 +1,79 @@
-"""The student's images: InstaFlow (one Euler step) or a 2-RF model, written as WebDataset tars or image Parquet."""
+"""The student's images: InstaFlow (one Euler step) or a 2-RF model, written as WebDataset tars or image Parquet.
+
+With --merge-finetune and --lora the student's weights are changed once per worker, as the InstaFlow repo's
+rf_lora.py does (instaflow/lora.py): first a fine-tune's difference from its base is added to the UNet and the
+fine-tune's VAE, text encoder and tokenizer are taken, then each LoRA is fused into the UNet and text encoder.
+The changed modules are this stage's own copies: a teacher that shares the originals keeps them unchanged.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 
-from instaflow.loading import ComponentCache
+import pyarrow as pa
+
+from instaflow.loading import ComponentCache, Components
+from instaflow.lora import TEXT_ENCODER, UNET, check_lora, check_merge, fuse_loras, merge_finetune, meta_modules, \
+    read_lora
 from instaflow.models import PromptBatch, Settings, Student
+from pipeline.model_source import ModelSource, resolve_model_source
 from pipeline.stages.base import Encode, HostCopy, Stage, UnitOutputs, collect_encoded, metadata_rows
 from pipeline.writers import IMAGE_EXTENSIONS, image_parquet_shard, metadata_table, webdataset_shard
 
 NON_FINITE = "non-finite output (NaN or inf in the latent or image)"
+LORA_FIELD = pa.field("lora", pa.string())  # JSON: what changed the student's weights, in the order applied
+_CONFIGS = [f"{UNET}/config.json", f"{TEXT_ENCODER}/config.json"]
 
 
 class ImagesStage(Stage):
     name = "images"
     is_output = True
 
-    def __init__(self, spec, student: Student):
+    def __init__(self, spec, student: Student, weights_record: str | None = None):
         self.spec = spec
         self.student = student
+        self.weights_record = weights_record
+
+    @classmethod
+    def wanted(cls, spec) -> bool:
+        return "images" in spec.tasks
+
+    @classmethod
+    def sources(cls, spec) -> dict[str, ModelSource]:
+        def pin(model: str, layout: str = "pipeline") -> ModelSource:
+            return resolve_model_source(model, spec.dtype, spec.storage_options, layout)
+
+        sources = {"model": pin(spec.model)}
+        if spec.decoder == "tiny":
+            sources["decoder"] = pin(spec.tiny_decoder, "module")
+        if spec.merge_finetune:
+            sources["merge_finetune"], sources["merge_base"] = pin(spec.merge_finetune), pin(spec.merge_base)
+        for index, (lora, _) in enumerate(spec.loras):
+            sources[f"lora_{index}"] = pin(lora, "file")
+        return sources
+
+    @classmethod
+    def check(cls, spec, sources: dict[str, ModelSource]) -> None:
+        """A fine-tune whose UNet does not line up with the student's, or a LoRA key that fits neither the UNet
+        nor the text encoder it will be fused into, is refused here, from the models' configs alone."""
+        if not spec.loras and not spec.merge_finetune:
+            return
+        options = spec.storage_options
+        with contextlib.ExitStack() as stack:
+            unet, text_encoder = meta_modules(stack.enter_context(sources["model"].config_files(_CONFIGS, options)))
+            if spec.merge_finetune:
+                finetune = stack.enter_context(sources["merge_finetune"].config_files(_CONFIGS, options))
+                base = stack.enter_context(sources["merge_base"].config_files(_CONFIGS[:1], options))
+                finetune_unet, text_encoder = meta_modules(finetune)
+                try:
+                    check_merge(unet, finetune_unet, *meta_modules(base, [UNET]))
+                except ValueError as exc:
+                    raise ValueError(f"--merge-finetune {spec.merge_finetune!r} (base {spec.merge_base!r}): "
+                                     f"{exc}") from None
+            for index in range(len(spec.loras)):
+                check_lora(read_lora(sources[f"lora_{index}"].local_file(options)), unet, text_encoder)
 
     @classmethod
     def load(cls, spec, sources: dict, cache: ComponentCache) -> "ImagesStage":
@@ -26,8 +81,12 @@ class ImagesStage(Stage):
         if "decoder" in sources:
             decoder = cache.load_tiny_decoder(sources["decoder"].local_dir(spec.storage_options))
             components = dataclasses.replace(components, vae=decoder)
+        components = _changed_weights(spec, sources, cache, components)
         settings = Settings(spec.steps, spec.guidance_scale, height=spec.height, width=spec.width)
-        return cls(spec, Student(components, settings))
+        return cls(spec, Student(components, settings), weights_record(spec, sources))
+
+    def added_fields(self) -> dict[str, list[pa.Field]]:
+        return {self.name: [LORA_FIELD]} if self.weights_record else {}
 
     def prepare(self, batch: PromptBatch) -> None:
         self.student.prepare(batch)
@@ -40,6 +99,8 @@ class ImagesStage(Stage):
 
     def collect(self, keys: list[str], result: dict, outputs: UnitOutputs) -> None:
         outputs.truncated[self.name].update(zip(keys, result["truncated"]))
+        if self.weights_record:
+            outputs.column(self.name, LORA_FIELD.name).update(dict.fromkeys(keys, self.weights_record))
         collect_encoded(keys, result["encodes"], outputs, self.name, "image")
         for key, finite in zip(keys, result["finite"].numpy()):
             if not finite:
@@ -57,3 +118,42 @@ class ImagesStage(Stage):
             shard_files = webdataset_shard(metadata, images, extension)
             return {f"{prefix}.tar": shard_files["tar"], f"{prefix}.parquet": shard_files["parquet"]}
         return {f"{prefix}.parquet": image_parquet_shard(metadata, images, extension)}
+
+
+def _changed_weights(spec, sources: dict, cache: ComponentCache, components: Components) -> Components:
+    """The student's components with the fine-tune merged and the LoRAs fused, into copies of the modules that
+    change (placed and compiled once changed); the cache's modules, which other models may share, stay as they
+    are."""
+    options, changed = spec.storage_options, {}
+    if spec.merge_finetune:
+        finetune = cache.load(sources["merge_finetune"].local_dir(options), variant=sources["merge_finetune"].variant)
+        base = cache.load(sources["merge_base"].local_dir(options), variant=sources["merge_base"].variant)
+        changed[UNET] = cache.editable_copy(components.unet)
+        merge_finetune(changed[UNET], finetune.unet, base.unet, spec.merge_scale)
+        components = dataclasses.replace(components, vae=finetune.vae, text_encoder=finetune.text_encoder,
+                                         tokenizer=finetune.tokenizer)
+    if spec.loras:
+        changed.setdefault(UNET, cache.editable_copy(components.unet))
+        changed[TEXT_ENCODER] = cache.editable_copy(components.text_encoder)
+        loras = [(read_lora(sources[f"lora_{index}"].local_file(options)), scale)
+                 for index, (_, scale) in enumerate(spec.loras)]
+        fuse_loras(changed[UNET], changed[TEXT_ENCODER], loras)
+    return dataclasses.replace(components, **{name: cache.place(name, module) for name, module in changed.items()})
+
+
+def weights_record(spec, sources: dict[str, ModelSource]) -> str | None:
+    """The `lora` column: JSON of what changed the student's weights, in the order applied (the merge, then each
+    LoRA), each with its name, digest (the file's sha256, a model folder's digest, or the hub commit) and scale;
+    None when nothing did."""
+    def entry(kind: str, source: ModelSource, scale: float) -> dict:
+        files = dict(source.files)
+        digest = files[next(iter(files))] if source.layout == "file" and files else source.revision
+        return {"kind": kind, "name": source.identity()["name"], "digest": digest, "scale": scale}
+
+    entries = []
+    if spec.merge_finetune:
+        entries.append(entry("merge", sources["merge_finetune"], spec.merge_scale)
+                       | {"base": entry("base", sources["merge_base"], 1.0)["name"],
+                          "base_digest": sources["merge_base"].revision})
+    entries += [entry("lora", sources[f"lora_{index}"], scale) for index, (_, scale) in enumerate(spec.loras)]
+    return json.dumps(entries) if entries else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from instaflow.loading import ComponentCache
 from instaflow.models import PromptBatch, Settings, Teacher
 from instaflow.sampling import decode, finite_per_sample, to_pixels
+from pipeline.model_source import ModelSource, resolve_model_source
 from pipeline.stages.base import Encode, HostCopy, Stage, UnitOutputs, collect_encoded, metadata_rows
 from pipeline.writers import IMAGE_EXTENSIONS, metadata_table, pairs_parquet_shard
 
@@ -18,6 +19,14 @@ class PairsStage(Stage):
     def __init__(self, spec, teacher: Teacher):
         self.spec = spec
         self.teacher = teacher
+
+    @classmethod
+    def wanted(cls, spec) -> bool:
+        return "pairs" in spec.tasks
+
+    @classmethod
+    def sources(cls, spec) -> dict[str, ModelSource]:
+        return {"teacher": resolve_model_source(spec.teacher, spec.dtype, spec.storage_options)}
 
     @classmethod
     def load(cls, spec, sources: dict, cache: ComponentCache) -> "PairsStage":

@@ -1,0 +1,91 @@
+"""Per-row scores of the images a job makes: the safety checker's NSFW score and the CLIP score (--scores).
+
+Scores read each image output's pixels on the device, right after the stage that made them (the student's
+images; the decoded teacher latents with --teacher-images), and add columns to that output. A row whose image
+failed has null scores. No image is changed.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from instaflow.loading import ComponentCache
+from instaflow.models import PromptBatch
+from instaflow.scores import ClipScorer, ImagePreprocess, SafetyScorer
+from pipeline.model_source import ModelSource, resolve_model_source
+from pipeline.spec import SCORES
+from pipeline.stages.base import Encode, HostCopy, Stage, UnitOutputs
+
+FIELDS = {
+    "nsfw": [pa.field("nsfw_score", pa.float32()), pa.field("nsfw", pa.bool_())],
+    "clip": [pa.field("clip_score", pa.float32())],
+}
+# The spec's name for each scorer's model, and its key among the job's model sources.
+MODEL_SETTINGS = {"nsfw": "safety_checker", "clip": "clip_model"}
+
+
+def scored_outputs(spec) -> list[str]:
+    """The outputs whose images are scored: the student's, and the teacher's decoded latents when stored."""
+    return [name for name, has_images in (("images", "images" in spec.tasks), ("pairs", spec.teacher_images))
+            if has_images]
+
+
+class ScoresStage(Stage):
+    name = "scores"
+
+    def __init__(self, spec, safety: SafetyScorer | None, clip: ClipScorer | None):
+        self.spec = spec
+        self.safety = safety
+        self.clip = clip
+        self.targets = scored_outputs(spec)
+
+    @classmethod
+    def wanted(cls, spec) -> bool:
+        return bool(spec.scores)
+
+    @classmethod
+    def sources(cls, spec) -> dict[str, ModelSource]:
+        return {MODEL_SETTINGS[score]: resolve_model_source(getattr(spec, MODEL_SETTINGS[score]), spec.dtype,
+                                                            spec.storage_options, "module")
+                for score in spec.scores}
+
+    @classmethod
+    def load(cls, spec, sources: dict, cache: ComponentCache) -> "ScoresStage":
+        safety = clip = None
+        if "nsfw" in spec.scores:
+            folder = sources["safety_checker"].local_dir(spec.storage_options)
+            checker, processor = cache.load_scorer("safety_checker", folder)
+            safety = SafetyScorer(checker, ImagePreprocess.from_processor(processor))
+        if "clip" in spec.scores:
+            folder = sources["clip_model"].local_dir(spec.storage_options)
+            model, processor, tokenizer = cache.load_scorer("clip", folder)
+            clip = ClipScorer(model, tokenizer, ImagePreprocess.from_processor(processor))
+        return cls(spec, safety, clip)
+
+    def added_fields(self) -> dict[str, list[pa.Field]]:
+        fields = [field for score in SCORES if score in self.spec.scores for field in FIELDS[score]]
+        return {target: fields for target in self.targets}
+
+    def prepare(self, batch: PromptBatch) -> None:
+        if self.clip is not None:
+            pin = self.clip.model.device.type == "cuda"
+            batch.stage_inputs[self.name] = self.clip.tokens(batch.prompts, pin_memory=pin)
+
+    def run(self, batch: PromptBatch, n: int, produced: dict, encode: Encode) -> dict:
+        result = {}
+        for target in self.targets:
+            pixels = produced[target]
+            result[target] = {
+                "safety": HostCopy(self.safety.cosines(pixels)) if self.safety else None,
+                "clip": HostCopy(self.clip.scores(pixels, batch.stage_inputs[self.name])) if self.clip else None,
+            }
+        return result
+
+    def collect(self, keys: list[str], result: dict, outputs: UnitOutputs) -> None:
+        for target, copies in result.items():
+            if copies["safety"] is not None:
+                nsfw_score, nsfw = self.safety.decide(copies["safety"].numpy())
+                outputs.column(target, "nsfw_score").update(zip(keys, nsfw_score.tolist()))
+                outputs.column(target, "nsfw").update(zip(keys, nsfw.tolist()))
+            if copies["clip"] is not None:
+                outputs.column(target, "clip_score").update(zip(keys, copies["clip"].numpy().tolist()))

@@ -1,0 +1,232 @@
+"""LoRA adapters, fine-tune merges and scores through `instaflow-batch run`, on a local Ray with logical GPUs, the
+tiny models and their tiny adapters and scorers (instaflow.tiny). The math of each is tested against diffusers and
+transformers in test_lora.py and test_scores.py; here, what a job makes of them."""
+
+import hashlib
+import io
+import json
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import safetensors.torch
+import torch
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from PIL import Image
+from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+from jobs.main import main
+from pipeline.manifest import read_manifest
+from tests.jobhelpers import prompt_table, tar_members
+
+SIZE = ["--height", "64", "--width", "64", "--dtype", "float32", "--image-format", "png"]
+NUM_PROMPTS = 12
+CLIP_SCORE_TOLERANCE = 0.5  # device preprocessing against PIL's (test_scores.py); PNG keeps the pixels exact
+NSFW_SCORE_TOLERANCE = 0.02
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.parquet"
+    table = prompt_table(NUM_PROMPTS)
+    pq.write_table(table.append_column("lora", pa.array(["an input column named like an output"] * NUM_PROMPTS)),
+                   path, row_group_size=4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(ray_gpus, tiny_models, prompts, tmp_path_factory):
+    """run(job, *flags) -> the output folder: a job on the tiny models that must exit 0."""
+    outputs = tmp_path_factory.mktemp("outputs")
+
+    def run_job(job: str, *flags: str, status: int = 0):
+        output = outputs / f"out-{len(list(outputs.iterdir()))}"
+        model = ["--model", str(tiny_models["instaflow"])]
+        if job == "reflow-pairs":
+            model = ["--teacher", str(tiny_models["sd15"]), "--steps", "2", *(model if "--no-student" not in flags
+                                                                             else [])]
+        flags = [flag for flag in flags if flag != "--no-student"]
+        assert main(["run", job, "--prompts", str(prompts), "--output", str(output), *model, *SIZE,
+                     "--rows-per-shard", "6", "--batch-size", "4", "--no-progress", *flags]) == status
+        return output
+
+    return run_job
+
+
+def image_rows(output) -> tuple[list[dict], dict[str, bytes]]:
+    """Every image row's metadata (from the tars' Parquet) and every image by key."""
+    rows, images = [], {}
+    for tar in sorted(output.glob("**/*.tar")):
+        rows += pq.read_table(tar.with_suffix(".parquet")).to_pylist()
+        images |= {name[:-4]: data for name, data in tar_members(tar.read_bytes()).items() if name.endswith(".png")}
+    return rows, images
+
+
+def pixels(images: dict[str, bytes]) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(io.BytesIO(images[key]))) for key in sorted(images)]).astype(np.int16)
+
+
+def test_scale_zero_is_no_lora_and_formats_agree(run, tiny_models):
+    plain = image_rows(run("generate"))[1]
+    zero = image_rows(run("generate", "--lora", f"{tiny_models['lora-kohya']}:0"))[1]
+    assert zero == plain  # bytes
+    kohya = image_rows(run("generate", "--lora", f"{tiny_models['lora-kohya']}:0.8"))[1]
+    diffusers = image_rows(run("generate", "--lora", f"{tiny_models['lora-diffusers']}:0.8"))[1]
+    assert kohya.keys() == plain.keys() and kohya != plain
+    assert np.abs(pixels(kohya) - pixels(diffusers)).max() <= 1  # the same LoRA; float rounding of alpha / rank
+    assert np.abs(pixels(kohya) - pixels(plain)).mean() > 2  # it changes the images visibly
+
+
+def test_rows_record_the_weights_and_identity_tells_file_and_scale_apart(run, tiny_models, prompts):
+    merge = ["--merge-finetune", f"{tiny_models['finetune']}:0.5", "--merge-base", str(tiny_models["sd15"])]
+    output = run("generate", *merge, "--lora", str(tiny_models["lora-kohya"]), "--lora",
+                 f"{tiny_models['lora-diffusers']}:-0.25")
+    rows, _ = image_rows(output)
+    record = json.loads(rows[0]["lora"])
+    lora_digest = hashlib.sha256(tiny_models["lora-diffusers"].read_bytes()).hexdigest()
+    assert [(entry["kind"], entry["name"], entry["scale"]) for entry in record] == [
+        ("merge", "finetune", 0.5), ("lora", "lora-kohya.safetensors", 1.0),
+        ("lora", "lora-diffusers.safetensors", -0.25)]
+    assert record[2]["digest"] == lora_digest and record[0]["base"] == "sd15"
+    assert all(row["lora"] == rows[0]["lora"] for row in rows)
+    assert rows[0]["input_lora"] == "an input column named like an output"
+
+    identity = read_manifest(fsspec.filesystem("file"), str(output))["spec"]
+    assert identity["lora_scales"] == [1.0, -0.25] and identity["merge_scale"] == 0.5
+    assert identity["lora_1"]["revision"] == lora_digest
+    job = ["run", "generate", "--prompts", str(prompts), "--output", str(output), "--model",
+           str(tiny_models["instaflow"]), *SIZE, "--rows-per-shard", "6", "--batch-size", "4", "--no-progress"]
+    same = [*merge, "--lora", f"{tiny_models['lora-kohya']}:1.0", "--lora", f"{tiny_models['lora-diffusers']}:-0.25"]
+    assert main([*job, *same]) == 0  # the same job, however spelled: it finds every shard committed
+    for other in ([f"{tiny_models['lora-diffusers']}:-0.5"], [str(tiny_models["lora-kohya"])]):
+        assert main([*job, *merge, "--lora", str(tiny_models["lora-kohya"]), "--lora", *other]) == 2
+
+def test_a_lora_leaves_the_teachers_pairs_as_they_were(run, tiny_models):
+    """The tiny student and teacher share their text encoder: fusing into the student's copy must not reach it."""
+    plain, fused = run("reflow-pairs"), run("reflow-pairs", "--lora", str(tiny_models["lora-kohya"]))
+    pairs = sorted(plain.glob("pairs/*.parquet"))
+    assert pairs and [p.read_bytes() for p in pairs] == [(fused / "pairs" / p.name).read_bytes() for p in pairs]
+    assert image_rows(plain)[1] != image_rows(fused)[1]
+
+
+def test_a_lora_that_does_not_fit_is_refused_before_any_worker(run, tiny_models, tmp_path, capsys):
+    state = safetensors.torch.load_file(tiny_models["lora-kohya"])
+    key = next(k for k in state if k.startswith("lora_unet_") and k.endswith("lora_down.weight"))
+    state[key] = torch.zeros(4, 7)  # the module takes another width
+    bad = tmp_path / "other-model.safetensors"
+    safetensors.torch.save_file(state, bad)
+    output = run("generate", "--lora", str(bad), status=2)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: ") and "other-model.safetensors" in line and "does not fit" in line, line
+    assert "\n" not in line and not output.exists()  # nothing written: no worker started
+    for flags, message in (([str(tmp_path / "missing.safetensors")], "missing.safetensors"),
+                           ([f"{tiny_models['lora-kohya']}:nan"], "finite"),
+                           ([str(tiny_models["finetune"] / "model_index.json")], ".safetensors")):
+        run("generate", "--lora", *flags, status=2)
+        assert message in capsys.readouterr().err
+    run("reflow-pairs", "--no-student", "--lora", str(tiny_models["lora-kohya"]), status=2)
+    assert "need a student --model" in capsys.readouterr().err
+
+
+def reference_scores(tiny_models, rows: list[dict], images: dict[str, bytes]) -> dict[str, tuple]:
+    """diffusers' safety checker and transformers' CLIP on the stored images, as a pipeline and torchmetrics run
+    them (PIL preprocessing): {key: (largest concept score, has_nsfw_concept, CLIP score)}."""
+    checker_dir, clip_dir = tiny_models["safety_checker"], tiny_models["clip"]
+    checker = StableDiffusionSafetyChecker.from_pretrained(checker_dir).eval()
+    checker_processor = CLIPImageProcessor.from_pretrained(checker_dir)
+    clip, tokenizer = CLIPModel.from_pretrained(clip_dir).eval(), CLIPTokenizer.from_pretrained(clip_dir)
+    clip_processor = CLIPImageProcessor.from_pretrained(clip_dir)
+    keys = [row["key"] for row in rows if row["status"] == "ok"]
+    decoded = [np.asarray(Image.open(io.BytesIO(images[key])).convert("RGB")) for key in keys]
+    prompts = [row["prompt"] for row in rows if row["status"] == "ok"]
+    with torch.no_grad():
+        clip_input = checker_processor(images=decoded, return_tensors="pt").pixel_values
+        _, has_nsfw = checker(clip_input=clip_input, images=[image.copy() for image in decoded])
+        embeds = checker.visual_projection(checker.vision_model(clip_input)[1])
+        special = torch.nn.functional.normalize(embeds) @ torch.nn.functional.normalize(checker.special_care_embeds).T
+        concept = torch.nn.functional.normalize(embeds) @ torch.nn.functional.normalize(checker.concept_embeds).T
+        inputs = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        image = clip.get_image_features(pixel_values=clip_processor(images=decoded, return_tensors="pt")
+                                        .pixel_values).pooler_output
+        text = clip.get_text_features(**inputs).pooler_output
+        clip_score = (100 * torch.nn.functional.cosine_similarity(image, text)).clamp(min=0)
+    largest = []
+    for i in range(len(keys)):  # the checker's loop, for the score it does not return
+        adjustment = 0.0
+        for index, weight in enumerate(checker.special_care_embeds_weights):
+            if round(float(special[i, index]) - weight.item() + adjustment, 3) > 0:
+                adjustment = 0.01
+        largest.append(max(round(float(concept[i, index]) - weight.item() + adjustment, 3)
+                           for index, weight in enumerate(checker.concept_embeds_weights)))
+    return {key: (largest[i], has_nsfw[i], float(clip_score[i])) for i, key in enumerate(keys)}
+
+
+def test_scores_equal_the_reference_models_on_the_stored_images(run, tiny_models):
+    scorers = ["--safety-checker", str(tiny_models["safety_checker"]), "--clip-model", str(tiny_models["clip"])]
+    plain_rows, plain_images = image_rows(run("generate"))
+    rows, images = image_rows(run("generate", "--scores", "clip,nsfw", *scorers))
+    assert images == plain_images  # scoring changes no image
+    assert {row["key"] for row in rows} == {row["key"] for row in plain_rows}
+    expected = reference_scores(tiny_models, rows, images)
+    flags = []
+    for row in rows:
+        score, flag, clip_score = expected[row["key"]]
+        assert row["nsfw_score"] == pytest.approx(score, abs=NSFW_SCORE_TOLERANCE)
+        if abs(score) > NSFW_SCORE_TOLERANCE:
+            assert row["nsfw"] == flag
+        assert row["clip_score"] == pytest.approx(clip_score, abs=CLIP_SCORE_TOLERANCE)
+        flags.append(row["nsfw"])
+    assert 0 < sum(flags) < len(flags)  # the tiny checker flags some images, and its flags change none
+
+    table = pq.read_table(sorted((run("generate", "--scores", "nsfw", *scorers)).glob("*.parquet"))[0])
+    assert "nsfw_score" in table.column_names and "clip_score" not in table.column_names
+
+
+def test_teacher_images_are_scored_and_failed_rows_have_none(run, tiny_models):
+    output = run("reflow-pairs", "--no-student", "--teacher-images", "--scores", "nsfw", "--safety-checker",
+                 str(tiny_models["safety_checker"]))
+    table = pq.read_table(sorted(output.glob("*.parquet"))[0])
+    assert table.column("nsfw").null_count == 0 and table.column("nsfw_score").type == pa.float32()
+    run("reflow-pairs", "--no-student", "--scores", "nsfw", status=2)  # no image to score
+
+
+def test_scores_in_the_readers(run, tiny_models, ray_gpus):
+    """Hugging Face datasets (image Parquet), webdataset's .json and Ray Data see the new columns."""
+    import datasets
+    import ray.data
+    import webdataset as wds
+
+    scorers = ["--scores", "nsfw,clip", "--safety-checker", str(tiny_models["safety_checker"]), "--clip-model",
+               str(tiny_models["clip"]), "--lora", str(tiny_models["lora-kohya"])]
+    parquet_output = run("generate", "--format", "parquet", *scorers)
+    loaded = datasets.load_dataset("parquet", data_files=str(parquet_output / "*.parquet"), split="train")
+    assert {"nsfw_score", "nsfw", "clip_score", "lora"} <= set(loaded.column_names)
+    assert loaded.features["nsfw"].dtype == "bool" and loaded.features["clip_score"].dtype == "float32"
+
+    tar_output = run("generate", *scorers)
+    sample = next(iter(wds.WebDataset(str(sorted(tar_output.glob("*.tar"))[0]), shardshuffle=False)))
+    metadata = json.loads(sample["json"])
+    assert isinstance(metadata["clip_score"], float) and isinstance(metadata["nsfw"], bool)
+    assert json.loads(metadata["lora"])[0]["name"] == "lora-kohya.safetensors"
+
+    rows = ray.data.read_parquet(str(parquet_output), file_extensions=["parquet"]).take_all()
+    assert len(rows) == NUM_PROMPTS and all("clip_score" in row for row in rows)
+
+
+def test_preview_shows_scores_where_a_job_made_them(run, tiny_models, tmp_path, capsys):
+    from jobs.preview import read_samples, score_line
+
+    output = run("generate", "--scores", "nsfw,clip", "--safety-checker", str(tiny_models["safety_checker"]),
+                 "--clip-model", str(tiny_models["clip"]))
+    rows = {row["key"]: row for row in image_rows(output)[0]}
+    _, samples, _ = read_samples(str(output), 4)
+    for sample in samples:
+        row = rows[sample.key]
+        assert sample.scores == {name: row[name] for name in ("nsfw_score", "nsfw", "clip_score")}
+        assert f"clip {row['clip_score']:.1f}" in score_line(sample.scores)
+    assert main(["preview", str(output), "--out", str(tmp_path / "sheet.png"), "--n", "4", "--scores"]) == 0
+    assert (tmp_path / "sheet.png").stat().st_size > 0
+    _, plain, _ = read_samples(str(run("generate")), 1)
+    assert plain[0].scores == {} and score_line(plain[0].scores) == "no scores"
