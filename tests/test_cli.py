@@ -148,6 +148,24 @@ def test_flags_added_to_a_job_work_in_job_files_without_edits(tmp_path, monkeypa
         parse(["--config", write_job_file(tmp_path, BASE | {"sharpness": "x"}, "bad.yaml")])
 
 
+def test_repeated_flags_take_lists_in_job_files_and_the_command_line_replaces_them(tmp_path):
+    """--lora in order, from a file's list or one value; the module gets each as its own flag."""
+    job = parse(["--config", write_job_file(tmp_path, BASE | {"lora": ["a.safetensors:0.5", "b.safetensors"]})])
+    assert job.args.loras == ["a.safetensors:0.5", "b.safetensors"]
+    argv = job.argv()
+    at = argv.index("--lora")
+    assert argv[at:at + 4] == ["--lora", "a.safetensors:0.5", "--lora", "b.safetensors"] and argv.count("--lora") == 2
+    assert generate.parser().parse_args(job.argv()).loras == job.args.loras  # what run and submit hand on
+    config = write_job_file(tmp_path, BASE | {"lora": "one.safetensors", "scores": "clip,nsfw"}, "one.yaml")
+    assert parse(["--config", config]).args.loras == ["one.safetensors"]
+    assert parse(["--config", config, "--lora", "c.safetensors", "--lora", "d.safetensors"]).args.loras == [
+        "c.safetensors", "d.safetensors"]  # the command line wins, as for every flag
+    assert parse([*sum((["--" + k, v] for k, v in BASE.items()), [])]).args.loras == []
+    for value, message in (([1.5], r"lora\[0\]: expected a string"), ({"a": 1}, "lora: expected a string")):
+        with pytest.raises(JobFileError, match=message):
+            parse(["--config", write_job_file(tmp_path, BASE | {"lora": value}, "bad.yaml")])
+
+
 def test_every_job_flag_is_a_job_file_key():
     for name, module in JOBS.items():
         parser = module.parser()

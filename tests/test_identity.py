@@ -2,6 +2,7 @@
 can live in object storage, and a finished job's re-run starts no worker."""
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -187,3 +188,35 @@ def test_a_url_models_copy_is_checked_by_sha256_once(s3, tiny_models, tmp_path, 
     assert source.local_dir(s3.storage_options) == str(copy)
     monkeypatch.setattr(model_source, "_digests", {})  # the next run's driver: the digests kept on disk
     assert resolve_model_source(url, "float32", s3.storage_options) == source
+
+
+def test_weights_files_are_pinned_like_models(ray_gpus, s3, tiny_models, tmp_path):
+    """A LoRA at a URL is pinned by its sha256 and copied once per node, as a URL model is; a local LoRA is
+    checked against the digest the driver pinned; a name that is neither a file nor HUB_ID/FILE is one error."""
+    lora = tiny_models["lora-kohya"]
+    s3.fs.put(str(lora), f"{s3.bucket}/loras/style.safetensors")
+    url = s3.url("loras/style.safetensors")
+    source = resolve_model_source(url, "float32", s3.storage_options, "file")
+    digest = hashlib.sha256(lora.read_bytes()).hexdigest()
+    assert source.kind == "url" and dict(source.files) == {"style.safetensors": digest}
+    copy = Path(source.local_file(s3.storage_options))
+    assert copy.read_bytes() == lora.read_bytes() and copy.parent.parent == model_source.model_cache_dir()
+    write_prompts(s3.fs, f"{s3.bucket}/lora-in/p.parquet", prompt_table(4), row_group_size=4)
+    assert generate.main(["--prompts", s3.url("lora-in/"), "--output", str(tmp_path / "out"), "--model",
+                          str(tiny_models["instaflow"]), "--lora", f"{url}:0.5", "--storage-options",
+                          json.dumps(s3.storage_options), *SIZE]) == 0
+    stats = json.loads(next((tmp_path / "out").glob("*.stats.json")).read_text())
+    assert stats["successes"] == 4
+
+    local = tmp_path / "local.safetensors"
+    shutil.copy(lora, local)
+    pinned = resolve_model_source(str(local), "float32", layout="file")
+    assert pinned.revision == digest and pinned.identity()["name"] == "local.safetensors"
+    local.write_bytes(local.read_bytes()[:-1] + b"\0")  # another node's copy, or a file changed after pinning
+    with pytest.raises(ModelLoadError, match="local.safetensors has other contents"):
+        pinned.local_file()
+    for name, message in ((str(tmp_path), "is a folder, not a weights file"),
+                          ("missing/lora.safetensors", "no such file, and not a file in a Hugging Face hub repo"),
+                          (s3.url("loras/missing.safetensors"), "no such file")):
+        with pytest.raises(ModelLoadError, match=message):
+            resolve_model_source(name, "float32", s3.storage_options, "file")
