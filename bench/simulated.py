@@ -14,7 +14,7 @@ layer from BENCHMARKS.md: 16.4 ms per image (60.9 images/s), 9.2 ms compiled (10
 Parts:
 - feed: steady-state samples/s over the stand-in's own limit for JPEG, PNG and pairs on one worker with 2 CPUs
   (this machine's count), and the host CPU per image beyond the encode itself (worker, driver, Ray, S3 server);
-  "jpeg eager, scores" adds --scores nsfw,clip, whose scorers are stand-ins too (a fixed device time per image,
+  "jpeg eager + scores" adds --scores nsfw,clip, whose scorers are stand-ins too (a fixed device time per image,
   SCORE_S), while their host work is the engine's own: CLIP's tokens, the safety checker's decision per row,
   the score columns;
 - cores: PNG with one worker whose device takes 1 ms per image, so the encoders are the limit, with 1 and 2
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import functools
 import gc
 import resource
@@ -358,7 +359,7 @@ class Setting:
     small_rows_per_shard: int
     encode_seconds: float
     score_s: float  # each scorer's device time per image (not measured on a GPU yet: a stated stand-in)
-    feed_runs: tuple[str, ...] = ("jpeg eager", "jpeg compiled", "png eager", "pairs", "jpeg eager, scores")
+    feed_runs: tuple[str, ...] = ("jpeg eager", "jpeg compiled", "png eager", "pairs", "jpeg eager + scores")
     cores_cpus: tuple[int, ...] = (1, 2)
 
 
@@ -367,7 +368,7 @@ FULL = Setting(size=512, image_s=H200_EAGER_IMAGE_S, compiled_image_s=H200_COMPI
                encode_seconds=5.0, score_s=0.002)
 QUICK = Setting(size=64, image_s=0.002, compiled_image_s=0.001, pair_s=0.004, fast_image_s=0.0005, units=4, batch=4,
                 rows_per_shard=8, small_batch=4, small_rows_per_shard=8, encode_seconds=0.3, score_s=0.0005,
-                feed_runs=("jpeg eager", "jpeg eager, scores"), cores_cpus=(2,))
+                feed_runs=("jpeg eager", "jpeg eager + scores"), cores_cpus=(2,))
 
 
 class Bench:
@@ -406,7 +407,7 @@ def part_feed(bench: Bench) -> None:
         "jpeg compiled": (("images",), "jpeg", SimulatedDevice(image_s=s.compiled_image_s), ()),
         "png eager": (("images",), "png", SimulatedDevice(image_s=s.image_s), ()),
         "pairs": (("pairs",), "jpeg", SimulatedDevice(pair_s=s.pair_s), ()),
-        "jpeg eager, scores": (("images",), "jpeg", SimulatedDevice(image_s=s.image_s, score_s=s.score_s), scores),
+        "jpeg eager + scores": (("images",), "jpeg", SimulatedDevice(image_s=s.image_s, score_s=s.score_s), scores),
     }
     for name in s.feed_runs:
         tasks, image_format, device, scored = runs[name]
@@ -440,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {','.join(PARTS)}")
     parser.add_argument("--quick", action="store_true", help="64x64 and a few units: the test's setting")
+    parser.add_argument("--feed-runs", help="comma-separated runs of the feed part (default: all of the setting's)")
     parser.add_argument("--out", type=Path, default=None, help="folder for simulated.jsonl (default bench/results)")
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
@@ -449,7 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     figures.machine(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory(prefix="bench-simulated-") as tmp, s3_server() as s3, \
             local_ray(num_cpus=2, num_gpus=1, workdir=Path(tmp)):
-        bench = Bench(s3, build_tiny_models(Path(tmp)), QUICK if args.quick else FULL, figures)
+        setting = QUICK if args.quick else FULL
+        if args.feed_runs:
+            setting = dataclasses.replace(setting, feed_runs=tuple(args.feed_runs.split(",")))
+        bench = Bench(s3, build_tiny_models(Path(tmp)), setting, figures)
         for part in parts:
             PARTS[part](bench)
     return 0

@@ -33,7 +33,7 @@ def test_simulated_device(shared_ray, tmp_path):
     assert images["samples"] == images["images_encoded"] == simulated.QUICK.units * simulated.QUICK.rows_per_shard
     # the stand-in holds the device for its time per sample: no run can beat that
     assert 0 < images["samples"] / images["job_wall_s"] <= images["limit_per_s"]
-    scored = rows["feed: jpeg eager, scores"]  # the scores stage on stand-in scorers: every image scored, none lost
+    scored = rows["feed: jpeg eager + scores"]  # the scores stage on stand-in scorers: every image scored, none lost
     assert scored["scores"] == "nsfw,clip" and scored["samples"] == scored["images_encoded"] == images["samples"]
     assert 0 < scored["samples"] / scored["job_wall_s"] <= scored["limit_per_s"] < images["limit_per_s"]
     cores = rows["cores: png, one worker, 2 cpus_per_worker"]
