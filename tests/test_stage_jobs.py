@@ -227,6 +227,7 @@ def test_preview_shows_scores_where_a_job_made_them(run, tiny_models, tmp_path, 
         assert sample.scores == {name: row[name] for name in ("nsfw_score", "nsfw", "clip_score")}
         assert f"clip {row['clip_score']:.1f}" in score_line(sample.scores)
     assert main(["preview", str(output), "--out", str(tmp_path / "sheet.png"), "--n", "4", "--scores"]) == 0
+    assert main(["verify", str(output)]) == 0
     assert (tmp_path / "sheet.png").stat().st_size > 0
     _, plain, _ = read_samples(str(run("generate")), 1)
     assert plain[0].scores == {} and score_line(plain[0].scores) == "no scores"

@@ -152,8 +152,8 @@ def weights_record(spec, sources: dict[str, ModelSource]) -> str | None:
 
     entries = []
     if spec.merge_finetune:
+        base = sources["merge_base"]
         entries.append(entry("merge", sources["merge_finetune"], spec.merge_scale)
-                       | {"base": entry("base", sources["merge_base"], 1.0)["name"],
-                          "base_digest": sources["merge_base"].revision})
+                       | {"base": base.identity()["name"], "base_digest": base.revision})
     entries += [entry("lora", sources[f"lora_{index}"], scale) for index, (_, scale) in enumerate(spec.loras)]
     return json.dumps(entries) if entries else None
