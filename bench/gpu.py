@@ -21,6 +21,9 @@ Parts:
   eager and compiled (compiled only on CUDA);
 - options: speed settings one at a time against the default (contiguous, eager): channels_last, fused QKV,
   cudnn.benchmark, CUDA graphs, the tiny decoder;
+- stages: the worker with a fused LoRA (rank 4 on every attention projection of the UNet and text encoder) and
+  with `--scores nsfw,clip` (random CLIP ViT-L/14-sized safety checker and CLIP model) against the plain worker,
+  and each scorer's device time per image (preprocessing on the device included);
 - train: reflow training samples/s and peak memory on one GPU through `instaflow.training.Trainer` (fp32 weights,
   AdamW, EMA, bf16 autocast on CUDA), batch 32 at 512x512 (64x64 latents), fewer samples per forward pass where 32
   do not fit, and with gradient checkpointing;
@@ -47,7 +50,15 @@ from instaflow.loading import Components, Runtime  # noqa: E402
 from instaflow.models import PromptBatch, Settings, Student, Teacher  # noqa: E402
 
 PARTS = (
-    "peak", "flops", "calibrate", "student", "teacher", "baseline", "plainloop", "worker", "options", "train", "compile",
+    "peak", "flops", "calibrate", "student", "teacher", "baseline", "plainloop", "worker", "options", "stages", "train",
+    "compile",
+)
+CLIP_VIT_L_14 = dict(  # openai/clip-vit-large-patch14, the CLIP of the SD safety checker and of --scores clip
+    text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     max_position_embeddings=77),
+    vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=224, patch_size=14),
+    projection_dim=768,
 )
 
 SD15_UNET = dict(
@@ -400,7 +411,7 @@ def save_model_folder(ctx, folder: Path) -> Path:
 
 
 def run_worker(ctx, tasks: tuple[str, ...], image_format: str, prompts_file: Path, batch_size: int,
-               rows_per_shard: int, out: Path, compile: bool, threads: int = 2) -> dict:
+               rows_per_shard: int, out: Path, compile: bool, threads: int = 2, **options) -> dict:
     """ShardWorker as the Ray actor runs it (two units at a time), minus Ray: one warm-up unit, then the rest."""
     from pipeline.plan import list_input_files, plan_units
     from pipeline.spec import JobSpec
@@ -412,7 +423,7 @@ def run_worker(ctx, tasks: tuple[str, ...], image_format: str, prompts_file: Pat
         prompts=str(prompts_file), output=str(out), tasks=tasks, model=model if "images" in tasks else None,
         teacher=model if "pairs" in tasks else None, teacher_steps=ctx.teacher_steps, height=ctx.size,
         width=ctx.size, batch_size=batch_size, rows_per_shard=rows_per_shard, image_format=image_format,
-        dtype=str(ctx.dtype).removeprefix("torch."), compile=compile,
+        dtype=str(ctx.dtype).removeprefix("torch."), compile=compile, **options,
     )
     fs, path = filesystem(spec.prompts, spec.storage_options)
     units = plan_units(list_input_files(fs, path), spec.rows_per_shard)
@@ -468,6 +479,62 @@ def part_worker(ctx) -> None:
         kind = "pair" if tasks == ("pairs",) else "image"
         ctx.report.add("worker", name, **result, fraction_of_limit=_fraction(ctx, kind, result["samples_per_s"]))
         shutil.rmtree(out, ignore_errors=True)
+
+
+def part_stages(ctx) -> None:
+    """The worker with a fused LoRA (which should cost nothing) and with both scores, against the plain worker in
+    the same part; then each scorer alone on the device."""
+    from instaflow.scores import ClipScorer, ImagePreprocess, SafetyScorer
+    from instaflow.tiny_adapters import write_lora_files
+
+    m, folder = ctx.models, ctx.workdir / "stages"
+    folder.mkdir(exist_ok=True)
+    lora = write_lora_files(folder, m["unet"], m["text_encoder"])["lora-kohya"]
+    scorers = save_scorer_folders(ctx, folder)
+    batch, rows = ctx.worker_batch, ctx.worker_rows_per_shard
+    for name, options in (("plain", {}), ("LoRA fused", {"loras": [f"{lora}:0.8"]}),
+                          ("scores nsfw,clip", {"scores": "nsfw,clip", **scorers})):
+        out = ctx.workdir / "worker_out"
+        result = run_worker(ctx, ("images",), "jpeg", ctx.prompts_file, batch, rows, out, False, **options)
+        ctx.report.add("stages", f"ShardWorker images jpeg batch {batch} eager, {name}", **result)
+        shutil.rmtree(out, ignore_errors=True)
+
+    from instaflow.loading import ComponentCache
+
+    cache = ComponentCache(Runtime(ctx.device, ctx.dtype))
+    checker, checker_processor = cache.load_scorer("safety_checker", scorers["safety_checker"])
+    clip, clip_processor, tokenizer = cache.load_scorer("clip", scorers["clip_model"])
+    safety = SafetyScorer(checker, ImagePreprocess.from_processor(checker_processor))
+    clip_scorer = ClipScorer(clip, tokenizer, ImagePreprocess.from_processor(clip_processor))
+    pixels = torch.randint(0, 256, (batch, ctx.size, ctx.size, 3), dtype=torch.uint8, device=ctx.device)
+    tokens = clip_scorer.tokens(prompts_for(batch))
+    for name, run in (("safety checker", lambda: safety.cosines(pixels)),
+                      ("CLIP score", lambda: clip_scorer.scores(pixels, tokens))):
+        seconds = timed(run, ctx.device, min_seconds=1.0)
+        ctx.report.add("stages", f"{name} alone batch {batch}", images_per_s=batch / seconds,
+                       device_ms_per_image=1000 * seconds / batch)
+
+
+def save_scorer_folders(ctx, folder: Path) -> dict[str, str]:
+    """A safety checker and a CLIP model with random weights in the hub repos' layouts (CLIP ViT-L/14-sized; tiny
+    with --tiny), as the spec's safety_checker and clip_model."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from instaflow.tiny_scorers import clip_config
+
+    tokenizer = ctx.models["tokenizer"]
+    config = clip_config(len(tokenizer)) if ctx.tiny else CLIPConfig(**CLIP_VIT_L_14)
+    config.text_config.vocab_size = len(tokenizer)
+    processor = CLIPImageProcessor(**({"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
+                                      if ctx.tiny else {}))
+    paths = {"safety_checker": folder / "safety_checker", "clip_model": folder / "clip"}
+    torch.manual_seed(7)
+    for key, model in (("safety_checker", StableDiffusionSafetyChecker(config)), ("clip_model", CLIPModel(config))):
+        model.save_pretrained(paths[key])
+        processor.save_pretrained(paths[key])
+    tokenizer.save_pretrained(paths["clip_model"])
+    return {key: str(path) for key, path in paths.items()}
 
 
 def part_options(ctx) -> None:

@@ -25,7 +25,7 @@ PROJECTION_DIM = 16
 NUM_SPECIAL, NUM_CONCEPTS = 3, 17  # as the real checker has
 
 
-def _configs(vocab_size: int) -> dict:
+def clip_config(vocab_size: int) -> dict:
     from transformers import CLIPConfig
 
     text = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
@@ -50,7 +50,7 @@ def build_safety_checker(vocab_size: int, student_dir: Path):
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
     torch.manual_seed(30)
-    checker = StableDiffusionSafetyChecker(_configs(vocab_size)).eval()
+    checker = StableDiffusionSafetyChecker(clip_config(vocab_size)).eval()
     generator = torch.Generator().manual_seed(31)
     with torch.no_grad():
         checker.concept_embeds.copy_(torch.randn(NUM_CONCEPTS, PROJECTION_DIM, generator=generator))
@@ -84,7 +84,7 @@ def build_clip(vocab_size: int):
     from transformers import CLIPModel
 
     torch.manual_seed(32)
-    return CLIPModel(_configs(vocab_size)).eval()
+    return CLIPModel(clip_config(vocab_size)).eval()
 
 
 def write_tiny_scorers(out_dir: str | Path, student_dir: str | Path) -> dict[str, Path]:

@@ -12,7 +12,9 @@ def test_gpu_benchmark_runs_every_part_on_tiny_models(tmp_path):
     failed = [row for row in rows if row["name"] == "FAILED"]
     assert not failed, failed
     figures = {row["part"] for row in rows if any(k.endswith("_per_s") for k in row)}
-    assert figures >= {"calibrate", "student", "teacher", "baseline", "plainloop", "worker", "options"}
+    assert figures >= {"calibrate", "student", "teacher", "baseline", "plainloop", "worker", "options", "stages"}
+    stages = [row for row in rows if row["part"] == "stages" and row["name"].startswith("ShardWorker")]
+    assert len(stages) == 3 and all(row["samples"] > 0 for row in stages)
     worker = [row for row in rows if row["part"] == "worker" and "samples_per_s" in row]
     assert len(worker) == 3 and all(row["samples"] > 0 and row["samples_per_s"] > 0 for row in worker)
     flops = {row["name"]: row for row in rows if row["part"] == "flops"}
