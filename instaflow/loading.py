@@ -184,6 +184,14 @@ class ComponentCache:
         except Exception as exc:
             raise ModelLoadError(f"tiny decoder {model!r} ({folder}): {exc}") from exc
 
+    def load_controlnet(self, model: str) -> torch.nn.Module:
+        """A diffusers ControlNetModel (config and weights at the top of its folder, as the hub repos ship it)."""
+        folder = resolve_model_dir(model, layout="module")
+        try:
+            return self._component("controlnet", folder, None)
+        except Exception as exc:
+            raise ModelLoadError(f"ControlNet {model!r} ({folder}): {exc}") from exc
+
     def load_scorer(self, kind: str, folder: str) -> tuple:
         """A scorer from a model folder with its image processor: "safety_checker" (diffusers'
         StableDiffusionSafetyChecker) -> (model, processor); "clip" (a transformers CLIPModel) -> (model,
@@ -222,7 +230,7 @@ class ComponentCache:
         return self._loaded[key]
 
     def _read_weights(self, name: str, folder: Path, variant: str | None) -> torch.nn.Module:
-        from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+        from diffusers import AutoencoderKL, AutoencoderTiny, ControlNetModel, UNet2DConditionModel
         from transformers import CLIPTextModel
 
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
@@ -230,7 +238,7 @@ class ComponentCache:
 
         loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
                   "tiny_decoder": AutoencoderTiny, "safety_checker": StableDiffusionSafetyChecker,
-                  "clip": CLIPModel}[name]
+                  "clip": CLIPModel, "controlnet": ControlNetModel}[name]
         safetensors = sorted(p.name for p in folder.glob("*.safetensors"))
         if not safetensors and not self.allow_pickle:
             raise ModelLoadError(f"{folder} has no .safetensors weights; pickle checkpoints (.bin) can run code "
@@ -241,11 +249,12 @@ class ComponentCache:
                                       use_safetensors=None if self.allow_pickle else True)
 
     def place(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
-        """`module` on the device, for inference, compiled where that pays (the UNet, the decoders)."""
+        """`module` on the device, for inference, compiled where that pays (the UNet and a ControlNet, the
+        decoders)."""
         # Contiguous memory, not channels_last: on an H200 channels_last made one-step images 11% slower
         # (BENCHMARKS.md). diffusers attends with PyTorch's SDPA by default.
         module = module.to(self.runtime.device).eval().requires_grad_(False)
-        if self.runtime.compile and name == "unet":
+        if self.runtime.compile and name in ("unet", "controlnet"):
             module = torch.compile(module)
         if self.runtime.compile and name in ("vae", "tiny_decoder"):
             module.decode = torch.compile(module.decode)

@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from instaflow.controlnet import Control
+
 MAX_STEPS = 1000  # SD-1.5's training timesteps; no sampler can take more
 MAX_GUIDANCE_SCALE = 100.0
 MAX_SIDE = 4096
@@ -43,11 +45,13 @@ def use_guidance(guidance_scale: float) -> bool:
 
 
 @torch.inference_mode()
-def rectified_flow_euler(unet, noise, prompt_embeds, negative_embeds, steps: int, guidance_scale: float):
+def rectified_flow_euler(unet, noise, prompt_embeds, negative_embeds, steps: int, guidance_scale: float,
+                         control: Control | None = None):
     """InstaFlow (steps=1) and 2-Rectified Flow (steps>1): Euler steps along the learned velocity field.
 
     Transcribes the official RectifiedFlowPipeline: t_i = (1 - i/N) * 1000, z <- z + v(z, t_i) / N.
-    The update is computed in float32 and cast back, as diffusers' flow-matching Euler step does.
+    The update is computed in float32 and cast back, as diffusers' flow-matching Euler step does. With a
+    `control`, a ControlNet's residuals enter the UNet at every step (instaflow/controlnet.py).
     """
     guided = use_guidance(guidance_scale)
     embeds = torch.cat([negative_embeds, prompt_embeds]) if guided else prompt_embeds
@@ -57,7 +61,8 @@ def rectified_flow_euler(unet, noise, prompt_embeds, negative_embeds, steps: int
         t = (1.0 - i / steps) * 1000.0
         model_input = torch.cat([latents] * 2) if guided else latents
         timestep = torch.full((model_input.shape[0],), t, device=latents.device)
-        v = unet(model_input, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+        residuals = control.residuals(model_input, timestep, embeds, guided) if control else {}
+        v = unet(model_input, timestep, encoder_hidden_states=embeds, return_dict=False, **residuals)[0]
         if guided:
             v_uncond, v_text = v.chunk(2)
             v = v_uncond + guidance_scale * (v_text - v_uncond)  # v = v_u + g (v_c - v_u)
@@ -74,9 +79,11 @@ def dpm_solver_scheduler(scheduler_config: dict, **options):
 
 @torch.inference_mode()
 def dpm_solver_teacher(
-    unet, scheduler, noise, prompt_embeds, negative_embeds, steps: int, guidance_scale: float
+    unet, scheduler, noise, prompt_embeds, negative_embeds, steps: int, guidance_scale: float,
+    control: Control | None = None,
 ) -> torch.Tensor:
-    """SD-1.5 teacher: the denoising loop of diffusers' StableDiffusionPipeline, from given noise, no decoding.
+    """SD-1.5 teacher: the denoising loop of diffusers' StableDiffusionPipeline, from given noise, no decoding;
+    with a `control`, that of StableDiffusionControlNetPipeline (no guess mode).
 
     `scheduler` must be fresh (multistep solvers keep state across steps); returns the final latent.
     """
@@ -87,7 +94,8 @@ def dpm_solver_teacher(
     for t in scheduler.timesteps:
         model_input = torch.cat([latents] * 2) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t)
-        eps = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        residuals = control.residuals(model_input, t, embeds, guided) if control else {}
+        eps = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False, **residuals)[0]
         if guided:
             eps_uncond, eps_text = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)  # eps = eps_u + g (eps_c - eps_u)

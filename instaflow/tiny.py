@@ -8,7 +8,8 @@
 - `OUT_DIR/taesd`: a tiny decoder (AutoencoderTiny, TAESD's architecture) for `--decoder tiny`;
 - `OUT_DIR/lora-kohya.safetensors`, `OUT_DIR/lora-diffusers.safetensors` and `OUT_DIR/finetune`: one LoRA in two
   formats and a fine-tune of sd15/, for `--lora` and `--merge-finetune` (instaflow.tiny_adapters);
-- `OUT_DIR/safety_checker` and `OUT_DIR/clip`: scorers for `--scores` (instaflow.tiny_scorers).
+- `OUT_DIR/safety_checker` and `OUT_DIR/clip`: scorers for `--scores` (instaflow.tiny_scorers);
+- `OUT_DIR/controlnet`: a ControlNet for the tiny UNet (all three UNets share its layout), for `--controlnet`.
 
 The three models share byte-identical VAE, text encoder and tokenizer folders, as the real InstaFlow repos share
 SD-1.5's.
@@ -179,6 +180,28 @@ def build_unet(seed: int) -> UNet2DConditionModel:
     return unet
 
 
+def build_controlnet(unet: UNet2DConditionModel):
+    """A ControlNet made from the UNet's layout, as diffusers' ControlNetModel.from_unet does. Its zero
+    convolutions (the residual outputs and the conditioning embedding's last layer) start at zero in training;
+    here they are seeded, and the embedding's other layers amplified, so that the control image changes the
+    samples visibly."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(8)  # the conditioning embedding's initialisation
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 16)).eval()
+    generator = torch.Generator().manual_seed(7)
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                  controlnet.controlnet_cond_embedding.conv_out]
+    embedding = controlnet.controlnet_cond_embedding
+    with torch.no_grad():
+        for conv in zero_convs:
+            conv.weight.copy_(0.3 * torch.randn(conv.weight.shape, generator=generator))
+            conv.bias.copy_(0.05 * torch.randn(conv.bias.shape, generator=generator))
+        for conv in (embedding.conv_in, *embedding.blocks):  # at random init the image's signal dies out in them
+            conv.weight.mul_(3.0)
+    return controlnet
+
+
 def build_scheduler() -> PNDMScheduler:
     """The scheduler config SD-1.5 ships; teachers build DPM-Solver from it, as users of diffusers do."""
     return PNDMScheduler(
@@ -223,7 +246,7 @@ def build_tiny_models(out_dir: str | Path) -> dict[str, Path]:
         requires_safety_checker=False,
     )
     paths = {"sd15": out_dir / "sd15", "instaflow": out_dir / "instaflow", "2rf": out_dir / "2rf",
-             "taesd": out_dir / "taesd"}
+             "taesd": out_dir / "taesd", "controlnet": out_dir / "controlnet"}
     if paths["sd15"].exists():
         shutil.rmtree(paths["sd15"])
     teacher.save_pretrained(paths["sd15"])
@@ -231,6 +254,7 @@ def build_tiny_models(out_dir: str | Path) -> dict[str, Path]:
     _write_rectified_flow_model(paths["instaflow"], paths["sd15"], build_unet(seed=4))
     _write_rectified_flow_model(paths["2rf"], paths["sd15"], build_unet(seed=5))
     build_tiny_decoder().save_pretrained(paths["taesd"])
+    build_controlnet(build_unet(seed=4)).save_pretrained(paths["controlnet"])
     paths |= write_tiny_adapters(out_dir, paths["sd15"])
     paths |= write_tiny_scorers(out_dir, paths["instaflow"])
     return paths

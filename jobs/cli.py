@@ -13,8 +13,8 @@ from jobs.main import Parser
 from jobs.options import check_output_folder, json_object, storage_options_flag
 from pipeline.job import run_job
 from pipeline.progress import JobProgress
-from pipeline.spec import CLIP_MODEL, DECODERS, DEVICE_CHOICES, IMAGE_FORMATS, OUTPUT_FORMATS, SAFETY_CHECKER, SD15, \
-    TAESD, JobSpec
+from pipeline.spec import CLIP_MODEL, CONTROL_PREPROCESS, DECODERS, DEVICE_CHOICES, IMAGE_FORMATS, OUTPUT_FORMATS, \
+    SAFETY_CHECKER, SD15, TAESD, JobSpec
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,17 @@ def base_parser(description: str, prog: str | None = None) -> argparse.ArgumentP
                              "images are not changed) and/or clip (CLIP score of image and prompt)")
     parser.add_argument("--safety-checker", default=SAFETY_CHECKER, help="the model of --scores nsfw")
     parser.add_argument("--clip-model", default=CLIP_MODEL, help="the CLIP model of --scores clip")
+    parser.add_argument("--controlnet", metavar="MODEL",
+                        help="condition the student and the teacher on each row's control image with this diffusers "
+                             "ControlNetModel (hub id, folder or fsspec URL)")
+    parser.add_argument("--controlnet-scale", type=float, default=1.0, help="scale of the ControlNet's residuals")
+    parser.add_argument("--control-column", default="control_image",
+                        help="column of control images: encoded image bytes, or a path or URL (relative: to the "
+                             "prompts file's folder)")
+    parser.add_argument("--control-preprocess", choices=CONTROL_PREPROCESS, default="none",
+                        help="canny: OpenCV's Canny edges of each image; none: the column holds the condition")
+    parser.add_argument("--canny-low", type=int, default=100, help="Canny's lower threshold")
+    parser.add_argument("--canny-high", type=int, default=200, help="Canny's upper threshold")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                         help="auto: GPUs on a cluster the job joins or a machine with a GPU, else the CPU")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: fp16 on GPUs, fp32 on CPU")
@@ -89,7 +100,8 @@ def common_spec_args(args: argparse.Namespace) -> dict:
         "output_format", "image_format", "decoder", "tiny_decoder", "device", "dtype", "compile", "cpus_per_worker",
         "num_workers", "start_timeout_s", "unit_timeout_s", "lock_lease_s", "allow_pickle", "max_unit_attempts",
         "storage_options", "overwrite", "ray_address", "loras", "merge_finetune", "merge_base", "scores",
-        "safety_checker", "clip_model",
+        "safety_checker", "clip_model", "controlnet", "controlnet_scale", "control_column", "control_preprocess",
+        "canny_low", "canny_high",
     )
     return {name: getattr(args, name) for name in names}
 

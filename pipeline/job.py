@@ -22,11 +22,11 @@ from pipeline.deadline import call_within, plan_timeout_s
 from pipeline.lock import LeaseKeeper, OutputLock, OutputLostError
 from pipeline.manifest import ManifestWriter, check_compatible, identity_digest, job_manifest, read_manifest
 from pipeline.model_source import ModelSource, job_identity
-from pipeline.plan import check_output_location, input_fingerprint, list_input_files, plan_units
+from pipeline.plan import check_input_columns, check_output_location, input_fingerprint, list_input_files, plan_units
 from pipeline.pool import ActorPool, PoolLimits, UnitResult, ray_worker_factory, withdraw_resource_request
 from pipeline.progress import JobProgress
 from pipeline.spec import JobSpec
-from pipeline.stages import check_stages, model_sources
+from pipeline.stages import check_stages, input_columns, model_sources
 from pipeline.storage import check_conditional_writes, filesystem, is_transient, protect_secrets, redact, redact_text
 
 logger = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ def run_job(spec: JobSpec, make_pool: PoolFactory = ray_pool, show_progress: boo
         check_output_location(input_fs, input_path, spec.output, output_fs, root)
         files = call_within(plan_timeout_s(), f"list and read the prompts at {spec.prompts}", list_input_files,
                             input_fs, input_path, spec.prompt_column)
+        check_input_columns(files, input_columns(spec))
         units = plan_units(files, spec.rows_per_shard)
         inputs = input_fingerprint(files)
         logger.info("%d input files, %d rows, %d units", len(files), sum(f.num_rows for f in files), len(units))

@@ -372,6 +372,18 @@ _COLUMN_TYPES = {  # column: (type check, what it must be)
 }
 
 
+def check_input_columns(files: list[InputFile], columns: dict[str, str]) -> None:
+    """Raises InputError naming the first file without one of `columns` (name -> the flag that names it): the
+    per-row inputs the job's stages read, checked before any model loads."""
+    for file in files:
+        for name, flag in columns.items():
+            if name not in file.extra_schema.names:
+                close = difflib.get_close_matches(name, file.extra_schema.names, n=1, cutoff=0.6)
+                hint = f"; did you mean {flag} {close[0]!r}?" if close else ""
+                raise InputError(f"{file.path}: no column {name!r} ({flag}); its other columns are "
+                                 f"{file.extra_schema.names}{hint}")
+
+
 def _column_problem(path: str, schema: pa.Schema, prompt_column: str) -> str | None:
     """What makes the file unusable: no prompt column, a column twice, or a sample field of a wrong type."""
     if prompt_column not in schema.names:

@@ -46,6 +46,7 @@ class Sample:
     negative_prompt: str | None
     error: str | None  # None: the sample is valid
     row: int | None = None  # the input row it comes from, in its file
+    inputs: dict = dataclasses.field(default_factory=dict)  # the row's input columns that stages read, by name
 
 
 @dataclass
@@ -63,10 +64,12 @@ def derive_seed(job_seed: int, key: str) -> int:
 
 def read_unit(
     fs: fsspec.AbstractFileSystem, unit: WorkUnit, prompt_column: str = "prompt", job_seed: int = 0,
-    samples_per_prompt: int = 1,
+    samples_per_prompt: int = 1, input_columns: tuple[str, ...] = (),
 ) -> UnitInput:
     """Rows of a unit as samples; bad rows become samples with an error. Raises UnitReadError only when storage
-    cannot give the rows (after retries), so that the unit is retried, never committed without them."""
+    cannot give the rows (after retries), so that the unit is retried, never committed without them.
+    `input_columns` (a stage's per-row inputs, such as control images) go to each sample's `inputs`, not into
+    the carried columns."""
     rows = f"rows {unit.first_row}-{unit.first_row + unit.num_rows - 1}"
     try:
         table, undecodable = with_retries(_read_rows, fs, unit, what=f"read {unit.path} {rows}")
@@ -76,6 +79,8 @@ def read_unit(
     fields = [prompt_column, *(None if name == prompt_column else name for name in SAMPLE_FIELDS)]
     present = {name for name in fields if name in table.column_names}
     values = [_values(table.column(n)) if n in present else [None] * table.num_rows for n in fields]
+    consumed = [name for name in input_columns if name in table.column_names and name not in present]
+    inputs = {name: table.column(name).to_pylist() for name in consumed}
     samples = []
     first_row_of_key: dict[str, int] = {}
     for i, (prompt, raw_id, seed, negative) in enumerate(zip(*values)):
@@ -87,6 +92,7 @@ def read_unit(
             row_sample, row_problems, no_seed = _sample(unit.first_key_index + i, prompt, raw_id, seed, negative)
         for sample, problems in _per_prompt(row_sample, row_problems, no_seed, samples_per_prompt, job_seed):
             sample.row = row
+            sample.inputs = {name: column[i] for name, column in inputs.items()}
             if sample.key in first_row_of_key:
                 problems.append(f"duplicate id {sample.key!r} (first at row {first_row_of_key[sample.key]})")
             else:
@@ -96,7 +102,7 @@ def read_unit(
             samples.append(sample)
     if samples_per_prompt > 1:  # repeated before the extra columns are picked: a table of none keeps its rows
         table = table.take(pa.array([i for i in range(table.num_rows) for _ in range(samples_per_prompt)]))
-    return UnitInput(unit, samples, _extra_columns(table, present, unit.extra_schema))
+    return UnitInput(unit, samples, _extra_columns(table, present | set(input_columns), unit.extra_schema))
 
 
 def _per_prompt(
@@ -268,12 +274,11 @@ def _extra_columns(table: pa.Table, used: set[str], extra_schema: str | None) ->
     extra = table.select([n for n in table.column_names if n not in used])
     if extra_schema is not None:
         schema = decode_extra_schema(extra_schema)
-        extra = pa.table(
-            {
-                f.name: extra.column(f.name).cast(f.type) if f.name in extra.column_names
-                else pa.nulls(extra.num_rows, f.type)
-                for f in schema
-            },
-            schema=schema,
-        )
+        schema = pa.schema([f for f in schema if f.name not in used])
+        columns = {
+            f.name: extra.column(f.name).cast(f.type) if f.name in extra.column_names
+            else pa.nulls(extra.num_rows, f.type)
+            for f in schema
+        }
+        extra = pa.table(columns, schema=schema) if columns else extra.select([])  # no columns: keep the rows
     return renamed_apart(extra, OUTPUT_COLUMNS)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from instaflow.models import MODEL_RECORD, TEACHER_KINDS, student_defaults, teacher_defaults
 from instaflow.sampling import check_inputs
+from pipeline.plan import SAMPLE_FIELDS
 from pipeline.storage import filesystem, get_bytes, normalize_location, normalize_model
 
 TASKS = ("images", "pairs")
@@ -18,6 +19,7 @@ SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the base a fine-tune's d
 SCORES = ("nsfw", "clip")
 SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
 CLIP_MODEL = "openai/clip-vit-large-patch14"
+CONTROL_PREPROCESS = ("none", "canny")
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 DEVICE_CHOICES = ("auto", "gpu", "cpu")
 # Settings that change speed or where things are, not outputs: a resumed job may change them freely (each shard
@@ -27,7 +29,9 @@ RUN_ONLY_FIELDS = (
     "cpus_per_worker", "lock_lease_s", "start_timeout_s", "unit_timeout_s", "prompts", "output", "allow_pickle",
 )
 # Where models are named: the job records each by what it is (its source: digest or hub revision), not by name.
-MODEL_NAME_FIELDS = ("tiny_decoder", "loras", "merge_finetune", "merge_base", "safety_checker", "clip_model")
+MODEL_NAME_FIELDS = ("tiny_decoder", "loras", "merge_finetune", "merge_base", "safety_checker", "clip_model",
+                     "controlnet")
+CONTROLNET_FIELDS = ("controlnet_scale", "control_column", "control_preprocess", "canny_low", "canny_high")
 
 
 @dataclass
@@ -50,6 +54,13 @@ class JobSpec:
     scores: tuple[str, ...] = ()
     safety_checker: str = SAFETY_CHECKER
     clip_model: str = CLIP_MODEL
+    # a ControlNet conditioning the student and the teacher on each row's control image
+    controlnet: str | None = None
+    controlnet_scale: float = 1.0
+    control_column: str = "control_image"  # encoded image bytes, or a path/URL (relative: to the prompts file)
+    control_preprocess: str = "none"  # "canny": OpenCV's edge map of the image; "none": it is the condition
+    canny_low: int = 100
+    canny_high: int = 200
     # teacher, for pairs
     teacher: str | None = None
     teacher_kind: str = "sd"
@@ -109,6 +120,7 @@ class JobSpec:
             check_inputs(self.height, self.width, self.teacher_steps, float(self.teacher_guidance_scale))
         self._check_adapters()
         self._check_scores()
+        self._check_controlnet()
         self._check_choice("output_format", OUTPUT_FORMATS)
         self._check_choice("decoder", DECODERS)
         self.tiny_decoder = normalize_model(self.tiny_decoder)
@@ -171,6 +183,23 @@ class JobSpec:
             raise ValueError("--scores scores images: they need a student --model, or --teacher-images")
         self.safety_checker, self.clip_model = normalize_model(self.safety_checker), normalize_model(self.clip_model)
 
+    def _check_controlnet(self) -> None:
+        self.controlnet = normalize_model(self.controlnet) if self.controlnet else None
+        _check_scale(self.controlnet_scale, "--controlnet-scale")
+        self.controlnet_scale = float(self.controlnet_scale)
+        self._check_choice("control_preprocess", CONTROL_PREPROCESS)
+        if not isinstance(self.control_column, str) or not self.control_column:
+            raise ValueError(f"control_column must be a column name, got {self.control_column!r}")
+        if self.controlnet and self.control_column in (self.prompt_column, *SAMPLE_FIELDS):
+            raise ValueError(f"--control-column {self.control_column!r} is read as the prompt or a sample field; "
+                             "name the column of control images")
+        for name in ("canny_low", "canny_high"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10_000:
+                raise ValueError(f"{name} must be an integer between 0 and 10000, got {value!r}")
+        if self.canny_low > self.canny_high:
+            raise ValueError(f"canny_low ({self.canny_low}) must not be above canny_high ({self.canny_high})")
+
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         if getattr(self, name) not in choices:
             raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
@@ -202,6 +231,11 @@ class JobSpec:
             identity.pop("merge_scale")
         if not self.scores:
             identity.pop("scores")
+        if not self.controlnet:
+            for name in CONTROLNET_FIELDS:
+                identity.pop(name)
+        elif self.control_preprocess != "canny":
+            identity.pop("canny_low"), identity.pop("canny_high")
         if "pairs" not in self.tasks:
             for name in ("teacher", "teacher_kind", "teacher_steps", "teacher_guidance_scale", "teacher_images"):
                 identity.pop(name)

@@ -29,7 +29,7 @@ from pipeline.model_source import ModelSource, job_identity
 from pipeline.plan import WorkUnit
 from pipeline.reader import Sample, read_unit
 from pipeline.spec import JobSpec
-from pipeline.stages import build_stages, model_sources
+from pipeline.stages import build_stages, input_columns, model_sources
 from pipeline.stages.base import HostCopy, Stage, UnitOutputs
 from pipeline.storage import filesystem, protect_secrets, raises_redacted, redact_text
 from pipeline.writers import encode_image
@@ -131,9 +131,12 @@ class ShardWorker:
         timings = {"encode_wait_s": 0.0}
         with _timed(timings, "read_s"):
             unit_input = read_unit(self.input_fs, unit, self.spec.prompt_column, self.spec.seed,
-                                   self.spec.samples_per_prompt)
+                                   self.spec.samples_per_prompt, tuple(input_columns(self.spec)))
         valid = [sample for sample in unit_input.samples if sample.error is None]
         with _timed(timings, "prepare_s"):
+            for stage in self.stages:
+                stage.prepare_rows(unit, valid)
+            valid = [sample for sample in valid if sample.error is None]
             batches = self._prepare(valid)
         with self.device_lock, _timed(timings, "generate_s"):
             pending = self._generate(batches, timings)
@@ -193,7 +196,8 @@ class ShardWorker:
         keys = [sample.key for sample in chunk]
         if self.runtime.compile:
             chunk = chunk + [chunk[-1]] * (self.batch_size - len(chunk))
-        batch = PromptBatch([s.prompt for s in chunk], [s.seed for s in chunk], [s.negative_prompt for s in chunk])
+        batch = PromptBatch([s.prompt for s in chunk], [s.seed for s in chunk], [s.negative_prompt for s in chunk],
+                            row_inputs=[s.inputs for s in chunk])
         for stage in self.stages:
             stage.prepare(batch)
         return keys, batch
@@ -245,8 +249,8 @@ class ShardWorker:
             half = self.batch_size if out_of_memory else (len(keys) + 1) // 2
         # The halves run outside the except block, whose traceback holds the failed pass's tensors, and without
         # this batch's own (the caller passed it on, not kept it).
-        samples = [Sample(key, prompt, seed, negative, None) for key, prompt, seed, negative in
-                   zip(keys, batch.prompts, batch.seeds, batch.negative_prompts)]
+        samples = [Sample(key, prompt, seed, negative, None, inputs=inputs) for key, prompt, seed, negative, inputs in
+                   zip(keys, batch.prompts, batch.seeds, batch.negative_prompts, batch.row_inputs or [{}] * len(keys))]
         del batch
         if out_of_memory and self.runtime.device.type == "cuda":
             torch.cuda.empty_cache()

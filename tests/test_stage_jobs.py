@@ -41,18 +41,25 @@ def run(ray_gpus, tiny_models, prompts, tmp_path_factory):
     """run(job, *flags) -> the output folder: a job on the tiny models that must exit 0."""
     outputs = tmp_path_factory.mktemp("outputs")
 
-    def run_job(job: str, *flags: str, status: int = 0):
+    def run_job(job: str, *flags: str, status: int = 0, inputs=prompts):
         output = outputs / f"out-{len(list(outputs.iterdir()))}"
         model = ["--model", str(tiny_models["instaflow"])]
         if job == "reflow-pairs":
             model = ["--teacher", str(tiny_models["sd15"]), "--steps", "2", *(model if "--no-student" not in flags
                                                                              else [])]
         flags = [flag for flag in flags if flag != "--no-student"]
-        assert main(["run", job, "--prompts", str(prompts), "--output", str(output), *model, *SIZE,
+        assert main(["run", job, "--prompts", str(inputs), "--output", str(output), *model, *SIZE,
                      "--rows-per-shard", "6", "--batch-size", "4", "--no-progress", *flags]) == status
         return output
 
     return run_job
+
+
+def error_line(capsys) -> str:
+    """The one error line a command printed (Ray's workers of earlier jobs may log to stderr as well)."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, lines
+    return lines[0]
 
 
 def image_rows(output) -> tuple[list[dict], dict[str, bytes]]:
@@ -118,9 +125,9 @@ def test_a_lora_that_does_not_fit_is_refused_before_any_worker(run, tiny_models,
     bad = tmp_path / "other-model.safetensors"
     safetensors.torch.save_file(state, bad)
     output = run("generate", "--lora", str(bad), status=2)
-    line = capsys.readouterr().err.strip()
-    assert line.startswith("error: ") and "other-model.safetensors" in line and "does not fit" in line, line
-    assert "\n" not in line and not output.exists()  # nothing written: no worker started
+    line = error_line(capsys)
+    assert "other-model.safetensors" in line and "does not fit" in line, line
+    assert not output.exists()  # nothing written: no worker started
     for flags, message in (([str(tmp_path / "missing.safetensors")], "missing.safetensors"),
                            ([f"{tiny_models['lora-kohya']}:nan"], "finite"),
                            ([str(tiny_models["finetune"] / "model_index.json")], ".safetensors")):
@@ -231,3 +238,70 @@ def test_preview_shows_scores_where_a_job_made_them(run, tiny_models, tmp_path, 
     assert (tmp_path / "sheet.png").stat().st_size > 0
     _, plain, _ = read_samples(str(run("generate")), 1)
     assert plain[0].scores == {} and score_line(plain[0].scores) == "no scores"
+
+
+@pytest.fixture(scope="module")
+def control_prompts(tmp_path_factory):
+    """Prompts with a control image per row: PNG bytes in one file (bad ones among them), paths in another."""
+    folder = tmp_path_factory.mktemp("control")
+    rng = np.random.default_rng(3)
+    images = [(rng.random((128, 128, 3)) * 255).astype(np.uint8) for _ in range(5)]
+    encoded = [_png(image) for image in images]
+    (folder / "maps").mkdir()
+    (folder / "maps" / "edge.png").write_bytes(encoded[0])
+    rows = {"prompt": [f"a red fox number {i}" for i in range(8)],
+            "control_image": encoded[:4] + [b"not an image", None, _png(images[4][:64]), encoded[4]]}
+    pq.write_table(pa.table(rows), folder / "a.parquet")
+    pq.write_table(pa.table({"prompt": ["a house", "a boat"], "control_image": ["maps/edge.png", "maps/none.png"]}),
+                   folder / "b.parquet")
+    return folder
+
+
+def _png(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_controlnet_rows_fail_alone_and_record_scale_and_digest(run, tiny_models, control_prompts):
+    controlnet = ["--controlnet", str(tiny_models["controlnet"])]
+    rows, _ = image_rows(run("generate", *controlnet, "--controlnet-scale", "0.8", inputs=control_prompts))
+    by_prompt = {row["prompt"]: row for row in rows}
+    failed = {row["prompt"]: row["error_message"] for row in rows if row["status"] == "failed"}
+    assert failed.keys() == {"a red fox number 4", "a red fox number 5", "a red fox number 6", "a boat"}
+    assert "a.parquet row 4: control image (control_image): cannot be decoded" in failed["a red fox number 4"]
+    assert "a.parquet row 5: control image (control_image): missing" in failed["a red fox number 5"]
+    assert "row 6: control image (control_image): 128x64 has another aspect ratio" in failed["a red fox number 6"]
+    assert "b.parquet row 1: control image (control_image): 'maps/none.png': no such file" in failed["a boat"]
+    table = pq.read_table(sorted(control_prompts.glob("a.parquet"))[0])
+    first = table.column("control_image")[0].as_py()
+    assert by_prompt["a red fox number 0"]["control_digest"] == hashlib.sha256(first).hexdigest()
+    assert by_prompt["a house"]["control_digest"] == hashlib.sha256(first).hexdigest()  # the same file, by path
+    assert by_prompt["a red fox number 0"]["controlnet_scale"] == pytest.approx(0.8)
+    assert by_prompt["a boat"]["control_digest"] is None and "control_image" not in by_prompt["a house"]
+
+    valid = control_prompts.parent / f"{control_prompts.name}-valid.parquet"  # batches as in a job without
+    pq.write_table(pq.read_table(control_prompts / "a.parquet").slice(0, 4), valid)
+    zero = image_rows(run("generate", *controlnet, "--controlnet-scale", "0", inputs=valid))[1]
+    plain = image_rows(run("generate", inputs=valid))[1]
+    assert len(zero) == 4 and zero == plain  # scale 0 is no ControlNet, byte for byte
+    controlled = image_rows(run("generate", *controlnet, inputs=valid))[1]
+    assert all(controlled[key] != plain[key] for key in plain)
+
+
+def test_controlnet_teacher_pairs_and_a_missing_column(run, tiny_models, control_prompts, prompts, capsys):
+    controlnet = ["--controlnet", str(tiny_models["controlnet"])]
+    plain = run("reflow-pairs", "--no-student", inputs=control_prompts)
+    conditioned = run("reflow-pairs", *controlnet, "--control-preprocess", "canny", inputs=control_prompts)
+    ours = pq.read_table(sorted(conditioned.glob("pairs/*.parquet"))[0])
+    theirs = pq.read_table(sorted(plain.glob("*.parquet"))[0])
+    ok = [i for i, status in enumerate(ours.column("status").to_pylist()) if status == "ok"]
+    assert ok and ours.column("latent").take(ok) != theirs.column("latent").take(ok)
+    assert set(ours.column("controlnet_scale").to_pylist()) == {1.0, None}
+    identity = json.loads((conditioned / "_job.json").read_text())["spec"]
+    assert identity["controlnet"]["name"] == "controlnet" and identity["control_preprocess"] == "canny"
+    assert identity["canny_low"] == 100 and "controlnet" not in json.loads((plain / "_job.json").read_text())["spec"]
+
+    output = run("generate", *controlnet, status=2)  # the other prompts have no control column
+    line = error_line(capsys)
+    assert "no column 'control_image' (--control-column)" in line and not output.exists()

@@ -5,11 +5,13 @@ from __future__ import annotations
 from instaflow.loading import ComponentCache, Runtime
 from pipeline.model_source import ModelSource
 from pipeline.stages.base import Stage
+from pipeline.stages.controlnet import ControlNetStage
 from pipeline.stages.images import ImagesStage
 from pipeline.stages.pairs import PairsStage
 from pipeline.stages.scores import ScoresStage
 
-STAGES: tuple[type[Stage], ...] = (ImagesStage, PairsStage, ScoresStage)  # scores read the images made before
+# In the order they run on each batch: scores read the images made before them.
+STAGES: tuple[type[Stage], ...] = (ControlNetStage, ImagesStage, PairsStage, ScoresStage)
 
 
 def model_sources(spec) -> dict[str, ModelSource]:
@@ -19,6 +21,15 @@ def model_sources(spec) -> dict[str, ModelSource]:
         if stage.wanted(spec):
             sources |= stage.sources(spec)
     return sources
+
+
+def input_columns(spec) -> dict[str, str]:
+    """The input columns the spec's stages read per row, each with the flag that names it."""
+    columns: dict[str, str] = {}
+    for stage in STAGES:
+        if stage.wanted(spec):
+            columns |= stage.input_columns(spec)
+    return columns
 
 
 def check_stages(spec, sources: dict[str, ModelSource]) -> None:

@@ -19,6 +19,7 @@ import torch
 from instaflow.loading import ComponentCache
 from instaflow.models import PromptBatch
 from pipeline.model_source import ModelSource
+from pipeline.plan import WorkUnit
 from pipeline.reader import Sample
 from pipeline.storage import redact_text
 
@@ -87,6 +88,12 @@ class Stage:
         raise NotImplementedError
 
     @classmethod
+    def input_columns(cls, spec) -> dict[str, str]:
+        """Input columns this stage reads per row (into each sample's `inputs`, not carried), each with the flag
+        that names it; the driver refuses inputs without them."""
+        return {}
+
+    @classmethod
     def sources(cls, spec) -> dict[str, ModelSource]:
         """This stage's models, pinned (on the driver), by their key in the job's identity."""
         return {}
@@ -103,6 +110,10 @@ class Stage:
     def added_fields(self) -> dict[str, list[pa.Field]]:
         """Metadata columns this stage adds, by output, in order."""
         return {}
+
+    def prepare_rows(self, unit: WorkUnit, samples: list[Sample]) -> None:
+        """Per-row host work on the unit's valid samples, before batches are made: a row whose inputs cannot be
+        used gets its `error` (naming the file and row) and fails alone."""
 
     def prepare(self, batch: PromptBatch) -> None:
         """Host work for `run`, done before the unit waits for the device."""

@@ -20,6 +20,7 @@ from instaflow.lora import TEXT_ENCODER, UNET, check_lora, check_merge, fuse_lor
 from instaflow.models import PromptBatch, Settings, Student
 from pipeline.model_source import ModelSource, resolve_model_source
 from pipeline.stages.base import Encode, HostCopy, Stage, UnitOutputs, collect_encoded, metadata_rows
+from pipeline.stages.controlnet import load_controlnet
 from pipeline.writers import IMAGE_EXTENSIONS, image_parquet_shard, metadata_table, webdataset_shard
 
 NON_FINITE = "non-finite output (NaN or inf in the latent or image)"
@@ -83,7 +84,8 @@ class ImagesStage(Stage):
             components = dataclasses.replace(components, vae=decoder)
         components = _changed_weights(spec, sources, cache, components)
         settings = Settings(spec.steps, spec.guidance_scale, height=spec.height, width=spec.width)
-        return cls(spec, Student(components, settings), weights_record(spec, sources))
+        student = Student(components, settings, load_controlnet(spec, sources, cache))
+        return cls(spec, student, weights_record(spec, sources))
 
     def added_fields(self) -> dict[str, list[pa.Field]]:
         return {self.name: [LORA_FIELD]} if self.weights_record else {}

@@ -7,6 +7,7 @@ from instaflow.models import PromptBatch, Settings, Teacher
 from instaflow.sampling import decode, finite_per_sample, to_pixels
 from pipeline.model_source import ModelSource, resolve_model_source
 from pipeline.stages.base import Encode, HostCopy, Stage, UnitOutputs, collect_encoded, metadata_rows
+from pipeline.stages.controlnet import load_controlnet
 from pipeline.writers import IMAGE_EXTENSIONS, metadata_table, pairs_parquet_shard
 
 NON_FINITE = "non-finite output (NaN or inf in the teacher latent)"
@@ -33,7 +34,8 @@ class PairsStage(Stage):
         source = sources["teacher"]
         components = cache.load(source.local_dir(spec.storage_options), variant=source.variant)
         settings = Settings(spec.teacher_steps, spec.teacher_guidance_scale, height=spec.height, width=spec.width)
-        return cls(spec, Teacher(components, spec.teacher_kind, settings))
+        return cls(spec, Teacher(components, spec.teacher_kind, settings,
+                                 controlnet=load_controlnet(spec, sources, cache)))
 
     def prepare(self, batch: PromptBatch) -> None:
         self.teacher.prepare(batch)
