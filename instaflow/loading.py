@@ -151,6 +151,23 @@ def tensor_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+UNET_CLASS = "UNet2DConditionModel"
+
+
+def _check_unet_class(folder: Path) -> None:
+    """Only diffusers' UNet2DConditionModel is loaded, of any size (its config gives widths, depth, heads and the
+    cross-attention size). Another class, such as a stacked U-Net, is named in one error: loading it would need its
+    class here beside UNet2DConditionModel, with the same call (latents, timestep, encoder_hidden_states)."""
+    try:
+        named = json.loads((folder / "config.json").read_text()).get("_class_name", UNET_CLASS)
+    except (OSError, ValueError, AttributeError):
+        return  # diffusers' own loading says what is wrong with the config
+    if named != UNET_CLASS:
+        raise ModelLoadError(f"{folder}/config.json names the UNet class {named!r}; this engine loads "
+                             f"{UNET_CLASS} of any size, and another class would need to be added to "
+                             "instaflow/loading.py")
+
+
 class ComponentCache:
     """Loads each distinct component once per process, whichever model asks for it.
 
@@ -239,6 +256,8 @@ class ComponentCache:
         loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
                   "tiny_decoder": AutoencoderTiny, "safety_checker": StableDiffusionSafetyChecker,
                   "clip": CLIPModel, "controlnet": ControlNetModel}[name]
+        if name == "unet":
+            _check_unet_class(folder)
         safetensors = sorted(p.name for p in folder.glob("*.safetensors"))
         if not safetensors and not self.allow_pickle:
             raise ModelLoadError(f"{folder} has no .safetensors weights; pickle checkpoints (.bin) can run code "

@@ -9,7 +9,9 @@
 - `OUT_DIR/lora-kohya.safetensors`, `OUT_DIR/lora-diffusers.safetensors` and `OUT_DIR/finetune`: one LoRA in two
   formats and a fine-tune of sd15/, for `--lora` and `--merge-finetune` (instaflow.tiny_adapters);
 - `OUT_DIR/safety_checker` and `OUT_DIR/clip`: scorers for `--scores` (instaflow.tiny_scorers);
-- `OUT_DIR/controlnet`: a ControlNet for the tiny UNet (all three UNets share its layout), for `--controlnet`.
+- `OUT_DIR/controlnet`: a ControlNet for the tiny UNet (all three UNets share its layout), for `--controlnet`;
+- `OUT_DIR/instaflow-wide`: a one-step model of another size, as InstaFlow-1.7B is a larger U-Net than 0.9B's:
+  other block widths, depth and attention heads, and a wider cross-attention with a matching text encoder.
 
 The three models share byte-identical VAE, text encoder and tokenizer folders, as the real InstaFlow repos share
 SD-1.5's.
@@ -202,6 +204,37 @@ def build_controlnet(unet: UNet2DConditionModel):
     return controlnet
 
 
+WIDE_HIDDEN_SIZE = 48  # the wide model's text width, and so its UNet's cross-attention size
+
+
+def build_wide_text_encoder(vocab_size: int) -> CLIPTextModel:
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=WIDE_HIDDEN_SIZE, intermediate_size=64,
+                            num_hidden_layers=3, num_attention_heads=6, max_position_embeddings=77,
+                            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+    torch.manual_seed(10)
+    return CLIPTextModel(config).eval()
+
+
+def build_wide_unet() -> UNet2DConditionModel:
+    """Three levels instead of two, two layers per block, other widths and heads, a 48-wide cross-attention."""
+    torch.manual_seed(11)
+    unet = UNet2DConditionModel(
+        block_out_channels=(24, 48, 48),
+        layers_per_block=2,
+        sample_size=SAMPLE_SIZE,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=WIDE_HIDDEN_SIZE,
+        attention_head_dim=(3, 6, 6),
+        norm_num_groups=4,
+    ).eval()
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(2.0)
+    return unet
+
+
 def build_scheduler() -> PNDMScheduler:
     """The scheduler config SD-1.5 ships; teachers build DPM-Solver from it, as users of diffusers do."""
     return PNDMScheduler(
@@ -246,7 +279,8 @@ def build_tiny_models(out_dir: str | Path) -> dict[str, Path]:
         requires_safety_checker=False,
     )
     paths = {"sd15": out_dir / "sd15", "instaflow": out_dir / "instaflow", "2rf": out_dir / "2rf",
-             "taesd": out_dir / "taesd", "controlnet": out_dir / "controlnet"}
+             "taesd": out_dir / "taesd", "controlnet": out_dir / "controlnet",
+             "instaflow-wide": out_dir / "instaflow-wide"}
     if paths["sd15"].exists():
         shutil.rmtree(paths["sd15"])
     teacher.save_pretrained(paths["sd15"])
@@ -255,6 +289,9 @@ def build_tiny_models(out_dir: str | Path) -> dict[str, Path]:
     _write_rectified_flow_model(paths["2rf"], paths["sd15"], build_unet(seed=5))
     build_tiny_decoder().save_pretrained(paths["taesd"])
     build_controlnet(build_unet(seed=4)).save_pretrained(paths["controlnet"])
+    _write_rectified_flow_model(paths["instaflow-wide"], paths["sd15"], build_wide_unet())
+    shutil.rmtree(paths["instaflow-wide"] / "text_encoder")
+    build_wide_text_encoder(len(tokenizer)).save_pretrained(paths["instaflow-wide"] / "text_encoder")
     paths |= write_tiny_adapters(out_dir, paths["sd15"])
     paths |= write_tiny_scorers(out_dir, paths["instaflow"])
     return paths

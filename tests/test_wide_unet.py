@@ -1,0 +1,69 @@
+"""A UNet of another size than SD-1.5's (the tiny instaflow-wide: other widths, depth, heads and cross-attention,
+with a matching text encoder), as InstaFlow-1.7B is a larger U-Net than 0.9B's: every job, training and the
+straightness report run on it, and nothing assumes SD-1.5's layout."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobhelpers import prompt_table
+from jobs import generate, reflow_pairs, straightness, train_reflow
+from jobs.main import main
+
+SIZE = ["--height", "64", "--width", "64", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wide") / "prompts.parquet"
+    pq.write_table(prompt_table(16), path, row_group_size=8)
+    return path
+
+
+def test_the_wide_model_is_not_sd15_sized(tiny_models):
+    wide = json.loads((tiny_models["instaflow-wide"] / "unet" / "config.json").read_text())
+    base = json.loads((tiny_models["instaflow"] / "unet" / "config.json").read_text())
+    for key in ("block_out_channels", "cross_attention_dim", "attention_head_dim", "layers_per_block"):
+        assert wide[key] != base[key], key
+    text = json.loads((tiny_models["instaflow-wide"] / "text_encoder" / "config.json").read_text())
+    assert text["hidden_size"] == wide["cross_attention_dim"]
+
+
+def test_every_job_training_and_straightness_on_a_wide_unet(ray_cpus, tiny_models, prompts, tmp_path):
+    wide = str(tiny_models["instaflow-wide"])
+    assert generate.main(["--prompts", str(prompts), "--output", str(tmp_path / "images"), "--model", wide,
+                          "--rows-per-shard", "8", "--batch-size", "4", *SIZE]) == 0
+    assert main(["verify", str(tmp_path / "images")]) == 0
+    # pairs from the wide model as a rectified-flow teacher, with its images in the same pass
+    assert reflow_pairs.main(["--prompts", str(prompts), "--output", str(tmp_path / "pairs"), "--teacher", wide,
+                              "--teacher-kind", "rf", "--steps", "3", "--model", wide, "--rows-per-shard", "8",
+                              "--batch-size", "4", *SIZE]) == 0
+    pairs = tmp_path / "pairs" / "pairs"
+    rows = pq.read_table(sorted(pairs.glob("*.parquet"))[0]).to_pylist()
+    assert all(row["status"] == "ok" for row in rows)
+    # reflow of the wide model on its own pairs, a few steps, then straightness of it and of its training run
+    assert train_reflow.main(["--pairs", str(pairs), "--init", wide, "--output", str(tmp_path / "train"),
+                              "--steps", "4", "--batch-size", "4", "--checkpoint-every", "2", "--log-every", "2",
+                              "--warmup-steps", "1", "--device", "cpu"]) == 0
+    report = tmp_path / "straightness.jsonl"
+    assert straightness.main(["--pairs", str(pairs), "--model", wide, "--model", str(tmp_path / "train" / "final"),
+                              "--max-pairs", "8", "--device", "cpu", "--report", str(report)]) == 0
+    assert len(report.read_text().splitlines()) >= 2
+    # the trained model generates again
+    assert generate.main(["--prompts", str(prompts), "--output", str(tmp_path / "again"), "--model",
+                          str(tmp_path / "train" / "final"), "--rows-per-shard", "8", "--batch-size", "4",
+                          *SIZE]) == 0
+
+
+def test_a_unet_of_another_class_is_named(tiny_models, tmp_path):
+    import shutil
+
+    from instaflow.loading import ComponentCache, ModelLoadError, Runtime
+
+    stacked = tmp_path / "stacked"
+    shutil.copytree(tiny_models["instaflow-wide"], stacked)
+    config = json.loads((stacked / "unet" / "config.json").read_text())
+    (stacked / "unet" / "config.json").write_text(json.dumps(config | {"_class_name": "UNetStacked2DModel"}))
+    with pytest.raises(ModelLoadError, match="names the UNet class 'UNetStacked2DModel'"):
+        ComponentCache(Runtime.default(device="cpu")).load(str(stacked))
