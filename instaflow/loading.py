@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from instaflow.refiner import RefinerComponents
+
 logger = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -55,6 +57,9 @@ class Runtime:
         return cls(device=device, dtype=DTYPES[dtype], compile=compile)
 
 
+XL_COMPONENTS = ("unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler")  # an SDXL refiner's own parts
+
+
 def hub_patterns(variant: str | None, layout: str = "pipeline") -> tuple[list[str], list[str]]:
     """What to download of a hub repo: configs, the tokenizer, and one weight format, safetensors (the fp16
     variant when running fp16 and the repo has it); no safety checker, no .bin, no flax/onnx duplicates.
@@ -65,7 +70,10 @@ def hub_patterns(variant: str | None, layout: str = "pipeline") -> tuple[list[st
         allow = ["*.json", "*.txt", weights]
     else:
         allow = ["model_index.json", "scheduler/*", "tokenizer/*"]
-        for name in WEIGHT_COMPONENTS:
+        components = WEIGHT_COMPONENTS
+        if layout == "xl":  # an SDXL pipeline: a second text encoder (the refiner has only that one)
+            allow, components = allow + ["tokenizer_2/*"], (*WEIGHT_COMPONENTS, "text_encoder_2")
+        for name in components:
             allow += [f"{name}/*.json", f"{name}/{weights}"]
     ignore = ["*non_ema*"] + ([] if variant else ["*.fp16.*"])
     return allow, ignore
@@ -201,6 +209,31 @@ class ComponentCache:
         except Exception as exc:
             raise ModelLoadError(f"tiny decoder {model!r} ({folder}): {exc}") from exc
 
+    def load_refiner(self, model: str, variant: str | None = None) -> RefinerComponents:
+        """An SDXL refiner (or base) pipeline folder's parts; the VAE in float32 where its config forces the
+        upcast, as diffusers' pipelines run it."""
+        folder = resolve_model_dir(model, variant=variant, layout="xl")
+        index_file = folder / "model_index.json"
+        index = json.loads(index_file.read_text()) if index_file.exists() else {}
+        encoders = [name for name in ("text_encoder", "text_encoder_2") if (folder / name).is_dir()]
+        try:
+            vae_config = json.loads((folder / "vae" / "config.json").read_text())
+            vae_dtype = torch.float32 if vae_config.get("force_upcast", True) else None
+            return RefinerComponents(
+                unet=self._component("unet", folder / "unet", variant),
+                vae=self._component("vae", folder / "vae", variant, dtype=vae_dtype),
+                text_encoders=[self._component(name, folder / name, variant) for name in encoders],
+                tokenizers=[self._component(name.replace("text_encoder", "tokenizer"),
+                                            folder / name.replace("text_encoder", "tokenizer"), None)
+                            for name in encoders],
+                scheduler_config=json.loads((folder / "scheduler" / "scheduler_config.json").read_text()),
+                requires_aesthetics_score=index.get("requires_aesthetics_score", False),
+                force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
+                device=self.runtime.device, dtype=self.runtime.dtype,
+            )
+        except Exception as exc:
+            raise ModelLoadError(f"refiner {model!r} ({folder}): {exc}") from exc
+
     def load_controlnet(self, model: str) -> torch.nn.Module:
         """A diffusers ControlNetModel (config and weights at the top of its folder, as the hub repos ship it)."""
         folder = resolve_model_dir(model, layout="module")
@@ -231,8 +264,8 @@ class ComponentCache:
         once changed."""
         return copy.deepcopy(getattr(module, "_orig_mod", module))
 
-    def _component(self, name: str, folder: Path, variant: str | None):
-        if name == "tokenizer":
+    def _component(self, name: str, folder: Path, variant: str | None, dtype: torch.dtype | None = None):
+        if name.startswith("tokenizer"):
             key = (name, component_digest(folder))
             if key not in self._loaded:
                 from transformers import CLIPTokenizer
@@ -240,22 +273,22 @@ class ComponentCache:
                 self._loaded[key] = CLIPTokenizer.from_pretrained(folder)
             return self._loaded[key]
         logger.info("loading %s from %s", name, folder)
-        module = self._read_weights(name, folder, variant)
+        module = self._read_weights(name, folder, variant, dtype or self.runtime.dtype)
         key = (name, tensor_digest(module))
         if key not in self._loaded:
             self._loaded[key] = self.place(name, module)
         return self._loaded[key]
 
-    def _read_weights(self, name: str, folder: Path, variant: str | None) -> torch.nn.Module:
+    def _read_weights(self, name: str, folder: Path, variant: str | None, dtype: torch.dtype) -> torch.nn.Module:
         from diffusers import AutoencoderKL, AutoencoderTiny, ControlNetModel, UNet2DConditionModel
         from transformers import CLIPTextModel
 
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-        from transformers import CLIPModel
+        from transformers import CLIPModel, CLIPTextModelWithProjection
 
         loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
                   "tiny_decoder": AutoencoderTiny, "safety_checker": StableDiffusionSafetyChecker,
-                  "clip": CLIPModel, "controlnet": ControlNetModel}[name]
+                  "clip": CLIPModel, "controlnet": ControlNetModel, "text_encoder_2": CLIPTextModelWithProjection}[name]
         if name == "unet":
             _check_unet_class(folder)
         safetensors = sorted(p.name for p in folder.glob("*.safetensors"))
@@ -264,7 +297,7 @@ class ComponentCache:
                                  "when loaded and are refused unless you pass --allow-pickle")
         if variant and not any(f".{variant}." in file for file in safetensors):
             variant = None  # this component has no such variant (a local folder, a mixed repo): the full weights
-        return loader.from_pretrained(folder, torch_dtype=self.runtime.dtype, variant=variant,
+        return loader.from_pretrained(folder, torch_dtype=dtype, variant=variant,
                                       use_safetensors=None if self.allow_pickle else True)
 
     def place(self, name: str, module: torch.nn.Module) -> torch.nn.Module:

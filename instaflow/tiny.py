@@ -11,7 +11,8 @@
 - `OUT_DIR/safety_checker` and `OUT_DIR/clip`: scorers for `--scores` (instaflow.tiny_scorers);
 - `OUT_DIR/controlnet`: a ControlNet for the tiny UNet (all three UNets share its layout), for `--controlnet`;
 - `OUT_DIR/instaflow-wide`: a one-step model of another size, as InstaFlow-1.7B is a larger U-Net than 0.9B's:
-  other block widths, depth and attention heads, and a wider cross-attention with a matching text encoder.
+  other block widths, depth and attention heads, and a wider cross-attention with a matching text encoder;
+- `OUT_DIR/sdxl-refiner`: an SDXL refiner for `--refiner` (instaflow.tiny_refiner).
 
 The three models share byte-identical VAE, text encoder and tokenizer folders, as the real InstaFlow repos share
 SD-1.5's.
@@ -264,6 +265,7 @@ def _write_rectified_flow_model(out: Path, teacher_dir: Path, unet: UNet2DCondit
 def build_tiny_models(out_dir: str | Path) -> dict[str, Path]:
     """Writes the tiny models, adapters and scorers under `out_dir` and returns their paths by name."""
     from instaflow.tiny_adapters import write_tiny_adapters
+    from instaflow.tiny_refiner import write_tiny_refiner
     from instaflow.tiny_scorers import write_tiny_scorers
 
     out_dir = Path(out_dir)
@@ -294,6 +296,7 @@ def build_tiny_models(out_dir: str | Path) -> dict[str, Path]:
     build_wide_text_encoder(len(tokenizer)).save_pretrained(paths["instaflow-wide"] / "text_encoder")
     paths |= write_tiny_adapters(out_dir, paths["sd15"])
     paths |= write_tiny_scorers(out_dir, paths["instaflow"])
+    paths |= write_tiny_refiner(out_dir)
     return paths
 
 

@@ -68,6 +68,21 @@ def base_parser(description: str, prog: str | None = None) -> argparse.ArgumentP
                         help="canny: OpenCV's Canny edges of each image; none: the column holds the condition")
     parser.add_argument("--canny-low", type=int, default=100, help="Canny's lower threshold")
     parser.add_argument("--canny-high", type=int, default=200, help="Canny's upper threshold")
+    parser.add_argument("--refiner", metavar="MODEL",
+                        help="refine the student's images with this SDXL refiner pipeline (hub id such as "
+                             "stabilityai/stable-diffusion-xl-refiner-1.0, folder or fsspec URL)")
+    parser.add_argument("--refiner-strength", type=float, default=0.3, help="img2img strength of the refiner")
+    parser.add_argument("--refiner-steps", type=int, default=50,
+                        help="refiner scheduler steps, of which strength x steps run")
+    parser.add_argument("--refiner-guidance-scale", type=float, default=5.0, help="the refiner's guidance scale")
+    parser.add_argument("--refine-size", type=int, default=1024,
+                        help="the refined image's longer side; the student's image is resized to it first")
+    parser.add_argument("--aesthetic-score", type=float, default=6.0, help="the refiner's aesthetic score")
+    parser.add_argument("--negative-aesthetic-score", type=float, default=2.5,
+                        help="the refiner's negative aesthetic score")
+    parser.add_argument("--keep-unrefined", action="store_true",
+                        help="also store the student's image ({key}.unrefined.EXT in tars, unrefined_image in "
+                             "Parquet)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                         help="auto: GPUs on a cluster the job joins or a machine with a GPU, else the CPU")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: fp16 on GPUs, fp32 on CPU")
@@ -101,7 +116,8 @@ def common_spec_args(args: argparse.Namespace) -> dict:
         "num_workers", "start_timeout_s", "unit_timeout_s", "lock_lease_s", "allow_pickle", "max_unit_attempts",
         "storage_options", "overwrite", "ray_address", "loras", "merge_finetune", "merge_base", "scores",
         "safety_checker", "clip_model", "controlnet", "controlnet_scale", "control_column", "control_preprocess",
-        "canny_low", "canny_high",
+        "canny_low", "canny_high", "refiner", "refiner_strength", "refiner_steps", "refiner_guidance_scale",
+        "refine_size", "aesthetic_score", "negative_aesthetic_score", "keep_unrefined",
     )
     return {name: getattr(args, name) for name in names}
 

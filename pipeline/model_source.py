@@ -31,6 +31,7 @@ from instaflow.loading import (
     HUB_ID,
     REQUIRED_COMPONENTS,
     WEIGHT_COMPONENTS,
+    XL_COMPONENTS,
     ModelLoadError,
     file_sha256,
     hub_hint,
@@ -53,8 +54,8 @@ class ModelSource:
     kind: str  # "local", "hub" or "url"
     revision: str  # a digest of the files, or the hub commit
     variant: str | None = None  # "fp16": the repo's fp16 weights, downloaded instead of the full ones
-    layout: str = "pipeline"  # "pipeline": a diffusers model folder; "module": one model (a tiny decoder, a
-    # scorer); "file": one weights file (a LoRA)
+    layout: str = "pipeline"  # "pipeline": a diffusers model folder; "xl": an SDXL (refiner) pipeline folder;
+    # "module": one model (a tiny decoder, a scorer, a ControlNet); "file": one weights file (a LoRA)
     files: tuple[tuple[str, str], ...] = ()  # (relative path, sha256) of a local or URL model's files
 
     def identity(self) -> dict:
@@ -180,13 +181,14 @@ def _hub_download(model: str, repo: str, filename: str, **options) -> str:
 
 
 def _check_layout(model: str, files: set[str], layout: str) -> None:
-    """A diffusers model folder has its component folders; a lone module has its config at the top."""
+    """A diffusers model folder has its component folders (an SDXL refiner, layout "xl", its own); a lone module
+    has its config at the top."""
     if layout == "module":
         if "config.json" not in files:
             raise ModelLoadError(f"model {model!r}: not a diffusers model (no config.json)")
         return
     folders = {name.split("/")[0] for name in files if "/" in name}
-    missing = [name for name in REQUIRED_COMPONENTS if name not in folders]
+    missing = [name for name in (XL_COMPONENTS if layout == "xl" else REQUIRED_COMPONENTS) if name not in folders]
     if missing:
         raise ModelLoadError(f"model {model!r}: not a diffusers model folder (missing {', '.join(missing)})")
 
@@ -284,7 +286,7 @@ def _hub_source(model: str, dtype: str, layout: str) -> ModelSource:
         files = {str(p.relative_to(cached)) for p in cached.rglob("*") if p.is_file()}
         revision = cached.name
     _check_layout(model, files, layout)
-    folders = WEIGHT_COMPONENTS if layout == "pipeline" else ("",)
+    folders = {"pipeline": WEIGHT_COMPONENTS, "xl": ("unet", "vae", "text_encoder_2")}.get(layout, ("",))
     has_fp16 = all(any(f.startswith(f"{c}/" if c else "") and f.endswith(".fp16.safetensors") for f in files)
                    for c in folders)
     return ModelSource(model, "hub", revision, "fp16" if dtype == "float16" and has_fp16 else None, layout)

@@ -6,7 +6,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from instaflow.models import MODEL_RECORD, TEACHER_KINDS, student_defaults, teacher_defaults
-from instaflow.sampling import check_inputs
+from instaflow.sampling import MAX_GUIDANCE_SCALE, MAX_SIDE, MAX_STEPS, check_inputs
 from pipeline.plan import SAMPLE_FIELDS
 from pipeline.storage import filesystem, get_bytes, normalize_location, normalize_model
 
@@ -30,8 +30,10 @@ RUN_ONLY_FIELDS = (
 )
 # Where models are named: the job records each by what it is (its source: digest or hub revision), not by name.
 MODEL_NAME_FIELDS = ("tiny_decoder", "loras", "merge_finetune", "merge_base", "safety_checker", "clip_model",
-                     "controlnet")
+                     "controlnet", "refiner")
 CONTROLNET_FIELDS = ("controlnet_scale", "control_column", "control_preprocess", "canny_low", "canny_high")
+REFINER_FIELDS = ("refiner_strength", "refiner_steps", "refiner_guidance_scale", "refine_size", "aesthetic_score",
+                  "negative_aesthetic_score", "keep_unrefined")
 
 
 @dataclass
@@ -61,6 +63,15 @@ class JobSpec:
     control_preprocess: str = "none"  # "canny": OpenCV's edge map of the image; "none": it is the condition
     canny_low: int = 100
     canny_high: int = 200
+    # the SDXL refiner after the student: img2img from its image at refine_size (diffusers' defaults otherwise)
+    refiner: str | None = None
+    refiner_strength: float = 0.3  # as the InstaFlow demo; strength x steps steps run
+    refiner_steps: int = 50
+    refiner_guidance_scale: float = 5.0
+    refine_size: int = 1024  # the refined image's longer side
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    keep_unrefined: bool = False  # also store the student's image
     # teacher, for pairs
     teacher: str | None = None
     teacher_kind: str = "sd"
@@ -121,6 +132,7 @@ class JobSpec:
         self._check_adapters()
         self._check_scores()
         self._check_controlnet()
+        self._check_refiner()
         self._check_choice("output_format", OUTPUT_FORMATS)
         self._check_choice("decoder", DECODERS)
         self.tiny_decoder = normalize_model(self.tiny_decoder)
@@ -200,6 +212,29 @@ class JobSpec:
         if self.canny_low > self.canny_high:
             raise ValueError(f"canny_low ({self.canny_low}) must not be above canny_high ({self.canny_high})")
 
+    def _check_refiner(self) -> None:
+        self.refiner = normalize_model(self.refiner) if self.refiner else None
+        if self.refiner and "images" not in self.tasks:
+            raise ValueError("--refiner refines the student's images: it needs a student --model")
+        if self.keep_unrefined and not self.refiner:
+            raise ValueError("--keep-unrefined keeps the student's image beside the refined one: it needs --refiner")
+        for name in ("refiner_strength", "refiner_guidance_scale", "aesthetic_score", "negative_aesthetic_score"):
+            _check_scale(getattr(self, name), f"--{name.replace('_', '-')}")
+            setattr(self, name, float(getattr(self, name)))
+        if not 0 < self.refiner_strength <= 1:
+            raise ValueError(f"--refiner-strength must be in (0, 1], got {self.refiner_strength!r}")
+        if isinstance(self.refiner_steps, bool) or not isinstance(self.refiner_steps, int) or not \
+                1 <= int(self.refiner_steps * self.refiner_strength) <= self.refiner_steps <= MAX_STEPS:
+            raise ValueError(f"--refiner-steps ({self.refiner_steps!r}) x --refiner-strength "
+                             f"({self.refiner_strength}) must run at least one of at most {MAX_STEPS} steps")
+        if not 0 <= self.refiner_guidance_scale <= MAX_GUIDANCE_SCALE:
+            raise ValueError(f"--refiner-guidance-scale must be between 0 and {MAX_GUIDANCE_SCALE}, got "
+                             f"{self.refiner_guidance_scale!r}")
+        if isinstance(self.refine_size, bool) or not isinstance(self.refine_size, int) or self.refine_size % 8 or \
+                not 8 <= self.refine_size <= MAX_SIDE:
+            raise ValueError(f"--refine-size must be a multiple of 8 between 8 and {MAX_SIDE}, got "
+                             f"{self.refine_size!r}")
+
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         if getattr(self, name) not in choices:
             raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
@@ -236,6 +271,9 @@ class JobSpec:
                 identity.pop(name)
         elif self.control_preprocess != "canny":
             identity.pop("canny_low"), identity.pop("canny_high")
+        if not self.refiner:
+            for name in REFINER_FIELDS:
+                identity.pop(name)
         if "pairs" not in self.tasks:
             for name in ("teacher", "teacher_kind", "teacher_steps", "teacher_guidance_scale", "teacher_images"):
                 identity.pop(name)

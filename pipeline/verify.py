@@ -205,14 +205,21 @@ def _check_tar(shard: str, name: str, data: bytes, rows: list[dict]) -> list[str
             members = {member.name for member in tar.getmembers()}
     except (tarfile.TarError, EOFError) as exc:
         return [f"shard {shard}: {name} does not open as a tar ({exc})"]
-    stems = collections.Counter(member.rsplit(".", 1)[0] for member in members)
+    samples = collections.defaultdict(set)  # key -> its members' suffixes, split as webdataset splits them
+    for member in members:
+        key, _, suffix = member.partition(".")
+        samples[key].add(suffix)
     ok = {row["key"] for row in rows if row["status"] == "ok"}
     problems = []
-    if set(stems) != ok:
-        problems.append(f"shard {shard}: {name} holds samples {len(stems)} but its metadata has {len(ok)} ok rows")
-    incomplete = sorted(stem for stem, count in stems.items() if count != 3)
+    if set(samples) != ok:
+        problems.append(f"shard {shard}: {name} holds samples {len(samples)} but its metadata has {len(ok)} ok rows")
+    layouts = collections.Counter(frozenset(suffixes) for suffixes in samples.values())
+    usual = layouts.most_common(1)[0][0] if layouts else frozenset()
+    incomplete = sorted(key for key, suffixes in samples.items()
+                        if not {"txt", "json"} < suffixes or suffixes != usual)  # an image, text and metadata
     if incomplete:
-        problems.append(f"shard {shard}: {name} has samples without image, text and metadata: {incomplete[:5]}")
+        problems.append(f"shard {shard}: {name} has samples without image, text and metadata (or with other "
+                        f"members than the rest): {incomplete[:5]}")
     return problems
 
 

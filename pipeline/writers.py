@@ -49,7 +49,8 @@ _TEACHER_COLUMNS = {  # column: (key in the teacher dict, type)
 }
 # Every column this module writes; input columns with these names (or those a job's stages add to an output) are
 # carried as input_<name>.
-OUTPUT_COLUMNS = frozenset(METADATA_SCHEMA.names) | set(_TEACHER_COLUMNS) | {"image", "noise", "latent"}
+OUTPUT_COLUMNS = frozenset(METADATA_SCHEMA.names) | set(_TEACHER_COLUMNS) | {"image", "unrefined_image", "noise",
+                                                                            "latent"}
 
 
 def metadata_table(rows: list[dict], extra: pa.Table, added: list[tuple[pa.Field, list]] = ()) -> pa.Table:
@@ -94,8 +95,10 @@ def renamed_apart(extra: pa.Table, reserved: set[str] | frozenset[str]) -> pa.Ta
     return extra.rename_columns(renamed)
 
 
-def webdataset_shard(metadata: pa.Table, images: dict[str, bytes], extension: str) -> dict[str, bytes]:
-    """A tar in img2dataset's layout ({key}.{ext}, .txt, .json per ok sample) and its metadata Parquet."""
+def webdataset_shard(metadata: pa.Table, images: dict[str, bytes], extension: str,
+                     more_images: dict[str, dict[str, bytes]] | None = None) -> dict[str, bytes]:
+    """A tar in img2dataset's layout ({key}.{ext}, .txt, .json per ok sample; each of `more_images` as
+    {key}.{name}.{ext}, e.g. the unrefined image) and its metadata Parquet."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for row in metadata.to_pylist():
@@ -103,6 +106,8 @@ def webdataset_shard(metadata: pa.Table, images: dict[str, bytes], extension: st
                 continue
             key = row["key"]
             _add_member(tar, f"{key}.{extension}", _image_of(images, key))
+            for name, more in (more_images or {}).items():
+                _add_member(tar, f"{key}.{name}.{extension}", _image_of(more, key))
             _add_member(tar, f"{key}.txt", row["prompt"].encode())
             _add_member(tar, f"{key}.json", _standard_json(row).encode())
     return {"tar": buf.getvalue(), "parquet": _parquet_bytes(metadata)}
@@ -138,25 +143,28 @@ def _image_of(images: dict[str, bytes], key: str) -> bytes:
     return images[key]
 
 
-def image_parquet_shard(metadata: pa.Table, images: dict[str, bytes], extension: str) -> bytes:
-    """Metadata plus an `image` column stored the way Hugging Face datasets stores Image features."""
-    return _parquet_bytes(with_image_column(metadata, images, extension))
+def image_parquet_shard(metadata: pa.Table, images: dict[str, bytes], extension: str,
+                        more_images: dict[str, dict[str, bytes]] | None = None) -> bytes:
+    """Metadata plus an `image` column (and a `{name}_image` column for each of `more_images`) stored the way
+    Hugging Face datasets stores Image features."""
+    return _parquet_bytes(with_image_column(metadata, images, extension, more_images))
 
 
-def with_image_column(table: pa.Table, images: dict[str, bytes], extension: str) -> pa.Table:
-    """The table with an `image` column (struct of bytes and path, null for failed rows) and the `huggingface`
-    schema metadata that makes datasets read it as an Image feature; other schema metadata is kept."""
+def with_image_column(table: pa.Table, images: dict[str, bytes], extension: str,
+                      more_images: dict[str, dict[str, bytes]] | None = None) -> pa.Table:
+    """The table with an `image` column (struct of bytes and path, null for failed rows), a `{name}_image` column
+    for each of `more_images`, and the `huggingface` schema metadata that makes datasets read them as Image
+    features; other schema metadata is kept."""
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    image = pa.array(
-        [
-            {"bytes": _image_of(images, key), "path": f"{key}.{extension}"} if status == "ok" else None
-            for key, status in zip(table.column("key").to_pylist(), table.column("status").to_pylist())
-        ],
-        type=image_type,
-    )
-    table = table.append_column("image", image)
+    keys, statuses = table.column("key").to_pylist(), table.column("status").to_pylist()
+    columns = {"image": (images, extension)} | {f"{name}_image": (more, f"{name}.{extension}")
+                                                for name, more in (more_images or {}).items()}
+    for column, (by_key, suffix) in columns.items():
+        values = [{"bytes": _image_of(by_key, key), "path": f"{key}.{suffix}"} if status == "ok" else None
+                  for key, status in zip(keys, statuses)]
+        table = table.append_column(column, pa.array(values, type=image_type))
     features = {f.name: feature for f in table.schema if (feature := _hf_feature(f.type)) is not None}
-    features["image"] = {"_type": "Image"}
+    features |= {column: {"_type": "Image"} for column in columns}
     hf = json.dumps({"info": {"features": features}})  # in column order, which datasets keeps
     return table.replace_schema_metadata({**(table.schema.metadata or {}), b"huggingface": hf.encode()})
 

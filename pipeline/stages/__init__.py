@@ -8,10 +8,12 @@ from pipeline.stages.base import Stage
 from pipeline.stages.controlnet import ControlNetStage
 from pipeline.stages.images import ImagesStage
 from pipeline.stages.pairs import PairsStage
+from pipeline.stages.refiner import RefinerStage
 from pipeline.stages.scores import ScoresStage
 
-# In the order they run on each batch: scores read the images made before them.
-STAGES: tuple[type[Stage], ...] = (ControlNetStage, ImagesStage, PairsStage, ScoresStage)
+# In the order they run on each batch: the refiner refines the student's images, scores read the images made
+# before them.
+STAGES: tuple[type[Stage], ...] = (ControlNetStage, ImagesStage, RefinerStage, PairsStage, ScoresStage)
 
 
 def model_sources(spec) -> dict[str, ModelSource]:

@@ -156,9 +156,10 @@ def metadata_rows(spec, samples: list[Sample], outputs: UnitOutputs, output: str
     ]
 
 
-def collect_encoded(keys: list[str], futures: list[Future], outputs: UnitOutputs, output: str, what: str) -> None:
-    """A batch's encoded images into `output`'s image column; a row whose image did not encode fails there."""
-    images = outputs.column(output, "image")
+def collect_encoded(keys: list[str], futures: list[Future], outputs: UnitOutputs, output: str, what: str,
+                    column: str = "image") -> None:
+    """A batch's encoded images into `output`'s image `column`; a row whose image did not encode fails there."""
+    images = outputs.column(output, column)
     for key, future in zip(keys, futures):
         try:
             images[key] = future.result()

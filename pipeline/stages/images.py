@@ -93,17 +93,26 @@ class ImagesStage(Stage):
     def prepare(self, batch: PromptBatch) -> None:
         self.student.prepare(batch)
 
+    @property
+    def image_column(self) -> str | None:
+        """Where the student's image is stored: `image`; with a refiner, `unrefined_image` if kept, else nowhere
+        (the refiner stage stores its image as `image`)."""
+        if not self.spec.refiner:
+            return "image"
+        return "unrefined_image" if self.spec.keep_unrefined else None
+
     def run(self, batch: PromptBatch, n: int, produced: dict, encode: Encode) -> dict:
         out = self.student.generate(batch)
         produced[self.name] = out.pixels[:n]
-        return {"encodes": encode(HostCopy(out.pixels[:n]), n), "finite": HostCopy(out.finite[:n]),
-                "truncated": out.truncated[:n]}
+        encodes = encode(HostCopy(out.pixels[:n]), n) if self.image_column else []
+        return {"encodes": encodes, "finite": HostCopy(out.finite[:n]), "truncated": out.truncated[:n]}
 
     def collect(self, keys: list[str], result: dict, outputs: UnitOutputs) -> None:
         outputs.truncated[self.name].update(zip(keys, result["truncated"]))
         if self.weights_record:
             outputs.column(self.name, LORA_FIELD.name).update(dict.fromkeys(keys, self.weights_record))
-        collect_encoded(keys, result["encodes"], outputs, self.name, "image")
+        if self.image_column:
+            collect_encoded(keys, result["encodes"], outputs, self.name, "image", self.image_column)
         for key, finite in zip(keys, result["finite"].numpy()):
             if not finite:
                 outputs.fail(self.name, key, NON_FINITE)
@@ -115,11 +124,12 @@ class ImagesStage(Stage):
         metadata = metadata_table(rows, extra, outputs.added_columns(self.name, samples))
         extension = IMAGE_EXTENSIONS[spec.image_format]
         images = outputs.column(self.name, "image")
+        unrefined = {"unrefined": outputs.column(self.name, "unrefined_image")} if spec.keep_unrefined else None
         prefix = f"{spec.image_dir}{shard}"
         if spec.output_format == "webdataset":
-            shard_files = webdataset_shard(metadata, images, extension)
+            shard_files = webdataset_shard(metadata, images, extension, unrefined)
             return {f"{prefix}.tar": shard_files["tar"], f"{prefix}.parquet": shard_files["parquet"]}
-        return {f"{prefix}.parquet": image_parquet_shard(metadata, images, extension)}
+        return {f"{prefix}.parquet": image_parquet_shard(metadata, images, extension, unrefined)}
 
 
 def _changed_weights(spec, sources: dict, cache: ComponentCache, components: Components) -> Components:
