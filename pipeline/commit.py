@@ -348,22 +348,43 @@ class ShardStore:
     def remove_outputs(self) -> None:
         """Delete this engine's shard files, staging and manifest, never other files (for --overwrite).
 
-        Markers and the manifest go first, so an interrupted removal never leaves a marker whose data is gone.
-        The lock stays: the caller holds it while starting over.
+        A commit in reverse, so that a removal cut short leaves no file that a globbing reader sees without the
+        marker that claims it: first each counted shard's files go back to its marker's staging (the marker stays
+        valid, its shard pending as after a crash mid-commit: this project's readers stop showing it, and a re-run
+        of that job would move them in again); then the data files no counted marker claims; then the markers;
+        the manifest last, since the markers count only through its lineage; then the staging. The lock stays:
+        the caller holds it while starting over.
         """
+        try:
+            manifest = read_manifest(self.fs, self.root)
+        except OutputError:  # not a manifest of this tool: no marker counts
+            manifest = None
+        if manifest is not None:
+            scan = self.scan(Fence.from_manifest(manifest))
+            with ThreadPoolExecutor(_READ_THREADS) as pool:
+                list(pool.map(self._unfinish, [*scan.in_place.values(), *scan.pending.values()]))
         doomed = []
         for sub in OUTPUT_DIRS:
             for path in _list(self.fs, _join(self.root, sub)):
                 name = posixpath.basename(path)
                 if _SHARD_FILE.fullmatch(name) or (not sub and _JOB_FILE.fullmatch(name)):
                     doomed.append(path)
-        first = [p for p in doomed if p.endswith((".stats.json", MANIFEST_NAME))]
-        rest = [p for p in doomed if not p.endswith((".stats.json", MANIFEST_NAME))]
-        for batch in (first, rest):
+        markers = [p for p in doomed if ".stats.json" in posixpath.basename(p)]
+        job_files = [p for p in doomed if posixpath.basename(p).startswith("_job.")]
+        data = [p for p in doomed if p not in markers and p not in job_files]
+        for batch in (data, markers, job_files):
             if batch:
                 with_retries(self.fs.rm, batch, what=f"delete {len(batch)} old output files in {self.root}")
         self._remove_staging(STAGING_DIR)
         log.info("removed %d old output files from %s", len(doomed), self.root)
+
+    def _unfinish(self, marker: dict) -> None:
+        """Move a committed shard's files from their place back to its staging: `finish` undone (idempotent)."""
+        for name in sorted(marker["files"]):
+            try:
+                move(self.fs, _join(self.root, name), _join(self.root, f"{marker['staging']}/{name}"))
+            except FileNotFoundError:  # staged already (moved back, or never moved in)
+                pass
 
 
 @dataclass

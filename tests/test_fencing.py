@@ -241,3 +241,57 @@ def test_a_disk_where_flock_is_a_no_op_is_refused(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="flock"):
         check_conditional_writes(fs, str(tmp_path / "out"))
     assert os.listdir(tmp_path / "out") == []
+
+
+def visible_unclaimed(fs, root, fence: Fence, before: set[str]) -> list[str]:
+    """Data files a globbing reader sees that no counted marker (in place or pending) claims, other than those
+    in `before` (files no marker claimed to begin with)."""
+    fs.invalidate_cache()
+    scan = ShardStore(fs, root).scan(fence)
+    claimed = {name for marker in [*scan.in_place.values(), *scan.pending.values()] for name in marker["files"]}
+    visible = {path[len(root) + 1:] for path in fs.find(root) if path.endswith((".tar", ".parquet"))
+               and not path[len(root) + 1:].startswith("_")}
+    return sorted(visible - claimed - before)
+
+
+@pytest.mark.parametrize("cut_after", [*range(12), 100])
+def test_an_overwrite_cut_short_leaves_no_visible_file_unclaimed(output, cut_after, monkeypatch):
+    """--overwrite's removal is a commit in reverse: killed after any number of its moves and deletes, every
+    shard file still visible is claimed by its marker, the project's readers show only whole shards, and the next
+    removal (or a re-run of the old job) finishes the job."""
+    fs, root = output
+    lock, fence = old_run(fs, root)
+    write_job(fs, root, fence)
+    store = ShardStore(fs, root)
+    for unit_id in range(3):
+        store.commit(unit_id, {f"{unit_id:05d}.tar": b"t" * (unit_id + 1), f"{unit_id:05d}.parquet": b"p"}, {}, fence)
+    put_atomic(fs, f"{root}/00009.tar", b"an orphan no marker claims")
+    steps = {"n": 0}
+
+    def counted(real):
+        def step(*args, **kwargs):
+            if steps["n"] >= cut_after:
+                raise KeyboardInterrupt("killed")
+            steps["n"] += 1
+            return real(*args, **kwargs)
+        return step
+
+    monkeypatch.setattr(commit, "move", counted(commit.move))
+    monkeypatch.setattr(commit, "with_retries", counted(commit.with_retries))
+    try:
+        ShardStore(fs, root).remove_outputs()
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    assert visible_unclaimed(fs, root, fence, {"00009.tar"}) == []
+    for unit_id, marker in committed_shards(fs, root).items() if fs.exists(f"{root}/_job.json") else ():
+        for name in marker["files"]:
+            assert fs.exists(f"{root}/{name}"), (unit_id, name)
+    markers_left = [u for u in range(3) if fs.exists(f"{root}/{u:05d}.stats.json")]
+    if len(markers_left) == 3 and fs.exists(f"{root}/_job.json"):  # the removal had not reached the markers:
+        assert ShardStore(fs, root).recover(ShardStore(fs, root).committed(fence))[1] == []  # the old job, re-run,
+        assert sorted(committed_shards(fs, root)) == [0, 1, 2]  # moves its shards in again
+    ShardStore(fs, root).remove_outputs()
+    fs.invalidate_cache()
+    assert sorted(p[len(root) + 1:] for p in fs.find(root)) == ["_job.lock"]
+    lock.release()
