@@ -16,7 +16,8 @@ Parts:
   (this machine's count), and the host CPU per image beyond the encode itself (worker, driver, Ray, S3 server);
   "jpeg eager + scores" adds --scores nsfw,clip, whose scorers are stand-ins too (a fixed device time per image,
   SCORE_S), while their host work is the engine's own: CLIP's tokens, the safety checker's decision per row,
-  the score columns;
+  the score columns; "jpeg eager + refiner" adds --refiner at twice the image's side, whose refiner is a stand-in
+  too (REFINE_S per image, refined pixels from a bank of that size) after the engine's own host work (its tokens);
 - cores: PNG with one worker whose device takes 1 ms per image, so the encoders are the limit, with 1 and 2
   CPUs per worker, over the rate of one thread encoding the same images. Beside each, what as many threads
   and as many processes encode outside the engine just before: the machine is shared, and these say how much
@@ -60,7 +61,9 @@ from pipeline.job import run_job  # noqa: E402
 from pipeline.spec import JobSpec  # noqa: E402
 from pipeline.stages.images import ImagesStage  # noqa: E402
 from pipeline.stages.pairs import PairsStage  # noqa: E402
+from pipeline.stages.refiner import RefinerStage  # noqa: E402
 from pipeline.stages.scores import ScoresStage  # noqa: E402
+from instaflow.refiner import Refiner, RefinerOutput, RefinerSettings, refined_size  # noqa: E402
 from instaflow.scores import ClipScorer, SafetyScorer  # noqa: E402
 from pipeline.worker import ShardWorker  # noqa: E402
 from pipeline.writers import encode_image  # noqa: E402
@@ -98,6 +101,7 @@ class SimulatedDevice:
     image_s: float = H200_EAGER_IMAGE_S
     pair_s: float = H200_PAIR_S
     score_s: float = 0.0  # each scorer, per image
+    refine_s: float = 0.0  # the refiner, per image
 
 
 class StandIn:
@@ -174,6 +178,26 @@ class SimulatedClip(ClipScorer):
         return scores
 
 
+class SimulatedRefiner(Refiner):
+    """The SDXL refiner on the simulated device: the real host work (tokens for its tokenizer, in prepare), then
+    refined pixels of the refine size from a bank, after a fixed time per image; nothing goes to the host."""
+
+    def __init__(self, tokenizer, size: int, seconds_per_image: float, count_cpu):
+        components = SimpleNamespace(tokenizers=[tokenizer], device=torch.device("cpu"))
+        self.components, self.settings, self.size = components, RefinerSettings(), size
+        self.seconds_per_image, self.count_cpu = seconds_per_image, count_cpu
+        self.bank: torch.Tensor | None = None
+
+    def refine(self, pixels: torch.Tensor, batch, seeds: list[int]) -> RefinerOutput:
+        started, cpu_started = time.perf_counter(), time.thread_time()
+        n = len(pixels)
+        if self.bank is None:
+            self.bank = torch.from_numpy(image_bank(*refined_size(*pixels.shape[1:3], self.size)))
+        refined = self.bank.index_select(0, torch.tensor([seed % len(self.bank) for seed in seeds[:n]]))
+        _hold(self.count_cpu, n * self.seconds_per_image, started, cpu_started)
+        return RefinerOutput(refined, torch.ones(n, dtype=torch.bool))
+
+
 def _hold(count_cpu, seconds: float, started: float, cpu_started: float) -> None:
     """Holds the device for the rest of `seconds`; the CPU spent making the outputs is counted apart."""
     count_cpu("stand_in_s", time.thread_time() - cpu_started)
@@ -240,6 +264,9 @@ class SimulatedWorker(ShardWorker):
         if "pairs" in spec.tasks:
             stages.append(PairsStage(spec, SimulatedTeacher(components, *size, spec.teacher_guidance_scale,
                                                             self.device.pair_s, self._count)))
+        if spec.refiner:
+            stages.append(RefinerStage(spec, SimulatedRefiner(components.tokenizer, spec.refine_size,
+                                                               self.device.refine_s, self._count), "sdxl-refiner"))
         if spec.scores:
             stages.append(ScoresStage(
                 spec, SimulatedSafety(self.device.score_s, self._count) if "nsfw" in spec.scores else None,
@@ -284,7 +311,8 @@ def simulated_job(spec: JobSpec, device: SimulatedDevice) -> dict:
         raise RuntimeError(f"the simulated job did not complete: {progress.summary()}")
     pool = pools[0]
     seconds_per_sample = (device.image_s if "images" in spec.tasks else 0) + (
-        device.pair_s if "pairs" in spec.tasks else 0) + len(spec.scores) * device.score_s
+        device.pair_s if "pairs" in spec.tasks else 0) + len(spec.scores) * device.score_s + (
+        device.refine_s if spec.refiner else 0)
     limit = pool.num_workers / seconds_per_sample if seconds_per_sample else None  # None: no device time
     steady = pool.steady_rate()
     samples = progress.total_samples
@@ -359,16 +387,19 @@ class Setting:
     small_rows_per_shard: int
     encode_seconds: float
     score_s: float  # each scorer's device time per image (not measured on a GPU yet: a stated stand-in)
-    feed_runs: tuple[str, ...] = ("jpeg eager", "jpeg compiled", "png eager", "pairs", "jpeg eager + scores")
+    refine_s: float  # the refiner's device time per image (a stated stand-in too)
+    feed_runs: tuple[str, ...] = ("jpeg eager", "jpeg compiled", "png eager", "pairs", "jpeg eager + scores",
+                                  "jpeg eager + refiner")
     cores_cpus: tuple[int, ...] = (1, 2)
 
 
 FULL = Setting(size=512, image_s=H200_EAGER_IMAGE_S, compiled_image_s=H200_COMPILED_IMAGE_S, pair_s=H200_PAIR_S,
                fast_image_s=0.001, units=16, batch=32, rows_per_shard=128, small_batch=16, small_rows_per_shard=32,
-               encode_seconds=5.0, score_s=0.002)
+               encode_seconds=5.0, score_s=0.002, refine_s=0.1)
 QUICK = Setting(size=64, image_s=0.002, compiled_image_s=0.001, pair_s=0.004, fast_image_s=0.0005, units=4, batch=4,
                 rows_per_shard=8, small_batch=4, small_rows_per_shard=8, encode_seconds=0.3, score_s=0.0005,
-                feed_runs=("jpeg eager", "jpeg eager + scores"), cores_cpus=(2,))
+                refine_s=0.002, feed_runs=("jpeg eager", "jpeg eager + scores", "jpeg eager + refiner"),
+                cores_cpus=(2,))
 
 
 class Bench:
@@ -379,10 +410,12 @@ class Bench:
         self.s3, self.fs, self.setting, self.figures = s3, s3.fs(), setting, figures
         self.model_dir = models["instaflow"]
         self.scorers = {"safety_checker": str(models["safety_checker"]), "clip_model": str(models["clip"])}
+        self.refiner = str(models["sdxl-refiner"])
         self.runs = 0
 
     def spec(self, tasks: tuple[str, ...], image_format: str, batch: int, rows_per_shard: int,
-             cpus_per_worker: float, num_workers: int = 1, scores: tuple[str, ...] = ()) -> JobSpec:
+             cpus_per_worker: float, num_workers: int = 1, scores: tuple[str, ...] = (),
+             refine: bool = False) -> JobSpec:
         """A job over fresh prompts in S3 (the setting's number of units) to a fresh S3 output."""
         self.runs += 1
         units = self.setting.units
@@ -396,7 +429,7 @@ class Bench:
                        width=self.setting.size, batch_size=batch, rows_per_shard=rows_per_shard,
                        image_format=image_format, dtype="float32", num_workers=num_workers,
                        cpus_per_worker=cpus_per_worker, storage_options=self.s3.storage_options, scores=scores,
-                       **self.scorers)
+                       refiner=self.refiner if refine else None, refine_size=2 * self.setting.size, **self.scorers)
 
 
 def part_feed(bench: Bench) -> None:
@@ -408,15 +441,17 @@ def part_feed(bench: Bench) -> None:
         "png eager": (("images",), "png", SimulatedDevice(image_s=s.image_s), ()),
         "pairs": (("pairs",), "jpeg", SimulatedDevice(pair_s=s.pair_s), ()),
         "jpeg eager + scores": (("images",), "jpeg", SimulatedDevice(image_s=s.image_s, score_s=s.score_s), scores),
+        "jpeg eager + refiner": (("images",), "jpeg", SimulatedDevice(image_s=s.image_s, refine_s=s.refine_s), ()),
     }
     for name in s.feed_runs:
         tasks, image_format, device, scored = runs[name]
-        pairs = tasks == ("pairs",)
-        small = pairs or image_format == "png"  # slower per sample: smaller units, as many of them
+        pairs, refine = tasks == ("pairs",), device.refine_s > 0
+        small = pairs or image_format == "png" or refine  # slower per sample: smaller units, as many of them
         spec = bench.spec(tasks, image_format, s.small_batch if small else s.batch,
-                          s.small_rows_per_shard if small else s.rows_per_shard, cpus_per_worker=2, scores=scored)
+                          s.small_rows_per_shard if small else s.rows_per_shard, cpus_per_worker=2, scores=scored,
+                          refine=refine)
         result = simulated_job(spec, device)
-        device_s = device.pair_s if pairs else device.image_s + len(scored) * device.score_s
+        device_s = device.pair_s if pairs else device.image_s + len(scored) * device.score_s + device.refine_s
         figures.add(f"feed: {name}", size=s.size, device_ms_per_sample=1000 * device_s, batch=spec.batch_size,
                     rows_per_shard=spec.rows_per_shard, cpus_per_worker=2, scores=",".join(scored), **result)
 

@@ -36,6 +36,8 @@ def test_simulated_device(shared_ray, tmp_path):
     scored = rows["feed: jpeg eager + scores"]  # the scores stage on stand-in scorers: every image scored, none lost
     assert scored["scores"] == "nsfw,clip" and scored["samples"] == scored["images_encoded"] == images["samples"]
     assert 0 < scored["samples"] / scored["job_wall_s"] <= scored["limit_per_s"] < images["limit_per_s"]
+    refined = rows["feed: jpeg eager + refiner"]  # the refiner stage on a stand-in: every refined image stored
+    assert refined["samples"] == refined["images_encoded"] == images["samples"]
     cores = rows["cores: png, one worker, 2 cpus_per_worker"]
     assert cores["encode_threads"] == 2 and cores["images_encoded"] == cores["samples"]
     assert cores["threads_2_encode_per_s"] > 0 and cores["processes_2_encode_per_s"] > 0
