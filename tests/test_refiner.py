@@ -99,7 +99,7 @@ def prompts(tmp_path_factory):
 def test_a_job_stores_the_refined_image_and_keeps_the_students(ray_gpus, tiny_models, prompts, tmp_path, capsys):
     job = ["run", "generate", "--prompts", str(prompts), "--model", str(tiny_models["instaflow"]), "--height", "64",
            "--width", "64", "--dtype", "float32", "--image-format", "png", "--rows-per-shard", "3",
-           "--no-progress"]
+           "--num-workers", "1", "--no-progress"]
     refine = ["--refiner", str(tiny_models["sdxl-refiner"]), "--refine-size", "96", "--refiner-steps", "10"]
     assert main([*job, "--output", str(tmp_path / "plain")]) == 0
     assert main([*job, "--output", str(tmp_path / "refined"), *refine, "--keep-unrefined"]) == 0

@@ -21,7 +21,8 @@ from jobs.main import main
 from pipeline.manifest import read_manifest
 from tests.jobhelpers import prompt_table, tar_members
 
-SIZE = ["--height", "64", "--width", "64", "--dtype", "float32", "--image-format", "png"]
+# One worker a job: each job here starts its own, and four of them would load the models four times over.
+SIZE = ["--height", "64", "--width", "64", "--dtype", "float32", "--image-format", "png", "--num-workers", "1"]
 NUM_PROMPTS = 12
 CLIP_SCORE_TOLERANCE = 0.5  # device preprocessing against PIL's (test_scores.py); PNG keeps the pixels exact
 NSFW_SCORE_TOLERANCE = 0.02
@@ -41,7 +42,11 @@ def run(ray_gpus, tiny_models, prompts, tmp_path_factory):
     """run(job, *flags) -> the output folder: a job on the tiny models that must exit 0."""
     outputs = tmp_path_factory.mktemp("outputs")
 
+    finished = {}  # a job that ran to the end, by its command line: tests that need the same job share it
+
     def run_job(job: str, *flags: str, status: int = 0, inputs=prompts):
+        if status == 0 and (job, flags, str(inputs)) in finished:
+            return finished[job, flags, str(inputs)]
         output = outputs / f"out-{len(list(outputs.iterdir()))}"
         model = ["--model", str(tiny_models["instaflow"])]
         if job == "reflow-pairs":
@@ -50,6 +55,8 @@ def run(ray_gpus, tiny_models, prompts, tmp_path_factory):
         flags = [flag for flag in flags if flag != "--no-student"]
         assert main(["run", job, "--prompts", str(inputs), "--output", str(output), *model, *SIZE,
                      "--rows-per-shard", "6", "--batch-size", "4", "--no-progress", *flags]) == status
+        if status == 0:
+            finished[job, tuple(flags), str(inputs)] = output
         return output
 
     return run_job
@@ -170,10 +177,15 @@ def reference_scores(tiny_models, rows: list[dict], images: dict[str, bytes]) ->
     return {key: (largest[i], has_nsfw[i], float(clip_score[i])) for i, key in enumerate(keys)}
 
 
+def scored(tiny_models) -> list[str]:
+    return ["--scores", "nsfw,clip", "--safety-checker", str(tiny_models["safety_checker"]), "--clip-model",
+            str(tiny_models["clip"])]
+
+
 def test_scores_equal_the_reference_models_on_the_stored_images(run, tiny_models):
     scorers = ["--safety-checker", str(tiny_models["safety_checker"]), "--clip-model", str(tiny_models["clip"])]
     plain_rows, plain_images = image_rows(run("generate"))
-    rows, images = image_rows(run("generate", "--scores", "clip,nsfw", *scorers))
+    rows, images = image_rows(run("generate", *scored(tiny_models)))
     assert images == plain_images  # scoring changes no image
     assert {row["key"] for row in rows} == {row["key"] for row in plain_rows}
     expected = reference_scores(tiny_models, rows, images)
@@ -205,18 +217,17 @@ def test_scores_in_the_readers(run, tiny_models, ray_gpus):
     import ray.data
     import webdataset as wds
 
-    scorers = ["--scores", "nsfw,clip", "--safety-checker", str(tiny_models["safety_checker"]), "--clip-model",
-               str(tiny_models["clip"]), "--lora", str(tiny_models["lora-kohya"])]
-    parquet_output = run("generate", "--format", "parquet", *scorers)
+    parquet_output = run("generate", "--format", "parquet", *scored(tiny_models), "--lora",
+                         str(tiny_models["lora-kohya"]))
     loaded = datasets.load_dataset("parquet", data_files=str(parquet_output / "*.parquet"), split="train")
     assert {"nsfw_score", "nsfw", "clip_score", "lora"} <= set(loaded.column_names)
     assert loaded.features["nsfw"].dtype == "bool" and loaded.features["clip_score"].dtype == "float32"
 
-    tar_output = run("generate", *scorers)
+    tar_output = run("generate", *scored(tiny_models))
     sample = next(iter(wds.WebDataset(str(sorted(tar_output.glob("*.tar"))[0]), shardshuffle=False)))
     metadata = json.loads(sample["json"])
     assert isinstance(metadata["clip_score"], float) and isinstance(metadata["nsfw"], bool)
-    assert json.loads(metadata["lora"])[0]["name"] == "lora-kohya.safetensors"
+    assert json.loads(loaded[0]["lora"])[0]["name"] == "lora-kohya.safetensors"
 
     rows = ray.data.read_parquet(str(parquet_output), file_extensions=["parquet"]).take_all()
     assert len(rows) == NUM_PROMPTS and all("clip_score" in row for row in rows)
@@ -225,8 +236,7 @@ def test_scores_in_the_readers(run, tiny_models, ray_gpus):
 def test_preview_shows_scores_where_a_job_made_them(run, tiny_models, tmp_path, capsys):
     from jobs.preview import read_samples, score_line
 
-    output = run("generate", "--scores", "nsfw,clip", "--safety-checker", str(tiny_models["safety_checker"]),
-                 "--clip-model", str(tiny_models["clip"]))
+    output = run("generate", *scored(tiny_models))
     rows = {row["key"]: row for row in image_rows(output)[0]}
     _, samples, _ = read_samples(str(output), 4)
     for sample in samples:
