@@ -60,7 +60,8 @@ def run_on_cluster(num_gpus: int, spec: JobSpec, device: SimulatedDevice, workdi
         cluster_start_s = time.perf_counter() - started
         pools: list = []
         with CpuMeter() as meter:
-            progress = run_job(spec, make_pool=timed_pools(pools, SimulatedWorker, device, all_ready_first=True), show_progress=False)
+            make_pool = timed_pools(pools, SimulatedWorker, device, all_ready_first=True)
+            progress = run_job(spec, make_pool=make_pool, show_progress=False)
         if not progress.complete:
             raise RuntimeError(f"the job on {num_gpus} GPUs did not complete: {progress.summary()}")
         node_ids = {stats["worker"]["node_id"] for stats in _markers(spec.output)}

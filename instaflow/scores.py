@@ -139,8 +139,9 @@ class ClipScorer:
         model, n = self.model, len(pixels)
         device = pixels.device
         image = _features(model.get_image_features(pixel_values=self.preprocess(pixels).to(model.dtype)))
-        text = _features(model.get_text_features(input_ids=tokens.input_ids[:n].to(device, non_blocking=True),
-                                                 attention_mask=tokens.attention_mask[:n].to(device, non_blocking=True)))
+        input_ids = tokens.input_ids[:n].to(device, non_blocking=True)
+        attention_mask = tokens.attention_mask[:n].to(device, non_blocking=True)
+        text = _features(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
         image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
         return (100 * (image * text).sum(dim=-1)).clamp(min=0)
 

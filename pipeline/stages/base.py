@@ -1,9 +1,10 @@
 """What a stage is, and what a unit's stages collect: the worker runs a list of stages, knowing none of them.
 
 A stage owns its models (pinned on the driver by `sources`, which also gives its part of the job's identity;
-checked there by `check`; loaded once per worker by `load`), its host work before the device lock (`prepare`),
-its device work per batch (`run`), its collection once copies and encodes are done (`collect`), the metadata
-columns it adds, and the files it writes. A stage that writes rows and files of its own is an output ("images", "pairs"); others add columns to
+checked there by `check`; loaded once per worker by `load`), the input columns it reads per row and its host work
+on them (`prepare_rows`), its host work before the device lock (`prepare`), its device work per batch (`run`), its
+collection once copies and encodes are done (`collect`), the metadata columns it adds, and the files it writes. A
+stage that writes rows and files of its own is an output ("images", "pairs"); others add columns to
 those outputs (scores). Stages run in order within a batch, and a later stage reads an earlier one's device
 tensors from `produced` (scores read the student's images before they are copied to the host).
 """

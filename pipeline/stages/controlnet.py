@@ -98,7 +98,8 @@ class ControlNetStage(Stage):
                 raise ControlImageError("empty")
             return value
         if not isinstance(value, str) or not value:
-            raise ControlImageError("missing" if value is None else f"not image bytes or a path ({type(value).__name__})")
+            kind = type(value).__name__
+            raise ControlImageError("missing" if value is None else f"not image bytes or a path ({kind})")
         if "://" in value:
             fs, path = filesystem(value, self.spec.storage_options)
         else:
@@ -116,7 +117,8 @@ class ControlNetStage(Stage):
                 image = opened.convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise ControlImageError(f"cannot be decoded ({type(exc).__name__}: {exc})") from None
-        if abs(image.width / image.height - spec.width / spec.height) > MAX_ASPECT_DIFFERENCE * spec.width / spec.height:
+        aspect = spec.width / spec.height
+        if abs(image.width / image.height - aspect) > MAX_ASPECT_DIFFERENCE * aspect:
             raise ControlImageError(f"{image.width}x{image.height} has another aspect ratio than the job's "
                                     f"{spec.width}x{spec.height}")
         if image.size != (spec.width, spec.height):
