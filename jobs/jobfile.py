@@ -123,7 +123,7 @@ def parse_job(prog: str, argv: list[str], add_options: Callable[[argparse.Argume
 
     Raises JobFileError for a bad job file; bad flags exit with status 2, as argparse does.
     """
-    name, rest = _split_job_name(argv)
+    name, rest = _split_job_name(argv, add_options)
     config = _config_path(prog, rest)
     values = read_job_file(config) if config else {}
     file_job = values.pop("job", None)
@@ -195,13 +195,25 @@ def _parse_yaml(path: str, text: str) -> Any:
         raise JobFileError(f"job file {path}: nested too deeply") from None
 
 
-def _split_job_name(argv: list[str]) -> tuple[str | None, list[str]]:
-    if not argv or argv[0].startswith("-"):
+def _split_job_name(argv: list[str], add_options: Callable[[argparse.ArgumentParser], None]) -> \
+        tuple[str | None, list[str]]:
+    """The job name, if any, and the rest. It is the first word that is not an option: the command's own options
+    (`submit --address URL --wait`) may come before it or after it, as may the job's flags."""
+    command = Parser(add_help=False)
+    add_options(command)
+    takes_value = {flag: action.nargs != 0 for action in command._actions for flag in action.option_strings}
+    position = 0
+    while position < len(argv) and argv[position].startswith("-"):
+        flag, equals, _ = argv[position].partition("=")
+        if flag not in takes_value:  # a job flag: the job name comes before those
+            return None, argv
+        position += 2 if takes_value[flag] and not equals else 1
+    if position >= len(argv):
         return None, argv
-    name = argv[0].replace("_", "-")
+    name = argv[position].replace("_", "-")
     if name not in JOBS:
-        raise JobFileError(f"unknown job {shown(argv[0])}: choose {' or '.join(JOBS)}")
-    return name, argv[1:]
+        raise JobFileError(f"unknown job {shown(argv[position])}: choose {' or '.join(JOBS)}")
+    return name, argv[:position] + argv[position + 1:]
 
 
 def _config_path(prog: str, argv: list[str]) -> str | None:

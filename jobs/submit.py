@@ -17,7 +17,7 @@ from pathlib import Path
 from jobs.jobfile import Job, parse_job
 from jobs.main import DefaultsShown
 from jobs.ray_jobs import add_address, connect, follow, jobs_api
-from pipeline.spec import JobSpec
+from pipeline.spec import JobSpec, split_scale
 from pipeline.storage import redact_text, secret_fields
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,11 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WORKING_DIR_EXCLUDES = ["/.venv/", "/out/", "/.git/", "/.cache/", "/build/", "/dist/",
                         "__pycache__/", ".pytest_cache/", "*.egg-info/"]
 LOCAL_PATH_FLAGS = ("prompts", "output")  # paths unless they are URLs
-MODEL_FLAGS = ("model", "teacher")  # local folders if they exist here, else hub ids
+# Local folders or files if they exist here, else hub ids or URLs; those with :SCALE may end with one.
+MODEL_FLAGS = ("model", "teacher", "tiny_decoder", "merge_base", "safety_checker", "clip_model", "controlnet",
+               "refiner")
+SCALED_MODEL_FLAGS = ("merge_finetune",)
+REPEATED_MODEL_FLAGS = ("loras",)  # a list of SRC[:SCALE]
 
 CREDENTIALS_HELP = """\
 Credentials never travel with a submitted job: a Ray cluster stores each job's entrypoint and runtime
@@ -54,15 +58,17 @@ class SubmitError(ValueError):
     """A job or an address that cannot be sent to a cluster; nothing was submitted."""
 
 
-def submit_command(argv: list[str], prog: str) -> int:
-    def add_options(parser: argparse.ArgumentParser) -> None:
-        add_address(parser)
-        parser.add_argument("--wait", action="store_true",
-                            help="follow the logs to the end and exit with the job's own exit status")
-        parser.formatter_class = _HelpWithCredentials
-        parser.epilog = CREDENTIALS_HELP
+def submit_options(parser: argparse.ArgumentParser) -> None:
+    """submit's own options, beside the job's flags (before or after the job name)."""
+    add_address(parser)
+    parser.add_argument("--wait", action="store_true",
+                        help="follow the logs to the end and exit with the job's own exit status")
+    parser.formatter_class = _HelpWithCredentials
+    parser.epilog = CREDENTIALS_HELP
 
-    job = parse_job(prog, argv, add_options)
+
+def submit_command(argv: list[str], prog: str) -> int:
+    job = parse_job(prog, argv, submit_options)
     entrypoint = job_entrypoint(job)
     with jobs_api():
         client = connect(job.args.address)
@@ -88,10 +94,12 @@ def job_entrypoint(job: Job) -> str:
         value = getattr(job.args, name)
         if "://" not in value:
             setattr(job.args, name, _absolute(value))
-    for name in MODEL_FLAGS:
+    for name in (*MODEL_FLAGS, *SCALED_MODEL_FLAGS):
         value = getattr(job.args, name, None)
-        if value and Path(value).expanduser().exists():
-            setattr(job.args, name, str(Path(value).expanduser().resolve()))
+        if value:
+            setattr(job.args, name, _resolved_model(value, scaled=name in SCALED_MODEL_FLAGS))
+    for name in REPEATED_MODEL_FLAGS:
+        setattr(job.args, name, [_resolved_model(value, scaled=True) for value in getattr(job.args, name, [])])
     options = job.args.storage_options
     if isinstance(options, str):  # @FILE: a file on the nodes; relative to where the command runs, as other paths
         job.args.storage_options = "@" + _absolute(options[1:])
@@ -101,6 +109,15 @@ def job_entrypoint(job: Job) -> str:
     if redact_text(entrypoint) != entrypoint:  # in any other flag: by pattern, or a secret variable's value
         raise SubmitError(f"refusing to submit secrets (in {redact_text(entrypoint)}): {SECRETS_HINT}")
     return entrypoint
+
+
+def _resolved_model(value: str, scaled: bool) -> str:
+    """A model, file or adapter given as a local path here, made absolute (its :SCALE kept); others as given."""
+    source, scale = split_scale(value, "model", default=None) if scaled else (value, None)
+    if not Path(source).expanduser().exists():
+        return value
+    resolved = str(Path(source).expanduser().resolve())
+    return resolved if scale is None else f"{resolved}:{value.rpartition(':')[2]}"
 
 
 def _absolute(path: str) -> str:

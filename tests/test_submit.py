@@ -219,3 +219,29 @@ def test_missing_address_is_a_clear_error(monkeypatch, capsys):
     assert main(["status", "raysubmit_x"]) == 2
     assert "no cluster address: pass --address" in capsys.readouterr().err
     assert os.environ.get("RAY_ADDRESS") is None
+
+
+def test_the_commands_options_go_before_or_after_the_job_name(tiny_models, tmp_path, monkeypatch):
+    """`submit --address URL --wait generate ...` as the README's usage line has it, and every other order; the
+    job's local models, adapters and ControlNets travel as absolute paths, a scale kept."""
+    from jobs.jobfile import parse_job
+    from jobs.submit import job_entrypoint, submit_options
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").symlink_to(tiny_models["instaflow"].parent)
+    flags = ["--prompts", "s3://b/p/", "--output", "s3://b/o/", "--model", "models/instaflow", "--lora",
+             "models/lora-kohya.safetensors:0.5", "--lora", "org/repo/style.safetensors", "--controlnet",
+             "models/controlnet", "--merge-finetune", "models/finetune:0.8"]
+    address = "http://127.0.0.1:8265"
+    for argv in (["--address", address, "--wait", "generate", *flags], [f"--address={address}", "generate", *flags],
+                 ["generate", "--wait", *flags, "--address", address], ["--wait", *flags, "--address", address]):
+        job = parse_job("instaflow-batch submit", argv, submit_options)
+        assert job.name == "generate" and job.args.address == address, argv
+        assert job.args.wait == ("--wait" in argv)
+    entrypoint = job_entrypoint(job)
+    models = tiny_models["instaflow"].parent.resolve()
+    assert f"--lora {models}/lora-kohya.safetensors:0.5" in entrypoint
+    assert "--lora org/repo/style.safetensors" in entrypoint  # a hub file stays as it is
+    assert f"--controlnet {models}/controlnet" in entrypoint and f"--merge-finetune {models}/finetune:0.8" in entrypoint
+    with pytest.raises(Exception, match="unknown job"):
+        parse_job("instaflow-batch submit", ["--address", address, "generat", *flags], submit_options)
