@@ -62,6 +62,8 @@ COMMANDS = (
     Command("stop", "stop a submitted job", "jobs.ray_jobs:stop_command"),
     Command("verify", "check that an output is complete and intact, without trusting the writer", "jobs.verify:verify_command"),
     Command("preview", "a contact sheet of an output's images (or decoded pairs)", "jobs.preview:main"),
+    Command("report", "one self-contained HTML page about an output: settings, verdict, shards, gallery",
+            "jobs.report:main"),
     Command("train", "train on reflow pairs with Ray Train: reflow, or one-step distillation", "jobs.train_reflow:main"),
     Command("straightness", "measure a model or each checkpoint of a training run on held-out pairs",
             "jobs.straightness:main"),

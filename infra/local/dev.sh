@@ -10,6 +10,15 @@ python=${PYTHON:-python3}
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install --quiet torch==2.13.0
 .venv/bin/pip install --quiet -e '.[test]'
 
+# The browser test of `instaflow-batch report` runs Debian's Chromium: installed for `test` where apt-get can.
+if [ "${1:-}" = test ] && ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "note: the report's browser test needs Chromium (Debian: apt-get install chromium)" >&2
+  fi
+fi
+
 # Local servers and Ray listen on 127.0.0.1 only; no model hub is ever needed.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled
 case "${1:-}" in
