@@ -13,6 +13,7 @@ from jobs.main import Parser
 from jobs.options import check_output_folder, json_object, storage_options_flag
 from pipeline.job import run_job
 from pipeline.progress import JobProgress
+from pipeline.storage import redact_text
 from pipeline.spec import CLIP_MODEL, CONTROL_PREPROCESS, DECODERS, DEVICE_CHOICES, IMAGE_FORMATS, OUTPUT_FORMATS, \
     SAFETY_CHECKER, SD15, TAESD, JobSpec
 
@@ -136,7 +137,18 @@ def run(spec_args: dict, show_progress: bool = True) -> int:
     check_output_folder(spec.output, spec.storage_options)
     progress = run_job(spec, show_progress=show_progress)
     print(progress.table())
+    print(where_to_look(spec.output))
     return exit_status(progress)
+
+
+def where_to_look(output: str) -> str:
+    """Where the job's outputs, its report and its metrics are: the last lines of a job's log."""
+    shown_output = redact_text(output)
+    return "\n".join([
+        f"outputs      {shown_output}",
+        f"report       instaflow-batch report {shown_output} --out report.html",
+        "metrics      ray_instaflow_* on each Ray node's metrics endpoint; dashboard: infra/grafana/instaflow.json",
+    ])
 
 
 def exit_status(progress: JobProgress) -> int:

@@ -21,6 +21,7 @@ from pipeline.commit import Fence, ShardStore
 from pipeline.deadline import call_within, plan_timeout_s
 from pipeline.lock import LeaseKeeper, OutputLock, OutputLostError
 from pipeline.manifest import ManifestWriter, check_compatible, identity_digest, job_manifest, read_manifest
+from pipeline.metrics import JobMetrics
 from pipeline.model_source import ModelSource, job_identity
 from pipeline.plan import check_input_columns, check_output_location, input_fingerprint, list_input_files, plan_units
 from pipeline.pool import ActorPool, PoolLimits, UnitResult, ray_worker_factory, withdraw_resource_request
@@ -211,6 +212,11 @@ def _run_locked(spec, make_pool, units, inputs, identity, sources, keeper: Lease
 
     heartbeat = Heartbeat(keeper, interval_s=keeper.lock.refresh_interval_s)
     pool = make_pool(spec, sources, fence, len(todo))
+    metrics = JobMetrics(spec.output)  # once Ray is up (the pool started it): it exports them
+    pool.events, keeper.on_renewed = metrics, metrics.lock_renewed
+    if keeper.lock.took_over:
+        metrics.lock_taken_over()
+    metrics.progress(progress)
     try:
         pool.wait_until_ready(on_idle=heartbeat)  # a bad model or no capacity: nothing written yet
         keeper.check()
@@ -224,12 +230,18 @@ def _run_locked(spec, make_pool, units, inputs, identity, sources, keeper: Lease
 
         def on_result(result: UnitResult) -> None:
             progress.record(result)
+            metrics.unit_done(result.stats, progress)
             if result.error is not None:
                 logger.error("shard %s failed after %d tries: %s", result.unit.shard, spec.max_unit_attempts,
                              redact_text(result.error))
 
         progress.start_bar(show_progress)
-        pool.run(todo, on_result, heartbeat)
+
+        def on_idle() -> None:
+            heartbeat()
+            progress.log_line()
+
+        pool.run(todo, on_result, on_idle)
         keeper.check()
         _audit(store, fence, todo, progress)
     finally:

@@ -107,6 +107,7 @@ class OutputLock:
         )
         self._version: str | None = None
         self._writing = threading.Lock()  # the lease keeper's thread and the driver's both write it
+        self.took_over = False  # acquired from a job that had stopped renewing it (the job's metrics count it)
 
     @property
     def token(self) -> str:
@@ -143,6 +144,7 @@ class OutputLock:
                             f"has not renewed it for {held.lease_s:.0f}s")
             try:
                 self._version = self.store.replace(self.path, self.record.to_bytes(), version)
+                self.took_over = held.state != "released"
                 return
             except PreconditionFailed:
                 continue  # another starter changed it first; judge again what is there now
@@ -237,6 +239,7 @@ class LeaseKeeper:
     def __init__(self, lock: OutputLock, clock: Callable[[], float] = time.monotonic, retry_s: float = 1.0,
                  on_lost: Callable[[], None] = lambda: None):
         self.lock, self.clock, self.retry_s, self.on_lost = lock, clock, retry_s, on_lost
+        self.on_renewed: Callable[[], None] = lambda: None  # after each renewal that landed (the job's metrics)
         self.error: OutputLostError | None = None
         self.renewed_at = clock()
         self._stop = threading.Event()
@@ -269,6 +272,7 @@ class LeaseKeeper:
             try:
                 self.lock.refresh()
                 self.renewed_at, wait_s = self.clock(), self.lock.refresh_interval_s
+                self.on_renewed()
             except OutputLostError as exc:
                 self.error = exc
                 return

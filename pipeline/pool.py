@@ -135,6 +135,19 @@ def withdraw_resource_request() -> None:
                        len(_requested_bundles), exc)
 
 
+class PoolEvents:
+    """What the pool tells whoever watches it (pipeline.metrics.JobMetrics): nothing, by default."""
+
+    def unit_try(self) -> None:
+        pass
+
+    def unit_retry(self) -> None:
+        pass
+
+    def worker_restart(self) -> None:
+        pass
+
+
 @dataclass
 class UnitResult:
     unit: WorkUnit
@@ -167,6 +180,7 @@ class ActorPool:
         self._last_startup_error = ""
         self.deadlines = UnitDeadlines(limits, clock)
         self._idle_since = clock()
+        self.events = PoolEvents()  # the job's metrics replace it
 
     def start(self) -> None:
         if not self.workers:
@@ -213,6 +227,7 @@ class ActorPool:
                                attempt.index, attempt.unit.unit_id)
                 charged[attempt.unit.unit_id] -= 1
                 pending.appendleft(attempt.unit)
+                self.events.unit_retry()
                 return
             logger.warning("worker %d lost unit %d (%s); unit requeued", attempt.index, attempt.unit.unit_id, reason)
             self._retry_or_fail(attempt.unit, charged, pending, on_result, f"worker lost: {reason}")
@@ -224,6 +239,7 @@ class ActorPool:
                 while load[index] < UNITS_PER_WORKER and (unit := self._next_unit(pending, index, failed_on)):
                     charged[unit.unit_id] += 1
                     ref = self.workers[index].process.remote(unit, charged[unit.unit_id])
+                    self.events.unit_try()
                     ahead = [attempt for attempt in in_flight.values() if attempt.index == index]
                     in_flight[ref] = self.deadlines.start(index, unit, ahead)
                     load[index] += 1
@@ -259,6 +275,7 @@ class ActorPool:
                 reason = f"timed out after {attempt.killed_at - attempt.started:.0f}s" if timed_out \
                     else redact_text(str(exc))
                 if index in self._ready:  # restarting or dead: ask it again before handing it more
+                    self.events.worker_restart()
                     self._ready.discard(index)
                     self._probes[self.workers[index].describe.remote()] = index
                 lost(attempt, reason)
@@ -341,6 +358,7 @@ class ActorPool:
         """Gives up on a worker that did not end when killed (stuck in the kernel): it may not restart, and a
         fresh one takes its place; answers still due from it are not waited for."""
         ray.kill(self.workers[index], no_restart=True)
+        self.events.worker_restart()
         self._ready.discard(index)
         for ref in [ref for ref, probed in self._probes.items() if probed == index]:
             del self._probes[ref]
@@ -354,6 +372,7 @@ class ActorPool:
         """Requeues `unit`, or reports it failed once its tries are used up; returns whether it failed."""
         if attempts[unit.unit_id] < self.max_unit_attempts:
             pending.append(unit)
+            self.events.unit_retry()
             return False
         on_result(UnitResult(unit, error=error))
         return True

@@ -1,5 +1,8 @@
-"""Driver-side progress: a bar while the job runs, a summary table at the end (as img2dataset users know)."""
+"""Driver-side progress: a bar while the job runs, a summary table at the end (as img2dataset users know), and,
+where no terminal shows the bar (`ray job logs`, a log file), a log line at a bounded interval."""
 
+import logging
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -7,6 +10,9 @@ from tqdm import tqdm
 
 from pipeline.pool import UnitResult
 from pipeline.storage import redact_text
+
+logger = logging.getLogger(__name__)
+LOG_EVERY_S = 60.0  # the progress line's interval when no terminal shows the bar
 
 
 @dataclass
@@ -30,6 +36,7 @@ class JobProgress:
     lost: bool = False  # another job took the output over
     manifest: dict | None = field(default=None, repr=False)  # _job.json once written (the job ran)
     bar: tqdm | None = field(default=None, repr=False)
+    logged_at: float | None = field(default=None, repr=False)
 
     def start_bar(self, enabled: bool = True) -> None:
         done = self.skipped_samples
@@ -53,6 +60,22 @@ class JobProgress:
         if self.bar is not None:
             self.bar.update(advanced)
             self._postfix()
+        self.log_line()
+
+    def log_line(self, every_s: float = LOG_EVERY_S) -> None:
+        """Logs where the job is, at most every `every_s` seconds, when no terminal shows the bar."""
+        if self.bar is not None and not self.bar.disable and sys.stderr.isatty():
+            return
+        now = time.monotonic()
+        if self.logged_at is not None and now - self.logged_at < every_s:
+            return
+        self.logged_at = now
+        done = self.skipped_samples + self.samples
+        rate = self.samples / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        eta = f"{(self.total_samples - done) / rate:.0f}s" if rate > 0 else "unknown"
+        logger.info("progress: shards %d/%d (%d failed), samples %d/%d, %.2f samples/s, ETA %s",
+                    self.skipped_units + self.committed_units, self.total_units, len(self.failed_units), done,
+                    self.total_samples, rate, eta)
 
     def uncommit(self, unit, reason: str) -> None:
         """A unit recorded as committed whose commit did not hold at the end of the run: failed after all."""

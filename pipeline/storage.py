@@ -285,6 +285,9 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
+retry_listeners: list[Callable[[], None]] = []  # called at each retry (the job's metrics count them)
+
+
 def with_retries(
     fn: Callable[..., T],
     *args: Any,
@@ -303,6 +306,8 @@ def with_retries(
                 raise
             delay = base_delay_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
             log.warning("%s failed (attempt %d/%d): %r; retrying in %.1fs", what, attempt, attempts, e, delay)
+            for listener in retry_listeners:
+                listener()
             time.sleep(delay)
             attempt += 1
 

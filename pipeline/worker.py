@@ -24,6 +24,7 @@ from instaflow.loading import Runtime
 from instaflow.models import PromptBatch
 from pipeline.commit import Fence, ShardStore
 from pipeline.manifest import identity_digest
+from pipeline.metrics import WorkerMetrics
 from pipeline.lock import OutputLock
 from pipeline.model_source import ModelSource, job_identity
 from pipeline.plan import WorkUnit
@@ -90,6 +91,7 @@ class ShardWorker:
         self.device_lock = threading.Lock()
         self.batch_size = spec.batch_size  # halved for good after an out-of-memory error
         self.encode_threads = encode_threads(spec.cpus_per_worker)
+        self.metrics = WorkerMetrics(spec.output, worker_tag())
         self.encode_pool = ThreadPoolExecutor(self.encode_threads, thread_name_prefix="encode")
 
     def load_models(self, sources: dict[str, ModelSource]) -> list[Stage]:
@@ -172,6 +174,7 @@ class ShardWorker:
             "timings": timings,
         }
         marker, committed_here = self.store.commit(unit.unit_id, files, stats, self.fence)
+        self.metrics.unit(stats, time.time() - started_at)
         return marker | {"committed_by_this_try": committed_here}
 
     def run_settings(self) -> dict:
@@ -283,6 +286,16 @@ class ShardWorker:
             for stage in self.stages:
                 stage.collect(result["keys"], result["stages"][stage.name], outputs)
         return outputs
+
+
+def worker_tag() -> str:
+    """The worker, as a metrics tag: its node and GPUs under Ray (stable across its restarts), else its process."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        gpus = ",".join(str(gpu) for gpu in ray.get_gpu_ids())
+        return f"{ray.get_runtime_context().get_node_id()[:8]}/gpu{gpus}" if gpus else \
+            f"{ray.get_runtime_context().get_node_id()[:8]}/pid{os.getpid()}"
+    return f"pid{os.getpid()}"
 
 
 def standalone_worker(spec: JobSpec) -> tuple[ShardWorker, OutputLock]:
