@@ -65,6 +65,58 @@ def test_kuberay_manifests(name):
         assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
 
 
+CRD_SCHEMAS = Path(__file__).resolve().parent / "data" / "kuberay-v1.6.2-crd-schemas.json.gz"
+
+
+def crd_validator(kind: str):
+    """A validator of KubeRay's own CRD schema for `kind` (openAPIV3Schema, a JSON Schema subset; the
+    x-kubernetes-* extensions are annotations that validators ignore), from the KubeRay release the project is
+    tested against (the file names it and where it came from)."""
+    import gzip
+    import json
+
+    import jsonschema
+
+    crds = json.loads(gzip.decompress(CRD_SCHEMAS.read_bytes()))
+    assert crds["kuberay_version"] == "v1.6.2" and "github.com/ray-project/kuberay" in crds["source"]
+    return jsonschema.Draft7Validator(crds["schemas"][kind])
+
+
+def unknown_fields(value, schema: dict, path: str = "") -> list[str]:
+    """Fields the schema does not declare, as the API server's strict field validation (kubectl apply
+    --validate=strict) refuses them: a typo that a plain schema check lets through, and the server would drop."""
+    if isinstance(value, dict) and "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        found = []
+        for key, item in value.items():
+            if key not in schema["properties"]:
+                found.append(f"{path}/{key}")
+            else:
+                found += unknown_fields(item, schema["properties"][key], f"{path}/{key}")
+        return found
+    if isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+        return [f for key, item in value.items() for f in unknown_fields(item, schema["additionalProperties"],
+                                                                          f"{path}/{key}")]
+    if isinstance(value, list) and "items" in schema:
+        return [f for i, item in enumerate(value) for f in unknown_fields(item, schema["items"], f"{path}/{i}")]
+    return []
+
+
+@pytest.mark.parametrize("name", sorted(KUBERAY))
+def test_kuberay_manifests_follow_the_crd_schema(name):
+    manifest = KUBERAY[name]
+    validator = crd_validator(manifest["kind"])
+    errors = [f"{'/'.join(map(str, error.absolute_path))}: {error.message}" for error in validator.iter_errors(manifest)]
+    assert not errors, errors
+    assert unknown_fields(manifest, validator.schema) == []
+    typo = yaml.safe_load(yaml.safe_dump(manifest))
+    cluster_spec(typo)["headGroupSpec"]["rayStartParam"] = {}
+    assert unknown_fields(typo, validator.schema)[0].endswith("headGroupSpec/rayStartParam")
+    broken = yaml.safe_load(yaml.safe_dump(manifest))  # the validator can fail: a list where the schema has one
+    cluster_spec(broken)["headGroupSpec"]["template"]["spec"]["containers"] = {"name": "head"}
+    cluster_spec(broken)["workerGroupSpecs"][0]["replicas"] = "two"
+    assert len(list(validator.iter_errors(broken))) >= 2
+
+
 def test_launcher_config():
     nodes = LAUNCHER["available_node_types"]
     head = nodes[LAUNCHER["head_node_type"]]
