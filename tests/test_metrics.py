@@ -15,7 +15,9 @@ import pytest
 
 from conftest import start_ray
 from jobs import generate
+from pipeline.lock import OutputLock
 from pipeline.metrics import EXPORTED
+from pipeline.storage import filesystem
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "infra" / "grafana" / "instaflow.json"
 SAMPLE = re.compile(r"^(ray_instaflow_[a-z_]+)\{([^}]*)\} (\S+)$")
@@ -52,6 +54,8 @@ def test_a_jobs_metrics_agree_with_its_summary(metrics_port, tiny_models, tmp_pa
     prompts = [*(f"a lighthouse at night, number {i}" for i in range(8)), ""]  # the empty one fails
     pq.write_table(pa.table({"prompt": prompts}), tmp_path / "prompts.parquet", row_group_size=3)
     output = str(tmp_path / "out")
+    stale = OutputLock(*filesystem(output, {}), lease_s=1.0)  # a job that stopped renewing: the job takes over
+    stale.acquire()
     with caplog.at_level(logging.INFO, logger="pipeline.progress"):
         assert generate.main(["--prompts", str(tmp_path / "prompts.parquet"), "--output", output, "--model",
                               str(tiny_models["instaflow"]), "--height", "64", "--width", "64", "--rows-per-shard",
@@ -75,6 +79,7 @@ def test_a_jobs_metrics_agree_with_its_summary(metrics_port, tiny_models, tmp_pa
     assert total(samples, "ray_instaflow_unit_tries_total", output) >= 3
     assert total(samples, "ray_instaflow_unit_seconds_count", output) == 3  # one per unit, over both workers
     assert total(samples, "ray_instaflow_lock_renewals_total", output) >= 1  # a 2 s lease renews often
+    assert total(samples, "ray_instaflow_lock_takeovers_total", output) == 1
     busy = [(tags["worker"], value) for name, tags, value in samples
             if name == "ray_instaflow_device_busy_fraction" and tags.get("output") == output]
     assert 1 <= len(busy) <= 2 and all(0 < value <= 1 for _, value in busy)
