@@ -15,7 +15,8 @@ if [ "${1:-}" = test ] && ! command -v chromium >/dev/null 2>&1; then
   as_root=""
   [ "$(id -u)" = 0 ] || { sudo -n true 2>/dev/null && as_root="sudo -n"; }
   if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || [ -n "$as_root" ]; }; then
-    $as_root apt-get update -qq && DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq chromium >/dev/null
+    { $as_root apt-get update -qq && DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq chromium >/dev/null; } \
+      || echo "note: could not install Chromium; the report's browser test will say so" >&2
   else
     echo "note: the report's browser test needs Chromium (Debian: apt-get install chromium)" >&2
   fi
