@@ -16,7 +16,6 @@ import difflib
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 

@@ -4,7 +4,6 @@
 import io
 import json
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
