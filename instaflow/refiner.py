@@ -12,6 +12,7 @@ from the row's seed (`refiner_seed`), so a row refines the same in any batch, on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 from dataclasses import dataclass
@@ -80,11 +81,28 @@ class RefinerOutput:
 
 
 class Refiner:
-    def __init__(self, components: RefinerComponents, settings: RefinerSettings, size: int):
+    """`offload`: the refiner's modules stay in host memory and each is moved to the device only while it runs,
+    as diffusers' model offloading does, for a device too small for the student and the refiner together."""
+
+    def __init__(self, components: RefinerComponents, settings: RefinerSettings, size: int, offload: bool = False):
         settings.check()
         self.components = components
         self.settings = settings
         self.size = size
+        self.offload = offload
+
+    @contextlib.contextmanager
+    def _on_device(self, *modules: torch.nn.Module):
+        """The modules on the device for the block: a no-op unless offloading, which moves them there and back."""
+        if self.offload:
+            for module in modules:
+                module.to(self.components.device)
+        try:
+            yield
+        finally:
+            if self.offload:
+                for module in modules:
+                    module.to("cpu")
 
     def prepare(self, batch) -> None:
         """Host work: the prompts (and negative prompts) tokenised for each of the refiner's tokenizers."""
@@ -129,16 +147,18 @@ class Refiner:
         # 5. denoise
         step_options = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters \
             else {}
-        for t in timesteps:
-            model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-            eps = c.unet(model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=conditions,
-                         return_dict=False)[0]
-            if guided:
-                eps_uncond, eps_text = eps.chunk(2)
-                eps = eps_uncond + s.guidance_scale * (eps_text - eps_uncond)  # eps = eps_u + g (eps_c - eps_u)
-            latents = scheduler.step(eps, t, latents, **step_options, return_dict=False)[0]
+        with self._on_device(c.unet):
+            for t in timesteps:
+                model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+                eps = c.unet(model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=conditions,
+                             return_dict=False)[0]
+                if guided:
+                    eps_uncond, eps_text = eps.chunk(2)
+                    eps = eps_uncond + s.guidance_scale * (eps_text - eps_uncond)  # eps = eps_u + g (eps_c - eps_u)
+                latents = scheduler.step(eps, t, latents, **step_options, return_dict=False)[0]
         # 6. decode (in the VAE's dtype: float32 when forced)
-        images = c.vae.decode(latents.to(c.vae.dtype) / c.vae.config.scaling_factor, return_dict=False)[0]
+        with self._on_device(c.vae):
+            images = c.vae.decode(latents.to(c.vae.dtype) / c.vae.config.scaling_factor, return_dict=False)[0]
         finite = torch.isfinite(images.float()).flatten(1).all(1) & torch.isfinite(latents.float()).flatten(1).all(1)
         return RefinerOutput(to_pixels(images), finite)
 
@@ -146,7 +166,8 @@ class Refiner:
         c = self.components
         hidden, pooled = [], None
         for encoder, tokens in zip(c.text_encoders, token_sets):
-            output = encoder(tokens.input_ids[:n].to(c.device, non_blocking=True), output_hidden_states=True)
+            with self._on_device(encoder):
+                output = encoder(tokens.input_ids[:n].to(c.device, non_blocking=True), output_hidden_states=True)
             if pooled is None and output[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
                 pooled = output[0]
             hidden.append(output.hidden_states[-2])
@@ -156,7 +177,8 @@ class Refiner:
         """One latent per row sampled from the VAE's posterior with that row's generator (mean + std x N(0, 1),
         drawn on the CPU as diffusers draws for a CPU generator), times the scaling factor, in the model dtype."""
         c = self.components
-        posterior = c.vae.encode(image.to(c.dtype).to(c.vae.dtype)).latent_dist  # the pipeline's image is cast first
+        with self._on_device(c.vae):  # the pipeline's image is cast to the model dtype first
+            posterior = c.vae.encode(image.to(c.dtype).to(c.vae.dtype)).latent_dist
         samples = [posterior.mean[i:i + 1] + posterior.std[i:i + 1] * torch.randn(
             posterior.mean.shape[1:], generator=g, dtype=posterior.mean.dtype)[None].to(c.device)
             for i, g in enumerate(generators)]

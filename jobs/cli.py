@@ -81,6 +81,9 @@ def base_parser(description: str, prog: str | None = None) -> argparse.ArgumentP
     parser.add_argument("--aesthetic-score", type=float, default=6.0, help="the refiner's aesthetic score")
     parser.add_argument("--negative-aesthetic-score", type=float, default=2.5,
                         help="the refiner's negative aesthetic score")
+    parser.add_argument("--refiner-offload", action="store_true",
+                        help="keep the refiner in host memory and move each of its models to the GPU only while it "
+                             "runs (for GPUs too small for the student and the refiner together; slower)")
     parser.add_argument("--keep-unrefined", action="store_true",
                         help="also store the student's image ({key}.unrefined.EXT in tars, unrefined_image in "
                              "Parquet)")
@@ -118,7 +121,7 @@ def common_spec_args(args: argparse.Namespace) -> dict:
         "storage_options", "overwrite", "ray_address", "loras", "merge_finetune", "merge_base", "scores",
         "safety_checker", "clip_model", "controlnet", "controlnet_scale", "control_column", "control_preprocess",
         "canny_low", "canny_high", "refiner", "refiner_strength", "refiner_steps", "refiner_guidance_scale",
-        "refine_size", "aesthetic_score", "negative_aesthetic_score", "keep_unrefined",
+        "refine_size", "aesthetic_score", "negative_aesthetic_score", "keep_unrefined", "refiner_offload",
     )
     return {name: getattr(args, name) for name in names}
 

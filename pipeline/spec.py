@@ -27,6 +27,7 @@ DEVICE_CHOICES = ("auto", "gpu", "cpu")
 RUN_ONLY_FIELDS = (
     "num_workers", "storage_options", "overwrite", "compile", "ray_address", "max_unit_attempts", "batch_size",
     "cpus_per_worker", "lock_lease_s", "start_timeout_s", "unit_timeout_s", "prompts", "output", "allow_pickle",
+    "refiner_offload",
 )
 # Where models are named: the job records each by what it is (its source: digest or hub revision), not by name.
 MODEL_NAME_FIELDS = ("tiny_decoder", "loras", "merge_finetune", "merge_base", "safety_checker", "clip_model",
@@ -72,6 +73,7 @@ class JobSpec:
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
     keep_unrefined: bool = False  # also store the student's image
+    refiner_offload: bool = False  # the refiner's modules in host memory, each on the device only while it runs
     # teacher, for pairs
     teacher: str | None = None
     teacher_kind: str = "sd"
@@ -216,6 +218,8 @@ class JobSpec:
         self.refiner = normalize_model(self.refiner) if self.refiner else None
         if self.refiner and "images" not in self.tasks:
             raise ValueError("--refiner refines the student's images: it needs a student --model")
+        if self.refiner_offload and not self.refiner:
+            raise ValueError("--refiner-offload keeps a refiner in host memory: it needs --refiner")
         if self.keep_unrefined and not self.refiner:
             raise ValueError("--keep-unrefined keeps the student's image beside the refined one: it needs --refiner")
         for name in ("refiner_strength", "refiner_guidance_scale", "aesthetic_score", "negative_aesthetic_score"):

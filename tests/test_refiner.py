@@ -77,6 +77,31 @@ def test_a_row_refines_the_same_alone_and_in_a_batch(components, student_pixels)
     assert (other_seed.float() - alone.float()).abs().mean() > 1  # the row's seed decides its refiner noise
 
 
+def test_offloading_gives_the_same_images_and_leaves_the_models_in_host_memory(tiny_models, student_pixels):
+    """--refiner-offload through the stage's loading: the same pixels, and every module back on the host after each
+    batch (on this machine the device is the host too, so what it saves in device memory is not measured here)."""
+    from pipeline.spec import JobSpec
+    from pipeline.stages.refiner import RefinerStage
+    from pipeline.model_source import resolve_model_source
+
+    sources = {"refiner": resolve_model_source(str(tiny_models["sdxl-refiner"]), "float32", layout="xl")}
+    spec = dict(prompts="p", output="o", model=str(tiny_models["instaflow"]), refiner=str(tiny_models["sdxl-refiner"]),
+                refine_size=96, refiner_steps=10, device="cpu", dtype="float32")
+    cache = ComponentCache(Runtime.default(device="cpu"))
+    plain = RefinerStage.load(JobSpec(**spec), sources, cache).refiner
+    offloaded = RefinerStage.load(JobSpec(**spec, refiner_offload=True), sources, cache).refiner
+    assert offloaded.offload and not plain.offload
+
+    def run(refiner):
+        batch = PromptBatch(PROMPTS, SEEDS, [None] * 3)
+        refiner.prepare(batch)
+        return refiner.refine(student_pixels, batch, SEEDS).pixels
+
+    assert torch.equal(run(plain), run(offloaded))
+    modules = [offloaded.components.unet, offloaded.components.vae, *offloaded.components.text_encoders]
+    assert all(p.device.type == "cpu" for module in modules for p in module.parameters())
+
+
 def test_refined_size_keeps_the_aspect_ratio():
     assert refined_size(512, 512, 1024) == (1024, 1024)
     assert refined_size(512, 768, 1024) == (680, 1024) and refined_size(768, 512, 1024) == (1024, 680)

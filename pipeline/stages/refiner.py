@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from instaflow.loading import ComponentCache
+import dataclasses
+
+import torch
+
+from instaflow.loading import ComponentCache, Runtime
 from instaflow.models import PromptBatch
 from instaflow.refiner import Refiner, RefinerSettings, refined_size, refiner_seed
 from pipeline.model_source import ModelSource, resolve_model_source
@@ -42,11 +46,18 @@ class RefinerStage(Stage):
 
     @classmethod
     def load(cls, spec, sources: dict, cache: ComponentCache) -> "RefinerStage":
+        """With --refiner-offload its modules are loaded into host memory, uncompiled, and go to the device one
+        at a time while they run."""
         source = sources["refiner"]
+        device = cache.runtime.device
+        if spec.refiner_offload:
+            cache = ComponentCache(Runtime(torch.device("cpu"), cache.runtime.dtype), allow_pickle=spec.allow_pickle)
         components = cache.load_refiner(source.local_dir(spec.storage_options), variant=source.variant)
         settings = RefinerSettings(spec.refiner_strength, spec.refiner_steps, spec.refiner_guidance_scale,
                                    spec.aesthetic_score, spec.negative_aesthetic_score)
-        return cls(spec, Refiner(components, settings, spec.refine_size), source.identity()["name"])
+        refiner = Refiner(dataclasses.replace(components, device=device), settings, spec.refine_size,
+                          offload=spec.refiner_offload)
+        return cls(spec, refiner, source.identity()["name"])
 
     def added_fields(self) -> dict[str, list[pa.Field]]:
         return {OUTPUT: FIELDS}
