@@ -220,3 +220,10 @@ def test_weights_files_are_pinned_like_models(ray_gpus, s3, tiny_models, tmp_pat
                           (s3.url("loras/missing.safetensors"), "no such file")):
         with pytest.raises(ModelLoadError, match=message):
             resolve_model_source(name, "float32", s3.storage_options, "file")
+
+
+def test_a_hub_file_offline_and_not_cached_is_one_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelLoadError, match="org/styles/watercolor.safetensors.*cannot load watercolor.safetensors"):
+        resolve_model_source("org/styles/watercolor.safetensors", "float32", layout="file")
