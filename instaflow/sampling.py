@@ -1,4 +1,5 @@
-"""The sampling math: the seed contract, rectified-flow Euler sampling, the SD-1.5 DPM-Solver teacher, decoding.
+"""The sampling math: the seed contract, rectified-flow Euler sampling, the SD-1.5 DPM-Solver teacher, decoding,
+and encoding images into latents.
 
 Each sampler is one plain function that reads top to bottom, with the formula beside the line that computes it.
 """
@@ -16,15 +17,20 @@ MAX_SIDE = 4096
 
 def check_inputs(height: int, width: int, steps: int, guidance_scale: float, multiple: int = 8) -> None:
     """Rejects settings that would otherwise fail deep inside a model, naming the argument and its value."""
-    for name, side in (("height", height), ("width", width)):
-        if not isinstance(side, int) or side % multiple or not multiple <= side <= MAX_SIDE:
-            raise ValueError(f"{name} must be a multiple of {multiple} between {multiple} and {MAX_SIDE}, got {side!r}")
+    check_size(height, width, multiple)
     if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"steps must be an integer between 1 and {MAX_STEPS}, got {steps!r}")
     if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     if not 0 <= guidance_scale <= MAX_GUIDANCE_SCALE:
         raise ValueError(f"guidance_scale must be between 0 and {MAX_GUIDANCE_SCALE}, got {guidance_scale!r}")
+
+
+def check_size(height: int, width: int, multiple: int = 8) -> None:
+    """Rejects an image size the VAE cannot take (a side that is no multiple of its scale factor)."""
+    for name, side in (("height", height), ("width", width)):
+        if not isinstance(side, int) or side % multiple or not multiple <= side <= MAX_SIDE:
+            raise ValueError(f"{name} must be a multiple of {multiple} between {multiple} and {MAX_SIDE}, got {side!r}")
 
 
 def noise_for_seed(seed: int, height: int, width: int, channels: int = 4, vae_scale_factor: int = 8) -> torch.Tensor:
@@ -114,6 +120,15 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] to uint8 (N, H, W, 3) on the device, rounded as diffusers rounds."""
     images = (images.float() / 2 + 0.5).clamp(0, 1)
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+@torch.inference_mode()
+def encode_images(vae, pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(N, H, W, 3) uint8 images -> z = mean(E(x)) * scaling_factor, with x = 2 * pixels / 255 - 1 in [-1, 1]
+    (N, 3, H, W) computed in float32 as diffusers' VaeImageProcessor normalises, then the model dtype on `device`.
+    The encoder's mean, not a sample of its distribution: deterministic (SD's training draws a sample)."""
+    images = 2.0 * (pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0) - 1.0
+    return vae.encode(images.to(dtype)).latent_dist.mean * vae.config.scaling_factor
 
 
 def decode_to_pixels(vae, latents: torch.Tensor) -> torch.Tensor:

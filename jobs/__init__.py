@@ -1,1 +1,2 @@
-"""Ray job entry points: `python -m jobs.generate`, `python -m jobs.reflow_pairs`, `python -m jobs.demo`."""
+"""Ray job entry points: `python -m jobs.generate`, `python -m jobs.reflow_pairs`, `python -m jobs.encode`,
+`python -m jobs.demo`."""

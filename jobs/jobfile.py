@@ -21,12 +21,12 @@ from typing import Any, Callable
 
 import yaml
 
-from jobs import generate, reflow_pairs
+from jobs import encode, generate, reflow_pairs
 from jobs.cli import Repeatable
 from jobs.errors import shown
 from jobs.main import Parser
 
-JOBS: dict[str, ModuleType] = {"generate": generate, "reflow-pairs": reflow_pairs}
+JOBS: dict[str, ModuleType] = {"generate": generate, "reflow-pairs": reflow_pairs, "encode": encode}
 DEFAULT_JOB = "generate"
 _KINDS = {int: "an integer", float: "a number", None: "a string"}
 MAX_JOB_FILE_BYTES = 1 << 20  # a job file is a few dozen settings

@@ -6,7 +6,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from instaflow.models import MODEL_RECORD, TEACHER_KINDS, student_defaults, teacher_defaults
-from instaflow.sampling import MAX_GUIDANCE_SCALE, MAX_SIDE, MAX_STEPS, check_inputs
+from instaflow.sampling import MAX_GUIDANCE_SCALE, MAX_SIDE, MAX_STEPS, check_inputs, check_size
 from pipeline.plan import SAMPLE_FIELDS
 from pipeline.storage import filesystem, get_bytes, normalize_location, normalize_model
 
@@ -20,6 +20,8 @@ SCORES = ("nsfw", "clip")
 SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
 CLIP_MODEL = "openai/clip-vit-large-patch14"
 CONTROL_PREPROCESS = ("none", "canny")
+ENCODE = "encode"  # the pairs' "teacher" kind of encode jobs: the model's VAE encodes each row's image, no sampler
+PAIR_KINDS = (*TEACHER_KINDS, ENCODE)
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 DEVICE_CHOICES = ("auto", "gpu", "cpu")
 # Settings that change speed or where things are, not outputs: a resumed job may change them freely (each shard
@@ -80,6 +82,7 @@ class JobSpec:
     teacher_steps: int | None = None
     teacher_guidance_scale: float | None = None
     teacher_images: bool = False  # the decoded teacher latent as an `image` column of the pairs
+    image_column: str = "image"  # encode: the images (a Hugging Face image struct, bytes, or a path/URL)
     samples_per_prompt: int = 1  # rows per input row: keys {key}-{k}, seeds the row's seed + k or derived
     # sampling shared by both
     seed: int = 0
@@ -124,13 +127,16 @@ class JobSpec:
         if "pairs" in self.tasks:
             if not self.teacher:
                 raise ValueError("pairs need a --teacher model")
-            if self.teacher_kind not in TEACHER_KINDS:
-                raise ValueError(f"teacher kind must be one of {TEACHER_KINDS}, got {self.teacher_kind!r}")
-            default_steps, default_guidance = teacher_defaults(self.teacher_kind)
-            self.teacher_steps = default_steps if self.teacher_steps is None else self.teacher_steps
-            if self.teacher_guidance_scale is None:
-                self.teacher_guidance_scale = default_guidance
-            check_inputs(self.height, self.width, self.teacher_steps, float(self.teacher_guidance_scale))
+            if self.teacher_kind not in PAIR_KINDS:
+                raise ValueError(f"teacher kind must be one of {PAIR_KINDS}, got {self.teacher_kind!r}")
+            if self.encodes:
+                self._check_encode()
+            else:
+                default_steps, default_guidance = teacher_defaults(self.teacher_kind)
+                self.teacher_steps = default_steps if self.teacher_steps is None else self.teacher_steps
+                if self.teacher_guidance_scale is None:
+                    self.teacher_guidance_scale = default_guidance
+                check_inputs(self.height, self.width, self.teacher_steps, float(self.teacher_guidance_scale))
         self._check_adapters()
         self._check_scores()
         self._check_controlnet()
@@ -162,6 +168,26 @@ class JobSpec:
             raise ValueError(f"seed must be an integer between 0 and 2**63-1, got {self.seed!r}")
         if not isinstance(self.storage_options, dict):
             raise ValueError(f"storage_options must be a JSON object, got {self.storage_options!r}")
+
+    @property
+    def encodes(self) -> bool:
+        """An encode job: pairs of each row's seed noise and its image's latent, with no sampler."""
+        return "pairs" in self.tasks and self.teacher_kind == ENCODE
+
+    def _check_encode(self) -> None:
+        """No sampler runs, so the steps and guidance recorded are 0; the images come from `image_column`."""
+        if self.teacher_steps not in (None, 0) or self.teacher_guidance_scale not in (None, 0):
+            raise ValueError("an encode job runs no sampler: it takes no teacher steps or guidance scale")
+        self.teacher_steps, self.teacher_guidance_scale = 0, 0.0
+        check_size(self.height, self.width)
+        if "images" in self.tasks or self.teacher_images or self.controlnet:
+            raise ValueError("an encode job writes the latents of its input images: no student, --teacher-images "
+                             "or --controlnet")
+        if not isinstance(self.image_column, str) or not self.image_column:
+            raise ValueError(f"image_column must be a column name, got {self.image_column!r}")
+        if self.image_column in (self.prompt_column, *SAMPLE_FIELDS):
+            raise ValueError(f"--image-column {self.image_column!r} is read as the prompt or a sample field; name "
+                             "the column of images")
 
     def _check_adapters(self) -> None:
         """LoRAs as (source, scale) pairs of .safetensors files; the fine-tune split from its scale."""
@@ -278,6 +304,8 @@ class JobSpec:
         if not self.refiner:
             for name in REFINER_FIELDS:
                 identity.pop(name)
+        if not self.encodes:
+            identity.pop("image_column")
         if "pairs" not in self.tasks:
             for name in ("teacher", "teacher_kind", "teacher_steps", "teacher_guidance_scale", "teacher_images"):
                 identity.pop(name)

@@ -132,8 +132,9 @@ def test_control_images_are_resized_and_canny_is_opencvs(tmp_path):
     OpenCV's Canny edges of that, in all three channels; another aspect ratio is the row's error."""
     import cv2
 
+    from pipeline.row_images import RowImageError
     from pipeline.spec import JobSpec
-    from pipeline.stages.controlnet import ControlImageError, ControlNetStage
+    from pipeline.stages.controlnet import ControlNetStage
 
     rng = np.random.default_rng(0)
     image = (rng.random((128, 128, 3)) * 255).astype(np.uint8)
@@ -146,5 +147,5 @@ def test_control_images_are_resized_and_canny_is_opencvs(tmp_path):
         want = resized if preprocess == "none" else np.repeat(cv2.Canny(resized, 50, 150)[:, :, None], 3, axis=2)
         got = stage._pixels(png(image))
         assert got.shape == (64, 64, 3) and np.array_equal(got, want)
-        with pytest.raises(ControlImageError, match="another aspect ratio"):
+        with pytest.raises(RowImageError, match="another aspect ratio"):
             stage._pixels(png(image[:96]))

@@ -6,14 +6,15 @@ from instaflow.loading import ComponentCache, Runtime
 from pipeline.model_source import ModelSource
 from pipeline.stages.base import Stage
 from pipeline.stages.controlnet import ControlNetStage
+from pipeline.stages.encode import EncodeStage
 from pipeline.stages.images import ImagesStage
 from pipeline.stages.pairs import PairsStage
 from pipeline.stages.refiner import RefinerStage
 from pipeline.stages.scores import ScoresStage
 
 # In the order they run on each batch: the refiner refines the student's images, scores read the images made
-# before them.
-STAGES: tuple[type[Stage], ...] = (ControlNetStage, ImagesStage, RefinerStage, PairsStage, ScoresStage)
+# before them. A job makes its pairs with a teacher (PairsStage) or by encoding its images (EncodeStage).
+STAGES: tuple[type[Stage], ...] = (ControlNetStage, ImagesStage, RefinerStage, PairsStage, EncodeStage, ScoresStage)
 
 
 def model_sources(spec) -> dict[str, ModelSource]:

@@ -1,8 +1,14 @@
-"""The teacher's reflow pairs: (noise, teacher latent) per row, and with --teacher-images the decoded latent."""
+"""The teacher's reflow pairs: (noise, teacher latent) per row, and with --teacher-images the decoded latent.
+
+`PairsOutput` is what every maker of pairs shares (the model pinned as the teacher, collecting noise and latents,
+the pair Parquet shard); `PairsStage` makes them with a teacher's sampler, pipeline/stages/encode.py with a VAE.
+"""
 
 from __future__ import annotations
 
-from instaflow.loading import ComponentCache
+import torch
+
+from instaflow.loading import ComponentCache, Components
 from instaflow.models import PromptBatch, Settings, Teacher
 from instaflow.sampling import decode, finite_per_sample, to_pixels
 from pipeline.model_source import ModelSource, resolve_model_source
@@ -10,24 +16,64 @@ from pipeline.stages.base import Encode, HostCopy, Stage, UnitOutputs, collect_e
 from pipeline.stages.controlnet import load_controlnet
 from pipeline.writers import IMAGE_EXTENSIONS, metadata_table, pairs_parquet_shard
 
-NON_FINITE = "non-finite output (NaN or inf in the teacher latent)"
 
+class PairsOutput(Stage):
+    """The pairs output: rows of (noise, latent) from the model pinned as "teacher", whose `components` a subclass
+    sets; its `run` returns `pair_result`'s dict."""
 
-class PairsStage(Stage):
     name = "pairs"
     is_output = True
-
-    def __init__(self, spec, teacher: Teacher):
-        self.spec = spec
-        self.teacher = teacher
-
-    @classmethod
-    def wanted(cls, spec) -> bool:
-        return "pairs" in spec.tasks
+    non_finite = "non-finite output (NaN or inf in the teacher latent)"
+    components: Components
 
     @classmethod
     def sources(cls, spec) -> dict[str, ModelSource]:
         return {"teacher": resolve_model_source(spec.teacher, spec.dtype, spec.storage_options)}
+
+    def latent_channels(self) -> int:
+        return self.components.unet.config.in_channels
+
+    def collect(self, keys: list[str], result: dict, outputs: UnitOutputs) -> None:
+        outputs.truncated[self.name].update(zip(keys, result["truncated"]))
+        noise, latents = outputs.column(self.name, "noise"), outputs.column(self.name, "latent")
+        for key, noise_i, latent_i, finite in zip(keys, result["noise"].numpy(), result["latent"].numpy(),
+                                                  result["finite"].numpy()):
+            if finite:
+                noise[key], latents[key] = noise_i, latent_i
+            else:
+                outputs.fail(self.name, key, self.non_finite)
+        collect_encoded(keys, result.get("encodes", ()), outputs, self.name, "teacher image")
+
+    def files(self, shard: str, samples, extra, outputs: UnitOutputs) -> dict[str, bytes]:
+        spec = self.spec
+        rows = metadata_rows(spec, samples, outputs, self.name, spec.teacher, spec.teacher_steps,
+                             spec.teacher_guidance_scale, None)
+        teacher = {"model": spec.teacher, "kind": spec.teacher_kind, "steps": spec.teacher_steps,
+                   "guidance_scale": spec.teacher_guidance_scale}
+        factor = self.components.vae_scale_factor
+        shape = (self.latent_channels(), spec.height // factor, spec.width // factor)
+        images = outputs.column(self.name, "image") if spec.teacher_images else None
+        return {f"{spec.pair_dir}{shard}.parquet": pairs_parquet_shard(
+            metadata_table(rows, extra, outputs.added_columns(self.name, samples)), outputs.column(self.name, "noise"),
+            outputs.column(self.name, "latent"), teacher, shape, images, IMAGE_EXTENSIONS[spec.image_format])}
+
+
+def pair_result(noise: torch.Tensor, latents: torch.Tensor, finite: torch.Tensor, truncated: list[bool],
+                n: int) -> dict:
+    """A batch's first `n` pairs as `PairsOutput.collect` takes them: float32 copies to the host under way."""
+    return {"noise": HostCopy(noise[:n].float()), "latent": HostCopy(latents[:n].float()),
+            "finite": HostCopy(finite[:n]), "truncated": truncated[:n]}
+
+
+class PairsStage(PairsOutput):
+    def __init__(self, spec, teacher: Teacher):
+        self.spec = spec
+        self.teacher = teacher
+        self.components = teacher.components
+
+    @classmethod
+    def wanted(cls, spec) -> bool:
+        return "pairs" in spec.tasks and not spec.encodes
 
     @classmethod
     def load(cls, spec, sources: dict, cache: ComponentCache) -> "PairsStage":
@@ -42,37 +88,11 @@ class PairsStage(Stage):
 
     def run(self, batch: PromptBatch, n: int, produced: dict, encode: Encode) -> dict:
         pairs = self.teacher.pairs(batch)
-        result = {"noise": HostCopy(pairs.noise[:n].float()), "latent": HostCopy(pairs.latents[:n].float()),
-                  "finite": HostCopy(pairs.finite[:n]), "truncated": pairs.truncated[:n]}
+        result = pair_result(pairs.noise, pairs.latents, pairs.finite, pairs.truncated, n)
         if self.spec.teacher_images:
-            images = decode(self.teacher.components.vae, pairs.latents[:n])
+            images = decode(self.components.vae, pairs.latents[:n])
             pixels = to_pixels(images)
             produced[self.name] = pixels
             result["encodes"] = encode(HostCopy(pixels), n)
             result["finite"] = HostCopy(finite_per_sample(pairs.latents[:n], images))
         return result
-
-    def collect(self, keys: list[str], result: dict, outputs: UnitOutputs) -> None:
-        outputs.truncated[self.name].update(zip(keys, result["truncated"]))
-        noise, latents = outputs.column(self.name, "noise"), outputs.column(self.name, "latent")
-        for key, noise_i, latent_i, finite in zip(keys, result["noise"].numpy(), result["latent"].numpy(),
-                                                  result["finite"].numpy()):
-            if finite:
-                noise[key], latents[key] = noise_i, latent_i
-            else:
-                outputs.fail(self.name, key, NON_FINITE)
-        collect_encoded(keys, result.get("encodes", ()), outputs, self.name, "teacher image")
-
-    def files(self, shard: str, samples, extra, outputs: UnitOutputs) -> dict[str, bytes]:
-        spec = self.spec
-        rows = metadata_rows(spec, samples, outputs, self.name, spec.teacher, spec.teacher_steps,
-                             spec.teacher_guidance_scale, None)
-        teacher = {"model": spec.teacher, "kind": spec.teacher_kind, "steps": spec.teacher_steps,
-                   "guidance_scale": spec.teacher_guidance_scale}
-        components = self.teacher.components
-        factor = components.vae_scale_factor
-        shape = (components.unet.config.in_channels, spec.height // factor, spec.width // factor)
-        images = outputs.column(self.name, "image") if spec.teacher_images else None
-        return {f"{spec.pair_dir}{shard}.parquet": pairs_parquet_shard(
-            metadata_table(rows, extra, outputs.added_columns(self.name, samples)), outputs.column(self.name, "noise"),
-            outputs.column(self.name, "latent"), teacher, shape, images, IMAGE_EXTENSIONS[spec.image_format])}
