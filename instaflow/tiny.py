@@ -98,9 +98,10 @@ def _train_bpe(corpus: str, num_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def tokenizer_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def tokenizer_vocab_and_merges(corpus: str = _TOKENIZER_CORPUS,
+                               num_merges: int = _NUM_MERGES) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A small CLIP vocabulary: every byte, every byte ending a word, the learned merges, the special tokens."""
-    merges = _train_bpe(_TOKENIZER_CORPUS, _NUM_MERGES)
+    merges = _train_bpe(corpus, num_merges)
     byte_symbols = list(bytes_to_unicode().values())
     tokens = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(pair) for pair in merges]
     tokens += list(_VOCAB_SPECIAL)
@@ -110,15 +111,15 @@ def tokenizer_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]
     return vocab, merges
 
 
-def build_tokenizer() -> CLIPTokenizer:
+def build_tokenizer(corpus: str = _TOKENIZER_CORPUS, num_merges: int = _NUM_MERGES) -> CLIPTokenizer:
     """A working CLIP BPE tokenizer (transformers 5 takes `vocab=` and `merges=`, and ignores `vocab_file=`)."""
-    vocab, merges = tokenizer_vocab_and_merges()
+    vocab, merges = tokenizer_vocab_and_merges(corpus, num_merges)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def write_slow_tokenizer_files(folder: Path) -> None:
+def write_slow_tokenizer_files(folder: Path, corpus: str = _TOKENIZER_CORPUS, num_merges: int = _NUM_MERGES) -> None:
     """vocab.json and merges.txt beside tokenizer.json, as the SD-1.5 repos ship them for slow tokenizers."""
-    vocab, merges = tokenizer_vocab_and_merges()
+    vocab, merges = tokenizer_vocab_and_merges(corpus, num_merges)
     (folder / "vocab.json").write_text(json.dumps(vocab) + "\n")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
 

@@ -55,7 +55,7 @@ class Command:
 
 
 COMMANDS = (
-    Command("run", "run a job here: [generate|reflow-pairs] [--config job.yaml] [job flags]", "jobs.jobfile:run_command"),
+    Command("run", "run a job here: [generate|reflow-pairs|encode] [--config job.yaml] [job flags]", "jobs.jobfile:run_command"),
     Command("submit", "send a job to a Ray cluster through its Jobs API ([--wait] to follow it)", "jobs.submit:submit_command"),
     Command("status", "a submitted job's status", "jobs.ray_jobs:status_command"),
     Command("logs", "a submitted job's logs ([--follow])", "jobs.ray_jobs:logs_command"),
@@ -67,6 +67,8 @@ COMMANDS = (
     Command("train", "train on reflow pairs with Ray Train: reflow, or one-step distillation", "jobs.train_reflow:main"),
     Command("straightness", "measure a model or each checkpoint of a training run on held-out pairs",
             "jobs.straightness:main"),
+    Command("reproduce-toy", "reflow reproduced offline on a procedural toy set: 1-RF, 2-RF, distillation, measures",
+            "jobs.reproduce_toy:main"),
     Command("tiny", "write the tiny offline models (for tests and demos)", "instaflow.tiny:main"),
 )
 

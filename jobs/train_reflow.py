@@ -58,6 +58,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--loader-workers", type=int, default=2, help="data-loader processes per worker")
     parser.add_argument("--cache-text-embeddings", action="store_true",
                         help="encode each prompt once, into _text-embeddings/ beside the pairs, and train from that")
+    parser.add_argument("--cpus-per-worker", type=float,
+                        help="CPUs each worker reserves, and so its torch threads (default: Ray Train's 1)")
     parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts from the last checkpoint")
     parser.add_argument("--lock-lease", dest="lock_lease_s", type=float, default=120.0,
                         help="seconds after which a lock its job stopped renewing is taken over")
@@ -153,7 +155,8 @@ def build_trainer(spec: TrainSpec, init, fs, root: str, use_gpu: bool):
     return TorchTrainer(
         train_worker,
         train_loop_config={"spec": vars(spec), "init": asdict(init), "storage_env": storage_env()},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=worker_resources(spec, use_gpu)),
         run_config=RunConfig(
             name=CHECKPOINTS_DIR,
             storage_path=root,
@@ -162,6 +165,14 @@ def build_trainer(spec: TrainSpec, init, fs, root: str, use_gpu: bool):
             checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
         ),
     )
+
+
+def worker_resources(spec: TrainSpec, use_gpu: bool) -> dict | None:
+    """Each worker's reservation: Ray Train's default, or --cpus-per-worker CPUs (Ray sets a worker's torch threads
+    from them) beside its GPU."""
+    if spec.cpus_per_worker is None:
+        return None
+    return {"CPU": spec.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
 
 
 def training_failure(exc: Exception) -> int:

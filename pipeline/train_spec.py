@@ -11,8 +11,8 @@ DEVICES = ("auto", "gpu", "cpu")
 # them goes on with a different order, and says so.)
 RUN_ONLY_FIELDS = (
     "output", "steps", "micro_batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "device",
-    "loader_workers", "cache_text_embeddings", "max_failures", "lock_lease_s", "storage_options", "overwrite",
-    "ray_address",
+    "loader_workers", "cache_text_embeddings", "cpus_per_worker", "max_failures", "lock_lease_s", "storage_options",
+    "overwrite", "ray_address",
 )
 
 
@@ -37,6 +37,7 @@ class TrainSpec:
     device: str = "auto"
     loader_workers: int = 2  # data-loader processes per worker; 0 reads in the training process
     cache_text_embeddings: bool = False
+    cpus_per_worker: float | None = None  # None: Ray Train's default (1 CPU)
     max_failures: int = 3  # worker-group restarts Ray Train may make, each from the last checkpoint
     lock_lease_s: float = 120.0  # a lock unchanged for this long, on the reader's clock, is stale
     storage_options: dict = field(default_factory=dict)
@@ -63,6 +64,10 @@ class TrainSpec:
         for name in ("micro_batch_size", "keep_checkpoints", "num_workers"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1)
+        if self.cpus_per_worker is not None and (
+                isinstance(self.cpus_per_worker, bool) or not isinstance(self.cpus_per_worker, (int, float))
+                or not 0 < self.cpus_per_worker < 1e6):
+            raise ValueError(f"cpus_per_worker must be a positive number, got {self.cpus_per_worker!r}")
         if not isinstance(self.learning_rate, (int, float)) or not 0 < self.learning_rate < 1:
             raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate!r}")
         if not isinstance(self.weight_decay, (int, float)) or not 0 <= self.weight_decay < 1:

@@ -184,6 +184,7 @@ def test_bad_settings_exit_2_before_anything_runs(ray_cpus, pairs, tiny_models, 
         "no such folder": train_args(pairs, tmp_path / "no-model", output, 10),
         "not divisible by the 3 workers": train_args(pairs, tiny_models["sd15"], output, 10, "--num-workers", "3"),
         "learning_rate must be": train_args(pairs, tiny_models["sd15"], output, 10) + ["--learning-rate", "2"],
+        "cpus_per_worker must be": train_args(pairs, tiny_models["sd15"], output, 10) + ["--cpus-per-worker", "0"],
     }
     for message, args in cases.items():
         assert train_reflow.main(args) == 2

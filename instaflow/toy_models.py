@@ -1,0 +1,227 @@
+"""The models of the toy reflow reproduction that are not the flow itself, each trained from scratch here.
+
+- an **autoencoder** (diffusers' `AutoencoderKL`, four blocks, so latents are 1/8 of the image side as SD-1.5's):
+  reconstruction plus a small KL term, then the latents' scaling factor measured as SD's was (1 / their std);
+- a **text encoder** (transformers' `CLIPTextModel`) trained as CLIP's was, contrastively against a small image
+  encoder, so the flow gets text embeddings that mean something, as SD-1.5 gets CLIP's;
+- a **classifier** of shape, colour, background and position, trained on the real images, that judges samples;
+- the **init folder**: a complete diffusers pipeline (the autoencoder, the text encoder, a tokenizer of the
+  captions' words, a random-initialised `UNet2DConditionModel`) that the engine's own `encode` and `train` jobs
+  take as they take SD-1.5.
+
+All of it runs on the CPU in seconds to minutes, seeded and in one thread order, so a re-run gives the same
+weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from torch import nn
+from torch.nn import functional as F
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from instaflow.tiny import build_scheduler, build_tokenizer, write_slow_tokenizer_files
+from instaflow.toy_data import ATTRIBUTES, tokenizer_corpus
+
+TEXT_WIDTH = 64  # the text encoder's hidden size, and so the UNet's cross-attention size
+TOKENIZER_MERGES = 200
+SHAPE_WEIGHT = 3.0
+
+
+def to_unit_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1], as diffusers' image processor gives VAEs."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def batches(n: int, batch_size: int, steps: int, seed: int):
+    """`steps` index batches drawn from seeded shuffles of range(n), epoch after epoch."""
+    rng = np.random.default_rng(seed)
+    order, at = rng.permutation(n), 0
+    for _ in range(steps):
+        if at + batch_size > n:
+            order, at = rng.permutation(n), 0
+        yield torch.from_numpy(order[at : at + batch_size])
+        at += batch_size
+
+
+# ------------------------------------------------------------------------------------------------ autoencoder
+
+
+def build_autoencoder(image_size: int, seed: int) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1,
+                         norm_num_groups=8, sample_size=image_size, mid_block_add_attention=False)
+
+
+def shape_mask(x: torch.Tensor) -> torch.Tensor:
+    """1 where a pixel differs from its image's background (the median of its border), else 0: N1HW."""
+    border = torch.cat([x[:, :, 0, :], x[:, :, -1, :], x[:, :, :, 0], x[:, :, :, -1]], dim=2)
+    background = border.median(dim=2).values[:, :, None, None]
+    return ((x - background).abs().sum(1, keepdim=True) > 0.1).float()
+
+
+def train_autoencoder(images: np.ndarray, steps: int, batch_size: int, seed: int, log=print) -> AutoencoderKL:
+    """L1 + MSE reconstruction of sampled latents, the shape's pixels weighted up, with a KL weight of 1e-4, Adam at 1e-3 then decayed; the scaling
+    factor set to 1 / std of the training images' latent means."""
+    vae = build_autoencoder(images.shape[1], seed).train()
+    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    for step, index in enumerate(batches(len(images), batch_size, steps, seed)):
+        x = to_unit_range(images[index.numpy()])
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean
+        y = vae.decode(z).sample
+        weight = 1.0 + SHAPE_WEIGHT * shape_mask(x)  # the shape is a small part of the image, and all that matters
+        error = (y - x).abs() + (y - x).pow(2)
+        loss = (weight * error).mean() / weight.mean() + 1e-4 * posterior.kl().mean() / z[0].numel()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if (step + 1) % max(1, steps // 10) == 0:
+            log(f"autoencoder step {step + 1}/{steps}: loss {loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        means = torch.cat([vae.encode(to_unit_range(images[i : i + 256])).latent_dist.mean
+                           for i in range(0, min(len(images), 2048), 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+    return vae
+
+
+# ----------------------------------------------------------------------------------------------- text encoder
+
+
+class ImageEncoder(nn.Module):
+    """A small CNN: 64x64 images to one vector; the vision side of the toy CLIP and the classifier's body."""
+
+    def __init__(self, width: int = 16, out: int = TEXT_WIDTH):
+        super().__init__()
+        layers, channels = [], 3
+        for c in (width, 2 * width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(channels, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.SiLU()]
+            channels = c
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def build_text_encoder(vocab_size: int, seed: int) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH,
+                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+    return CLIPTextModel(config)
+
+
+def train_text_encoder(images: np.ndarray, captions: list[str], tokenizer, steps: int, batch_size: int, seed: int,
+                       log=print) -> CLIPTextModel:
+    """CLIP's contrastive loss between the text encoder's pooled output and the image encoder, both projected;
+    images of the same caption in a batch count as positives of each other."""
+    text_encoder = build_text_encoder(len(tokenizer), seed).train()
+    vision, projection = ImageEncoder(), nn.Linear(TEXT_WIDTH, TEXT_WIDTH, bias=False)
+    log_temperature = nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
+    parameters = [*text_encoder.parameters(), *vision.parameters(), *projection.parameters(), log_temperature]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.01)
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    caption_ids = torch.tensor(np.unique(np.asarray(captions), return_inverse=True)[1])
+    for step, index in enumerate(batches(len(images), batch_size, steps, seed)):
+        text = F.normalize(projection(text_encoder(ids[index]).pooler_output), dim=-1)
+        image = F.normalize(vision(to_unit_range(images[index.numpy()])), dim=-1)
+        logits = log_temperature.exp().clamp(max=100) * text @ image.T
+        same = (caption_ids[index][:, None] == caption_ids[index][None, :]).float()
+        targets = same / same.sum(1, keepdim=True)
+        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % max(1, steps // 10) == 0:
+            log(f"text encoder step {step + 1}/{steps}: contrastive loss {loss.item():.4f}")
+    return text_encoder.eval()
+
+
+# ------------------------------------------------------------------------------------------------- classifier
+
+
+class Classifier(nn.Module):
+    """One head per attribute (shape, colour, background, position) on the small CNN."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = ImageEncoder(out=128)
+        self.heads = nn.ModuleDict({name: nn.Linear(128, len(values)) for name, values in ATTRIBUTES.items()})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = F.silu(self.body(x))
+        return {name: head(features) for name, head in self.heads.items()}
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Each attribute's predicted class index for uint8 NHWC images."""
+        self.eval()
+        parts = [self(to_unit_range(images[i : i + 256])) for i in range(0, len(images), 256)]
+        return {name: torch.cat([p[name] for p in parts]).argmax(1).numpy() for name in ATTRIBUTES}
+
+
+def train_classifier(images: np.ndarray, labels: dict[str, np.ndarray], steps: int, batch_size: int, seed: int,
+                     log=print) -> Classifier:
+    torch.manual_seed(seed)
+    classifier = Classifier().train()
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=2e-3, weight_decay=0.01)
+    targets = {name: torch.from_numpy(values) for name, values in labels.items()}
+    for step, index in enumerate(batches(len(images), batch_size, steps, seed)):
+        outputs = classifier(to_unit_range(images[index.numpy()]))
+        loss = sum(F.cross_entropy(outputs[name], targets[name][index]) for name in ATTRIBUTES)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % max(1, steps // 5) == 0:
+            log(f"classifier step {step + 1}/{steps}: loss {loss.item():.4f}")
+    return classifier.eval()
+
+
+def accuracy(predicted: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, float]:
+    """`shape_and_colour` (both right: the headline figure) and each attribute's own accuracy."""
+    right = {name: predicted[name] == labels[name] for name in ATTRIBUTES}
+    return {"shape_and_colour": float(np.mean(right["shape"] & right["colour"])),
+            **{name: float(np.mean(value)) for name, value in right.items()}}
+
+
+# ------------------------------------------------------------------------------------------------ init folder
+
+
+def build_unet(image_size: int, widths: tuple[int, int], seed: int) -> UNet2DConditionModel:
+    """The flow's UNet: two levels, cross-attention in both, at the text encoder's width."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=widths, layers_per_block=1, sample_size=image_size // 8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=16)
+
+
+def toy_tokenizer():
+    return build_tokenizer(tokenizer_corpus(), TOKENIZER_MERGES)
+
+
+def write_init_model(folder: Path, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel) -> None:
+    """A diffusers folder in SD-1.5's layout (a rectified-flow pipeline's index, as the InstaFlow repos have)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=toy_tokenizer(), unet=unet,
+                                       scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipeline.save_pretrained(folder)
+    write_slow_tokenizer_files(folder / "tokenizer", tokenizer_corpus(), TOKENIZER_MERGES)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "RectifiedFlowPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

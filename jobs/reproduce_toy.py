@@ -1,0 +1,403 @@
+"""Reflow, reproduced on a procedural toy set, offline: a text-conditioned flow trained from scratch (1-RF),
+reflowed on its own pairs (2-RF) and distilled to one step, with the control that distils the 1-RF directly.
+
+Every phase but the toy-specific ones (drawing the data, the autoencoder, the text encoder, the classifier) is one
+of the engine's own jobs, run in this process on a local Ray (or `--ray-address`): `encode`, `train`,
+`reflow-pairs`, `generate`, `straightness`. A phase that finished records itself in `OUT/phases/NAME.json` with
+its seconds and results, so a re-run of a finished reproduction does nothing, and one killed mid-way skips what
+finished and resumes the phase it was in (the engine's jobs resume their shards and checkpoints). The phases,
+figures and what they say: README, "Reflow reproduced on a toy set".
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import posixpath
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from instaflow.toy_data import ATTRIBUTES, all_captions, draw, png_bytes, split_captions
+from jobs import encode, generate, reflow_pairs, straightness, train_reflow
+from jobs.errors import entry_point, process_exit
+from jobs.main import Parser
+from jobs.options import json_object
+from jobs.toy_report import write_report
+from pipeline.storage import filesystem, get_bytes, normalize_location, put_atomic
+from pipeline.writers import with_image_column
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SIZE = 64
+HELD_OUT_FRACTION = 0.1
+ROWS_PER_FILE = 1000
+
+
+@dataclass(frozen=True)
+class Scale:
+    images_per_caption: int  # training images drawn per training caption
+    held_out_images_per_caption: int  # real held-out images, for the classifier's own accuracy
+    samples_per_held_out_caption: int  # generated samples per held-out caption, for every model's accuracy
+    noises_per_image: int  # the 1-RF's (noise, image) couplings: independent noises per training image
+    pair_prompts_per_caption: int  # reflow and distillation pairs per training caption
+    autoencoder_steps: int
+    text_encoder_steps: int
+    classifier_steps: int
+    unet_widths: tuple[int, int]
+    train_batch: int
+    rf1_steps: int  # the 1-RF, from scratch
+    reflow_steps: int  # the 2-RF, from the 1-RF
+    distill_steps: int  # each one-step distillation (from the 2-RF, and the control from the 1-RF)
+    euler_steps: int  # N: the teachers' Euler steps, and the N-step samples
+    learning_rate: float  # the 1-RF's, from scratch
+    finetune_learning_rate: float  # reflow and distillation, from a trained flow
+    seed: int = 0
+
+
+SCALES = {
+    "smoke": Scale(images_per_caption=1, held_out_images_per_caption=1, samples_per_held_out_caption=1,
+                   noises_per_image=1, pair_prompts_per_caption=1, autoencoder_steps=20, text_encoder_steps=20,
+                   classifier_steps=20, unet_widths=(32, 64), train_batch=32, rf1_steps=20, reflow_steps=10,
+                   distill_steps=10, euler_steps=4, learning_rate=1e-3, finetune_learning_rate=1e-3),
+    "full": Scale(images_per_caption=8, held_out_images_per_caption=4, samples_per_held_out_caption=4,
+                  noises_per_image=4, pair_prompts_per_caption=8, autoencoder_steps=2400, text_encoder_steps=400,
+                  classifier_steps=1200, unet_widths=(48, 96), train_batch=64, rf1_steps=2000, reflow_steps=800,
+                  distill_steps=800, euler_steps=16, learning_rate=5e-4, finetune_learning_rate=2e-4),
+}
+# Generated samples per model on the held-out captions, and where each comes from.
+SAMPLES = ("1rf_1step", "1rf_nstep", "2rf_1step", "2rf_nstep", "distilled_from_2rf", "distilled_from_1rf")
+
+
+class Reproduction:
+    """One reproduction's folder, its phases and what they recorded."""
+
+    def __init__(self, out: str, scale_name: str, storage_options: dict):
+        self.out, self.scale_name, self.scale = normalize_location(out).rstrip("/"), scale_name, SCALES[scale_name]
+        self.storage_options = storage_options
+        self.fs, self.root = filesystem(self.out, storage_options)
+        self.results: dict[str, dict] = {}
+
+    def url(self, *parts: str) -> str:
+        return posixpath.join(self.out, *parts)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    # --------------------------------------------------------------------------------------------------- phases
+
+    def run(self) -> dict:
+        self.check_scale()
+        s = self.scale
+        n = str(s.euler_steps)
+        rf = ["--teacher-kind", "rf", "--steps", n, "--guidance-scale", "1", "--student-steps", "1",
+              "--student-guidance-scale", "1"]
+        self.phase("data", self.write_data)
+        self.phase("models", self.train_models)
+        self.phase("classifier", self.train_classifier)
+        self.phase("encode", lambda: self.job(encode.main, "--prompts", self.url("data", "train"), "--output",
+                                              self.url("pairs", "encoded"), "--model", self.url("models", "init"),
+                                              "--samples-per-prompt", str(s.noises_per_image)))
+        self.phase("train_1rf", lambda: self.train("encoded", "models/init", "1rf", "reflow", s.rf1_steps))
+        for model in ("1rf", "2rf"):
+            teacher = self.url("train", model, "final")
+            if model == "2rf":
+                self.phase("train_2rf", lambda: self.train("1rf", "train/1rf/final", "2rf", "reflow", s.reflow_steps))
+            self.phase(f"pairs_{model}", lambda: self.job(
+                reflow_pairs.main, "--prompts", self.url("data", "pair-prompts"), "--output",
+                self.url("pairs", model), "--teacher", teacher, *rf[:6]))
+            # held-out pairs with the teacher's decoded N-step images, and the 1-step images of the same model
+            self.phase(f"held_out_{model}", lambda: self.job(
+                reflow_pairs.main, "--prompts", self.url("data", "held-out-prompts"), "--output",
+                self.url("samples", model), "--teacher", teacher, "--model", teacher, *rf, "--teacher-images",
+                "--image-format", "png", "--format", "parquet"))
+            self.phase(f"straightness_{model}", lambda: self.straightness(model))
+        self.phase("distill_2rf", lambda: self.train("2rf", "train/2rf/final", "distilled-2rf", "distill-l2",
+                                                     s.distill_steps))
+        self.phase("distill_1rf", lambda: self.train("1rf", "train/1rf/final", "distilled-1rf", "distill-l2",
+                                                     s.distill_steps))
+        for source in ("2rf", "1rf"):
+            self.phase(f"samples_distilled_{source}", lambda: self.job(
+                generate.main, "--prompts", self.url("data", "held-out-prompts"), "--output",
+                self.url("samples", f"distilled-{source}"), "--model", self.url("train", f"distilled-{source}", "final"),
+                "--steps", "1", "--guidance-scale", "1", "--image-format", "png", "--format", "parquet"))
+        self.phase("accuracy", self.measure_accuracy)
+        self.phase("report", lambda: write_report(self.fs, self.root, self.report(), self.sample_grids()))
+        return json.loads(get_bytes(self.fs, self.path("report.json")))
+
+    def check_scale(self) -> None:
+        """A folder keeps its scale: another scale's phases are other runs, not a resume."""
+        path = self.path("reproduction.json")
+        settings = {"scale": self.scale_name, **asdict(self.scale), "image_size": IMAGE_SIZE,
+                    "held_out_fraction": HELD_OUT_FRACTION}
+        settings = json.loads(json.dumps(settings))
+        if self.fs.exists(path):
+            found = json.loads(get_bytes(self.fs, path))
+            if found != settings:
+                raise ValueError(f"{self.url('reproduction.json')}: this folder holds a reproduction with other "
+                                 f"settings ({found.get('scale')!r}); use another --out")
+        else:
+            put_atomic(self.fs, path, (json.dumps(settings, indent=1) + "\n").encode())
+
+    def phase(self, name: str, work) -> dict:
+        """Runs `work` unless the phase recorded itself as finished; records its seconds and results."""
+        marker = self.path("phases", f"{name}.json")
+        if self.fs.exists(marker):
+            self.results[name] = json.loads(get_bytes(self.fs, marker))
+            logger.info("phase %s: finished before (%.0f s), skipped", name, self.results[name]["seconds"])
+            return self.results[name]
+        logger.info("phase %s: starting", name)
+        started = time.perf_counter()
+        results = work() or {}
+        record = {"seconds": round(time.perf_counter() - started, 2), **results}
+        put_atomic(self.fs, marker, (json.dumps(record, indent=1) + "\n").encode())
+        self.results[name] = record
+        logger.info("phase %s: finished in %.0f s", name, record["seconds"])
+        return record
+
+    def job(self, main, *argv: str) -> None:
+        """One of the engine's jobs, as its command line runs it; anything but success stops the reproduction."""
+        common = ["--height", str(IMAGE_SIZE), "--width", str(IMAGE_SIZE), "--rows-per-shard", "500",
+                  "--batch-size", "64", "--no-progress", *self.storage_flag()]
+        status = main([*argv, *common])
+        if status != 0:
+            raise RuntimeError(f"{main.__module__} exited with status {status}; re-run reproduce-toy to resume")
+
+    def storage_flag(self) -> list[str]:
+        return ["--storage-options", json.dumps(self.storage_options)] if self.storage_options else []
+
+    def train(self, pairs: str, init: str, output: str, loss: str, steps: int) -> dict:
+        s = self.scale
+        learning_rate = s.learning_rate if output == "1rf" else s.finetune_learning_rate
+        status = train_reflow.main([
+            "--pairs", self.url("pairs", pairs), "--init", self.url(*init.split("/")), "--output",
+            self.url("train", output), "--loss", loss, "--steps", str(steps), "--batch-size", str(s.train_batch),
+            "--learning-rate", str(learning_rate), "--warmup-steps", str(max(1, steps // 20)),
+            "--ema-decay", "0.999", "--cpus-per-worker", str(os.cpu_count() or 1), "--checkpoint-every", str(max(10, steps // 4)), "--log-every",
+            str(max(5, steps // 20)), "--loader-workers", "0", "--cache-text-embeddings", "--seed", str(s.seed),
+            *self.storage_flag()])
+        if status != 0:
+            raise RuntimeError(f"training {output} exited with status {status}; re-run reproduce-toy to resume")
+        metrics = [json.loads(line) for line in get_bytes(self.fs, self.path("train", output, "metrics.jsonl"))
+                   .decode().splitlines()]
+        return {"loss": loss, "steps": steps, "batch_size": s.train_batch, "learning_rate": learning_rate,
+                "pairs": pairs, "init": init,
+                "final_loss": metrics[-1]["loss"], "loss_curve": [[m["step"], m["loss"]] for m in metrics]}
+
+    def straightness(self, model: str) -> dict:
+        report = self.url("measures", f"straightness-{model}.jsonl")
+        status = straightness.main(["--pairs", self.url("samples", model, "pairs"), "--model",
+                                    self.url("train", model, "final"), "--max-pairs", "1024", "--batch-size", "64",
+                                    "--report", report, *self.storage_flag()])
+        if status != 0:
+            raise RuntimeError(f"straightness of {model} exited with status {status}")
+        row = json.loads(get_bytes(self.fs, self.path("measures", f"straightness-{model}.jsonl")).splitlines()[-1])
+        return {"mean": row["straightness"], "curve": {k.split("_")[1]: v for k, v in row.items()
+                                                       if k.startswith("straightness_")},
+                "reflow_loss": row["reflow_loss"], "one_step_error": row["one_step_error"]}
+
+    # ---------------------------------------------------------------------------------------- toy-specific work
+
+    def write_data(self) -> dict:
+        """The image sets (training, real held-out) in the engine's image-dataset format, and the prompt files of
+        the pairs and of the held-out samples."""
+        s = self.scale
+        training, held_out = split_captions(HELD_OUT_FRACTION, s.seed)
+        self.write_images("train", [(c, k) for c in training for k in range(s.images_per_caption)], seed_base=0)
+        self.write_images("held-out", [(c, k) for c in held_out for k in range(s.held_out_images_per_caption)],
+                          seed_base=10**8)
+        self.write_prompts("pair-prompts", [c.text for c in training for _ in range(s.pair_prompts_per_caption)])
+        self.write_prompts("held-out-prompts", [c.text for c in held_out for _ in range(s.samples_per_held_out_caption)])
+        return {"training_captions": len(training), "held_out_captions": len(held_out),
+                "held_out_examples": [c.text for c in held_out[:5]]}
+
+    def write_images(self, name: str, rows: list, seed_base: int) -> None:
+        for start in range(0, len(rows), ROWS_PER_FILE):
+            part = rows[start : start + ROWS_PER_FILE]
+            keys = [f"{name}-{start + i:06d}" for i in range(len(part))]
+            images = {key: png_bytes(draw(caption, IMAGE_SIZE, seed_base + start + i))
+                      for i, (key, (caption, _)) in enumerate(zip(keys, part))}
+            table = pa.table({"id": keys, "key": keys, "status": ["ok"] * len(part),
+                              "prompt": [caption.text for caption, _ in part],
+                              **{name_: [getattr(caption, name_) for caption, _ in part] for name_ in ATTRIBUTES}})
+            table = with_image_column(table, images, "png").drop_columns(["key", "status"])
+            self.put_table(f"data/{name}/{start // ROWS_PER_FILE:05d}.parquet", table)
+
+    def write_prompts(self, name: str, prompts: list[str]) -> None:
+        ids = [f"{name}-{i:06d}" for i in range(len(prompts))]
+        self.put_table(f"data/{name}/00000.parquet", pa.table({"id": ids, "prompt": prompts}))
+
+    def put_table(self, relative: str, table: pa.Table) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        put_atomic(self.fs, self.path(*relative.split("/")), buffer.getvalue())
+
+    def read_images(self, folder: str, column: str = "image") -> tuple[np.ndarray, list[str]]:
+        """The ok rows' images (uint8 NHWC) and prompts of every Parquet file in a folder, in file order."""
+        images, prompts = [], []
+        for path in sorted(self.fs.glob(self.path(folder, "*.parquet"))):
+            table = pq.read_table(io.BytesIO(get_bytes(self.fs, path)))
+            ok = table.column("status").to_pylist() if "status" in table.column_names else [None] * len(table)
+            for value, prompt, status in zip(table.column(column).to_pylist(), table.column("prompt").to_pylist(), ok):
+                if status in (None, "ok"):
+                    images.append(np.asarray(Image.open(io.BytesIO(value["bytes"])).convert("RGB")))
+                    prompts.append(prompt)
+        return np.stack(images), prompts
+
+    def train_models(self) -> dict:
+        """The autoencoder and the text encoder, then the init folder the flow is trained from."""
+        from instaflow.toy_models import (build_unet, toy_tokenizer, train_autoencoder, train_text_encoder,
+                                          write_init_model)
+
+        s = self.scale
+        images, prompts = self.read_images("data/train")
+        vae = train_autoencoder(images, s.autoencoder_steps, 32, s.seed, log=logger.info)
+        text_encoder = train_text_encoder(images, prompts, toy_tokenizer(), s.text_encoder_steps, 128, s.seed,
+                                          log=logger.info)
+        with tempfile.TemporaryDirectory(prefix="instaflow-toy-") as tmp:
+            write_init_model(Path(tmp), vae, text_encoder, build_unet(IMAGE_SIZE, s.unet_widths, s.seed))
+            self.upload(Path(tmp), "models/init")
+        return {"autoencoder_steps": s.autoencoder_steps, "text_encoder_steps": s.text_encoder_steps,
+                "scaling_factor": vae.config.scaling_factor}
+
+    def train_classifier(self) -> dict:
+        """The judge, trained on the real training images; its accuracy on real held-out images, and on the same
+        images passed through the autoencoder (the best a model in its latent space can score)."""
+        from instaflow.toy_models import accuracy, to_unit_range, train_classifier
+        from diffusers import AutoencoderKL
+
+        s = self.scale
+        images, prompts = self.read_images("data/train")
+        classifier = train_classifier(images, labels(prompts), s.classifier_steps, 128, s.seed, log=logger.info)
+        buffer = io.BytesIO()
+        torch.save(classifier.state_dict(), buffer)
+        put_atomic(self.fs, self.path("models", "classifier.pt"), buffer.getvalue())
+        held_images, held_prompts = self.read_images("data/held-out")
+        with tempfile.TemporaryDirectory(prefix="instaflow-toy-") as tmp:
+            self.download("models/init/vae", Path(tmp))
+            vae = AutoencoderKL.from_pretrained(tmp).eval()
+        with torch.no_grad():
+            decoded = torch.cat([vae.decode(vae.encode(to_unit_range(held_images[i : i + 128])).latent_dist.mean).sample
+                                 for i in range(0, len(held_images), 128)])
+        autoencoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        truth = labels(held_prompts)
+        return {"classifier_real": accuracy(classifier.predict(held_images), truth),
+                "classifier_autoencoded": accuracy(classifier.predict(autoencoded), truth),
+                "held_out_images": len(held_images)}
+
+    def classifier(self):
+        from instaflow.toy_models import Classifier
+
+        classifier = Classifier()
+        classifier.load_state_dict(torch.load(io.BytesIO(get_bytes(self.fs, self.path("models", "classifier.pt"))),
+                                              weights_only=True))
+        return classifier.eval()
+
+    def sample_sets(self) -> dict[str, tuple[str, str]]:
+        """Each model's held-out samples: (folder, image column)."""
+        return {"1rf_1step": ("samples/1rf/images", "image"), "1rf_nstep": ("samples/1rf/pairs", "image"),
+                "2rf_1step": ("samples/2rf/images", "image"), "2rf_nstep": ("samples/2rf/pairs", "image"),
+                "distilled_from_2rf": ("samples/distilled-2rf", "image"),
+                "distilled_from_1rf": ("samples/distilled-1rf", "image")}
+
+    def measure_accuracy(self) -> dict:
+        from instaflow.toy_models import accuracy
+
+        classifier = self.classifier()
+        measured = {}
+        for name, (folder, column) in self.sample_sets().items():
+            images, prompts = self.read_images(folder, column)
+            measured[name] = accuracy(classifier.predict(images), labels(prompts)) | {"samples": len(images)}
+        return measured
+
+    def sample_grids(self) -> dict[str, list[tuple[Image.Image, str]]]:
+        """Up to 16 held-out samples of each model (and the real held-out images), with their captions."""
+        grids = {}
+        for name, (folder, column) in {"real": ("data/held-out", "image"), **self.sample_sets()}.items():
+            images, prompts = self.read_images(folder, column)
+            step = max(1, len(images) // 16)
+            grids[name] = [(Image.fromarray(images[i]), prompts[i]) for i in range(0, len(images), step)][:16]
+        return grids
+
+    # ---------------------------------------------------------------------------------------------- the report
+
+    def report(self) -> dict:
+        r, s = self.results, self.scale
+        accuracy = {"classifier_real": r["classifier"]["classifier_real"]["shape_and_colour"],
+                    "classifier_autoencoded": r["classifier"]["classifier_autoencoded"]["shape_and_colour"],
+                    **{name: r["accuracy"][name]["shape_and_colour"] for name in SAMPLES}}
+        detail = {"classifier_real": r["classifier"]["classifier_real"],
+                  "classifier_autoencoded": r["classifier"]["classifier_autoencoded"],
+                  **{name: r["accuracy"][name] for name in SAMPLES}}
+        curves = {model: r[f"straightness_{model}"] for model in ("1rf", "2rf")}
+        phase_seconds = {name: record["seconds"] for name, record in r.items() if name != "report"}
+        return {
+            "scale": self.scale_name,
+            "straightness": curves,
+            "accuracy": accuracy,
+            "accuracy_detail": detail,
+            "claims": {
+                "reflow_straightened": curves["2rf"]["mean"] < curves["1rf"]["mean"],
+                "one_step_2rf_beats_one_step_1rf": accuracy["2rf_1step"] > accuracy["1rf_1step"],
+                "distilled_from_2rf_beats_distilled_from_1rf":
+                    accuracy["distilled_from_2rf"] > accuracy["distilled_from_1rf"],
+            },
+            "steps": {"euler_steps": s.euler_steps, "guidance_scale": 1.0, "autoencoder": s.autoencoder_steps,
+                      "text_encoder": s.text_encoder_steps, "classifier": s.classifier_steps, "1rf": s.rf1_steps,
+                      "2rf": s.reflow_steps, "distill_each": s.distill_steps},
+            "budgets": {name: {k: r[name][k] for k in ("loss", "steps", "batch_size", "learning_rate", "pairs", "init",
+                                                       "final_loss")}
+                        for name in ("train_1rf", "train_2rf", "distill_2rf", "distill_1rf")},
+            "loss_curves": {name: r[name]["loss_curve"] for name in ("train_1rf", "train_2rf", "distill_2rf",
+                                                                      "distill_1rf")},
+            "data": r["data"] | {"image_size": IMAGE_SIZE, "held_out_images": r["classifier"]["held_out_images"]},
+            "settings": asdict(s),
+            "seconds": {**phase_seconds, "total": round(sum(phase_seconds.values()), 2)},
+        }
+
+    # ---------------------------------------------------------------------------------------------- transfers
+
+    def upload(self, local: Path, relative: str) -> None:
+        for file in sorted(p for p in local.rglob("*") if p.is_file()):
+            put_atomic(self.fs, self.path(*relative.split("/"), *file.relative_to(local).parts), file.read_bytes())
+
+    def download(self, relative: str, local: Path) -> None:
+        prefix = self.path(*relative.split("/"))
+        for path in self.fs.find(prefix):
+            target = local / posixpath.relpath(path, prefix)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(get_bytes(self.fs, path))
+
+
+def labels(prompts: list[str]) -> dict[str, np.ndarray]:
+    """Each attribute's class index per caption."""
+    by_text = {caption.text: caption.labels() for caption in all_captions()}
+    return {name: np.array([by_text[prompt][name] for prompt in prompts]) for name in ATTRIBUTES}
+
+
+@entry_point
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = Parser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="the reproduction's folder (a path or any fsspec URL)")
+    parser.add_argument("--scale", choices=tuple(SCALES), default="full",
+                        help="smoke: the pipeline end to end in minutes; full: the figures of the README")
+    parser.add_argument("--storage-options", type=json_object, default={}, help="JSON passed to fsspec")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    report = Reproduction(args.out, args.scale, args.storage_options).run()
+    print(json.dumps({k: report[k] for k in ("straightness", "accuracy", "claims")}, indent=1))
+    print(f"report: {posixpath.join(args.out, 'report.html')} ({report['seconds']['total']:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    process_exit(main())
