@@ -50,6 +50,15 @@ def batches(n: int, batch_size: int, steps: int, seed: int):
         at += batch_size
 
 
+def optimizer_step(optimizer, loss: torch.Tensor, step: int, steps: int, log, what: str) -> None:
+    """One step of a toy model's training, logged ten times a run."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if (step + 1) % max(1, steps // 10) == 0:
+        log(f"{what} step {step + 1}/{steps}: loss {loss.item():.4f}")
+
+
 # ------------------------------------------------------------------------------------------------ autoencoder
 
 
@@ -81,12 +90,8 @@ def train_autoencoder(images: np.ndarray, steps: int, batch_size: int, seed: int
         weight = 1.0 + SHAPE_WEIGHT * shape_mask(x)  # the shape is a small part of the image, and all that matters
         error = (y - x).abs() + (y - x).pow(2)
         loss = (weight * error).mean() / weight.mean() + 1e-4 * posterior.kl().mean() / z[0].numel()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optimizer_step(optimizer, loss, step, steps, log, "autoencoder")
         schedule.step()
-        if (step + 1) % max(1, steps // 10) == 0:
-            log(f"autoencoder step {step + 1}/{steps}: loss {loss.item():.4f}")
     vae.eval()
     with torch.no_grad():
         means = torch.cat([vae.encode(to_unit_range(images[i : i + 256])).latent_dist.mean
@@ -141,11 +146,7 @@ def train_text_encoder(images: np.ndarray, captions: list[str], tokenizer, steps
         same = (caption_ids[index][:, None] == caption_ids[index][None, :]).float()
         targets = same / same.sum(1, keepdim=True)
         loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if (step + 1) % max(1, steps // 10) == 0:
-            log(f"text encoder step {step + 1}/{steps}: contrastive loss {loss.item():.4f}")
+        optimizer_step(optimizer, loss, step, steps, log, "text encoder (contrastive)")
     return text_encoder.eval()
 
 
@@ -181,11 +182,7 @@ def train_classifier(images: np.ndarray, labels: dict[str, np.ndarray], steps: i
     for step, index in enumerate(batches(len(images), batch_size, steps, seed)):
         outputs = classifier(to_unit_range(images[index.numpy()]))
         loss = sum(F.cross_entropy(outputs[name], targets[name][index]) for name in ATTRIBUTES)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if (step + 1) % max(1, steps // 5) == 0:
-            log(f"classifier step {step + 1}/{steps}: loss {loss.item():.4f}")
+        optimizer_step(optimizer, loss, step, steps, log, "classifier")
     return classifier.eval()
 
 

@@ -338,7 +338,8 @@ class Reproduction:
         detail = {"classifier_real": r["classifier"]["classifier_real"],
                   "classifier_autoencoded": r["classifier"]["classifier_autoencoded"],
                   **{name: r["accuracy"][name] for name in SAMPLES}}
-        curves = {model: r[f"straightness_{model}"] for model in ("1rf", "2rf")}
+        curves = {model: {k: v for k, v in r[f"straightness_{model}"].items() if k != "seconds"}
+                  for model in ("1rf", "2rf")}
         phase_seconds = {name: record["seconds"] for name, record in r.items() if name != "report"}
         return {
             "scale": self.scale_name,
