@@ -56,13 +56,14 @@ from bench.common import (  # noqa: E402
     write_prompt_files,
 )
 from instaflow.loading import Runtime  # noqa: E402
-from instaflow.models import PromptBatch, StudentOutput, TeacherOutput  # noqa: E402
+from instaflow.models import PromptBatch, Student, StudentOutput, TeacherOutput  # noqa: E402
 from pipeline.job import run_job  # noqa: E402
 from pipeline.spec import JobSpec  # noqa: E402
 from pipeline.stages.images import ImagesStage  # noqa: E402
 from pipeline.stages.pairs import PairsStage  # noqa: E402
 from pipeline.stages.refiner import RefinerStage  # noqa: E402
 from pipeline.stages.scores import ScoresStage  # noqa: E402
+from instaflow.sampling import to_pixels  # noqa: E402
 from instaflow.refiner import Refiner, RefinerOutput, RefinerSettings, refined_size  # noqa: E402
 from instaflow.scores import ClipScorer, SafetyScorer  # noqa: E402
 from pipeline.worker import ShardWorker  # noqa: E402
@@ -102,6 +103,7 @@ class SimulatedDevice:
     pair_s: float = H200_PAIR_S
     score_s: float = 0.0  # each scorer, per image
     refine_s: float = 0.0  # the refiner, per image
+    float_images: bool = False  # the student's decoder returns float images: the engine's to_pixels runs on the host
 
 
 class StandIn:
@@ -137,6 +139,43 @@ class SimulatedStudent(StandIn):
         truncated = batch.truncated(self.components)
         self._hold_device(n, started, cpu_started)
         return StudentOutput(pixels=pixels, truncated=truncated, finite=torch.ones(n, dtype=torch.bool))
+
+
+class SimulatedFloatStudent(Student):
+    """The engine's own `Student.generate` with diffusers' UNet and VAE decode replaced by a device that takes a
+    fixed time per image: the decode returns float images in [-1, 1], (N, 3, H, W), so the engine's own
+    post-processing (`to_pixels`, the finite check) runs on the host, as on a CPU device. The UNet's stand-in
+    returns the real seed noise as its latent; the decode's makes its images from a float bank (that CPU is
+    counted apart, `stand_in_s`, as a GPU would make them)."""
+
+    def __init__(self, bank: torch.Tensor, components, height: int, width: int, guidance_scale: float,
+                 seconds_per_sample: float, count_cpu):
+        self.stand_in = StandIn(components, height, width, guidance_scale, seconds_per_sample, count_cpu)
+        vae = SimpleNamespace(config=SimpleNamespace(scaling_factor=0.18215), decode=self._decode)
+        self.components = SimpleNamespace(**vars(components), vae=vae)
+        self.settings = SimpleNamespace(steps=1, guidance_scale=guidance_scale, height=height, width=width)
+        self.controlnet, self.bank, self._seeds = None, bank, []
+
+    def prepare(self, batch: PromptBatch) -> None:
+        self.stand_in.prepare(batch)
+
+    def sample_latents(self, batch: PromptBatch):
+        self._started, self._cpu_started = time.perf_counter(), time.thread_time()
+        self._seeds = list(batch.seeds)
+        latents = batch.noise(self.components, self.settings.height, self.settings.width)  # the real seed noise
+        return latents, batch.truncated(self.components)
+
+    def _decode(self, latents: torch.Tensor, return_dict: bool = False):
+        images = self.bank.index_select(0, torch.tensor([seed % len(self.bank) for seed in self._seeds]))
+        self.stand_in._hold_device(len(latents), self._started, self._cpu_started)
+        return (images,)
+
+
+def float_bank(height: int, width: int) -> torch.Tensor:
+    """The uint8 bank as the decoder's float images in [-1, 1], (N, 3, H, W), off the uint8 grid (so that
+    to_pixels rounds), which to_pixels turns back into the same pixels."""
+    pixels = torch.from_numpy(image_bank(height, width)).permute(0, 3, 1, 2).float()
+    return ((pixels + 0.25) / 127.5 - 1).contiguous()
 
 
 class SimulatedTeacher(StandIn):
@@ -251,6 +290,7 @@ class SimulatedWorker(ShardWorker):
         self._counts = {"encode_s": 0.0, "stand_in_s": 0.0, "encoded": 0}
         super().__init__(spec, sources, fence)
         self._cpu_after_load_s = _process_cpu_s()
+        self._faults_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
     def load_models(self, sources):
         spec = self.spec
@@ -259,8 +299,11 @@ class SimulatedWorker(ShardWorker):
         size = (spec.height, spec.width)
         stages = []
         if "images" in spec.tasks:
-            stages.append(ImagesStage(spec, SimulatedStudent(torch.from_numpy(image_bank(*size)), components, *size,
-                                                             spec.guidance_scale, self.device.image_s, self._count)))
+            student = (SimulatedFloatStudent(float_bank(*size), components, *size, spec.guidance_scale,
+                                             self.device.image_s, self._count) if self.device.float_images else
+                       SimulatedStudent(torch.from_numpy(image_bank(*size)), components, *size,
+                                        spec.guidance_scale, self.device.image_s, self._count))
+            stages.append(ImagesStage(spec, student))
         if "pairs" in spec.tasks:
             stages.append(PairsStage(spec, SimulatedTeacher(components, *size, spec.teacher_guidance_scale,
                                                             self.device.pair_s, self._count)))
@@ -293,6 +336,7 @@ class SimulatedWorker(ShardWorker):
         return counts | {
             "python_objects": len(gc.get_objects()),  # grows with the run if objects leak
             "process_cpu_s": _process_cpu_s() - self._cpu_after_load_s,
+            "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self._faults_after_load,
             "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             **malloc_mib(),
             "torch_threads": torch.get_num_threads(),
@@ -317,7 +361,7 @@ def simulated_job(spec: JobSpec, device: SimulatedDevice) -> dict:
     steady = pool.steady_rate()
     samples = progress.total_samples
     counters = {key: sum(c[key] for c in pool.worker_counters) for key in ("encode_s", "stand_in_s", "encoded",
-                                                                              "process_cpu_s")}
+                                                                              "process_cpu_s", "minor_faults")}
     host_beyond_encode_s = counters["process_cpu_s"] - counters["encode_s"] - counters["stand_in_s"]
     return {
         **steady,
@@ -330,10 +374,14 @@ def simulated_job(spec: JobSpec, device: SimulatedDevice) -> dict:
         "images_encoded": counters["encoded"],
         "encode_ms_per_image": 1000 * counters["encode_s"] / max(counters["encoded"], 1),
         "stand_in_ms_per_sample": 1000 * counters["stand_in_s"] / samples,
+        "worker_page_faults_per_sample": counters["minor_faults"] / samples,
         "driver_ms_per_sample": 1000 * meter.result.get("cpu_s_driver", 0.0) / samples,
         "ray_system_ms_per_sample": 1000 * meter.result.get("cpu_s_ray_system", 0.0) / samples,
         "s3_server_ms_per_sample": 1000 * meter.result.get("cpu_s_s3", 0.0) / samples,
         "other_jobs_cores": meter.result["other_jobs_cores"],
+        "machine_ms_per_sample": 1000 * meter.result["machine_busy_cores"] * meter.result["wall_s"] / samples,
+        "ms_per_sample_by_process_kind": {key.removeprefix("cpu_s_"): 1000 * value / samples
+                                          for key, value in meter.result.items() if key.startswith("cpu_s_")},
         "max_rss_mib": max(c["max_rss_mib"] for c in pool.worker_counters),
         **{key: max(c[key] for c in pool.worker_counters) for key in [*malloc_mib(), "python_objects"]},
         "rss_after_each_unit_mib": pool.worker_rss_mib,
@@ -350,6 +398,32 @@ def encode_bank_image(index: int, size: int, image_format: str) -> int:
     if size not in _BANKS:
         _BANKS[size] = image_bank(size, size)
     return len(encode_image(_BANKS[size][index % BANK_SIZE], image_format))
+
+
+def postprocess_encode_ms(size: int, image_format: str, batch: int, min_seconds: float) -> dict:
+    """CPU ms per image of the host's own share in one thread, outside the engine, on the float stand-in's images:
+    the engine's float-to-uint8 post-processing (`to_pixels`, a batch at a time) and the encode of each image."""
+    bank = float_bank(size, size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        post_s = encode_s = 0.0
+        images = 0
+        started = time.perf_counter()
+        while time.perf_counter() - started < min_seconds or images < 2 * batch:
+            floats = bank.index_select(0, torch.arange(images, images + batch) % len(bank))
+            clock = time.thread_time()
+            pixels = to_pixels(floats).numpy()
+            post_s += time.thread_time() - clock
+            clock = time.thread_time()
+            for i in range(batch):
+                encode_image(pixels[i], image_format)
+            encode_s += time.thread_time() - clock
+            images += batch
+    finally:
+        torch.set_num_threads(threads)
+    return {"postprocess_ms_per_image": 1000 * post_s / images, "encode_ms_per_image": 1000 * encode_s / images,
+            "postprocess_and_encode_ms_per_image": 1000 * (post_s + encode_s) / images}
 
 
 def encode_rate(size: int, image_format: str, min_seconds: float, workers: int = 1, processes: bool = False) -> float:
@@ -389,7 +463,7 @@ class Setting:
     score_s: float  # each scorer's device time per image (not measured on a GPU yet: a stated stand-in)
     refine_s: float  # the refiner's device time per image (a stated stand-in too)
     feed_runs: tuple[str, ...] = ("jpeg eager", "jpeg compiled", "png eager", "pairs", "jpeg eager + scores",
-                                  "jpeg eager + refiner")
+                                  "jpeg eager + refiner", "jpeg float 2 workers")
     cores_cpus: tuple[int, ...] = (1, 2)
 
 
@@ -398,7 +472,8 @@ FULL = Setting(size=512, image_s=H200_EAGER_IMAGE_S, compiled_image_s=H200_COMPI
                encode_seconds=5.0, score_s=0.002, refine_s=0.1)
 QUICK = Setting(size=64, image_s=0.002, compiled_image_s=0.001, pair_s=0.004, fast_image_s=0.0005, units=4, batch=4,
                 rows_per_shard=8, small_batch=4, small_rows_per_shard=8, encode_seconds=0.3, score_s=0.0005,
-                refine_s=0.002, feed_runs=("jpeg eager", "jpeg eager + scores", "jpeg eager + refiner"),
+                refine_s=0.002, feed_runs=("jpeg eager", "jpeg eager + scores", "jpeg eager + refiner",
+                                          "jpeg float 2 workers"),
                 cores_cpus=(2,))
 
 
@@ -435,25 +510,58 @@ class Bench:
 def part_feed(bench: Bench) -> None:
     s, figures = bench.setting, bench.figures
     scores = ("nsfw", "clip")
-    runs = {  # name: (tasks, image format, device, scores)
+    runs = {  # name: (tasks, image format, device, scores[, workers])
         "jpeg eager": (("images",), "jpeg", SimulatedDevice(image_s=s.image_s), ()),
         "jpeg compiled": (("images",), "jpeg", SimulatedDevice(image_s=s.compiled_image_s), ()),
         "png eager": (("images",), "png", SimulatedDevice(image_s=s.image_s), ()),
         "pairs": (("pairs",), "jpeg", SimulatedDevice(pair_s=s.pair_s), ()),
         "jpeg eager + scores": (("images",), "jpeg", SimulatedDevice(image_s=s.image_s, score_s=s.score_s), scores),
         "jpeg eager + refiner": (("images",), "jpeg", SimulatedDevice(image_s=s.image_s, refine_s=s.refine_s), ()),
+        # as a CPU device does: the decoder's float images post-processed on the host, two workers with a CPU each
+        "jpeg float 2 workers": (("images",), "jpeg", SimulatedDevice(image_s=s.image_s, float_images=True), (), 2),
     }
     for name in s.feed_runs:
-        tasks, image_format, device, scored = runs[name]
+        tasks, image_format, device, scored, *workers = runs[name]
+        workers = workers[0] if workers else 1
         pairs, refine = tasks == ("pairs",), device.refine_s > 0
         small = pairs or image_format == "png" or refine  # slower per sample: smaller units, as many of them
         spec = bench.spec(tasks, image_format, s.small_batch if small else s.batch,
-                          s.small_rows_per_shard if small else s.rows_per_shard, cpus_per_worker=2, scores=scored,
-                          refine=refine)
+                          s.small_rows_per_shard if small else s.rows_per_shard, cpus_per_worker=2 / workers,
+                          scores=scored, refine=refine, num_workers=workers)
         result = simulated_job(spec, device)
         device_s = device.pair_s if pairs else device.image_s + len(scored) * device.score_s + device.refine_s
+        if device.float_images:
+            result |= host_cpu_per_image(result, postprocess_encode_ms(s.size, image_format, spec.batch_size,
+                                                                       s.encode_seconds))
         figures.add(f"feed: {name}", size=s.size, device_ms_per_sample=1000 * device_s, batch=spec.batch_size,
-                    rows_per_shard=spec.rows_per_shard, cpus_per_worker=2, scores=",".join(scored), **result)
+                    rows_per_shard=spec.rows_per_shard, cpus_per_worker=spec.cpus_per_worker,
+                    scores=",".join(scored), **result)
+
+
+def host_cpu_per_image(result: dict, reference: dict) -> dict:
+    """The host's CPU per image in all (machine-wide, /proc/stat, over the job's wall time), and what remains
+    beyond the post-processing and the encode timed in one thread on the same images (and the stand-in's own
+    making of outputs, a GPU's work); per process kind from the process tree."""
+    machine = result["machine_ms_per_sample"]
+    beyond = machine - reference["postprocess_and_encode_ms_per_image"] - result["stand_in_ms_per_sample"]
+    kinds = result["ms_per_sample_by_process_kind"]
+    # the workers' CPU from their models' load on (their counters) against all of theirs in the window: the rest
+    # is their start-up (imports, models), spread over this job's images
+    worker_running = (result["worker_ms_per_sample_beyond_encode"] + result["encode_ms_per_image"]
+                      * result["images_encoded"] / result["samples"] + result["stand_in_ms_per_sample"])
+    worker_start = kinds.get("workers", 0.0) - worker_running
+    # the engine's own steady work per image: the workers' beyond their encodes, the stand-in and the
+    # post-processing (as one thread took it), the driver's and Ray's; not the S3 server (moto) nor start-up
+    engine = (result["worker_ms_per_sample_beyond_encode"] - reference["postprocess_ms_per_image"]
+              + sum(kinds.get(kind, 0.0) for kind in ("driver", "ray_system", "ray_tasks", "other")))
+    print(f"host CPU per image: {machine:.2f} ms in all (machine-wide; other jobs "
+          f"{result['other_jobs_cores']:.2f} cores), {beyond:.2f} ms beyond post-processing "
+          f"{reference['postprocess_ms_per_image']:.2f} + encode {reference['encode_ms_per_image']:.2f} ms "
+          f"(one thread) and the stand-in {result['stand_in_ms_per_sample']:.2f} ms; by process kind: "
+          + ", ".join(f"{kind} {ms:.2f} ms" for kind, ms in sorted(kinds.items()))
+          + f"; workers' start-up {worker_start:.2f} ms; the engine's own steady work {engine:.2f} ms", flush=True)
+    return {"reference_one_thread": reference, "machine_ms_beyond_postprocess_and_encode": beyond,
+            "worker_start_ms_per_sample": worker_start, "engine_steady_ms_per_sample_beyond": engine}
 
 
 def part_cores(bench: Bench) -> None:
@@ -485,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = Figures("simulated", args.out or default_out())
     figures.machine(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory(prefix="bench-simulated-") as tmp, s3_server() as s3, \
-            local_ray(num_cpus=2, num_gpus=1, workdir=Path(tmp)):
+            local_ray(num_cpus=2, num_gpus=2, workdir=Path(tmp)):
         setting = QUICK if args.quick else FULL
         if args.feed_runs:
             setting = dataclasses.replace(setting, feed_runs=tuple(args.feed_runs.split(",")))

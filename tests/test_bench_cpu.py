@@ -38,6 +38,11 @@ def test_simulated_device(shared_ray, tmp_path):
     assert 0 < scored["samples"] / scored["job_wall_s"] <= scored["limit_per_s"] < images["limit_per_s"]
     refined = rows["feed: jpeg eager + refiner"]  # the refiner stage on a stand-in: every refined image stored
     assert refined["samples"] == refined["images_encoded"] == images["samples"]
+    floats = rows["feed: jpeg float 2 workers"]  # the decoder's float images post-processed on the host, 2 workers
+    assert floats["workers"] == floats["workers_seen"] == 2 and floats["cpus_per_worker"] == 1
+    assert floats["samples"] == floats["images_encoded"] == images["samples"]
+    assert floats["reference_one_thread"]["postprocess_ms_per_image"] > 0
+    assert floats["ms_per_sample_by_process_kind"]["workers"] > 0 and "engine_steady_ms_per_sample_beyond" in floats
     cores = rows["cores: png, one worker, 2 cpus_per_worker"]
     assert cores["encode_threads"] == 2 and cores["images_encoded"] == cores["samples"]
     assert cores["threads_2_encode_per_s"] > 0 and cores["processes_2_encode_per_s"] > 0
