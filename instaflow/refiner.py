@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from instaflow.sampling import to_pixels, use_guidance
+from instaflow.sampling import finite_per_sample, to_pixels, use_guidance
 from instaflow.text import Tokens, tokenize_prompts
 
 REFINER_INPUTS = "refiner"  # PromptBatch.stage_inputs: the refiner's tokens
@@ -159,7 +159,7 @@ class Refiner:
         # 6. decode (in the VAE's dtype: float32 when forced)
         with self._on_device(c.vae):
             images = c.vae.decode(latents.to(c.vae.dtype) / c.vae.config.scaling_factor, return_dict=False)[0]
-        finite = torch.isfinite(images.float()).flatten(1).all(1) & torch.isfinite(latents.float()).flatten(1).all(1)
+        finite = finite_per_sample(latents, images)
         return RefinerOutput(to_pixels(images), finite)
 
     def _encode(self, token_sets: list[Tokens], n: int) -> tuple[torch.Tensor, torch.Tensor]:

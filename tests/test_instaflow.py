@@ -8,7 +8,7 @@ import torch
 
 from instaflow.loading import ComponentCache, ModelLoadError, Runtime, hub_patterns
 from instaflow.models import PromptBatch, Settings, Student, Teacher, student_defaults, teacher_defaults
-from instaflow.sampling import check_inputs, finite_per_sample, noise_for_seed
+from instaflow.sampling import check_inputs, finite_per_sample, noise_for_seed, to_pixels
 from instaflow.text import tokenize_prompts
 from instaflow.tiny import build_tokenizer, build_unet
 
@@ -251,8 +251,30 @@ def test_tokenising_once_equals_the_tokenizers_own_padding_and_truncation(tiny_m
     assert tokens.truncated == [False, False, True, False]
 
 
+def test_to_pixels_equals_diffusers_out_of_place_chain():
+    """The in-place, chunked post-processing gives diffusers' values exactly, NaN and inf included, any dtype."""
+    def diffusers_chain(images):
+        images = (images.float() / 2 + 0.5).clamp(0, 1)
+        return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for shape in ((3, 3, 64, 64), (2, 3, 256, 320), (1, 3, 8, 24)):
+            images = (torch.randn(shape, generator=generator) * 0.8).to(dtype)
+            images.view(-1)[::97] = float("nan")
+            images.view(-1)[5::89] = float("inf")
+            images.view(-1)[7::83] = -float("inf")
+            for layout in (images, images.transpose(2, 3)):
+                want, got = diffusers_chain(layout), to_pixels(layout)
+                assert got.shape == want.shape and torch.equal(got, want)
+
+
 def test_non_finite_samples_are_found_per_sample():
     latents, images = torch.zeros(4, 4, 8, 8), torch.zeros(4, 3, 64, 64)
     latents[1, 0, 0, 0] = float("nan")
     images[3, 2, 5, 5] = float("inf")
     assert finite_per_sample(latents, images).tolist() == [True, False, True, False]
+    images[2, 0, 0, 0] = -float("inf")
+    latents[0, 3, 7, 7] = float("nan")
+    assert finite_per_sample(latents.half(), images).tolist() == [False, False, False, False]
+    assert finite_per_sample(torch.full((2, 3), 3e38), torch.zeros(2, 0)).tolist() == [True, True]

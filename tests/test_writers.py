@@ -68,6 +68,18 @@ def test_encode_image_is_deterministic_and_decodes(image_format):
         encode_image(pixels(0).astype(np.float32), image_format)
 
 
+@pytest.mark.parametrize("image_format", sorted(IMAGE_EXTENSIONS))
+def test_encode_image_bytes_do_not_depend_on_the_layout(image_format):
+    """A channels-last view of planar data (to_pixels' output on the CPU) and any other strided view encode to
+    the bytes of the same pixels laid out contiguously."""
+    image = pixels(3)
+    planar = np.ascontiguousarray(image.transpose(2, 0, 1)).transpose(1, 2, 0)
+    assert not planar.flags.c_contiguous and np.array_equal(planar, image)
+    assert encode_image(planar, image_format) == encode_image(image, image_format)
+    strided = np.ascontiguousarray(np.repeat(image, 2, axis=1))[:, ::2]
+    assert encode_image(strided, image_format) == encode_image(image, image_format)
+
+
 def test_webdataset_shard_reads_with_webdataset(metadata, tmp_path):
     import webdataset as wds
 
