@@ -18,6 +18,10 @@ Parts:
   SCORE_S), while their host work is the engine's own: CLIP's tokens, the safety checker's decision per row,
   the score columns; "jpeg eager + refiner" adds --refiner at twice the image's side, whose refiner is a stand-in
   too (REFINE_S per image, refined pixels from a bank of that size) after the engine's own host work (its tokens);
+  "jpeg float 2 workers" (issue 18) runs the engine's own Student.generate with the UNet and the VAE decode as
+  sleeps, the decoder returning float images in [-1, 1] so that to_pixels and the finite check run on the host as
+  on a CPU device, on two workers with a CPU each; it prints the host CPU per image machine-wide and per process
+  kind, beside the post-processing and the encode of the same images timed in one thread;
 - cores: PNG with one worker whose device takes 1 ms per image, so the encoders are the limit, with 1 and 2
   CPUs per worker, over the rate of one thread encoding the same images. Beside each, what as many threads
   and as many processes encode outside the engine just before: the machine is shared, and these say how much
