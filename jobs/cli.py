@@ -144,6 +144,13 @@ def run(spec_args: dict, show_progress: bool = True) -> int:
     return exit_status(progress)
 
 
+def run_command_line(parser, spec_args, argv: list[str] | None) -> int:
+    """A job module's `main`: its flags (`parser()`), its spec (`spec_args`), the job run with a progress bar
+    unless --no-progress."""
+    args = parser().parse_args(argv)
+    return run(spec_args(args), show_progress=not args.no_progress)
+
+
 def where_to_look(output: str) -> str:
     """Where the job's outputs, its report and its metrics are: the last lines of a job's log."""
     shown_output = redact_text(output)

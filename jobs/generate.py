@@ -2,7 +2,7 @@
 
 import argparse
 
-from jobs.cli import base_parser, common_spec_args, run
+from jobs.cli import base_parser, common_spec_args, run_command_line
 from jobs.errors import entry_point, process_exit
 
 
@@ -22,8 +22,7 @@ def spec_args(args: argparse.Namespace) -> dict:
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    return run(spec_args(args), show_progress=not args.no_progress)
+    return run_command_line(parser, spec_args, argv)
 
 
 if __name__ == "__main__":
