@@ -74,8 +74,11 @@ SCALES = {
                   classifier_steps=1200, unet_widths=(48, 96), train_batch=64, rf1_steps=2000, reflow_steps=800,
                   distill_steps=800, euler_steps=16, learning_rate=5e-4, finetune_learning_rate=2e-4),
 }
-# Generated samples per model on the held-out captions, and where each comes from.
-SAMPLES = ("1rf_1step", "1rf_nstep", "2rf_1step", "2rf_nstep", "distilled_from_2rf", "distilled_from_1rf")
+# Each model's samples on the held-out captions, by the folder of the job that made them: a held-out pairs job
+# writes the model's 1-step images (images/) beside its N-step pairs with their decoded latents (pairs/).
+SAMPLE_FOLDERS = {"1rf_1step": "samples/1rf/images", "1rf_nstep": "samples/1rf/pairs",
+                  "2rf_1step": "samples/2rf/images", "2rf_nstep": "samples/2rf/pairs",
+                  "distilled_from_2rf": "samples/distilled-2rf", "distilled_from_1rf": "samples/distilled-1rf"}
 
 
 class Reproduction:
@@ -98,9 +101,8 @@ class Reproduction:
     def run(self) -> dict:
         self.check_scale()
         s = self.scale
-        n = str(s.euler_steps)
-        rf = ["--teacher-kind", "rf", "--steps", n, "--guidance-scale", "1", "--student-steps", "1",
-              "--student-guidance-scale", "1"]
+        teacher_flags = ["--teacher-kind", "rf", "--steps", str(s.euler_steps), "--guidance-scale", "1"]
+        student_flags = ["--student-steps", "1", "--student-guidance-scale", "1"]
         self.phase("data", self.write_data)
         self.phase("models", self.train_models)
         self.phase("classifier", self.train_classifier)
@@ -114,11 +116,12 @@ class Reproduction:
                 self.phase("train_2rf", lambda: self.train("1rf", "train/1rf/final", "2rf", "reflow", s.reflow_steps))
             self.phase(f"pairs_{model}", lambda: self.job(
                 reflow_pairs.main, "--prompts", self.url("data", "pair-prompts"), "--output",
-                self.url("pairs", model), "--teacher", teacher, *rf[:6]))
+                self.url("pairs", model), "--teacher", teacher, *teacher_flags))
             # held-out pairs with the teacher's decoded N-step images, and the 1-step images of the same model
             self.phase(f"held_out_{model}", lambda: self.job(
                 reflow_pairs.main, "--prompts", self.url("data", "held-out-prompts"), "--output",
-                self.url("samples", model), "--teacher", teacher, "--model", teacher, *rf, "--teacher-images",
+                self.url("samples", model), "--teacher", teacher, "--model", teacher, *teacher_flags, *student_flags,
+                "--teacher-images",
                 "--image-format", "png", "--format", "parquet"))
             self.phase(f"straightness_{model}", lambda: self.straightness(model))
         self.phase("distill_2rf", lambda: self.train("2rf", "train/2rf/final", "distilled-2rf", "distill-l2",
@@ -212,23 +215,23 @@ class Reproduction:
         the pairs and of the held-out samples."""
         s = self.scale
         training, held_out = split_captions(HELD_OUT_FRACTION, s.seed)
-        self.write_images("train", [(c, k) for c in training for k in range(s.images_per_caption)], seed_base=0)
-        self.write_images("held-out", [(c, k) for c in held_out for k in range(s.held_out_images_per_caption)],
+        self.write_images("train", [c for c in training for _ in range(s.images_per_caption)], seed_base=0)
+        self.write_images("held-out", [c for c in held_out for _ in range(s.held_out_images_per_caption)],
                           seed_base=10**8)
         self.write_prompts("pair-prompts", [c.text for c in training for _ in range(s.pair_prompts_per_caption)])
         self.write_prompts("held-out-prompts", [c.text for c in held_out for _ in range(s.samples_per_held_out_caption)])
         return {"training_captions": len(training), "held_out_captions": len(held_out),
                 "held_out_examples": [c.text for c in held_out[:5]]}
 
-    def write_images(self, name: str, rows: list, seed_base: int) -> None:
-        for start in range(0, len(rows), ROWS_PER_FILE):
-            part = rows[start : start + ROWS_PER_FILE]
+    def write_images(self, name: str, captions: list, seed_base: int) -> None:
+        for start in range(0, len(captions), ROWS_PER_FILE):
+            part = captions[start : start + ROWS_PER_FILE]
             keys = [f"{name}-{start + i:06d}" for i in range(len(part))]
             images = {key: png_bytes(draw(caption, IMAGE_SIZE, seed_base + start + i))
-                      for i, (key, (caption, _)) in enumerate(zip(keys, part))}
+                      for i, (key, caption) in enumerate(zip(keys, part))}
             table = pa.table({"id": keys, "key": keys, "status": ["ok"] * len(part),
-                              "prompt": [caption.text for caption, _ in part],
-                              **{name_: [getattr(caption, name_) for caption, _ in part] for name_ in ATTRIBUTES}})
+                              "prompt": [caption.text for caption in part],
+                              **{name_: [getattr(caption, name_) for caption in part] for name_ in ATTRIBUTES}})
             table = with_image_column(table, images, "png").drop_columns(["key", "status"])
             self.put_table(f"data/{name}/{start // ROWS_PER_FILE:05d}.parquet", table)
 
@@ -241,13 +244,13 @@ class Reproduction:
         pq.write_table(table, buffer)
         put_atomic(self.fs, self.path(*relative.split("/")), buffer.getvalue())
 
-    def read_images(self, folder: str, column: str = "image") -> tuple[np.ndarray, list[str]]:
+    def read_images(self, folder: str) -> tuple[np.ndarray, list[str]]:
         """The ok rows' images (uint8 NHWC) and prompts of every Parquet file in a folder, in file order."""
         images, prompts = [], []
         for path in sorted(self.fs.glob(self.path(folder, "*.parquet"))):
             table = pq.read_table(io.BytesIO(get_bytes(self.fs, path)))
             ok = table.column("status").to_pylist() if "status" in table.column_names else [None] * len(table)
-            for value, prompt, status in zip(table.column(column).to_pylist(), table.column("prompt").to_pylist(), ok):
+            for value, prompt, status in zip(table.column("image").to_pylist(), table.column("prompt").to_pylist(), ok):
                 if status in (None, "ok"):
                     images.append(np.asarray(Image.open(io.BytesIO(value["bytes"])).convert("RGB")))
                     prompts.append(prompt)
@@ -302,28 +305,21 @@ class Reproduction:
                                               weights_only=True))
         return classifier.eval()
 
-    def sample_sets(self) -> dict[str, tuple[str, str]]:
-        """Each model's held-out samples: (folder, image column)."""
-        return {"1rf_1step": ("samples/1rf/images", "image"), "1rf_nstep": ("samples/1rf/pairs", "image"),
-                "2rf_1step": ("samples/2rf/images", "image"), "2rf_nstep": ("samples/2rf/pairs", "image"),
-                "distilled_from_2rf": ("samples/distilled-2rf", "image"),
-                "distilled_from_1rf": ("samples/distilled-1rf", "image")}
-
     def measure_accuracy(self) -> dict:
         from instaflow.toy_models import accuracy
 
         classifier = self.classifier()
         measured = {}
-        for name, (folder, column) in self.sample_sets().items():
-            images, prompts = self.read_images(folder, column)
+        for name, folder in SAMPLE_FOLDERS.items():
+            images, prompts = self.read_images(folder)
             measured[name] = accuracy(classifier.predict(images), labels(prompts)) | {"samples": len(images)}
         return measured
 
     def sample_grids(self) -> dict[str, list[tuple[Image.Image, str]]]:
         """Up to 16 held-out samples of each model (and the real held-out images), with their captions."""
         grids = {}
-        for name, (folder, column) in {"real": ("data/held-out", "image"), **self.sample_sets()}.items():
-            images, prompts = self.read_images(folder, column)
+        for name, folder in {"real": "data/held-out", **SAMPLE_FOLDERS}.items():
+            images, prompts = self.read_images(folder)
             step = max(1, len(images) // 16)
             grids[name] = [(Image.fromarray(images[i]), prompts[i]) for i in range(0, len(images), step)][:16]
         return grids
@@ -334,10 +330,10 @@ class Reproduction:
         r, s = self.results, self.scale
         accuracy = {"classifier_real": r["classifier"]["classifier_real"]["shape_and_colour"],
                     "classifier_autoencoded": r["classifier"]["classifier_autoencoded"]["shape_and_colour"],
-                    **{name: r["accuracy"][name]["shape_and_colour"] for name in SAMPLES}}
+                    **{name: r["accuracy"][name]["shape_and_colour"] for name in SAMPLE_FOLDERS}}
         detail = {"classifier_real": r["classifier"]["classifier_real"],
                   "classifier_autoencoded": r["classifier"]["classifier_autoencoded"],
-                  **{name: r["accuracy"][name] for name in SAMPLES}}
+                  **{name: r["accuracy"][name] for name in SAMPLE_FOLDERS}}
         curves = {model: {k: v for k, v in r[f"straightness_{model}"].items() if k != "seconds"}
                   for model in ("1rf", "2rf")}
         phase_seconds = {name: record["seconds"] for name, record in r.items() if name != "report"}
