@@ -42,21 +42,33 @@ def test_lost_node_costs_only_its_units(cluster, tiny_models, tmp_path):
     reference = data_files(FS, str(tmp_path / "reference"))
 
     faulty = spec("out")
-    pools = []
+    pools, started, ended = [], [], set()  # (worker, unit) of the tries handed out; units whose try ended
 
     def watched_pool(*args):
-        pools.append(ray_pool(*args))
-        return pools[-1]
+        pool = ray_pool(*args)
+        start, committed = pool.deadlines.start, pool.deadlines.on_committed
+        pool.deadlines.start = lambda index, unit, ahead: started.append((index, unit.unit_id)) or start(
+            index, unit, ahead)
+        pool.deadlines.on_committed = lambda attempt: ended.add(attempt.unit.unit_id) or committed(attempt)
+        pools.append(pool)
+        return pool
+
+    lost = gpu_nodes[0]
+    lost_node_id = lost.node_id
+
+    def units_on_lost_node() -> set[int]:
+        on_node = {i for i, info in pools[0].worker_info.items() if info.get("node_id") == lost_node_id}
+        return {unit for index, unit in list(started) if index in on_node} - ended
 
     result = {}
     job = threading.Thread(target=lambda: result.update(progress=run_job(faulty, watched_pool, show_progress=False)))
     job.start()
-    while len(list((tmp_path / "out").glob("*.stats.json"))) < 2:
-        job.join(timeout=0.05)
+    # The node goes while its workers hold units (two, so that one committing meanwhile still leaves one) and
+    # others have committed: a node lost with nothing in flight would cost nothing, and show nothing.
+    while len(list((tmp_path / "out").glob("*.stats.json"))) < 2 or len(units_on_lost_node()) < 2:
+        job.join(timeout=0.02)
         assert job.is_alive()
     assert pools[0].num_workers == 4  # one per logical GPU across both nodes
-    lost = gpu_nodes[0]
-    lost_node_id = lost.node_id
     cluster.remove_node(lost)
     job.join(timeout=300)
 
