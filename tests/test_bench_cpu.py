@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import memory, planning, plainloop, raydata, simulated
+from bench import encoders, memory, planning, plainloop, raydata, simulated
 from conftest import start_ray
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,3 +93,12 @@ def test_scaling(tmp_path):
                    timeout=300)
     row = figures(tmp_path, "scaling")["2 simulated GPUs"]
     assert row["nodes"] == row["nodes_used"] == 2 and row["samples"] > 0
+
+
+def test_encoders_in_threads_and_processes(tmp_path):
+    assert encoders.main(["--quick", "--out", str(tmp_path)]) == 0
+    runs = [json.loads(line) for line in (tmp_path / "encoders.jsonl").read_text().splitlines()]
+    runs = {row["encoders"]: row for row in runs if row["name"] == "run"}
+    assert set(runs) == {"1 threads", "1 processes"}
+    for row in runs.values():  # every image encoded, and no run beats the stand-in device's own time
+        assert row["images_encoded"] == 4 * 8 and 0 < row["fraction_of_limit"] <= 1
