@@ -225,6 +225,8 @@ def _role(process: psutil.Process, driver_pid: int) -> str:
         return "other"
     if "s3_server" in cmdline:
         return "s3"
+    if "pipeline.encoders" in cmdline:
+        return "workers"  # a worker's image encoders (pipeline/encoders.py)
     if re.search(r"bench/\w+\.py child", cmdline):
         return "driver"  # a benchmark step in its own process
     if cmdline.startswith("ray::") and "IDLE" not in cmdline and "Worker" in cmdline.split()[0]:

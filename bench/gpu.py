@@ -456,7 +456,7 @@ def run_worker(ctx, tasks: tuple[str, ...], image_format: str, prompts_file: Pat
     written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and not f.name.startswith("_"))
     timing = {key: sum(s["timings"][key] for s in stats) for key in stats[0]["timings"]}
     return {"samples_per_s": samples / wall, "samples": samples, "wall_s": wall, "load_s": load_s,
-            "warmup_unit_s": warmup_s, "encode_threads": worker.encode_threads,
+            "warmup_unit_s": warmup_s, "encoder_processes": worker.encoders.count,
             "bytes_per_sample": written / (samples + units[0].num_rows),
             **{f"sum_{k}": v for k, v in timing.items()}}
 

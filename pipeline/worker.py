@@ -3,8 +3,8 @@
 An actor runs two units at a time (Ray `max_concurrency=2`) but only one holds the device: while unit N is
 generated, unit N+1's prompts are read, tokenised and given their seed noise; while N+1 is generated, N's shard
 is built and uploaded. Inside a unit, each batch's outputs are copied to page-locked host memory without stopping
-the device, and its images are encoded by a pool of threads, one per CPU reserved for the worker, while the device
-runs the next batches. The device waits for the encoders only when more than `MAX_BATCHES_AWAITING_ENCODE` batches
+the device, and its images are encoded by processes of their own (pipeline/encoders.py), one per CPU reserved for
+the worker, while the device runs the next batches. The device waits for the encoders only when more than `MAX_BATCHES_AWAITING_ENCODE` batches
 are still being encoded; that wait is recorded in the shard's stats (`encode_wait_s`).
 """
 
@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from dataclasses import asdict
 
 import torch
@@ -23,6 +23,7 @@ import torch
 from instaflow.loading import Runtime
 from instaflow.models import PromptBatch
 from pipeline.commit import Fence, ShardStore
+from pipeline.encoders import EncoderProcesses
 from pipeline.manifest import identity_digest
 from pipeline.metrics import WorkerMetrics
 from pipeline.lock import OutputLock
@@ -33,7 +34,6 @@ from pipeline.spec import JobSpec
 from pipeline.stages import build_stages, input_columns, model_sources
 from pipeline.stages.base import HostCopy, Stage, UnitOutputs
 from pipeline.storage import filesystem, protect_secrets, raises_redacted, redact_text
-from pipeline.writers import encode_image
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _timed(timings: dict, name: str):
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - clock
 
 
-def encode_threads(cpus: float | None) -> int:
+def encoder_count(cpus: float | None) -> int:
     """One encoder per CPU reserved for the worker; without a reservation (no Ray), one per CPU of the host."""
     return max(1, int(cpus if cpus is not None else os.cpu_count() or 1))
 
@@ -90,9 +90,8 @@ class ShardWorker:
         self.store = ShardStore(output_fs, root)
         self.device_lock = threading.Lock()
         self.batch_size = spec.batch_size  # halved for good after an out-of-memory error
-        self.encode_threads = encode_threads(spec.cpus_per_worker)
         self.metrics = WorkerMetrics(spec.output, worker_tag())
-        self.encode_pool = ThreadPoolExecutor(self.encode_threads, thread_name_prefix="encode")
+        self.encoders = EncoderProcesses(encoder_count(spec.cpus_per_worker))
 
     def load_models(self, sources: dict[str, ModelSource]) -> list[Stage]:
         """The job's stages with their models (the benchmarks override this with stand-ins that take a fixed
@@ -184,7 +183,7 @@ class ShardWorker:
             "batch_size_used": self.batch_size,
             "compile": self.runtime.compile,
             "dtype": str(self.runtime.dtype).removeprefix("torch."),
-            "encode_threads": self.encode_threads,
+            "encoder_processes": self.encoders.count,
             "cpus_per_worker": self.spec.cpus_per_worker,
         }
 
@@ -270,10 +269,7 @@ class ShardWorker:
         return {"keys": keys, "stages": results}
 
     def _encode_batch(self, pixels: HostCopy, n: int) -> list:
-        return [self.encode_pool.submit(self._encode, pixels, i) for i in range(n)]
-
-    def _encode(self, pixels: HostCopy, index: int) -> bytes:
-        return encode_image(pixels.numpy()[index], self.spec.image_format)
+        return self.encoders.submit(pixels, n, self.spec.image_format)
 
     def _collect(self, pending: list[dict]) -> UnitOutputs:
         """Every batch's results by row key, once its copies and encodes are done; rows whose batch raised are

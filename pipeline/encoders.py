@@ -1,0 +1,252 @@
+"""A worker's image encoders: processes of their own, fed through shared memory, so that encoding never takes the
+interpreter lock from the thread that drives the device (bench/encoders.py: beside a device thread that holds
+the lock for 90% of each batch, as eager kernel launches do, 4 to 8 encoder threads slowed the device to 0.92 of
+its rate; as many processes kept it at 0.98 to 0.995).
+
+Each batch's pixels are copied once, as they lie (planar or channels-last), into a shared-memory block, by a
+feeder thread that first waits for the device's copy to the host; the processes encode a few images of it at a
+time and send back their bytes. Every image has its own future, so a row whose image cannot be encoded fails
+alone. A process that dies fails the images it held (their unit's try fails and is retried) and is replaced. A
+process ends when its input closes: when the worker ends, however it ends.
+
+    python -m pipeline.encoders    # one encoder process: tasks in on stdin, results out on stdout (pickle)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import mmap
+import os
+import pickle
+import queue
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future
+from multiprocessing import shared_memory
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+IMAGES_PER_TASK = 4  # per message: few messages, and a batch still spread over the processes
+SHM_HEADROOM = 256 << 20  # left free in /dev/shm for Ray's object store and others
+
+
+class _Block:
+    """A shared-memory block that one batch's pixels occupy until their last image is encoded."""
+
+    def __init__(self, size: int):
+        self.memory = shared_memory.SharedMemory(create=True, size=size)
+        self.images_left = 0
+
+
+class _Process:
+    def __init__(self):
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # this worker's imports
+        self.popen = subprocess.Popen([sys.executable, "-m", "pipeline.encoders"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, env=env)
+        self.tasks: dict[int, tuple] = {}  # task id -> (block, its futures)
+        self.images = 0  # images sent and not yet returned: the next task goes to the least loaded process
+
+
+class EncoderProcesses:
+    """`count` encoder processes; `submit` returns one future per image (its encoded bytes)."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.images_encoded = 0
+        self._lock = threading.Lock()
+        self._free: list[_Block] = []
+        self._task_ids = itertools.count()
+        self._closed = False
+        self._warned_no_room = False
+        self._processes = [self._start() for _ in range(count)]
+        self._feed: queue.SimpleQueue = queue.SimpleQueue()
+        self._feeder = threading.Thread(target=self._feed_loop, name="encode-feeder", daemon=True)
+        self._feeder.start()
+
+    def submit(self, pixels, n: int, image_format: str) -> list[Future]:
+        """Encodes the first `n` images of `pixels` (a HostCopy or anything with `numpy()` giving (N, H, W, 3)
+        uint8); returns at once, without waiting for the device's copy."""
+        futures = [Future() for _ in range(n)]
+        if n:
+            self._feed.put((pixels, n, image_format, futures))
+        return futures
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [process.popen.pid for process in self._processes]
+
+    def close(self) -> None:
+        """Ends the processes (their input closes) and frees the shared memory."""
+        self._closed = True
+        self._feed.put(None)
+        self._feeder.join(timeout=10)
+        with self._lock:
+            processes, self._processes = self._processes, []
+        for process in processes:
+            process.popen.stdin.close()
+        for process in processes:
+            try:
+                process.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.popen.kill()
+        for block in self._free:
+            block.memory.close()
+            block.memory.unlink()
+        self._free = []
+
+    # ----------------------------------------------------------------------------------------- in the worker
+
+    def _start(self) -> _Process:
+        process = _Process()
+        threading.Thread(target=self._read_loop, args=(process,), name="encode-results", daemon=True).start()
+        return process
+
+    def _feed_loop(self) -> None:
+        while (item := self._feed.get()) is not None:
+            pixels, n, image_format, futures = item
+            try:
+                self._send(pixels.numpy()[:n], image_format, futures)
+            except Exception as exc:  # the device's copy failed, or no process could take the batch
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(exc)
+
+    def _send(self, pixels: np.ndarray, image_format: str, futures: list[Future]) -> None:
+        planar = pixels.transpose(0, 3, 1, 2)
+        layout = "planar" if planar.flags.c_contiguous else "hwc"  # copied as it lies: no gather here
+        source = planar if layout == "planar" else pixels
+        block = self._block(source.nbytes)
+        if block is None:
+            encoded = _encode_here(pixels, image_format, futures)
+            with self._lock:
+                self.images_encoded += encoded
+            return
+        np.copyto(np.ndarray(source.shape, np.uint8, buffer=block.memory.buf), source)
+        block.images_left = len(futures)
+        with self._lock:
+            for first in range(0, len(futures), IMAGES_PER_TASK):
+                last = min(first + IMAGES_PER_TASK, len(futures))
+                process = min(self._processes, key=lambda p: p.images)
+                task_id = next(self._task_ids)
+                process.tasks[task_id] = (block, futures[first:last])
+                process.images += last - first
+                task = (task_id, block.memory.name, source.shape, layout, first, last, image_format)
+                try:
+                    pickle.dump(task, process.popen.stdin)
+                    process.popen.stdin.flush()
+                except OSError:  # it died: its reader fails what it held and starts another
+                    pass
+
+    def _block(self, size: int) -> _Block | None:
+        """A free block of at least `size` bytes; the smallest that fits, else a new one; None when /dev/shm has
+        no room for one (a container's default is 64 MB): writing past its room would kill the worker (SIGBUS)."""
+        with self._lock:
+            fitting = [block for block in self._free if block.memory.size >= size]
+            if fitting:
+                block = min(fitting, key=lambda b: b.memory.size)
+                self._free.remove(block)
+                return block
+        shm = os.statvfs("/dev/shm")
+        if shm.f_bavail * shm.f_frsize < size + SHM_HEADROOM:
+            if not self._warned_no_room:
+                self._warned_no_room = True
+                logger.warning("/dev/shm has %d MB free, too little for a batch's pixels (%d MB): encoding in the "
+                               "worker's own process (give the node a larger /dev/shm)",
+                               shm.f_bavail * shm.f_frsize >> 20, size >> 20)
+            return None
+        return _Block(size)
+
+    def _read_loop(self, process: _Process) -> None:
+        while True:
+            try:
+                task_id, results = pickle.load(process.popen.stdout)
+            except (EOFError, OSError, pickle.UnpicklingError):
+                break
+            with self._lock:
+                block, futures = process.tasks.pop(task_id)
+                process.images -= len(futures)
+            for future, result in zip(futures, results):
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+            self._done(block, len(futures), sum(not isinstance(r, BaseException) for r in results))
+        status = process.popen.wait()
+        with self._lock:
+            lost, process.tasks = list(process.tasks.values()), {}
+            replace = not self._closed and process in self._processes
+            if replace:
+                self._processes[self._processes.index(process)] = self._start()
+        if replace:
+            logger.warning("an image encoder process exited with status %s; %d batches' images it held failed; "
+                           "started another", status, len(lost))
+        error = RuntimeError(f"the image encoder process exited with status {status}")
+        for block, futures in lost:
+            for future in futures:
+                future.set_exception(error)
+            self._done(block, len(futures), 0)
+
+    def _done(self, block: _Block, images: int, encoded: int) -> None:
+        with self._lock:
+            self.images_encoded += encoded
+            block.images_left -= images
+            if block.images_left == 0:
+                self._free.append(block)
+
+
+def _encode_here(pixels: np.ndarray, image_format: str, futures: list[Future]) -> int:
+    """Encodes in this thread; returns how many images encoded."""
+    from pipeline.writers import encode_image
+
+    encoded = 0
+    for image, future in zip(pixels, futures):
+        try:
+            future.set_result(encode_image(image, image_format))
+            encoded += 1
+        except Exception as exc:
+            future.set_exception(exc)
+    return encoded
+
+
+# ------------------------------------------------------------------------------------------ in the process
+
+
+def serve(tasks, results) -> None:
+    """Encodes tasks read from `tasks` until it closes; each result is (task id, [bytes or exception])."""
+    from pipeline.writers import encode_image
+
+    blocks: dict[str, mmap.mmap] = {}
+    while True:
+        try:
+            task_id, name, shape, layout, first, last, image_format = pickle.load(tasks)
+        except EOFError:
+            return
+        if name not in blocks:
+            with open(f"/dev/shm/{name}", "rb") as f:  # not SharedMemory: its tracker would unlink the block
+                blocks[name] = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        pixels = np.ndarray(shape, np.uint8, buffer=blocks[name])
+        encoded = []
+        for index in range(first, last):
+            image = pixels[index].transpose(1, 2, 0) if layout == "planar" else pixels[index]
+            try:
+                encoded.append(encode_image(image, image_format))
+            except Exception as exc:
+                encoded.append(exc if _picklable(exc) else RuntimeError(f"{type(exc).__name__}: {exc}"))
+        pickle.dump((task_id, encoded), results)
+        results.flush()
+
+
+def _picklable(exc: Exception) -> bool:
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return True
+    except Exception:
+        return False
+
+
+if __name__ == "__main__":
+    serve(sys.stdin.buffer, sys.stdout.buffer)
