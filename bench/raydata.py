@@ -5,8 +5,9 @@ prompts in S3 (moto, 127.0.0.1) and the same kind of output in S3 (webdataset ta
     python bench/raydata.py --device simulated --workers 1 --prompts 4096 --no-resume   # a GPU-like device
     python bench/raydata.py --quick      # 128 prompts, no resume: the test runs this
 
-Each run is its own process with its own local Ray (4 logical CPUs, one logical GPU per worker; Ray Data's
-checkpoint filter needs the spare CPUs, FACTS.md), so that a run can be killed like a real job:
+Each run is its own process with its own local Ray (a logical CPU per worker and 2 spare, at least 4; one logical
+GPU per worker; Ray Data's checkpoint filter needs the spare CPUs, FACTS.md), so that a run can be killed like a
+real job:
 - ours: `jobs.generate`, one worker per logical GPU with 1 CPU each;
 - Ray Data: `read_parquet`, `repartition` (one block per 64 prompts, our shard size: without it one actor did
   all the work, FACTS.md), `map_batches` with an actor pool (`compute=ActorPoolStrategy`, 1 GPU and 1 CPU per actor, as
@@ -36,8 +37,10 @@ import statistics
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -56,7 +59,7 @@ from bench.common import (  # noqa: E402
 )
 
 SCRIPT = Path(__file__).resolve()
-LOGICAL_CPUS = 4
+SPARE_LOGICAL_CPUS = 2  # beside one per worker, at least 4 in all: Ray Data's read, write and checkpoint tasks
 JOB_SEED = 0
 SYSTEMS = ("ours", "raydata-in-actor", "raydata-encode-stage")
 
@@ -158,7 +161,8 @@ def child_ours(args) -> dict:
 
 
 def child_main(args) -> int:
-    with local_ray(LOGICAL_CPUS, args.workers, workdir=None, address=args.ray_address):
+    logical_cpus = max(4, args.workers + SPARE_LOGICAL_CPUS)
+    with local_ray(logical_cpus, args.workers, workdir=None, address=args.ray_address):
         result = child_ours(args) if args.system == "ours" else child_raydata(args)
     write_result(args.result, result)
     return 0
@@ -221,8 +225,12 @@ class Comparison:
     def full_run(self, system: str, repeat: int) -> dict:
         name = f"{system}-full-{repeat}"
         with CpuMeter() as meter:
-            result = self.start(system, name).wait(self.args.timeout_s)
+            child = self.start(system, name)
+            outputs = OutputTimes(lambda: self.written(system, name), self.blocks, child.started)
+            result = child.wait(self.args.timeout_s)
+            outputs.stop()
         figures = {**result, "samples_per_s": self.args.prompts / result["job_s"], **self.check_output(system, name),
+                   **outputs.phases(result["wall_s"], self.args.rows_per_block),
                    **cpu_ms_per_prompt(meter, self.args.prompts)}
         a = self.args
         if a.device == "simulated":
@@ -252,6 +260,46 @@ class Comparison:
             full_wall_s=full["wall_s"], resume_cost_s=killed_at + rerun["wall_s"] - full["wall_s"],
             lock_wait_s=lock_wait_s(rerun_child.log_path) if system == "ours" else None,
             **cpu_ms_per_prompt(meter, self.args.prompts), **self.check_output(system, name))
+
+
+class OutputTimes:
+    """When a run's first and last output files appeared (polled every `poll_s`, seconds from its process start):
+    the whole job split into start-up (imports, Ray, model load, the first unit), the steady middle, and the tail
+    (the last file to the process's exit: Ray Data's checkpoint and both systems' shutdown)."""
+
+    def __init__(self, count: Callable[[], int], total: int, started: float, poll_s: float = 0.5):
+        self.count, self.total, self.started, self.poll_s = count, total, started, poll_s
+        self.first = self.last = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s) and not self._poll():
+            pass
+
+    def _poll(self) -> bool:
+        written, now = self.count(), time.perf_counter() - self.started
+        if written and self.first is None:
+            self.first = now
+        if written >= self.total and self.last is None:
+            self.last = now
+        return self.last is not None
+
+    def stop(self) -> None:
+        """After the run's exit: a last look, for a run that ended between two polls."""
+        self._stop.set()
+        self._thread.join()
+        self._poll()
+
+    def phases(self, wall_s: float, rows_per_file: int) -> dict:
+        if self.first is None or self.last is None:
+            return {}
+        first, last = min(self.first, wall_s), min(self.last, wall_s)  # seen only by the look after the exit
+        steady = (self.total - 1) * rows_per_file / (last - first) if last > first else None
+        return {"first_output_s": round(first, 1), "last_output_s": round(last, 1),
+                "after_last_output_s": round(wall_s - last, 1),
+                "steady_samples_per_s": round(steady, 1) if steady else None}
 
 
 def lock_wait_s(log: Path) -> float:
