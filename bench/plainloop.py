@@ -7,8 +7,8 @@ The plain loop is what a diffusers user writes (bench/gpu.py's `plain_loop_end_t
 prompts, run the one-step loop through a `StableDiffusionPipeline` built from the model folder, save each image
 as a JPEG file (quality 95). It runs with torch's default threads (2, this machine's cores) and with 1.
 
-Ours: `run_job` on a local Ray with logical GPUs, the engine's own ShardWorker (`ray_worker_factory`), the same
-Parquet file to webdataset shards on local disk: one worker with 2 CPUs, one with 1 CPU, and two with 1 CPU
+Ours: `run_job` on a local Ray, `--device cpu` (what a machine without GPUs resolves to), the engine's own
+ShardWorker (`ray_worker_factory`) with its defaults, the same Parquet file to webdataset shards on local disk: one worker with 2 CPUs, one with 1 CPU, and two with 1 CPU
 each. Rates are steady-state (start-up excluded, as the plain loop's model load is); the wall time of each whole
 run is given beside them. The settings run in turn, `--repeats` rounds, and medians are compared: on a shared
 2-core machine, torch's threads slow down by an order of magnitude while other jobs hold a core.
@@ -81,7 +81,7 @@ def ours(model_dir: Path, prompts_file: Path, output: Path, *, size: int, batch:
     """One job through the engine's driver, pool and ShardWorker actors; steady-state rate and whole wall."""
     spec = JobSpec(prompts=str(prompts_file), output=str(output), model=str(model_dir), height=size, width=size,
                    batch_size=batch, rows_per_shard=rows_per_shard, dtype="float32", num_workers=workers,
-                   cpus_per_worker=cpus)
+                   cpus_per_worker=cpus, device="cpu")  # what a machine without GPUs resolves "auto" to
     pools: list = []
     with CpuMeter() as meter:
         started = time.perf_counter()

@@ -79,9 +79,6 @@ def worker_options(num_gpus: int, num_cpus: float) -> dict:
     which counts the tries. Two concurrent calls per worker overlap I/O with generation (see the worker), and
     the CPUs it reserves run its image encoders. Only non-secret storage settings travel in the runtime
     environment, which Ray displays; credentials come from the nodes or from the spec (see storage_env).
-    glibc's mmap threshold is fixed, as a user's own setting wins: by default it grows to the size of each
-    batch buffer freed, so those buffers stay in arenas that are never returned and a worker's peak creeps up
-    over a long run (BENCHMARKS.md, memory).
     """
     return {
         "num_gpus": num_gpus,
@@ -90,9 +87,22 @@ def worker_options(num_gpus: int, num_cpus: float) -> dict:
         "max_task_retries": 0,
         "max_concurrency": UNITS_PER_WORKER,
         "scheduling_strategy": "SPREAD",
-        "runtime_env": {"env_vars": {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "1048576"),
-                                     **storage_env()}},
+        "runtime_env": {"env_vars": {**host_settings(num_gpus), **storage_env()}},
     }
+
+
+def host_settings(num_gpus: int) -> dict[str, str]:
+    """The workers' malloc setting; the user's own (MALLOC_MMAP_THRESHOLD_ in the driver's environment) wins.
+
+    GPU workers fix glibc's mmap threshold at 1 MB: by default it grows to the size of each batch buffer freed,
+    so those buffers stay in arenas that are never returned and a worker's peak creeps up over a long run
+    (BENCHMARKS.md, memory). A CPU-device worker keeps glibc's default, as any process running a model on the
+    CPU does: fixed at 1 MB, every intermediate tensor of the model above it is a fresh mapping, page-faulted
+    and unmapped on every batch (BENCHMARKS.md, against a plain loop).
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return {"MALLOC_MMAP_THRESHOLD_": os.environ["MALLOC_MMAP_THRESHOLD_"]}
+    return {"MALLOC_MMAP_THRESHOLD_": "1048576"} if num_gpus else {}
 
 
 def ray_worker_factory(spec: JobSpec, *worker_args) -> tuple[Callable[[int], object], int]:
