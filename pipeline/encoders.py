@@ -249,4 +249,6 @@ def _picklable(exc: Exception) -> bool:
 
 
 if __name__ == "__main__":
-    serve(sys.stdin.buffer, sys.stdout.buffer)
+    results = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything else printed goes to the worker's log, not into the results
+    serve(sys.stdin.buffer, results)
