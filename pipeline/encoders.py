@@ -181,9 +181,11 @@ class EncoderProcesses:
             replace = not self._closed and process in self._processes
             if replace:
                 self._processes[self._processes.index(process)] = self._start()
-        if replace:
-            logger.warning("an image encoder process exited with status %s; %d batches' images it held failed; "
-                           "started another", status, len(lost))
+        if replace and lost:
+            logger.warning("an image encoder process exited with status %s; the images of %d tasks it held "
+                           "failed; started another", status, len(lost))
+        elif replace:  # idle: no output is touched (Ray kills a worker's children first when it ends the worker)
+            logger.debug("an idle image encoder process exited with status %s; started another", status)
         error = RuntimeError(f"the image encoder process exited with status {status}")
         for block, futures in lost:
             for future in futures:
