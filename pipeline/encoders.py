@@ -28,6 +28,8 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+from pipeline.writers import encode_image
+
 logger = logging.getLogger(__name__)
 
 IMAGES_PER_TASK = 4  # per message: few messages, and a batch still spread over the processes
@@ -121,7 +123,7 @@ class EncoderProcesses:
         source = planar if layout == "planar" else pixels
         block = self._block(source.nbytes)
         if block is None:
-            encoded = _encode_here(pixels, image_format, futures)
+            encoded = _settle(futures, _encode_each(pixels, image_format))
             with self._lock:
                 self.images_encoded += encoded
             return
@@ -169,12 +171,7 @@ class EncoderProcesses:
             with self._lock:
                 block, futures = process.tasks.pop(task_id)
                 process.images -= len(futures)
-            for future, result in zip(futures, results):
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
-            self._done(block, len(futures), sum(not isinstance(r, BaseException) for r in results))
+            self._done(block, len(futures), _settle(futures, results))
         status = process.popen.wait()
         with self._lock:
             lost, process.tasks = list(process.tasks.values()), {}
@@ -200,18 +197,25 @@ class EncoderProcesses:
                 self._free.append(block)
 
 
-def _encode_here(pixels: np.ndarray, image_format: str, futures: list[Future]) -> int:
-    """Encodes in this thread; returns how many images encoded."""
-    from pipeline.writers import encode_image
-
-    encoded = 0
-    for image, future in zip(pixels, futures):
+def _encode_each(images, image_format: str) -> list:
+    """Each image's bytes, or the exception its encoding raised: a bad image fails alone."""
+    results = []
+    for image in images:
         try:
-            future.set_result(encode_image(image, image_format))
-            encoded += 1
+            results.append(encode_image(image, image_format))
         except Exception as exc:
-            future.set_exception(exc)
-    return encoded
+            results.append(exc)
+    return results
+
+
+def _settle(futures: list[Future], results: list) -> int:
+    """Each future's result or exception; returns how many images were encoded."""
+    for future, result in zip(futures, results):
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+    return sum(not isinstance(result, BaseException) for result in results)
 
 
 # ------------------------------------------------------------------------------------------ in the process
@@ -219,8 +223,6 @@ def _encode_here(pixels: np.ndarray, image_format: str, futures: list[Future]) -
 
 def serve(tasks, results) -> None:
     """Encodes tasks read from `tasks` until it closes; each result is (task id, [bytes or exception])."""
-    from pipeline.writers import encode_image
-
     blocks: dict[str, mmap.mmap] = {}
     while True:
         try:
@@ -230,14 +232,11 @@ def serve(tasks, results) -> None:
         if name not in blocks:
             with open(f"/dev/shm/{name}", "rb") as f:  # not SharedMemory: its tracker would unlink the block
                 blocks[name] = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-        pixels = np.ndarray(shape, np.uint8, buffer=blocks[name])
-        encoded = []
-        for index in range(first, last):
-            image = pixels[index].transpose(1, 2, 0) if layout == "planar" else pixels[index]
-            try:
-                encoded.append(encode_image(image, image_format))
-            except Exception as exc:
-                encoded.append(exc if _picklable(exc) else RuntimeError(f"{type(exc).__name__}: {exc}"))
+        pixels = np.ndarray(shape, np.uint8, buffer=blocks[name])[first:last]
+        images = pixels.transpose(0, 2, 3, 1) if layout == "planar" else pixels
+        encoded = [result if not isinstance(result, Exception) or _picklable(result)
+                   else RuntimeError(f"{type(result).__name__}: {result}")
+                   for result in _encode_each(images, image_format)]
         pickle.dump((task_id, encoded), results)
         results.flush()
 

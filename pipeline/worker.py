@@ -4,8 +4,9 @@ An actor runs two units at a time (Ray `max_concurrency=2`) but only one holds t
 generated, unit N+1's prompts are read, tokenised and given their seed noise; while N+1 is generated, N's shard
 is built and uploaded. Inside a unit, each batch's outputs are copied to page-locked host memory without stopping
 the device, and its images are encoded by processes of their own (pipeline/encoders.py), one per CPU reserved for
-the worker, while the device runs the next batches. The device waits for the encoders only when more than `MAX_BATCHES_AWAITING_ENCODE` batches
-are still being encoded; that wait is recorded in the shard's stats (`encode_wait_s`).
+the worker, while the device runs the next batches. The device waits for the encoders only when more than
+`MAX_BATCHES_AWAITING_ENCODE` batches are still being encoded; that wait is recorded in the shard's stats
+(`encode_wait_s`).
 """
 
 import collections

@@ -92,3 +92,16 @@ def test_a_failed_copy_from_the_device_fails_the_batch(encoders):
     for future in encoders.submit(Broken(), 3, "jpeg"):
         with pytest.raises(RuntimeError, match="illegal memory access"):
             future.result(timeout=30)
+
+
+def test_without_room_in_dev_shm_the_worker_encodes_itself(encoders, monkeypatch, caplog):
+    import pipeline.encoders
+
+    monkeypatch.setattr(pipeline.encoders, "SHM_HEADROOM", 1 << 62)  # more than any /dev/shm has free
+    pixels = images(5, seed=3)
+    futures = encoders.submit(Pixels(pixels), 5, "jpeg")
+    bad = encoders.submit(Pixels(pixels), 1, "no-such-format")
+    assert [f.result(timeout=30) for f in futures] == [encode_image(image, "jpeg") for image in pixels]
+    with pytest.raises(ValueError, match="unknown image format"):
+        bad[0].result(timeout=30)
+    assert encoders.images_encoded == 5 and "too little for a batch's pixels" in caplog.text
