@@ -13,9 +13,10 @@ MAX_BATCHES_AWAITING_ENCODE + 1 batches, as the worker lets that many wait): whe
 for the encoders, and that wait is counted. Each image is encoded with the engine's `encode_image` (JPEG, as the
 worker's default):
 
-- threads: a ThreadPoolExecutor of N threads in the device's process, one task per image (the worker today);
-- processes: N processes started once (forkserver) with the ring in shared memory, each given a few images of a
-  slot at a time and sending back their bytes; a thread in the device's process collects them.
+- threads: a ThreadPoolExecutor of N threads in the device's process, one task per image (the worker's encoders
+  until issue 18);
+- processes: the worker's own `pipeline.encoders.EncoderProcesses` with N processes (a feeder thread copies each
+  batch into shared memory, the processes send back the bytes of a few images at a time).
 
 Per setting: images/s and its fraction of the device's limit, the device's wait for encoders, how much longer
 than alone the GIL-held launches took (the lock lost to encoders), and CPU ms per image of the process and its
@@ -25,13 +26,11 @@ encoder processes. The settings run in turn, `--repeats` rounds.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import statistics
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing import shared_memory
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -40,11 +39,11 @@ import numpy as np  # noqa: E402
 
 from bench.common import CpuMeter, Figures, default_out  # noqa: E402
 from bench.simulated import image_bank  # noqa: E402
+from pipeline.encoders import EncoderProcesses  # noqa: E402
 from pipeline.worker import MAX_BATCHES_AWAITING_ENCODE  # noqa: E402
 from pipeline.writers import encode_image  # noqa: E402
 
 SLOTS = MAX_BATCHES_AWAITING_ENCODE + 1
-IMAGES_PER_TASK = 4  # per message to an encoder process: fewer messages, still spread over the processes
 
 
 def _python_work(iterations: int) -> int:
@@ -69,10 +68,11 @@ def _timed_work(iterations: int) -> float:
 
 
 class Ring:
-    """SLOTS host buffers of one batch each; `acquire` blocks while all await their encodes (the device's wait)."""
+    """SLOTS host buffers of one batch each; `acquire` blocks while all await their encodes (the device's wait),
+    as the worker waits once more than MAX_BATCHES_AWAITING_ENCODE batches are being encoded."""
 
-    def __init__(self, buffer, batch: int, size: int):
-        self.slots = np.ndarray((SLOTS, batch, size, size, 3), np.uint8, buffer=buffer)
+    def __init__(self, batch: int, size: int):
+        self.slots = np.zeros((SLOTS, batch, size, size, 3), np.uint8)
         self.free = threading.Semaphore(SLOTS)
         self.left = [0] * SLOTS
         self.lock = threading.Lock()
@@ -84,89 +84,60 @@ class Ring:
         slot, self.next = self.next, (self.next + 1) % SLOTS
         return slot
 
-    def encoded(self, slot: int, count: int) -> None:
+    def track(self, slot: int, futures: list) -> None:
+        """The slot is free again once every one of its images is encoded."""
+        self.left[slot] = len(futures)
+        for future in futures:
+            future.add_done_callback(lambda future, slot=slot: self._encoded(slot, future))
+
+    def _encoded(self, slot: int, future) -> None:
+        future.result()  # an image that failed to encode fails the run
         with self.lock:
-            self.left[slot] -= count
-            self.images_encoded += count
+            self.left[slot] -= 1
+            self.images_encoded += 1
             if self.left[slot] == 0:
                 self.free.release()
 
 
+class Batch:
+    """A slot's images as the worker hands them over (a HostCopy's `numpy()`)."""
+
+    def __init__(self, pixels: np.ndarray):
+        self.pixels = pixels
+
+    def numpy(self) -> np.ndarray:
+        return self.pixels
+
+
 class ThreadEncoders:
-    def __init__(self, count: int, ring: Ring, image_format: str):
-        self.ring, self.image_format = ring, image_format
+    """The worker's encoders until issue 18: a task per image on a thread pool in the device's process."""
+
+    def __init__(self, count: int):
         self.pool = ThreadPoolExecutor(count, thread_name_prefix="encode")
 
-    def submit(self, slot: int, batch: int) -> None:
-        self.ring.left[slot] = batch
-        for index in range(batch):
-            self.pool.submit(self._encode, slot, index)
-
-    def _encode(self, slot: int, index: int) -> None:
-        encode_image(self.ring.slots[slot, index], self.image_format)
-        self.ring.encoded(slot, 1)
+    def submit(self, pixels: Batch, n: int, image_format: str) -> list:
+        return [self.pool.submit(encode_image, pixels.numpy()[i], image_format) for i in range(n)]
 
     def close(self) -> None:
         self.pool.shutdown()
 
 
-def _encoder_process(memory_name: str, shape: tuple, image_format: str, tasks, results) -> None:
-    memory = shared_memory.SharedMemory(name=memory_name)
-    slots = np.ndarray(shape, np.uint8, buffer=memory.buf)
-    while (task := tasks.get()) is not None:
-        slot, first, last = task
-        results.put((slot, [encode_image(slots[slot, i], image_format) for i in range(first, last)]))
-    del slots
-    memory.close()
-
-
-class ProcessEncoders:
-    def __init__(self, count: int, ring: Ring, memory_name: str, image_format: str):
-        context = multiprocessing.get_context("forkserver")
-        self.ring = ring
-        self.tasks, self.results = context.Queue(), context.Queue()
-        self.workers = [context.Process(target=_encoder_process, daemon=True,
-                                        args=(memory_name, ring.slots.shape, image_format, self.tasks, self.results))
-                        for _ in range(count)]
-        for worker in self.workers:
-            worker.start()
-        self.collector = threading.Thread(target=self._collect, daemon=True)
-        self.collector.start()
-
-    def submit(self, slot: int, batch: int) -> None:
-        self.ring.left[slot] = batch
-        for first in range(0, batch, IMAGES_PER_TASK):
-            self.tasks.put((slot, first, min(first + IMAGES_PER_TASK, batch)))
-
-    def _collect(self) -> None:
-        while (result := self.results.get()) is not None:
-            slot, encoded = result
-            self.ring.encoded(slot, len(encoded))
-
-    def close(self) -> None:
-        for _ in self.workers:
-            self.tasks.put(None)
-        for worker in self.workers:
-            worker.join(timeout=30)
-        self.results.put(None)
-        self.collector.join(timeout=30)
-
-
 def run_setting(kind: str, encoders: int, gil: float, args, bank: np.ndarray, rate: float) -> dict:
     """One run: `args.batches` batches through the stand-in device and `encoders` encoders of `kind`."""
-    batch, size = args.batch, args.size
+    batch = args.batch
     device_s = args.image_ms / 1000 * batch
     launch_iterations = int(gil * device_s * rate)
-    nbytes = SLOTS * batch * size * size * 3
-    memory = shared_memory.SharedMemory(create=True, size=nbytes) if kind == "processes" else None
-    ring = Ring(memory.buf if memory else bytearray(nbytes), batch, size)
-    pool = ProcessEncoders(encoders, ring, memory.name, args.image_format) if memory else \
-        ThreadEncoders(encoders, ring, args.image_format)
+    ring = Ring(batch, args.size)
+    pool = EncoderProcesses(encoders) if kind == "processes" else ThreadEncoders(encoders)
+
+    def submit(slot: int) -> None:
+        ring.track(slot, pool.submit(Batch(ring.slots[slot]), batch, args.image_format))
+
     try:
         for _ in range(SLOTS):  # warm-up: processes started, their first encodes done
             slot = ring.acquire()
             ring.slots[slot] = bank[:batch]
-            pool.submit(slot, batch)
+            submit(slot)
         for _ in range(SLOTS):
             ring.free.acquire()
         ring.free.release(SLOTS)
@@ -183,17 +154,13 @@ def run_setting(kind: str, encoders: int, gil: float, args, bank: np.ndarray, ra
                 launched += time.perf_counter() - batch_started
                 ring.slots[slot] = bank[(index * batch + np.arange(batch)) % len(bank)]  # a GPU's copy-out
                 time.sleep(max(0.0, device_s - (time.perf_counter() - batch_started)))  # synchronize
-                pool.submit(slot, batch)
+                submit(slot)
             for _ in range(SLOTS):
                 ring.free.acquire()
             wall = time.perf_counter() - started
         cpu = meter.result["ours_cores"] * meter.result["wall_s"]  # this process and its encoder processes
     finally:
         pool.close()
-        ring.slots = None  # its view of the shared memory, which cannot close while one exists
-        if memory:
-            memory.close()
-            memory.unlink()
     images = ring.images_encoded
     alone = launch_iterations / rate * args.batches
     return {
