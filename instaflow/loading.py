@@ -159,6 +159,19 @@ def tensor_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def config_digest(module: torch.nn.Module) -> str:
+    """Identity of what a module's config makes of its weights: equal tensors under another config are another
+    component (the SDXL refiner's VAE may hold SD-1.5's weights with another scaling factor, and sharing the
+    student's VAE then refined every image from the wrong latents). Keys starting with "_" (the folder it came
+    from, library versions) and transformers' version are left out, so the same component shipped in two repos is
+    still loaded once."""
+    config = getattr(module, "config", None)
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    kept = {key: value for key, value in values.items() if not key.startswith("_") and key != "transformers_version"}
+    text = json.dumps([type(module).__qualname__, kept], sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 UNET_CLASS = "UNet2DConditionModel"
 
 
@@ -274,7 +287,7 @@ class ComponentCache:
             return self._loaded[key]
         logger.info("loading %s from %s", name, folder)
         module = self._read_weights(name, folder, variant, dtype or self.runtime.dtype)
-        key = (name, tensor_digest(module))
+        key = (name, config_digest(module), tensor_digest(module))
         if key not in self._loaded:
             self._loaded[key] = self.place(name, module)
         return self._loaded[key]

@@ -4,6 +4,7 @@
 import io
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -102,6 +103,17 @@ def test_offloading_gives_the_same_images_and_leaves_the_models_in_host_memory(t
     assert all(p.device.type == "cpu" for module in modules for p in module.parameters())
 
 
+def test_a_refiner_vae_with_the_students_weights_keeps_its_own_config(tiny_models):
+    """The tiny refiner's VAE holds the tiny student's weights with SDXL's scaling factor: loaded after the student
+    in one cache (as a worker loads them), it must not be the student's module."""
+    cache = ComponentCache(Runtime.default(device="cpu"))
+    student = cache.load(str(tiny_models["instaflow"]))
+    refiner = cache.load_refiner(str(tiny_models["sdxl-refiner"]))
+    assert torch.equal(student.vae.decoder.conv_out.weight, refiner.vae.decoder.conv_out.weight)
+    assert refiner.vae is not student.vae
+    assert (student.vae.config.scaling_factor, refiner.vae.config.scaling_factor) == (0.18215, 0.13025)
+
+
 def test_refined_size_keeps_the_aspect_ratio():
     assert refined_size(512, 512, 1024) == (1024, 1024)
     assert refined_size(512, 768, 1024) == (680, 1024) and refined_size(768, 512, 1024) == (1024, 680)
@@ -120,7 +132,8 @@ def prompts(tmp_path_factory):
     return path
 
 
-def test_a_job_stores_the_refined_image_and_keeps_the_students(ray_gpus, tiny_models, prompts, tmp_path, capsys):
+def test_a_job_stores_the_refined_image_and_keeps_the_students(ray_gpus, tiny_models, pipeline, prompts, tmp_path,
+                                                                capsys):
     job = ["run", "generate", "--prompts", str(prompts), "--model", str(tiny_models["instaflow"]), "--height", "64",
            "--width", "64", "--dtype", "float32", "--image-format", "png", "--rows-per-shard", "3",
            "--num-workers", "1", "--no-progress"]
@@ -150,6 +163,17 @@ def test_a_job_stores_the_refined_image_and_keeps_the_students(ray_gpus, tiny_mo
     assert loaded.features["unrefined_image"].__class__.__name__ == "Image"
     first = loaded[0]
     assert first["image"].size == (96, 96) and first["unrefined_image"].size == (64, 64)
+    # each stored image is diffusers' img2img pipeline run on what its row records: the stored unrefined image
+    # (resized to the refine size as the README says), the row's prompt, a CPU generator seeded with refiner_seed
+    for row in loaded:
+        unrefined = torch.from_numpy(np.array(row["unrefined_image"].convert("RGB"))).permute(2, 0, 1)[None]
+        image = F.interpolate(unrefined.float() / 255, size=(row["refined_height"], row["refined_width"]),
+                              mode="bicubic", antialias=True).clamp(0, 1)
+        theirs = pipeline(row["prompt"], image=image, strength=row["refiner_strength"],
+                          num_inference_steps=row["refiner_steps"],
+                          generator=torch.Generator("cpu").manual_seed(row["refiner_seed"]), output_type="np").images
+        stored = np.asarray(row["image"].convert("RGB"), dtype=np.int64)
+        assert np.abs((theirs[0] * 255).round().astype(np.int64) - stored).max() <= TOLERANCE, row["key"]
     assert main(["verify", str(tmp_path / "refined")]) == 0
 
     capsys.readouterr()
