@@ -285,8 +285,10 @@ class JobSpec:
             raise ValueError("identity() needs a resolved spec: the device kind decides the outputs")
         identity = {k: v for k, v in asdict(self).items() if k not in RUN_ONLY_FIELDS}
         if "images" not in self.tasks:
-            for name in ("model", "steps", "guidance_scale", "output_format", "image_format", "decoder"):
+            for name in ("model", "steps", "guidance_scale", "output_format", "decoder"):
                 identity.pop(name)
+            if not self.teacher_images:  # the pairs' teacher images are encoded in it too
+                identity.pop("image_format")
         for name in MODEL_NAME_FIELDS:  # when used, the job records each model by what it is (its source)
             identity.pop(name)
         # Settings a job without them does not have, so that adding them kept the identity of older jobs.

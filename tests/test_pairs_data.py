@@ -166,7 +166,7 @@ def test_bad_pair_outputs_are_named(tmp_path):
         find_pairs(str(tmp_path / "elsewhere"))
 
 
-def test_samples_per_prompt_and_teacher_images(ray_cpus, tiny_models, tmp_path):
+def test_samples_per_prompt_and_teacher_images(ray_cpus, tiny_models, tmp_path, capsys):
     """3 rows per prompt with their keys and seeds, and each pair's image equal to decoding its stored latent."""
     top = MAX_SEED - 1  # its third sample's seed would overflow: that sample fails, the others do not
     table = pa.table({
@@ -176,12 +176,10 @@ def test_samples_per_prompt_and_teacher_images(ray_cpus, tiny_models, tmp_path):
         "style": ["x", "y", "z"],
     })
     pq.write_table(table, tmp_path / "p.parquet")
-    assert reflow_pairs.main([
-        "--prompts", str(tmp_path / "p.parquet"), "--output", str(tmp_path / "out"),
-        "--teacher", str(tiny_models["sd15"]), "--steps", "4", "--height", "64", "--width", "64", "--seed", "11",
-        "--samples-per-prompt", "3", "--teacher-images", "--image-format", "png", "--batch-size", "4",
-        "--no-progress", "--device", "cpu",
-    ]) == 0  # one sample fails, as a row with its reason: the shard is committed
+    job = ["--prompts", str(tmp_path / "p.parquet"), "--output", str(tmp_path / "out"),
+           "--teacher", str(tiny_models["sd15"]), "--steps", "4", "--height", "64", "--width", "64", "--seed", "11",
+           "--samples-per-prompt", "3", "--teacher-images", "--batch-size", "4", "--no-progress", "--device", "cpu"]
+    assert reflow_pairs.main([*job, "--image-format", "png"]) == 0  # one sample fails, as a row with its reason
     pairs = pq.read_table(tmp_path / "out" / "00000.parquet")
     rows = pairs.select(["key", "seed", "status", "error_message", "style"]).to_pylist()
     assert [r["key"] for r in rows] == [f"{key}-{k}" for key in "abc" for k in range(3)]
@@ -202,3 +200,7 @@ def test_samples_per_prompt_and_teacher_images(ray_cpus, tiny_models, tmp_path):
     assert pairs.column("image")[8].as_py() is None
     report = verify_output(str(tmp_path / "out"))  # 9 rows from a unit of 3 input rows is what was asked
     assert report.problems == [], report.problems
+
+    # the teacher images' format is part of the job: a resume in JPEG would mix formats in one output
+    assert reflow_pairs.main([*job, "--image-format", "jpeg"]) == 2
+    assert "image_format: 'png' -> 'jpeg'" in capsys.readouterr().err
