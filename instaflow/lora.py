@@ -12,7 +12,7 @@ that the component cache shares with another model (a teacher).
 import functools
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +22,13 @@ import torch
 UNET = "unet"
 TEXT_ENCODER = "text_encoder"
 LORA_WEIGHT = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
+# kohya-ss / CivitAI: `lora_unet_` or `lora_te_` + the module's path with "_" for ".", then what the tensor is.
+KOHYA_PARTS = {"lora_unet_": UNET, "lora_te_": TEXT_ENCODER}
+KOHYA_KEY = re.compile(
+    r"^(?P<prefix>lora_unet_|lora_te_)(?P<path>[^.]+)\.(?P<kind>lora_down\.weight|lora_up\.weight|alpha)$")
+KOHYA_FACTORS = {"lora_down.weight": "A", "lora_up.weight": "B"}  # PEFT's names: A = down, B = up
+# Every key of a file in kohya's format starts with one of these (diffusers' own test in `lora_state_dict`).
+KOHYA_FILE_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 
 class LoraError(ValueError):
@@ -42,32 +49,47 @@ class MergeMismatchError(ValueError):
 
 @dataclass(frozen=True)
 class Lora:
-    """One LoRA file as diffusers' `lora_state_dict` returns it: keys in diffusers naming, prefixed `unet.` or
-    `text_encoder.`; kohya's per-module `.alpha` values (`network_alphas`), or the LoraConfig arguments a
-    diffusers-written file stores in its header (`metadata`, alpha among them). Without either, alpha = rank."""
+    """One LoRA file. A diffusers/PEFT file as diffusers' `lora_state_dict` returns it: keys in diffusers naming,
+    prefixed `unet.` or `text_encoder.`, and the LoraConfig arguments a diffusers-written file stores in its header
+    (`metadata`, alpha among them). A kohya file (`kohya`) keeps its own keys until `check_lora` renames them by the
+    model's module names, and gives the LoraConfig arguments from its ranks and `.alpha` values. Without alpha,
+    alpha = rank. `file_keys` gives a renamed key's name in the file, for messages."""
 
     name: str
     state_dict: dict[str, torch.Tensor]
-    network_alphas: dict[str, float] | None
     metadata: dict | None
+    kohya: bool = False
+    file_keys: dict[str, str] = field(default_factory=dict)
+
+    def file_key(self, key: str) -> str:
+        return self.file_keys.get(key, key)
 
 
 def read_lora(path: str | Path) -> Lora:
-    """Reads a local `.safetensors` LoRA (never a pickle) through diffusers, which converts kohya/CivitAI keys
-    (`lora_unet_*`, `lora_te_*`, `.alpha`) to its own names."""
+    """Reads a local `.safetensors` LoRA (never a pickle): a kohya/CivitAI file (`lora_unet_*`, `lora_te_*`,
+    `.alpha`) as it is, a diffusers/PEFT file through diffusers' `lora_state_dict`.
+
+    Diffusers would convert kohya keys too, but it tells their naming scheme from the whole set of keys and refuses
+    a text-encoder part that adapts only some projections of a layer (q and v of self_attn, as attention-only
+    trainers write): `check_lora` renames each key on its own instead."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from safetensors import safe_open
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise LoraError(f"{path}: LoRA files must be .safetensors (pickle files can run code when loaded)")
     try:
-        state_dict, network_alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
+        with safe_open(str(path), framework="pt") as file:
+            keys = list(file.keys())
+            if keys and all(key.startswith(KOHYA_FILE_PREFIXES) for key in keys):
+                return Lora(str(path), {key: file.get_tensor(key) for key in keys}, None, kohya=True)
+        state_dict, _, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
             str(path), use_safetensors=True, return_lora_metadata=True)
     except Exception as exc:  # safetensors, OS and conversion errors: the user needs the file named
         raise LoraError(f"{path}: not a readable LoRA file: {exc}") from None
     if not state_dict:
         raise LoraError(f"{path}: holds no tensors")
-    return Lora(str(path), state_dict, network_alphas or None, metadata)
+    return Lora(str(path), state_dict, metadata)
 
 
 def meta_modules(model_dir: str | Path, parts: Sequence[str] = (UNET, TEXT_ENCODER)) -> list[torch.nn.Module]:
@@ -119,14 +141,73 @@ def _expected_shapes(module: torch.nn.Module, rank: int) -> tuple[tuple, tuple]:
     return (rank, module.weight.shape[1], *kernel), (module.out_channels, rank, 1, 1)
 
 
-def check_lora(lora: Lora, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
-    """Raises LoraMismatchError, naming the file and the first key, when a key is neither the UNet's nor the text
-    encoder's, names a module the model does not have (or one LoRA cannot adapt), or has a shape that does not fit.
+def _kohya_module_names(part: str, model: torch.nn.Module) -> dict[str, str]:
+    """{a module's path as kohya writes it ("_" for "."; the text encoder's from `text_model.`): the module's name
+    in `model`}, for every module of the part. As rf_lora.py does, keys are matched to the model's own names: "_"
+    also occurs inside names (down_blocks, self_attn, to_out), so a kohya path cannot be split on its own."""
+    names = {}
+    for name, _ in model.named_modules():
+        if name:
+            path = name if part == UNET or name.startswith("text_model.") else f"text_model.{name}"
+            names[path.replace(".", "_")] = name
+    return names
+
+
+def _from_kohya(lora: Lora, parts: dict[str, torch.nn.Module]) -> Lora:
+    """The kohya LoRA in diffusers' PEFT naming (`unet.<module>.lora_A.weight`, ...), each key renamed on its own
+    by the model's module names, with the LoraConfig arguments diffusers' loaders take as `metadata`: each
+    module's rank and alpha (rank where the file has no `.alpha`), so that PEFT scales each module by alpha / rank.
+    Raises LoraMismatchError for a key that is not a kohya LoRA key or names a module the model does not have."""
+    module_names = {part: _kohya_module_names(part, model) for part, model in parts.items()}
+    state_dict, file_keys, alphas = {}, {}, {}
+    for key, tensor in lora.state_dict.items():
+        match = KOHYA_KEY.match(key)
+        if match is None:
+            raise LoraMismatchError(lora.name, key, "not a kohya LoRA key (lora_unet_* or lora_te_*, then "
+                                                    ".lora_down.weight, .lora_up.weight or .alpha)")
+        part = KOHYA_PARTS[match["prefix"]]
+        module = module_names[part].get(match["path"])
+        if module is None:
+            raise LoraMismatchError(lora.name, key, f"the {part} has no module {match['path']!r}")
+        if match["kind"] == "alpha":
+            if tensor.numel() != 1:
+                raise LoraMismatchError(lora.name, key, f"alpha must be one number, not shape {tuple(tensor.shape)}")
+            alphas[part, module] = (key, tensor.item())
+        else:
+            name = f"{part}.{module}.lora_{KOHYA_FACTORS[match['kind']]}.weight"
+            state_dict[name], file_keys[name] = tensor, key
+    ranks = {}  # (part, module) -> rank: lora_down's rows, or lora_up's columns where down is missing
+    for name, tensor in state_dict.items():
+        part, rest = name.split(".", 1)
+        module, factor = LORA_WEIGHT.match(rest).group("module", "factor")
+        ranks.setdefault((part, module), tensor.shape[0 if factor == "A" else 1])
+    for (part, module), (key, _) in alphas.items():
+        if (part, module) not in ranks:
+            raise LoraMismatchError(lora.name, key, "an alpha without its lora_down and lora_up weights")
+    metadata = {}
+    for part in parts:
+        modules = {module: rank for (of, module), rank in ranks.items() if of == part}
+        if modules:
+            first = next(iter(modules))
+            alpha = {module: alphas.get((part, module), (None, rank))[1] for module, rank in modules.items()}
+            metadata |= {f"{part}.target_modules": list(modules), f"{part}.r": modules[first],
+                         f"{part}.lora_alpha": alpha[first], f"{part}.rank_pattern": modules,
+                         f"{part}.alpha_pattern": alpha}
+    return Lora(lora.name, state_dict, metadata, file_keys=file_keys)
+
+
+def check_lora(lora: Lora, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> Lora:
+    """The LoRA in the names diffusers' loaders take (a kohya file renamed by the model's module names), after
+    checking that it fits: raises LoraMismatchError, naming the file and the first key as the file spells it, when
+    a key is neither the UNet's nor the text encoder's, names a module the model does not have (or one LoRA cannot
+    adapt), lacks its other half, or has a shape that does not fit. Any subset of the modules may be adapted.
 
     Diffusers itself only warns about keys it cannot place and drops them; here they refuse the file. Works on real
     modules or on `meta_modules` (it reads module names and shapes only), so a driver can run it before any worker
-    starts. Key names in the message are diffusers' (after its kohya conversion)."""
+    starts."""
     parts = {UNET: unet, TEXT_ENCODER: text_encoder}
+    if lora.kohya:
+        lora = _from_kohya(lora, parts)
     for key in lora.state_dict:
         if key.split(".", 1)[0] not in parts:
             raise LoraMismatchError(lora.name, key, "names neither the UNet (unet.) nor the text encoder "
@@ -134,28 +215,29 @@ def check_lora(lora: Lora, unet: torch.nn.Module, text_encoder: torch.nn.Module)
     for part, model in parts.items():
         factors: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
         for key, name in _peft_names(lora, part, model).items():
+            refused = functools.partial(LoraMismatchError, lora.name, lora.file_key(key))
             match = LORA_WEIGHT.match(name)
             if match is None:
-                raise LoraMismatchError(lora.name, key, "not a LoRA down/up weight (lora_A/lora_B) that diffusers "
-                                                        "fuses")
+                raise refused("not a LoRA down/up weight (lora_A/lora_B) that diffusers fuses")
             try:
                 module = model.get_submodule(match["module"])
             except AttributeError:
-                raise LoraMismatchError(lora.name, key, f"the {part} has no module {match['module']!r}") from None
+                raise refused(f"the {part} has no module {match['module']!r}") from None
             if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                raise LoraMismatchError(lora.name, key, f"{match['module']!r} is a {type(module).__name__}, "
-                                                        "not a Linear or Conv2d layer")
+                raise refused(f"{match['module']!r} is a {type(module).__name__}, not a Linear or Conv2d layer")
             factors.setdefault(match["module"], {})[match["factor"]] = (key, lora.state_dict[key])
         for module_name, pair in factors.items():
             if len(pair) != 2:
                 (key, _), = pair.values()
-                raise LoraMismatchError(lora.name, key, "its down (lora_A) or up (lora_B) half is missing")
+                raise LoraMismatchError(lora.name, lora.file_key(key), "its other half is missing (down: lora_A "
+                                                                       "or lora_down, up: lora_B or lora_up)")
             (key_a, a), (key_b, b) = pair["A"], pair["B"]
             want_a, want_b = _expected_shapes(model.get_submodule(module_name), rank=a.shape[0])
             for key, tensor, want in ((key_a, a, want_a), (key_b, b, want_b)):
                 if tuple(tensor.shape) != want:
-                    raise LoraMismatchError(lora.name, key, f"shape {tuple(tensor.shape)}, the {part}'s "
-                                                            f"{module_name!r} takes {want}")
+                    raise LoraMismatchError(lora.name, lora.file_key(key), f"shape {tuple(tensor.shape)}, the "
+                                                                           f"{part}'s {module_name!r} takes {want}")
+    return lora
 
 
 def fuse_loras(unet: torch.nn.Module, text_encoder: torch.nn.Module, loras: Sequence[tuple[Lora, float]]) -> None:
@@ -170,8 +252,7 @@ def fuse_loras(unet: torch.nn.Module, text_encoder: torch.nn.Module, loras: Sequ
     The modules must be uncompiled and this worker's own copies. All LoRAs are checked before any is loaded; an
     error while fusing leaves the modules half changed: discard them.
     """
-    for lora, _ in loras:
-        check_lora(lora, unet, text_encoder)
+    loras = [(check_lora(lora, unet, text_encoder), scale) for lora, scale in loras]
     with warnings.catch_warnings():
         # PEFT warns on a second adapter and on merging one while another is merged: both are the plan here.
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -191,7 +272,7 @@ def _load_and_fuse(unet: torch.nn.Module, text_encoder: torch.nn.Module, loras: 
     adapters = {UNET: [], TEXT_ENCODER: []}  # part -> [(adapter name, lora, scale)]
     for i, (lora, scale) in enumerate(loras):
         name = f"lora_{i}"
-        arguments = dict(state_dict=lora.state_dict, network_alphas=lora.network_alphas, adapter_name=name,
+        arguments = dict(state_dict=lora.state_dict, network_alphas=None, adapter_name=name,
                          metadata=_fitting_metadata(lora.metadata, text_encoder))
         if any(key.startswith(f"{UNET}.") for key in lora.state_dict):
             loader.load_lora_into_unet(unet=unet, **arguments)
@@ -223,12 +304,12 @@ def _fitting_metadata(metadata: dict | None, text_encoder: torch.nn.Module) -> d
         return name.removeprefix("text_model.")
 
     fitted = dict(metadata)
-    for field in ("target_modules", "rank_pattern", "alpha_pattern"):
-        value = metadata.get(f"{TEXT_ENCODER}.{field}")
+    for setting in ("target_modules", "rank_pattern", "alpha_pattern"):
+        value = metadata.get(f"{TEXT_ENCODER}.{setting}")
         if isinstance(value, dict):
-            fitted[f"{TEXT_ENCODER}.{field}"] = {strip(name): v for name, v in value.items()}
+            fitted[f"{TEXT_ENCODER}.{setting}"] = {strip(name): v for name, v in value.items()}
         elif isinstance(value, list):
-            fitted[f"{TEXT_ENCODER}.{field}"] = [strip(name) for name in value]
+            fitted[f"{TEXT_ENCODER}.{setting}"] = [strip(name) for name in value]
     return fitted
 
 

@@ -117,8 +117,10 @@ def test_fused_equals_lora_formula_and_unfused_adapter(student, adapters):
         torch.testing.assert_close(merged.get_submodule(module).weight, expected, rtol=0, atol=1e-6)
 
     unet, text_encoder = copy.deepcopy(student.unet), copy.deepcopy(student.text_encoder)
-    loader.load_lora_into_unet(lora.state_dict, lora.network_alphas, unet, adapter_name="unfused")
-    loader.load_lora_into_text_encoder(lora.state_dict, lora.network_alphas, text_encoder, adapter_name="unfused")
+    renamed = check_lora(lora, unet, text_encoder)  # in the module names diffusers' loaders take
+    loader.load_lora_into_unet(renamed.state_dict, None, unet, adapter_name="unfused", metadata=renamed.metadata)
+    loader.load_lora_into_text_encoder(renamed.state_dict, None, text_encoder, adapter_name="unfused",
+                                       metadata=renamed.metadata)
     unet.set_adapters(["unfused"], weights=[scale])
     set_adapters_for_text_encoder(["unfused"], text_encoder, [scale])
     assert unet_velocity(unet, student).sub(unet_velocity(student.unet, student)).abs().max() > 0.05
@@ -146,7 +148,7 @@ def test_kohya_and_diffusers_files_give_the_same_lora(student, adapters, tmp_pat
         unet_lora_adapter_metadata=metadata["unet"], text_encoder_lora_adapter_metadata=metadata["text_encoder"],
         weight_name="lora-metadata.safetensors")
     with_metadata = read_lora(tmp_path / "lora-metadata.safetensors")
-    assert with_metadata.metadata and with_metadata.network_alphas is None
+    assert with_metadata.metadata and not with_metadata.kohya
 
     kohya = fused(student, [(read_lora(adapters["lora-kohya"]), 1.0)])
     kohya_images = images(kohya).int()
@@ -189,9 +191,9 @@ def _narrow(tensors: dict, key: str) -> None:
 
 @pytest.mark.parametrize("fmt,change,named", [
     ("kohya", lambda t: {_rename(k): v for k, v in t.items()},
-     "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn3.to_k_lora.down.weight"),
+     f"{_rename(KOHYA_UNET)}.alpha"),
     ("kohya", lambda t: _narrow(t, f"{KOHYA_TE}.lora_down.weight"),
-     "text_encoder.text_model.encoder.layers.1.self_attn.to_out_lora.down.weight"),
+     f"{KOHYA_TE}.lora_down.weight"),
     ("diffusers", lambda t: _narrow(t, f"unet.{UNET_MODULE}.lora_A.weight"), f"unet.{UNET_MODULE}.lora_A.weight"),
     ("diffusers", lambda t: {k.replace("unet.", "transformer."): v for k, v in t.items()},
      "transformer.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.lora_A.weight"),
