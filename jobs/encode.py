@@ -14,15 +14,12 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--image-column", default="image",
                         help="column of images: a Hugging Face image struct, encoded bytes, or a path or URL "
                              "(relative: to the Parquet file's folder)")
-    parser.add_argument("--samples-per-prompt", type=int, default=1,
-                        help="K pairs per image, keyed {key}-{k}, each with its own noise (seed + k or derived)")
     return parser
 
 
 def spec_args(args: argparse.Namespace) -> dict:
     return common_spec_args(args) | {
         "tasks": ("pairs",), "teacher": args.model, "teacher_kind": ENCODE, "image_column": args.image_column,
-        "samples_per_prompt": args.samples_per_prompt,
     }
 
 

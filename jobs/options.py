@@ -1,4 +1,5 @@
-"""Argument types and checks that several commands share: JSON objects (inline or `@FILE`) and output folders.
+"""Argument types and checks that several commands share: counts, JSON objects (inline or `@FILE`) and output
+folders.
 
 Light to import (no Ray, no torch), so that `verify` and `preview` start quickly.
 """
@@ -10,6 +11,17 @@ from jobs.errors import shown
 from pipeline.storage import OutputError, filesystem
 
 MAX_JSON_BYTES = 1 << 20  # storage options are a few settings; anything larger is not one
+
+
+def positive_int(text: str) -> int:
+    """A count of at least one. Refused here rather than by the job spec, so that the message names the flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {shown(text)}")
+    return value
 
 
 def json_object(text: str) -> dict:

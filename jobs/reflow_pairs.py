@@ -16,8 +16,6 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--model", help="also write images from this student model in the same pass")
     parser.add_argument("--student-steps", type=int, help="student steps (default: as for generate)")
     parser.add_argument("--student-guidance-scale", type=float, help="student guidance (default: as for generate)")
-    parser.add_argument("--samples-per-prompt", type=int, default=1,
-                        help="K rows per prompt, keyed {key}-{k}, seeded with the row's seed + k or derived")
     parser.add_argument("--teacher-images", action="store_true",
                         help="also store the decoded teacher latent (--image-format) as the pairs' image column")
     return parser
@@ -33,7 +31,6 @@ def spec_args(args: argparse.Namespace) -> dict:
         "model": args.model,
         "steps": args.student_steps,
         "guidance_scale": args.student_guidance_scale,
-        "samples_per_prompt": args.samples_per_prompt,
         "teacher_images": args.teacher_images,
     }
 
