@@ -38,7 +38,7 @@ from instaflow.loading import (
     hub_patterns,
     resolve_model_dir,
 )
-from pipeline.storage import filesystem, put_atomic, redact_text, with_retries
+from pipeline.storage import UnsafePathError, filesystem, join_inside, put_atomic, redact_text, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ModelSource:
 
     def identity(self) -> dict:
         """What the model is, for the job's identity: another spelling or location of the same files is equal."""
-        name = posixpath.basename(self.model.rstrip("/")) if self.kind == "local" else redact_text(self.model)
+        name = redact_text(posixpath.basename(self.model.rstrip("/")) if self.kind == "local" else self.model)
         return {"kind": self.kind, "name": name, "revision": self.revision, "variant": self.variant}
 
     def local_dir(self, storage_options: dict | None = None) -> str:
@@ -87,7 +87,7 @@ class ModelSource:
             repo, filename = _hub_file(self.model)
             return _hub_download(self.model, repo, filename, revision=self.revision)
         [(name, _)] = self.files
-        return str(_cached_copy(self, storage_options or {}) / name)
+        return str(_inside_copy(self, _cached_copy(self, storage_options or {}), name))
 
     @contextlib.contextmanager
     def config_files(self, names: list[str], storage_options: dict | None = None):
@@ -318,11 +318,28 @@ def _url_listing(fs, root: str, model: str, layout: str) -> tuple[dict[str, dict
         if not found:
             raise ModelLoadError(f"model {model!r}: no files there")
         base = root
-    files = {posixpath.relpath(path, base): info for path, info in sorted(found.items())}
+    files = {_listed_name(model, base, path): info for path, info in sorted(found.items())}
     digest = hashlib.sha256()
     for rel, info in files.items():
         digest.update(f"{rel}:{info.get('size')}:{_version_tag(info)}\n".encode())
     return files, digest.hexdigest(), base
+
+
+def _listed_name(model: str, base: str, path: str) -> str:
+    """A listed file's path relative to the model's folder, as the store spells it (never normalised: `a/../b`
+    is not `b`); a key that is not a plain relative path inside the folder is refused, since it would be copied
+    to that path under each node's cache."""
+    prefix = base.rstrip("/") + "/"
+    relative = path[len(prefix):]
+    try:
+        if not path.startswith(prefix):
+            raise UnsafePathError(path)
+        join_inside(base, relative, f"model {model!r}")
+    except UnsafePathError:
+        raise ModelLoadError(f"model {model!r}: its store lists {path!r}, which is not a file inside the model's "
+                             "folder (a '..', absolute or empty part): refused, it would be written outside the "
+                             "model cache") from None
+    return relative
 
 
 def _version_tag(info: dict) -> str:
@@ -378,7 +395,7 @@ def _cached_copy(source: ModelSource, storage_options: dict) -> Path:
         tmp = cache / f"{source.revision}.tmp-{uuid.uuid4().hex}"
         try:
             for rel, info in files.items():
-                local = tmp / rel
+                local = _inside_copy(source, tmp, rel)
                 local.parent.mkdir(parents=True, exist_ok=True)
                 path = posixpath.join(root, rel)
                 with_retries(fs.get_file, path, str(local), what=f"copy {path}")
@@ -393,6 +410,14 @@ def _cached_copy(source: ModelSource, storage_options: dict) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("copied model %s to %s", source.model, target)
         return target
+
+
+def _inside_copy(source: ModelSource, copy: Path, rel: str) -> Path:
+    """Where a listed file goes in the copy: inside it, symbolic links resolved, or a ModelLoadError."""
+    try:
+        return join_inside(copy, rel, f"model {source.model!r}")
+    except UnsafePathError as exc:
+        raise ModelLoadError(f"{exc}: not copied") from None
 
 
 def _copy_digests(copy: Path) -> dict | None:

@@ -9,11 +9,13 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import random
 import re
 import time
 import urllib.parse
 import uuid
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import fsspec
@@ -310,6 +312,30 @@ def with_retries(
                 listener()
             time.sleep(delay)
             attempt += 1
+
+
+class UnsafePathError(ValueError):
+    """A name read from a store (a listing, a marker, a record) that would reach outside the folder it belongs to."""
+
+
+_DRIVE = re.compile(r"[A-Za-z]:")
+
+
+def join_inside(root: str | Path, relative: str, what: str) -> str | Path:
+    """`root/relative` for a name that data gave (a store's listing, a marker, a record): refused, with
+    UnsafePathError naming `what` and the name, unless it is a plain relative path that stays inside `root` (no
+    leading `/`, `..`, `.` or empty segments, backslashes, drive letters, NUL). A local root is also checked after
+    resolving symbolic links, so a link planted inside it cannot lead a write out of it."""
+    segments = relative.split("/") if isinstance(relative, str) else []
+    if (not segments or any(part in ("", ".", "..") for part in segments) or "\\" in relative or "\0" in relative
+            or _DRIVE.match(relative)):
+        raise UnsafePathError(f"{what}: {str(relative)[:200]!r} is not a relative path inside its folder")
+    if isinstance(root, Path):
+        base = os.path.realpath(root)
+        if os.path.commonpath([base, os.path.realpath(os.path.join(base, relative))]) != base:
+            raise UnsafePathError(f"{what}: {relative[:200]!r} leads outside {root} (through a symbolic link)")
+        return root / relative
+    return posixpath.join(root.rstrip("/") or root, relative)
 
 
 def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

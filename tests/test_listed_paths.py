@@ -1,0 +1,76 @@
+"""Names that a store lists or a record holds are data: joined to a folder only when they stay inside it
+(`pipeline.storage.join_inside`), never written or read elsewhere."""
+
+import json
+import posixpath
+from pathlib import Path
+
+import pytest
+
+from instaflow.loading import ModelLoadError
+from jobhelpers import prompt_table, write_prompts
+from jobs import generate
+from pipeline import model_source
+from pipeline.model_source import resolve_model_source
+from pipeline.storage import UnsafePathError, join_inside
+
+SIZE = ["--height", "64", "--width", "64", "--dtype", "float32", "--rows-per-shard", "4", "--no-progress"]
+ESCAPE = "../../../escaped.txt"  # from the model folder: three levels above the copy in the cache
+
+
+@pytest.mark.parametrize("name", ["../x", "a/../../x", "/etc/x", "a//b", "./a", "a/.", "a\\..\\x", "C:x", "a\0b", ""])
+def test_a_name_that_is_not_a_plain_relative_path_is_refused(name):
+    with pytest.raises(UnsafePathError, match="listed file: .* is not a relative path inside its folder"):
+        join_inside("bucket/model", name, "listed file")
+    assert join_inside("bucket/model/", "unet/config.json", "listed file") == "bucket/model/unet/config.json"
+
+
+def test_a_symbolic_link_inside_a_local_folder_cannot_lead_out_of_it(tmp_path):
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "unet").symlink_to(tmp_path)
+    with pytest.raises(UnsafePathError, match="leads outside .* symbolic link"):
+        join_inside(tmp_path / "copy", "unet/x", "listed file")
+    linked_cache = tmp_path / "cache-link"
+    linked_cache.symlink_to(tmp_path / "copy")  # a cache folder that is itself a link is fine
+    assert join_inside(linked_cache, "vae/x", "listed file") == linked_cache / "vae" / "x"
+
+
+@pytest.fixture
+def escaping_model(s3, tiny_models, tmp_path, monkeypatch):
+    """A model folder on S3 with one key that climbs out of it, and an empty model cache deep in tmp_path."""
+    cache = tmp_path / "a" / "b" / "c" / "cache"
+    monkeypatch.setenv(model_source.CACHE_ENV, str(cache))
+    monkeypatch.setattr(model_source, "_digests", {})
+    s3.fs.put(str(tiny_models["instaflow"]), f"{s3.bucket}/models/evil", recursive=True)
+    s3.fs.pipe_file(f"{s3.bucket}/models/evil/{ESCAPE}", b"written by whoever can write to the bucket")
+    s3.fs.invalidate_cache()
+    assert f"{s3.bucket}/models/evil/{ESCAPE}" in s3.fs.find(f"{s3.bucket}/models/evil")  # the store lists it
+    return s3.url("models/evil"), cache
+
+
+def files_outside(root: Path, cache: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and cache not in p.parents and p.name == "escaped.txt"]
+
+
+def test_a_job_whose_model_lists_a_key_outside_its_folder_is_refused(s3, escaping_model, tmp_path, capsys):
+    url, cache = escaping_model
+    write_prompts(s3.fs, f"{s3.bucket}/in/p.parquet", prompt_table(4), row_group_size=4)
+    status = generate.main(["--prompts", s3.url("in/"), "--output", str(tmp_path / "out"), "--model", url,
+                            "--storage-options", json.dumps(s3.storage_options), *SIZE])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert url in err and f"models/evil/{ESCAPE}" in err and "outside the model cache" in err
+    assert not files_outside(tmp_path, cache) and not (tmp_path / "out" / "_job.json").exists()
+
+
+def test_a_worker_never_writes_a_listed_key_outside_its_cache(s3, escaping_model, tmp_path, monkeypatch):
+    """The copy checks each listed name itself, whatever the driver pinned: here a driver without the check."""
+    url, cache = escaping_model
+    with monkeypatch.context() as unchecked:
+        unchecked.setattr(model_source, "_listed_name", lambda model, base, path: posixpath.relpath(path, base))
+        source = resolve_model_source(url, "float32", s3.storage_options)
+    assert ESCAPE in dict(source.files)
+    with pytest.raises(ModelLoadError, match=f"models/evil/{ESCAPE}.*outside the model cache"):
+        source.local_dir(s3.storage_options)
+    assert not files_outside(tmp_path, cache)
+    assert not [p for p in cache.iterdir() if p.is_dir()]  # no copy, no leftover
