@@ -144,6 +144,41 @@ def test_a_lora_that_does_not_fit_is_refused_before_any_worker(run, tiny_models,
     assert "need a student --model" in capsys.readouterr().err
 
 
+def test_a_model_of_the_wrong_kind_is_refused_naming_its_flag(run, tiny_models, capsys):
+    """A CLIP model loads as a safety checker (and scores NaN), a safety checker as CLIP (and fails every row):
+    each model a flag names is checked for its class on the driver, before any worker starts."""
+    cases = [(["--scores", "nsfw", "--safety-checker", str(tiny_models["clip"])],
+              "--safety-checker", "is a CLIPModel, not a StableDiffusionSafetyChecker"),
+             (["--scores", "clip", "--clip-model", str(tiny_models["safety_checker"])],
+              "--clip-model", "is a StableDiffusionSafetyChecker, not a CLIPModel"),
+             (["--controlnet", str(tiny_models["taesd"]), "--control-column", "style"], "--controlnet",
+              "is a AutoencoderTiny, not a ControlNetModel"),
+             (["--decoder", "tiny", "--tiny-decoder", str(tiny_models["controlnet"])], "--tiny-decoder",
+              "is a ControlNetModel, not a AutoencoderTiny")]
+    for flags, flag, message in cases:
+        output = run("generate", *flags, status=2)
+        line = error_line(capsys)
+        assert line.startswith(f"error: {flag} ") and message in line, line
+        assert not output.exists()
+    run("generate", "--refiner", str(tiny_models["sd15"]), status=2)  # SD-1.5's folder lacks SDXL's components
+    assert "missing text_encoder_2" in error_line(capsys)
+
+
+def test_a_score_that_is_not_finite_fails_its_row_in_that_output():
+    from pipeline.stages.base import HostCopy, UnitOutputs
+    from pipeline.stages.scores import ScoresStage
+
+    class Clip:
+        pass
+
+    stage = ScoresStage.__new__(ScoresStage)
+    stage.safety, stage.clip = None, Clip()
+    outputs = UnitOutputs(["images"], {})
+    stage.collect(["a", "b"], {"images": {"safety": None, "clip": HostCopy(torch.tensor([21.5, float("nan")]))}},
+                  outputs)
+    assert outputs.failed["images"] == {"b": "clip_score is not finite (nan)"}
+
+
 def reference_scores(tiny_models, rows: list[dict], images: dict[str, bytes]) -> dict[str, tuple]:
     """diffusers' safety checker and transformers' CLIP on the stored images, as a pipeline and torchmetrics run
     them (PIL preprocessing): {key: (largest concept score, has_nsfw_concept, CLIP score)}."""

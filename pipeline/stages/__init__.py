@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from instaflow.loading import ComponentCache, Runtime
 from pipeline.model_source import ModelSource
-from pipeline.stages.base import Stage
+from pipeline.stages.base import Stage, check_model_kind
 from pipeline.stages.controlnet import ControlNetStage
 from pipeline.stages.encode import EncodeStage
 from pipeline.stages.images import ImagesStage
@@ -36,9 +36,13 @@ def input_columns(spec) -> dict[str, str]:
 
 
 def check_stages(spec, sources: dict[str, ModelSource]) -> None:
-    """The driver's checks of the stages' models (a LoRA that does not fit the student), before any worker."""
+    """The driver's checks of the stages' models (each of the kind its flag needs; a LoRA that does not fit the
+    student), before any worker."""
     for stage in STAGES:
         if stage.wanted(spec):
+            for key, kind in stage.model_kinds.items():
+                if key in sources:
+                    check_model_kind(sources[key], kind, spec.storage_options)
             stage.check(spec, sources)
 
 

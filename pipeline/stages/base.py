@@ -11,13 +11,15 @@ tensors from `produced` (scores read the student's images before they are copied
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Callable
 
 import pyarrow as pa
 import torch
 
-from instaflow.loading import ComponentCache
+from instaflow.loading import ComponentCache, ModelLoadError
 from instaflow.models import PromptBatch
 from pipeline.model_source import ModelSource
 from pipeline.plan import WorkUnit
@@ -25,6 +27,34 @@ from pipeline.reader import Sample
 from pipeline.storage import redact_text
 
 Encode = Callable[["HostCopy", int], list[Future]]  # the worker's encoders: one future per image of a batch
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What the model a flag names must be: the class its config file names (diffusers' `_class_name`, or the
+    first of transformers' `architectures`). A CLIP model and a safety checker, or a VAE and a ControlNet, load
+    into each other's classes without an error and then give wrong values, so the class is checked by name."""
+
+    flag: str
+    config: str  # "config.json" of a module, "model_index.json" of a pipeline folder
+    classes: tuple[str, ...]
+
+
+def check_model_kind(source: ModelSource, kind: ModelKind, storage_options: dict) -> None:
+    """Raises ModelLoadError in one line naming the flag, the model and both classes, on the driver."""
+    with source.config_files([kind.config], storage_options) as folder:
+        try:
+            config = json.loads((folder / kind.config).read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{kind.flag} {redact_text(source.model)!r}: cannot read its {kind.config}: "
+                                 f"{exc}") from None
+    named = config.get("_class_name") if isinstance(config, dict) else None
+    if named is None and isinstance(config, dict):
+        architectures = config.get("architectures")
+        named = architectures[0] if isinstance(architectures, list) and architectures else None
+    if named not in kind.classes:
+        what = f"a {named}" if named else "a model whose config names no class"
+        raise ModelLoadError(f"{kind.flag} {redact_text(source.model)!r} is {what}, not a {' or '.join(kind.classes)}")
 
 
 class HostCopy:
@@ -82,6 +112,7 @@ class Stage:
 
     name: str
     is_output = False  # writes rows and files of its own
+    model_kinds: dict[str, ModelKind] = {}  # by key in `sources`: what each model must be (checked on the driver)
 
     @classmethod
     def wanted(cls, spec) -> bool:
@@ -135,8 +166,10 @@ class Stage:
 
 def metadata_rows(spec, samples: list[Sample], outputs: UnitOutputs, output: str, model: str, steps: int,
                   guidance_scale: float, decoder: str | None) -> list[dict]:
-    """One row per sample of the unit (failed ones too), in writers.METADATA_SCHEMA's columns."""
+    """One row per sample of the unit (failed ones too), in writers.METADATA_SCHEMA's columns. The model and
+    decoder are named as the job's identity names them: redacted (a URL's password or signature stays out)."""
     failed, truncated = outputs.failed[output], outputs.truncated[output]
+    model, decoder = redact_text(model), redact_text(decoder)
     return [
         {
             "key": s.key,

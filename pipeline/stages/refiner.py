@@ -18,7 +18,7 @@ from instaflow.loading import ComponentCache, Runtime
 from instaflow.models import PromptBatch
 from instaflow.refiner import Refiner, RefinerSettings, refined_size, refiner_seed
 from pipeline.model_source import ModelSource, resolve_model_source
-from pipeline.stages.base import Encode, HostCopy, Stage, UnitOutputs, collect_encoded
+from pipeline.stages.base import Encode, HostCopy, ModelKind, Stage, UnitOutputs, collect_encoded
 
 OUTPUT = "images"
 NON_FINITE = "non-finite refined image (NaN or inf in its latent or image)"
@@ -29,6 +29,8 @@ FIELDS = [pa.field("refiner", pa.string()), pa.field("refiner_strength", pa.floa
 
 class RefinerStage(Stage):
     name = "refiner"
+    model_kinds = {"refiner": ModelKind("--refiner", "model_index.json", ("StableDiffusionXLImg2ImgPipeline",
+                                                                          "StableDiffusionXLPipeline"))}
 
     def __init__(self, spec, refiner: Refiner, refiner_name: str):
         self.spec = spec

@@ -7,6 +7,8 @@ failed has null scores. No image is changed.
 
 from __future__ import annotations
 
+import math
+
 import pyarrow as pa
 
 from instaflow.loading import ComponentCache
@@ -14,7 +16,7 @@ from instaflow.models import PromptBatch
 from instaflow.scores import ClipScorer, ImagePreprocess, SafetyScorer
 from pipeline.model_source import ModelSource, resolve_model_source
 from pipeline.spec import SCORES
-from pipeline.stages.base import Encode, HostCopy, Stage, UnitOutputs
+from pipeline.stages.base import Encode, HostCopy, ModelKind, Stage, UnitOutputs
 
 FIELDS = {
     "nsfw": [pa.field("nsfw_score", pa.float32()), pa.field("nsfw", pa.bool_())],
@@ -32,6 +34,8 @@ def scored_outputs(spec) -> list[str]:
 
 class ScoresStage(Stage):
     name = "scores"
+    model_kinds = {"safety_checker": ModelKind("--safety-checker", "config.json", ("StableDiffusionSafetyChecker",)),
+                   "clip_model": ModelKind("--clip-model", "config.json", ("CLIPModel",))}
 
     def __init__(self, spec, safety: SafetyScorer | None, clip: ClipScorer | None):
         self.spec = spec
@@ -82,10 +86,17 @@ class ScoresStage(Stage):
         return result
 
     def collect(self, keys: list[str], result: dict, outputs: UnitOutputs) -> None:
+        """A score that is not finite is never stored as a value: its row fails in that output, naming it."""
         for target, copies in result.items():
+            scores = {}
             if copies["safety"] is not None:
                 nsfw_score, nsfw = self.safety.decide(copies["safety"].numpy())
-                outputs.column(target, "nsfw_score").update(zip(keys, nsfw_score.tolist()))
+                scores["nsfw_score"] = nsfw_score
                 outputs.column(target, "nsfw").update(zip(keys, nsfw.tolist()))
             if copies["clip"] is not None:
-                outputs.column(target, "clip_score").update(zip(keys, copies["clip"].numpy().tolist()))
+                scores["clip_score"] = copies["clip"].numpy()
+            for name, values in scores.items():
+                outputs.column(target, name).update(zip(keys, values.tolist()))
+                for key, value in zip(keys, values.tolist()):
+                    if not math.isfinite(value):
+                        outputs.fail(target, key, f"{name} is not finite ({value})")
