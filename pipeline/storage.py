@@ -434,6 +434,11 @@ class ConditionalStore:
     def check_mutual_exclusion(self, path: str) -> None:
         """Raises OutputError if a lock this store takes around writes would not exclude another process."""
 
+    def stale_version(self, version: str) -> str:
+        """A version of the form the store compares that is not `version`: a replace with it must fail its
+        precondition (a malformed one would be a bad request, which proves nothing)."""
+        raise NotImplementedError
+
     def _call(self, fn: Callable[..., T], *args: Any, what: str, **kwargs: Any) -> T:
         def attempt():
             try:
@@ -467,6 +472,11 @@ class S3ConditionalStore(ConditionalStore):
             raise PreconditionFailed(f"replace {path}") from None
         return out["ETag"]
 
+    def stale_version(self, version: str) -> str:
+        """A well-formed ETag (quoted MD5 hex) that is not the object's."""
+        stale = '"' + "0" * 32 + '"'
+        return stale if stale != version else '"' + "1" * 32 + '"'
+
 
 class GCSConditionalStore(ConditionalStore):
     """GCS: generation preconditions (`ifGenerationMatch`, 0 meaning absent), through gcsfs's JSON API calls.
@@ -490,6 +500,10 @@ class GCSConditionalStore(ConditionalStore):
         self.fs.invalidate_cache(path)
         return str(out["generation"])
 
+    def stale_version(self, version: str) -> str:
+        """A generation (an integer) that is not the object's: 1, or 2 for an object at generation 1."""
+        return "2" if version == "1" else "1"
+
 
 class LocalConditionalStore(ConditionalStore):
     """A local or shared disk: an exclusive hard link to create, and a lock file around compare-and-replace."""
@@ -498,6 +512,10 @@ class LocalConditionalStore(ConditionalStore):
         with open(self.fs._strip_protocol(path), "rb") as f:
             data = f.read()
         return data, hashlib.sha256(data).hexdigest()
+
+    def stale_version(self, version: str) -> str:
+        """The digest of other bytes than the file's."""
+        return hashlib.sha256(b"stale" + version.encode()).hexdigest()
 
     def check_mutual_exclusion(self, path: str) -> None:
         """flock locks belong to an open file: a second open of the same file must not get the lock while the
@@ -557,7 +575,7 @@ def check_conditional_writes(fs: fsspec.AbstractFileSystem, root: str) -> None:
         raise OutputError(f"{where}: cannot create a file there ({type(exc).__name__}: {exc})") from None
     try:
         for what, write in (("a create of an object that exists", lambda: store.create(probe, b"second")),
-                            ("a replace with a stale version", lambda: store.replace(probe, b"third", f"x{version}"))):
+                            ("a replace with a stale version", lambda: store.replace(probe, b"third", store.stale_version(version)))):
             try:
                 write()
             except PreconditionFailed:

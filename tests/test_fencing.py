@@ -4,9 +4,11 @@ local disk and on moto's S3."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import re
 import time
 
 import fsspec
@@ -232,6 +234,23 @@ def test_a_store_that_ignores_conditional_writes_is_refused(s3, monkeypatch):
     with pytest.raises(OutputError, match="does not honour conditional writes") as refused:
         check_conditional_writes(fs, root)
     assert s3.endpoint_url in str(refused.value) and "testing" not in str(refused.value)
+
+
+def test_the_probe_uses_an_etag_s3_can_compare(s3, monkeypatch):
+    """S3 answers a malformed If-Match with 400 (moto with 412): the probe's stale ETag is a well-formed one."""
+    fs, root = storage.filesystem(s3.url("well-formed"), s3.storage_options)
+    real_pipe, sent = fs.pipe_file, []
+
+    def strict_pipe(path, data, **kwargs):
+        if "IfMatch" in kwargs:
+            sent.append(kwargs["IfMatch"])
+            if not re.fullmatch(r'"[0-9a-f]{32}(-\d+)?"', kwargs["IfMatch"]):
+                raise OSError(errno.EINVAL, f"400 Bad Request: If-Match {kwargs['IfMatch']!r} is not an ETag")
+        return real_pipe(path, data, **kwargs)
+
+    monkeypatch.setattr(fs, "pipe_file", strict_pipe)
+    check_conditional_writes(fs, root)
+    assert len(sent) == 1 and not fs.find(root)
 
 
 def test_a_disk_where_flock_is_a_no_op_is_refused(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import pytest
 from pipeline import storage
 from pipeline.lock import (EXITED_HOLDER_GRACE_S, LOCK_NAME, LockRecord, OutputLock, OutputLockedError,
                            OutputLostError, lock_holder, machine_id)
-from pipeline.storage import OutputError, PreconditionFailed, conditional_store, put_atomic
+from pipeline.storage import OutputError, PreconditionFailed, check_conditional_writes, conditional_store, put_atomic
 
 LEASE_S = 1.0
 
@@ -213,7 +213,9 @@ def test_many_starters_at_once_exactly_one_wins(where, tmp_path, request):
 
 
 class FakeGCS:
-    """The two gcsfs calls GCSConditionalStore makes, with GCS's generation rules (0 means absent)."""
+    """The gcsfs calls GCSConditionalStore and the probe make, with GCS's generation rules (0 means absent) and
+    its answers: 412 for a generation that does not match, 400 Bad Request for one that is not an integer (which
+    gcsfs raises as ValueError)."""
 
     protocol = ("gs", "gcs")
     _location = "https://storage.googleapis.com"
@@ -244,11 +246,17 @@ class FakeGCS:
         assert method == "POST" and url.endswith("/upload/storage/v1/b/bucket/o") and uploadType == "media"
         path = f"bucket/{name}"
         current = self.objects.get(path, (None, 0))[1]
+        if not str(ifGenerationMatch).isdigit():
+            raise ValueError(f"Bad Request: {path}\nInvalid argument ifGenerationMatch={ifGenerationMatch!r}")
         if int(ifGenerationMatch) != current:
             raise self.PreconditionError(f"412: generation {current}, not {ifGenerationMatch}")
         self.generations += 1
         self.objects[path] = (data, self.generations)
         return {"generation": str(self.generations)}
+
+    def rm(self, path):
+        self.info(path)
+        del self.objects[path]
 
 
 def test_gcs_generation_preconditions_against_a_fake():
@@ -266,6 +274,18 @@ def test_gcs_generation_preconditions_against_a_fake():
         first.refresh()
     second.release()
     assert lock_holder(fs, "bucket/out") is None
+
+
+def test_the_probe_uses_a_generation_gcs_can_compare():
+    """A stale version of GCS's own type (an integer): a malformed one is a 400, which proves nothing."""
+    fs = FakeGCS()
+    check_conditional_writes(fs, "bucket/out")
+    assert fs.objects == {} and fs.generations == 1  # one probe object, created once, then deleted
+    careless = FakeGCS()
+    careless.call = lambda *args, ifGenerationMatch, **kwargs: FakeGCS.call(careless, *args, ifGenerationMatch=(
+        careless.objects.get(f"bucket/{kwargs['name']}", (None, 0))[1]), **kwargs)  # accepts any precondition
+    with pytest.raises(OutputError, match="does not honour conditional writes"):
+        check_conditional_writes(careless, "bucket/out")
 
 
 def test_outputs_without_conditional_writes_are_refused():
