@@ -132,7 +132,10 @@ def ray_worker_factory(spec: JobSpec, *worker_args) -> tuple[Callable[[int], obj
 def withdraw_resource_request() -> None:
     """Withdraws what ray_worker_factory asked the autoscaler for: a request stands until it is replaced, so a
     long-lived cluster would keep the job's GPU nodes after the job ends. Called once the job has ended, however
-    it ended; never raises, so that it hides nothing the job raised."""
+    it ended; never raises, so that it hides nothing the job raised. Ray keeps one request per cluster (a key of
+    the GCS, or the v2 autoscaler's cluster request), not per job, with no way to withdraw a part of it: this also
+    clears another job's request on the same cluster, whose pending workers then still ask for their GPUs one by
+    one (the README says so)."""
     if not _requested_bundles or not ray.is_initialized():
         return
     from ray.autoscaler.sdk import request_resources
