@@ -1,8 +1,8 @@
 """LoRA adapters and fine-tune merges on the student, as the InstaFlow repo applies them (code/rf_lora.py).
 
-A LoRA file (diffusers/PEFT or kohya/CivitAI format) is read and converted by diffusers' own loader, checked
-against the model's modules, then loaded as PEFT adapters into the UNet and the text encoder, fused into their
-weights and unloaded: afterwards they are plain modules with changed weights, so a LoRA costs no speed. A fine-tune
+A LoRA file (diffusers/PEFT or kohya/CivitAI format) is read (a diffusers file by diffusers' own loader), its keys
+are matched one by one to the model's modules and checked, then loaded by diffusers' loaders as PEFT adapters into
+the UNet and the text encoder, fused into their weights and unloaded: afterwards they are plain modules with changed weights, so a LoRA costs no speed. A fine-tune
 merge adds SCALE x (fine-tune UNet - base UNet) to the student's UNet, the repo's "hf" mode.
 
 Both change the modules they are given, in place: callers pass their own copies (`copy.deepcopy`), never modules
@@ -12,7 +12,7 @@ that the component cache shares with another model (a teacher).
 import functools
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -49,29 +49,24 @@ class MergeMismatchError(ValueError):
 
 @dataclass(frozen=True)
 class Lora:
-    """One LoRA file. A diffusers/PEFT file as diffusers' `lora_state_dict` returns it: keys in diffusers naming,
-    prefixed `unet.` or `text_encoder.`, and the LoraConfig arguments a diffusers-written file stores in its header
-    (`metadata`, alpha among them). A kohya file (`kohya`) keeps its own keys until `check_lora` renames them by the
-    model's module names, and gives the LoraConfig arguments from its ranks and `.alpha` values. Without alpha,
-    alpha = rank. `file_keys` gives a renamed key's name in the file, for messages."""
+    """One LoRA file: a diffusers/PEFT file as diffusers' `lora_state_dict` returns it (keys in diffusers naming,
+    prefixed `unet.` or `text_encoder.`; `metadata`: the LoraConfig arguments a diffusers-written file stores in its
+    header, alpha among them), or a kohya file's own keys (`kohya`: `lora_unet_*`, `lora_te_*`, `.alpha`).
+    `check_lora` gives either as diffusers' loaders take it. Without alpha, alpha = rank."""
 
     name: str
     state_dict: dict[str, torch.Tensor]
     metadata: dict | None
     kohya: bool = False
-    file_keys: dict[str, str] = field(default_factory=dict)
-
-    def file_key(self, key: str) -> str:
-        return self.file_keys.get(key, key)
 
 
 def read_lora(path: str | Path) -> Lora:
     """Reads a local `.safetensors` LoRA (never a pickle): a kohya/CivitAI file (`lora_unet_*`, `lora_te_*`,
     `.alpha`) as it is, a diffusers/PEFT file through diffusers' `lora_state_dict`.
 
-    Diffusers would convert kohya keys too, but it tells their naming scheme from the whole set of keys and refuses
+    Diffusers would convert kohya keys too, but it tells their naming from the whole set of keys and finds none for
     a text-encoder part that adapts only some projections of a layer (q and v of self_attn, as attention-only
-    trainers write): `check_lora` renames each key on its own instead."""
+    trainers write): `check_lora` renames each key on its own, by the model's module names."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from safetensors import safe_open
 
@@ -106,31 +101,90 @@ def meta_modules(model_dir: str | Path, parts: Sequence[str] = (UNET, TEXT_ENCOD
         return [build[part]() for part in parts]
 
 
-def _peft_names(lora: Lora, part: str, model: torch.nn.Module) -> dict[str, str]:
-    """{key in lora.state_dict: the PEFT name diffusers' loader gives it inside `model`} for one part, renamed by
-    the same diffusers functions as `load_lora_adapter` (UNet) and `_load_lora_into_text_encoder` use."""
-    from diffusers.utils.state_dict_utils import (
-        convert_state_dict_to_diffusers,
-        convert_state_dict_to_peft,
-        convert_unet_state_dict_to_peft,
-    )
+# The text encoder's keys in a diffusers file, in any of diffusers' three namings (PEFT, diffusers, old diffusers),
+# read one by one.
+TEXT_ENCODER_KEY = re.compile(r"^(?P<module>.+?)(?:\.lora_(?P<peft>[AB])|\.lora_linear_layer\.(?P<diffusers>down|up)"
+                              r"|\.to_(?P<old_projection>q|k|v|out)_lora\.(?P<old>down|up))\.weight$")
+DOWN_UP = {"down": "A", "up": "B"}
 
-    keys = [key for key in lora.state_dict if key.startswith(f"{part}.")]
-    if not keys:
-        return {}
-    weights = {key.removeprefix(f"{part}."): lora.state_dict[key] for key in keys}
-    if part == UNET:
-        renamed = weights if "lora_A" in next(iter(weights)) else convert_unet_state_dict_to_peft(weights)
-    else:
-        try:
-            renamed = convert_state_dict_to_peft(convert_state_dict_to_diffusers(weights))
-        except ValueError as exc:  # diffusers cannot tell the naming scheme of these keys
-            raise LoraMismatchError(lora.name, keys[0], str(exc)) from None
-        if not hasattr(model, "text_model"):  # transformers 5 flattens CLIPTextModel; files keep `text_model.`
-            renamed = {name.removeprefix("text_model."): value for name, value in renamed.items()}
-    if len(renamed) != len(keys):
-        raise LoraMismatchError(lora.name, keys[0], "two keys of this part name the same weight")
-    return dict(zip(keys, renamed))  # the renames are key by key, in order
+Factors = dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]]  # (part, module) -> A/B -> (file key, tensor)
+
+
+def _kohya_module_names(part: str, model: torch.nn.Module) -> dict[str, str]:
+    """{a module's path as kohya writes it ("_" for "."; the text encoder's from `text_model.`): the module's name
+    in `model`}. As rf_lora.py does, keys are matched to the model's own names: "_" also occurs inside names
+    (down_blocks, self_attn, to_out), so a kohya path cannot be split on its own."""
+    names = {}
+    for name, _ in model.named_modules():
+        if name:
+            path = name if part == UNET or name.startswith("text_model.") else f"text_model.{name}"
+            names[path.replace(".", "_")] = name
+    return names
+
+
+def _kohya_factors(lora: Lora, parts: dict[str, torch.nn.Module]) -> tuple[Factors, dict[tuple[str, str], float]]:
+    """The kohya file's down/up weights by the model's module names, each key on its own, and its `.alpha` values."""
+    module_names = {part: _kohya_module_names(part, model) for part, model in parts.items()}
+    factors, alphas, alpha_keys = {}, {}, {}
+    for key, tensor in lora.state_dict.items():
+        match = KOHYA_KEY.match(key)
+        if match is None:
+            raise LoraMismatchError(lora.name, key, "not a kohya LoRA key (lora_unet_* or lora_te_*, then "
+                                                    ".lora_down.weight, .lora_up.weight or .alpha)")
+        part = KOHYA_PARTS[match["prefix"]]
+        module = module_names[part].get(match["path"])
+        if module is None:
+            raise LoraMismatchError(lora.name, key, f"the {part} has no module {match['path']!r}")
+        if match["kind"] != "alpha":
+            factors.setdefault((part, module), {})[KOHYA_FACTORS[match["kind"]]] = (key, tensor)
+        elif tensor.numel() != 1:
+            raise LoraMismatchError(lora.name, key, f"alpha must be one number, not shape {tuple(tensor.shape)}")
+        else:
+            alphas[part, module], alpha_keys[part, module] = tensor.item(), key
+    for module, key in alpha_keys.items():
+        if module not in factors:
+            raise LoraMismatchError(lora.name, key, "an alpha without its lora_down and lora_up weights")
+    return factors, alphas
+
+
+def _diffusers_factors(lora: Lora, parts: dict[str, torch.nn.Module]) -> Factors:
+    """The diffusers file's down/up weights by module name: the UNet's as diffusers' UNet loader renames them, the
+    text encoder's read key by key (diffusers' text-encoder loader infers one naming for the whole set and finds
+    none where only some projections, or only the MLP, are adapted)."""
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    factors = {}
+
+    def add(part: str, module: str, factor: str, key: str) -> None:
+        if factor in factors.setdefault((part, module), {}):
+            raise LoraMismatchError(lora.name, key, "two keys of this part name the same weight")
+        factors[part, module][factor] = (key, lora.state_dict[key])
+
+    for key in lora.state_dict:
+        if key.split(".", 1)[0] not in parts:
+            raise LoraMismatchError(lora.name, key, "names neither the UNet (unet.) nor the text encoder "
+                                                    "(text_encoder.)")
+    unet_keys = [key for key in lora.state_dict if key.startswith(f"{UNET}.")]
+    weights = {key.removeprefix(f"{UNET}."): lora.state_dict[key] for key in unet_keys}
+    if weights and "lora_A" not in next(iter(weights)):  # as `load_lora_adapter` decides
+        weights = convert_unet_state_dict_to_peft(weights)
+    for key, name in zip(unet_keys, weights):  # the renames are key by key, in order
+        match = LORA_WEIGHT.match(name)
+        if match is None:
+            raise LoraMismatchError(lora.name, key, "not a LoRA down/up weight (lora_A/lora_B) that diffusers fuses")
+        add(UNET, match["module"], match["factor"], key)
+    flattened = not hasattr(parts[TEXT_ENCODER], "text_model")  # transformers 5; files keep `text_model.`
+    for key in lora.state_dict:
+        if key.startswith(f"{TEXT_ENCODER}."):
+            match = TEXT_ENCODER_KEY.match(key.removeprefix(f"{TEXT_ENCODER}."))
+            if match is None:
+                raise LoraMismatchError(lora.name, key, "not a LoRA down/up weight (lora_A/lora_B, "
+                                                        "lora_linear_layer.down/up) that diffusers fuses")
+            module = match["module"].removeprefix("text_model.") if flattened else match["module"]
+            if match["old_projection"]:
+                module = f"{module}.{match['old_projection']}_proj"
+            add(TEXT_ENCODER, module, match["peft"] or DOWN_UP[match["diffusers"] or match["old"]], key)
+    return factors
 
 
 def _expected_shapes(module: torch.nn.Module, rank: int) -> tuple[tuple, tuple]:
@@ -141,103 +195,64 @@ def _expected_shapes(module: torch.nn.Module, rank: int) -> tuple[tuple, tuple]:
     return (rank, module.weight.shape[1], *kernel), (module.out_channels, rank, 1, 1)
 
 
-def _kohya_module_names(part: str, model: torch.nn.Module) -> dict[str, str]:
-    """{a module's path as kohya writes it ("_" for "."; the text encoder's from `text_model.`): the module's name
-    in `model`}, for every module of the part. As rf_lora.py does, keys are matched to the model's own names: "_"
-    also occurs inside names (down_blocks, self_attn, to_out), so a kohya path cannot be split on its own."""
-    names = {}
-    for name, _ in model.named_modules():
-        if name:
-            path = name if part == UNET or name.startswith("text_model.") else f"text_model.{name}"
-            names[path.replace(".", "_")] = name
-    return names
+def _loader_key(part: str, module: str, factor: str) -> str:
+    """A weight's name for diffusers' loaders, in a naming each reads without inferring it from the whole set: PEFT's
+    for the UNet, diffusers' `lora_linear_layer` for the text encoder (which its loader converts to PEFT's)."""
+    if part == UNET:
+        return f"{UNET}.{module}.lora_{factor}.weight"
+    return f"{TEXT_ENCODER}.{module}.lora_linear_layer.{'down' if factor == 'A' else 'up'}.weight"
 
 
-def _from_kohya(lora: Lora, parts: dict[str, torch.nn.Module]) -> Lora:
-    """The kohya LoRA in diffusers' PEFT naming (`unet.<module>.lora_A.weight`, ...), each key renamed on its own
-    by the model's module names, with the LoraConfig arguments diffusers' loaders take as `metadata`: each
-    module's rank and alpha (rank where the file has no `.alpha`), so that PEFT scales each module by alpha / rank.
-    Raises LoraMismatchError for a key that is not a kohya LoRA key or names a module the model does not have."""
-    module_names = {part: _kohya_module_names(part, model) for part, model in parts.items()}
-    state_dict, file_keys, alphas = {}, {}, {}
-    for key, tensor in lora.state_dict.items():
-        match = KOHYA_KEY.match(key)
-        if match is None:
-            raise LoraMismatchError(lora.name, key, "not a kohya LoRA key (lora_unet_* or lora_te_*, then "
-                                                    ".lora_down.weight, .lora_up.weight or .alpha)")
-        part = KOHYA_PARTS[match["prefix"]]
-        module = module_names[part].get(match["path"])
-        if module is None:
-            raise LoraMismatchError(lora.name, key, f"the {part} has no module {match['path']!r}")
-        if match["kind"] == "alpha":
-            if tensor.numel() != 1:
-                raise LoraMismatchError(lora.name, key, f"alpha must be one number, not shape {tuple(tensor.shape)}")
-            alphas[part, module] = (key, tensor.item())
-        else:
-            name = f"{part}.{module}.lora_{KOHYA_FACTORS[match['kind']]}.weight"
-            state_dict[name], file_keys[name] = tensor, key
-    ranks = {}  # (part, module) -> rank: lora_down's rows, or lora_up's columns where down is missing
-    for name, tensor in state_dict.items():
-        part, rest = name.split(".", 1)
-        module, factor = LORA_WEIGHT.match(rest).group("module", "factor")
-        ranks.setdefault((part, module), tensor.shape[0 if factor == "A" else 1])
-    for (part, module), (key, _) in alphas.items():
-        if (part, module) not in ranks:
-            raise LoraMismatchError(lora.name, key, "an alpha without its lora_down and lora_up weights")
+def _kohya_metadata(factors: Factors, alphas: dict[tuple[str, str], float]) -> dict:
+    """The LoraConfig arguments for diffusers' loaders, by part: every module's rank and alpha (rank where the file
+    has no `.alpha`), so PEFT scales each module by its own alpha / rank."""
     metadata = {}
-    for part in parts:
-        modules = {module: rank for (of, module), rank in ranks.items() if of == part}
-        if modules:
-            first = next(iter(modules))
-            alpha = {module: alphas.get((part, module), (None, rank))[1] for module, rank in modules.items()}
-            metadata |= {f"{part}.target_modules": list(modules), f"{part}.r": modules[first],
-                         f"{part}.lora_alpha": alpha[first], f"{part}.rank_pattern": modules,
+    for part in (UNET, TEXT_ENCODER):
+        ranks = {module: pair["A"][1].shape[0] for (of, module), pair in factors.items() if of == part}
+        if ranks:
+            alpha = {module: alphas.get((part, module), rank) for module, rank in ranks.items()}
+            first = next(iter(ranks))
+            metadata |= {f"{part}.target_modules": list(ranks), f"{part}.r": ranks[first],
+                         f"{part}.lora_alpha": alpha[first], f"{part}.rank_pattern": ranks,
                          f"{part}.alpha_pattern": alpha}
-    return Lora(lora.name, state_dict, metadata, file_keys=file_keys)
+    return metadata
 
 
 def check_lora(lora: Lora, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> Lora:
-    """The LoRA in the names diffusers' loaders take (a kohya file renamed by the model's module names), after
-    checking that it fits: raises LoraMismatchError, naming the file and the first key as the file spells it, when
-    a key is neither the UNet's nor the text encoder's, names a module the model does not have (or one LoRA cannot
-    adapt), lacks its other half, or has a shape that does not fit. Any subset of the modules may be adapted.
+    """The LoRA, checked, as diffusers' loaders take it: raises LoraMismatchError, naming the file and the first key
+    as the file spells it, when a key is neither the UNet's nor the text encoder's, names a module the model does
+    not have (or one LoRA cannot adapt), lacks its other half, or has a shape that does not fit. Any subset of the
+    modules may be adapted; every key is read on its own, never by what the other keys are.
 
     Diffusers itself only warns about keys it cannot place and drops them; here they refuse the file. Works on real
     modules or on `meta_modules` (it reads module names and shapes only), so a driver can run it before any worker
     starts."""
     parts = {UNET: unet, TEXT_ENCODER: text_encoder}
     if lora.kohya:
-        lora = _from_kohya(lora, parts)
-    for key in lora.state_dict:
-        if key.split(".", 1)[0] not in parts:
-            raise LoraMismatchError(lora.name, key, "names neither the UNet (unet.) nor the text encoder "
-                                                    "(text_encoder.)")
-    for part, model in parts.items():
-        factors: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-        for key, name in _peft_names(lora, part, model).items():
-            refused = functools.partial(LoraMismatchError, lora.name, lora.file_key(key))
-            match = LORA_WEIGHT.match(name)
-            if match is None:
-                raise refused("not a LoRA down/up weight (lora_A/lora_B) that diffusers fuses")
-            try:
-                module = model.get_submodule(match["module"])
-            except AttributeError:
-                raise refused(f"the {part} has no module {match['module']!r}") from None
-            if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                raise refused(f"{match['module']!r} is a {type(module).__name__}, not a Linear or Conv2d layer")
-            factors.setdefault(match["module"], {})[match["factor"]] = (key, lora.state_dict[key])
-        for module_name, pair in factors.items():
-            if len(pair) != 2:
-                (key, _), = pair.values()
-                raise LoraMismatchError(lora.name, lora.file_key(key), "its other half is missing (down: lora_A "
-                                                                       "or lora_down, up: lora_B or lora_up)")
-            (key_a, a), (key_b, b) = pair["A"], pair["B"]
-            want_a, want_b = _expected_shapes(model.get_submodule(module_name), rank=a.shape[0])
-            for key, tensor, want in ((key_a, a, want_a), (key_b, b, want_b)):
-                if tuple(tensor.shape) != want:
-                    raise LoraMismatchError(lora.name, lora.file_key(key), f"shape {tuple(tensor.shape)}, the "
-                                                                           f"{part}'s {module_name!r} takes {want}")
-    return lora
+        factors, alphas = _kohya_factors(lora, parts)
+    else:
+        factors = _diffusers_factors(lora, parts)
+    state_dict = {}
+    for (part, module_name), pair in factors.items():
+        first_key = next(iter(pair.values()))[0]
+        try:
+            module = parts[part].get_submodule(module_name)
+        except AttributeError:
+            raise LoraMismatchError(lora.name, first_key, f"the {part} has no module {module_name!r}") from None
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            raise LoraMismatchError(lora.name, first_key, f"{module_name!r} is a {type(module).__name__}, not a "
+                                                          "Linear or Conv2d layer")
+        if len(pair) != 2:
+            raise LoraMismatchError(lora.name, first_key, "its other half is missing (down: lora_A or lora_down, "
+                                                          "up: lora_B or lora_up)")
+        want = dict(zip("AB", _expected_shapes(module, rank=pair["A"][1].shape[0])))
+        for factor, (key, tensor) in pair.items():
+            if tuple(tensor.shape) != want[factor]:
+                raise LoraMismatchError(lora.name, key, f"shape {tuple(tensor.shape)}, the {part}'s "
+                                                        f"{module_name!r} takes {want[factor]}")
+            state_dict[_loader_key(part, module_name, factor)] = tensor
+    metadata = _kohya_metadata(factors, alphas) if lora.kohya else _fitting_metadata(lora.metadata, text_encoder)
+    return Lora(lora.name, state_dict, metadata)
 
 
 def fuse_loras(unet: torch.nn.Module, text_encoder: torch.nn.Module, loras: Sequence[tuple[Lora, float]]) -> None:
@@ -272,8 +287,7 @@ def _load_and_fuse(unet: torch.nn.Module, text_encoder: torch.nn.Module, loras: 
     adapters = {UNET: [], TEXT_ENCODER: []}  # part -> [(adapter name, lora, scale)]
     for i, (lora, scale) in enumerate(loras):
         name = f"lora_{i}"
-        arguments = dict(state_dict=lora.state_dict, network_alphas=None, adapter_name=name,
-                         metadata=_fitting_metadata(lora.metadata, text_encoder))
+        arguments = dict(state_dict=lora.state_dict, network_alphas=None, adapter_name=name, metadata=lora.metadata)
         if any(key.startswith(f"{UNET}.") for key in lora.state_dict):
             loader.load_lora_into_unet(unet=unet, **arguments)
             adapters[UNET].append((name, lora, scale))

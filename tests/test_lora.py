@@ -21,7 +21,7 @@ from instaflow.lora import (
     read_lora,
 )
 from instaflow.models import PromptBatch, Settings, Student
-from instaflow.tiny_adapters import ALPHA, RANK, write_tiny_adapters
+from instaflow.tiny_adapters import ALPHA, LORA_UP_GAIN, RANK, write_tiny_adapters
 
 UNET_MODULE = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
 KOHYA_UNET = "lora_unet_" + UNET_MODULE.replace(".", "_")
@@ -271,3 +271,91 @@ def test_finetune_is_a_loadable_sd15_that_differs_and_adapters_are_deterministic
     for name in ("lora-kohya", "lora-diffusers"):
         assert hashlib.sha256(again[name].read_bytes()).digest() == hashlib.sha256(adapters[name].read_bytes()).digest()
     assert component_digest(again["finetune"]) == component_digest(adapters["finetune"])
+
+
+# Subsets of modules, as trainers that adapt only some layers write them: {"unet.<module>" / "text_encoder.<module>"
+# (the text encoder's names without `text_model.`): (rank, alpha, or None for a file without `.alpha`)}.
+TE_LAYERS = ("encoder.layers.0", "encoder.layers.1")
+TE_Q_V = {f"text_encoder.{layer}.self_attn.{proj}": (RANK, ALPHA) for layer in TE_LAYERS for proj in ("q_proj", "v_proj")}
+UNET_ATTENTION = {f"unet.{UNET_MODULE}": (RANK, None),
+                  "unet.up_blocks.0.attentions.1.transformer_blocks.0.attn1.to_v": (RANK, None)}
+SUBSETS = {
+    "text-encoder-q-v": TE_Q_V,
+    "text-encoder-one-mlp-no-alpha": {"text_encoder.encoder.layers.1.mlp.fc1": (2, None),
+                                      "text_encoder.encoder.layers.1.mlp.fc2": (2, None)},
+    "unet-attention": UNET_ATTENTION,
+    "unet-ff": {"unet.down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj": (RANK, ALPHA),
+                "unet.up_blocks.0.attentions.0.transformer_blocks.0.ff.net.2": (RANK, ALPHA)},
+    "unet-conv-and-resnets": {"unet.down_blocks.0.resnets.0.conv1": (RANK, ALPHA),  # 3x3
+                              "unet.down_blocks.1.resnets.0.conv_shortcut": (2, 1.0),  # 1x1
+                              "unet.up_blocks.0.attentions.1.proj_in": (RANK, None),
+                              "unet.down_blocks.1.resnets.0.time_emb_proj": (3, ALPHA)},
+    "both-parts-mixed-ranks": {"text_encoder.encoder.layers.0.self_attn.k_proj": (2, 1.0),
+                               "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0": (RANK, ALPHA)},
+}
+
+
+def write_lora(path, student, targets: dict, fmt: str = "kohya") -> dict:
+    """A seeded LoRA on `targets` (as SUBSETS), in kohya format (CivitAI's names, `.alpha` where given) or diffusers'
+    (no alpha: alpha = rank). Returns {target: (down, up, alpha)} for the transcription of the formula."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    generator = torch.Generator().manual_seed(len(targets))
+    factors, tensors, layers = {}, {}, {"unet": {}, "text_encoder": {}}
+    for target, (rank, alpha) in targets.items():
+        part, name = target.split(".", 1)
+        weight = getattr(student, part).get_submodule(name).weight
+        down = torch.randn(rank, *weight.shape[1:], generator=generator) / weight[0].numel() ** 0.5
+        up = torch.randn(weight.shape[0], rank, *[1] * (weight.dim() - 2), generator=generator) * LORA_UP_GAIN
+        factors[target] = (down, up, rank if alpha is None else alpha)
+        kohya = "lora_unet_" + name.replace(".", "_") if part == "unet" else "lora_te_text_model_" + name.replace(".", "_")
+        tensors |= {f"{kohya}.lora_down.weight": down, f"{kohya}.lora_up.weight": up}
+        if alpha is not None:
+            tensors[f"{kohya}.alpha"] = torch.tensor(alpha)
+        layers[part] |= {f"{'text_model.' * (part == 'text_encoder')}{name}.lora_A.weight": down,
+                         f"{'text_model.' * (part == 'text_encoder')}{name}.lora_B.weight": up}
+    if fmt == "kohya":
+        safetensors.torch.save_file(tensors, path)
+    else:
+        assert all(alpha is None for _, alpha in targets.values())
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            path.parent, unet_lora_layers=layers["unet"] or None,
+            text_encoder_lora_layers=layers["text_encoder"] or None, weight_name=path.name)
+    return factors
+
+
+def lora_formula(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, alpha: float, scale: float):
+    """W + scale * alpha / rank * up @ down; a conv's down (rank x in x kh x kw) and up (out x rank x 1 x 1) taken
+    as matrices, as kohya's conv LoRA defines them."""
+    return weight + scale * alpha / down.shape[0] * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+
+
+def assert_fused_by_formula(components, student, factors: dict, scale: float) -> None:
+    """Every adapted weight is the formula's, within fp32 rounding; every other tensor is unchanged, bit for bit."""
+    for part in ("unet", "text_encoder"):
+        before, after = getattr(student, part).state_dict(), getattr(components, part).state_dict()
+        adapted = {f"{target.split('.', 1)[1]}.weight": value for target, value in factors.items()
+                   if target.startswith(f"{part}.")}
+        for name, tensor in after.items():
+            if name in adapted:
+                expected = lora_formula(before[name], *adapted[name], scale)
+                assert (expected - before[name]).abs().max() > 100 * FUSED_TOLERANCE  # the LoRA changes it
+                torch.testing.assert_close(tensor, expected, rtol=0, atol=FUSED_TOLERANCE)
+            else:
+                assert torch.equal(tensor, before[name]), name
+
+
+@pytest.mark.parametrize("fmt,subset", [("kohya", name) for name in SUBSETS] + [
+    ("diffusers", "text-encoder-q-v-no-alpha"), ("diffusers", "text-encoder-one-mlp-no-alpha"),
+    ("diffusers", "unet-attention")])
+def test_any_subset_of_modules_fuses_to_the_formula(student, tiny_models, tmp_path, fmt, subset):
+    """A LoRA on any modules of either part (only q and v of self_attn, one layer's MLP, UNet attention only, ff,
+    convs and resnets), with or without alpha, in either format: checked on the driver's meta modules, then fused
+    exactly by the formula."""
+    targets = SUBSETS.get(subset) or {target: (rank, None) for target, (rank, _) in TE_Q_V.items()}
+    path = tmp_path / f"{subset}.safetensors"
+    factors = write_lora(path, student, targets, fmt)
+    lora = read_lora(path)
+    assert lora.kohya == (fmt == "kohya")
+    check_lora(lora, *meta_modules(tiny_models["instaflow"]))
+    assert_fused_by_formula(fused(student, [(lora, 0.6)]), student, factors, 0.6)
