@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -19,11 +18,13 @@ import threading
 import traceback
 from typing import Callable, NoReturn
 
+from pipeline.display import printable
+from pipeline.display import safe_line as error_line  # a message as stderr shows it: redacted, escaped, bounded
+
 EXIT_OK, EXIT_SHARDS_FAILED, EXIT_BAD_INPUT, EXIT_NO_WORKERS, EXIT_OUTPUT_LOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 EXIT_UNEXPECTED = 1  # Python's own status for an uncaught exception
 
-SHOWN_CHARS = 200  # an echoed value is cut to this many characters
-MESSAGE_CHARS = 1000  # and a whole message to this many (its start and its end kept)
+SHOWN_CHARS = 200  # an echoed value is cut to this many characters (a whole message: display.MESSAGE_CHARS)
 
 # (module, class, exit status), most specific first. A class is looked up only if its module is loaded: an
 # exception of it cannot exist otherwise, and `instaflow-batch status` should not import Ray and torch to fail.
@@ -42,29 +43,10 @@ _KNOWN_ERRORS = (
     ("builtins", "OSError", EXIT_BAD_INPUT),  # a path or URL that cannot be read or written
 )
 
-# C0 and C1 controls, DEL, and the Unicode line separators and bidirectional overrides a terminal obeys.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def printable(text: str) -> str:
-    """`text` with every control character spelled as an escape (`\\n`, `\\x1b`): safe on one terminal line."""
-    return _CONTROL.sub(lambda m: _ESCAPES.get(m.group(), m.group().encode("unicode_escape").decode()), text)
-
-
 def shown(value: object, limit: int = SHOWN_CHARS) -> str:
     """A value as an error message echoes it: its repr, escaped, and cut to `limit` characters."""
     text = printable(repr(value))
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def one_line(text: str, limit: int = MESSAGE_CHARS) -> str:
-    """A whole message for stderr: escaped and bounded; the end is kept, since it usually says why."""
-    text = printable(text)
-    if len(text) <= limit:
-        return text
-    tail = limit // 3
-    return f"{text[: limit - tail - 1]}…{text[-tail:]}"
 
 
 def describe(exc: BaseException) -> str:
@@ -99,13 +81,6 @@ def report(exc: BaseException) -> int:
         message = describe(exc)
     print(f"error: {error_line(message)}", file=sys.stderr, flush=True)
     return status
-
-
-def error_line(message: str) -> str:
-    """A message as stderr shows it: redacted, escaped, bounded."""
-    from pipeline.storage import redact_text
-
-    return one_line(redact_text(message))
 
 
 def entry_point(command: Callable[..., int | None]) -> Callable[..., int]:

@@ -23,6 +23,7 @@ from jobs.main import Parser
 from jobs.options import json_object
 from jobs.sheet import Cell, contact_sheet
 from pipeline.commit import committed_shards
+from pipeline.display import safe_line
 from pipeline.storage import OutputError, filesystem, get_bytes
 from pipeline.writers import read_tensor_column
 
@@ -44,19 +45,26 @@ class Sample:
     scores: dict  # the row's score columns that are present
 
     def caption(self, show_scores: bool) -> list[str]:
+        """The lines under the image (the sheet bounds each to what fits; its values are drawn, not run)."""
         lines = [f"{self.key}  seed {self.seed}"]
         if show_scores:
             lines.append(score_line(self.scores))
-        return [*lines, self.prompt]
+        return [*lines, str(self.prompt or "")]
 
 
 def score_line(scores: dict) -> str:
+    """The scores a row has, as numbers: a value of another type (a planted file's) is left out, not formatted."""
+    nsfw, clip = _number(scores.get("nsfw_score")), _number(scores.get("clip_score"))
     parts = []
-    if scores.get("nsfw_score") is not None:
-        parts.append(f"nsfw {scores['nsfw_score']:.3f}" + (" FLAGGED" if scores.get("nsfw") else ""))
-    if scores.get("clip_score") is not None:
-        parts.append(f"clip {scores['clip_score']:.1f}")
+    if nsfw is not None:
+        parts.append(f"nsfw {nsfw:.3f}" + (" FLAGGED" if scores.get("nsfw") is True else ""))
+    if clip is not None:
+        parts.append(f"clip {clip:.1f}")
     return "  ".join(parts) or "no scores"
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def main(argv: list[str], prog: str) -> int:
@@ -81,7 +89,7 @@ def main(argv: list[str], prog: str) -> int:
         sheet.save(args.out)
     except ValueError as exc:  # PIL: an extension it cannot write
         raise PreviewError(f"--out {shown(args.out)}: {exc}") from None
-    print(f"{args.out}: {len(samples)} {kind} from {num_shards} committed shards of {args.output}")
+    print(safe_line(f"{args.out}: {len(samples)} {kind} from {num_shards} committed shards of {args.output}"))
     return 0
 
 
@@ -147,7 +155,8 @@ def _read_columns(data: bytes, columns: list[str]) -> pa.Table:
 
 def _sample(row: dict, image: bytes | Image.Image) -> Sample:
     image = image if isinstance(image, Image.Image) else Image.open(io.BytesIO(image))
-    return Sample(row["key"], row["prompt"], row["seed"], image, {c: row[c] for c in SCORE_COLUMNS if c in row})
+    return Sample(str(row["key"]), str(row["prompt"] or ""), row["seed"], image,
+                  {c: row[c] for c in SCORE_COLUMNS if c in row})
 
 
 def _pair_samples(fs, path: str, decoder: "LatentDecoder") -> list[Sample]:

@@ -27,6 +27,7 @@ from jobs.main import Parser
 from jobs.options import json_object
 from jobs.preview import LatentDecoder, PreviewError, Sample, read_samples, score_line
 from pipeline.commit import committed_shards
+from pipeline.display import MESSAGE_CHARS, safe_line
 from pipeline.manifest import read_manifest
 from pipeline.storage import OutputError, filesystem, get_bytes
 from pipeline.verify import verify_output
@@ -68,7 +69,7 @@ def main(argv: list[str], prog: str) -> int:
             f.write(page)
     except OSError as exc:
         raise ReportError(f"--out {shown(args.out)}: {exc.strerror or exc}") from None
-    print(f"{args.out}: a report of {args.output} ({len(page) // 1024} KiB)")
+    print(safe_line(f"{args.out}: a report of {args.output} ({len(page) // 1024} KiB)"))
     return 0
 
 
@@ -104,7 +105,8 @@ def _failed_rows(fs, root: str, shards: dict[int, dict]) -> list[tuple[str, str]
     for name in _metadata_files(shards):
         table = pq.read_table(pa.BufferReader(get_bytes(fs, posixpath.join(root, name))),
                               columns=["key", "status", "error_message"])
-        rows += [(row["key"], row["error_message"] or "") for row in table.to_pylist() if row["status"] != "ok"]
+        rows += [(str(row["key"]), str(row["error_message"] or "")[:MESSAGE_CHARS])  # as the data has them: any type
+                 for row in table.to_pylist() if row["status"] != "ok"]
         if len(rows) >= MAX_FAILED_ROWS:
             break
     return rows[:MAX_FAILED_ROWS]
@@ -217,11 +219,11 @@ def _shard_table(shards: dict[int, dict]) -> str:
         worker = marker.get("worker", {})
         where = f"{str(worker.get('node_id', ''))[:8]} pid {worker.get('pid', '')} {worker.get('device', '')}"
         timings = marker.get("timings", {})
+        counts = "".join(f"<td class='num'>{e(str(marker.get(name, '')))}</td>"
+                         for name in ("count", "successes", "failed", "truncated"))
         body.append(
-            f"<tr><td>{unit_id:05d}</td><td class='num'>{marker.get('count', '')}</td>"
-            f"<td class='num'>{marker.get('successes', '')}</td><td class='num'>{marker.get('failed', '')}</td>"
-            f"<td class='num'>{marker.get('truncated', '')}</td><td>{e(where)}</td>"
-            f"<td class='num'>{marker.get('attempt', '')}</td>"
+            f"<tr><td>{unit_id:05d}</td>{counts}<td>{e(where)}</td>"
+            f"<td class='num'>{e(str(marker.get('attempt', '')))}</td>"
             + "".join(f"<td class='num'>{timings.get(name, 0.0):.2f}</td>" for name in ("read_s", "generate_s",
                                                                                       "shard_s"))
             + f"<td>{_time(_committed_at(marker))}</td></tr>")
@@ -266,7 +268,7 @@ def _gallery(report: Report) -> str:
         return "<p>no sample succeeded in the committed shards</p>"
     figures = []
     for sample in report.samples:
-        caption = f"{e(sample.key)} seed {sample.seed}<br>{e(sample.prompt or '')}"
+        caption = f"{e(str(sample.key))} seed {e(str(sample.seed))}<br>{e(str(sample.prompt or ''))}"
         if sample.scores:
             caption += f"<br>{e(score_line(sample.scores))}"
         noise = report.noise_images.get(sample.key)

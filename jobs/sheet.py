@@ -76,12 +76,15 @@ class FontChain:
             x += font.getlength(run)
 
     def wrap(self, text: str, width: float, max_lines: int) -> list[str]:
-        """Lines that fit `width`, broken at spaces where there are any; the last one ends in … if cut."""
-        lines, rest = [], " ".join(text.split())
+        """Lines that fit `width`, broken at spaces where there are any; the last one ends in … if cut. Text from
+        the data may be of any length: no more than a pixel per character can be shown, so only that much of it
+        is measured, and each line's end is found by bisection."""
+        lines, rest = [], " ".join(text[: max_lines * math.ceil(width) + 1].split())
         while rest and len(lines) < max_lines:
-            end = len(rest)
-            while end > 1 and self.width(rest[:end]) > width:
-                end -= 1
+            end, too_long = 1, len(rest) + 1  # the longest prefix that fits (at least one character)
+            while too_long - end > 1:
+                middle = (end + too_long) // 2
+                end, too_long = (middle, too_long) if self.width(rest[:middle]) <= width else (end, middle)
             space = rest.rfind(" ", 0, end + 1)
             if end < len(rest) and space > 0:
                 end = space

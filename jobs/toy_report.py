@@ -85,7 +85,7 @@ def render(report: dict, figures: dict[str, bytes]) -> str:
                                                                                "position"))
         + "</tr>" for name in LABELS)
     curve_rows = "".join(
-        f"<tr><td>{model.upper()}</td><td>{curve['mean']:.4g}</td>"
+        f"<tr><td>{html.escape(model.upper())}</td><td>{curve['mean']:.4g}</td>"
         + "".join(f"<td>{v:.4g}</td>" for _, v in sorted(curve["curve"].items(), key=lambda i: float(i[0])))
         + f"<td>{curve['one_step_error']:.4g}</td></tr>" for model, curve in report["straightness"].items())
     times = sorted(next(iter(report["straightness"].values()))["curve"], key=float)
@@ -96,14 +96,14 @@ def render(report: dict, figures: dict[str, bytes]) -> str:
     verdict = "".join(f"<li>{html.escape(name.replace('_', ' '))}: <b>{'yes' if held else 'no'}</b></li>"
                       for name, held in claims.items())
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Reflow reproduced on a toy set ({report['scale']})</title>
+<html lang="en"><head><meta charset="utf-8"><title>Reflow reproduced on a toy set ({html.escape(report['scale'])})</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{text-align:left}}</style></head>
 <body>
 <h1>Reflow reproduced on a toy set ({html.escape(report['scale'])} scale)</h1>
 <h2>The paper's claims, as measured here</h2><ul>{verdict}</ul>
 <h2>Straightness</h2>
-<table><tr><th>model</th><th>S (mean)</th>{''.join(f'<th>S({t})</th>' for t in times)}<th>one-step error</th></tr>
+<table><tr><th>model</th><th>S (mean)</th>{''.join(f'<th>S({html.escape(str(t))})</th>' for t in times)}<th>one-step error</th></tr>
 {curve_rows}</table>
 {_img(figures['straightness'], 'straightness curves')}
 <h2>Accuracy on held-out captions</h2>

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import posixpath
 import re
 import uuid
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 import fsspec
 
 from pipeline.lock import OutputLostError, lock_holder
-from pipeline.manifest import MANIFEST_NAME, read_manifest
+from pipeline.manifest import MANIFEST_NAME, json_kind, read_manifest
 from pipeline.plan import shard_name
 from pipeline.storage import (
     OutputError,
@@ -39,6 +40,7 @@ from pipeline.storage import (
     get_bytes,
     move,
     put_atomic,
+    redact,
     with_retries,
 )
 
@@ -105,8 +107,49 @@ def marker_problem(unit_id: int, marker: dict) -> str | None:
         if not _shard_data_name(shard).fullmatch(str(name)):
             return f"file {str(name)[:200]!r} is not a data file of shard {shard}"
         if not isinstance(info, dict) or not isinstance(info.get("bytes"), int):
-            return f"file {name!r} has no size"
+            return f"file {str(name)[:200]!r} has no size"
+    return _stats_problem(marker)
+
+
+# The stats fields readers show or add up, with what each must be where present (hand-made markers of tests
+# leave some out; readers show a missing one as blank). Counts are whole numbers, never strings or booleans.
+_COUNT_FIELDS = ("count", "successes", "failed", "truncated", "attempt")
+_UNIT_INT_FIELDS = ("unit_id", "first_row", "num_rows", "first_key_index")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _stats_problem(marker: dict) -> str | None:
+    """Why a marker's stats are not of the types its writer gives them, or None: readers (the report, verify,
+    the job's summary) format them as numbers and show them, so a planted `"count": "<script>"` never counts."""
+    for name in _COUNT_FIELDS:
+        if name in marker and not _is_count(marker[name]):
+            return f"field {name!r} is {json_kind(marker[name])}, not a whole number of 0 or more"
+    if "started_at" in marker and not _is_number(marker["started_at"]):
+        return f"field 'started_at' is {json_kind(marker['started_at'])}, not a number"
+    timings = marker.get("timings", {})
+    if not isinstance(timings, dict):
+        return f"field 'timings' is {json_kind(timings)}, not an object"
+    for name, value in timings.items():
+        if not _is_number(value):
+            return f"field 'timings.{str(name)[:60]}' is {json_kind(value)}, not a number"
+    for name in ("unit", "worker", "run"):
+        if not isinstance(marker.get(name, {}), dict):
+            return f"field {name!r} is {json_kind(marker[name])}, not an object"
+    unit = marker.get("unit", {})
+    if "path" in unit and not isinstance(unit["path"], str):
+        return f"field 'unit.path' is {json_kind(unit['path'])}, not a string"
+    for name in _UNIT_INT_FIELDS:
+        if name in unit and not _is_count(unit[name]):
+            return f"field 'unit.{name}' is {json_kind(unit[name])}, not a whole number of 0 or more"
     return None
+
 
 
 def _shard_data_name(shard: str) -> re.Pattern:
@@ -171,10 +214,11 @@ class ShardStore:
     def scan(self, fence: Fence) -> "Scan":
         """Every marker that counts for this fence, sorted by where its files are, from one listing of each
         output folder and of the staging."""
-        markers = {u: m for u, m in self.read_markers(self.marker_ids()).items() if fence.accepts(m)}
+        found = self.read_markers(self.marker_ids())
+        markers = {u: m for u, m in found.items() if fence.accepts(m)}
         sizes = {sub: _sizes(self.fs, _join(self.root, sub)) for sub in OUTPUT_DIRS}
         staged = self.staged_tries() if markers else set()
-        result = Scan()
+        result = Scan(damaged={u: m["invalid"] for u, m in found.items() if "invalid" in m})
         for unit_id, marker in markers.items():
             in_place = all(_in(sizes, name) == info["bytes"] for name, info in marker["files"].items())
             if in_place:
@@ -200,7 +244,7 @@ class ShardStore:
         staging = f"{STAGING_DIR}/{fence.token}/{shard_name(unit_id)}-{try_id}"
         for name in sorted(files):
             put_atomic(self.fs, _join(self.root, f"{staging}/{name}"), files[name])
-        marker = stats | {
+        marker = redact(stats, by_name=False) | {  # a unit's path names the prompts, with any password in it
             "fence": {"token": fence.token, "identity": fence.identity, "try": try_id},
             "staging": staging,
             "files": {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -390,11 +434,13 @@ class ShardStore:
 @dataclass
 class Scan:
     """The markers that count, by where their files are: in place (readable), pending (still staged: the
-    committing try, or the next run, moves them), broken (gone: the unit is redone)."""
+    committing try, or the next run, moves them), broken (gone: the unit is redone); and why each damaged marker
+    (not JSON, or paths or fields not of its writer: marker_problem) does not count."""
 
     in_place: dict[int, dict] = field(default_factory=dict)
     pending: dict[int, dict] = field(default_factory=dict)
     broken: dict[int, dict] = field(default_factory=dict)
+    damaged: dict[int, str] = field(default_factory=dict)
 
 
 def _in(sizes: dict[str, dict[str, int]], name: str) -> int | None:

@@ -90,10 +90,10 @@ def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> dict | None:
         return None
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past the parser's depth
         raise OutputError(f"{path} is not valid JSON ({e}); pass --overwrite to start over") from None
-    wrong = [f"{field} is {_json_kind(manifest[field])}" for field, kind in _MANIFEST_FIELDS.items()
+    wrong = [f"{field} is {json_kind(manifest[field])}" for field, kind in _MANIFEST_FIELDS.items()
              if isinstance(manifest, dict) and field in manifest and not isinstance(manifest[field], kind)]
     if not isinstance(manifest, dict) or wrong:
-        what = ", ".join(wrong) if wrong else f"holds {_json_kind(manifest)}, not a JSON object"
+        what = ", ".join(wrong) if wrong else f"holds {json_kind(manifest)}, not a JSON object"
         raise OutputError(f"{path}: {what}: not a manifest of this tool; pass --overwrite to start over")
     return manifest
 
@@ -101,7 +101,8 @@ def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> dict | None:
 _MANIFEST_FIELDS = {"spec": dict, "inputs": list, "lineage": list, "progress": dict}  # what readers index into
 
 
-def _json_kind(value) -> str:
+def json_kind(value) -> str:
+    """A JSON value's kind, as a message names it (never the value: it is data, and may be markup or a secret)."""
     kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
     return kinds.get(type(value), "a number")
 

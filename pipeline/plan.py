@@ -29,7 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import glob_translate
 
 from pipeline.model_source import local_file_digests
-from pipeline.storage import with_retries
+from pipeline.storage import redact_text, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -484,6 +484,7 @@ def input_fingerprint(files: list[InputFile]) -> list[dict]:
     Paths are relative to the prompts root and tags are content digests (of the bytes: an edit that keeps the size
     and the Parquet statistics changes them), so the same prompts copied elsewhere
     (a new working dir of a resubmitted Ray job) match. The `mtime` key stays for the manifest's format, unset:
-    copies and unpacking change it while the content stays the same.
+    copies and unpacking change it while the content stays the same. A path is redacted (a signed URL's query is
+    part of a single file's name): the content tags tell files apart, and a new signature is the same input.
     """
-    return [{"path": f.name, "size": f.size, "etag": f.etag, "mtime": None} for f in files]
+    return [{"path": redact_text(f.name), "size": f.size, "etag": f.etag, "mtime": None} for f in files]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from pipeline.display import safe_line
 from pipeline.pool import UnitResult
 from pipeline.storage import redact_text
 
@@ -127,16 +128,19 @@ class JobProgress:
             # above zero only when image encoding could not keep up: give workers more CPUs (--cpus-per-worker)
             "device_waited_for_encoders_s": round(self.encode_wait_s, 3),
             "failed_shards": [
-                {"shard": result.unit.shard, "path": result.unit.path, "error": redact_text(result.error)[:2000]}
+                {"shard": result.unit.shard, "path": redact_text(result.unit.path),
+                 "error": redact_text(result.error)[:2000]}
                 for result in self.failed_units
             ],
         }
 
     def table(self) -> str:
+        """The summary as the job prints it (print bypasses the redacting logger): each line redacted, with its
+        control characters escaped, and bounded."""
         summary = self.summary()
         rows = [(name, value) for name, value in summary.items() if name != "failed_shards"]
         width = max(len(name) for name, _ in rows)
         lines = [f"{name.ljust(width)}  {value}" for name, value in rows]
         for failure in summary["failed_shards"]:
             lines.append(f"FAILED shard {failure['shard']} ({failure['path']}): {failure['error'].splitlines()[0]}")
-        return "\n".join(lines)
+        return "\n".join(safe_line(line) for line in lines)

@@ -138,13 +138,15 @@ def _is_secret_name(name: Any) -> bool:
     return any(word in str(name).lower() for word in _SECRET_WORDS)
 
 
-def redact(options: Any) -> Any:
+def redact(options: Any, by_name: bool = True) -> Any:
     """Copy of storage options with secrets replaced, safe to write to disk: values under secret-looking keys,
-    and secrets inside any string value (URL passwords, signed-URL parameters, connection strings)."""
+    and secrets inside any string value (URL passwords, signed-URL parameters, connection strings). With
+    `by_name` False, only the strings: for records whose keys this project names (a marker's `first_key_index`
+    is no secret, its unit's `path` may hold one)."""
     if isinstance(options, dict):
-        return {k: "***" if _is_secret_name(k) else redact(v) for k, v in options.items()}
+        return {k: "***" if by_name and _is_secret_name(k) else redact(v, by_name) for k, v in options.items()}
     if isinstance(options, (list, tuple)):
-        return [redact(v) for v in options]
+        return [redact(v, by_name) for v in options]
     if isinstance(options, str):
         return redact_text(options)
     return options

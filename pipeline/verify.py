@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 from pipeline.commit import Fence, ShardStore
 from pipeline.manifest import MANIFEST_NAME, changed_inputs, read_manifest
 from pipeline.plan import InputError, ignored_by_readers, input_fingerprint, list_input_files, plan_units
-from pipeline.storage import OutputError, filesystem, get_bytes, with_retries
+from pipeline.display import safe_line
+from pipeline.storage import OutputError, filesystem, get_bytes, redact_text, with_retries
 
 MAX_LISTED = 20
 _THREADS = 8
@@ -55,7 +56,7 @@ class VerifyReport:
         lines.append(f"problems         {len(self.problems)}")
         lines += [f"  PROBLEM {problem}" for problem in self.problems]
         lines.append("verdict          " + ("OK" if self.ok else "NOT OK"))
-        return "\n".join(lines)
+        return "\n".join(safe_line(line) for line in lines)  # keys, messages and paths are data
 
 
 def verify_output(output: str, storage_options: dict | None = None) -> VerifyReport:
@@ -78,6 +79,8 @@ def verify_output(output: str, storage_options: dict | None = None) -> VerifyRep
         missing = sorted(set(planned) - set(shards))
         if missing:
             report.problems.append(f"{len(missing)} planned shards not committed: {_names(missing)}")
+    report.problems += [f"marker {unit_id:05d}.stats.json is damaged and does not count: {why}"
+                        for unit_id, why in sorted(scan.damaged.items())]
     _check_staging(store, shards, report)
     _check_orphans(fs, root, shards, report)
     per_row = manifest.get("spec", {}).get("samples_per_prompt", 1)  # output rows per input row
@@ -153,10 +156,11 @@ def _check_shard(
         plan = planned.get(unit_id)
         if plan is None:
             problems.append(f"shard {shard} is committed but was not planned")
-        elif (unit.get("path"), unit.get("first_row"), unit.get("num_rows")) != (plan.path, plan.first_row,
-                                                                                   plan.num_rows):
+        elif (unit.get("path"), unit.get("first_row"), unit.get("num_rows")) != (redact_text(plan.path),
+                                                                                   plan.first_row, plan.num_rows):
             problems.append(f"shard {shard} covers {unit.get('path')} rows {unit.get('first_row')}+"
-                            f"{unit.get('num_rows')}, but the plan says {plan.path} rows {plan.first_row}+{plan.num_rows}")
+                            f"{unit.get('num_rows')}, but the plan says {redact_text(plan.path)} rows "
+                            f"{plan.first_row}+{plan.num_rows}")  # markers hold the path redacted
     contents = {}
     for name, expected in sorted(marker.get("files", {}).items()):
         try:

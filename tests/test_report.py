@@ -2,9 +2,14 @@
 `infra/local/dev.sh test` installs): it renders, its images decode, its shard table has a row per shard, and no
 script error reaches the console."""
 
+import hashlib
+import io
+import json
 import re
 import shutil
 import subprocess
+import tarfile
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.main import main
+from tests.jobhelpers import tar_members
 
 HOSTILE = "<script>alert('x')</script> a red fox"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -83,3 +89,62 @@ def test_the_page_renders_in_headless_chromium(outputs, tmp_path):
     with Image.open(shot) as image:  # the screenshot is the page, not a blank window
         colours = image.convert("L").getextrema()
         assert image.size == (1280, 1600) and colours[1] - colours[0] > 100
+
+
+PLANTED_SEED = "<b onmouseover=alert(1)>7</b>"
+PLANTED_PROMPT = "<img src=x onerror=alert(1)> \x1b[2J a planted prompt"
+
+
+class Tags(HTMLParser):
+    """Every start tag of a page with its attributes: what a browser would build and run."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def plant(output: Path) -> None:
+    """Data no job of this tool writes, planted in a committed output: marker 00000's count is markup, and the
+    first sample of shard 00001 has a seed with markup and a prompt that clears a terminal (its marker's digest
+    updated, so that the shard still counts)."""
+    marker = json.loads((output / "00000.stats.json").read_text())
+    (output / "00000.stats.json").write_text(json.dumps(marker | {"count": "<script>alert(1)</script>\x1b[2J"}))
+    tar_path, marker_path = output / "00001.tar", output / "00001.stats.json"
+    members = tar_members(tar_path.read_bytes())
+    first = sorted(name for name in members if name.endswith(".json"))[0]
+    members[first] = json.dumps(json.loads(members[first]) | {"seed": PLANTED_SEED, "prompt": PLANTED_PROMPT}).encode()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    tar_path.write_bytes(buffer.getvalue())
+    marker = json.loads(marker_path.read_text())
+    marker["files"]["00001.tar"] = {"bytes": len(buffer.getvalue()),
+                                    "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}
+    marker_path.write_text(json.dumps(marker))
+
+
+def test_planted_markup_and_terminal_escapes_are_shown_escaped(outputs, tmp_path, capsys):
+    output = tmp_path / "planted"
+    shutil.copytree(outputs / "images", output)
+    plant(output)
+    capsys.readouterr()
+    page = report(output, tmp_path / "planted.html", "--n", "3")
+    parsed = Tags()
+    parsed.feed(page)
+    assert [tag for tag, _ in parsed.tags].count("script") == 1  # the page's own
+    assert not [(tag, attrs) for tag, attrs in parsed.tags if any(name.startswith("on") for name in attrs)]
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page and "seed &lt;b onmouseover=alert(1)&gt;7&lt;/b&gt;" in page
+    assert "marker 00000.stats.json is damaged and does not count: field &#x27;count&#x27; is a string" in page
+    assert "<script>alert" not in page and "1 of 2 shards committed" in page  # the damaged marker does not count
+
+    assert main(["verify", str(output)]) == 1
+    assert main(["preview", str(output), "--out", str(tmp_path / "planted.png"), "--n", "3"]) == 0
+    printed = capsys.readouterr()
+    assert "PROBLEM marker 00000.stats.json is damaged and does not count: field 'count' is a string" in printed.out
+    assert "\x1b" not in printed.out + printed.err

@@ -14,6 +14,7 @@ from instaflow.sampling import decode, finite_per_sample, to_pixels
 from pipeline.model_source import ModelSource, resolve_model_source
 from pipeline.stages.base import Encode, HostCopy, Stage, UnitOutputs, collect_encoded, metadata_rows
 from pipeline.stages.controlnet import load_controlnet
+from pipeline.storage import redact_text
 from pipeline.writers import IMAGE_EXTENSIONS, metadata_table, pairs_parquet_shard
 
 
@@ -48,7 +49,7 @@ class PairsOutput(Stage):
         spec = self.spec
         rows = metadata_rows(spec, samples, outputs, self.name, spec.teacher, spec.teacher_steps,
                              spec.teacher_guidance_scale, None)
-        teacher = {"model": spec.teacher, "kind": spec.teacher_kind, "steps": spec.teacher_steps,
+        teacher = {"model": redact_text(spec.teacher), "kind": spec.teacher_kind, "steps": spec.teacher_steps,
                    "guidance_scale": spec.teacher_guidance_scale}
         factor = self.components.vae_scale_factor
         shape = (self.latent_channels(), spec.height // factor, spec.width // factor)
