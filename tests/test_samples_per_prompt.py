@@ -15,6 +15,7 @@ from PIL import Image
 from instaflow.refiner import refiner_seed
 from jobs.jobfile import JobFileError, parse_job
 from jobs.main import main
+from jobs.preview import read_samples
 from jobs.submit import job_entrypoint
 from pipeline.reader import derive_seed
 from tests.jobhelpers import tar_members
@@ -119,7 +120,7 @@ def test_each_sample_is_its_prompt_with_its_seed_alone(outputs, inputs, job, tmp
     alone = pa.table({"id": [row["key"] for row in rows], "prompt": [row["prompt"] for row in rows],
                       "seed": [row["seed"] for row in rows],
                       "control_image": [source[i]["control_image"] for i in range(len(IDS)) for _ in range(K)]})
-    pq.write_table(alone, tmp_path / "alone.parquet")
+    pq.write_table(alone, tmp_path / "alone.parquet", row_group_size=2 * K)
     assert main(["run", "generate", "--prompts", str(tmp_path / "alone.parquet"), "--output", str(tmp_path / "out"),
                  "--rows-per-shard", str(2 * K), *job]) == 0
     single_rows, single_images = tar_rows(tmp_path / "out")
@@ -139,6 +140,11 @@ def test_verify_preview_and_the_readers_see_k_rows_per_prompt(outputs, tmp_path,
     assert main(["verify", str(parquet)]) == 0
     assert main(["preview", str(tars), "--out", str(tmp_path / "sheet.png"), "--n", str(2 * K)]) == 0
     assert f"{2 * K} images" in capsys.readouterr().out
+    shown = [f"{key}-{k}" for key in IDS[:2] for k in range(K)]  # the first two prompts' samples, each captioned
+    assert [sample.key for sample in read_samples(str(parquet), 2 * K)[1]] == shown
+    assert main(["report", str(tars), "--out", str(tmp_path / "report.html"), "--n", str(2 * K)]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert all(f"{key} seed {expected_seed(i // K, i % K)}<br>" in page for i, key in enumerate(shown))
 
     keys = [sample["__key__"] for shard in sorted(tars.glob("*.tar"))
             for sample in wds.WebDataset(str(shard), shardshuffle=False)]
