@@ -176,6 +176,9 @@ def _find_files(fs: fsspec.AbstractFileSystem, path: str, url: str) -> tuple[str
             if glob:
                 return _glob_root(path), _glob_files(fs, path, url)  # a glob takes what it matches
         info = with_retries(fs.info, path, what=f"list {url}")
+        if info["type"] not in ("file", "directory"):  # reading a FIFO or a device would block or never end
+            raise InputError(f"{url} is not a regular file or a folder (a FIFO, a device or a socket): name a "
+                             "Parquet file, a folder or a glob")
         if info["type"] != "directory":
             return posixpath.dirname(path), [info]
         return path, [i for i in _files_below(fs, path, url) if i["name"].endswith(".parquet")]

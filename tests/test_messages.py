@@ -8,8 +8,10 @@ exit status of `python -m jobs.generate`, SIGTERM while planning blocks) run it 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -225,27 +227,68 @@ def test_the_job_entry_point_exits_with_one_line(tiny_models, tmp_path):
                                                              "folder: name a folder (new or an output of this tool)"]
 
 
-def blocked_in_fifo_open(pid: int) -> bool:
-    """Whether a thread of `pid` waits in the kernel for a FIFO's writer."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
+class SilentServer:
+    """A store on 127.0.0.1 that takes connections and never answers: planning blocks on it, as on a hung store."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.connections: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}/prompts.parquet"
+
+    def _accept(self) -> None:
         try:
-            if (task / "wchan").read_text() == "wait_for_partner":
-                return True
-        except OSError:
-            continue
-    return False
+            while True:
+                self.connections.append(self.listener.accept()[0])
+        except OSError:  # closed
+            pass
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Closes every connection (so the calls planning gave up on return: this test process must not keep a
+        blocked thread, which its exit would wait for), until none is left."""
+        self.listener.close()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for connection in self.connections:
+                connection.close()
+            if not abandoned_calls():
+                return
+            assert time.monotonic() < deadline, "the abandoned planning call never returned"
+            time.sleep(0.02)
 
 
-def test_sigterm_stops_a_driver_blocked_on_a_fifo(tiny_models, tmp_path):
+@pytest.fixture
+def silent():
+    server = SilentServer()
+    yield server
+    server.close()
+
+
+def test_prompts_that_are_not_a_regular_file_are_refused_at_once(job, tmp_path, capsys):
+    """A FIFO (or a device) would block the reader or never end: a stat says so before anything reads it."""
     fifo = tmp_path / "prompts.parquet"
     os.mkfifo(fifo)
-    process = run_module(["jobs.generate", "--prompts", str(fifo), "--output", str(tmp_path / "out"),
+    for named in (fifo, "/dev/zero"):
+        job[job.index("--prompts") + 1] = str(named)
+        started = time.monotonic()
+        assert main([*job, "--output", str(tmp_path / "out")]) == 2
+        assert time.monotonic() - started < 10
+        assert f"{named} is not a regular file or a folder (a FIFO, a device or a socket)" in error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_stops_a_driver_blocked_on_a_store_that_never_answers(tiny_models, tmp_path, silent):
+    process = run_module(["jobs.generate", "--prompts", silent.url, "--output", str(tmp_path / "out"),
                           "--model", str(tiny_models["instaflow"]), "--no-progress"])
     try:
         deadline = time.monotonic() + 120
-        while not blocked_in_fifo_open(process.pid):
+        while not silent.connections:
             assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "the driver never opened the FIFO"
+            assert time.monotonic() < deadline, "the driver never asked the store"
             time.sleep(0.1)
         process.send_signal(signal.SIGTERM)
         stopped = time.monotonic()
@@ -256,32 +299,15 @@ def test_sigterm_stops_a_driver_blocked_on_a_fifo(tiny_models, tmp_path):
     assert [line for line in err.splitlines() if "error" in line] == ["error: interrupted"]
 
 
-def release_readers(fifo: Path, timeout_s: float = 60.0) -> None:
-    """Opens `fifo` for each reader that waits on it (planning retries its reads) until no call given up on is
-    left: this test process must not keep a blocked thread, which its exit would wait for."""
-    deadline = time.monotonic() + timeout_s
-    while abandoned_calls():
-        assert time.monotonic() < deadline, "the abandoned planning call never returned"
-        try:
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:  # ENXIO: no reader waits at this moment
-            pass
-        time.sleep(0.02)
-
-
-def test_a_blocked_prompts_path_is_an_error_after_the_plan_timeout(job, tmp_path, capsys, monkeypatch):
-    fifo = tmp_path / "prompts.parquet"
-    os.mkfifo(fifo)
+def test_a_blocked_prompts_path_is_an_error_after_the_plan_timeout(job, tmp_path, capsys, monkeypatch, silent):
     monkeypatch.setenv("INSTAFLOW_PLAN_TIMEOUT_S", "1")
-    job[job.index("--prompts") + 1] = str(fifo)
+    job[job.index("--prompts") + 1] = silent.url
     started = time.monotonic()
-    try:
-        assert main([*job, "--output", str(tmp_path / "out")]) == 2
-        assert time.monotonic() - started < 30
-        line = error_line(capsys)
-        assert f"prompts at {fifo}: no answer in 1 s" in line and "INSTAFLOW_PLAN_TIMEOUT_S" in line
-    finally:
-        release_readers(fifo)
+    assert main([*job, "--output", str(tmp_path / "out")]) == 2
+    assert time.monotonic() - started < 30
+    line = error_line(capsys)
+    assert f"prompts at {silent.url}: no answer in 1 s" in line and "INSTAFLOW_PLAN_TIMEOUT_S" in line
+    silent.close()
     assert not (tmp_path / "out").exists()
     monkeypatch.setenv("INSTAFLOW_PLAN_TIMEOUT_S", "soon")
     assert main([*job, "--output", str(tmp_path / "out")]) == 2
