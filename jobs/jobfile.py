@@ -39,12 +39,26 @@ class JobFileError(ValueError):
 class JobFileLoader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2's booleans (only true and false), no aliases, and no key twice."""
 
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.key_path = ""  # where the node being composed sits: `storage_options.client_kwargs`, `l1[0]`
+
     def compose_node(self, parent, index):
+        outer = self.key_path
+        if isinstance(index, yaml.ScalarNode):  # a mapping's value, under its key
+            self.key_path = f"{outer}.{index.value}" if outer else index.value
+        elif isinstance(index, int):  # a sequence's item
+            self.key_path = f"{outer}[{index}]"
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise yaml.MarkedYAMLError(None, None, f"an alias (*{event.anchor}) is not allowed in a job file: write "
-                                       "the value out", event.start_mark)
-        return super().compose_node(parent, index)
+            where = (f"key {shown(self.key_path)}" if index is not None
+                     else f"a key of {shown(outer)}" if outer else "a key")
+            raise yaml.MarkedYAMLError(None, None, f"{where}: a YAML alias (*{event.anchor}) is not allowed in a job "
+                                       "file: write the value out", event.start_mark)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.key_path = outer
 
     def construct_mapping(self, node, deep=False):
         seen = set()

@@ -141,7 +141,7 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
     started = time.monotonic()
     assert main(["run", "--config", config]) == 2
     assert time.monotonic() - started < 2
-    assert "line 5, column 10: an alias (*l0) is not allowed in a job file" in error_line(capsys)
+    assert "line 5, column 10: key 'l1[0]': a YAML alias (*l0) is not allowed in a job file" in error_line(capsys)
 
 
 def test_flags_that_parse_badly_are_one_line(job, tmp_path, capsys):
