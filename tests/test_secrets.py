@@ -1,10 +1,14 @@
 """Credentials never pass through Ray: a planted secret is found nowhere Ray displays, nor in the output."""
 
+import base64
+import http.server
 import io
 import json
 import logging
 import os
+import re
 import sys
+import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -299,3 +303,97 @@ def test_a_secret_in_a_workers_start_up_error_is_nowhere_shown(ray_with_dashboar
     assert "model store rejected ***" in str(error.value)
     shown = json.dumps(state.list_actors(address=ray_with_dashboard, detail=True, limit=10_000), default=str)
     assert "LeakyStartWorker" in shown and secret not in shown and secret not in caplog.text
+
+
+URL_PASSWORD, URL_SIGNATURE, MODEL_SIGNATURE = "s3cretpw-41c7", "urlsig-0d9e2f", "modelsig-6b1a"
+
+
+@pytest.fixture
+def prompts_over_http(tmp_path):
+    """Prompts served on 127.0.0.1 over HTTP with basic auth and byte ranges (what fsspec reads Parquet with);
+    the URL carries the password and a signed-URL query, as a presigned or credentialed link would."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    pq.write_table(prompt_table(8), folder / "p.parquet", row_group_size=4)
+    expected = "Basic " + base64.b64encode(f"user:{URL_PASSWORD}".encode()).decode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self._answer(body=False)
+
+        def do_GET(self):
+            self._answer(body=True)
+
+        def _answer(self, body: bool):
+            path = folder / self.path.split("?")[0].lstrip("/")
+            if self.headers.get("Authorization") != expected or not path.is_file():
+                self.send_response(401 if path.is_file() else 404)
+                self.end_headers()
+                return
+            data = path.read_bytes()
+            wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            start, end = (int(wanted[1]), min(int(wanted[2] or len(data) - 1), len(data) - 1)) if wanted else (0, len(data) - 1)
+            self.send_response(206 if wanted else 200)
+            if wanted:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            self.send_header("Content-Length", str(end - start + 1))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            if body:
+                self.wfile.write(data[start : end + 1])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield (f"http://user:{URL_PASSWORD}@127.0.0.1:{server.server_address[1]}/p.parquet"
+           f"?X-Amz-Signature={URL_SIGNATURE}")
+    server.shutdown()
+
+
+def readable_output(root: Path) -> dict[str, str]:
+    """Every file under an output as text: Parquet files read out (they are compressed), with their schema's
+    metadata; tars as they are (uncompressed, their JSON members readable)."""
+    found = {}
+    for path in root.rglob("*"):
+        if path.is_file():
+            found[str(path)] = path.read_bytes().decode(errors="replace")
+            if path.suffix == ".parquet":
+                table = pq.read_table(path)
+                found[str(path)] += json.dumps([{k: v for k, v in row.items() if not isinstance(v, (bytes, dict))}
+                                                for row in table.to_pylist()], default=str)
+                found[str(path)] += str(table.schema.metadata)
+    return found
+
+
+def test_a_password_or_signature_in_the_prompts_url_or_model_name_is_in_no_sink(ray_with_dashboard, tiny_models,
+                                                                                prompts_over_http, tmp_path, caplog,
+                                                                                capsys):
+    """Prompts read over HTTP with a password and a signature in their URL, and a model whose name carries a
+    signature: the job runs, resumes under a new signature, and neither secret is in any file of the output
+    (markers, _job.json, Parquet, tars' JSON), what it printed or logged, or what Ray shows."""
+    from jobs.main import main
+
+    model = tmp_path / f"instaflow?X-Amz-Signature={MODEL_SIGNATURE}"
+    model.symlink_to(tiny_models["instaflow"], target_is_directory=True)
+    flags = ["--output", str(tmp_path / "out"), "--model", str(model), "--height", "64", "--width", "64",
+             "--dtype", "float32", "--rows-per-shard", "4", "--num-workers", "1", "--no-progress"]
+    with caplog.at_level(logging.INFO):
+        assert main(["run", "generate", "--prompts", prompts_over_http, *flags]) == 0
+        resigned = prompts_over_http.replace(URL_SIGNATURE, "urlsig-rotated")
+        assert main(["run", "generate", "--prompts", resigned, *flags]) == 0  # the same input: nothing to do
+    printed = capsys.readouterr()
+    assert "all 2 shards are committed: nothing to do" in caplog.text
+    written = readable_output(tmp_path / "out")
+    assert len([path for path in written if path.endswith(".stats.json")]) == 2
+    assert "X-Amz-Signature=***" in written[str(tmp_path / "out" / "00000.stats.json")]  # the unit, redacted
+    ray_logs = [path.read_text(errors="replace") for path in Path(os.environ["RAY_TMPDIR"]).rglob("*")
+                if path.is_file() and path.suffix in (".log", ".out", ".err")]
+    shown = json.dumps([state.list_tasks(address=ray_with_dashboard, detail=True, limit=10_000),
+                        state.list_actors(address=ray_with_dashboard, detail=True, limit=10_000)], default=str)
+    everything = {**written, "stdout": printed.out, "stderr": printed.err, "log": caplog.text, "ray": shown,
+                  **{f"ray log {i}": text for i, text in enumerate(ray_logs)}}
+    for secret in (URL_PASSWORD, URL_SIGNATURE, MODEL_SIGNATURE):
+        assert not [(where, text[max(0, text.find(secret) - 100):][:200]) for where, text in everything.items()
+                    if secret in text], secret
