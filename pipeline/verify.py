@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
-from pipeline.commit import Fence, ShardStore
+from pipeline.commit import _MARKER, Fence, ShardStore
 from pipeline.manifest import MANIFEST_NAME, changed_inputs, read_manifest
-from pipeline.plan import InputError, ignored_by_readers, input_fingerprint, list_input_files, plan_units
+from pipeline.plan import (InputError, ignored_by_readers, input_fingerprint, list_input_files, plan_units,
+                           shard_name)
 from pipeline.display import safe_line
 from pipeline.storage import OutputError, filesystem, get_bytes, redact_text, with_retries
 
@@ -79,6 +80,10 @@ def verify_output(output: str, storage_options: dict | None = None) -> VerifyRep
         missing = sorted(set(planned) - set(shards))
         if missing:
             report.problems.append(f"{len(missing)} planned shards not committed: {_names(missing)}")
+        unowned = _unowned_markers(fs, root, planned)
+        if unowned:
+            report.problems.append(f"{len(unowned)} markers that no planned shard owns (copied or planted): "
+                                   f"{', '.join(unowned[:MAX_LISTED])}")
     report.problems += [f"marker {unit_id:05d}.stats.json is damaged and does not count: {why}"
                         for unit_id, why in sorted(scan.damaged.items())]
     _check_staging(store, shards, report)
@@ -120,6 +125,15 @@ def _plan(manifest: dict, storage_options: dict | None, report: VerifyReport) ->
     return {unit.unit_id: unit for unit in plan_units(files, spec["rows_per_shard"])}
 
 
+def _unowned_markers(fs, root: str, planned: dict) -> list[str]:
+    """Marker files at the root that are not a planned unit's own (`00007.stats.json` beyond the plan, or
+    `000000.stats.json` beside `00000.stats.json`, which no reader opens): a marker copied there is one."""
+    owned = {f"{shard_name(unit_id)}.stats.json" for unit_id in planned}
+    fs.invalidate_cache(root)
+    names = (posixpath.basename(path) for path in with_retries(fs.ls, root, detail=False, what=f"list {root}"))
+    return sorted(name for name in names if _MARKER.fullmatch(name) and name not in owned)
+
+
 def _check_staging(store: ShardStore, shards: dict[int, dict], report: VerifyReport) -> None:
     staged = store.staged_tries()
     unfinished = sorted(unit_id for unit_id, marker in shards.items() if marker.get("staging") in staged)
@@ -152,15 +166,12 @@ def _check_shard(
     shard = f"{unit_id:05d}"
     problems, keys, failed = [], {}, []
     unit = marker.get("unit", {})
-    if planned is not None:
-        plan = planned.get(unit_id)
-        if plan is None:
-            problems.append(f"shard {shard} is committed but was not planned")
-        elif (unit.get("path"), unit.get("first_row"), unit.get("num_rows")) != (redact_text(plan.path),
-                                                                                   plan.first_row, plan.num_rows):
-            problems.append(f"shard {shard} covers {unit.get('path')} rows {unit.get('first_row')}+"
-                            f"{unit.get('num_rows')}, but the plan says {redact_text(plan.path)} rows "
-                            f"{plan.first_row}+{plan.num_rows}")  # markers hold the path redacted
+    plan = (planned or {}).get(unit_id)  # an unplanned unit's marker: _unowned_markers
+    if plan is not None and (unit.get("path"), unit.get("first_row"), unit.get("num_rows")) != (
+            redact_text(plan.path), plan.first_row, plan.num_rows):
+        problems.append(f"shard {shard} covers {unit.get('path')} rows {unit.get('first_row')}+"
+                        f"{unit.get('num_rows')}, but the plan says {redact_text(plan.path)} rows "
+                        f"{plan.first_row}+{plan.num_rows}")  # markers hold the path redacted
     contents = {}
     for name, expected in sorted(marker.get("files", {}).items()):
         try:

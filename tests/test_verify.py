@@ -1,6 +1,7 @@
 """`instaflow-batch verify` on a real output, intact and with each kind of damage."""
 
 import json
+import os
 import shutil
 
 import pyarrow as pa
@@ -9,6 +10,7 @@ import pytest
 
 from jobs import generate, reflow_pairs
 from jobs.main import main
+from pipeline import verify as verify_module
 
 SIZE = ["--height", "64", "--width", "64", "--dtype", "float32"]  # logical GPUs compute on the CPU
 
@@ -123,3 +125,43 @@ def test_a_pairs_output_verifies(ray_gpus, tiny_models, finished, tmp_path, caps
 def test_something_that_is_not_an_output_is_refused(tmp_path, capsys):
     assert main(["verify", str(tmp_path)]) == 2
     assert "not an output of this tool" in capsys.readouterr().err
+
+
+def forge(out, unit_id: int, copied: int = 0) -> None:
+    """A marker for an unplanned unit that counts: shard `copied`'s marker and files under `unit_id`'s names."""
+    text = (out / f"{copied:05d}.stats.json").read_text()
+    for name in json.loads(text)["files"]:
+        shutil.copy(out / name, out / name.replace(f"{copied:05d}", f"{unit_id:05d}"))
+    (out / f"{unit_id:05d}.stats.json").write_text(text.replace(f"{copied:05d}", f"{unit_id:05d}"))
+
+
+@pytest.mark.parametrize("damage,named", [
+    (lambda out: shutil.copy(out / "00000.stats.json", out / "00007.stats.json"), "00007.stats.json"),
+    (lambda out: shutil.copy(out / "00001.stats.json", out / "000001.stats.json"), "000001.stats.json"),  # unread
+    (lambda out: forge(out, 9), "00009.stats.json"),
+])
+def test_a_marker_that_no_planned_shard_owns_is_reported(finished, tmp_path, capsys, damage, named):
+    status, text = verify(damaged(finished, tmp_path, damage), capsys)
+    assert status == 1 and f"1 markers that no planned shard owns (copied or planted): {named}" in text, text
+
+
+def test_names_in_a_marker_or_job_file_that_leave_the_output_are_reported_never_read(finished, tmp_path, capsys,
+                                                                                    monkeypatch):
+    def plant(out):
+        marker = json.loads((out / "00001.stats.json").read_text())
+        marker["files"] = {f"../{name}": info for name, info in marker["files"].items()}
+        (out / "00001.stats.json").write_text(json.dumps(marker))
+        job = json.loads((out / "_job.json").read_text())
+        job["inputs"][0]["path"] = "../../outside.parquet"
+        (out / "_job.json").write_text(json.dumps(job))
+
+    out = damaged(finished, tmp_path, plant)
+    for name in json.loads((out / "00001.stats.json").read_text())["files"]:
+        shutil.copy(out / name[len("../"):], tmp_path / name[len("../"):])  # what the names point at exists
+    read = []
+    real_get_bytes = verify_module.get_bytes
+    monkeypatch.setattr(verify_module, "get_bytes", lambda fs, path: read.append(path) or real_get_bytes(fs, path))
+    status, text = verify(out, capsys)
+    assert status == 1 and "marker 00001.stats.json is damaged and does not count: file '../0000" in text, text
+    assert "../../outside.parquet (removed)" in text
+    assert read and all(os.path.realpath(path).startswith(f"{out}/") for path in read), read
