@@ -13,6 +13,7 @@ from jobs.main import Parser
 from jobs.options import check_output_folder, json_object, positive_int, storage_options_flag
 from pipeline.job import run_job
 from pipeline.progress import JobProgress
+from pipeline.row_images import DEFAULT_IMAGE_READ_TIMEOUT_S, DEFAULT_MAX_IMAGE_BYTES
 from pipeline.storage import redact_text
 from pipeline.spec import CLIP_MODEL, CONTROL_PREPROCESS, DECODERS, DEVICE_CHOICES, IMAGE_FORMATS, OUTPUT_FORMATS, \
     SAFETY_CHECKER, SD15, TAESD, JobSpec
@@ -72,6 +73,15 @@ def base_parser(description: str, prog: str | None = None) -> argparse.ArgumentP
                         help="canny: OpenCV's Canny edges of each image; none: the column holds the condition")
     parser.add_argument("--canny-low", type=int, default=100, help="Canny's lower threshold")
     parser.add_argument("--canny-high", type=int, default=200, help="Canny's upper threshold")
+    parser.add_argument("--allow-image-source", dest="allow_image_sources", metavar="PREFIX", action=Repeatable,
+                        default=[], help="let rows name images below this folder (/data/images/) or URL prefix "
+                        "(https://, https://host/, s3://bucket/prefix/) as well as inside the prompts root "
+                        "(repeatable; encode and --controlnet); other stores get no storage options")
+    parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                        help="bytes read at most per row's image; a larger one fails its row")
+    parser.add_argument("--image-read-timeout", dest="image_read_timeout_s", type=float,
+                        default=DEFAULT_IMAGE_READ_TIMEOUT_S,
+                        help="seconds one row's image may take to read (and each request to answer)")
     parser.add_argument("--refiner", metavar="MODEL",
                         help="refine the student's images with this SDXL refiner pipeline (hub id such as "
                              "stabilityai/stable-diffusion-xl-refiner-1.0, folder or fsspec URL)")
@@ -125,6 +135,7 @@ def common_spec_args(args: argparse.Namespace) -> dict:
         "safety_checker", "clip_model", "controlnet", "controlnet_scale", "control_column", "control_preprocess",
         "canny_low", "canny_high", "refiner", "refiner_strength", "refiner_steps", "refiner_guidance_scale",
         "refine_size", "aesthetic_score", "negative_aesthetic_score", "keep_unrefined", "refiner_offload",
+        "allow_image_sources", "max_image_bytes", "image_read_timeout_s",
         "samples_per_prompt",
     )
     return {name: getattr(args, name) for name in names}

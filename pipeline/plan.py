@@ -250,6 +250,17 @@ def _glob_root(pattern: str) -> str:
     return posixpath.dirname(pattern[:first_wild]).rstrip("/")
 
 
+def prompts_root(prompts: str, file: str) -> str:
+    """The folder an input file was found under, as _find_files took it (paths without their protocol): the
+    prompts folder, a single prompts file's folder, or a glob's folder above its first wildcard."""
+    prompts = prompts.rstrip("/") or "/"
+    if file == prompts:
+        return posixpath.dirname(file)
+    if file.startswith(prompts.rstrip("/") + "/"):
+        return prompts
+    return _glob_root(prompts)
+
+
 def _relative(name: str, root: str) -> str:
     if root in ("", "/"):
         return name.lstrip("/")

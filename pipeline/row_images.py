@@ -1,32 +1,298 @@
 """Each row's image from an input column, read and checked on the host: ControlNet's control images, encode's images.
 
 The column holds, per row, encoded image bytes, a Hugging Face image struct ({"bytes", "path"}, as image Parquet
-stores images) or a path or URL, relative to the Parquet file's folder unless absolute. Each image is decoded to
-RGB and resized to the job's size with Lanczos (as diffusers' image processors resize). A row whose image is
-missing, cannot be decoded or has another aspect ratio (which resizing would distort) fails alone, naming the file,
-row and column. Rows are read in parallel: reading is I/O, and Pillow decodes without the GIL.
+stores images) or a path or URL, relative to the Parquet file's folder unless absolute. Datasets come from
+strangers, so what a row names is confined (ImageSources): inside the prompts root (after `..` and symbolic
+links), or below a source the user allowed (--allow-image-source); the job's storage options go only to the job's
+own stores; each read is bounded in bytes and time and takes regular files only. Each image is decoded to RGB and
+resized to the job's size with Lanczos (as diffusers' image processors resize). A row whose image is refused,
+missing, unreadable, undecodable or of another aspect ratio (which resizing would distort) fails alone, naming
+the file, row, column and value; an outage of the job's own store fails the try instead. Rows are read in
+parallel: reading is I/O, and Pillow decodes without the GIL.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
+import ipaddress
+import os
 import posixpath
+import re
+import stat
+import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-from pipeline.plan import WorkUnit
+from pipeline.plan import WorkUnit, prompts_root
 from pipeline.reader import Sample
-from pipeline.storage import filesystem, get_bytes
+from pipeline.storage import filesystem, is_transient, redact_text, with_retries
 
 MAX_ASPECT_DIFFERENCE = 0.01  # relative: more is another shape, which resizing would distort
 READ_THREADS = 8
+DEFAULT_MAX_IMAGE_BYTES = 64 << 20  # far above any training image; a bound on what one row can make a worker hold
+DEFAULT_IMAGE_READ_TIMEOUT_S = 60.0
+READ_CHUNK = 1 << 20
+HTTP_SCHEMES = ("http", "https")
+# Percent-encoded dots, slashes and backslashes, which a server may decode into a path that leaves an allowed prefix.
+_ENCODED_PATH_CHARS = re.compile(r"%2e|%2f|%5c|\\", re.IGNORECASE)
+_SHOWN_LENGTH = 120
 
 
 class RowImageError(ValueError):
     """A row's image that cannot be used; the message says why."""
+
+
+def allowed_image_sources(sources) -> tuple[str, ...]:
+    """--allow-image-source values, checked and in one spelling (sorted, so the identity is the same however
+    ordered): local folders absolute with a trailing slash (`file://` too), URLs as `scheme://` (any host or
+    bucket of a scheme fsspec knows) or `scheme://host-or-bucket/prefix/`. Raises ValueError naming the value."""
+    if isinstance(sources, str):
+        raise ValueError(f"allow_image_sources must be a list of prefixes, got {sources!r}")
+    found = set()
+    for source in sources:
+        if not isinstance(source, str) or not source or "\x00" in source:
+            raise ValueError(f"--allow-image-source {source!r}: a folder, or a URL prefix such as https://host/")
+        scheme, separator, rest = source.partition("://")
+        if separator and scheme.lower() != "file":
+            scheme = scheme.lower()
+            if scheme not in fsspec.available_protocols():
+                raise ValueError(f"--allow-image-source {source!r}: fsspec knows no protocol {scheme!r}")
+            found.add(f"{scheme}://" if not rest.strip("/") else _normalized_url(scheme, rest).rstrip("/") + "/")
+        else:
+            folder = os.path.normpath(os.path.abspath(os.path.expanduser(rest if separator else source)))
+            found.add(folder.rstrip("/") + "/")
+    return tuple(sorted(found))
+
+
+def _normalized_url(scheme: str, rest: str) -> str:
+    """`scheme://rest` with its host or bucket in lower case and `.`/`..` taken out of its path (query kept)."""
+    parts = urllib.parse.urlsplit(f"{scheme}://{rest}")
+    path = posixpath.normpath(parts.path) if parts.path else ""
+    path = "" if path in (".", "/.") else path
+    if parts.path.endswith("/") and not path.endswith("/"):
+        path += "/"
+    return urllib.parse.urlunsplit((scheme, parts.netloc.lower(), path, parts.query, parts.fragment))
+
+
+def _store(url: str) -> tuple[str, str]:
+    """A URL's store: its protocol and bucket or host; local paths are ("file", "")."""
+    scheme, separator, rest = url.partition("://")
+    if not separator or scheme.lower() == "file":
+        return "file", ""
+    return scheme.lower(), urllib.parse.urlsplit(url).netloc.lower()
+
+
+def _is_private_host(netloc: str) -> bool:
+    """A loopback, link-local or private address (or localhost): reachable only from inside, where metadata
+    services and admin ports live. A scheme-wide allowance does not cover these; naming the host does."""
+    host = urllib.parse.urlsplit(f"//{netloc}").hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_link_local or address.is_private or address.is_unspecified
+
+
+def shown(value: str) -> str:
+    """A row's value for a message: escaped (control characters cannot garble a log), cut short, secrets hidden."""
+    text = repr(value)
+    if len(text) > _SHOWN_LENGTH:
+        text = f"{text[:_SHOWN_LENGTH]}... ({len(value)} characters)"
+    return redact_text(text)
+
+
+class StoreOutage(Exception):
+    """Reading from the job's own store failed in a way that is no row's fault; the try fails and is retried."""
+
+
+class ImageSources:
+    """Where a row's image may be read from, and the read itself, bounded.
+
+    Allowed: the prompts root (`..` and symbolic links resolved first: a link inside that points outside is
+    outside), and what --allow-image-source names. Anything else is refused before it is touched, with one
+    message whether or not it exists. The job's storage options go only to its own stores (the prompts' and the
+    output's protocol and bucket or host); any other store is opened with none (anonymous HTTP; buckets with the
+    machine's own credentials and fsspec's FSSPEC_* settings). HTTP redirects are not followed.
+    """
+
+    def __init__(self, spec, input_fs):
+        self.input_fs = input_fs
+        self.prompts = spec.prompts
+        self.storage_options = spec.storage_options
+        self.max_bytes = spec.max_image_bytes
+        self.timeout_s = spec.image_read_timeout_s
+        prompts_url = input_fs.unstrip_protocol(input_fs._strip_protocol(spec.prompts))  # as its paths are spelled
+        self.own_stores = {_store(prompts_url), _store(spec.prompts), _store(spec.output)}
+        allowed = spec.allow_image_sources
+        self.allowed_urls = tuple(source for source in allowed if "://" in source)
+        self.allowed_folders = tuple(source for source in allowed if "://" not in source)
+        self.local_input = isinstance(input_fs, LocalFileSystem)
+
+    def read(self, unit: WorkUnit, value: str) -> bytes:
+        """The bytes of the file `value` names, for a row of `unit`; RowImageError for a row's problem,
+        StoreOutage for the job's own store's."""
+        if "\x00" in value:
+            raise RowImageError("a NUL character in a path")
+        root = prompts_root(self.input_fs._strip_protocol(self.prompts), self.input_fs._strip_protocol(unit.path))
+        scheme, separator, rest = value.partition("://")
+        if separator and scheme.lower() != "file":
+            try:
+                url = _normalized_url(scheme.lower(), rest)
+            except ValueError:  # urllib's: an unbalanced [ in the host, a port that is no number
+                raise RowImageError("not a URL") from None
+            return self._read_url(url, root)
+        if separator or value.startswith("/"):
+            return self._read_local(rest if separator else value, root if self.local_input else None)
+        path = posixpath.normpath(posixpath.join(posixpath.dirname(self.input_fs._strip_protocol(unit.path)), value))
+        if self.local_input:
+            return self._read_local(path, root)
+        if not _inside(path, root):
+            raise self._refused()
+        return self._read_url(self.input_fs.unstrip_protocol(path), root)
+
+    def _refused(self) -> RowImageError:
+        return RowImageError("outside the prompts folder and every --allow-image-source")
+
+    def _read_local(self, path: str, root: str | None) -> bytes:
+        """A file on this machine (`root`: the prompts root when the prompts are local): allowed by its path as
+        written, before anything is touched, and again by its real path; a regular file only, opened without
+        waiting (a FIFO or a device is refused, never read)."""
+        folders = [*self.allowed_folders, *([(root or "/").rstrip("/") + "/"] if root is not None else [])]
+        real_folders = [_real_folder(folder) for folder in folders]
+        if not path.startswith("/") or not any(_inside(os.path.normpath(path), folder)
+                                               for folder in (*folders, *real_folders)):
+            raise self._refused()
+        real = os.path.realpath(path)
+        if not any(_inside(real, folder) for folder in real_folders):
+            raise self._refused()
+        try:
+            if not stat.S_ISREG(os.stat(real).st_mode):
+                raise RowImageError("not a regular file")
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+            with open(fd, "rb", buffering=0) as file:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced since the check
+                    raise RowImageError("not a regular file")
+                return self._bounded(file)
+        except (FileNotFoundError, NotADirectoryError):
+            raise RowImageError("no such file") from None
+        except (OSError, TimeoutError) as exc:
+            raise RowImageError(f"cannot be read ({_reason(exc)})") from None
+
+    def _read_url(self, url: str, root: str) -> bytes:
+        """A file of an fsspec store: the job's own store with its storage options and retries (an outage fails
+        the try), any other with none and one try (any failure is the row's)."""
+        store = _store(url)
+        inside_prompts = not self.local_input and _inside(url, self.input_fs.unstrip_protocol(root).rstrip("/") + "/")
+        if _ENCODED_PATH_CHARS.search(urllib.parse.urlsplit(url).path) or not (
+                inside_prompts or self._allowed_url(url, store)):
+            raise self._refused()
+        own = store in self.own_stores
+        options = _with_timeouts(store[0], self.storage_options if own else {}, self.timeout_s)
+
+        def read() -> bytes:
+            fs, path = filesystem(url, options)
+            if store[0] in HTTP_SCHEMES:  # streamed: bounded however long the body, whatever the server says;
+                # a size given skips fsspec's HEAD request, which reports every failure as FileNotFoundError
+                with fs.open(path, "rb", block_size=0, size=self.max_bytes + 1) as file:
+                    return self._bounded(file)
+            info = fs.info(path)
+            if info.get("type") != "file":
+                raise RowImageError("not a file")
+            if (info.get("size") or 0) > self.max_bytes:
+                raise RowImageError(self._too_large())
+            with fs.open(path, "rb") as file:
+                return self._bounded(file)
+
+        try:
+            return with_retries(read, what=f"read {redact_text(url)}") if own else read()
+        except (RowImageError, ImportError):  # ImportError: a package this machine lacks, which fails the try
+            raise
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise RowImageError("no such file") from None
+        except Exception as exc:
+            if own and _is_outage(exc):
+                raise StoreOutage(f"reading {redact_text(url)}: {_reason(exc)}") from None
+            raise RowImageError(f"cannot be read ({_reason(exc)})") from None
+
+    def _allowed_url(self, url: str, store: tuple[str, str]) -> bool:
+        """Below an allowed URL prefix; a whole scheme's allowance (`https://`) leaves out private hosts."""
+        return any(store[0] == prefix[:-3] and not _is_private_host(store[1]) if prefix.endswith("://")
+                   else _inside(url, prefix) for prefix in self.allowed_urls)
+
+    def _bounded(self, file) -> bytes:
+        """The file's bytes, read in chunks: at most max_bytes, within timeout_s (TimeoutError past it)."""
+        deadline = time.monotonic() + self.timeout_s
+        chunks, size = [], 0
+        while chunk := file.read(min(READ_CHUNK, self.max_bytes + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise RowImageError(self._too_large())
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not read within --image-read-timeout ({self.timeout_s:g} s)")
+        return b"".join(chunks)
+
+    def _too_large(self) -> str:
+        return f"larger than --max-image-bytes ({self.max_bytes} bytes)"
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or below it (`folder` ends with a slash; `path` is normalised)."""
+    return path.startswith(folder) or path + "/" == folder
+
+
+@functools.lru_cache(maxsize=64)
+def _real_folder(folder: str) -> str:
+    real = os.path.realpath(folder)
+    return real if real.endswith("/") else real + "/"
+
+
+def _with_timeouts(protocol: str, options: dict, timeout_s: float) -> dict:
+    """Storage options with per-request timeouts (a host that never answers) and, for HTTP, no redirects (a
+    redirect could lead anywhere, past the allowed prefixes); the user's own settings win."""
+    if protocol in HTTP_SCHEMES:
+        import aiohttp
+
+        client = {"timeout": aiohttp.ClientTimeout(sock_connect=timeout_s, sock_read=timeout_s)}
+        return {"allow_redirects": False, **options, "client_kwargs": client | options.get("client_kwargs", {})}
+    if protocol in ("s3", "s3a"):
+        config = {"connect_timeout": timeout_s, "read_timeout": timeout_s}
+        return {**options, "config_kwargs": config | options.get("config_kwargs", {})}
+    return options
+
+
+def _is_outage(error: BaseException) -> bool:
+    """A store's trouble, not the file's: network errors, timeouts, throttling and 5xx answers."""
+    status = getattr(error, "status", None) or getattr(error, "code", None)
+    return is_transient(error) or (isinstance(status, int) and (status >= 500 or status == 429))
+
+
+def _reason(error: BaseException) -> str:
+    return redact_text(f"{type(error).__name__}: {error}"[:300])
+
+
+def given(value) -> bytes | str:
+    """What a row's value gives: image bytes, or the path or URL of a file (RowImageError: neither)."""
+    if isinstance(value, dict):  # a Hugging Face image: {"bytes": ..., "path": ...}
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, bytes):
+        if not value:
+            raise RowImageError("empty")
+        return value
+    if not isinstance(value, str) or not value:
+        kind = type(value).__name__
+        raise RowImageError("missing" if value is None else f"not image bytes or a path ({kind})")
+    return value
 
 
 class RowImages:
@@ -35,15 +301,16 @@ class RowImages:
 
     def __init__(self, spec, input_fs, column: str, what: str):
         self.spec = spec
-        self.input_fs = input_fs
+        self.sources = ImageSources(spec, input_fs)
         self.column = column
         self.what = what
         self.pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="row-images")
 
     def read(self, unit: WorkUnit, samples: list[Sample], name: str, prepare: Callable[[bytes], Any]) -> None:
-        """Each sample's `prepare(its image's bytes)` into its `inputs[name]`, or the sample's error naming the
-        file, row and column (`prepare` raises RowImageError for an image it cannot use). The samples of one
-        input row (--samples-per-prompt) share their row's image."""
+        """Each sample's (`prepare(its image's bytes)`, the sha256 of those bytes) into its `inputs[name]`, or the
+        sample's error naming the file, row and column (`prepare` raises RowImageError for an image it cannot
+        use). The samples of one input row (--samples-per-prompt) share their row's image. An outage of the job's
+        own store raises StoreOutage: the try fails, no row does."""
         by_row: dict[int, list[Sample]] = {}
         for sample in samples:
             by_row.setdefault(sample.row, []).append(sample)
@@ -56,39 +323,22 @@ class RowImages:
                     sample.inputs[name] = prepared
 
     def _prepared(self, unit: WorkUnit, sample: Sample, prepare: Callable[[bytes], Any]) -> Any:
+        value = sample.inputs.get(self.column)
         try:
-            return prepare(self.image_bytes(unit, sample.inputs.get(self.column)))
+            value = given(value)
+            data = value if isinstance(value, bytes) else self.sources.read(unit, value)
+            return prepare(data), hashlib.sha256(data).hexdigest()
         except RowImageError as exc:
-            return exc
-
-    def image_bytes(self, unit: WorkUnit, value) -> bytes:
-        """A row's image as given: its bytes, or the file its path or URL names."""
-        if isinstance(value, dict):  # a Hugging Face image: {"bytes": ..., "path": ...}
-            value = value.get("bytes") or value.get("path")
-        if isinstance(value, bytes):
-            if not value:
-                raise RowImageError("empty")
-            return value
-        if not isinstance(value, str) or not value:
-            kind = type(value).__name__
-            raise RowImageError("missing" if value is None else f"not image bytes or a path ({kind})")
-        if "://" in value:
-            fs, path = filesystem(value, self.spec.storage_options)
-        else:
-            fs, path = self.input_fs, value if value.startswith("/") else posixpath.join(posixpath.dirname(unit.path),
-                                                                                          value)
-        try:
-            return get_bytes(fs, path)
-        except (FileNotFoundError, IsADirectoryError):
-            raise RowImageError(f"{value!r}: no such file") from None
+            return RowImageError(f"{shown(value)}: {exc}") if isinstance(value, str) else exc
 
     def pixels(self, data: bytes) -> np.ndarray:
-        """(H, W, 3) uint8 RGB at the job's size: decoded, its aspect ratio checked, resized with Lanczos."""
+        """(H, W, 3) uint8 RGB at the job's size: decoded, its aspect ratio checked, resized with Lanczos. Pillow's
+        decompression-bomb limit stands; whatever decoding damaged bytes raises is the row's error."""
         spec = self.spec
         try:
             with Image.open(io.BytesIO(data)) as opened:
                 image = opened.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
             raise RowImageError(f"cannot be decoded ({type(exc).__name__}: {exc})") from None
         aspect = spec.width / spec.height
         if abs(image.width / image.height - aspect) > MAX_ASPECT_DIFFERENCE * aspect:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from instaflow.models import MODEL_RECORD, TEACHER_KINDS, student_defaults, teacher_defaults
 from instaflow.sampling import MAX_GUIDANCE_SCALE, MAX_SIDE, MAX_STEPS, check_inputs, check_size
 from pipeline.plan import SAMPLE_FIELDS
+from pipeline.row_images import DEFAULT_IMAGE_READ_TIMEOUT_S, DEFAULT_MAX_IMAGE_BYTES, allowed_image_sources
 from pipeline.storage import filesystem, get_bytes, normalize_location, normalize_model
 
 TASKS = ("images", "pairs")
@@ -29,8 +30,9 @@ DEVICE_CHOICES = ("auto", "gpu", "cpu")
 RUN_ONLY_FIELDS = (
     "num_workers", "storage_options", "overwrite", "compile", "ray_address", "max_unit_attempts", "batch_size",
     "cpus_per_worker", "lock_lease_s", "start_timeout_s", "unit_timeout_s", "prompts", "output", "allow_pickle",
-    "refiner_offload",
+    "refiner_offload", "image_read_timeout_s",
 )
+ROW_IMAGE_FIELDS = ("allow_image_sources", "max_image_bytes")  # which rows' images can be read: outputs
 # Where models are named: the job records each by what it is (its source: digest or hub revision), not by name.
 MODEL_NAME_FIELDS = ("tiny_decoder", "loras", "merge_finetune", "merge_base", "safety_checker", "clip_model",
                      "controlnet", "refiner")
@@ -83,6 +85,10 @@ class JobSpec:
     teacher_guidance_scale: float | None = None
     teacher_images: bool = False  # the decoded teacher latent as an `image` column of the pairs
     image_column: str = "image"  # encode: the images (a Hugging Face image struct, bytes, or a path/URL)
+    # what rows may name as images (encode, --controlnet), beyond the prompts root; and each read's bounds
+    allow_image_sources: tuple[str, ...] = ()  # folders and URL prefixes (pipeline/row_images.py)
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    image_read_timeout_s: float = DEFAULT_IMAGE_READ_TIMEOUT_S
     samples_per_prompt: int = 1  # rows per input row: keys {key}-{k}, seeds the row's seed + k or derived
     # sampling shared by both
     seed: int = 0
@@ -141,6 +147,7 @@ class JobSpec:
         self._check_scores()
         self._check_controlnet()
         self._check_refiner()
+        self._check_row_images()
         self._check_choice("output_format", OUTPUT_FORMATS)
         self._check_choice("decoder", DECODERS)
         self.tiny_decoder = normalize_model(self.tiny_decoder)
@@ -240,6 +247,24 @@ class JobSpec:
         if self.canny_low > self.canny_high:
             raise ValueError(f"canny_low ({self.canny_low}) must not be above canny_high ({self.canny_high})")
 
+    @property
+    def reads_row_images(self) -> bool:
+        """Whether rows name images the job reads: an encode job's, a ControlNet's control images."""
+        return self.encodes or bool(self.controlnet)
+
+    def _check_row_images(self) -> None:
+        self.allow_image_sources = allowed_image_sources(self.allow_image_sources)
+        if self.allow_image_sources and not self.reads_row_images:
+            raise ValueError("--allow-image-source allows images that rows name: it needs an encode job or "
+                             "--controlnet")
+        if isinstance(self.max_image_bytes, bool) or not isinstance(self.max_image_bytes, int) or \
+                self.max_image_bytes < 1:
+            raise ValueError(f"max_image_bytes must be a positive integer, got {self.max_image_bytes!r}")
+        if isinstance(self.image_read_timeout_s, bool) or not isinstance(self.image_read_timeout_s, (int, float)) \
+                or not self.image_read_timeout_s > 0:
+            raise ValueError(f"image_read_timeout_s must be a positive number of seconds, got "
+                             f"{self.image_read_timeout_s!r}")
+
     def _check_refiner(self) -> None:
         self.refiner = normalize_model(self.refiner) if self.refiner else None
         if self.refiner and "images" not in self.tasks:
@@ -308,6 +333,11 @@ class JobSpec:
                 identity.pop(name)
         if not self.encodes:
             identity.pop("image_column")
+        if not self.reads_row_images:
+            for name in ROW_IMAGE_FIELDS:
+                identity.pop(name)
+        else:
+            identity["allow_image_sources"] = list(self.allow_image_sources)
         if "pairs" not in self.tasks:
             for name in ("teacher", "teacher_kind", "teacher_steps", "teacher_guidance_scale", "teacher_images"):
                 identity.pop(name)

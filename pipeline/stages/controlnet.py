@@ -1,15 +1,13 @@
 """Each row's control image for a ControlNet (--controlnet): read, checked and prepared on the host.
 
 The control column is read as pipeline/row_images.py reads a column of images (bytes, a Hugging Face image struct,
-or a path or URL; decoded and resized to the job's size; a row whose image cannot be used fails alone, naming the
-file and row); with --control-preprocess canny, each image is then turned into OpenCV's edge map. The student and
-the teacher take the ControlNet itself (instaflow/controlnet.py): this stage feeds them the images and records, per
-row, the scale and the sha256 of the control image as given.
+or a path or URL inside the prompts root or an allowed source; decoded and resized to the job's size; a row whose
+image cannot be used fails alone, naming the file and row); with --control-preprocess canny, each image is then
+turned into OpenCV's edge map. The student and the teacher take the ControlNet itself (instaflow/controlnet.py):
+this stage feeds them the images and records, per row, the scale and the sha256 of the control image as read.
 """
 
 from __future__ import annotations
-
-import hashlib
 
 import numpy as np
 import pyarrow as pa
@@ -59,7 +57,7 @@ class ControlNetStage(Stage):
 
     def prepare_rows(self, unit: WorkUnit, samples: list[Sample]) -> None:
         """Each sample's control image, ready (at the job's size, preprocessed), or the sample's error."""
-        self.images.read(unit, samples, PREPARED, lambda data: (self._pixels(data), hashlib.sha256(data).hexdigest()))
+        self.images.read(unit, samples, PREPARED, self._pixels)
 
     def _pixels(self, data: bytes) -> np.ndarray:
         pixels = self.images.pixels(data)

@@ -1,5 +1,6 @@
 """Reflow pairs from a dataset of images (the encode job): per row, the seed's noise and the VAE's latent of the
-row's image, independent of each other, written as the teacher's pairs are (pipeline/stages/pairs.py).
+row's image, independent of each other, written as the teacher's pairs are (pipeline/stages/pairs.py), with the
+sha256 of the image's bytes as read (`image_digest`), as ControlNet rows record their control image's.
 
 The latent is the mean of the VAE encoder's distribution times the VAE's scaling factor: deterministic, where SD's
 training draws a sample. The noise is the seed contract's, cast to the model dtype as a teacher consumes it. The
@@ -9,6 +10,7 @@ images are read as pipeline/row_images.py reads a column of images; a row whose 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from instaflow.loading import ComponentCache, Components
@@ -17,11 +19,12 @@ from instaflow.sampling import check_size, encode_images, finite_per_sample
 from pipeline.plan import WorkUnit
 from pipeline.reader import Sample
 from pipeline.row_images import RowImages
-from pipeline.stages.base import Encode
+from pipeline.stages.base import Encode, UnitOutputs
 from pipeline.stages.pairs import PairsOutput, pair_result
 from pipeline.storage import filesystem
 
-PIXELS = "encode_pixels"  # what prepare_rows adds to a sample's inputs, and the batch's stage input
+PIXELS = "encode_pixels"  # prepare_rows: (pixels, the image's sha256) in a sample's inputs; the batch's stage input
+DIGEST = pa.field("image_digest", pa.string())
 
 
 class EncodeStage(PairsOutput):
@@ -50,6 +53,9 @@ class EncodeStage(PairsOutput):
     def latent_channels(self) -> int:
         return self.components.vae.config.latent_channels
 
+    def added_fields(self) -> dict[str, list[pa.Field]]:
+        return {self.name: [DIGEST]}
+
     def prepare_rows(self, unit: WorkUnit, samples: list[Sample]) -> None:
         self.images.read(unit, samples, PIXELS, self.images.pixels)
 
@@ -58,11 +64,16 @@ class EncodeStage(PairsOutput):
         spec, components = self.spec, self.components
         batch.tokens(components, negative=False)
         batch.host_noise(components, spec.height, spec.width)
-        pixels = torch.from_numpy(np.stack([inputs[PIXELS] for inputs in batch.row_inputs]))
+        pixels = torch.from_numpy(np.stack([inputs[PIXELS][0] for inputs in batch.row_inputs]))
         batch.stage_inputs[PIXELS] = pixels.pin_memory() if components.runtime.device.type == "cuda" else pixels
 
     def run(self, batch: PromptBatch, n: int, produced: dict, encode: Encode) -> dict:
         c, spec = self.components, self.spec
         latents = encode_images(c.vae, batch.stage_inputs[PIXELS], c.runtime.device, c.runtime.dtype)
         noise = batch.noise(c, spec.height, spec.width)
-        return pair_result(noise, latents, finite_per_sample(latents), batch.truncated(c), n)
+        digests = [inputs[PIXELS][1] for inputs in batch.row_inputs[:n]]
+        return pair_result(noise, latents, finite_per_sample(latents), batch.truncated(c), n) | {"digests": digests}
+
+    def collect(self, keys: list[str], result: dict, outputs: UnitOutputs) -> None:
+        super().collect(keys, result, outputs)
+        outputs.column(self.name, DIGEST.name).update(zip(keys, result["digests"]))
