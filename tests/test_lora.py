@@ -4,10 +4,17 @@ the tiny models and the tiny adapters (instaflow.tiny_adapters), fp32 on the CPU
 import copy
 import dataclasses
 import hashlib
+import io
+import shutil
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import safetensors.torch
 import torch
+from PIL import Image
+
+from jobs.main import main
 
 from instaflow.loading import ComponentCache, Runtime, component_digest, tensor_digest
 from instaflow.lora import (
@@ -22,6 +29,7 @@ from instaflow.lora import (
 )
 from instaflow.models import PromptBatch, Settings, Student
 from instaflow.tiny_adapters import ALPHA, LORA_UP_GAIN, RANK, write_tiny_adapters
+from tests.jobhelpers import prompt_table, tar_members
 
 UNET_MODULE = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
 KOHYA_UNET = "lora_unet_" + UNET_MODULE.replace(".", "_")
@@ -359,3 +367,63 @@ def test_any_subset_of_modules_fuses_to_the_formula(student, tiny_models, tmp_pa
     assert lora.kohya == (fmt == "kohya")
     check_lora(lora, *meta_modules(tiny_models["instaflow"]))
     assert_fused_by_formula(fused(student, [(lora, 0.6)]), student, factors, 0.6)
+
+
+def job_images(output) -> tuple[list[dict], np.ndarray]:
+    """A job's rows (key, prompt, seed) and their images, in key order."""
+    rows, images = [], {}
+    for tar in sorted(output.glob("*.tar")):
+        rows += pq.read_table(tar.with_suffix(".parquet"), columns=["key", "prompt", "seed"]).to_pylist()
+        images |= {name: data for name, data in tar_members(tar.read_bytes()).items() if name.endswith(".png")}
+    rows.sort(key=lambda row: row["key"])
+    assert rows and len(images) == len(rows)
+    return rows, np.stack([np.asarray(Image.open(io.BytesIO(images[f"{row['key']}.png"]))) for row in rows])
+
+
+def test_subset_loras_through_the_cli(ray_gpus, cache, student, tiny_models, tmp_path, capsys):
+    """What a user meets: `run generate` with a text-encoder LoRA of only q and v (with alpha) and a UNet LoRA of two
+    attention projections (no alpha) exits 0, and its images are those of the model whose weights a transcription of
+    the formula changed, for each row's prompt and seed; a file with one key that does not fit exits 2 naming that
+    key, before any worker starts."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    files = {"text_encoder": (tmp_path / "te-q-v.safetensors", TE_Q_V, 0.6),
+             "unet": (tmp_path / "unet-attention.safetensors", UNET_ATTENTION, 1.3)}
+    reference = tmp_path / "reference"
+    shutil.copytree(tiny_models["instaflow"], reference)
+    for part, model_class in (("text_encoder", CLIPTextModel), ("unet", UNet2DConditionModel)):
+        path, targets, scale = files[part]
+        module = model_class.from_pretrained(reference / part)
+        with torch.no_grad():
+            for target, (down, up, alpha) in write_lora(path, student, targets).items():
+                weight = module.get_submodule(target.split(".", 1)[1]).weight
+                weight.copy_(lora_formula(weight, down, up, alpha, scale))
+        module.save_pretrained(reference / part)
+    prompts = tmp_path / "prompts.parquet"
+    pq.write_table(prompt_table(4), prompts)
+
+    def run(output: str, model, *flags: str) -> int:
+        return main(["run", "generate", "--prompts", str(prompts), "--output", str(tmp_path / "out" / output), "--model",
+                     str(model), "--height", "64", "--width", "64", "--dtype", "float32", "--image-format", "png",
+                     "--num-workers", "1", "--no-progress", *flags])
+
+    loras = [flag for path, _, scale in files.values() for flag in ("--lora", f"{path}:{scale}")]
+    assert run("with-loras", tiny_models["instaflow"], *loras) == 0
+    rows, with_loras = job_images(tmp_path / "out/with-loras")
+    batch = PromptBatch([row["prompt"] for row in rows], [row["seed"] for row in rows], [None] * len(rows))
+    expected, plain = (Student(components, Settings(1, 0.0, 64, 64)).generate(batch).pixels.numpy().astype(np.int16)
+                       for components in (cache.load(str(reference)), student))
+    assert np.abs(expected - plain).mean() > 2  # the LoRAs change the images visibly
+    assert np.abs(with_loras.astype(np.int16) - expected).max() <= 1  # float rounding: fused by PEFT, not by hand
+
+    tensors = safetensors.torch.load_file(files["text_encoder"][0])
+    tensors[f"{KOHYA_UNET}.lora_down.weight"] = torch.zeros(RANK, 7)  # the module takes another width
+    tensors[f"{KOHYA_UNET}.lora_up.weight"] = torch.zeros(32, RANK)
+    safetensors.torch.save_file(tensors, tmp_path / "one-misfit.safetensors")
+    capsys.readouterr()
+    assert run("refused", tiny_models["instaflow"], "--lora", str(tmp_path / "one-misfit.safetensors")) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"'{KOHYA_UNET}.lora_down.weight'" in errors[0], errors
+    assert "one-misfit.safetensors" in errors[0] and "shape (4, 7)" in errors[0]
+    assert not (tmp_path / "out/refused").exists()  # nothing written: no worker started
