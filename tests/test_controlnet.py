@@ -131,6 +131,7 @@ def test_control_images_are_resized_and_canny_is_opencvs(tmp_path):
     """What the stage hands the ControlNet: the image at the job's size (Lanczos, as diffusers resizes), or
     OpenCV's Canny edges of that, in all three channels; another aspect ratio is the row's error."""
     import cv2
+    from fsspec.implementations.local import LocalFileSystem
 
     from pipeline.row_images import RowImageError
     from pipeline.spec import JobSpec
@@ -142,7 +143,7 @@ def test_control_images_are_resized_and_canny_is_opencvs(tmp_path):
         spec = JobSpec(prompts=str(tmp_path), output=str(tmp_path / "out"), model=str(tmp_path), height=64, width=64,
                        steps=1, guidance_scale=0.0, controlnet="lllyasviel/sd-controlnet-canny",
                        control_preprocess=preprocess, canny_low=50, canny_high=150)
-        stage = ControlNetStage(spec, None)
+        stage = ControlNetStage(spec, LocalFileSystem())
         resized = np.asarray(Image.fromarray(image).resize((64, 64), Image.LANCZOS))
         want = resized if preprocess == "none" else np.repeat(cv2.Canny(resized, 50, 150)[:, :, None], 3, axis=2)
         got = stage._pixels(png(image))
