@@ -6,8 +6,14 @@ its rate; as many processes kept it at 0.98 to 0.995).
 Each batch's pixels are copied once, as they lie (planar or channels-last), into a shared-memory block, by a
 feeder thread that first waits for the device's copy to the host; the processes encode a few images of it at a
 time and send back their bytes. Every image has its own future, so a row whose image cannot be encoded fails
-alone. A process that dies fails the images it held (their unit's try fails and is retried) and is replaced. A
-process ends when its input closes: when the worker ends, however it ends.
+alone. A process that dies fails the images it held with EncoderLost, which is no row's fault: their unit's try
+fails and is retried. It is replaced; if no replacement can start, the worker encodes in its own process.
+
+Nothing outlives the worker, however it ends (an exception, SIGTERM, `ray.kill`, which SIGKILLs the worker's
+children first, or the OOM killer): a block is an anonymous memory file (memfd) that has no name in /dev/shm, so
+the kernel frees it with the last process that maps it; its pages are reserved when it is made (fallocate), so a
+full memory gives an error and encoding in the worker, never SIGBUS; a process ends when its input closes, which
+the kernel does when the worker ends.
 
     python -m pipeline.encoders    # one encoder process: tasks in on stdin, results out on stdout (pickle)
 """
@@ -24,7 +30,6 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import Future
-from multiprocessing import shared_memory
 
 import numpy as np
 
@@ -33,15 +38,36 @@ from pipeline.writers import encode_image
 logger = logging.getLogger(__name__)
 
 IMAGES_PER_TASK = 4  # per message: few messages, and a batch still spread over the processes
-SHM_HEADROOM = 256 << 20  # left free in /dev/shm for Ray's object store and others
+
+
+class EncoderLost(RuntimeError):
+    """An image was not encoded for a reason that is not its own (an encoder process died, the device's copy
+    failed): the unit's try fails and is retried, rather than its rows committed as failed."""
 
 
 class _Block:
-    """A shared-memory block that one batch's pixels occupy until their last image is encoded."""
+    """Shared memory that one batch's pixels occupy until their last image is encoded: an anonymous memory file,
+    reserved in full, which the processes open through this process's /proc entry by its descriptor."""
+
+    _ids = itertools.count()
 
     def __init__(self, size: int):
-        self.memory = shared_memory.SharedMemory(create=True, size=size)
+        self.fd = os.memfd_create("instaflow-encode", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            os.posix_fallocate(self.fd, 0, size)  # ENOSPC/ENOMEM now, rather than SIGBUS on a page written later
+            self.buf = mmap.mmap(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.size = size
+        self.id = next(self._ids)  # descriptors are reused; ids are not
+        self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
         self.images_left = 0
+
+    def close(self) -> None:
+        self.buf.close()
+        os.close(self.fd)
 
 
 class _Process:
@@ -61,6 +87,7 @@ class EncoderProcesses:
         self.images_encoded = 0
         self._lock = threading.Lock()
         self._free: list[_Block] = []
+        self._blocks: list[_Block] = []  # every block made, closed with the encoders
         self._task_ids = itertools.count()
         self._closed = False
         self._warned_no_room = False
@@ -82,7 +109,7 @@ class EncoderProcesses:
             return [process.popen.pid for process in self._processes]
 
     def close(self) -> None:
-        """Ends the processes (their input closes) and frees the shared memory."""
+        """Ends the processes (their input closes) and frees the shared memory; the worker's end does the same."""
         self._closed = True
         self._feed.put(None)
         self._feeder.join(timeout=10)
@@ -95,10 +122,10 @@ class EncoderProcesses:
                 process.popen.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.popen.kill()
-        for block in self._free:
-            block.memory.close()
-            block.memory.unlink()
-        self._free = []
+        with self._lock:
+            blocks, self._blocks, self._free = self._blocks, [], []
+        for block in blocks:
+            block.close()
 
     # ----------------------------------------------------------------------------------------- in the worker
 
@@ -113,30 +140,40 @@ class EncoderProcesses:
             try:
                 self._send(pixels.numpy()[:n], image_format, futures)
             except Exception as exc:  # the device's copy failed, or no process could take the batch
+                lost = EncoderLost(f"the batch's pixels could not be encoded: {type(exc).__name__}: {exc}")
                 for future in futures:
                     if not future.done():
-                        future.set_exception(exc)
+                        future.set_exception(lost)
 
     def _send(self, pixels: np.ndarray, image_format: str, futures: list[Future]) -> None:
         planar = pixels.transpose(0, 3, 1, 2)
         layout = "planar" if planar.flags.c_contiguous else "hwc"  # copied as it lies: no gather here
         source = planar if layout == "planar" else pixels
-        block = self._block(source.nbytes)
+        with self._lock:
+            block = self._block(source.nbytes) if self._processes else None  # none left: encoded here
         if block is None:
             encoded = _settle(futures, _encode_each(pixels, image_format))
             with self._lock:
                 self.images_encoded += encoded
             return
-        np.copyto(np.ndarray(source.shape, np.uint8, buffer=block.memory.buf), source)
+        np.copyto(np.ndarray(source.shape, np.uint8, buffer=block.buf), source)
         block.images_left = len(futures)
         with self._lock:
             for first in range(0, len(futures), IMAGES_PER_TASK):
                 last = min(first + IMAGES_PER_TASK, len(futures))
+                if not self._processes:  # the last one died and none could start: its reader failed what it held
+                    error = EncoderLost("no image encoder process is left")
+                    for future in futures[first:]:
+                        future.set_exception(error)
+                    block.images_left -= len(futures) - first
+                    if block.images_left == 0:
+                        self._free.append(block)
+                    return
                 process = min(self._processes, key=lambda p: p.images)
                 task_id = next(self._task_ids)
                 process.tasks[task_id] = (block, futures[first:last])
                 process.images += last - first
-                task = (task_id, block.memory.name, source.shape, layout, first, last, image_format)
+                task = (task_id, block.id, block.path, source.shape, layout, first, last, image_format)
                 try:
                     pickle.dump(task, process.popen.stdin)
                     process.popen.stdin.flush()
@@ -144,23 +181,22 @@ class EncoderProcesses:
                     pass
 
     def _block(self, size: int) -> _Block | None:
-        """A free block of at least `size` bytes; the smallest that fits, else a new one; None when /dev/shm has
-        no room for one (a container's default is 64 MB): writing past its room would kill the worker (SIGBUS)."""
-        with self._lock:
-            fitting = [block for block in self._free if block.memory.size >= size]
-            if fitting:
-                block = min(fitting, key=lambda b: b.memory.size)
-                self._free.remove(block)
-                return block
-        shm = os.statvfs("/dev/shm")
-        if shm.f_bavail * shm.f_frsize < size + SHM_HEADROOM:
+        """A free block of at least `size` bytes; the smallest that fits, else a new one; None when no memory can
+        be reserved for one: the batch is then encoded in the worker's own process. Called holding the lock."""
+        fitting = [block for block in self._free if block.size >= size]
+        if fitting:
+            block = min(fitting, key=lambda b: b.size)
+            self._free.remove(block)
+            return block
+        try:
+            self._blocks.append(_Block(size))
+            return self._blocks[-1]
+        except OSError as exc:
             if not self._warned_no_room:
                 self._warned_no_room = True
-                logger.warning("/dev/shm has %d MB free, too little for a batch's pixels (%d MB): encoding in the "
-                               "worker's own process (give the node a larger /dev/shm)",
-                               shm.f_bavail * shm.f_frsize >> 20, size >> 20)
+                logger.warning("no shared memory for a batch's pixels (%d MB): %s; encoding in the worker's own "
+                               "process", size >> 20, exc)
             return None
-        return _Block(size)
 
     def _read_loop(self, process: _Process) -> None:
         while True:
@@ -177,13 +213,18 @@ class EncoderProcesses:
             lost, process.tasks = list(process.tasks.values()), {}
             replace = not self._closed and process in self._processes
             if replace:
-                self._processes[self._processes.index(process)] = self._start()
+                try:
+                    self._processes[self._processes.index(process)] = self._start()
+                except Exception as exc:  # EMFILE, ENOMEM: the worker encodes what comes next itself
+                    self._processes.remove(process)
+                    logger.warning("an image encoder process exited with status %s and none could be started in "
+                                   "its place (%s); %d remain", status, exc, len(self._processes))
         if replace and lost:
             logger.warning("an image encoder process exited with status %s; the images of %d tasks it held "
-                           "failed; started another", status, len(lost))
+                           "failed, and their unit's try with them", status, len(lost))
         elif replace:  # idle: no output is touched (Ray kills a worker's children first when it ends the worker)
-            logger.debug("an idle image encoder process exited with status %s; started another", status)
-        error = RuntimeError(f"the image encoder process exited with status {status}")
+            logger.debug("an idle image encoder process exited with status %s", status)
+        error = EncoderLost(f"the image encoder process exited with status {status}")
         for block, futures in lost:
             for future in futures:
                 future.set_exception(error)
@@ -222,23 +263,27 @@ def _settle(futures: list[Future], results: list) -> int:
 
 
 def serve(tasks, results) -> None:
-    """Encodes tasks read from `tasks` until it closes; each result is (task id, [bytes or exception])."""
-    blocks: dict[str, mmap.mmap] = {}
+    """Encodes tasks read from `tasks` until it closes (the worker ended or closed it); each result is (task id,
+    [bytes or exception])."""
+    blocks: dict[int, mmap.mmap] = {}
     while True:
         try:
-            task_id, name, shape, layout, first, last, image_format = pickle.load(tasks)
+            task_id, block_id, path, shape, layout, first, last, image_format = pickle.load(tasks)
         except EOFError:
             return
-        if name not in blocks:
-            with open(f"/dev/shm/{name}", "rb") as f:  # not SharedMemory: its tracker would unlink the block
-                blocks[name] = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-        pixels = np.ndarray(shape, np.uint8, buffer=blocks[name])[first:last]
+        if block_id not in blocks:
+            with open(path, "rb") as f:  # the worker's memory file, by its descriptor
+                blocks[block_id] = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        pixels = np.ndarray(shape, np.uint8, buffer=blocks[block_id])[first:last]
         images = pixels.transpose(0, 2, 3, 1) if layout == "planar" else pixels
         encoded = [result if not isinstance(result, Exception) or _picklable(result)
                    else RuntimeError(f"{type(result).__name__}: {result}")
                    for result in _encode_each(images, image_format)]
-        pickle.dump((task_id, encoded), results)
-        results.flush()
+        try:
+            pickle.dump((task_id, encoded), results)
+            results.flush()
+        except BrokenPipeError:  # the worker is gone
+            return
 
 
 def _picklable(exc: Exception) -> bool:

@@ -1,6 +1,7 @@
 """The worker's encoder processes (pipeline/encoders.py): the same bytes as encoding in the worker, whatever the
 pixels' layout; a bad image fails alone; a process that dies fails only what it held and is replaced."""
 
+import errno
 import os
 import signal
 import time
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.encoders import IMAGES_PER_TASK, EncoderProcesses
+from pipeline.encoders import IMAGES_PER_TASK, EncoderLost, EncoderProcesses
 from pipeline.writers import encode_image
 
 
@@ -78,7 +79,7 @@ def test_images_held_by_a_process_that_dies_fail_and_none_is_lost_or_hangs(encod
     for future, image in zip(futures, pixels):
         try:
             assert future.result(timeout=60) == encode_image(image, "png")
-        except RuntimeError as exc:
+        except EncoderLost as exc:
             assert "the image encoder process exited with status -9" in str(exc)
             failed += 1
     assert 0 < failed < len(pixels)
@@ -90,18 +91,71 @@ def test_a_failed_copy_from_the_device_fails_the_batch(encoders):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     for future in encoders.submit(Broken(), 3, "jpeg"):
-        with pytest.raises(RuntimeError, match="illegal memory access"):
+        with pytest.raises(EncoderLost, match="illegal memory access"):
             future.result(timeout=30)
 
 
-def test_without_room_in_dev_shm_the_worker_encodes_itself(encoders, monkeypatch, caplog):
+def test_without_memory_for_a_block_the_worker_encodes_itself(encoders, monkeypatch, caplog):
     import pipeline.encoders
 
-    monkeypatch.setattr(pipeline.encoders, "SHM_HEADROOM", 1 << 62)  # more than any /dev/shm has free
+    def no_room(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline.encoders.os, "posix_fallocate", no_room)
     pixels = images(5, seed=3)
     futures = encoders.submit(Pixels(pixels), 5, "jpeg")
     bad = encoders.submit(Pixels(pixels), 1, "no-such-format")
     assert [f.result(timeout=30) for f in futures] == [encode_image(image, "jpeg") for image in pixels]
     with pytest.raises(ValueError, match="unknown image format"):
         bad[0].result(timeout=30)
-    assert encoders.images_encoded == 5 and "too little for a batch's pixels" in caplog.text
+    assert encoders.images_encoded == 5 and "no shared memory for a batch's pixels" in caplog.text
+
+
+def test_when_no_process_can_be_started_again_every_future_still_settles(encoders, monkeypatch):
+    """EMFILE or ENOMEM at a replacement: what the dead processes held fails (EncoderLost, the try's fault), and
+    later batches are encoded in the worker, never left waiting."""
+    import pipeline.encoders
+
+    def cannot_start(self):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(pipeline.encoders._Process, "__init__", cannot_start)
+    for pid in encoders.pids():
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while encoders.pids():
+        assert time.monotonic() < deadline, "dead encoder processes stayed in the pool"
+        time.sleep(0.05)
+    pixels = images(6, seed=4)
+    futures = encoders.submit(Pixels(pixels), 6, "png")
+    assert [f.result(timeout=30) for f in futures] == [encode_image(image, "png") for image in pixels]
+
+
+def memory_files(pid: int | str = "self") -> list[str]:
+    """The encoders' memory files (memfd) a process holds open."""
+    held = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:instaflow-encode"):
+                held.append(fd)
+        except FileNotFoundError:  # the listing's own descriptor, closed since
+            pass
+    return held
+
+
+def mapped_dev_shm(pid: int | str) -> list[str]:
+    with open(f"/proc/{pid}/maps") as maps:
+        return [line for line in maps if "/dev/shm/" in line]
+
+
+def test_blocks_leave_nothing_in_dev_shm_and_are_freed_with_the_encoders():
+    pool = EncoderProcesses(2)
+    pixels = images(16, seed=5)
+    futures = pool.submit(Pixels(pixels), 16, "jpeg")
+    assert [f.result(timeout=30) for f in futures] == [encode_image(image, "jpeg") for image in pixels]
+    pids = pool.pids()
+    assert memory_files() and not mapped_dev_shm("self")
+    assert not any(mapped_dev_shm(pid) for pid in pids)  # the processes map the worker's memory file, no name
+    pool.close()
+    assert not memory_files()
+    assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")]

@@ -195,3 +195,59 @@ def test_a_model_that_fails_for_every_prompt_stops_the_job_and_commits_nothing(r
         assert time.monotonic() - started < 120
         assert not list(output.glob("*.stats.json")) and not list(output.glob("*.tar"))
     assert instaflow_batch(["verify", str(output)]) == 1
+
+
+def encoder_processes(worker_pids) -> list:
+    """The image encoder processes of the given workers."""
+    import psutil
+
+    found = []
+    for pid in worker_pids:
+        try:
+            found += [child for child in psutil.Process(pid).children()
+                      if "pipeline.encoders" in " ".join(child.cmdline())]
+        except psutil.Error:  # the worker ended
+            pass
+    return found
+
+
+def test_an_encoder_killed_mid_batch_fails_the_try_not_its_rows_and_nothing_is_left(ray_gpus, prompts, tiny_models,
+                                                                                  tmp_path):
+    """The kernel's OOM killer taking an encoder process while it encodes: the unit's try fails and is redone,
+    no row is committed as failed. After the job, with its workers killed, no encoder process and no shared
+    memory of theirs is left (the blocks are memory files without a name in /dev/shm)."""
+    import psutil
+
+    spec = JobSpec(prompts=str(prompts), output=str(tmp_path / "out"), model=str(tiny_models["instaflow"]),
+                   height=64, width=64, image_format="png", rows_per_shard=8, batch_size=8, num_workers=2,
+                   dtype="float32", lock_lease_s=2.0)
+    dev_shm = set(os.listdir("/dev/shm"))
+    pools, killed, seen = [], [], set()
+
+    def watched_pool(*args):
+        pools.append(ray_pool(*args))
+        return pools[-1]
+
+    result = {}
+    job = threading.Thread(target=lambda: result.update(progress=run_job(spec, watched_pool, show_progress=False)))
+    job.start()
+    deadline = time.monotonic() + 240
+    while len(encoders := encoder_processes([info["pid"] for pool in pools for info in pool.worker_info.values()
+                                             if "pid" in info])) < 2:
+        assert time.monotonic() < deadline, "the workers' encoders did not start"
+        time.sleep(0.05)
+    for process in encoders:  # stopped, they hold every task sent to them: one is then killed holding some
+        process.suspend()
+    time.sleep(3)
+    seen = {process.pid for process in encoders}
+    encoders[0].kill()
+    killed.append(encoders[0].pid)
+    for process in encoders[1:]:
+        process.resume()
+    job.join(timeout=300)
+    assert killed and result["progress"].complete
+    rows = metadata_rows(FS, str(tmp_path / "out"))
+    assert len(rows) == NUM_PROMPTS and all(row["status"] == "ok" for row in rows)
+    assert any(shard["attempt"] > 1 for shard in stats(FS, str(tmp_path / "out")))
+    alive = [pid for pid in seen if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not alive and not [name for name in set(os.listdir("/dev/shm")) - dev_shm if name.startswith("psm_")]

@@ -21,6 +21,7 @@ import torch
 
 from instaflow.loading import ComponentCache, ModelLoadError
 from instaflow.models import PromptBatch
+from pipeline.encoders import EncoderLost
 from pipeline.model_source import ModelSource
 from pipeline.plan import WorkUnit
 from pipeline.reader import Sample
@@ -197,5 +198,7 @@ def collect_encoded(keys: list[str], futures: list[Future], outputs: UnitOutputs
     for key, future in zip(keys, futures):
         try:
             images[key] = future.result()
+        except EncoderLost:  # no row's fault: the try fails
+            raise
         except Exception as exc:
             outputs.fail(output, key, f"{what} encoding failed: {type(exc).__name__}: {exc}")
