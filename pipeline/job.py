@@ -194,8 +194,7 @@ def _run_locked(spec, make_pool, units, inputs, identity, sources, keeper: Lease
     fence = Fence(keeper.lock.token, tuple(lineage), identity_digest(identity))
     committed = {} if spec.overwrite else store.committed(fence)
     todo = [unit for unit in units if unit.unit_id not in committed]
-    progress.skipped_units = len(units) - len(todo)
-    progress.skipped_samples = progress.total_samples - sum(unit.num_rows for unit in todo)
+    progress.skip(units, todo)
     manifest = job_manifest(identity, inputs, lineage) | {
         "prompts": redact_text(spec.prompts),
         "storage_options": redact(spec.storage_options),
@@ -203,7 +202,7 @@ def _run_locked(spec, make_pool, units, inputs, identity, sources, keeper: Lease
     }
     if not todo:
         logger.info("all %d shards are committed: nothing to do", len(units))
-        _recover(store, committed, units, todo)
+        _recover(store, committed, units, todo, progress)
         if not todo:
             progress.manifest = manifest
             return
@@ -226,7 +225,7 @@ def _run_locked(spec, make_pool, units, inputs, identity, sources, keeper: Lease
         write_progress = lambda: manifests.write(manifest | {"progress": progress.summary()})  # noqa: E731
         write_progress()
         heartbeat.write_manifest = write_progress
-        _recover(store, committed, units, todo)
+        _recover(store, committed, units, todo, progress)
 
         def on_result(result: UnitResult) -> None:
             progress.record(result)
@@ -250,12 +249,14 @@ def _run_locked(spec, make_pool, units, inputs, identity, sources, keeper: Lease
             store.finish_interrupted(fence.token)  # tries that won their marker as the job was stopped
 
 
-def _recover(store: ShardStore, committed: dict, units: list, todo: list) -> None:
-    """Finishes moves a crash interrupted; units whose committed files turned out to be gone join `todo`."""
+def _recover(store: ShardStore, committed: dict, units: list, todo: list, progress: JobProgress) -> None:
+    """Finishes moves a crash interrupted; units whose committed files turned out to be gone join `todo`, and
+    are no longer counted as committed before (each unit is counted once: skipped, done or failed)."""
     finished, broken = store.recover(committed)
     if finished:
         logger.info("finished %d commits that a crash had interrupted", finished)
     todo += [unit for unit in units if unit.unit_id in broken and unit not in todo]
+    progress.skip(units, todo)
 
 
 def _audit(store: ShardStore, fence: Fence, todo: list, progress: JobProgress) -> None:

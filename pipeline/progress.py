@@ -39,6 +39,11 @@ class JobProgress:
     bar: tqdm | None = field(default=None, repr=False)
     logged_at: float | None = field(default=None, repr=False)
 
+    def skip(self, units: list, todo: list) -> None:
+        """The units not in `todo` were committed before this run."""
+        self.skipped_units = len(units) - len(todo)
+        self.skipped_samples = self.total_samples - sum(unit.num_rows for unit in todo)
+
     def start_bar(self, enabled: bool = True) -> None:
         done = self.skipped_samples
         self.bar = tqdm(total=self.total_samples, initial=done, unit="sample", disable=not enabled, smoothing=0.1)

@@ -215,9 +215,10 @@ class ShardWorker:
         while batches:
             keys = batches[0][0]
             results = self._run_isolated(*batches.pop(0))
-            reasons = {reason for result in results for reason in result.get("failed", {}).values()}
-            if len(keys) > 1 and len(reasons) == 1 and all("failed" in result for result in results):
-                raise GenerationError(f"{reasons.pop()} (for all {len(keys)} rows of a batch, each run alone)")
+            causes = {result.get("cause") for result in results}
+            if len(keys) > 1 and len(causes) == 1 and all("failed" in result for result in results):
+                reason = next(iter(results[0]["failed"].values()))  # one cause, whatever each message says
+                raise GenerationError(f"{reason} (for all {len(keys)} rows of a batch, each run alone)")
             for result in results:
                 pending.append(result)
                 encodes = [future for stage_result in result.get("stages", {}).values()
@@ -245,7 +246,7 @@ class ShardWorker:
             if len(keys) == 1 and not out_of_memory:
                 reason = f"generation failed: {type(exc).__name__}: {str(exc)[:300]}"
                 logger.warning("sample %s: %s", keys[0], reason)
-                return [{"keys": keys, "failed": dict.fromkeys(keys, reason)}]
+                return [{"keys": keys, "failed": dict.fromkeys(keys, reason), "cause": type(exc).__qualname__}]
             if out_of_memory and ran <= self.batch_size:  # not a batch made before an earlier halving
                 self.batch_size = ran // 2
                 logger.warning("out of memory at batch %d: retrying at batch %d", ran, self.batch_size)

@@ -251,3 +251,25 @@ def test_an_encoder_killed_mid_batch_fails_the_try_not_its_rows_and_nothing_is_l
     assert any(shard["attempt"] > 1 for shard in stats(FS, str(tmp_path / "out")))
     alive = [pid for pid in seen if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert not alive and not [name for name in set(os.listdir("/dev/shm")) - dev_shm if name.startswith("psm_")]
+
+
+def test_a_shard_redone_at_start_is_counted_once(ray_gpus, prompts, tiny_models, tmp_path, capsys):
+    """A marker whose move a crash interrupted and whose files are gone does not count: its unit is redone, and
+    counted as done now, not also as committed before (the job said 'incomplete', exit 1, with every shard
+    committed)."""
+    output = tmp_path / "out"
+    job = ["run", "generate", "--prompts", str(prompts), "--output", str(output), "--model",
+           str(tiny_models["instaflow"]), "--height", "64", "--width", "64", "--rows-per-shard", "16",
+           "--num-workers", "1", "--no-progress"]
+    assert instaflow_batch(job) == 0
+    marker = json.loads((output / "00001.stats.json").read_text())
+    for name in marker["files"]:
+        (output / name).unlink()  # the files neither in place nor staged: a crash between marker and move, ...
+    (output / marker["staging"]).mkdir(parents=True)  # ... whose staging folder is still there
+    (output / marker["staging"] / "leftover").write_bytes(b"")
+    capsys.readouterr()
+    assert instaflow_batch(job) == 0
+    progress = json.loads((output / "_job.json").read_text())["progress"]
+    assert (progress["status"], progress["shards_committed_before"], progress["shards_committed_now"],
+            progress["shards_failed"]) == ("complete", 2, 1, 0)
+    assert instaflow_batch(["verify", str(output)]) == 0

@@ -172,7 +172,10 @@ def fail_generation(when):
     (8, lambda batch, calls: torch.OutOfMemoryError("CUDA out of memory"), "out of memory at batch 1"),
     (8, lambda batch, calls: RuntimeError("kernel failed") if calls else None, "all 4 rows of a batch"),
     (1, lambda batch, calls: ValueError("wrong dtype"), "ValueError: wrong dtype .and every other row of the unit"),
-], ids=["every call", "out of memory at batch 1", "every call after the first", "a unit of one row"])
+    (8, lambda batch, calls: RuntimeError(f"kernel failed at {id(batch):#x}") if calls else None,
+     "all 4 rows of a batch"),
+], ids=["every call", "out of memory at batch 1", "every call after the first", "a unit of one row",
+        "one cause in other words for each row"])
 def test_a_failure_no_row_explains_fails_the_try_and_commits_nothing(tmp_path, tiny_models, num_rows, when,
                                                                       message):
     """A model or device that fails for every row (or for a whole batch alike) is not a bad sample: no shard of
