@@ -20,6 +20,7 @@ import ipaddress
 import os
 import posixpath
 import re
+import socket
 import stat
 import time
 import urllib.parse
@@ -91,15 +92,19 @@ def _store(url: str) -> tuple[str, str]:
 
 
 def _is_private_host(netloc: str) -> bool:
-    """A loopback, link-local or private address (or localhost): reachable only from inside, where metadata
-    services and admin ports live. A scheme-wide allowance does not cover these; naming the host does."""
+    """A loopback, link-local or private address (or localhost), as written: reachable only from inside, where
+    metadata services and admin ports live. A scheme-wide allowance does not cover these; naming the host does. A
+    name that resolves to such an address is not looked up here."""
     host = urllib.parse.urlsplit(f"//{netloc}").hostname or ""
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        try:  # the forms inet_aton takes, which resolvers accept too: 127.1, 0x7f000001, 2130706433
+            address = ipaddress.ip_address(socket.inet_aton(host))
+        except OSError:
+            return False
     return address.is_loopback or address.is_link_local or address.is_private or address.is_unspecified
 
 

@@ -260,12 +260,18 @@ def read_rows(images: RowImages, unit: WorkUnit, values: list[str]) -> list[Samp
     return samples
 
 
-def test_an_outage_of_the_jobs_own_store_fails_the_try_not_the_rows(monkeypatch):
-    monkeypatch.setattr("pipeline.storage.time.sleep", lambda seconds: None)  # the retries, without their waits
+@pytest.fixture
+def flaky_store():
+    """flaky://bucket/in/ok.png and flaky://other/x/down.png, in memory:// 's store, removed afterwards."""
     fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
     store = FlakyFileSystem()
-    store.pipe("/bucket/in/ok.png", png(0))
-    store.pipe("/other/x/down.png", png(0))
+    store.pipe({"/bucket/in/ok.png": png(0), "/other/x/down.png": png(0)})
+    yield store
+    store.rm(["/bucket", "/other"], recursive=True)
+
+
+def test_an_outage_of_the_jobs_own_store_fails_the_try_not_the_rows(monkeypatch, flaky_store):
+    monkeypatch.setattr("pipeline.storage.time.sleep", lambda seconds: None)  # the retries, without their waits
     images, unit = images_for("flaky://bucket/in/p.parquet", allow=("flaky://other/",))
     ok, missing = read_rows(images, unit, ["ok.png", "none.png"])
     assert ok.error is None and ok.inputs["pixels"][1] == hashlib.sha256(png(0)).hexdigest()
@@ -314,3 +320,17 @@ def test_allowed_sources_are_in_one_spelling_and_in_the_identity_of_jobs_that_re
     assert not {"allow_image_sources", "max_image_bytes", "image_read_timeout_s"} & set(generate)
     with pytest.raises(ValueError, match="needs an encode job or --controlnet"):
         JobSpec(prompts="p", output="o", model="m", allow_image_sources=["/data/"])
+
+
+def test_a_whole_schemes_allowance_leaves_out_private_hosts(server):
+    images, unit = images_for("memory://in/p.parquet", allow=("http://",))
+    port = server.server_address[1]
+    requests_before = len(server.headers_seen)
+    values = [f"http://127.0.0.1:{port}/ok.png", f"http://2130706433:{port}/ok.png", f"http://localhost:{port}/ok.png",
+              "http://169.254.169.254/latest/meta-data/", "http://[::1]/x.png"]
+    for sample, value in zip(read_rows(images, unit, values), values):
+        assert sample.error.endswith(f"{value!r}: outside the prompts folder and every --allow-image-source")
+    assert len(server.headers_seen) == requests_before
+    named, _ = images_for("memory://in/p.parquet", allow=(server.url,))
+    ok, = read_rows(named, unit, [f"{server.url}ok.png"])  # named, the host is allowed
+    assert ok.error is None and ok.inputs["pixels"][0].shape == (64, 64, 3)
