@@ -2,8 +2,9 @@
 
 A LoRA file (diffusers/PEFT or kohya/CivitAI format) is read (a diffusers file by diffusers' own loader), its keys
 are matched one by one to the model's modules and checked, then loaded by diffusers' loaders as PEFT adapters into
-the UNet and the text encoder, fused into their weights and unloaded: afterwards they are plain modules with changed weights, so a LoRA costs no speed. A fine-tune
-merge adds SCALE x (fine-tune UNet - base UNet) to the student's UNet, the repo's "hf" mode.
+the UNet and the text encoder, fused into their weights and unloaded: afterwards they are plain modules with
+changed weights, so a LoRA costs no speed. A fine-tune merge adds SCALE x (fine-tune UNet - base UNet) to the
+student's UNet, the repo's "hf" mode.
 
 Both change the modules they are given, in place: callers pass their own copies (`copy.deepcopy`), never modules
 that the component cache shares with another model (a teacher).
@@ -141,8 +142,8 @@ def _kohya_factors(lora: Lora, parts: dict[str, torch.nn.Module]) -> tuple[Facto
             raise LoraMismatchError(lora.name, key, f"alpha must be one number, not shape {tuple(tensor.shape)}")
         else:
             alphas[part, module], alpha_keys[part, module] = tensor.item(), key
-    for module, key in alpha_keys.items():
-        if module not in factors:
+    for target, key in alpha_keys.items():
+        if target not in factors:
             raise LoraMismatchError(lora.name, key, "an alpha without its lora_down and lora_up weights")
     return factors, alphas
 

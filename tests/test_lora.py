@@ -202,13 +202,15 @@ def _narrow(tensors: dict, key: str) -> None:
      f"{_rename(KOHYA_UNET)}.alpha"),
     ("kohya", lambda t: _narrow(t, f"{KOHYA_TE}.lora_down.weight"),
      f"{KOHYA_TE}.lora_down.weight"),
+    ("kohya", lambda t: {k: v for k, v in t.items() if k != f"{KOHYA_TE}.lora_up.weight"},
+     f"{KOHYA_TE}.lora_down.weight"),
     ("diffusers", lambda t: _narrow(t, f"unet.{UNET_MODULE}.lora_A.weight"), f"unet.{UNET_MODULE}.lora_A.weight"),
     ("diffusers", lambda t: {k.replace("unet.", "transformer."): v for k, v in t.items()},
      "transformer.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.lora_A.weight"),
     ("diffusers", lambda t: {k.replace("encoder.layers.1.", "encoder.layers.5."): v for k, v in t.items()},
      "text_encoder.text_model.encoder.layers.5.self_attn.k_proj.lora_A.weight"),
-], ids=["kohya-renamed-module", "kohya-text-encoder-shape", "diffusers-unet-shape", "diffusers-other-model",
-        "diffusers-missing-layer"])
+], ids=["kohya-renamed-module", "kohya-text-encoder-shape", "kohya-down-without-up", "diffusers-unet-shape",
+        "diffusers-other-model", "diffusers-missing-layer"])
 def test_lora_for_another_model_is_refused_naming_file_and_key(student, tiny_models, adapters, tmp_path,
                                                                fmt, change, named):
     tensors = safetensors.torch.load_file(adapters[f"lora-{fmt}"])
@@ -284,7 +286,8 @@ def test_finetune_is_a_loadable_sd15_that_differs_and_adapters_are_deterministic
 # Subsets of modules, as trainers that adapt only some layers write them: {"unet.<module>" / "text_encoder.<module>"
 # (the text encoder's names without `text_model.`): (rank, alpha, or None for a file without `.alpha`)}.
 TE_LAYERS = ("encoder.layers.0", "encoder.layers.1")
-TE_Q_V = {f"text_encoder.{layer}.self_attn.{proj}": (RANK, ALPHA) for layer in TE_LAYERS for proj in ("q_proj", "v_proj")}
+TE_Q_V = {f"text_encoder.{layer}.self_attn.{proj}": (RANK, ALPHA)
+          for layer in TE_LAYERS for proj in ("q_proj", "v_proj")}
 UNET_ATTENTION = {f"unet.{UNET_MODULE}": (RANK, None),
                   "unet.up_blocks.0.attentions.1.transformer_blocks.0.attn1.to_v": (RANK, None)}
 SUBSETS = {
@@ -316,7 +319,7 @@ def write_lora(path, student, targets: dict, fmt: str = "kohya") -> dict:
         down = torch.randn(rank, *weight.shape[1:], generator=generator) / weight[0].numel() ** 0.5
         up = torch.randn(weight.shape[0], rank, *[1] * (weight.dim() - 2), generator=generator) * LORA_UP_GAIN
         factors[target] = (down, up, rank if alpha is None else alpha)
-        kohya = "lora_unet_" + name.replace(".", "_") if part == "unet" else "lora_te_text_model_" + name.replace(".", "_")
+        kohya = ("lora_unet_" if part == "unet" else "lora_te_text_model_") + name.replace(".", "_")
         tensors |= {f"{kohya}.lora_down.weight": down, f"{kohya}.lora_up.weight": up}
         if alpha is not None:
             tensors[f"{kohya}.alpha"] = torch.tensor(alpha)
@@ -404,9 +407,9 @@ def test_subset_loras_through_the_cli(ray_gpus, cache, student, tiny_models, tmp
     pq.write_table(prompt_table(4), prompts)
 
     def run(output: str, model, *flags: str) -> int:
-        return main(["run", "generate", "--prompts", str(prompts), "--output", str(tmp_path / "out" / output), "--model",
-                     str(model), "--height", "64", "--width", "64", "--dtype", "float32", "--image-format", "png",
-                     "--num-workers", "1", "--no-progress", *flags])
+        return main(["run", "generate", "--prompts", str(prompts), "--output", str(tmp_path / "out" / output),
+                     "--model", str(model), "--height", "64", "--width", "64", "--dtype", "float32",
+                     "--image-format", "png", "--num-workers", "1", "--no-progress", *flags])
 
     loras = [flag for path, _, scale in files.values() for flag in ("--lora", f"{path}:{scale}")]
     assert run("with-loras", tiny_models["instaflow"], *loras) == 0
