@@ -33,6 +33,7 @@ from jobs.errors import entry_point, process_exit
 from jobs.main import Parser
 from jobs.options import json_object
 from jobs.toy_report import write_report
+from pipeline.manifest import MANIFEST_NAME
 from pipeline.storage import filesystem, get_bytes, normalize_location, put_atomic
 from pipeline.writers import with_image_column
 
@@ -99,6 +100,7 @@ class Reproduction:
     # --------------------------------------------------------------------------------------------------- phases
 
     def run(self) -> dict:
+        self.check_not_an_output()
         self.check_scale()
         s = self.scale
         teacher_flags = ["--teacher-kind", "rf", "--steps", str(s.euler_steps), "--guidance-scale", "1"]
@@ -136,6 +138,18 @@ class Reproduction:
         self.phase("accuracy", self.measure_accuracy)
         self.phase("report", lambda: write_report(self.fs, self.root, self.report(), self.sample_grids()))
         return json.loads(get_bytes(self.fs, self.path("report.json")))
+
+    def check_not_an_output(self) -> None:
+        """Refuses a folder that holds a job's output (its `_job.json` or shard markers at the top, which a
+        reproduction never has there): the reproduction's data files would be mixed into it."""
+        try:
+            names = sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False))
+        except (FileNotFoundError, NotADirectoryError):  # a new folder; a file is refused by its first write
+            return
+        held = [name for name in names if name == MANIFEST_NAME or name.endswith(".stats.json")]
+        if held:
+            raise ValueError(f"--out {self.out}: this folder holds a job's output ({', '.join(held[:3])}), not a "
+                             "reproduction; use another --out")
 
     def check_scale(self) -> None:
         """A folder keeps its scale: another scale's phases are other runs, not a resume."""

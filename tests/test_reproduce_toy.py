@@ -9,6 +9,7 @@ import pytest
 
 from instaflow.toy_data import Caption, all_captions, draw, split_captions
 from jobs import reproduce_toy
+from jobs.main import main
 
 REPORT_ACCURACIES = {"classifier_real", "classifier_autoencoded", "1rf_1step", "1rf_nstep", "2rf_1step", "2rf_nstep",
                      "distilled_from_2rf", "distilled_from_1rf"}
@@ -78,3 +79,14 @@ def test_a_reproduction_stopped_mid_way_resumes_from_its_phase(smoke):
     assert {name: (phases / f"{name}.json").read_text() for name in kept} == kept
     report = json.loads((smoke / "report.json").read_text())
     assert report["accuracy"] == report_before["accuracy"]  # the resumed jobs found their work done
+
+
+def test_a_folder_that_holds_a_jobs_output_is_refused(smoke, tmp_path, capsys):
+    """Pointed at an images output, the reproduction would write its data into it (which then fails verify)."""
+    job_output = smoke / "samples" / "distilled-1rf"
+    before = sorted(p.relative_to(job_output) for p in job_output.rglob("*"))
+    assert main(["reproduce-toy", "--out", str(job_output), "--scale", "smoke"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {job_output}: this folder holds a job's output (" in err and len(err.splitlines()) == 1, err
+    assert sorted(p.relative_to(job_output) for p in job_output.rglob("*")) == before
+    assert main(["verify", str(job_output)]) == 0
