@@ -20,7 +20,7 @@ from pipeline.model_source import ModelSource, resolve_model_source
 from pipeline.plan import WorkUnit
 from pipeline.reader import Sample
 from pipeline.row_images import RowImages
-from pipeline.stages.base import Encode, Stage, UnitOutputs
+from pipeline.stages.base import Encode, ModelKind, Stage, UnitOutputs
 from pipeline.storage import filesystem
 
 FIELDS = [pa.field("controlnet_scale", pa.float32()), pa.field("control_digest", pa.string())]
@@ -29,6 +29,7 @@ PREPARED = "control"  # what prepare_rows adds to a sample's inputs: (pixels, th
 
 class ControlNetStage(Stage):
     name = "controlnet"
+    model_kinds = {"controlnet": ModelKind("--controlnet", "config.json", ("ControlNetModel",))}
 
     def __init__(self, spec, input_fs):
         self.spec = spec
