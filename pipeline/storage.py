@@ -61,9 +61,10 @@ _SECRET_IN_TEXT = [
                r"|[^\s&;,\"'<>)}\]]+)"),
     re.compile(r"(?i)(?P<keep>(?<![\w.-])[\w.-]*(?:secret|passw|account_?key|access_?key|api[_-]?key|"
                r"private_?key)[\w.-]*:[ \t]*)(?P<secret>" + _QUOTED_VALUE + r"|[^\s&;,\"'<>)}\]]+)"),
-    # a quoted secret-looking name in a dict repr or JSON: {'secret': 'abc'}, "token": "abc", 'headers': {...}
-    re.compile(r"(?i)(?P<keep>(?P<quote>[\"'])[^\"'\n]*(?:key|secret|token|passw|pwd|credential|signature|auth|"
-               r"header|cookie|sas|sig)[^\"'\n]*(?P=quote)\s*:\s*)(?P<secret>" + _QUOTED_VALUE +
+    # a quoted secret-looking name in a dict repr or JSON: {'secret': 'abc'}, "token": "abc", 'headers': {...};
+    # a name, not a quoted file name in a message ('a/monkey.png': outside the prompts root)
+    re.compile(r"(?i)(?P<keep>(?P<quote>[\"'])[\w-]*(?:key|secret|token|passw|pwd|credential|signature|auth|"
+               r"header|cookie|sas|sig)[\w\\-]*(?P=quote)\s*:\s*)(?P<secret>" + _QUOTED_VALUE +
                r"|\{[^{}]+\}|(?!(?:null|none|true|false)\b)[^\s,{}\]\"']+)"),
     # Authorization headers in text, and bearer tokens anywhere
     re.compile(r"(?i)(?P<keep>\b(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|digest|negotiate|"

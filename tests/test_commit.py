@@ -293,6 +293,10 @@ def test_redact_and_storage_env(monkeypatch):
     assert options["key"] == "AKIA"
     assert storage.redact_text("failed: DefaultEndpointsProtocol=https;AccountKey=abc==;x") == \
         "failed: DefaultEndpointsProtocol=https;AccountKey=***;x"
+    # a quoted file name in a message is no field name, whatever words it holds; field names still are
+    for message in ("image 'data/secret.png': outside the prompts root", "'monkey.png': cannot be decoded"):
+        assert storage.redact_text(message) == message
+    assert storage.redact_text("{'X-Amz-Signature': 'zzz', 'api_key': 'q'}") == "{'X-Amz-Signature': ***, 'api_key': ***}"
     for name in ("AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL", "HF_HUB_OFFLINE", "S3_ENDPOINT_URL", "GCSFS_X"):
         monkeypatch.setenv(name, "v")
     secrets = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "HF_TOKEN",
