@@ -22,13 +22,16 @@ import hashlib
 import json
 import logging
 import math
+import os
 import posixpath
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.lock import OutputLostError, lock_holder
 from pipeline.manifest import MANIFEST_NAME, json_kind, read_manifest
@@ -49,6 +52,9 @@ log = logging.getLogger(__name__)
 STAGING_DIR = "_staging"
 OUTPUT_DIRS = ("", "images", "pairs")  # root and the subfolders shards write to
 _READ_THREADS = 16
+# Files per delete request. A driver's destructive phase asks its lease (`still_held`) before each request and
+# each move, so a driver paused past its lease deletes at most one more batch after waking, never the next job's.
+DELETE_BATCH = 64
 
 _MARKER = re.compile(r"(\d{5,})\.stats\.json")
 _NAME = re.compile(r"[0-9a-zA-Z_-]{1,64}")  # tokens and try ids: one path segment, nothing to climb out with
@@ -60,6 +66,18 @@ _JOB_FILE = re.compile(rf"_job\.json{_LOCAL_EXTRA}|_job\.lock\.tmp-[0-9a-f]{{32}
 
 class BrokenCommitError(OutputError):
     """A marker whose files are neither staged nor in place: it must not count, and its unit is redone."""
+
+
+class SupersededError(BrokenCommitError):
+    """The unit's marker is no longer the try being finished (replaced, or removed by --overwrite): that try's
+    files do not go into place, and whoever was finishing it looks at the unit again."""
+
+
+StillHeld = Callable[[], None]  # raises OutputLostError once the driver's lease is lost (LeaseKeeper.check)
+
+
+def _no_lease() -> None:
+    """A worker's try holds no lease: its holder check before the claim and its marker's re-reads fence its moves."""
 
 
 def _join(root: str, name: str) -> str:
@@ -194,22 +212,27 @@ class ShardStore:
         """Markers by unit id, read in parallel; one that vanished meanwhile is left out. One that is not JSON,
         or whose paths are not its unit's (marker_problem), is returned as {"invalid": why}: it never counts."""
 
-        def read(unit_id: int) -> dict | None:
-            try:
-                marker = json.loads(get_bytes(self.fs, self._marker(unit_id)))
-            except FileNotFoundError:
-                return None
-            except ValueError:
-                return {"invalid": "not JSON"}
-            problem = marker_problem(unit_id, marker) if isinstance(marker, dict) else "not a JSON object"
-            if problem:
-                log.warning("ignoring marker %s: %s", self._marker(unit_id), problem)
-                return {"invalid": problem}
-            return marker
-
         with ThreadPoolExecutor(_READ_THREADS) as pool:
-            markers = dict(zip(unit_ids, pool.map(read, unit_ids)))
+            markers = dict(zip(unit_ids, pool.map(self._read_marker, unit_ids)))
         return {unit_id: marker for unit_id, marker in markers.items() if marker is not None}
+
+    def _read_marker(self, unit_id: int) -> dict | None:
+        try:
+            marker = json.loads(get_bytes(self.fs, self._marker(unit_id)))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {"invalid": "not JSON"}
+        problem = marker_problem(unit_id, marker) if isinstance(marker, dict) else "not a JSON object"
+        if problem:
+            log.warning("ignoring marker %s: %s", self._marker(unit_id), problem)
+            return {"invalid": problem}
+        return marker
+
+    def _stands(self, unit_id: int, marker: dict) -> bool:
+        """Whether the unit's marker is, as read now, this try's."""
+        current = self._read_marker(unit_id) or {}
+        return current.get("fence") == marker["fence"] and current.get("staging") == marker["staging"]
 
     def scan(self, fence: Fence) -> "Scan":
         """Every marker that counts for this fence, sorted by where its files are, from one listing of each
@@ -254,13 +277,18 @@ class ShardStore:
         while True:
             winner = self._claim(unit_id, marker, fence)
             if winner["fence"]["try"] == try_id:
-                self.finish(marker)
+                try:
+                    self.finish(unit_id, marker, still_held=_no_lease)
+                except SupersededError as exc:
+                    log.warning("%s", exc)
+                    continue  # _claim now finds the marker that replaced this try's
                 return marker, True
             try:
-                self.finish(winner)  # the winning try may have died before moving its files (idempotent)
+                # the winning try may have died before moving its files (idempotent)
+                self.finish(unit_id, winner, still_held=_no_lease)
             except BrokenCommitError as exc:
-                log.warning("%s; replacing it with this try's", exc)
-                continue  # _claim now finds the broken marker and replaces it
+                log.warning("%s; looking at the unit again", exc)
+                continue  # _claim now finds the broken (or newer) marker and replaces it or yields to it
             self._remove_staging(staging)
             return winner, False
 
@@ -308,40 +336,71 @@ class ShardStore:
                 continue
 
     def _has_files(self, marker: dict) -> bool:
-        """Each file staged or in place with its size. Staging is looked at first: a move under way takes a file
-        from there to its place, never the other way."""
+        """Each file staged, or in place with its size and digest. Staging is looked at first: a move under way
+        takes a file from there to its place, never the other way."""
         for name, info in marker["files"].items():
-            staged, target = _join(self.root, f"{marker['staging']}/{name}"), _join(self.root, name)
+            staged = _join(self.root, f"{marker['staging']}/{name}")
             self.fs.invalidate_cache(staged)
-            self.fs.invalidate_cache(target)
-            if self.fs.exists(staged):
-                continue
-            try:
-                if self.fs.size(target) == info["bytes"]:
-                    continue
-            except FileNotFoundError:
-                pass
-            return False
+            if not self.fs.exists(staged) and not self._in_place(name, info):
+                return False
         return True
 
-    def finish(self, marker: dict) -> None:
-        """Move a committed try's staged files into place (idempotent: a move already done is skipped). Raises
-        BrokenCommitError if a file is neither staged nor in place with the marker's size."""
-        staging = marker["staging"]
+    def _in_place(self, name: str, info: dict) -> bool:
+        """Whether the file in place has the marker's size and, where the marker records one, its sha256. Reads
+        the file, so only for the few units whose commit was interrupted or contested, never at every resume: a
+        straggler's late move may have put another try's file of the same size there."""
+        target = _join(self.root, name)
+        self.fs.invalidate_cache(target)
+        try:
+            if self.fs.size(target) != info["bytes"]:
+                return False
+            if "sha256" not in info:  # a marker made by hand
+                return True
+            return with_retries(_sha256, self.fs, target, what=f"read {target}") == info["sha256"]
+        except FileNotFoundError:
+            return False
+
+    def finish(self, unit_id: int, marker: dict, *, still_held: StillHeld) -> None:
+        """Move a committed try's staged files into place (idempotent: a move already done is skipped), only while
+        its marker stands. `still_held` is asked before each move.
+
+        Raises SupersededError, having moved nothing, if the unit's marker is not this try's. If it stopped being
+        this try's while the files moved (a straggler paused between its look and its moves), each moved file that
+        the marker standing now does not claim with the bytes in place is deleted again, so that no reader takes
+        this try's bytes for another's (that commit is then broken, and its unit redone). Raises BrokenCommitError
+        if a file is neither staged nor in place with the marker's size and digest."""
+        if not self._stands(unit_id, marker):
+            raise SupersededError(f"shard {shard_name(unit_id)}: try {marker['fence']['try']} no longer holds its "
+                                  "marker; its files were not moved into place")
+        staging, moved = marker["staging"], []
         for name in sorted(marker["files"]):
+            still_held()
             source, target = _join(self.root, f"{staging}/{name}"), _join(self.root, name)
             try:
                 move(self.fs, source, target)
+                moved.append(name)
             except FileNotFoundError:
-                self.fs.invalidate_cache(target)
-                try:
-                    size = self.fs.size(target)
-                except FileNotFoundError:
-                    size = None
-                if size != marker["files"][name]["bytes"]:
+                if not self._in_place(name, marker["files"][name]):
                     raise BrokenCommitError(f"{target}: committed by try {marker['fence']['try']} but neither "
                                             "staged nor in place") from None
+        if moved and not self._stands(unit_id, marker):
+            withdrawn = self._withdraw(unit_id, moved)
+            raise SupersededError(f"shard {shard_name(unit_id)}: its marker changed while try "
+                                  f"{marker['fence']['try']} moved its files into place; deleted again those the "
+                                  f"marker now standing does not claim: {', '.join(withdrawn) or 'none'}")
         self._remove_staging(staging)
+
+    def _withdraw(self, unit_id: int, moved: list[str]) -> list[str]:
+        """Delete the moved files that the unit's marker, as read now, does not claim with the bytes in place."""
+        current = self._read_marker(unit_id) or {}
+        claimed = current.get("files", {}) if "invalid" not in current else {}
+        withdrawn = [name for name in moved if name not in claimed or not self._in_place(name, claimed[name])]
+        for name in withdrawn:
+            try:
+                with_retries(self.fs.rm, _join(self.root, name), what=f"delete {_join(self.root, name)}")
+            except FileNotFoundError:
+                pass
+        return withdrawn
 
     def staged_tries(self) -> set[str]:
         """`_staging/{token}/{try}` folders that exist now, relative to the root."""
@@ -352,44 +411,77 @@ class ShardStore:
                 found.add(f"{STAGING_DIR}/{posixpath.basename(token_dir)}/{posixpath.basename(try_dir)}")
         return found
 
-    def recover(self, committed: dict[int, dict]) -> tuple[int, list[int]]:
+    def recover(self, committed: dict[int, dict], *, still_held: StillHeld) -> tuple[int, list[int]]:
         """At job start: finish the moves of committed shards that a crash interrupted, and delete every
         other staged try (losers, and tries that never committed). Returns the number of moves finished and
-        the units whose files turned out to be gone (their markers do not count: redo them)."""
+        the units whose files turned out to be gone, or whose markers were replaced meanwhile (they do not count:
+        redo them). `still_held` is asked before each move and each deletion."""
         staged = self.staged_tries()
         pending = [(u, m) for u, m in committed.items() if m.get("staging") in staged]
         broken = []
         for unit_id, marker in pending:
             try:
-                self.finish(marker)
+                self.finish(unit_id, marker, still_held=still_held)
             except BrokenCommitError as exc:
                 log.warning("%s: the unit will be done again", exc)
                 broken.append(unit_id)
         for leftover in staged - {m["staging"] for _, m in pending}:
+            still_held()
             self._remove_staging(leftover)
         return len(pending) - len(broken), broken
 
-    def finish_interrupted(self, token: str) -> None:
+    def finish_interrupted(self, token: str, *, still_held: StillHeld) -> None:
         """When a run stops: finish the moves of its tries that won their marker, delete its other staged
-        tries. Reads only its own staging and those few markers, so it fits in `ray job stop`'s grace time."""
+        tries. Reads only its own staging and those few markers, so it fits in `ray job stop`'s grace time.
+        `still_held` is asked before each move and each deletion."""
         prefix = _join(self.root, f"{STAGING_DIR}/{token}")
         for try_dir in _list(self.fs, prefix):
             staging = f"{STAGING_DIR}/{token}/{posixpath.basename(try_dir)}"
             unit_id = int(posixpath.basename(try_dir).split("-")[0])
-            marker = self.read_markers([unit_id]).get(unit_id, {})
+            marker = self._read_marker(unit_id) or {}
             if marker.get("staging") == staging:
-                self.finish(marker)
-            else:
-                self._remove_staging(staging)
+                try:
+                    self.finish(unit_id, marker, still_held=still_held)
+                    continue
+                except SupersededError as exc:
+                    log.warning("%s", exc)
+            still_held()
+            self._remove_staging(staging)
 
     def _remove_staging(self, staging: str) -> None:
+        """Delete one try's staging folder (a few files)."""
         path = _join(self.root, staging)
         try:
             with_retries(self.fs.rm, path, recursive=True, what=f"delete {path}")
         except FileNotFoundError:
             pass
 
-    def remove_outputs(self) -> None:
+    def _delete(self, paths: list[str], still_held: StillHeld) -> None:
+        """Delete files listed before, DELETE_BATCH to a request, asking `still_held` before each request."""
+        for start in range(0, len(paths), DELETE_BATCH):
+            still_held()
+            batch = paths[start:start + DELETE_BATCH]
+            with_retries(self.fs.rm, batch, what=f"delete {len(batch)} old output files in {self.root}")
+
+    def _delete_staging(self, still_held: StillHeld) -> None:
+        """Delete the staged files listed now, in batches; then, on a local disk, the folders left empty (one that
+        a job has staged into since the listing is not empty, and stays)."""
+        prefix = _join(self.root, STAGING_DIR)
+        self.fs.invalidate_cache(prefix)
+        try:
+            files = with_retries(self.fs.find, prefix, what=f"list {prefix}")
+        except FileNotFoundError:
+            return
+        self._delete(files, still_held)
+        if isinstance(self.fs, LocalFileSystem):
+            still_held()
+            for folder, _, _ in os.walk(self.fs._strip_protocol(prefix), topdown=False):
+                try:
+                    os.rmdir(folder)
+                except OSError:  # not empty
+                    pass
+
+    def remove_outputs(self, *, still_held: StillHeld) -> None:
         """Delete this engine's shard files, staging and manifest, never other files (for --overwrite).
 
         A commit in reverse, so that a removal cut short leaves no file that a globbing reader sees without the
@@ -397,7 +489,8 @@ class ShardStore:
         valid, its shard pending as after a crash mid-commit: this project's readers stop showing it, and a re-run
         of that job would move them in again); then the data files no counted marker claims; then the markers;
         the manifest last, since the markers count only through its lineage; then the staging. The lock stays:
-        the caller holds it while starting over.
+        the caller holds it while starting over, and `still_held` is asked before each move and each request of
+        deletions, so a driver that lost the output stops before touching what the next job wrote.
         """
         try:
             manifest = read_manifest(self.fs, self.root)
@@ -406,7 +499,8 @@ class ShardStore:
         if manifest is not None:
             scan = self.scan(Fence.from_manifest(manifest))
             with ThreadPoolExecutor(_READ_THREADS) as pool:
-                list(pool.map(self._unfinish, [*scan.in_place.values(), *scan.pending.values()]))
+                list(pool.map(lambda marker: self._unfinish(marker, still_held),
+                              [*scan.in_place.values(), *scan.pending.values()]))
         doomed = []
         for sub in OUTPUT_DIRS:
             for path in _list(self.fs, _join(self.root, sub)):
@@ -417,14 +511,14 @@ class ShardStore:
         job_files = [p for p in doomed if posixpath.basename(p).startswith("_job.")]
         data = [p for p in doomed if p not in markers and p not in job_files]
         for batch in (data, markers, job_files):
-            if batch:
-                with_retries(self.fs.rm, batch, what=f"delete {len(batch)} old output files in {self.root}")
-        self._remove_staging(STAGING_DIR)
+            self._delete(batch, still_held)
+        self._delete_staging(still_held)
         log.info("removed %d old output files from %s", len(doomed), self.root)
 
-    def _unfinish(self, marker: dict) -> None:
+    def _unfinish(self, marker: dict, still_held: StillHeld) -> None:
         """Move a committed shard's files from their place back to its staging: `finish` undone (idempotent)."""
         for name in sorted(marker["files"]):
+            still_held()
             try:
                 move(self.fs, _join(self.root, name), _join(self.root, f"{marker['staging']}/{name}"))
             except FileNotFoundError:  # staged already (moved back, or never moved in)
@@ -441,6 +535,14 @@ class Scan:
     pending: dict[int, dict] = field(default_factory=dict)
     broken: dict[int, dict] = field(default_factory=dict)
     damaged: dict[int, str] = field(default_factory=dict)
+
+
+def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _in(sizes: dict[str, dict[str, int]], name: str) -> int | None:

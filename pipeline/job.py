@@ -202,7 +202,7 @@ def _run_locked(spec, make_pool, units, inputs, identity, sources, keeper: Lease
     }
     if not todo:
         logger.info("all %d shards are committed: nothing to do", len(units))
-        _recover(store, committed, units, todo, progress)
+        _recover(store, committed, units, todo, progress, keeper)
         if not todo:
             progress.manifest = manifest
             return
@@ -220,12 +220,12 @@ def _run_locked(spec, make_pool, units, inputs, identity, sources, keeper: Lease
         pool.wait_until_ready(on_idle=heartbeat)  # a bad model or no capacity: nothing written yet
         keeper.check()
         if spec.overwrite:
-            store.remove_outputs()
+            store.remove_outputs(still_held=keeper.check)
         progress.manifest = manifest
         write_progress = lambda: manifests.write(manifest | {"progress": progress.summary()})  # noqa: E731
         write_progress()
         heartbeat.write_manifest = write_progress
-        _recover(store, committed, units, todo, progress)
+        _recover(store, committed, units, todo, progress, keeper)
 
         def on_result(result: UnitResult) -> None:
             progress.record(result)
@@ -246,13 +246,16 @@ def _run_locked(spec, make_pool, units, inputs, identity, sources, keeper: Lease
     finally:
         pool.shutdown()  # waits until no worker can commit any more
         if progress.manifest and keeper.error is None:
-            store.finish_interrupted(fence.token)  # tries that won their marker as the job was stopped
+            # tries that won their marker as the job was stopped
+            store.finish_interrupted(fence.token, still_held=keeper.check)
 
 
-def _recover(store: ShardStore, committed: dict, units: list, todo: list, progress: JobProgress) -> None:
+def _recover(store: ShardStore, committed: dict, units: list, todo: list, progress: JobProgress,
+             keeper: LeaseKeeper) -> None:
     """Finishes moves a crash interrupted; units whose committed files turned out to be gone join `todo`, and
-    are no longer counted as committed before (each unit is counted once: skipped, done or failed)."""
-    finished, broken = store.recover(committed)
+    are no longer counted as committed before (each unit is counted once: skipped, done or failed). Stops with
+    OutputLostError, before its next move or deletion, once the lease is lost."""
+    finished, broken = store.recover(committed, still_held=keeper.check)
     if finished:
         logger.info("finished %d commits that a crash had interrupted", finished)
     todo += [unit for unit in units if unit.unit_id in broken and unit not in todo]

@@ -234,6 +234,11 @@ class LeaseKeeper:
     last renewal that landed (no other job can judge the lock stale before then). Only then, or when another
     job has taken the lock, is the output given up: `error` is set, `on_lost` is called, and `check()` raises
     the error in the driver.
+
+    `check()` does not trust the thread alone: a driver paused past its lease (a long GC, a suspended VM) may
+    wake and go on deleting before that thread runs again. When the last renewal that landed is older than two
+    renewal intervals on the monotonic clock, `check()` renews the lease itself first; if the store says another
+    job holds the lock, or the renewal fails once the lease would run out, the output is given up there and then.
     """
 
     def __init__(self, lock: OutputLock, clock: Callable[[], float] = time.monotonic, retry_s: float = 1.0,
@@ -242,6 +247,7 @@ class LeaseKeeper:
         self.on_renewed: Callable[[], None] = lambda: None  # after each renewal that landed (the job's metrics)
         self.error: OutputLostError | None = None
         self.renewed_at = clock()
+        self._confirming = threading.Lock()  # several of the driver's threads may check at once
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
 
@@ -256,9 +262,29 @@ class LeaseKeeper:
             self._thread.join(timeout=self.lock.lease_s)
 
     def check(self) -> None:
-        """Raises OutputLostError once the lock is lost or could not be renewed within its lease."""
+        """Raises OutputLostError once the lock is lost or could not be renewed within its lease, renewing it
+        first where the thread has not done so for two intervals (this process was paused, or storage is down)."""
+        if self.error is None and self._unrenewed_s() >= 2 * self.lock.refresh_interval_s:
+            with self._confirming:
+                if self.error is None and self._unrenewed_s() >= 2 * self.lock.refresh_interval_s:
+                    self._renew_now()
         if self.error is not None:
             raise self.error
+
+    def _unrenewed_s(self) -> float:
+        return self.clock() - self.renewed_at
+
+    def _renew_now(self) -> None:
+        try:
+            self.lock.refresh()
+        except OutputLostError as exc:
+            self.error = exc
+            return
+        except Exception as exc:
+            self._give_up_unless_time_left(exc)
+            return
+        self.renewed_at = self.clock()
+        self.on_renewed()
 
     def _run(self) -> None:
         self._renew()
@@ -277,15 +303,22 @@ class LeaseKeeper:
                 self.error = exc
                 return
             except Exception as exc:  # storage unreachable: try again until the lease would run out
-                unrenewed_s = self.clock() - self.renewed_at
-                if not is_transient(exc) or unrenewed_s + self.retry_s >= self.lock.lease_s - self.lock.refresh_interval_s:
-                    self.error = OutputLostError(
-                        f"could not renew the lock on {self.lock.root} for {unrenewed_s:.0f}s "
-                        f"({type(exc).__name__}: {exc}); stopping before another job may take the output over")
+                if self._give_up_unless_time_left(exc):
                     return
                 log.warning("renewing the lock on %s failed (%s: %s); retrying, %.0fs of its lease left",
-                            self.lock.root, type(exc).__name__, exc, self.lock.lease_s - unrenewed_s)
+                            self.lock.root, type(exc).__name__, exc, self.lock.lease_s - self._unrenewed_s())
                 wait_s = self.retry_s
+
+    def _give_up_unless_time_left(self, exc: Exception) -> bool:
+        """After a failed renewal: gives the output up (sets `error`, returns True) unless the failure is transient
+        and the lease leaves time for another try before any other job may judge the lock stale."""
+        unrenewed_s = self._unrenewed_s()
+        if is_transient(exc) and unrenewed_s + self.retry_s < self.lock.lease_s - self.lock.refresh_interval_s:
+            return False
+        self.error = OutputLostError(
+            f"could not renew the lock on {self.lock.root} for {unrenewed_s:.0f}s "
+            f"({type(exc).__name__}: {exc}); stopping before another job may take the output over")
+        return True
 
 
 def machine_id() -> str:
