@@ -26,7 +26,7 @@ from pipeline.manifest import MANIFEST_NAME, changed_inputs, read_manifest
 from pipeline.plan import (InputError, ignored_by_readers, input_fingerprint, list_input_files, plan_units,
                            shard_name)
 from pipeline.display import safe_line
-from pipeline.storage import OutputError, filesystem, get_bytes, redact_text, with_retries
+from pipeline.storage import OutputError, filesystem, get_bytes, normalize_location, redact_text, with_retries
 
 MAX_LISTED = 20
 _THREADS = 8
@@ -60,14 +60,22 @@ class VerifyReport:
         return "\n".join(safe_line(line) for line in lines)  # keys, messages and paths are data
 
 
-def verify_output(output: str, storage_options: dict | None = None) -> VerifyReport:
-    """Raises OutputError if `output` is not an output of this tool; else returns what it found."""
+def verify_output(output: str, storage_options: dict | None = None, prompts: str | None = None) -> VerifyReport:
+    """Raises OutputError if `output` is not an output of this tool, or `prompts` is not its input; else returns
+    what it found. `prompts`: the input's URL where _job.json holds it redacted (a password or a signature in
+    it), so that the input can be read again."""
     fs, root = filesystem(output, storage_options)
     manifest = read_manifest(fs, root)
     if manifest is None:
         raise OutputError(f"{output} has no {MANIFEST_NAME}: not an output of this tool")
     if not isinstance(manifest, dict):
         raise OutputError(f"{output}/{MANIFEST_NAME} is not a JSON object: not an output of this tool")
+    if prompts is not None:
+        prompts = normalize_location(prompts)
+        if redact_text(prompts) != manifest.get("prompts"):
+            raise OutputError(f"--prompts {redact_text(prompts)!r} is not this output's input: its {MANIFEST_NAME} "
+                              f"says {manifest.get('prompts')!r}")
+        manifest = manifest | {"prompts": prompts}
     report = VerifyReport(output=output)
     store = ShardStore(fs, root)
     # Every marker that counts, its files in place or not: readers see only the first kind; verify names the rest.
@@ -116,8 +124,9 @@ def _plan(manifest: dict, storage_options: dict | None, report: VerifyReport) ->
     try:
         fs, path = filesystem(prompts, storage_options)
         files = list_input_files(fs, path, spec.get("prompt_column", "prompt"))
-    except (InputError, OSError) as exc:
-        report.problems.append(f"cannot read the input {prompts} to re-plan the job: {exc}")
+    except (InputError, OSError, ValueError) as exc:  # aiohttp's InvalidURL is a ValueError
+        hint = " (its URL was stored redacted: pass it as --prompts)" if "***" in prompts else ""
+        report.problems.append(f"cannot read the input {prompts} to re-plan the job{hint}: {exc}")
         return None
     changed = changed_inputs(manifest.get("inputs", []), input_fingerprint(files))
     if changed:

@@ -397,3 +397,10 @@ def test_a_password_or_signature_in_the_prompts_url_or_model_name_is_in_no_sink(
     for secret in (URL_PASSWORD, URL_SIGNATURE, MODEL_SIGNATURE):
         assert not [(where, text[max(0, text.find(secret) - 100):][:200]) for where, text in everything.items()
                     if secret in text], secret
+
+    # verify re-reads the input: from the redacted URL it cannot, and says to pass the URL; given it, it passes
+    assert main(["verify", str(tmp_path / "out")]) == 1
+    assert "pass it as --prompts" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "out"), "--prompts", resigned]) == 0
+    assert main(["verify", str(tmp_path / "out"), "--prompts", prompts_over_http.replace("p.parquet", "q.parquet")]) == 2
+    assert URL_PASSWORD not in "".join(capsys.readouterr())
