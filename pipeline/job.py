@@ -22,8 +22,9 @@ from pipeline.deadline import call_within, plan_timeout_s
 from pipeline.lock import LeaseKeeper, OutputLock, OutputLostError
 from pipeline.manifest import ManifestWriter, check_compatible, identity_digest, job_manifest, read_manifest
 from pipeline.metrics import JobMetrics
-from pipeline.model_source import ModelSource, job_identity
-from pipeline.plan import check_input_columns, check_output_location, input_fingerprint, list_input_files, plan_units
+from pipeline.model_source import ModelSource, job_identity, model_folders
+from pipeline.plan import check_input_columns, check_output_apart_from_models, check_output_location, \
+    input_fingerprint, list_input_files, plan_units
 from pipeline.pool import ActorPool, PoolLimits, UnitResult, ray_worker_factory, withdraw_resource_request
 from pipeline.progress import JobProgress
 from pipeline.spec import JobSpec
@@ -140,6 +141,7 @@ def run_job(spec: JobSpec, make_pool: PoolFactory = ray_pool, show_progress: boo
         inputs = input_fingerprint(files)
         logger.info("%d input files, %d rows, %d units", len(files), sum(f.num_rows for f in files), len(units))
         sources = model_sources(spec)
+        check_output_apart_from_models(spec.output, output_fs, root, model_folders(sources), spec.storage_options)
         check_stages(spec, sources)
         identity = job_identity(spec, sources)
 

@@ -111,6 +111,12 @@ class ModelSource:
                 yield Path(tmp)
 
 
+def model_folders(sources: dict[str, ModelSource]) -> dict[str, str]:
+    """The job's models that are folders on a disk or in a store, by their key in the identity."""
+    return {key: source.model for key, source in sources.items()
+            if source.kind in ("local", "url") and source.layout != "file"}
+
+
 def job_identity(spec, sources: dict[str, ModelSource]) -> dict:
     """The spec's identity with each model replaced by what it is, wherever it was read from."""
     return spec.identity() | {key: source.identity() for key, source in sources.items()}

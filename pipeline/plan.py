@@ -29,7 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import glob_translate
 
 from pipeline.model_source import local_file_digests
-from pipeline.storage import redact_text, with_retries
+from pipeline.storage import filesystem, redact_text, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +311,18 @@ def check_output_location(input_fs: fsspec.AbstractFileSystem, prompts: str, out
     if _below(scope, out) and not ignored_by_readers(scope[len(out):].strip("/")):
         raise InputError(f"prompts {url} are inside the output {output_url}: readers of the output would take them "
                          "for its data; put them elsewhere (or in a folder of the output whose name starts with '_')")
+
+
+def check_output_apart_from_models(output_url: str, output_fs: fsspec.AbstractFileSystem, output_root: str,
+                                   model_folders: dict[str, str], storage_options: dict) -> None:
+    """Refuses an output that is a model folder or inside one (named by its key in the identity): its lock and shards
+    would change the model's files after the driver pinned them, and every worker would refuse to load it."""
+    out = _real(output_fs, output_root)
+    for setting, model in model_folders.items():
+        fs, path = filesystem(model, storage_options)
+        if type(fs) is type(output_fs) and _below(out, _real(fs, path)):
+            raise InputError(f"output {output_url} is inside the folder of the job's {setting} model ({model}): it "
+                             "would change the model's files; put the output elsewhere")
 
 
 def _real(fs: fsspec.AbstractFileSystem, path: str) -> str:

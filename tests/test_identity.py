@@ -88,6 +88,25 @@ def test_a_model_whose_weights_do_not_load_is_one_line_and_exit_2(ray_gpus, tiny
     assert not (tmp_path / "out" / "_job.json").exists()
 
 
+def test_an_output_inside_a_model_folder_is_refused_before_anything_is_written(tiny_models, tmp_path, capsys):
+    """Its lock and shards would change the model's files after the driver pinned them (every worker then
+    refused the model); refused for the student and for any other model folder, one line, exit 2."""
+    model, decoder = tmp_path / "model", tmp_path / "decoder"
+    shutil.copytree(tiny_models["instaflow"], model)
+    shutil.copytree(tiny_models["taesd"], decoder)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    write_prompts(FS, str(tmp_path / "prompts.parquet"), prompt_table(4))
+    for output, flags, key in ((model, ["--model", str(model)], "model"),
+                               (model / "unet" / "out", ["--model", str(model)], "model"),
+                               (decoder / "out", ["--model", str(model), "--decoder", "tiny", "--tiny-decoder",
+                                                  str(decoder)], "decoder")):
+        job = ["--prompts", str(tmp_path / "prompts.parquet"), "--output", str(output), "--num-workers", "1", *SIZE]
+        assert generate.main([*job, *flags]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and f"is inside the folder of the job's {key} model" in lines[0], lines
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before + [Path("prompts.parquet")]
+
+
 def test_local_model_digests_are_kept_for_the_next_run_and_see_every_write(tmp_path, monkeypatch):
     """A re-run does not read a large local model again, yet a file rewritten in place with its old size and
     mtime is read again (its ctime changed)."""
