@@ -362,7 +362,7 @@ class ShardStore:
 
     def finish(self, unit_id: int, marker: dict, *, still_held: StillHeld) -> None:
         """Move a committed try's staged files into place (idempotent: a move already done is skipped), only while
-        its marker stands. `still_held` is asked before each move.
+        its marker stands. `still_held` is asked before each move and before the staging folder is deleted.
 
         Raises SupersededError, having moved nothing, if the unit's marker is not this try's. If it stopped being
         this try's while the files moved (a straggler paused between its look and its moves), each moved file that
@@ -388,6 +388,7 @@ class ShardStore:
             raise SupersededError(f"shard {shard_name(unit_id)}: its marker changed while try "
                                   f"{marker['fence']['try']} moved its files into place; deleted again those the "
                                   f"marker now standing does not claim: {', '.join(withdrawn) or 'none'}")
+        still_held()
         self._remove_staging(staging)
 
     def _withdraw(self, unit_id: int, moved: list[str]) -> list[str]:

@@ -5,6 +5,7 @@ local disk and on moto's S3."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import fcntl
 import json
 import os
@@ -318,3 +319,213 @@ def test_an_overwrite_cut_short_leaves_no_visible_file_unclaimed(output, cut_aft
     fs.invalidate_cache()
     assert sorted(p[len(root) + 1:] for p in fs.find(root)) == ["_job.lock"]
     lock.release()
+
+
+class PausedDriver:
+    """An old driver holding the output, its lease kept by a LeaseKeeper (thread started, as in a job) on a clock
+    the test moves. `pause()` is a GC pause or a suspended VM longer than the lease: the clock jumps, the keeper's
+    thread sleeps through it, and meanwhile a new job takes the lock over, stages a try and commits a shard of its
+    own with other settings (an --overwrite run) of the same size as the old one's."""
+
+    LEASE_S = 600.0  # the keeper's thread would wake only after 75 s: only check() can notice the pause
+
+    def __init__(self, fs, root):
+        self.fs, self.root, self.offset = fs, root, [0.0]
+        self.lock = OutputLock(fs, root, lease_s=self.LEASE_S)
+        self.lock.acquire()
+        self.fence = Fence(self.lock.token, (self.lock.token,), "spec-1")
+        self.keeper = LeaseKeeper(self.lock, clock=self.clock).start()
+        self.new: dict = {}
+
+    def clock(self) -> float:
+        return time.monotonic() + self.offset[0]
+
+    def pause(self) -> None:
+        self.offset[0] += 2 * self.LEASE_S
+        jump = lambda seconds: self.offset.__setitem__(0, self.offset[0] + self.LEASE_S)  # noqa: E731
+        new = OutputLock(self.fs, self.root, lease_s=self.LEASE_S, clock=self.clock, sleep=jump)
+        new.acquire()  # watches the old lock for a lease of its clock, sees no renewal, takes it over
+        assert new.took_over
+        fence = Fence(new.token, (new.token,), "spec-2")
+        staged = f"{self.root}/_staging/{new.token}/00004-{'e' * 32}/00004.tar"
+        put_atomic(self.fs, staged, b"staged by the new job")
+        marker, won = ShardStore(self.fs, self.root).commit(0, {"00000.tar": b"new job's"}, {}, fence)
+        assert won
+        self.new = {"staged": staged, "marker": marker}
+
+    def assert_new_job_untouched(self) -> None:
+        fs, root = self.fs, self.root
+        fs.invalidate_cache()
+        assert get_bytes(fs, self.new["staged"]) == b"staged by the new job"
+        assert json.loads(get_bytes(fs, f"{root}/00000.stats.json"))["fence"] == self.new["marker"]["fence"]
+        assert get_bytes(fs, f"{root}/00000.tar") == b"new job's"
+
+    def stop(self) -> None:
+        self.keeper.stop()
+
+
+def pause_after(monkeypatch, fs, driver: PausedDriver, mutations: int) -> list[str]:
+    """Counts the store's moves and deletions; the driver pauses once the first `mutations` of them are done (at
+    once for 0). Neither the new job's writes during the pause nor the deletion inside an S3 move count. Returns
+    the log of counted ones."""
+    done, busy = [], []
+
+    def pause():
+        busy.append(True)
+        driver.pause()
+        busy.clear()
+
+    def counted(kind, real):
+        def step(*args, **kwargs):
+            if busy:
+                return real(*args, **kwargs)
+            busy.append(True)
+            try:
+                result = real(*args, **kwargs)
+            finally:
+                busy.clear()
+            done.append(kind)
+            if len(done) == mutations:
+                pause()
+            return result
+        return step
+
+    if mutations == 0:
+        pause()
+
+    monkeypatch.setattr(commit, "move", counted("move", commit.move))
+    monkeypatch.setattr(fs, "rm", counted("rm", fs.rm))
+    return done
+
+
+def commits_interrupted_before_their_moves(driver: PausedDriver, monkeypatch) -> None:
+    """Units 0-2 committed by the old driver's run with their moves cut off by a crash, and two tries of it that
+    lost their marker, still staged: what its next start, or its stop, finishes and cleans up."""
+    fs, root, store = driver.fs, driver.root, ShardStore(driver.fs, driver.root)
+    with monkeypatch.context() as crash:
+        crash.setattr(commit, "move", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+        for unit_id in range(3):
+            with pytest.raises(KeyboardInterrupt):
+                store.commit(unit_id, {f"{unit_id:05d}.tar": b"old job's"}, {}, driver.fence)
+    for unit_id in (1, 2):
+        put_atomic(fs, f"{root}/_staging/{driver.lock.token}/{unit_id:05d}-{'d' * 32}/{unit_id:05d}.tar", b"loser")
+
+
+@pytest.mark.parametrize("mutations", [0, 4, 9])
+def test_an_overwrite_removal_stops_at_once_when_its_driver_wakes_past_its_lease(output, mutations, monkeypatch):
+    fs, root = output
+    driver = PausedDriver(fs, root)
+    write_job(fs, root, driver.fence)
+    store = ShardStore(fs, root)
+    for unit_id in range(3):
+        store.commit(unit_id, {f"{unit_id:05d}.tar": b"old job's", f"{unit_id:05d}.parquet": b"p"}, {}, driver.fence)
+    put_atomic(fs, f"{root}/_staging/{driver.lock.token}/00003-{'d' * 32}/00003.tar", b"a try that never committed")
+    monkeypatch.setattr(commit, "DELETE_BATCH", 2)  # a check between every two deletions: more places to pause
+    monkeypatch.setattr(commit, "_READ_THREADS", 1)  # one move at a time, so that "after the pause" is one point
+    done = pause_after(monkeypatch, fs, driver, mutations)
+    with pytest.raises(OutputLostError, match="lost the lock"):
+        store.remove_outputs(still_held=driver.keeper.check)
+    monkeypatch.undo()
+    assert len(done) == mutations  # nothing moved or deleted after waking
+    assert driver.keeper.error is not None
+    driver.assert_new_job_untouched()
+    driver.stop()
+
+
+@pytest.mark.parametrize("phase", ["recover", "finish_interrupted"])
+@pytest.mark.parametrize("mutations", [0, 3])
+def test_recovery_stops_at_once_when_its_driver_wakes_past_its_lease(output, phase, mutations, monkeypatch):
+    fs, root = output
+    driver = PausedDriver(fs, root)
+    commits_interrupted_before_their_moves(driver, monkeypatch)
+    store = ShardStore(fs, root)
+    done = pause_after(monkeypatch, fs, driver, mutations)
+    with pytest.raises(OutputLostError, match="lost the lock"):
+        if phase == "recover":
+            store.recover(store.committed(driver.fence), still_held=driver.keeper.check)
+        else:
+            store.finish_interrupted(driver.lock.token, still_held=driver.keeper.check)
+    monkeypatch.undo()
+    assert len(done) == mutations
+    driver.assert_new_job_untouched()
+    driver.stop()
+
+
+def files_hold_their_digests(fs, root) -> bool:
+    """What `verify` checks of each committed shard's files: in place with the size and sha256 its marker records."""
+    shards = committed_shards(fs, root)
+    return bool(shards) and all(
+        hashlib.sha256(get_bytes(fs, f"{root}/{name}")).hexdigest() == info["sha256"] and
+        fs.size(f"{root}/{name}") == info["bytes"]
+        for marker in shards.values() for name, info in marker["files"].items())
+
+
+@pytest.mark.parametrize("paused", ["before its look at the marker", "between its look and its move"])
+def test_a_stragglers_late_move_never_puts_old_bytes_under_a_newer_marker(output, paused, monkeypatch):
+    """An old run's try wins its marker and pauses before moving its tar; an --overwrite run takes the output,
+    commits the unit with other settings (a tar of the same size) and moves it in; then the straggler wakes. Its
+    move is refused (the marker is not its own), or, if it had looked just before the pause, the file it moved is
+    found under another's marker and deleted again: the unit is then redone. Never does the old tar stand in
+    place under the new marker, which readers (checking sizes only) would take for the new one."""
+    fs, root = output
+    old, old_fence = old_run(fs, root)
+    state = {}
+
+    def newer_run_commits():
+        state["new"], _ = take_over(fs, root, old)
+        new_fence = Fence(state["new"].token, (state["new"].token,), "spec-2")
+        write_job(fs, root, new_fence)
+        state["fence"] = new_fence
+        state["marker"], won = ShardStore(fs, root).commit(6, {"00006.tar": b"new settings"}, {}, new_fence)
+        assert won
+
+    real_claim, real_move = ShardStore._claim, commit.move
+
+    def claim_then_pause(self, unit_id, marker, fence):
+        winner = real_claim(self, unit_id, marker, fence)
+        if fence is old_fence and paused == "before its look at the marker" and "new" not in state:
+            newer_run_commits()
+        return winner
+
+    def pause_then_move(fs_, source, target):
+        if paused == "between its look and its move" and "new" not in state:
+            newer_run_commits()
+        return real_move(fs_, source, target)
+
+    monkeypatch.setattr(ShardStore, "_claim", claim_then_pause)
+    monkeypatch.setattr(commit, "move", pause_then_move)
+    with pytest.raises(OutputLostError, match="not committed"):
+        ShardStore(fs, root).commit(6, {"00006.tar": b"old settings"}, {}, old_fence)
+    monkeypatch.undo()
+    store = ShardStore(fs, root)
+    scan = store.scan(state["fence"])
+    if paused == "before its look at the marker":
+        assert list(scan.in_place) == [6] and get_bytes(fs, f"{root}/00006.tar") == b"new settings"
+    else:  # the newer try's tar was overwritten, then the straggler's deleted: the newer run redoes the unit
+        assert list(scan.broken) == [6] and committed_shards(fs, root) == {}
+        marker, won = store.commit(6, {"00006.tar": b"new settings"}, {}, state["fence"])
+        assert won and get_bytes(fs, f"{root}/00006.tar") == b"new settings"
+    assert files_hold_their_digests(fs, root) and store.staged_tries() == set()
+
+
+def test_a_pending_commit_whose_placed_file_has_other_bytes_of_its_size_is_redone(output, monkeypatch):
+    """A commit whose moves a crash cut off after its first file, and that file then replaced in place by other
+    bytes of the same size (a straggler's late move): the next start finishes the moves, finds the digest wrong,
+    and redoes the unit instead of counting it."""
+    fs, root = output
+    lock, fence = old_run(fs, root)
+    store = ShardStore(fs, root)
+    moves = []
+
+    def killed_after_the_first_move(*args):
+        if moves:
+            raise KeyboardInterrupt("killed")
+        moves.append(args)
+        storage.move(*args)
+
+    monkeypatch.setattr(commit, "move", killed_after_the_first_move)
+    with pytest.raises(KeyboardInterrupt):
+        store.commit(8, {"00008.parquet": b"rows", "00008.tar": b"images"}, {}, fence)
+    monkeypatch.undo()
+    put_atomic(fs, f"{root}/00008.parquet", b"ROWS")  # same size, other bytes
+    assert store.recover(store.committed(fence), still_held=lease_holds) == (0, [8])
