@@ -15,12 +15,16 @@ import time
 import fsspec
 import pytest
 
-from pipeline import commit, storage
+from jobhelpers import prompt_table, write_prompts
+from jobs import cli
+from jobs.main import main
+from pipeline import commit, job, storage
 from pipeline.commit import BrokenCommitError, Fence, ShardStore, committed_shards
 from pipeline.job import _audit
 from pipeline.lock import LeaseKeeper, OutputLock, OutputLostError
 from pipeline.manifest import ManifestWriter, job_manifest, read_manifest
 from pipeline.plan import WorkUnit
+from pipeline.pool import UnitResult
 from pipeline.progress import JobProgress
 from pipeline.storage import OutputError, check_conditional_writes, get_bytes, put_atomic
 
@@ -529,3 +533,54 @@ def test_a_pending_commit_whose_placed_file_has_other_bytes_of_its_size_is_redon
     monkeypatch.undo()
     put_atomic(fs, f"{root}/00008.parquet", b"ROWS")  # same size, other bytes
     assert store.recover(store.committed(fence), still_held=lease_holds) == (0, [8])
+
+
+class CommittingPool:
+    """A pool without Ray whose 'workers' commit each unit's shard at once, as ShardWorker does."""
+
+    def __init__(self, spec, sources, fence, num_units):
+        self.store, self.fence = ShardStore(*storage.filesystem(spec.output, spec.storage_options)), fence
+        self.events = None
+
+    def wait_until_ready(self, on_idle):
+        on_idle()
+
+    def run(self, todo, on_result, on_idle):
+        for unit in todo:
+            stats = {"count": unit.num_rows, "successes": unit.num_rows, "failed": 0, "truncated": 0,
+                     "timings": {"generate_s": 0.0}}
+            marker, _ = self.store.commit(unit.unit_id, {f"{unit.shard}.tar": b"t" * 512}, stats, self.fence)
+            on_result(UnitResult(unit, marker))
+
+    def shutdown(self):
+        pass
+
+
+def test_an_overwrite_whose_driver_wakes_past_its_lease_exits_4_through_the_command(tiny_models, tmp_path,
+                                                                                     monkeypatch):
+    fs, root = fsspec.filesystem("file"), str(tmp_path / "out")
+    write_prompts(fs, str(tmp_path / "prompts.parquet"), prompt_table(12), row_group_size=4)
+    argv = ["run", "generate", "--prompts", str(tmp_path / "prompts.parquet"), "--output", root,
+            "--model", str(tiny_models["instaflow"]), "--height", "64", "--width", "64", "--dtype", "float32",
+            "--rows-per-shard", "4", "--no-progress"]
+    monkeypatch.setattr(cli, "run_job", lambda spec, show_progress: job.run_job(spec, CommittingPool, False))
+    assert main(argv) == 0 and len(committed_shards(fs, root)) == 3
+    offset = [0.0]
+    clock = lambda: time.monotonic() + offset[0]  # noqa: E731
+    monkeypatch.setattr(job, "LeaseKeeper", lambda lock: LeaseKeeper(lock, clock=clock))
+    monkeypatch.setattr(commit, "_READ_THREADS", 1)
+    staged_by_intruder, real_move = f"{root}/_staging/intruder/00001-{'e' * 32}/00001.tar", commit.move
+
+    def move_then_pause(*args):  # the overwrite's first move back to staging, then the driver sleeps past its lease
+        real_move(*args)
+        if not fs.exists(staged_by_intruder):
+            old_lease = json.loads(get_bytes(fs, f"{root}/_job.lock"))["lease_s"]
+            offset[0] += 2 * old_lease
+            intruder = OutputLock(fs, root, clock=clock, sleep=lambda s: offset.__setitem__(0, offset[0] + old_lease))
+            intruder.acquire()
+            put_atomic(fs, staged_by_intruder, b"staged by the job that took over")
+
+    monkeypatch.setattr(commit, "move", move_then_pause)
+    assert main([*argv, "--overwrite"]) == 4
+    assert get_bytes(fs, staged_by_intruder) == b"staged by the job that took over"
+    assert fs.exists(f"{root}/_job.json") and len([p for p in fs.find(root) if p.endswith(".stats.json")]) == 3
