@@ -5,11 +5,17 @@ SIGTERM into an interrupt from the first line on and maps what escapes the comma
 input or settings, 3 when no worker could start, 4 when the output was lost, 130 when interrupted. Anything else
 is a bug: one line, and the full traceback in a file whose path the line gives. Every message is redacted, has
 its control characters escaped (a file name cannot move the cursor or forge a second line) and is bounded.
+
+Before it reports, the outermost entry point ends what the command started and left running (`release_started`),
+so that the error is the last line and the interpreter's exit finds no native thread still at work.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import glob
+import logging
 import os
 import signal
 import sys
@@ -23,6 +29,8 @@ from pipeline.display import safe_line as error_line  # a message as stderr show
 
 EXIT_OK, EXIT_SHARDS_FAILED, EXIT_BAD_INPUT, EXIT_NO_WORKERS, EXIT_OUTPUT_LOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 EXIT_UNEXPECTED = 1  # Python's own status for an uncaught exception
+
+logger = logging.getLogger(__name__)
 
 SHOWN_CHARS = 200  # an echoed value is cut to this many characters (a whole message: display.MESSAGE_CHARS)
 
@@ -51,6 +59,9 @@ def shown(value: object, limit: int = SHOWN_CHARS) -> str:
 
 def describe(exc: BaseException) -> str:
     """The message of a known error: an OSError names its path, which str() buries in an errno tuple."""
+    cause = _stopped_after_start(exc)
+    if cause is not None:
+        return f"{describe(cause)}; {exc}"
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     if isinstance(exc, OSError) and exc.filename is not None:
@@ -62,7 +73,14 @@ def describe(exc: BaseException) -> str:
 
 
 def exit_status_of(exc: BaseException) -> int | None:
-    """The documented exit status for `exc`, or None for an error no check of this project raises (a bug)."""
+    """The documented exit status for `exc`, or None for an error no check of this project raises (a bug).
+
+    An error that stopped a job after it had started on its output is never 2 ("bad input, nothing ran"), which
+    automation takes as not worth retrying: it is 1, as for failed shards, since re-running resumes."""
+    cause = _stopped_after_start(exc)
+    if cause is not None:
+        status = exit_status_of(cause)
+        return EXIT_SHARDS_FAILED if status == EXIT_BAD_INPUT else status
     for module, name, status in _KNOWN_ERRORS:
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and isinstance(exc, cls):
@@ -70,12 +88,19 @@ def exit_status_of(exc: BaseException) -> int | None:
     return None
 
 
+def _stopped_after_start(exc: BaseException) -> BaseException | None:
+    """The error that stopped a job after it had started on its output (pipeline.job.StoppedAfterStartError)."""
+    cls = getattr(sys.modules.get("pipeline.job"), "StoppedAfterStartError", None)
+    return exc.__cause__ if cls is not None and isinstance(exc, cls) and exc.__cause__ is not None else None
+
+
 def report(exc: BaseException) -> int:
     """Prints `exc` as one line on stderr; returns its exit status."""
     status = exit_status_of(exc)
     if status is None:
         path = _write_traceback(exc)
-        message = f"unexpected {type(exc).__name__}: {describe(exc)} (a bug; the full traceback is in {path})"
+        bug = _stopped_after_start(exc) or exc
+        message = f"unexpected {type(bug).__name__}: {describe(exc)} (a bug; the full traceback is in {path})"
         status = EXIT_UNEXPECTED
     else:
         message = describe(exc)
@@ -85,22 +110,98 @@ def report(exc: BaseException) -> int:
 
 def entry_point(command: Callable[..., int | None]) -> Callable[..., int]:
     """Runs `command` with SIGTERM as an interrupt (`ray job stop` sends it, at any phase of a job) and returns
-    its exit status, reporting whatever escapes it as one line. argparse's own exits (--help, a bad flag) pass."""
+    its exit status, reporting whatever escapes it as one line. argparse's own exits (--help, a bad flag) pass.
+
+    Entry points nest (`instaflow-batch run` calls the job module's `main`): only the outermost one reports,
+    after `release_started` has ended what the command started, so nothing is printed after the error."""
 
     @functools.wraps(command)
     def run(*args, **kwargs) -> int:
-        previous = _sigterm_as_interrupt()
-        try:
+        if _entered:  # an inner entry point: the outer one reports and releases
             return command(*args, **kwargs) or EXIT_OK
+        previous = _sigterm_as_interrupt()
+        ray_was_running = _ray_is_running()
+        _entered.append(command)
+        error = None
+        try:
+            status = command(*args, **kwargs) or EXIT_OK
         except SystemExit:
             raise
         except BaseException as exc:  # noqa: BLE001 - this is the one place every error ends
-            return report(exc)
+            error = exc
         finally:
+            _entered.pop()
+            release_started(ray_was_running)
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+        return status if error is None else report(error)
 
     return run
+
+
+_entered: list = []  # the outermost entry point running in this process, if any
+
+
+def release_started(ray_was_running: bool) -> None:
+    """Ends what a command started and may leave at work: a local Ray (its workers' output would otherwise
+    stream in after the error line), and pyarrow's thread pools.
+
+    pyarrow's pools release a read's file or buffer a moment after the read has returned. When that object is
+    Python's (a file-like object, bytes), the release takes the GIL; if the interpreter has begun to exit by then,
+    Python ends that thread in the middle of a C++ destructor and the process aborts ("terminate called without
+    an active exception", apache/arrow#34314). Waiting until the pools are idle closes that window."""
+    ray = sys.modules.get("ray")
+    if not ray_was_running and ray is not None and ray.is_initialized():
+        ray.shutdown()
+    _wait_for_arrow_pools()
+
+
+ARROW_IDLE_WAIT_S = 30.0  # a pool task blocked longer (a hung read) is left to process_exit
+
+
+def _wait_for_arrow_pools(timeout_s: float = ARROW_IDLE_WAIT_S) -> None:
+    """Waits until pyarrow's CPU and I/O thread pools have run and released every task (Arrow's
+    `ThreadPool::WaitForIdle`, which pyarrow does not wrap), in a helper thread so the wait is bounded."""
+    if "pyarrow" not in sys.modules:
+        return
+    wait_for_idle = _arrow_wait_for_idle()
+    if wait_for_idle is None:
+        return
+    waiter = threading.Thread(target=wait_for_idle, name="arrow-pools-idle", daemon=True)
+    waiter.start()
+    waiter.join(timeout_s)
+    if waiter.is_alive():
+        logger.warning("pyarrow's thread pools were still busy after %.0fs", timeout_s)
+
+
+@functools.cache
+def _arrow_wait_for_idle() -> Callable[[], None] | None:
+    """A function that waits for both of pyarrow's pools to be idle, or None where libarrow's C++ symbols are not
+    found (another platform or build)."""
+    import pyarrow
+
+    names = [path for directory in pyarrow.get_library_dirs()
+             for path in glob.glob(os.path.join(directory, "libarrow.so.*"))]
+    try:
+        library = ctypes.CDLL(min(names, key=len))  # libarrow.so.2600, not libarrow.so.2600.1.0
+        pools = [library._ZN5arrow8internal16GetCpuThreadPoolEv, library._ZN5arrow2io8internal15GetIOThreadPoolEv]
+        wait = library._ZN5arrow8internal10ThreadPool11WaitForIdleEv
+    except (OSError, AttributeError, ValueError):
+        return None
+    for get_pool in pools:
+        get_pool.restype = ctypes.c_void_p
+    wait.argtypes, wait.restype = [ctypes.c_void_p], None
+
+    def wait_for_idle() -> None:
+        for get_pool in pools:
+            wait(get_pool())  # ctypes releases the GIL: a task that needs it can finish
+
+    return wait_for_idle
+
+
+def _ray_is_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def process_exit(status: int) -> NoReturn:

@@ -30,11 +30,18 @@ class JobsApiError(ValueError):
 
 @contextlib.contextmanager
 def jobs_api():
-    """Calls to the Jobs API, whose client raises RuntimeError and ConnectionError for a cluster's answers."""
+    """Calls to the Jobs API, whose client raises RuntimeError and ConnectionError for a cluster's answers, and
+    aiohttp's ClientResponseError when the log stream's websocket is refused."""
     try:
         yield
     except (RuntimeError, ConnectionError) as exc:
         raise JobsApiError(str(exc) or type(exc).__name__) from None
+    except Exception as exc:
+        aiohttp = sys.modules.get("aiohttp")
+        if aiohttp is None or not isinstance(exc, aiohttp.ClientResponseError):
+            raise
+        raise JobsApiError(f"the cluster answered {exc.status} {exc.message} to {exc.request_info.real_url}") \
+            from None
 
 
 def add_address(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +149,7 @@ def logs_command(argv: list[str], prog: str) -> int:
     with jobs_api():
         client = connect(args.address)
         if args.follow:
+            client.get_job_info(args.submission_id)  # an unknown id: "does not exist", as status and stop say
             asyncio.run(_print_log_tail(client, args.submission_id))
         else:
             print(client.get_job_logs(args.submission_id), end="")

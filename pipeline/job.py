@@ -25,7 +25,8 @@ from pipeline.metrics import JobMetrics
 from pipeline.model_source import ModelSource, job_identity, model_folders
 from pipeline.plan import check_input_columns, check_output_apart_from_models, check_output_location, \
     input_fingerprint, list_input_files, plan_units
-from pipeline.pool import ActorPool, PoolLimits, UnitResult, ray_worker_factory, withdraw_resource_request
+from pipeline.pool import ActorPool, NoWorkersError, PoolLimits, SystematicFailureError, UnitResult, \
+    ray_worker_factory, withdraw_resource_request
 from pipeline.progress import JobProgress
 from pipeline.spec import JobSpec
 from pipeline.stages import check_stages, input_columns, model_sources
@@ -109,6 +110,27 @@ class Heartbeat:
             self.last = self.clock()
 
 
+RESUMES = "the job had started on the output: committed shards stay, and re-running the same command resumes"
+
+
+class StoppedAfterStartError(RuntimeError):
+    """An error that stopped the job after it had begun to change its output (deleted for --overwrite, written
+    `_job.json`, finished or committed shards). Not bad input with nothing run: what was committed stays, and
+    re-running the same command resumes. The error itself is chained as `__cause__`."""
+
+
+@contextlib.contextmanager
+def errors_after_start():
+    """Raises what escapes as StoppedAfterStartError, except what has its own meaning here: the output lost, an
+    interrupt, no workers, a systematic failure."""
+    try:
+        yield
+    except (OutputLostError, NoWorkersError, SystematicFailureError):
+        raise
+    except Exception as exc:
+        raise StoppedAfterStartError(RESUMES) from exc
+
+
 PoolFactory = Callable[[JobSpec, dict, Fence, int], ActorPool]
 
 
@@ -125,7 +147,8 @@ def run_job(spec: JobSpec, make_pool: PoolFactory = ray_pool, show_progress: boo
     """Runs `spec` to the end (or to Ctrl-C/SIGTERM) and returns its progress; `make_pool` lets tests inject
     workers or watch the pool.
 
-    Raises for what stops a job before it runs: bad input or settings (exit 2), no worker in time (exit 3). A
+    Raises for what stops a job before it runs: bad input or settings (exit 2), no worker in time (exit 3); what
+    stops it once it has started on the output is raised as StoppedAfterStartError (exit 1: a re-run resumes). A
     job that loses its output to another job stops at once and returns with `progress.lost` (exit 4).
     """
     with sigterm_as_interrupt():
@@ -178,6 +201,8 @@ def run_job(spec: JobSpec, make_pool: PoolFactory = ray_pool, show_progress: boo
                     logger.error("%s", exc)
                 except Exception as exc:  # storage down at the very end: the lease runs out by itself
                     if not is_transient(exc):
+                        if progress.manifest:
+                            raise StoppedAfterStartError(RESUMES) from exc
                         raise
                     logger.error("could not write the final progress or release the lock on %s (%s: %s); "
                                  "the next job takes the output once the lease has run out", root,
@@ -204,7 +229,8 @@ def _run_locked(spec, make_pool, units, inputs, identity, sources, keeper: Lease
     }
     if not todo:
         logger.info("all %d shards are committed: nothing to do", len(units))
-        _recover(store, committed, units, todo, progress, keeper)
+        with errors_after_start():  # it may finish commits that a crash interrupted
+            _recover(store, committed, units, todo, progress, keeper)
         if not todo:
             progress.manifest = manifest
             return
@@ -221,35 +247,36 @@ def _run_locked(spec, make_pool, units, inputs, identity, sources, keeper: Lease
     try:
         pool.wait_until_ready(on_idle=heartbeat)  # a bad model or no capacity: nothing written yet
         keeper.check()
-        if spec.overwrite:
-            store.remove_outputs(still_held=keeper.check)
-        progress.manifest = manifest
-        write_progress = lambda: manifests.write(manifest | {"progress": progress.summary()})  # noqa: E731
-        write_progress()
-        heartbeat.write_manifest = write_progress
-        _recover(store, committed, units, todo, progress, keeper)
+        with errors_after_start():  # from the first change to the output on, a re-run resumes
+            if spec.overwrite:
+                store.remove_outputs(still_held=keeper.check)
+            progress.manifest = manifest
+            write_progress = lambda: manifests.write(manifest | {"progress": progress.summary()})  # noqa: E731
+            write_progress()
+            heartbeat.write_manifest = write_progress
+            _recover(store, committed, units, todo, progress, keeper)
 
-        def on_result(result: UnitResult) -> None:
-            progress.record(result)
-            metrics.unit_done(result.stats, progress)
-            if result.error is not None:
-                logger.error("shard %s failed after %d tries: %s", result.unit.shard, spec.max_unit_attempts,
-                             redact_text(result.error))
+            def on_result(result: UnitResult) -> None:
+                progress.record(result)
+                metrics.unit_done(result.stats, progress)
+                if result.error is not None:
+                    logger.error("shard %s failed after %d tries: %s", result.unit.shard, spec.max_unit_attempts,
+                                 redact_text(result.error))
 
-        progress.start_bar(show_progress)
+            progress.start_bar(show_progress)
 
-        def on_idle() -> None:
-            heartbeat()
-            progress.log_line()
+            def on_idle() -> None:
+                heartbeat()
+                progress.log_line()
 
-        pool.run(todo, on_result, on_idle)
-        keeper.check()
-        _audit(store, fence, todo, progress)
+            pool.run(todo, on_result, on_idle)
+            keeper.check()
+            _audit(store, fence, todo, progress)
     finally:
         pool.shutdown()  # waits until no worker can commit any more
         if progress.manifest and keeper.error is None:
-            # tries that won their marker as the job was stopped
-            store.finish_interrupted(fence.token, still_held=keeper.check)
+            with errors_after_start():  # tries that won their marker as the job was stopped
+                store.finish_interrupted(fence.token, still_held=keeper.check)
 
 
 def _recover(store: ShardStore, committed: dict, units: list, todo: list, progress: JobProgress,

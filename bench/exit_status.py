@@ -1,0 +1,127 @@
+"""Runs `instaflow-batch` commands many times as separate processes and counts how each one ended.
+
+A command's exit status is part of what it promises (README: exit status): 0 for an intact output verified,
+2 for a refusal, and so on, every time. An abort in the interpreter's exit (issue 28: SIGABRT after the verdict
+was printed, about 1 run in 20 on a busy 2-core machine) shows only in many runs, so this runs each command
+`--runs` times, `--parallel` at once (a busy machine makes the race likelier), and reports any run whose status
+was not the documented one or whose stderr did not end with the expected line.
+
+    .venv/bin/python -m bench.exit_status --workdir /tmp/exit-status --runs 150 --parallel 2
+
+builds the tiny models and a finished 48-prompt output (one with 2,000 carried input columns, on which the abort
+was most frequent) in `--workdir`, then runs verify, preview, report and a straightness refusal on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+CLI = [sys.executable, "-m", "jobs.main"]
+ENV = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    argv: list[str]
+    status: int  # the documented exit status
+    last_stderr: str = ""  # what the last line of stderr must start with ("" for no requirement)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    case: str
+    status: int
+    last_stderr: str
+
+    def fits(self, case: Case) -> bool:
+        return self.status == case.status and self.last_stderr.startswith(case.last_stderr)
+
+
+def run_once(case: Case, timeout_s: float = 300.0) -> Outcome:
+    done = subprocess.run([*CLI, *case.argv], capture_output=True, text=True, env=ENV, cwd=PROJECT,
+                          timeout=timeout_s)
+    lines = done.stderr.strip().splitlines()
+    return Outcome(case.name, done.returncode, lines[-1] if lines else "")
+
+
+def run_many(cases: list[Case], runs: int, parallel: int) -> list[Outcome]:
+    """Each case `runs` times, `parallel` processes at once; the outcomes in the order they were started."""
+    order = [case for _ in range(runs) for case in cases]
+    with ThreadPoolExecutor(parallel) as pool:
+        return list(pool.map(run_once, order))
+
+
+def misfits(cases: list[Case], outcomes: list[Outcome]) -> list[Outcome]:
+    by_name = {case.name: case for case in cases}
+    return [outcome for outcome in outcomes if not outcome.fits(by_name[outcome.case])]
+
+
+def standard_cases(output: Path, models: Path, scratch: Path) -> list[Case]:
+    """What issue 28 saw abort: verify of a finished output, preview, report, and straightness refusing it."""
+    return [
+        Case("verify", ["verify", str(output)], 0),
+        Case("preview", ["preview", str(output), "--out", str(scratch / "sheet.png"), "--n", "4"], 0),
+        Case("report", ["report", str(output), "--out", str(scratch / "report.html"), "--n", "4"], 0),
+        Case("straightness refusal", ["straightness", "--model", str(models / "instaflow"), "--pairs", str(output)],
+             2, "error: "),
+    ]
+
+
+def build_output(workdir: Path, extra_columns: int) -> tuple[Path, Path]:
+    """The tiny models and a finished 48-prompt image output with `extra_columns` carried input columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    models, output, prompts = workdir / "models", workdir / f"out-{extra_columns}", workdir / "prompts.parquet"
+    if not models.exists():
+        subprocess.run([*CLI, "tiny", str(models)], check=True, env=ENV, cwd=PROJECT, capture_output=True)
+    if not output.exists():
+        num_rows = 48
+        columns = {"prompt": [f"a photo of thing {i}" for i in range(num_rows)]}
+        columns |= {f"carried_{j}": [j] * num_rows for j in range(extra_columns)}
+        pq.write_table(pa.table(columns), prompts)
+        subprocess.run([*CLI, "run", "generate", "--model", str(models / "instaflow"), "--prompts", str(prompts),
+                        "--output", str(output), "--height", "64", "--width", "64", "--device", "cpu",
+                        "--rows-per-shard", "16", "--no-progress"], check=True, env=ENV, cwd=PROJECT,
+                       capture_output=True)
+    return models, output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--runs", type=int, default=150, help="runs of each command")
+    parser.add_argument("--parallel", type=int, default=2, help="processes at once")
+    parser.add_argument("--extra-columns", type=int, default=2000, help="input columns carried into the output")
+    parser.add_argument("--commands", default="verify,preview,report,straightness refusal")
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    models, output = build_output(args.workdir, args.extra_columns)
+    wanted = args.commands.split(",")
+    cases = [case for case in standard_cases(output, models, args.workdir) if case.name in wanted]
+    started = time.monotonic()
+    outcomes = run_many(cases, args.runs, args.parallel)
+    counts = collections.Counter((outcome.case, outcome.status) for outcome in outcomes)
+    bad = misfits(cases, outcomes)
+    print(json.dumps({
+        "runs": len(outcomes), "parallel": args.parallel, "extra_columns": args.extra_columns,
+        "seconds": round(time.monotonic() - started), "load_average": os.getloadavg(),
+        "statuses": {f"{name}: {status}": n for (name, status), n in sorted(counts.items())},
+        "misfits": [vars(outcome) for outcome in bad[:20]],
+    }, indent=1))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
