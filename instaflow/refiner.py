@@ -122,10 +122,11 @@ class Refiner:
         # 1. text: penultimate hidden states of each encoder, concatenated; the last encoder's pooled embedding
         embeds, pooled = self._encode(tokens["prompts"], n)
         if guided:
-            if c.force_zeros_for_empty_prompt and all(text is None for text in batch.negative_prompts[:n]):
-                negative, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
-            else:
-                negative, negative_pooled = self._encode(tokens["negatives"], n)
+            negative, negative_pooled = self._encode(tokens["negatives"], n)
+            if c.force_zeros_for_empty_prompt:  # per row, as the pipeline run on that row: no negative prompt, zeros
+                absent = torch.tensor([text is None for text in batch.negative_prompts[:n]], device=negative.device)
+                negative = negative.masked_fill(absent[:, None, None], 0)
+                negative_pooled = negative_pooled.masked_fill(absent[:, None], 0)
             embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
         # 2. timesteps: the last strength x steps of the schedule
         scheduler = _scheduler(c.scheduler_config)

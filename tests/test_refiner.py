@@ -1,6 +1,7 @@
 """The SDXL refiner stage: the model layer against diffusers' StableDiffusionXLImg2ImgPipeline on the tiny refiner
 (instaflow.tiny_refiner), fp32 on the CPU, and what a job stores with it."""
 
+import dataclasses
 import io
 import json
 
@@ -76,6 +77,28 @@ def test_a_row_refines_the_same_alone_and_in_a_batch(components, student_pixels)
     assert (together[1:2].int() - alone.int()).abs().max() <= TOLERANCE
     other_seed = refined(components, settings, student_pixels[1:2], PROMPTS[1:2], [SEEDS[1] + 1]).pixels
     assert (other_seed.float() - alone.float()).abs().mean() > 1  # the row's seed decides its refiner noise
+
+
+def test_a_row_without_a_negative_prompt_refines_the_same_beside_one_with_it(components, pipeline, student_pixels):
+    """A refiner whose config zeroes an absent negative prompt (SDXL base pipelines do) zeroes it per row, as the
+    pipeline run on that row alone: a batch where another row has a negative prompt used to encode "" instead."""
+    zeroing = dataclasses.replace(components, force_zeros_for_empty_prompt=True)
+    settings = RefinerSettings(strength=0.5, steps=10)
+    mixed = refined(zeroing, settings, student_pixels, negatives=[None, "blurry", None]).pixels
+    pipeline.register_to_config(force_zeros_for_empty_prompt=True)
+    try:
+        for row, negative in enumerate([None, "blurry", None]):
+            image = F.interpolate(student_pixels[row:row + 1].permute(0, 3, 1, 2).float() / 255, size=(96, 96),
+                                  mode="bicubic", antialias=True).clamp(0, 1)
+            theirs = pipeline(PROMPTS[row], image=image, strength=0.5, num_inference_steps=10,
+                              negative_prompt=negative, output_type="np",
+                              generator=torch.Generator("cpu").manual_seed(refiner_seed(SEEDS[row]))).images
+            theirs = torch.from_numpy((theirs * 255).round()).to(torch.uint8)
+            assert (mixed[row:row + 1].int() - theirs.int()).abs().max() <= TOLERANCE, row
+    finally:
+        pipeline.register_to_config(force_zeros_for_empty_prompt=False)
+    encoded_empty = refined(zeroing, settings, student_pixels, negatives=[""] * 3).pixels
+    assert (encoded_empty[0].float() - mixed[0].float()).abs().mean() > 1  # zeros are not the encoded ""
 
 
 def test_offloading_gives_the_same_images_and_leaves_the_models_in_host_memory(tiny_models, student_pixels):
