@@ -48,8 +48,8 @@ _SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "
 # A quoted value, not empty (an empty value hides nothing); also with escaped quotes, as JSON inside a string has
 _QUOTED_VALUE = r""""(?:[^"\\]|\\.)+"|'(?:[^'\\]|\\.)+'|\\"(?:(?!\\").)+\\"|\\'(?:(?!\\').)+\\'"""
 _SECRET_IN_TEXT = [
-    # user:password@ in URLs
-    re.compile(r"(?P<keep>://)(?P<secret>[^/\s:@]+:(?P<password>[^/\s@]+))(?=@)"),
+    # user:password@ in URLs, the user possibly empty (redis://:password@host)
+    re.compile(r"(?P<keep>://)(?P<secret>[^/\s:@]*:(?P<password>[^/\s@]+))(?=@)"),
     # signed-URL (X-Amz-Signature, X-Goog-Signature, X-Goog-Credential, Azure's sig) and token query parameters,
     # and the fields of connection strings (;AccountKey=...)
     re.compile(r"(?i)(?P<keep>[?&;][\w.-]*(?:sig|key|token|secret|passw|pwd|credential|auth)[\w.-]*=)"

@@ -82,6 +82,7 @@ FORMS = [
     ("https://acct.blob.core.windows.net/c/b?sv=2022&sig=azsig%3D", ["azsig"]),
     ("failed: DefaultEndpointsProtocol=https;AccountName=a;AccountKey=acctkey==;EndpointSuffix=x", ["acctkey"]),
     ("ConnectionError: could not connect to http://admin:hunter2x@minio:9000/bucket", ["hunter2x"]),
+    ("cannot read http://:emptyuserpw@127.0.0.1:8000/p.parquet", ["emptyuserpw"]),  # a password, no user
     ("request headers: Authorization: Bearer eyJhbGciOi.payload.sig", ["eyJhbGciOi"]),
     ("sent Authorization: Basic dXNlcjpwYXNz", ["dXNlcjpwYXNz"]),
     ("botocore config: aws_secret_access_key=wJalrXUtnFEMI/K7MDENG and more", ["wJalrXUtnFEMI"]),
