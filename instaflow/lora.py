@@ -138,8 +138,9 @@ def _kohya_factors(lora: Lora, parts: dict[str, torch.nn.Module]) -> tuple[Facto
             raise LoraMismatchError(lora.name, key, f"the {part} has no module {match['path']!r}")
         if match["kind"] != "alpha":
             factors.setdefault((part, module), {})[KOHYA_FACTORS[match["kind"]]] = (key, tensor)
-        elif tensor.numel() != 1:
-            raise LoraMismatchError(lora.name, key, f"alpha must be one number, not shape {tuple(tensor.shape)}")
+        elif tensor.numel() != 1 or not torch.isfinite(tensor).all():
+            raise LoraMismatchError(lora.name, key, "alpha must be one finite number, not "
+                                                    f"{tensor.flatten()[:4].tolist()} (shape {tuple(tensor.shape)})")
         else:
             alphas[part, module], alpha_keys[part, module] = tensor.item(), key
     for target, key in alpha_keys.items():
@@ -246,7 +247,14 @@ def check_lora(lora: Lora, unet: torch.nn.Module, text_encoder: torch.nn.Module)
         if len(pair) != 2:
             raise LoraMismatchError(lora.name, first_key, "its other half is missing (down: lora_A or lora_down, "
                                                           "up: lora_B or lora_up)")
-        want = dict(zip("AB", _expected_shapes(module, rank=pair["A"][1].shape[0])))
+        down_key, down = pair["A"]
+        if down.ndim < 2 or down.shape[0] < 1:
+            raise LoraMismatchError(lora.name, down_key, f"shape {tuple(down.shape)}: a down weight is rank x inputs, "
+                                                         "rank at least 1")
+        for key, tensor in pair.values():
+            if not torch.isfinite(tensor).all():
+                raise LoraMismatchError(lora.name, key, "holds NaN or inf")
+        want = dict(zip("AB", _expected_shapes(module, rank=down.shape[0])))
         for factor, (key, tensor) in pair.items():
             if tuple(tensor.shape) != want[factor]:
                 raise LoraMismatchError(lora.name, key, f"shape {tuple(tensor.shape)}, the {part}'s "

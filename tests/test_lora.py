@@ -183,10 +183,10 @@ def test_fusing_into_a_copy_leaves_the_shared_modules_unchanged(student, adapter
 
 def test_a_lora_that_breaks_the_weights_is_refused(student, adapters, tmp_path):
     tensors = safetensors.torch.load_file(adapters["lora-kohya"])
-    tensors[f"{KOHYA_UNET}.lora_up.weight"][0, 0] = float("inf")
+    tensors[f"{KOHYA_UNET}.lora_up.weight"][0, 0] = 3e38  # finite, but the fused weights overflow
     safetensors.torch.save_file(tensors, tmp_path / "broken.safetensors")
-    with pytest.raises(LoraError, match="broken.safetensors: fusing into the unet at scale 1.0 gives non-finite"):
-        fused(student, [(read_lora(tmp_path / "broken.safetensors"), 1.0)])
+    with pytest.raises(LoraError, match="broken.safetensors: fusing into the unet at scale 1e.30 gives non-finite"):
+        fused(student, [(read_lora(tmp_path / "broken.safetensors"), 1e30)])
 
 
 def _rename(key: str) -> str:
@@ -209,8 +209,17 @@ def _narrow(tensors: dict, key: str) -> None:
      "transformer.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.lora_A.weight"),
     ("diffusers", lambda t: {k.replace("encoder.layers.1.", "encoder.layers.5."): v for k, v in t.items()},
      "text_encoder.text_model.encoder.layers.5.self_attn.k_proj.lora_A.weight"),
+    ("kohya", lambda t: t | {f"{KOHYA_UNET}.lora_up.weight": torch.full_like(t[f"{KOHYA_UNET}.lora_up.weight"],
+                                                                               float("inf"))},
+     f"{KOHYA_UNET}.lora_up.weight"),
+    ("kohya", lambda t: t | {f"{KOHYA_UNET}.alpha": torch.tensor(float("nan"))}, f"{KOHYA_UNET}.alpha"),
+    ("kohya", lambda t: t | {f"{KOHYA_TE}.lora_down.weight": torch.tensor(1.0)}, f"{KOHYA_TE}.lora_down.weight"),
+    ("diffusers", lambda t: t | {f"unet.{UNET_MODULE}.lora_A.weight": torch.zeros(0, 32),
+                                 f"unet.{UNET_MODULE}.lora_B.weight": torch.zeros(32, 0)},
+     f"unet.{UNET_MODULE}.lora_A.weight"),
 ], ids=["kohya-renamed-module", "kohya-text-encoder-shape", "kohya-down-without-up", "diffusers-unet-shape",
-        "diffusers-other-model", "diffusers-missing-layer"])
+        "diffusers-other-model", "diffusers-missing-layer", "kohya-inf-weight", "kohya-nan-alpha",
+        "kohya-scalar-down", "diffusers-rank-zero"])
 def test_lora_for_another_model_is_refused_naming_file_and_key(student, tiny_models, adapters, tmp_path,
                                                                fmt, change, named):
     tensors = safetensors.torch.load_file(adapters[f"lora-{fmt}"])
