@@ -96,7 +96,7 @@ def verify_output(output: str, storage_options: dict | None = None, prompts: str
                         for unit_id, why in sorted(scan.damaged.items())]
     _check_staging(store, shards, report)
     _check_orphans(fs, root, shards, report)
-    per_row = manifest.get("spec", {}).get("samples_per_prompt", 1)  # output rows per input row
+    per_row = _samples_per_prompt(manifest, report)
     with ThreadPoolExecutor(_THREADS) as pool:
         checked = list(pool.map(lambda item: _check_shard(fs, root, *item, planned, per_row), sorted(shards.items())))
     keys: dict[str, dict[str, list[str]]] = collections.defaultdict(lambda: collections.defaultdict(list))
@@ -113,6 +113,17 @@ def verify_output(output: str, storage_options: dict | None = None, prompts: str
             shown = ", ".join(f"{key!r} in {'+'.join(s)}" for key, s in sorted(duplicates.items())[:MAX_LISTED])
             report.problems.append(f"{len(duplicates)} keys appear more than once in {task}: {shown}")
     return report
+
+
+def _samples_per_prompt(manifest: dict, report: VerifyReport) -> int:
+    """Output rows per input row, as _job.json records it; one that is not a positive integer (a damaged or
+    planted file) is a problem, and each shard is then checked for one row per input row."""
+    spec = manifest.get("spec")
+    per_row = spec.get("samples_per_prompt", 1) if isinstance(spec, dict) else 1
+    if type(per_row) is int and per_row >= 1:
+        return per_row
+    report.problems.append(f"{MANIFEST_NAME}: spec.samples_per_prompt is not a positive integer: {per_row!r:.40}")
+    return 1
 
 
 def _plan(manifest: dict, storage_options: dict | None, report: VerifyReport) -> dict | None:

@@ -38,6 +38,12 @@ def damaged(finished, tmp_path, damage=None):
     return out
 
 
+def _edit_job_file(out, edit) -> None:
+    job = json.loads((out / "_job.json").read_text())
+    edit(job)
+    (out / "_job.json").write_text(json.dumps(job))
+
+
 def verify(out, capsys) -> tuple[int, str]:
     status = main(["verify", str(out)])
     return status, capsys.readouterr().out
@@ -68,6 +74,8 @@ def test_a_sound_output_passes_and_its_failed_rows_are_listed(finished, tmp_path
     (lambda out: (out / "pairs" / "x").mkdir(parents=True) or shutil.copy(out / "00001.parquet",
                                                                          out / "pairs" / "x" / "old.parquet"),
      "pairs/x/old.parquet"),
+    (lambda out: _edit_job_file(out, lambda job: job["spec"].update(samples_per_prompt="3")),
+     "_job.json: spec.samples_per_prompt is not a positive integer: '3'"),
 ])
 def test_each_kind_of_damage_is_reported(finished, tmp_path, capsys, damage, problem):
     status, text = verify(damaged(finished, tmp_path, damage), capsys)
