@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 from dataclasses import dataclass
 
 import pytest
@@ -18,26 +17,16 @@ logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs ev
 # (an ignored signal stays ignored across exec): the tests that interrupt drivers need it handled.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
-_EXIT_STATUS = pytest.StashKey[int]()
-
-
-def pytest_sessionfinish(session, exitstatus):
-    session.config.stash[_EXIT_STATUS] = int(exitstatus)
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    """Ends the test process once pytest has reported, with pytest's status, skipping the interpreter's teardown.
+    """Ends what tests started and left running before the interpreter exits: a Ray a job started in this
+    process, and pyarrow's thread pools, whose late release of a Python file aborts an exiting interpreter (see
+    jobs.errors.release_started; the job entry points do the same, and their exits are tested as processes)."""
+    from jobs.errors import release_started
 
-    One CI run on a clean clone printed "560 passed" and then died of SIGSEGV (exit 139) in that teardown, after
-    every test and report; a rerun with the threads listed at exit did not crash. What the process holds by then
-    (gRPC's and Ray's native threads from a dozen local clusters, fsspec's event loop, Ray Data's prefetcher,
-    torch and pyarrow) is the test runner's, not a job's: the job entry points' own exits are tested as
-    subprocesses. Ray's worker processes end with os._exit for the same reason."""
-    if _EXIT_STATUS in config.stash:
-        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-            stream.flush()
-        os._exit(config.stash[_EXIT_STATUS])
+    release_started(ray_was_running=False)
 
 
 S3_CREDENTIALS = {

@@ -117,6 +117,14 @@ def test_address_flag_wins_over_the_environment(cluster, monkeypatch, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_an_unknown_job_id_is_a_clean_error_for_every_command(address, capsys):
+    """`logs --follow` asked a websocket that answered 404 (exit 1, "a bug"); now every command says the same."""
+    for command in (["status"], ["logs"], ["logs", "--follow"], ["stop"]):
+        assert main([*command, "raysubmit_nope"]) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "does not exist" in err and len(err.splitlines()) == 1, (command, err)
+
+
 def test_stopped_job_resubmitted_resumes_and_completes(address, bucket, tiny_models, capsys):
     flags = job_flags(tiny_models, "stopped", "--rows-per-shard", "8", "--batch-size", "1")
     flags[1] = f"s3://{BUCKET}/many/"  # 400 prompts, 50 shards
