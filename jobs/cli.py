@@ -42,7 +42,9 @@ def base_parser(description: str, prog: str | None = None) -> argparse.ArgumentP
     parser.add_argument("--height", type=int, default=512, help="image height, a multiple of 8")
     parser.add_argument("--width", type=int, default=512, help="image width, a multiple of 8")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per forward pass")
-    parser.add_argument("--rows-per-shard", type=int, default=1000, help="target rows per work unit and shard")
+    parser.add_argument("--rows-per-shard", type=int, default=1000,
+                        help="target input rows per work unit and shard (a shard holds --samples-per-prompt times "
+                             "as many output rows)")
     parser.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS, default="webdataset",
                         help="image shards: webdataset tars, or Hugging Face image Parquet")
     parser.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpeg", help="image encoding")

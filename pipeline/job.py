@@ -172,7 +172,8 @@ def run_job(spec: JobSpec, make_pool: PoolFactory = ray_pool, show_progress: boo
         lock = OutputLock(output_fs, root, lease_s=spec.lock_lease_s)
         lock.acquire()
         keeper = LeaseKeeper(lock).start()
-        progress = JobProgress(total_units=len(units), total_samples=sum(unit.num_rows for unit in units))
+        progress = JobProgress(total_units=len(units), samples_per_prompt=spec.samples_per_prompt,
+                               total_samples=sum(unit.num_rows for unit in units) * spec.samples_per_prompt)
         try:
             manifests = ManifestWriter(output_fs, root, confirm_held=lock.refresh)  # a failed read releases the lock
             _run_locked(spec, make_pool, units, inputs, identity, sources, keeper, manifests, progress,

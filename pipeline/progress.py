@@ -21,7 +21,8 @@ class JobProgress:
     """Counts of this run, from the stats of every unit committed or failed; `skipped` were committed before."""
 
     total_units: int
-    total_samples: int
+    total_samples: int  # output rows: input rows x samples_per_prompt
+    samples_per_prompt: int = 1
     skipped_units: int = 0
     skipped_samples: int = 0
     committed_units: int = 0
@@ -42,7 +43,7 @@ class JobProgress:
     def skip(self, units: list, todo: list) -> None:
         """The units not in `todo` were committed before this run."""
         self.skipped_units = len(units) - len(todo)
-        self.skipped_samples = self.total_samples - sum(unit.num_rows for unit in todo)
+        self.skipped_samples = self.total_samples - sum(unit.num_rows for unit in todo) * self.samples_per_prompt
 
     def start_bar(self, enabled: bool = True) -> None:
         done = self.skipped_samples
@@ -52,7 +53,7 @@ class JobProgress:
     def record(self, result: UnitResult) -> None:
         if result.error is not None:
             self.failed_units.append(result)
-            advanced = result.unit.num_rows
+            advanced = result.unit.num_rows * self.samples_per_prompt
         else:
             stats = result.stats
             self.committed_units += 1
@@ -122,6 +123,7 @@ class JobProgress:
             "shards_committed_before": self.skipped_units,
             "shards_committed_now": self.committed_units,
             "shards_failed": len(self.failed_units),
+            "samples_total": self.total_samples,
             "samples_now": self.samples,
             "samples_ok_now": self.successes,
             "samples_failed_now": self.failed_samples,

@@ -25,6 +25,7 @@ ENCODE = "encode"  # the pairs' "teacher" kind of encode jobs: the model's VAE e
 PAIR_KINDS = (*TEACHER_KINDS, ENCODE)
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 DEVICE_CHOICES = ("auto", "gpu", "cpu")
+MAX_SAMPLES_PER_PROMPT = 10_000
 # Settings that change speed or where things are, not outputs: a resumed job may change them freely (each shard
 # records the speed settings it ran with). Inputs are compared by their fingerprints, models by their sources.
 RUN_ONLY_FIELDS = (
@@ -165,6 +166,9 @@ class JobSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.samples_per_prompt > MAX_SAMPLES_PER_PROMPT:  # a unit holds rows x K samples at once
+            raise ValueError(f"samples_per_prompt must be at most {MAX_SAMPLES_PER_PROMPT}, got "
+                             f"{self.samples_per_prompt!r}")
         if self.cpus_per_worker is not None and not (
             isinstance(self.cpus_per_worker, (int, float)) and self.cpus_per_worker > 0
         ):

@@ -110,6 +110,8 @@ def test_k_rows_per_prompt_with_their_keys_seeds_and_stages_in_both_formats(outp
         assert np.array_equal(pixels(image["bytes"]), pixels(images[row["key"]]))
         assert image["path"] == f"{row['key']}.png"
     assert json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]["image"] == {"_type": "Image"}
+    progress = json.loads((tars / "_job.json").read_text())["progress"]  # counted in samples, not input rows
+    assert progress["samples_total"] == progress["samples_now"] == progress["samples_ok_now"] == len(IDS) * K
 
 
 def test_each_sample_is_its_prompt_with_its_seed_alone(outputs, inputs, job, tmp_path):
@@ -163,6 +165,9 @@ def test_another_k_is_another_job_and_a_bad_k_is_refused(outputs, inputs, job, t
             main(["run", "generate", *prompts, "--output", str(tmp_path / "bad"), *job, "--samples-per-prompt", bad])
         assert exited.value.code == 2
         assert f"argument --samples-per-prompt: must be a positive integer, got '{bad}'" in capsys.readouterr().err
+    assert main(["run", "generate", *prompts, "--output", str(tmp_path / "bad"), *job, "--samples-per-prompt",
+                 "99999999999999999999"]) == 2
+    assert "samples_per_prompt must be at most 10000" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
     (tmp_path / "zero.yaml").write_text("samples_per_prompt: 0\n")
