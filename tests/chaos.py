@@ -38,10 +38,34 @@ And the faults of issue 13, which do not wait for a commit:
   of the parts (a `part` rule, besides any the storage fault drew); each run's record counts its multipart requests
   by step, from the proxy.
 
+And the faults of issue 28 (only when --faults names them; the encoder faults only in runs of a kind whose workers
+encode images, generate), which reach a worker's image encoders (pipeline/encoders.py) and --overwrite's lease:
+
+- encoder_kill: after the k-th shard, the image encoders of a ShardWorker running a unit (its children whose
+  command line names pipeline.encoders) get SIGSTOP for 1 to 2 s, so that they hold tasks, then one of them
+  SIGKILL, as the kernel's OOM killer would, and the others SIGCONT: the unit's try fails and is retried, no row
+  fails;
+- memory_full: from the start of the run, no encoder block can be reserved (os.posix_fallocate on a memfd named
+  instaflow-encode raises ENOSPC, through tests/chaos_site/sitecustomize.py while a flag file exists), so the
+  workers encode in their own processes; turned off after the k-th shard, or (3 runs in 10) never;
+- encoder_start_fails: after the k-th shard, an encoder of a worker running a unit gets SIGKILL while that worker
+  cannot start another (subprocess.Popen of pipeline.encoders raises EMFILE, likewise) for 2 to 10 s: the worker
+  encodes what is left itself;
+- driver_pause (an --overwrite run, as `overwrite`, which it replaces when both are drawn): the moment the old
+  output's first data file or marker vanishes (polled every 20 ms), the driver gets SIGSTOP; 0 to 1 s later a second driver runs the same
+  command; once it holds the lock (the first's 2 s lease ran out), and 0 to 1.5 s more, the first gets SIGCONT.
+  The first must exit 4 (output lost) and delete nothing that was in the output's root as it resumed (judged
+  while the second has no worker up: it deletes nothing before); the second must finish, and the final checks
+  apply to its output.
+
 After a leg that was cut short: what the README's readers see by globbing the output is committed data only, its
 bytes are the reference's, and no key is seen twice. After the run: `instaflow-batch verify` passes, every prompt
 appears exactly once, the readers see exactly the committed shards, every data file and every sample equals the
-fault-free reference run (one per job kind and invocation), and the output's lock is released.
+fault-free reference run (one per job kind and invocation), the output's lock is released, and `verify` passes
+5 times in a row (each status recorded). After the run's cluster is shut down (after every run with a shared
+cluster: the processes are checked once, after its shutdown): /dev/shm holds no psm_* entry that was not there
+before the run, and no process of the cluster (its command line names the run's Ray temp dir, or an image encoder
+whose environment does) is alive 10 s later.
 
 Output: one JSON line per run (seed, faults with their times, exit statuses, resumes, checks), then a summary
 line. A failed run keeps its driver logs, fault log and output listing under the work directory.
@@ -73,7 +97,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from infra.local.cluster import _signal, free_ports, processes_naming, with_descendants  # noqa: E402
+from infra.local.cluster import _alive, _signal, free_ports, processes_naming, with_descendants  # noqa: E402
 from infra.local.fault_proxy import ALL_FAULTS, CONTROL_PREFIX, KINDS  # noqa: E402
 from infra.local.s3_server import CREDS, HOST  # noqa: E402
 
@@ -82,8 +106,16 @@ LOCK_LEASE_S = 2.0
 JOB_SEED = 7
 WORKER_TITLE = "ray::ShardWorker"
 FAULT_TYPES = ("worker_kill", "node_loss", "driver_kill", "interrupt", "concurrent_start", "storage", "early",
-               "overwrite", "local_output", "multipart", "storage_outage")
-DEFAULT_FAULTS = FAULT_TYPES[:-1]  # those of issues 7 and 13; outages longer than the lease are asked for by name
+               "overwrite", "local_output", "multipart", "storage_outage", "encoder_kill", "memory_full",
+               "encoder_start_fails", "driver_pause")
+# those of issues 7 and 13; outages longer than the lease, and the faults of issue 28, are asked for by name
+DEFAULT_FAULTS = FAULT_TYPES[:10]
+IMAGE_FAULTS = ("encoder_kill", "memory_full", "encoder_start_fails")  # only for kinds whose workers encode images
+IMAGE_KINDS = ("generate",)
+REMOVAL_FAULTS = ("overwrite", "driver_pause")  # land as an --overwrite leg removes the old output
+ENCODER_COMMAND = "pipeline.encoders"  # in the command line of an image encoder process (a ShardWorker's child)
+SHARD_WORKER_LINE = "(ShardWorker pid="  # how a driver's log shows the lines Ray forwards from its workers
+PAUSE_LIMIT_S = 180.0  # a paused driver is let go by then even if no second driver took the output over
 VARIANTS = ("concurrent_start", "local_output", "multipart")  # set up as the run starts, not fired mid-job
 OUTAGE_FAULTS = ("before:503", "before:slowdown", "before:reset", "before:delay", "after:reset")
 DRIVER_FAULTS = ("driver_kill", "interrupt")
@@ -93,6 +125,8 @@ OLD_SEED = JOB_SEED + 1  # the settings an --overwrite run's first leg used
 JOB_KINDS = ("generate", "reflow_pairs")
 # The exit statuses every entry point documents; the suite holds the drivers to the table, not to the code.
 EXIT_OK, EXIT_SHARDS_FAILED, EXIT_BAD_INPUT, EXIT_OUTPUT_LOST, EXIT_INTERRUPTED = 0, 1, 2, 4, 130
+LEFTOVER_GRACE_S = 10.0  # after the cluster's shutdown, for its processes to end
+VERIFY_TIMES = 5  # verify runs on the finished output, each of which must pass
 MAX_EXTRA_LEGS = 3  # resumes beyond those the faults make, before a run counts as not finishing
 POLL_S = 0.2
 _MARKER = re.compile(r"\d{5}\.stats\.json")
@@ -113,6 +147,9 @@ ENGINE_EVENTS = {
     "resumed": re.compile(r"resuming: \d+ of \d+ shards already committed"),
     "interrupted": re.compile(r"interrupted: committed shards stay"),
     "old_output_removed": re.compile(r"removed \d+ old output files from"),
+    "encoder_lost_holding_tasks": re.compile(r"image encoder process exited with status \S+; the images of \d+ tasks"),
+    "encoder_not_replaced": re.compile(r"none could be started in its place"),
+    "encoded_in_worker_no_memory": re.compile(r"no shared memory for a batch's pixels"),
 }
 _SHARD_TAR = re.compile(r"\d{5}\.tar")  # what a webdataset brace pattern {00000..NNNNN}.tar names
 
@@ -139,6 +176,10 @@ class Services:
                     env | {"S3_UPLOAD_PART_MIN_SIZE": "1", "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(16 << 20)})
         self.part_size_file = workdir / "part_size"  # read by tests/chaos_site/sitecustomize.py at each upload
         self.set_part_size(0)
+        # while these exist, tests/chaos_site/sitecustomize.py fails encoder blocks (ENOSPC), encoder starts (EMFILE)
+        self.memory_full_file = workdir / "memory_full"
+        self.encoder_start_fails_file = workdir / "encoder_start_fails"
+        self.clear_flags()
         self._start([sys.executable, "-m", "infra.local.fault_proxy", "--target", self.s3_url, "--port",
                      str(proxy_port)], "fault_proxy.log", "fault proxy", env)
         self.direct_options = {"key": CREDS["AWS_ACCESS_KEY_ID"], "secret": CREDS["AWS_SECRET_ACCESS_KEY"],
@@ -159,6 +200,10 @@ class Services:
     def set_part_size(self, size: int) -> None:
         """The multipart part size of the jobs' s3fs uploads from now on (0: s3fs's own)."""
         self.part_size_file.write_text(str(size))
+
+    def clear_flags(self) -> None:
+        for flag in (self.memory_full_file, self.encoder_start_fails_file):
+            flag.unlink(missing_ok=True)
 
     def configure_faults(self, config: dict) -> None:
         self._control("config", json.dumps(config).encode())
@@ -192,6 +237,8 @@ def job_environment(services: Services, ray_tmpdir: Path) -> dict:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests" / "chaos_site"),
                                                     os.environ.get("PYTHONPATH")])),
         "CHAOS_PART_SIZE_FILE": str(services.part_size_file),
+        "CHAOS_MEMORY_FULL_FILE": str(services.memory_full_file),
+        "CHAOS_ENCODER_START_FAILS_FILE": str(services.encoder_start_fails_file),
         "AWS_ENDPOINT_URL": services.proxy_url,
         "RAY_TMPDIR": str(ray_tmpdir),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -303,16 +350,29 @@ class ChaosCluster:
     def remove_node(self, node, graceful: bool) -> None:
         self.cluster.remove_node(node, allow_graceful=graceful)
 
-    def shutdown(self, keep_files: bool) -> None:
-        """Stops every node; Ray's logs stay in `ray_tmpdir` if `keep_files` (a failed run's evidence)."""
+    def shutdown(self, keep_files: bool) -> list[str]:
+        """Stops every node; returns the processes of the cluster still alive LEFTOVER_GRACE_S later (none is
+        expected), then kills them. Ray's logs stay in `ray_tmpdir` if `keep_files` (a failed run's evidence)."""
         self.cluster.shutdown()
+        deadline = time.monotonic() + LEFTOVER_GRACE_S
+        while (left := self.live_processes()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = [f"{pid} {_cmdline(pid)[:160]}" for pid in left]
         self._kill_leftovers()
         if not keep_files:
             shutil.rmtree(self.ray_tmpdir, ignore_errors=True)
+        return left
+
+    def live_processes(self) -> list[int]:
+        """The cluster's processes alive now: those whose command line names its temp dir, and its image encoders
+        (`python -m pipeline.encoders`: their environment names it, as every process of the cluster's does)."""
+        named = set(processes_naming(str(self.ray_tmpdir)))
+        encoders = {pid for pid in processes_naming(ENCODER_COMMAND) if _environment_names(pid, self.ray_tmpdir)}
+        return sorted(pid for pid in named | encoders if _alive(pid))
 
     def _kill_leftovers(self) -> None:
-        """Ends the processes that name our temp dir, and theirs (none expected after Cluster.shutdown)."""
-        for pid in with_descendants(processes_naming(str(self.ray_tmpdir))):
+        """Ends the cluster's processes, and theirs (none expected after Cluster.shutdown)."""
+        for pid in with_descendants(self.live_processes()):
             _signal(pid, signal.SIGKILL)
 
 
@@ -324,6 +384,30 @@ def _ignored_signals(pid: int) -> set[signal.Signals]:
         return set()
     mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
     return {sig for sig in signal.Signals if mask >> (sig - 1) & 1}
+
+
+def _environment_names(pid: int, ray_tmpdir: Path) -> bool:
+    try:
+        environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"RAY_TMPDIR={ray_tmpdir}".encode() in environment
+
+
+def _shard_files(names: list[str]) -> int:
+    """How many markers and data files a listing of the output's root holds."""
+    return sum(bool(_MARKER.fullmatch(name) or _DATA.fullmatch(name)) for name in names)
+
+
+def encoders_of(worker_pid: int) -> list[int]:
+    """The live image encoder processes below a ShardWorker process."""
+    return [pid for pid in with_descendants([worker_pid])
+            if pid != worker_pid and ENCODER_COMMAND in _cmdline(pid) and _alive(pid)]
+
+
+def new_shared_memory(before: set[str]) -> list[str]:
+    """Entries of /dev/shm named as Python's shared_memory names its blocks (psm_*), not in `before`."""
+    return sorted(name for name in set(os.listdir("/dev/shm")) - before if name.startswith("psm_"))
 
 
 def _cmdline(pid: int) -> str:
@@ -347,6 +431,7 @@ class Fault:
     shards_at_fire: int | None = None  # shards committed when it fired
     leg: int | None = None
     detail: str = ""
+    ended_t_s: float | None = None  # for a fault that lasts (memory_full): when it was turned off
     _due_since: float | None = None
 
 
@@ -374,8 +459,14 @@ class Scenario:
         `storage_rules`, if given, replace the storage faults the seed would pick (the seed still drives them)."""
         rng = random.Random(f"chaos:{seed}")
         kind = rng.choice(kinds)
+        if kind not in IMAGE_KINDS:  # its workers encode no image: the encoder faults would reach nothing
+            menu = tuple(name for name in menu if name not in IMAGE_FAULTS)
+            forced = tuple(name for name in forced if name not in IMAGE_FAULTS)
         chosen = [name for name in menu if rng.random() < 0.45]
-        chosen = sorted(set(chosen or [rng.choice(menu)]) | set(forced), key=FAULT_TYPES.index)
+        chosen = set(chosen or ([rng.choice(menu)] if menu else [])) | set(forced)
+        if "driver_pause" in chosen:  # both land at the one moment an --overwrite run removes the old output
+            chosen.discard("overwrite")
+        chosen = sorted(chosen, key=FAULT_TYPES.index)
         latest = max(1, int(num_units * 0.6))
 
         def moment(**params) -> dict:
@@ -416,6 +507,19 @@ class Scenario:
                 kinds = [kind for kind in KINDS if rng.random() < 0.5] or [rng.choice(KINDS)]
                 faults.append(Fault("storage_outage", **moment(kinds=kinds, fault=rng.choice(OUTAGE_FAULTS),
                                                                seconds=round(rng.uniform(3, 25), 1))))
+            elif name == "encoder_kill":  # its encoders stopped this long, so that they hold tasks, then one killed
+                faults.append(Fault("encoder_kill", **moment(hold_s=round(rng.uniform(1, 2), 2))))
+            elif name == "memory_full":  # on from the start; off once after_shards are committed, or never
+                fault = Fault("memory_full", **moment())
+                fault.params["to_the_end"] = rng.random() < 0.3
+                faults.append(fault)
+            elif name == "encoder_start_fails":  # on for flag_s from the moment an encoder is killed
+                faults.append(Fault("encoder_start_fails", **moment(flag_s=round(rng.uniform(2, 10), 1))))
+            elif name == "driver_pause":  # stopped as the old output goes; a second driver takes over meanwhile
+                faults.append(Fault("driver_pause", params={
+                    "old_cut_at": rng.choice([None, rng.randint(1, latest)]),
+                    "second_after_s": round(rng.uniform(0, 1), 2),  # after the SIGSTOP, the second driver starts
+                    "resume_after_s": round(rng.uniform(0, 1.5), 2)}))  # after the second's removal, SIGCONT
         storage = None
         if "storage" in chosen:
             storage = storage_config(rng, seed)
@@ -543,14 +647,19 @@ def check_final(services: Services, fs, url: str, root: str, prompts: dict[str, 
     options = ["--storage-options", json.dumps(services.direct_options)] if url.startswith("s3://") else []
     # verify re-plans from the prompts, on S3 even for a local output: it reads the server directly
     env = os.environ | CREDS | {"PYTHONPATH": str(REPO), "AWS_ENDPOINT_URL": services.s3_url}
-    verify = subprocess.run([sys.executable, "-m", "jobs.main", "verify", url, *options], capture_output=True,
-                            text=True, env=env, timeout=600)
-    (log_dir / "verify.txt").write_text(verify.stdout + verify.stderr)
-    facts["verify_exit"] = verify.returncode
-    if verify.returncode != 0:
-        problems.append(f"verify exited {verify.returncode}: "
-                        + " | ".join(line.strip() for line in (verify.stdout + verify.stderr).splitlines()
-                                     if "PROBLEM" in line or "error" in line.lower())[:2000])
+    verifies = [subprocess.run([sys.executable, "-m", "jobs.main", "verify", url, *options], capture_output=True,
+                               text=True, env=env, timeout=600) for _ in range(VERIFY_TIMES)]  # each must pass
+    (log_dir / "verify.txt").write_text("".join(f"--- verify {i + 1}: exit {v.returncode}\n{v.stdout}{v.stderr}"
+                                                for i, v in enumerate(verifies)))
+    facts["verify_exits"] = [verify.returncode for verify in verifies]
+    facts["verify_exit"] = next((status for status in facts["verify_exits"] if status != 0), 0)
+    for verify in verifies:
+        if verify.returncode != 0:
+            problems.append(f"verify exited {verify.returncode} (statuses of its {VERIFY_TIMES} runs: "
+                            f"{facts['verify_exits']}): "
+                            + " | ".join(line.strip() for line in (verify.stdout + verify.stderr).splitlines()
+                                         if "PROBLEM" in line or "error" in line.lower())[:2000])
+            break
     visible_problems, seen = check_visible(fs, root, reference)
     problems += visible_problems
     facts.update(seen)
@@ -603,6 +712,20 @@ class Driver:
 
 
 @dataclass
+class Pause:
+    """A driver_pause under way: the stopped driver, and the one started meanwhile."""
+
+    fault: Fault
+    first: Driver
+    stopped_at: float  # monotonic
+    second: Driver | None = None
+    ready_at: float | None = None  # when to resume the first (the second has taken over)
+    resumed_at: float | None = None
+    names_at_resume: set[str] = field(default_factory=set)
+    checked: bool = False
+
+
+@dataclass
 class Suite:
     """What the runs of one invocation share."""
 
@@ -644,6 +767,12 @@ class Run:
         self.node_comebacks: list[float] = []  # when to add a node back, in monotonic time
         self.phases: dict[str, float] = {}  # where the run's time went, in seconds
         self.engine_events = collections.Counter()  # recovery paths the drivers' logs show
+        self.flags_off: list[tuple[float, Path]] = []  # when to remove a sitecustomize flag file, in monotonic time
+        self.pause: Pause | None = None  # a driver_pause under way
+
+    def _removal_fault(self) -> Fault | None:
+        """The fault that lands as the --overwrite leg removes the old output: the run has an old-settings leg."""
+        return next((f for f in self.scenario.faults if f.type in REMOVAL_FAULTS), None)
 
     def now(self) -> float:
         return round(time.monotonic() - self.started, 2)
@@ -662,13 +791,21 @@ class Run:
                 fault.injected, fault.t_s, fault.leg = True, 0.0, 1
                 fault.detail = (f"output in {self.root}" if variant == "local_output" else
                                 f"s3fs uploads in parts of {multipart.params['part_size']} bytes")
+        shared_memory_before = set(os.listdir("/dev/shm"))
+        memory_full = self._has("memory_full")
+        if memory_full:  # before any worker makes its first block
+            self.services.memory_full_file.touch()
+            memory_full.injected, memory_full.t_s, memory_full.leg = True, 0.0, 1
+            memory_full.detail = (f"encoder blocks cannot be reserved (ENOSPC) from the start"
+                                  f"{' to the end' if memory_full.params['to_the_end'] else ''}")
         cluster = self.suite.shared_cluster
+        leftovers = None
         try:
             if cluster is None:
                 cluster = ChaosCluster(self.services, self.suite.num_gpu_nodes)
                 self.phases["cluster_start_s"] = self.now()
             command = self.suite.workload.command(self.scenario.kind, self.url, cluster.address)
-            if self._has("overwrite"):
+            if self._removal_fault():
                 self._old_settings_leg(cluster)
                 command.append("--overwrite")
             self.main_leg = len(self.legs) + 1
@@ -681,7 +818,7 @@ class Run:
                     self.problems.append(f"the job did not complete in {len(self.legs)} legs")
                     break
                 # Until an --overwrite leg has removed the old output, readers may see the old settings' files.
-                old_gone = not self._has("overwrite") or self.engine_events["old_output_removed"]
+                old_gone = not self._removal_fault() or self.engine_events["old_output_removed"]
                 problems, seen = check_visible(self.fs, self.root, self.reference if old_gone else None)
                 self.checks[f"after_leg_{len(self.legs)}"] = {"problems": problems, **seen}
                 self.problems += [f"after leg {len(self.legs)}: {p}" for p in problems]
@@ -700,10 +837,14 @@ class Run:
             self.problems.append(f"harness error: {type(exc).__name__}: {exc}")
             storage_stats = {}
         finally:
+            self.services.clear_flags()
+            if self.pause is not None and self.pause.resumed_at is None:  # the harness failed mid-pause
+                _signal(self.pause.first.process.pid, signal.SIGCONT)
             if cluster is not None and cluster is not self.suite.shared_cluster:
                 shutdown_started = self.now()
-                cluster.shutdown(keep_files=self.suite.keep_files or bool(self.problems))
+                leftovers = cluster.shutdown(keep_files=self.suite.keep_files or bool(self.problems))
                 self.phases["cluster_shutdown_s"] = round(self.now() - shutdown_started, 2)
+        self._check_nothing_left(shared_memory_before, leftovers)
         if self.problems:
             self._keep_evidence()
         return {
@@ -719,12 +860,23 @@ class Run:
             "ray_tmpdir": str(cluster.ray_tmpdir) if cluster else None,
         }
 
+    def _check_nothing_left(self, shared_memory_before: set[str], leftovers: list[str] | None) -> None:
+        """No new psm_* block in /dev/shm (encoder blocks are memory files without a name there), and, once the
+        run's own cluster is shut down, none of its processes (encoders included)."""
+        shared_memory = new_shared_memory(shared_memory_before)
+        self.checks["after_shutdown"] = {"new_shared_memory": shared_memory, "leftover_processes": leftovers}
+        if shared_memory:
+            self.problems.append(f"new entries in /dev/shm after the run: {shared_memory[:10]}")
+        if leftovers:
+            self.problems.append(f"{len(leftovers)} processes of the cluster outlived its shutdown by "
+                                 f"{LEFTOVER_GRACE_S:.0f}s: {leftovers[:5]}")
+
     # ----------------------------------------------------------------------------------------------- legs
 
     def _old_settings_leg(self, cluster: ChaosCluster) -> None:
         """The first leg of an --overwrite run: the job with another --seed, complete or killed after some shards
         (the seed says), checked as a cut-short leg with no reference; the next legs overwrite it."""
-        fault = self._has("overwrite")
+        fault = self._removal_fault()
         old = self.suite.workload.command(self.scenario.kind, self.url, cluster.address, seed=OLD_SEED)
         cut = fault.params["old_cut_at"]
         self._leg(cluster, old, cluster.env, [Fault("driver_kill", after_shards=cut)] if cut else [],
@@ -745,8 +897,9 @@ class Run:
             fault.injected, fault.t_s, fault.leg = True, self.now(), number
             fault.detail = f"drivers {drivers[0].process.pid} and {drivers[1].process.pid} started together"
         shards_at_start = low = self._count_markers()  # low: the fewest seen (an --overwrite removes markers)
-        overwrite = self._has("overwrite")
-        removal = overwrite if kind is None and overwrite and not overwrite.injected else None
+        files_at_start = _shard_files(self._listing())
+        removal_fault = self._removal_fault()
+        removal = removal_fault if kind is None and removal_fault and not removal_fault.injected else None
         deadline = time.monotonic() + self.suite.leg_timeout_s
         while any(d.process.poll() is None for d in drivers):
             if time.monotonic() > deadline:
@@ -760,10 +913,16 @@ class Run:
             shards = sum(bool(_MARKER.fullmatch(name)) for name in names)
             low = min(low, shards)
             for fault in faults:
+                if fault.type == "memory_full":
+                    self._maybe_end_memory_full(fault, shards, shards > low)
                 if fault.injected or fault.type in VARIANTS:
                     continue
-                if fault.type == "overwrite":
-                    if removal and shards < shards_at_start:  # the markers go first
+                if fault.type in REMOVAL_FAULTS:
+                    # overwrite: once markers vanish; driver_pause: once any shard file does (the data files
+                    # leave first, moved back to their staging), so that most of the removal is still to come
+                    started = shards < shards_at_start if fault.type == "overwrite" else \
+                        _shard_files(names) < files_at_start
+                    if removal and started:
                         self._fire(fault, cluster, drivers, number, shards, names)
                 elif fault.type == "early":
                     if shards == low:  # this leg has committed nothing yet
@@ -771,9 +930,14 @@ class Run:
                 else:
                     self._maybe_fire(fault, shards, shards > low, cluster, drivers, number)
             self._bring_nodes_back(cluster)
+            self._clear_due_flags()
+            if self.pause is not None and self.pause.first in drivers:
+                self._advance_pause(command, env, number, drivers)
             time.sleep(0.02 if removal and not removal.injected else POLL_S)  # removal takes a fraction of a second
         for driver in drivers:
             driver.status = driver.process.wait()
+        if self.pause is not None and self.pause.first in drivers and self.pause.resumed_at is not None:
+            self._advance_pause(command, env, number, drivers)  # both ended within one poll: check the first
         self._bring_nodes_back(cluster, wait=True)
         record = {"leg": number, "kind": kind or ("concurrent start" if concurrent else (
                       "start" if number == self.main_leg else "resume")) + (" --overwrite" if "--overwrite" in command else ""),
@@ -809,13 +973,16 @@ class Run:
             return []
         if isinstance(driver.signalled, Fault) and action(driver.signalled) == "driver_kill":
             return [-signal.SIGKILL]
+        if isinstance(driver.signalled, Fault) and action(driver.signalled) == "driver_pause":
+            return [EXIT_OUTPUT_LOST]  # another driver took the output over while it was stopped
         if isinstance(driver.signalled, Fault):  # an interrupt: 0 only if every shard was committed already
             all_committed = driver.signalled.shards_at_fire >= self.suite.num_units
             return [EXIT_INTERRUPTED, EXIT_OK] if all_committed else [EXIT_INTERRUPTED]
         # A try lost to a worker or a storage fault counts against --max-unit-attempts; a unit can run out of
         # them and fail (exit 1), and the next leg redoes it.
         may_fail_tries = self.scenario.storage is not None or any(
-            f.injected and f.leg == leg and action(f) in ("worker_kill", "node_loss", "storage_outage")
+            f.injected and f.leg == leg and action(f) in ("worker_kill", "node_loss", "storage_outage",
+                                                          "encoder_kill", "encoder_start_fails")
             for f in self.scenario.faults)
         expected = [EXIT_OK, EXIT_SHARDS_FAILED] if may_fail_tries else [EXIT_OK]
         if concurrent:
@@ -866,6 +1033,16 @@ class Run:
             outage = {key: fault.params[key] for key in ("kinds", "fault", "seconds")}
             self.services.start_outage(outage)
             fault.detail = f"{outage['fault']} on every {'/'.join(outage['kinds'])} request for {outage['seconds']}s"
+        elif act in ("encoder_kill", "encoder_start_fails"):
+            if not self._kill_an_encoder(fault, cluster):
+                return
+        elif act == "driver_pause":
+            driver = self._lock_holder(drivers)
+            if driver is None or not _signal(driver.process.pid, signal.SIGSTOP):
+                return
+            driver.signalled = fault
+            self.pause = Pause(fault, driver, time.monotonic())
+            fault.detail = f"SIGSTOP to driver {driver.process.pid}"
         elif act in DRIVER_FAULTS:
             driver = self._lock_holder(drivers)
             if driver is None:
@@ -900,6 +1077,99 @@ class Run:
                              f"{sum(bool(_DATA.fullmatch(n)) for n in names)} data files"
                              f"{', _job.json' if '_job.json' in names else ''} left")
         fault.injected, fault.t_s, fault.leg, fault.shards_at_fire = True, self.now(), leg, shards
+
+    def _kill_an_encoder(self, fault: Fault, cluster: ChaosCluster) -> bool:
+        """SIGKILL to an image encoder of a worker running a unit, as the OOM killer would. encoder_kill first
+        stops the worker's encoders for hold_s, so that they hold tasks when one dies (and resumes the others);
+        encoder_start_fails first makes that worker unable to start another (EMFILE) for flag_s."""
+        busy = [(pid, title, encoders) for pid, title, _ in cluster.workers()
+                if ".process" in title and (encoders := encoders_of(pid))]
+        if not busy:
+            return False  # no worker is running a unit now, or its encoders are gone: wait
+        rng = random.Random(f"{self.scenario.seed}:{fault.type}:{fault.after_shards}")
+        pid, title, encoders = rng.choice(busy)
+        victim = rng.choice(encoders)
+        if fault.type == "encoder_kill":
+            stopped = [encoder for encoder in encoders if _signal(encoder, signal.SIGSTOP)]
+            try:
+                time.sleep(fault.params["hold_s"])
+                killed = _signal(victim, signal.SIGKILL)
+            finally:
+                for encoder in stopped:
+                    if encoder != victim:
+                        _signal(encoder, signal.SIGCONT)
+            fault.detail = (f"{len(stopped)} encoders of {title} (pid {pid}) stopped for {fault.params['hold_s']}s, "
+                            f"then encoder {victim} got SIGKILL")
+            return killed
+        flag = self.services.encoder_start_fails_file
+        flag.write_text(str(pid))
+        if not _signal(victim, signal.SIGKILL):
+            flag.unlink(missing_ok=True)
+            return False
+        self.flags_off.append((time.monotonic() + fault.params["flag_s"], flag))
+        fault.detail = (f"encoder {victim} of {title} (pid {pid}) got SIGKILL; that worker could start no encoder "
+                        f"(EMFILE) for {fault.params['flag_s']}s")
+        return True
+
+    def _maybe_end_memory_full(self, fault: Fault, shards: int, leg_progressed: bool) -> None:
+        """Turns memory_full off once after_shards are committed (and delay_s more), unless it lasts to the end."""
+        if fault.params["to_the_end"] or fault.ended_t_s is not None or shards < fault.after_shards \
+                or not leg_progressed:
+            return
+        if fault._due_since is None:
+            fault._due_since = time.monotonic()
+        if time.monotonic() - fault._due_since >= fault.delay_s:
+            self.services.memory_full_file.unlink(missing_ok=True)
+            fault.ended_t_s = self.now()
+            fault.detail += f"; turned off at {fault.ended_t_s}s, {shards} shards committed"
+
+    def _clear_due_flags(self) -> None:
+        for when, flag in list(self.flags_off):
+            if time.monotonic() >= when:
+                flag.unlink(missing_ok=True)
+                self.flags_off.remove((when, flag))
+
+    def _advance_pause(self, command: list[str], env: dict, leg: int, drivers: list[Driver]) -> None:
+        """A driver_pause's next step: the second driver starts (second_after_s after the SIGSTOP); once it holds
+        the lock, resume_after_s later, the first gets SIGCONT; when the first has exited, nothing that was in the
+        output's root as it resumed may be gone: the first must delete nothing more, and the second deletes
+        nothing before a worker of its own is up (which the first's workers, holding the GPUs, mostly prevent
+        until the first exits; if one was up, what is gone is recorded, not judged)."""
+        pause, fault, now = self.pause, self.pause.fault, time.monotonic()
+        if pause.second is None:
+            if now - pause.stopped_at >= fault.params["second_after_s"]:
+                pause.second = self._start_driver(command, env, leg, len(drivers))
+                drivers.append(pause.second)
+                fault.detail += f"; driver {pause.second.process.pid} started {self.now()}s into the run"
+            return
+        if pause.resumed_at is None:
+            took_over = self._lock_holder(drivers, by_record=True) is pause.second
+            if took_over and pause.ready_at is None:
+                pause.ready_at = now + fault.params["resume_after_s"]
+            given_up = now - pause.stopped_at > PAUSE_LIMIT_S or pause.second.process.poll() is not None
+            if not (given_up or (pause.ready_at is not None and now >= pause.ready_at)):
+                return
+            if pause.ready_at is None:
+                self.problems.append(f"driver_pause: the second driver {pause.second.process.pid} had not taken "
+                                     f"the output over when the first was resumed, "
+                                     f"{now - pause.stopped_at:.0f}s after its SIGSTOP")
+            pause.names_at_resume = set(self._listing())
+            _signal(pause.first.process.pid, signal.SIGCONT)
+            pause.resumed_at = now
+            fault.detail += (f"; SIGCONT after {now - pause.stopped_at:.1f}s stopped "
+                             f"({'the second had taken over' if pause.ready_at else 'no takeover seen'})")
+            return
+        if not pause.checked and pause.first.process.poll() is not None:
+            pause.checked = True
+            gone = sorted(name for name in pause.names_at_resume - set(self._listing())
+                          if _MARKER.fullmatch(name) or _DATA.fullmatch(name) or name == "_job.json")
+            second_has_workers = SHARD_WORKER_LINE in pause.second.log.read_text(errors="replace")
+            fault.detail += (f"; the first exited {now - pause.resumed_at:.1f}s after it resumed, "
+                             f"{len(gone)} files gone meanwhile"
+                             f"{' (the second had workers up: not judged)' if second_has_workers and gone else ''}")
+            if gone and not second_has_workers:
+                self.problems.append(f"driver_pause: after driver {pause.first.process.pid} resumed, {len(gone)} "
+                                     f"files of the output were deleted before it exited: {gone[:10]}")
 
     def _lock_holder(self, drivers: list[Driver], by_record: bool = False) -> Driver | None:
         """The live driver that holds the output's lock (or the only live one, unless `by_record`)."""
@@ -949,7 +1219,7 @@ class Run:
 
 def _fault_record(fault: Fault) -> dict:
     record = {k: v for k, v in asdict(fault).items() if not k.startswith("_")}
-    if fault.type in VARIANTS or fault.type == "overwrite":
+    if fault.type in VARIANTS or fault.type in REMOVAL_FAULTS:
         record.pop("after_shards"), record.pop("delay_s")
     return record
 
@@ -988,7 +1258,7 @@ def reference_run(kind: str, suite: Suite) -> tuple[dict, dict[str, bytes]]:
     return record, run.files
 
 
-def summarize(records: list[dict], started: float) -> dict:
+def summarize(records: list[dict], started: float, shared_leftovers: list[str] | None = None) -> dict:
     injected = collections.Counter(f["type"] for r in records for f in r["faults"] if f["injected"])
     planned = collections.Counter(f["type"] for r in records for f in r["faults"])
     storage = collections.Counter()
@@ -1011,6 +1281,12 @@ def summarize(records: list[dict], started: float) -> dict:
                                        collections.Counter())),
         "runs_with_multipart_uploads": sum(bool((r["multipart"] or {}).get("complete")) for r in records),
         "engine_events": dict(sorted(events.items())),
+        "verify_exit_statuses": dict(collections.Counter(
+            str(status) for r in records for status in r["checks"].get("final", {}).get("verify_exits", []))),
+        "runs_with_new_shared_memory": sum(bool(r["checks"]["after_shutdown"]["new_shared_memory"]) for r in records),
+        "runs_with_leftover_processes": sum(bool(r["checks"]["after_shutdown"]["leftover_processes"])
+                                            for r in records),
+        "leftover_processes_after_shared_cluster": shared_leftovers,
         "runs_with_engine_event": dict(sorted(collections.Counter(
             name for r in records for name in r["engine_events"]).items())),
         "duration_s": round(time.monotonic() - started, 1),
@@ -1102,14 +1378,18 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"    PROBLEM {problem}", flush=True)
                 if record["ok"]:
                     run.clean_up()
-            summary = summarize(records, started)
+            shared_leftovers = None  # a shared cluster's processes are checked once, after its shutdown
+            if suite.shared_cluster is not None:
+                cluster, suite.shared_cluster = suite.shared_cluster, None
+                shared_leftovers = cluster.shutdown(keep_files=args.keep or any(not r["ok"] for r in records))
+            summary = summarize(records, started, shared_leftovers)
             sink.write(json.dumps(summary) + "\n")
     finally:
         if suite is not None and suite.shared_cluster is not None:
-            suite.shared_cluster.shutdown(keep_files=args.keep or any(not r["ok"] for r in records))
+            suite.shared_cluster.shutdown(keep_files=True)
         services.stop()
     print(json.dumps(summary, indent=1))
-    return 0 if summary["passed"] == summary["runs"] else 1
+    return 0 if summary["passed"] == summary["runs"] and not shared_leftovers else 1
 
 
 if __name__ == "__main__":
