@@ -11,6 +11,7 @@ that the component cache shares with another model (a teacher).
 """
 
 import functools
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -22,7 +23,6 @@ import torch
 # The prefixes diffusers' StableDiffusionLoraLoaderMixin gives each part's keys (its unet_name, text_encoder_name).
 UNET = "unet"
 TEXT_ENCODER = "text_encoder"
-LORA_WEIGHT = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 # kohya-ss / CivitAI: `lora_unet_` or `lora_te_` + the module's path with "_" for ".", then what the tensor is.
 KOHYA_PARTS = {"lora_unet_": UNET, "lora_te_": TEXT_ENCODER}
 KOHYA_KEY = re.compile(
@@ -83,6 +83,10 @@ def read_lora(path: str | Path) -> Lora:
             str(path), use_safetensors=True, return_lora_metadata=True)
     except Exception as exc:  # safetensors, OS and conversion errors: the user needs the file named
         raise LoraError(f"{path}: not a readable LoRA file: {exc}") from None
+    for key in keys:
+        if key not in state_dict:  # diffusers drops DoRA's `dora_scale` with a warning: DoRA is another formula
+            raise LoraMismatchError(str(path), key, "diffusers' reader drops it (DoRA's magnitude): DoRA is not "
+                                                    "W + scale * alpha / rank * up @ down")
     if not state_dict:
         raise LoraError(f"{path}: holds no tensors")
     return Lora(str(path), state_dict, metadata)
@@ -102,11 +106,16 @@ def meta_modules(model_dir: str | Path, parts: Sequence[str] = (UNET, TEXT_ENCOD
         return [build[part]() for part in parts]
 
 
-# The text encoder's keys in a diffusers file, in any of diffusers' three namings (PEFT, diffusers, old diffusers),
-# read one by one.
-TEXT_ENCODER_KEY = re.compile(r"^(?P<module>.+?)(?:\.lora_(?P<peft>[AB])|\.lora_linear_layer\.(?P<diffusers>down|up)"
-                              r"|\.to_(?P<old_projection>q|k|v|out)_lora\.(?P<old>down|up))\.weight$")
+# A diffusers file's keys, the UNet's and the text encoder's alike, in any of the namings diffusers reads, each key read
+# on its own: PEFT's (`lora_A`/`lora_B`), diffusers' (`lora.down`/`lora.up`, `lora_linear_layer.down`/`up`) and the
+# old attention processors' (`[processor.]to_q_lora.down`, on the attention module rather than the projection).
+DIFFUSERS_KEY = re.compile(
+    r"^(?P<module>.+?)(?:\.lora_(?P<peft>[AB])|\.lora(?:_linear_layer)?\.(?P<diffusers>down|up)"
+    r"|(?:\.processor)?\.to_(?P<old_projection>q|k|v|out)_lora\.(?P<old>down|up))\.weight$")
 DOWN_UP = {"down": "A", "up": "B"}
+# The projection an old-style key names, under the attention module: the UNet's Attention, the text encoder's CLIP.
+OLD_PROJECTIONS = {UNET: {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"},
+                   TEXT_ENCODER: {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}}
 
 Factors = dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]]  # (part, module) -> A/B -> (file key, tensor)
 
@@ -150,42 +159,32 @@ def _kohya_factors(lora: Lora, parts: dict[str, torch.nn.Module]) -> tuple[Facto
 
 
 def _diffusers_factors(lora: Lora, parts: dict[str, torch.nn.Module]) -> Factors:
-    """The diffusers file's down/up weights by module name: the UNet's as diffusers' UNet loader renames them, the
-    text encoder's read key by key (diffusers' text-encoder loader infers one naming for the whole set and finds
-    none where only some projections, or only the MLP, are adapted)."""
-    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-
+    """The diffusers file's down/up weights by module name, each key renamed on its own (diffusers' loaders infer
+    one naming from the whole set of a part's keys, so a file that mixes namings loads or fails by which key comes
+    first, and merges keys that rename alike)."""
     factors = {}
-
-    def add(part: str, module: str, factor: str, key: str) -> None:
-        if factor in factors.setdefault((part, module), {}):
-            raise LoraMismatchError(lora.name, key, "two keys of this part name the same weight")
-        factors[part, module][factor] = (key, lora.state_dict[key])
-
-    for key in lora.state_dict:
-        if key.split(".", 1)[0] not in parts:
+    flattened = not hasattr(parts[TEXT_ENCODER], "text_model")  # transformers 5; files keep `text_model.`
+    for key, tensor in lora.state_dict.items():
+        part, _, name = key.partition(".")
+        if part not in parts:
             raise LoraMismatchError(lora.name, key, "names neither the UNet (unet.) nor the text encoder "
                                                     "(text_encoder.)")
-    unet_keys = [key for key in lora.state_dict if key.startswith(f"{UNET}.")]
-    weights = {key.removeprefix(f"{UNET}."): lora.state_dict[key] for key in unet_keys}
-    if weights and "lora_A" not in next(iter(weights)):  # as `load_lora_adapter` decides
-        weights = convert_unet_state_dict_to_peft(weights)
-    for key, name in zip(unet_keys, weights):  # the renames are key by key, in order
-        match = LORA_WEIGHT.match(name)
+        match = DIFFUSERS_KEY.match(name)
         if match is None:
-            raise LoraMismatchError(lora.name, key, "not a LoRA down/up weight (lora_A/lora_B) that diffusers fuses")
-        add(UNET, match["module"], match["factor"], key)
-    flattened = not hasattr(parts[TEXT_ENCODER], "text_model")  # transformers 5; files keep `text_model.`
-    for key in lora.state_dict:
-        if key.startswith(f"{TEXT_ENCODER}."):
-            match = TEXT_ENCODER_KEY.match(key.removeprefix(f"{TEXT_ENCODER}."))
-            if match is None:
-                raise LoraMismatchError(lora.name, key, "not a LoRA down/up weight (lora_A/lora_B, "
-                                                        "lora_linear_layer.down/up) that diffusers fuses")
-            module = match["module"].removeprefix("text_model.") if flattened else match["module"]
-            if match["old_projection"]:
-                module = f"{module}.{match['old_projection']}_proj"
-            add(TEXT_ENCODER, module, match["peft"] or DOWN_UP[match["diffusers"] or match["old"]], key)
+            raise LoraMismatchError(lora.name, key, "not a LoRA down/up weight (lora_A/lora_B, lora.down/up, "
+                                                    "lora_linear_layer.down/up, to_q_lora.down/up) that diffusers "
+                                                    "fuses")
+        module = match["module"]
+        if part == TEXT_ENCODER and flattened:
+            module = module.removeprefix("text_model.")
+        if match["old_projection"]:
+            module = f"{module}.{OLD_PROJECTIONS[part][match['old_projection']]}"
+        factor = match["peft"] or DOWN_UP[match["diffusers"] or match["old"]]
+        pair = factors.setdefault((part, module), {})
+        if factor in pair:
+            raise LoraMismatchError(lora.name, key, f"names the same weight as {pair[factor][0]!r} (the {part}'s "
+                                                    f"{module!r}, {'down' if factor == 'A' else 'up'})")
+        pair[factor] = (key, tensor)
     return factors
 
 
@@ -205,9 +204,10 @@ def _loader_key(part: str, module: str, factor: str) -> str:
     return f"{TEXT_ENCODER}.{module}.lora_linear_layer.{'down' if factor == 'A' else 'up'}.weight"
 
 
-def _kohya_metadata(factors: Factors, alphas: dict[tuple[str, str], float]) -> dict:
-    """The LoraConfig arguments for diffusers' loaders, by part: every module's rank and alpha (rank where the file
-    has no `.alpha`), so PEFT scales each module by its own alpha / rank."""
+def _adapter_metadata(factors: Factors, alphas: dict[tuple[str, str], float]) -> dict:
+    """The LoraConfig arguments for diffusers' loaders, by part, from the checked tensors: every adapted module by
+    its exact name, its rank and its alpha (rank where the file gives none), so PEFT scales each module by its own
+    alpha / rank and adapts nothing else."""
     metadata = {}
     for part in (UNET, TEXT_ENCODER):
         ranks = {module: pair["A"][1].shape[0] for (of, module), pair in factors.items() if of == part}
@@ -260,8 +260,99 @@ def check_lora(lora: Lora, unet: torch.nn.Module, text_encoder: torch.nn.Module)
                 raise LoraMismatchError(lora.name, key, f"shape {tuple(tensor.shape)}, the {part}'s "
                                                         f"{module_name!r} takes {want[factor]}")
             state_dict[_loader_key(part, module_name, factor)] = tensor
-    metadata = _kohya_metadata(factors, alphas) if lora.kohya else _fitting_metadata(lora.metadata, text_encoder)
-    return Lora(lora.name, state_dict, metadata)
+    if not lora.kohya:
+        alphas = _header_alphas(lora, factors, text_encoder)
+    return Lora(lora.name, state_dict, _adapter_metadata(factors, alphas))
+
+
+# LoraConfig settings in a diffusers file's header that cannot change the fused weight, whatever their value (dropout
+# is off when merging; the rest describe the training run). Every other setting but those checked against the tensors
+# must have PEFT's default: DoRA, rsLoRA (alpha / sqrt(rank)), fan_in_fan_out, modules_to_save, another peft_type...
+# would fuse something other than W + scale * alpha / rank * up @ down.
+HEADER_INERT = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+                "lora_dropout"}
+HEADER_MATCHING = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")  # PEFT's matching
+HEADER_CHECKED = {"r", "lora_alpha", "rank_pattern", "alpha_pattern", *HEADER_MATCHING}
+HEADER_PLAIN_INIT = (True, False, "gaussian")  # init_lora_weights that only initialise what the file then replaces
+
+
+def _header_alphas(lora: Lora, factors: Factors, text_encoder: torch.nn.Module) -> dict[tuple[str, str], float]:
+    """Each adapted module's alpha from the diffusers file's header (the LoraConfig arguments by part, `unet.r`,
+    `text_encoder.lora_alpha`, ...), after checking every setting against the tensors: r and rank_pattern give each
+    module the rank its tensors have, lora_alpha and alpha_pattern are finite numbers, target_modules (with
+    exclude_modules, layers_to_transform, layers_pattern) take every adapted module, and no setting changes the
+    formula. Raises LoraError naming the file and the setting (LoraMismatchError where a key contradicts it)."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _ExcludedModule, check_target_module_exists
+    from peft.utils.other import get_pattern_key
+
+    if lora.metadata is None:
+        return {}
+
+    def refuse(setting: str, value, why: str) -> LoraError:
+        return LoraError(f"{lora.name}: LoRA header setting {setting!r} = {value!r}: {why}")
+
+    if not isinstance(lora.metadata, dict):
+        raise refuse("lora_adapter_metadata", lora.metadata, "not a mapping of LoraConfig settings")
+    defaults = LoraConfig().to_dict()
+    settings = {UNET: {}, TEXT_ENCODER: {}}
+    for name, value in _fitting_metadata(lora.metadata, text_encoder).items():
+        part, _, setting = name.partition(".")
+        if part not in settings:
+            raise refuse(name, value, "names neither the UNet (unet.) nor the text encoder (text_encoder.)")
+        if setting not in defaults:
+            raise refuse(name, value, "not a setting of PEFT's LoraConfig")
+        plain = (setting in HEADER_INERT or setting in HEADER_CHECKED or value == defaults[setting]
+                 or (setting == "init_lora_weights" and value in HEADER_PLAIN_INIT))
+        if not plain:
+            raise refuse(name, value, f"PEFT's default is {defaults[setting]!r}; this fuses something other than "
+                                      "W + scale * alpha / rank * up @ down (not supported)")
+        if setting in ("r", "lora_alpha", "rank_pattern", "alpha_pattern"):
+            numbers = value if setting.endswith("_pattern") else {"": value}
+            rank = setting in ("r", "rank_pattern")
+            if not isinstance(numbers, dict) or not all(_is_number(number, rank) for number in numbers.values()):
+                kind = "a positive whole number" if rank else "a finite number"
+                raise refuse(name, value, f"not {kind} (by module name)" if setting.endswith("_pattern") else
+                                          f"not {kind}")
+            for pattern in numbers if setting.endswith("_pattern") else ():
+                try:
+                    re.compile(pattern)  # PEFT matches module names by it
+                except re.error as exc:
+                    raise refuse(name, value, f"{pattern!r} is not a pattern of module names ({exc})") from None
+        settings[part][setting] = value
+
+    alphas = {}
+    for part, given in settings.items():
+        modules = {module: pair for (of, module), pair in factors.items() if of == part}
+        narrowing = {setting: given[setting] for setting in HEADER_MATCHING if given.get(setting) is not None}
+        try:  # PEFT's own matching; without target_modules, every module the file adapts
+            config = LoraConfig(**{"target_modules": list(modules), **narrowing})
+            found = {module: check_target_module_exists(config, module) for module in modules}
+            left_out = {module for module, match in found.items() if not match or isinstance(match, _ExcludedModule)}
+        except (TypeError, ValueError, re.error) as exc:
+            raise refuse(part, narrowing, f"PEFT cannot match modules by it ({exc})") from None
+        rank_pattern, alpha_pattern = given.get("rank_pattern", {}), given.get("alpha_pattern", {})
+        for module, pair in modules.items():
+            key, down = pair["A"]
+            if module in left_out:
+                raise LoraMismatchError(lora.name, key, f"the header's {part}.target_modules "
+                                                        f"{given.get('target_modules')!r} (with exclude_modules, "
+                                                        "layers_to_transform, layers_pattern) leave out its module")
+            rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), given.get("r"))
+            if rank is not None and rank != down.shape[0]:
+                raise LoraMismatchError(lora.name, key, f"rank {down.shape[0]}, but the header's {part}.r / "
+                                                        f"{part}.rank_pattern give its module rank {rank}")
+            alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), given.get("lora_alpha"))
+            if alpha is not None:
+                alphas[part, module] = alpha
+    return alphas
+
+
+def _is_number(value, rank: bool) -> bool:
+    """A rank: a whole number of at least 1; an alpha: a finite number (JSON's true and false are neither)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) and value >= 1 if rank else math.isfinite(value)
 
 
 def fuse_loras(unet: torch.nn.Module, text_encoder: torch.nn.Module, loras: Sequence[tuple[Lora, float]]) -> None:
@@ -323,8 +414,8 @@ def _fitting_metadata(metadata: dict | None, text_encoder: torch.nn.Module) -> d
     if metadata is None or hasattr(text_encoder, "text_model"):
         return metadata
 
-    def strip(name: str) -> str:
-        return name.removeprefix("text_model.")
+    def strip(name):
+        return name.removeprefix("text_model.") if isinstance(name, str) else name
 
     fitted = dict(metadata)
     for setting in ("target_modules", "rank_pattern", "alpha_pattern"):
