@@ -117,11 +117,11 @@ def entry_point(command: Callable[..., int | None]) -> Callable[..., int]:
 
     @functools.wraps(command)
     def run(*args, **kwargs) -> int:
-        if _entered:  # an inner entry point: the outer one reports and releases
+        if getattr(_running, "command", None):  # an inner entry point: the outer one reports and releases
             return command(*args, **kwargs) or EXIT_OK
         previous = _sigterm_as_interrupt()
         ray_was_running = _ray_is_running()
-        _entered.append(command)
+        _running.command = command
         error = None
         try:
             status = command(*args, **kwargs) or EXIT_OK
@@ -130,7 +130,7 @@ def entry_point(command: Callable[..., int | None]) -> Callable[..., int]:
         except BaseException as exc:  # noqa: BLE001 - this is the one place every error ends
             error = exc
         finally:
-            _entered.pop()
+            _running.command = None
             release_started(ray_was_running)
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
@@ -139,7 +139,7 @@ def entry_point(command: Callable[..., int | None]) -> Callable[..., int]:
     return run
 
 
-_entered: list = []  # the outermost entry point running in this process, if any
+_running = threading.local()  # .command: the outermost entry point running in this thread, if any
 
 
 def release_started(ray_was_running: bool) -> None:
