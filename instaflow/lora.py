@@ -50,10 +50,11 @@ class MergeMismatchError(ValueError):
 
 @dataclass(frozen=True)
 class Lora:
-    """One LoRA file: a diffusers/PEFT file as diffusers' `lora_state_dict` returns it (keys in diffusers naming,
-    prefixed `unet.` or `text_encoder.`; `metadata`: the LoraConfig arguments a diffusers-written file stores in its
-    header, alpha among them), or a kohya file's own keys (`kohya`: `lora_unet_*`, `lora_te_*`, `.alpha`).
-    `check_lora` gives either as diffusers' loaders take it. Without alpha, alpha = rank."""
+    """One LoRA file: a diffusers/PEFT file as diffusers' `lora_state_dict` returns it (keys in any of diffusers'
+    namings, prefixed `unet.` or `text_encoder.`; `metadata`: the LoraConfig arguments a diffusers-written file
+    stores in its header, alpha among them, by part), or a kohya file's own keys (`kohya`: `lora_unet_*`, `lora_te_*`,
+    `.alpha`). `check_lora` gives either as diffusers' loaders take it, with LoraConfig arguments derived from the
+    checked tensors and alphas. Without alpha, alpha = rank."""
 
     name: str
     state_dict: dict[str, torch.Tensor]
@@ -223,8 +224,9 @@ def _adapter_metadata(factors: Factors, alphas: dict[tuple[str, str], float]) ->
 def check_lora(lora: Lora, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> Lora:
     """The LoRA, checked, as diffusers' loaders take it: raises LoraMismatchError, naming the file and the first key
     as the file spells it, when a key is neither the UNet's nor the text encoder's, names a module the model does
-    not have (or one LoRA cannot adapt), lacks its other half, or has a shape that does not fit. Any subset of the
-    modules may be adapted; every key is read on its own, never by what the other keys are.
+    not have (or one LoRA cannot adapt), lacks its other half, names a weight another key names, or has a shape
+    that does not fit; raises LoraError naming a header setting that does not fit (`_header_alphas`). Any subset of
+    the modules may be adapted; every key is read on its own, never by what the other keys are.
 
     Diffusers itself only warns about keys it cannot place and drops them; here they refuse the file. Works on real
     modules or on `meta_modules` (it reads module names and shapes only), so a driver can run it before any worker
@@ -330,7 +332,8 @@ def _header_alphas(lora: Lora, factors: Factors, text_encoder: torch.nn.Module) 
             found = {module: check_target_module_exists(config, module) for module in modules}
             left_out = {module for module, match in found.items() if not match or isinstance(match, _ExcludedModule)}
         except (TypeError, ValueError, re.error) as exc:
-            raise refuse(part, narrowing, f"PEFT cannot match modules by it ({exc})") from None
+            raise refuse(", ".join(f"{part}.{setting}" for setting in narrowing), list(narrowing.values()),
+                         f"PEFT cannot match modules by it ({' '.join(str(exc).split())})") from None
         rank_pattern, alpha_pattern = given.get("rank_pattern", {}), given.get("alpha_pattern", {})
         for module, pair in modules.items():
             key, down = pair["A"]

@@ -433,9 +433,151 @@ def test_subset_loras_through_the_cli(ray_gpus, cache, student, tiny_models, tmp
     tensors[f"{KOHYA_UNET}.lora_down.weight"] = torch.zeros(RANK, 7)  # the module takes another width
     tensors[f"{KOHYA_UNET}.lora_up.weight"] = torch.zeros(32, RANK)
     safetensors.torch.save_file(tensors, tmp_path / "one-misfit.safetensors")
-    capsys.readouterr()
-    assert run("refused", tiny_models["instaflow"], "--lora", str(tmp_path / "one-misfit.safetensors")) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and f"'{KOHYA_UNET}.lora_down.weight'" in errors[0], errors
-    assert "one-misfit.safetensors" in errors[0] and "shape (4, 7)" in errors[0]
-    assert not (tmp_path / "out/refused").exists()  # nothing written: no worker started
+    twice_keys = write_to_q_twice(tmp_path / "twice.safetensors", student)
+    for misfit, named in (("one-misfit", [f"'{KOHYA_UNET}.lora_down.weight'", f"shape ({RANK}, 7)"]),
+                          ("twice", [repr(key) for key in twice_keys])):
+        capsys.readouterr()
+        assert run(misfit, tiny_models["instaflow"], "--lora", str(tmp_path / f"{misfit}.safetensors")) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and f"{misfit}.safetensors" in errors[0], errors
+        assert all(name in errors[0] for name in named), errors
+        assert not (tmp_path / "out" / misfit).exists()  # nothing written: no worker started
+
+
+# A diffusers file's keys in each naming diffusers reads: (suffix of the down weight, of the up weight); "old" names
+# the attention module, not its projection (the old attention processors').
+NAMINGS = {"peft": ("lora_A", "lora_B"), "diffusers": ("lora.down", "lora.up"),
+           "linear-layer": ("lora_linear_layer.down", "lora_linear_layer.up")}
+OLD_PROJECTIONS = {"to_q": "processor.to_q_lora", "to_v": "processor.to_v_lora", "q_proj": "to_q_lora",
+                   "v_proj": "to_v_lora", "to_out.0": "processor.to_out_lora"}
+UNET_ATTN = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1"
+TE_ATTN = "text_encoder.encoder.layers.0.self_attn"
+
+
+def diffusers_key(target: str, naming: str, factor: str) -> str:
+    """The file's key for `target`'s down ("A") or up ("B") weight in `naming` (text-encoder keys with
+    `text_model.`, as files are written)."""
+    part, name = target.split(".", 1)
+    name = f"text_model.{name}" if part == "text_encoder" else name
+    if naming == "old":
+        attention, projection = name.rsplit(".", 2 if name.endswith("to_out.0") else 1)[0], name.split(".attn1.")[-1]
+        projection = name.split("self_attn.")[-1] if part == "text_encoder" else projection
+        return f"{part}.{attention}.{OLD_PROJECTIONS[projection]}.{'down' if factor == 'A' else 'up'}.weight"
+    return f"{part}.{name}.{NAMINGS[naming][factor == 'B']}.weight"
+
+
+def write_diffusers_lora(path, student, namings: dict, header: dict | None = None, alphas: dict | None = None) -> dict:
+    """A seeded diffusers-format LoRA of rank RANK on {target: naming}, with `header` as its LoraConfig settings.
+    Returns {target: (down, up, alpha)} for the transcription of the formula (`alphas` by target, else rank)."""
+    import json
+
+    generator = torch.Generator().manual_seed(len(namings))
+    factors, tensors = {}, {}
+    for target, naming in namings.items():
+        part, name = target.split(".", 1)
+        weight = getattr(student, part).get_submodule(name).weight
+        down = torch.randn(RANK, weight.shape[1], generator=generator) / weight.shape[1] ** 0.5
+        up = torch.randn(weight.shape[0], RANK, generator=generator) * LORA_UP_GAIN
+        factors[target] = (down, up, (alphas or {}).get(target, RANK))
+        tensors |= {diffusers_key(target, naming, "A"): down, diffusers_key(target, naming, "B"): up}
+    safetensors.torch.save_file(tensors, path, metadata=header and {"lora_adapter_metadata": json.dumps(header)})
+    return factors
+
+
+@pytest.mark.parametrize("namings", [
+    {f"{UNET_ATTN}.to_q": "peft", f"{UNET_ATTN}.to_v": "diffusers"},
+    {f"{UNET_ATTN}.to_q": "diffusers", f"{UNET_ATTN}.to_v": "peft"},
+    {f"{UNET_ATTN}.to_q": "old", f"{UNET_ATTN}.to_v": "linear-layer", f"{UNET_ATTN}.to_out.0": "old"},
+    {f"{TE_ATTN}.q_proj": "old", f"{TE_ATTN}.v_proj": "peft", f"{UNET_ATTN}.to_v": "linear-layer"},
+], ids=["unet-peft-then-diffusers", "unet-diffusers-then-peft", "unet-old-and-linear-layer", "text-encoder-mixed"])
+def test_each_diffusers_key_is_read_in_its_own_naming(student, tiny_models, tmp_path, namings):
+    """A diffusers file whose keys mix namings loads whichever key sorts first, and fuses to the formula."""
+    path = tmp_path / "mixed.safetensors"
+    factors = write_diffusers_lora(path, student, namings)
+    lora = read_lora(path)
+    check_lora(lora, *meta_modules(tiny_models["instaflow"]))
+    assert_fused_by_formula(fused(student, [(lora, 0.8)]), student, factors, 0.8)
+
+
+def write_to_q_twice(path, student) -> set[str]:
+    """to_q's weights under two namings (diffusers' and PEFT's), next to to_v's: diffusers' whole-set rename merged
+    the two to_q keys, so the file's keys fell out of step with the renamed ones and to_v was fused with to_q's
+    tensors. Returns to_q's two down keys."""
+    write_diffusers_lora(path, student, {f"{UNET_ATTN}.to_q": "diffusers", f"{UNET_ATTN}.to_v": "diffusers"})
+    tensors = safetensors.torch.load_file(path)
+    twice = {diffusers_key(f"{UNET_ATTN}.to_q", "peft", factor): tensors[diffusers_key(f"{UNET_ATTN}.to_q",
+                                                                                        "diffusers", factor)] * 2
+             for factor in "AB"}
+    safetensors.torch.save_file(tensors | twice, path)
+    return {diffusers_key(f"{UNET_ATTN}.to_q", naming, "A") for naming in ("peft", "diffusers")}
+
+
+def test_two_keys_for_one_weight_are_refused_naming_both(student, tiny_models, tmp_path):
+    down_keys = write_to_q_twice(tmp_path / "twice.safetensors", student)
+    with pytest.raises(LoraMismatchError) as refused:
+        check_lora(read_lora(tmp_path / "twice.safetensors"), *meta_modules(tiny_models["instaflow"]))
+    assert refused.value.key in down_keys
+    assert all(repr(key) in str(refused.value) for key in down_keys), refused.value
+
+
+Q, V = f"{UNET_ATTN}.to_q", f"{UNET_ATTN}.to_v"
+FULL_NAMES = [name.removeprefix("unet.") for name in (Q, V)]
+
+
+def test_header_settings_are_checked_and_alpha_read_from_them(student, tiny_models, tmp_path):
+    """A header as PEFT writes it (every LoraConfig setting, most at their defaults; short target_modules names, an
+    alpha_pattern for one module): each module fuses with its own alpha / rank."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, alpha_pattern={"attn1.to_v": 1.0}, target_modules=["to_q", "to_v"],
+                        lora_dropout=0.1, init_lora_weights="gaussian").to_dict()
+    header = {f"unet.{setting}": list(value) if isinstance(value, set) else value
+              for setting, value in config.items()}
+    path = tmp_path / "header.safetensors"
+    factors = write_diffusers_lora(path, student, {Q: "peft", V: "peft"}, header, alphas={Q: ALPHA, V: 1.0})
+    lora = read_lora(path)
+    assert lora.metadata["unet.use_dora"] is False and lora.metadata["unet.peft_type"] == "LORA"
+    check_lora(lora, *meta_modules(tiny_models["instaflow"]))
+    assert_fused_by_formula(fused(student, [(lora, 0.5)]), student, factors, 0.5)
+
+
+@pytest.mark.parametrize("header,named", [
+    ({"unet.r": RANK + 1}, f"{Q}.lora_A.weight"),
+    ({"unet.rank_pattern": {"to_v": RANK + 1}}, f"{V}.lora_A.weight"),
+    ({"unet.target_modules": ["to_q"]}, f"{V}.lora_A.weight"),
+    ({"unet.target_modules": FULL_NAMES, "unet.exclude_modules": ["to_q"]}, f"{Q}.lora_A.weight"),
+    ({"unet.r": "x"}, "'unet.r' = 'x'"),
+    ({"unet.lora_alpha": True}, "'unet.lora_alpha' = True"),
+    ({"unet.alpha_pattern": {"to_v": float("nan")}}, "'unet.alpha_pattern'"),
+    ({"unet.use_dora": True}, "'unet.use_dora' = True"),
+    ({"unet.use_rslora": True}, "'unet.use_rslora' = True"),
+    ({"unet.peft_type": "LOHA"}, "'unet.peft_type' = 'LOHA'"),
+    ({"unet.init_lora_weights": "pissa"}, "'unet.init_lora_weights' = 'pissa'"),
+    ({"unet.lora_scale": 2.0}, "'unet.lora_scale' = 2.0: not a setting"),
+    ({"r": RANK}, f"'r' = {RANK}: names neither"),
+], ids=["r-not-the-tensors", "rank-pattern-not-the-tensors", "target-modules-leave-out-a-key", "excluded-key",
+        "r-not-a-number", "alpha-a-boolean", "alpha-nan", "dora", "rslora", "another-adapter-type", "pissa-init",
+        "unknown-setting", "setting-of-no-part"])
+def test_header_settings_that_do_not_fit_are_refused_naming_them(student, tiny_models, tmp_path, header, named):
+    """On the driver: a header setting that contradicts the tensors names the key; one that is malformed, unknown or
+    changes the formula from W + scale * alpha / rank * up @ down names the setting."""
+    path = tmp_path / "header.safetensors"
+    write_diffusers_lora(path, student, {Q: "peft", V: "peft"},
+                         {"unet.r": RANK, "unet.lora_alpha": ALPHA, "unet.target_modules": FULL_NAMES} | header)
+    with pytest.raises(LoraError) as refused:
+        check_lora(read_lora(path), *meta_modules(tiny_models["instaflow"]))
+    assert str(path) in str(refused.value)
+    if isinstance(refused.value, LoraMismatchError):
+        assert refused.value.key == named
+    else:
+        assert named in str(refused.value)
+
+
+def test_a_dora_scale_that_diffusers_drops_is_refused(student, tmp_path):
+    path = tmp_path / "dora.safetensors"
+    write_diffusers_lora(path, student, {Q: "peft"})
+    tensors = safetensors.torch.load_file(path)
+    safetensors.torch.save_file(tensors | {f"{Q}.dora_scale": torch.ones(1, 32)}, path)
+    with pytest.raises(LoraMismatchError) as refused:
+        read_lora(path)
+    assert refused.value.key == f"{Q}.dora_scale" and "DoRA" in str(refused.value)
