@@ -268,7 +268,7 @@ def _with_timeouts(protocol: str, options: dict, timeout_s: float) -> dict:
     if protocol in HTTP_SCHEMES:
         import aiohttp
 
-        client = {"timeout": aiohttp.ClientTimeout(sock_connect=timeout_s, sock_read=timeout_s)}
+        client = {"timeout": aiohttp.ClientTimeout(total=timeout_s, sock_connect=timeout_s, sock_read=timeout_s)}
         return {"allow_redirects": False, **options, "client_kwargs": client | options.get("client_kwargs", {})}
     if protocol in ("s3", "s3a"):
         config = {"connect_timeout": timeout_s, "read_timeout": timeout_s}

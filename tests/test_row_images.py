@@ -52,8 +52,8 @@ def png_raising_syntax_error() -> bytes:
 
 
 class ImageServer(http.server.ThreadingHTTPServer):
-    """127.0.0.1: /ok.png, /endless (zeros until the client stops), /hang (never answers); it records each
-    request's headers."""
+    """127.0.0.1: /ok.png, /endless (zeros until the client stops), /hang (never answers), /drip (its answer's
+    head a byte every half second, so that no single read waits long); it records each request's headers."""
 
     daemon_threads = True
 
@@ -71,6 +71,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.server.headers_seen.append(dict(self.headers))
         if self.path == "/hang":
             self.server.release.wait(60)
+            return
+        if self.path == "/drip":
+            for byte in b"HTTP/1.1 200 OK\r\nX-Padding: " + b"x" * 100 + b"\r\n\r\n":
+                if self.server.release.wait(0.5):
+                    return
+                try:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                except OSError:
+                    return
             return
         self.send_response(200 if self.path in ("/ok.png", "/endless") else 404)
         self.end_headers()
@@ -131,6 +141,7 @@ def hostile(tmp_path_factory, server):
         "too big": "photos/big.bin",
         "endless http": f"{server.url}endless",
         "hanging http": f"{server.url}hang",
+        "dripping http": f"{server.url}drip",
         "http host not allowed": f"http://localhost:{server.server_address[1]}/ok.png",
     }
     pq.write_table(pa.table({"prompt": list(values), "image": list(values.values())}), prompts / "rows.parquet")
@@ -181,6 +192,7 @@ def test_every_bad_row_fails_alone_naming_its_value_and_column(encoded, hostile)
         "too big": f"larger than --max-image-bytes ({CAP} bytes)",
         "endless http": f"larger than --max-image-bytes ({CAP} bytes)",
         "hanging http": "cannot be read (",
+        "dripping http": "cannot be read (",  # within --image-read-timeout in all, not per byte
     }
     failed = {prompt: row["error_message"] for prompt, row in encoded.rows.items() if row["status"] == "failed"}
     assert failed.keys() == reasons.keys()
