@@ -178,7 +178,7 @@ def test_train_and_straightness_errors_are_one_line(tiny_models, tmp_path, capsy
 def test_an_unexpected_error_is_one_line_with_its_traceback_in_a_file(tmp_path, capsys, monkeypatch):
     import jobs.verify
 
-    def broken(output, storage_options):
+    def broken(output, storage_options, prompts):
         raise TypeError(f"an internal bug{ESCAPE}\nwith a second line" + "x" * 10_000)
 
     monkeypatch.setattr(jobs.verify, "verify_output", broken)
@@ -201,7 +201,7 @@ def test_storage_that_refuses_or_has_no_credentials_is_one_line_exit_2(tmp_path,
     from botocore.exceptions import ClientError, NoCredentialsError
 
     for error in (NoCredentialsError(), ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "ListObjects")):
-        def refusing(output, storage_options, error=error):
+        def refusing(output, storage_options, prompts, error=error):
             raise error
 
         monkeypatch.setattr(jobs.verify, "verify_output", refusing)
