@@ -42,9 +42,9 @@ And the faults of issue 28 (only when --faults names them; the encoder faults on
 encode images, generate), which reach a worker's image encoders (pipeline/encoders.py) and --overwrite's lease:
 
 - encoder_kill: after the k-th shard, the image encoders of a ShardWorker running a unit (its children whose
-  command line names pipeline.encoders) get SIGSTOP for 1 to 2 s, so that they hold tasks, then one of them
-  SIGKILL, as the kernel's OOM killer would, and the others SIGCONT: the unit's try fails and is retried, no row
-  fails;
+  command line names pipeline.encoders) get SIGSTOP for 1 to 2 s, and longer (up to 8 s) until tasks wait unread
+  in the input of the one picked, so that it holds tasks; then that one gets SIGKILL, as the kernel's OOM killer
+  would, and the others SIGCONT: the unit's try fails and is retried, no row fails;
 - memory_full: from the start of the run, no encoder block can be reserved (os.posix_fallocate on a memfd named
   instaflow-encode raises ENOSPC, through tests/chaos_site/sitecustomize.py while a flag file exists), so the
   workers encode in their own processes; turned off after the k-th shard, or (3 runs in 10) never;
@@ -52,11 +52,12 @@ encode images, generate), which reach a worker's image encoders (pipeline/encode
   cannot start another (subprocess.Popen of pipeline.encoders raises EMFILE, likewise) for 2 to 10 s: the worker
   encodes what is left itself;
 - driver_pause (an --overwrite run, as `overwrite`, which it replaces when both are drawn): the moment the old
-  output's first data file or marker vanishes (polled every 20 ms), the driver gets SIGSTOP; 0 to 1 s later a second driver runs the same
-  command; once it holds the lock (the first's 2 s lease ran out), and 0 to 1.5 s more, the first gets SIGCONT.
-  The first must exit 4 (output lost) and delete nothing that was in the output's root as it resumed (judged
-  while the second has no worker up: it deletes nothing before); the second must finish, and the final checks
-  apply to its output.
+  output's first data file or marker vanishes (polled every 20 ms), the driver gets SIGSTOP; 0 to 1 s later a
+  second driver runs the same command; once it holds the lock (the first's 2 s lease ran out), and 0 to 1.5 s
+  more, the first gets SIGCONT. The first must exit 4 (output lost) and delete nothing that was in the output's
+  root as it resumed, but for the moves back to the staging that it had under way when stopped (at most 16, one
+  per thread: the README leaves these open); judged while the second has no worker up (it deletes nothing
+  before). The second must finish, and the final checks apply to its output.
 
 After a leg that was cut short: what the README's readers see by globbing the output is committed data only, its
 bytes are the reference's, and no key is seen twice. After the run: `instaflow-batch verify` passes, every prompt
@@ -76,6 +77,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -84,10 +86,12 @@ import random
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
+import termios
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -116,6 +120,9 @@ REMOVAL_FAULTS = ("overwrite", "driver_pause")  # land as an --overwrite leg rem
 ENCODER_COMMAND = "pipeline.encoders"  # in the command line of an image encoder process (a ShardWorker's child)
 SHARD_WORKER_LINE = "(ShardWorker pid="  # how a driver's log shows the lines Ray forwards from its workers
 PAUSE_LIMIT_S = 180.0  # a paused driver is let go by then even if no second driver took the output over
+STAGING_DIR = "_staging"  # pipeline/commit.py's, under the output's root
+IN_FLIGHT_MOVES_LIMIT = 16  # moves a driver can have under way at once (one per thread; README, issue 28)
+HOLD_LIMIT_S = 8.0  # how long encoder_kill keeps a worker's encoders stopped waiting for a task to hold
 VARIANTS = ("concurrent_start", "local_output", "multipart")  # set up as the run starts, not fired mid-job
 OUTAGE_FAULTS = ("before:503", "before:slowdown", "before:reset", "before:delay", "after:reset")
 DRIVER_FAULTS = ("driver_kill", "interrupt")
@@ -397,6 +404,20 @@ def _environment_names(pid: int, ray_tmpdir: Path) -> bool:
 def _shard_files(names: list[str]) -> int:
     """How many markers and data files a listing of the output's root holds."""
     return sum(bool(_MARKER.fullmatch(name) or _DATA.fullmatch(name)) for name in names)
+
+
+def _unread_input(pid: int) -> int:
+    """Bytes written to process `pid`'s stdin pipe and not yet read (tasks an encoder holds unseen)."""
+    try:
+        fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)  # closed at once: the writer must not
+    except OSError:                                                     # find a reader once the process is gone
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
 
 
 def encoders_of(worker_pid: int) -> list[int]:
@@ -997,6 +1018,13 @@ class Run:
         except FileNotFoundError:
             return []
 
+    def _find(self, path: str) -> list[str]:
+        self.fs.invalidate_cache()
+        try:
+            return self.fs.find(path)
+        except FileNotFoundError:
+            return []
+
     def _count_markers(self) -> int:
         return sum(bool(_MARKER.fullmatch(name)) for name in self._listing())
 
@@ -1091,15 +1119,20 @@ class Run:
         victim = rng.choice(encoders)
         if fault.type == "encoder_kill":
             stopped = [encoder for encoder in encoders if _signal(encoder, signal.SIGSTOP)]
-            try:
+            started = time.monotonic()
+            try:  # hold_s, and longer (up to HOLD_LIMIT_S) until tasks wait unread in the victim's input
                 time.sleep(fault.params["hold_s"])
+                while not (unread := _unread_input(victim)) and time.monotonic() - started < HOLD_LIMIT_S:
+                    time.sleep(0.05)
                 killed = _signal(victim, signal.SIGKILL)
             finally:
                 for encoder in stopped:
                     if encoder != victim:
                         _signal(encoder, signal.SIGCONT)
-            fault.detail = (f"{len(stopped)} encoders of {title} (pid {pid}) stopped for {fault.params['hold_s']}s, "
-                            f"then encoder {victim} got SIGKILL")
+            if killed:
+                fault.detail = (f"{len(stopped)} encoders of {title} (pid {pid}) stopped for "
+                                f"{time.monotonic() - started:.1f}s, then encoder {victim} got SIGKILL with {unread} "
+                                f"bytes of tasks unread in its input")
             return killed
         flag = self.services.encoder_start_fails_file
         flag.write_text(str(pid))
@@ -1163,13 +1196,24 @@ class Run:
             pause.checked = True
             gone = sorted(name for name in pause.names_at_resume - set(self._listing())
                           if _MARKER.fullmatch(name) or _DATA.fullmatch(name) or name == "_job.json")
+            # A move back to the staging that was under way when the driver stopped (copied, not yet deleted)
+            # ends on waking: the README leaves these open, one per thread; any other file gone is a deletion.
+            staged = {path.rsplit("/", 1)[-1] for path in self._find(f"{self.root}/{STAGING_DIR}")}
+            moved = [name for name in gone if name in staged]
+            deleted = [name for name in gone if name not in staged]
             second_has_workers = SHARD_WORKER_LINE in pause.second.log.read_text(errors="replace")
-            fault.detail += (f"; the first exited {now - pause.resumed_at:.1f}s after it resumed, "
-                             f"{len(gone)} files gone meanwhile"
+            fault.detail += (f"; the first exited {now - pause.resumed_at:.1f}s after it resumed; meanwhile "
+                             f"{len(moved)} moves to the staging ended, {len(deleted)} files were deleted"
                              f"{' (the second had workers up: not judged)' if second_has_workers and gone else ''}")
-            if gone and not second_has_workers:
-                self.problems.append(f"driver_pause: after driver {pause.first.process.pid} resumed, {len(gone)} "
-                                     f"files of the output were deleted before it exited: {gone[:10]}")
+            if second_has_workers:
+                return
+            if deleted:
+                self.problems.append(f"driver_pause: after driver {pause.first.process.pid} resumed, {len(deleted)} "
+                                     f"files of the output were deleted before it exited: {deleted[:10]}")
+            if len(moved) > IN_FLIGHT_MOVES_LIMIT:
+                self.problems.append(f"driver_pause: after driver {pause.first.process.pid} resumed, {len(moved)} "
+                                     f"files were moved to the staging, more than the {IN_FLIGHT_MOVES_LIMIT} "
+                                     f"moves that can have been under way: {moved[:10]}")
 
     def _lock_holder(self, drivers: list[Driver], by_record: bool = False) -> Driver | None:
         """The live driver that holds the output's lock (or the only live one, unless `by_record`)."""
