@@ -158,7 +158,10 @@ class ImageSources:
             return self._read_url(url, root)
         if separator or value.startswith("/"):
             return self._read_local(rest if separator else value, root if self.local_input else None)
-        path = posixpath.normpath(posixpath.join(posixpath.dirname(self.input_fs._strip_protocol(unit.path)), value))
+        file = self.input_fs._strip_protocol(unit.path)
+        file_scheme, in_url, file_path = file.partition("://")  # HTTP's paths keep their scheme and host
+        path = posixpath.normpath(posixpath.join(posixpath.dirname(file_path if in_url else file), value))
+        path = f"{file_scheme}://{path}" if in_url else path
         if self.local_input:
             return self._read_local(path, root)
         if not _inside(path, root):

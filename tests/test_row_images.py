@@ -346,3 +346,12 @@ def test_a_whole_schemes_allowance_leaves_out_private_hosts(server):
     named, _ = images_for("memory://in/p.parquet", allow=(server.url,))
     ok, = read_rows(named, unit, [f"{server.url}ok.png"])  # named, the host is allowed
     assert ok.error is None and ok.inputs["pixels"][0].shape == (64, 64, 3)
+
+
+def test_relative_paths_resolve_beside_prompts_read_over_http(server):
+    """HTTP keeps the scheme and host in its paths: a relative name is joined below them, with the prompts' own
+    options (their host is the job's store), and `..` still cannot climb out of the host."""
+    images, unit = images_for(f"{server.url}p.parquet")
+    ok, struct, up = read_rows(images, unit, ["ok.png", {"bytes": None, "path": "./ok.png"}, "../../ok.png"])
+    assert ok.error is None and struct.error is None
+    assert up.error.endswith("'../../ok.png': outside the prompts folder and every --allow-image-source")
