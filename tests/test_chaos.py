@@ -2,8 +2,9 @@
 
 The long suite is tests/chaos.py (see RELIABILITY.md); here: the proxy against moto, then two short seeded runs
 with storage faults (lost answers included), a worker killed mid-unit, the driver killed and re-run, and faults of
-issue 13: before the first commit, multipart uploads, a local output (--overwrite runs only in the long suite: an
-old-settings job and its removal would double the time of this test).
+issue 13: before the first commit, multipart uploads, a local output, and of issue 28: an image encoder killed
+holding tasks (--overwrite and driver_pause run only in the long suite: an old-settings job and its removal would
+double the time of this test; memory_full and encoder_start_fails also run only there, to keep this one short).
 """
 
 import http.client
@@ -222,11 +223,12 @@ def short_chaos(tmp_path, *options: str) -> list[dict]:
 
 
 def test_short_chaos_runs_pass(tmp_path):
-    """Storage faults (lost answers included), a worker killed mid-unit and the driver killed then re-run; seed
-    125 adds, before the first commit, a driver kill (run 0) and a storage outage (run 1), and gives run 0
-    multipart uploads (parts of 32 KiB: its tars are over 64 KiB) and run 1 a local output."""
+    """Storage faults (lost answers included), a worker killed mid-unit, an image encoder killed holding tasks
+    (issue 28) and the driver killed then re-run; seed 125 adds, before the first commit, a driver kill (run 0)
+    and a storage outage (run 1), and gives run 0 multipart uploads (parts of 32 KiB: its tars are over 64 KiB)
+    and run 1 a local output. Every run leaves no psm_* block in /dev/shm and passes verify 5 times."""
     runs = short_chaos(tmp_path, "--seed", "125", "--faults", "storage,local_output,multipart",
-                       "--always", "worker_kill,driver_kill,storage,early", "--part-sizes", "32768",
+                       "--always", "worker_kill,driver_kill,storage,early,encoder_kill", "--part-sizes", "32768",
                        "--storage-rules", json.dumps(LOST_ANSWERS))
     for run, variant in zip(runs, ("multipart", "local_output")):
         early = next(fault for fault in run["faults"] if fault["type"] == "early")
@@ -241,9 +243,13 @@ def test_short_chaos_runs_pass(tmp_path):
         assert "driver_kill" in fired, run["faults"]
         assert run["resumes"] >= 1 and run["legs"][0]["drivers"][0]["status"] == -9
         final = run["checks"]["final"]
-        assert final["verify_exit"] == 0 and final["prompts_once"] and final["bytes_equal_reference"]
+        assert final["verify_exits"] == [0] * 5 and final["prompts_once"] and final["bytes_equal_reference"]
+        assert run["checks"]["after_shutdown"]["new_shared_memory"] == []
     # a worker kill lands mid-job in at least one run; the other's small job may finish before its moment comes
     assert any("worker_kill" in {f["type"] for f in run["faults"] if f["injected"]} for run in runs), runs
+    # likewise the encoder kill; where it lands, the encoder held tasks: a try failed, and no row (checked above)
+    assert any(run["engine_events"].get("encoder_lost_holding_tasks") for run in runs), [
+        (run["faults"], run["engine_events"]) for run in runs]
     lost = sum(count for run in runs for name, count in run["storage"]["faults"].items()
                if name.endswith("after:reset") and not name.startswith("read"))
     assert lost > 0, [run["storage"] for run in runs]
