@@ -37,7 +37,8 @@ class JobFileError(ValueError):
 
 
 class JobFileLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's booleans (only true and false), no aliases, and no key twice."""
+    """PyYAML's safe loader with YAML 1.2's booleans (only true and false), no aliases or merge keys, and no key
+    twice."""
 
     def __init__(self, stream):
         super().__init__(stream)
@@ -63,6 +64,9 @@ class JobFileLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:  # another mapping's keys copied in: as an alias, it can hide a value
+                raise yaml.MarkedYAMLError(None, None, "a YAML merge key (<<) is not allowed in a job file: write "
+                                           "the keys out", key_node.start_mark)
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, (list, dict)):
                 continue  # unhashable: PyYAML's own error says so
@@ -73,6 +77,7 @@ class JobFileLoader(yaml.SafeLoader):
 
 
 _BOOLEAN_TAG = "tag:yaml.org,2002:bool"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 JobFileLoader.yaml_implicit_resolvers = {
     first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOLEAN_TAG]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()

@@ -48,8 +48,9 @@ _SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "
 # A quoted value, not empty (an empty value hides nothing); also with escaped quotes, as JSON inside a string has
 _QUOTED_VALUE = r""""(?:[^"\\]|\\.)+"|'(?:[^'\\]|\\.)+'|\\"(?:(?!\\").)+\\"|\\'(?:(?!\\').)+\\'"""
 _SECRET_IN_TEXT = [
-    # user:password@ in URLs, the user possibly empty (redis://:password@host)
-    re.compile(r"(?P<keep>://)(?P<secret>[^/\s:@]*:(?P<password>[^/\s@]+))(?=@)"),
+    # user:password@ in URLs, the user possibly empty (redis://:password@host), and a user alone, which clients
+    # send as a credential (https://TOKEN@host/)
+    re.compile(r"(?P<keep>://)(?P<secret>[^/\s:@]*:(?P<password>[^/\s@]+)|[^/\s:@]+)(?=@)"),
     # signed-URL (X-Amz-Signature, X-Goog-Signature, X-Goog-Credential, Azure's sig) and token query parameters,
     # and the fields of connection strings (;AccountKey=...)
     re.compile(r"(?i)(?P<keep>[?&;][\w.-]*(?:sig|key|token|secret|passw|pwd|credential|auth)[\w.-]*=)"
@@ -577,8 +578,9 @@ def check_conditional_writes(fs: fsspec.AbstractFileSystem, root: str) -> None:
     except OSError as exc:
         raise OutputError(f"{where}: cannot create a file there ({type(exc).__name__}: {exc})") from None
     try:
+        stale = store.stale_version(version)
         for what, write in (("a create of an object that exists", lambda: store.create(probe, b"second")),
-                            ("a replace with a stale version", lambda: store.replace(probe, b"third", store.stale_version(version)))):
+                            ("a replace with a stale version", lambda: store.replace(probe, b"third", stale))):
             try:
                 write()
             except PreconditionFailed:

@@ -110,6 +110,7 @@ def test_job_file_that_is_not_a_mapping_or_spells_a_key_twice(tmp_path):
     ("storage_options: {client_kwargs: &k {region_name: r}, config_kwargs: *k}\n",
      "key 'storage_options.config_kwargs': a YAML alias (*k) is not allowed"),
     ("x: &a batch_size\n*a : 4\n", "line 5, column 1: a key: a YAML alias (*a) is not allowed"),
+    ("<<: {height: 64}\n", "line 4, column 1: a YAML merge key (<<) is not allowed in a job file"),
 ])
 def test_job_file_is_read_as_yaml_1_2_without_duplicates_or_aliases(tmp_path, text, message):
     """YAML 1.1's yes/no/on/off are strings, which no switch takes; a key twice never silently keeps one."""

@@ -83,6 +83,7 @@ FORMS = [
     ("failed: DefaultEndpointsProtocol=https;AccountName=a;AccountKey=acctkey==;EndpointSuffix=x", ["acctkey"]),
     ("ConnectionError: could not connect to http://admin:hunter2x@minio:9000/bucket", ["hunter2x"]),
     ("cannot read http://:emptyuserpw@127.0.0.1:8000/p.parquet", ["emptyuserpw"]),  # a password, no user
+    ("cannot read https://ghp_tokenasuser1@127.0.0.1:8000/p.parquet", ["ghp_tokenasuser1"]),  # a token as the user
     ("request headers: Authorization: Bearer eyJhbGciOi.payload.sig", ["eyJhbGciOi"]),
     ("sent Authorization: Basic dXNlcjpwYXNz", ["dXNlcjpwYXNz"]),
     ("botocore config: aws_secret_access_key=wJalrXUtnFEMI/K7MDENG and more", ["wJalrXUtnFEMI"]),
