@@ -5,6 +5,7 @@ transformers in test_lora.py and test_scores.py; here, what a job makes of them.
 import hashlib
 import io
 import json
+import shutil
 
 import fsspec
 import numpy as np
@@ -148,20 +149,57 @@ def test_a_model_of_the_wrong_kind_is_refused_naming_its_flag(run, tiny_models, 
     """A CLIP model loads as a safety checker (and scores NaN), a safety checker as CLIP (and fails every row):
     each model a flag names is checked for its class on the driver, before any worker starts."""
     cases = [(["--scores", "nsfw", "--safety-checker", str(tiny_models["clip"])],
-              "--safety-checker", "is a CLIPModel, not a StableDiffusionSafetyChecker"),
+              "--safety-checker", "its config.json names class CLIPModel, not StableDiffusionSafetyChecker"),
              (["--scores", "clip", "--clip-model", str(tiny_models["safety_checker"])],
-              "--clip-model", "is a StableDiffusionSafetyChecker, not a CLIPModel"),
+              "--clip-model", "its config.json names class StableDiffusionSafetyChecker, not CLIPModel"),
              (["--controlnet", str(tiny_models["taesd"]), "--control-column", "style"], "--controlnet",
-              "is a AutoencoderTiny, not a ControlNetModel"),
+              "its config.json names class AutoencoderTiny, not ControlNetModel"),
              (["--decoder", "tiny", "--tiny-decoder", str(tiny_models["controlnet"])], "--tiny-decoder",
-              "is a ControlNetModel, not a AutoencoderTiny")]
+              "its config.json names class ControlNetModel, not AutoencoderTiny")]
     for flags, flag, message in cases:
         output = run("generate", *flags, status=2)
         line = error_line(capsys)
-        assert line.startswith(f"error: {flag} ") and message in line, line
+        assert line == f"error: {flag} {flags[flags.index(flag) + 1]!r}: {message}", line
         assert not output.exists()
     run("generate", "--refiner", str(tiny_models["sd15"]), status=2)  # SD-1.5's folder lacks SDXL's components
     assert "missing text_encoder_2" in error_line(capsys)
+
+
+def test_a_pipeline_folder_whose_component_is_of_the_wrong_kind_is_refused_on_the_driver(run, tiny_models, capsys,
+                                                                                       tmp_path, monkeypatch):
+    """A student whose unet/ is a VAE failed on every worker (three starts, 37 s) before exit 2: each component of
+    the pipeline folders that --model, --teacher and --merge-finetune/--merge-base name is checked on the driver."""
+    import pipeline.job
+
+    def no_worker(*args):
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(pipeline.job, "ray_worker_factory", no_worker)
+
+    def swapped(model: str, component: str, replacement) -> str:
+        """A copy of a tiny model whose `component` folder holds `replacement`."""
+        copy = tmp_path / f"{model}-{component}"
+        shutil.copytree(tiny_models[model], copy)
+        shutil.rmtree(copy / component)
+        shutil.copytree(replacement, copy / component)
+        return str(copy)
+
+    instaflow, sd15 = tiny_models["instaflow"], tiny_models["sd15"]
+    cases = [("generate", ["--model", swapped("instaflow", "unet", instaflow / "vae")], "--model",
+              "its unet/config.json names class AutoencoderKL, not UNet2DConditionModel"),
+             ("reflow-pairs", ["--no-student", "--teacher", swapped("sd15", "vae", tiny_models["taesd"])],
+              "--teacher", "its vae/config.json names class AutoencoderTiny, not AutoencoderKL"),
+             ("generate", ["--merge-finetune", swapped("sd15", "text_encoder", tiny_models["clip"]), "--merge-base",
+                           str(sd15)], "--merge-finetune",
+              "its text_encoder/config.json names class CLIPModel, not CLIPTextModel"),
+             ("generate", ["--merge-finetune", str(tiny_models["finetune"]), "--merge-base",
+                           swapped("sd15", "unet", instaflow / "text_encoder")], "--merge-base",
+              "its unet/config.json names class CLIPTextModel, not UNet2DConditionModel")]
+    for job, flags, flag, message in cases:
+        output = run(job, *flags, status=2)
+        model = flags[flags.index(flag) + 1]
+        assert error_line(capsys) == f"error: {flag} {model!r}: {message}"
+        assert not output.exists()
 
 
 def test_a_score_that_is_not_finite_fails_its_row_in_that_output():

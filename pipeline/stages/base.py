@@ -19,7 +19,7 @@ from typing import Callable
 import pyarrow as pa
 import torch
 
-from instaflow.loading import ComponentCache, ModelLoadError
+from instaflow.loading import UNET_CLASS, ComponentCache, ModelLoadError
 from instaflow.models import PromptBatch
 from pipeline.encoders import EncoderLost
 from pipeline.model_source import ModelSource
@@ -32,30 +32,44 @@ Encode = Callable[["HostCopy", int], list[Future]]  # the worker's encoders: one
 
 @dataclass(frozen=True)
 class ModelKind:
-    """What the model a flag names must be: the class its config file names (diffusers' `_class_name`, or the
-    first of transformers' `architectures`). A CLIP model and a safety checker, or a VAE and a ControlNet, load
-    into each other's classes without an error and then give wrong values, so the class is checked by name."""
+    """What the model a flag names must be: for each config file, the classes it may name (diffusers'
+    `_class_name`, or the first of transformers' `architectures`). A CLIP model and a safety checker, or a VAE and
+    a ControlNet, load into each other's classes without an error and then give wrong values, and a pipeline folder
+    whose unet/ holds a VAE fails on every worker: so the classes are checked by name, on the driver."""
 
     flag: str
-    config: str  # "config.json" of a module, "model_index.json" of a pipeline folder
-    classes: tuple[str, ...]
+    classes: dict[str, tuple[str, ...]]  # by config file: "config.json" of a module, "model_index.json" or
+    # "unet/config.json" of a pipeline folder
+
+
+# A pipeline folder's weighted components, as `ComponentCache.load` reads them (instaflow/loading.py), and the
+# class each is loaded into: InstaFlow's and SD-1.5's hub folders name these.
+PIPELINE_CLASSES = {"unet/config.json": (UNET_CLASS,), "vae/config.json": ("AutoencoderKL",),
+                    "text_encoder/config.json": ("CLIPTextModel",)}
+
+
+def pipeline_kind(flag: str) -> ModelKind:
+    """A diffusers pipeline folder (a student, a teacher, a fine-tune and its base) whose components are loaded."""
+    return ModelKind(flag, PIPELINE_CLASSES)
 
 
 def check_model_kind(source: ModelSource, kind: ModelKind, storage_options: dict) -> None:
-    """Raises ModelLoadError in one line naming the flag, the model and both classes, on the driver."""
-    with source.config_files([kind.config], storage_options) as folder:
-        try:
-            config = json.loads((folder / kind.config).read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{kind.flag} {redact_text(source.model)!r}: cannot read its {kind.config}: "
-                                 f"{exc}") from None
-    named = config.get("_class_name") if isinstance(config, dict) else None
-    if named is None and isinstance(config, dict):
-        architectures = config.get("architectures")
-        named = architectures[0] if isinstance(architectures, list) and architectures else None
-    if named not in kind.classes:
-        what = f"a {named}" if named else "a model whose config names no class"
-        raise ModelLoadError(f"{kind.flag} {redact_text(source.model)!r} is {what}, not a {' or '.join(kind.classes)}")
+    """Raises ModelLoadError in one line naming the flag, the model, the config file and both classes."""
+    with source.config_files(list(kind.classes), storage_options) as folder:
+        for name, classes in kind.classes.items():
+            try:
+                config = json.loads((folder / name).read_text())
+            except (OSError, ValueError) as exc:
+                raise ModelLoadError(f"{kind.flag} {redact_text(source.model)!r}: cannot read its {name}: "
+                                     f"{exc}") from None
+            named = config.get("_class_name") if isinstance(config, dict) else None
+            if named is None and isinstance(config, dict):
+                architectures = config.get("architectures")
+                named = architectures[0] if isinstance(architectures, list) and architectures else None
+            if named not in classes:
+                found = f"names class {named}" if named else "names no class"
+                raise ModelLoadError(f"{kind.flag} {redact_text(source.model)!r}: its {name} {found}, not "
+                                     f"{' or '.join(classes)}")
 
 
 class HostCopy:

@@ -29,7 +29,7 @@ PREPARED = "control"  # what prepare_rows adds to a sample's inputs: (pixels, th
 
 class ControlNetStage(Stage):
     name = "controlnet"
-    model_kinds = {"controlnet": ModelKind("--controlnet", "config.json", ("ControlNetModel",))}
+    model_kinds = {"controlnet": ModelKind("--controlnet", {"config.json": ("ControlNetModel",)})}
 
     def __init__(self, spec, input_fs):
         self.spec = spec

@@ -19,7 +19,7 @@ from instaflow.sampling import check_size, encode_images, finite_per_sample
 from pipeline.plan import WorkUnit
 from pipeline.reader import Sample
 from pipeline.row_images import RowImages
-from pipeline.stages.base import Encode, UnitOutputs
+from pipeline.stages.base import Encode, UnitOutputs, pipeline_kind
 from pipeline.stages.pairs import PairsOutput, pair_result
 from pipeline.storage import filesystem
 
@@ -29,6 +29,7 @@ DIGEST = pa.field("image_digest", pa.string())
 
 class EncodeStage(PairsOutput):
     non_finite = "non-finite output (NaN or inf in the image's latent)"
+    model_kinds = {"teacher": pipeline_kind("--model")}  # the encode job's --model is pinned as its "teacher"
 
     def __init__(self, spec, components: Components, input_fs):
         self.spec = spec

@@ -19,7 +19,8 @@ from instaflow.lora import TEXT_ENCODER, UNET, check_lora, check_merge, fuse_lor
     read_lora
 from instaflow.models import PromptBatch, Settings, Student
 from pipeline.model_source import ModelSource, resolve_model_source
-from pipeline.stages.base import Encode, HostCopy, ModelKind, Stage, UnitOutputs, collect_encoded, metadata_rows
+from pipeline.stages.base import Encode, HostCopy, ModelKind, Stage, UnitOutputs, collect_encoded, metadata_rows, \
+    pipeline_kind
 from pipeline.stages.controlnet import load_controlnet
 from pipeline.writers import IMAGE_EXTENSIONS, image_parquet_shard, metadata_table, webdataset_shard
 
@@ -31,7 +32,9 @@ _CONFIGS = [f"{UNET}/config.json", f"{TEXT_ENCODER}/config.json"]
 class ImagesStage(Stage):
     name = "images"
     is_output = True
-    model_kinds = {"decoder": ModelKind("--tiny-decoder", "config.json", ("AutoencoderTiny",))}
+    model_kinds = {"model": pipeline_kind("--model"), "merge_finetune": pipeline_kind("--merge-finetune"),
+                   "merge_base": pipeline_kind("--merge-base"),
+                   "decoder": ModelKind("--tiny-decoder", {"config.json": ("AutoencoderTiny",)})}
 
     def __init__(self, spec, student: Student, weights_record: str | None = None):
         self.spec = spec

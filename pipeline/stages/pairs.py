@@ -12,7 +12,7 @@ from instaflow.loading import ComponentCache, Components
 from instaflow.models import PromptBatch, Settings, Teacher
 from instaflow.sampling import decode, finite_per_sample, to_pixels
 from pipeline.model_source import ModelSource, resolve_model_source
-from pipeline.stages.base import Encode, HostCopy, Stage, UnitOutputs, collect_encoded, metadata_rows
+from pipeline.stages.base import Encode, HostCopy, Stage, UnitOutputs, collect_encoded, metadata_rows, pipeline_kind
 from pipeline.stages.controlnet import load_controlnet
 from pipeline.storage import redact_text
 from pipeline.writers import IMAGE_EXTENSIONS, metadata_table, pairs_parquet_shard
@@ -67,6 +67,7 @@ def pair_result(noise: torch.Tensor, latents: torch.Tensor, finite: torch.Tensor
 
 
 class PairsStage(PairsOutput):
+    model_kinds = {"teacher": pipeline_kind("--teacher")}
     def __init__(self, spec, teacher: Teacher):
         self.spec = spec
         self.teacher = teacher

@@ -29,8 +29,8 @@ FIELDS = [pa.field("refiner", pa.string()), pa.field("refiner_strength", pa.floa
 
 class RefinerStage(Stage):
     name = "refiner"
-    model_kinds = {"refiner": ModelKind("--refiner", "model_index.json", ("StableDiffusionXLImg2ImgPipeline",
-                                                                          "StableDiffusionXLPipeline"))}
+    model_kinds = {"refiner": ModelKind("--refiner", {"model_index.json": ("StableDiffusionXLImg2ImgPipeline",
+                                                                           "StableDiffusionXLPipeline")})}
 
     def __init__(self, spec, refiner: Refiner, refiner_name: str):
         self.spec = spec

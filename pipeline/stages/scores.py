@@ -34,8 +34,8 @@ def scored_outputs(spec) -> list[str]:
 
 class ScoresStage(Stage):
     name = "scores"
-    model_kinds = {"safety_checker": ModelKind("--safety-checker", "config.json", ("StableDiffusionSafetyChecker",)),
-                   "clip_model": ModelKind("--clip-model", "config.json", ("CLIPModel",))}
+    model_kinds = {"safety_checker": ModelKind("--safety-checker", {"config.json": ("StableDiffusionSafetyChecker",)}),
+                   "clip_model": ModelKind("--clip-model", {"config.json": ("CLIPModel",)})}
 
     def __init__(self, spec, safety: SafetyScorer | None, clip: ClipScorer | None):
         self.spec = spec
