@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "INSTAFLOW_MODEL_CACHE"  # where URL models are copied on each node, and local files' digests kept
 DIGESTS_FILE = "local-file-digests.json"
 _HASH_THREADS = 4
+NAME_MAX = 255  # bytes in one name on Linux's file systems (ext4, XFS, btrfs) and macOS's
+REVISION_LENGTH = 64  # a URL model's revision (its copy's folder name in the cache): a sha256 in hex
 _digests: dict[str, str] = {}  # a file's path and stat (see _stat_key) -> its sha256; loaded from the cache folder
 
 
@@ -325,6 +327,7 @@ def _url_listing(fs, root: str, model: str, layout: str) -> tuple[dict[str, dict
             raise ModelLoadError(f"model {model!r}: no files there")
         base = root
     files = {_listed_name(model, base, path): info for path, info in sorted(found.items())}
+    _check_no_file_is_a_folder(model, base, files)
     digest = hashlib.sha256()
     for rel, info in files.items():
         digest.update(f"{rel}:{info.get('size')}:{_version_tag(info)}\n".encode())
@@ -345,7 +348,31 @@ def _listed_name(model: str, base: str, path: str) -> str:
         raise ModelLoadError(f"model {model!r}: its store lists {path!r}, which is not a file inside the model's "
                              "folder (a '..', absolute or empty part): refused, it would be written outside the "
                              "model cache") from None
+    path_max = _local_path_max()
+    if (any(len(os.fsencode(part)) > NAME_MAX for part in relative.split("/"))
+            or len(os.fsencode(_temporary_copy(model_cache_dir(), REVISION_LENGTH * "0") / relative)) >= path_max):
+        raise ModelLoadError(f"model {model!r}: its store lists {path!r}, a name longer than a local disk takes "
+                             f"({NAME_MAX} bytes a part, {path_max} a path in the model cache): refused, no node "
+                             "could copy it")
     return relative
+
+
+def _check_no_file_is_a_folder(model: str, base: str, files: dict) -> None:
+    """A key that is a file and also the folder of other keys (`unet` beside `unet/config.json`) cannot be copied to
+    a disk, where a name is one or the other: refused on the driver rather than on every worker."""
+    folders = {"/".join(parts[:end]) for parts in (name.split("/") for name in files) for end in range(1, len(parts))}
+    both = sorted(set(files) & folders)
+    if both:
+        raise ModelLoadError(f"model {model!r}: its store lists {posixpath.join(base, both[0])!r} as a file and as "
+                             "the folder of other keys: refused, a copy on disk cannot hold both")
+
+
+def _local_path_max() -> int:
+    """The longest path this node's file system takes, in bytes with its final NUL (Linux's PATH_MAX)."""
+    try:
+        return os.pathconf("/", "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return 4096
 
 
 def _version_tag(info: dict) -> str:
@@ -398,7 +425,7 @@ def _cached_copy(source: ModelSource, storage_options: dict) -> Path:
         files, digest, root = _url_listing(fs, root, source.model, source.layout)
         if digest != source.revision:
             raise ModelLoadError(f"model {source.model!r}: its files changed since the job started")
-        tmp = cache / f"{source.revision}.tmp-{uuid.uuid4().hex}"
+        tmp = _temporary_copy(cache, source.revision)
         try:
             for rel, info in files.items():
                 local = _inside_copy(source, tmp, rel)
@@ -416,6 +443,11 @@ def _cached_copy(source: ModelSource, storage_options: dict) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("copied model %s to %s", source.model, target)
         return target
+
+
+def _temporary_copy(cache: Path, revision: str) -> Path:
+    """The folder a copy is made in before it takes its revision's name (the longest path a copied file has)."""
+    return cache / f"{revision}.tmp-{uuid.uuid4().hex}"
 
 
 def _inside_copy(source: ModelSource, copy: Path, rel: str) -> Path:

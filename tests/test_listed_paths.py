@@ -74,3 +74,24 @@ def test_a_worker_never_writes_a_listed_key_outside_its_cache(s3, escaping_model
         source.local_dir(s3.storage_options)
     assert not files_outside(tmp_path, cache)
     assert not [p for p in cache.iterdir() if p.is_dir()]  # no copy, no leftover
+
+
+@pytest.mark.parametrize("key, why", [("unet", "as a file and as the folder of other keys"),
+                                      (f"unet/{'w' * 300}.safetensors", "a name longer than a local disk takes")])
+def test_a_model_whose_keys_no_disk_can_hold_is_refused_on_the_driver(s3, tiny_models, tmp_path, monkeypatch, capsys,
+                                                                      key, why):
+    """A key `unet` beside `unet/config.json`, or a 300-byte name, was pinned and then failed on every worker ('unet
+    has other contents', ENAMETOOLONG): the driver refuses it, naming the model and the key."""
+    monkeypatch.setenv(model_source.CACHE_ENV, str(tmp_path / "cache"))
+    folder = f"{s3.bucket}/models/{len(key)}"
+    s3.fs.put(str(tiny_models["instaflow"]), folder, recursive=True)
+    s3.fs.pipe_file(f"{folder}/{key}", b"a file the store holds")
+    s3.fs.invalidate_cache()
+    write_prompts(s3.fs, f"{s3.bucket}/in/p.parquet", prompt_table(4), row_group_size=4)
+    url = s3.url(f"models/{len(key)}")
+    status = generate.main(["--prompts", s3.url("in/"), "--output", str(tmp_path / "out"), "--model", url,
+                            "--storage-options", json.dumps(s3.storage_options), *SIZE])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: model {url!r}: its store lists {f'{folder}/{key}'!r}") and why in err, err
+    assert not (tmp_path / "out" / "_job.json").exists() and not (tmp_path / "cache").exists()
