@@ -1072,6 +1072,8 @@ class Run:
             self.pause = Pause(fault, driver, time.monotonic())
             fault.detail = f"SIGSTOP to driver {driver.process.pid}"
         elif act in DRIVER_FAULTS:
+            if self.pause is not None and self.pause.resumed_at is None:
+                return  # a driver_pause is under way: the second driver must take over before anything hits it
             driver = self._lock_holder(drivers)
             if driver is None:
                 return
