@@ -1,8 +1,9 @@
 """Images that rows name (issue 25): confined to the prompts root and the allowed sources, read within bounds,
-never sent the job's credentials; each bad row fails alone naming its value and column, and an outage of the
-job's own store fails the try. One encode job and one ControlNet generate job, as a user runs them, and unit
-tests of the store outage and the flags."""
+never sent the job's credentials nor fsspec's settings; each bad row fails alone naming its value and column, and
+an outage of the job's own store, or of every store a unit's rows name, fails the try. One encode job and one
+ControlNet generate job, as a user runs them, and unit tests of the store outages, the bounds and the flags."""
 
+import collections
 import hashlib
 import http.server
 import io
@@ -25,6 +26,7 @@ from PIL import Image
 from jobs.main import main
 from pipeline.plan import WorkUnit
 from pipeline.reader import Sample
+from pipeline import row_images
 from pipeline.row_images import RowImages, StoreOutage
 from pipeline.spec import JobSpec
 
@@ -33,6 +35,7 @@ SIZE = ["--height", "64", "--width", "64", "--dtype", "float32", "--device", "cp
 CAP = 100_000  # --max-image-bytes of the encode job: above the good image, below big.bin
 TIMEOUT_S = 2.0  # --image-read-timeout of the encode job
 SECRET = "Bearer job-secret-token-0123456789"
+FSSPEC_SECRET = "Bearer fsspec-setting-token-9876543210"  # in fsspec's HTTP settings, which image hosts must not get
 
 
 def png(seed: int = 0) -> bytes:
@@ -51,14 +54,27 @@ def png_raising_syntax_error() -> bytes:
     return data[:start - 4] + idat + b"\x00\x00\x00\x10\x01\x02\x03\x04" + bytes(20)
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height over an empty image stream: what Image.open reads, lazily, before
+    anything is decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
 class ImageServer(http.server.ThreadingHTTPServer):
     """127.0.0.1: /ok.png, /endless (zeros until the client stops), /hang (never answers), /drip (its answer's
-    head a byte every half second, so that no single read waits long); it records each request's headers."""
+    head a byte every half second, so that no single read waits long), /status/CODE/... (answers CODE),
+    /busy-once/... (503 the first time each path is asked, then ok.png's image), /reset (closes the connection
+    unanswered); it records each request's headers, and counts requests by path."""
 
     daemon_threads = True
 
     def __init__(self, image: bytes):
         self.image, self.headers_seen, self.release = image, [], threading.Event()
+        self.asked = collections.Counter()
         super().__init__(("127.0.0.1", 0), Handler)
 
     @property
@@ -69,6 +85,21 @@ class ImageServer(http.server.ThreadingHTTPServer):
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.server.headers_seen.append(dict(self.headers))
+        self.server.asked[self.path] += 1
+        if self.path == "/reset":
+            self.close_connection = True
+            return
+        if self.path.startswith("/status/"):
+            self.send_response(int(self.path.split("/")[2]))
+            self.end_headers()
+            return
+        if self.path.startswith("/busy-once/"):
+            first = self.server.asked[self.path] == 1
+            self.send_response(503 if first else 200)
+            self.end_headers()
+            if not first:
+                self.wfile.write(self.server.image)
+            return
         if self.path == "/hang":
             self.server.release.wait(60)
             return
@@ -117,6 +148,7 @@ def hostile(tmp_path_factory, server):
     (prompts / "photos" / "ok.png").write_bytes(png(0))
     (prompts / "photos" / "damaged.png").write_bytes(png_raising_syntax_error())
     (prompts / "photos" / "big.bin").write_bytes(bytes(CAP + 1))
+    (prompts / "photos" / "bomb.png").write_bytes(png_claiming(5000, 5000))  # under Pillow's own limit
     (outside / "private.png").write_bytes(png(2))
     os.symlink(outside / "private.png", prompts / "photos" / "link-out.png")
     os.symlink(prompts / "photos" / "loop.png", prompts / "photos" / "loop.png")
@@ -125,6 +157,7 @@ def hostile(tmp_path_factory, server):
         "good": "photos/ok.png",
         "good, absolute inside": str(prompts / "photos" / "ok.png"),
         "good, over http": f"{server.url}ok.png",
+        "good, over http once busy": f"{server.url}busy-once/ok.png",
         "up, existing": "../outside/private.png",
         "up, missing": "../outside/none.png",
         "absolute, existing": str(outside / "private.png"),
@@ -139,6 +172,8 @@ def hostile(tmp_path_factory, server):
         "loop": "photos/loop.png",
         "damaged": "photos/damaged.png",
         "too big": "photos/big.bin",
+        "too many pixels": "photos/bomb.png",
+        "http host down": f"{server.url}status/503/job.png",
         "endless http": f"{server.url}endless",
         "hanging http": f"{server.url}hang",
         "dripping http": f"{server.url}drip",
@@ -146,6 +181,22 @@ def hostile(tmp_path_factory, server):
     }
     pq.write_table(pa.table({"prompt": list(values), "image": list(values.values())}), prompts / "rows.parquet")
     return SimpleNamespace(prompts=prompts, values=values)
+
+
+@pytest.fixture(scope="module")
+def fsspec_http_settings():
+    """fsspec's HTTP settings in the environment, as a user might have them for their own HTTP store, set before
+    this module's Ray starts so that its workers, which inherit the environment, read them as fsspec does."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FSSPEC_HTTP_HEADERS", json.dumps({"Authorization": FSSPEC_SECRET}))
+        patch.setenv("FSSPEC_HTTP", json.dumps({"cookies": {"session": FSSPEC_SECRET}}))
+        yield
+
+
+@pytest.fixture(scope="module")
+def ray_cpus(fsspec_http_settings, ray_cpus):
+    """conftest's Ray, started with fsspec_http_settings in the environment."""
+    return ray_cpus
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +216,7 @@ def encoded(ray_cpus, tiny_models, hostile, server, tmp_path_factory):
 def test_good_rows_are_read_and_record_their_digest(encoded, hostile, server):
     digest = hashlib.sha256((hostile.prompts / "photos" / "ok.png").read_bytes()).hexdigest()
     ok = {prompt for prompt, row in encoded.rows.items() if row["status"] == "ok"}
-    assert ok == {"good", "good, absolute inside", "good, over http"}
+    assert ok == {"good", "good, absolute inside", "good, over http", "good, over http once busy"}
     assert {encoded.rows[prompt]["image_digest"] for prompt in ok} == {digest}
     assert all(row["image_digest"] is None for row in encoded.rows.values() if row["status"] != "ok")
     identity = json.loads((encoded.output / "_job.json").read_text())["spec"]
@@ -190,6 +241,8 @@ def test_every_bad_row_fails_alone_naming_its_value_and_column(encoded, hostile)
         "loop": "cannot be read (OSError: [Errno 40]",
         "damaged": "cannot be decoded (SyntaxError: broken PNG file",
         "too big": f"larger than --max-image-bytes ({CAP} bytes)",
+        "too many pixels": "5000x5000 is more than the 16777216 pixels an image may have in this job",
+        "http host down": "cannot be read (ClientResponseError: 503",
         "endless http": f"larger than --max-image-bytes ({CAP} bytes)",
         "hanging http": "cannot be read (",
         "dripping http": "cannot be read (",  # within --image-read-timeout in all, not per byte
@@ -210,8 +263,8 @@ def test_every_bad_row_fails_alone_naming_its_value_and_column(encoded, hostile)
 
 def test_image_hosts_get_none_of_the_jobs_credentials(encoded, server):
     assert server.headers_seen  # the allowed host was asked
-    assert not [headers for headers in server.headers_seen if "Authorization" in headers or
-                any(SECRET in value for value in headers.values())]
+    assert not [headers for headers in server.headers_seen if "Authorization" in headers or "Cookie" in headers or
+                any(SECRET in value or FSSPEC_SECRET in value for value in headers.values())]
 
 
 @pytest.fixture(scope="module")
@@ -257,9 +310,9 @@ class FlakyFileSystem(MemoryFileSystem):
         return super().info(path, **kwargs)
 
 
-def images_for(prompts: str, allow=(), output: str = "flaky://out/job") -> tuple[RowImages, WorkUnit]:
+def images_for(prompts: str, allow=(), output: str = "flaky://out/job", size: int = 64) -> tuple[RowImages, WorkUnit]:
     spec = SimpleNamespace(prompts=prompts, output=output, storage_options={}, max_image_bytes=1 << 20,
-                           image_read_timeout_s=5.0, allow_image_sources=allow, width=64, height=64)
+                           image_read_timeout_s=5.0, allow_image_sources=allow, width=size, height=size)
     fs, _ = fsspec.core.url_to_fs(prompts)
     return RowImages(spec, fs, "image", "image"), WorkUnit(0, prompts, 0, 3, 0)
 
@@ -290,9 +343,11 @@ def test_an_outage_of_the_jobs_own_store_fails_the_try_not_the_rows(monkeypatch,
     assert missing.error.endswith("image (image): 'none.png': no such file")
     with pytest.raises(StoreOutage, match="ConnectionError"):
         read_rows(images, unit, ["ok.png", "down.png"])
-    # Another store's outage is that row's: the data named it
-    other, = read_rows(images, unit, ["flaky://other/x/down.png"])
-    assert "cannot be read (ConnectionError" in other.error
+    # Another store's outage is that row's, the data named it, while another image of the unit was read from a store
+    other, ok = read_rows(images, unit, ["flaky://other/x/down.png", "ok.png"])
+    assert "cannot be read (ConnectionError" in other.error and ok.error is None
+    with pytest.raises(StoreOutage, match="each of the 1 images its rows name from a store failed as an outage"):
+        read_rows(images, unit, ["flaky://other/x/down.png"])
 
 
 def test_a_missing_package_for_an_allowed_scheme_fails_the_try(monkeypatch):
@@ -339,7 +394,9 @@ def test_a_whole_schemes_allowance_leaves_out_private_hosts(server):
     port = server.server_address[1]
     requests_before = len(server.headers_seen)
     values = [f"http://127.0.0.1:{port}/ok.png", f"http://2130706433:{port}/ok.png", f"http://localhost:{port}/ok.png",
-              "http://169.254.169.254/latest/meta-data/", "http://[::1]/x.png"]
+              "http://169.254.169.254/latest/meta-data/", "http://[::1]/x.png", f"http://localhost.:{port}/ok.png",
+              f"http://LOCALHOST:{port}/ok.png", f"http://localhost.localdomain:{port}/ok.png",
+              f"http://ip6-localhost:{port}/ok.png", f"http://127.0.0.1.:{port}/ok.png", f"http://x.localhost.:{port}/"]
     for sample, value in zip(read_rows(images, unit, values), values):
         assert sample.error.endswith(f"{value!r}: outside the prompts folder and every --allow-image-source")
     assert len(server.headers_seen) == requests_before
@@ -355,3 +412,51 @@ def test_relative_paths_resolve_beside_prompts_read_over_http(server):
     ok, struct, up = read_rows(images, unit, ["ok.png", {"bytes": None, "path": "./ok.png"}, "../../ok.png"])
     assert ok.error is None and struct.error is None
     assert up.error.endswith("'../../ok.png': outside the prompts folder and every --allow-image-source")
+
+
+def test_a_store_that_says_try_again_is_asked_again_and_one_whose_every_image_is_out_fails_the_try(monkeypatch,
+                                                                                                   server):
+    """Another store's "try again" answers are asked again, a few times; a dead link fails its row alone; a unit
+    whose every image named from a store failed as an outage (here: 503, 429, a dropped connection, a refused one)
+    fails the try instead of committing its rows as failed."""
+    monkeypatch.setattr(row_images, "TRY_AGAIN_DELAY_S", 0.01)
+    images, unit = images_for("memory://in/p.parquet", allow=(server.url, "http://127.0.0.1:9/"))
+    busy, down, missing, dropped, refused, ok = read_rows(images, unit, [
+        f"{server.url}busy-once/unit.png", f"{server.url}status/503/unit", f"{server.url}status/404/unit",
+        f"{server.url}reset", "http://127.0.0.1:9/x.png", f"{server.url}ok.png"])
+    assert busy.error is None and ok.error is None and server.asked["/busy-once/unit.png"] == 2
+    assert "'http://127.0.0.1:9/x.png': cannot be read (ClientConnectorError" in refused.error
+    assert "cannot be read (ClientResponseError: 503" in down.error
+    assert missing.error.endswith("no such file") and "cannot be read (" in dropped.error
+    asked = {path: server.asked[path] for path in ("/status/503/unit", "/status/404/unit")}
+    assert asked == {"/status/503/unit": row_images.TRIES_WHEN_TOLD_TO_WAIT, "/status/404/unit": 1}
+    assert server.asked["/reset"] <= 2  # aiohttp's own one resend of a dropped request; never asked again here
+    with pytest.raises(StoreOutage, match=r"each of the 4 images its rows name from a store failed as an outage"):
+        read_rows(images, unit, [f"{server.url}status/503/all", f"{server.url}status/429/all", f"{server.url}reset",
+                                 "http://127.0.0.1:9/x.png", png(0)])  # bytes in the row name no store
+
+
+def test_hosts_that_rows_name_get_none_of_fsspecs_http_settings(monkeypatch, server):
+    """fsspec fills what a filesystem is not given from its configuration (FSSPEC_HTTP*, ~/.config/fsspec); an
+    image host gets none of it."""
+    monkeypatch.setitem(fsspec.config.conf, "http", {"headers": {"Authorization": FSSPEC_SECRET},
+                                                     "cookies": {"session": FSSPEC_SECRET}})
+    images, unit = images_for("memory://in/p.parquet", allow=(server.url,))
+    requests_before = len(server.headers_seen)
+    ok, = read_rows(images, unit, [f"{server.url}ok.png"])
+    assert ok.error is None
+    seen, = server.headers_seen[requests_before:]
+    assert "Authorization" not in seen and "Cookie" not in seen, seen
+
+
+def test_an_image_of_more_pixels_than_the_job_allows_fails_before_it_is_decoded():
+    """The pixel count is read from the header: a few bytes claiming 5000x5000 fail a 64x64 job's row naming
+    the size and the limit; a 1024x1024 job allows 64 times its own pixels, so the same header is decoded (and
+    found empty)."""
+    small, unit = images_for("memory://in/p.parquet")
+    bomb, = read_rows(small, unit, [png_claiming(5000, 5000)])
+    assert bomb.error.endswith("5000x5000 is more than the 16777216 pixels an image may have in this job "
+                               "(64 times its 64x64, at least 16777216)")
+    large, _ = images_for("memory://in/p.parquet", size=1024)
+    decoded, = read_rows(large, unit, [png_claiming(5000, 5000)])
+    assert "cannot be decoded" in decoded.error
