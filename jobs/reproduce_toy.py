@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 IMAGE_SIZE = 64
 HELD_OUT_FRACTION = 0.1
 ROWS_PER_FILE = 1000
+MODEL_INDEX = "model_index.json"  # at the top of a diffusers pipeline folder
 
 
 @dataclass(frozen=True)
@@ -140,16 +141,37 @@ class Reproduction:
         return json.loads(get_bytes(self.fs, self.path("report.json")))
 
     def check_not_an_output(self) -> None:
-        """Refuses a folder that holds a job's output (its `_job.json` or shard markers at the top, which a
-        reproduction never has there): the reproduction's data files would be mixed into it."""
+        """Refuses a folder that is, or is inside, a job's output (its `_job.json` or shard markers) or a model
+        folder (its `model_index.json`, or a lone model's `config.json` at the folder itself), up to the store's
+        root: the reproduction's files would be mixed into theirs (verify then finds data files no marker claims;
+        the model gets files of another)."""
+        folder = self.root
+        while True:
+            held = [name for name in self.names_in(folder) if name == MANIFEST_NAME or name.endswith(".stats.json")
+                    or name == MODEL_INDEX or (name == "config.json" and folder == self.root)]
+            if held:
+                what = "a model" if set(held) <= {MODEL_INDEX, "config.json"} else "a job's output"
+                where = "this folder" if folder == self.root else f"it is inside {self.url_of(folder)}, which"
+                raise ValueError(f"--out {self.out}: {where} holds {what} ({', '.join(held[:3])}), not a "
+                                 "reproduction; use another --out")
+            parent = posixpath.dirname(folder)
+            if parent in ("", folder):
+                return
+            folder = parent
+
+    def names_in(self, folder: str) -> list[str]:
+        """The names at the top of a folder; none for a folder that is not there or that the store will not list
+        (a bucket's top, to a key allowed only a prefix)."""
         try:
-            names = sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False))
-        except (FileNotFoundError, NotADirectoryError):  # a new folder; a file is refused by its first write
-            return
-        held = [name for name in names if name == MANIFEST_NAME or name.endswith(".stats.json")]
-        if held:
-            raise ValueError(f"--out {self.out}: this folder holds a job's output ({', '.join(held[:3])}), not a "
-                             "reproduction; use another --out")
+            return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(folder, detail=False))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            return []
+
+    def url_of(self, folder: str) -> str:
+        """A folder at or above the reproduction's, spelt as --out is."""
+        if self.out.endswith(self.root):
+            return self.out[:len(self.out) - len(self.root) + len(folder)]
+        return self.fs.unstrip_protocol(folder)
 
     def check_scale(self) -> None:
         """A folder keeps its scale: another scale's phases are other runs, not a resume."""

@@ -82,11 +82,33 @@ def test_a_reproduction_stopped_mid_way_resumes_from_its_phase(smoke):
 
 
 def test_a_folder_that_holds_a_jobs_output_is_refused(smoke, tmp_path, capsys):
-    """Pointed at an images output, the reproduction would write its data into it (which then fails verify)."""
-    job_output = smoke / "samples" / "distilled-1rf"
-    before = sorted(p.relative_to(job_output) for p in job_output.rglob("*"))
-    assert main(["reproduce-toy", "--out", str(job_output), "--scale", "smoke"]) == 2
-    err = capsys.readouterr().err
-    assert f"--out {job_output}: this folder holds a job's output (" in err and len(err.splitlines()) == 1, err
-    assert sorted(p.relative_to(job_output) for p in job_output.rglob("*")) == before
+    """Pointed at an images output, the reproduction would write its data into it (which then fails verify); pointed
+    inside one, or at or inside a model folder, the same: each is refused before anything is written."""
+    job_output, model = smoke / "samples" / "distilled-1rf", smoke / "models" / "init"
+    lone_module = tmp_path / "taesd"
+    lone_module.mkdir()
+    (lone_module / "config.json").write_text('{"_class_name": "AutoencoderTiny"}')
+    cases = [(job_output, "this folder holds a job's output ("),
+             (job_output / "par" / "sub", f"it is inside {job_output}, which holds a job's output ("),
+             (model, "this folder holds a model (model_index.json)"),
+             (model / "unet", "this folder holds a model (config.json)"),
+             (model / "sub", f"it is inside {model}, which holds a model (model_index.json)"),
+             (lone_module, "this folder holds a model (config.json)")]
+    before = {folder: sorted(folder.rglob("*")) for folder in (job_output, model, lone_module)}
+    for out, message in cases:
+        assert main(["reproduce-toy", "--out", str(out), "--scale", "smoke"]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}: {message}" in err and len(err.splitlines()) == 1, err
+    assert {folder: sorted(folder.rglob("*")) for folder in before} == before
     assert main(["verify", str(job_output)]) == 0
+    reproduce_toy.Reproduction(str(tmp_path / "fresh"), "smoke", {}).check_not_an_output()  # beside them: fine
+
+
+def test_an_out_inside_a_jobs_output_in_a_store_is_refused(s3, capsys):
+    """Up to the bucket: the folder above --out is named as --out spells it."""
+    s3.fs.pipe_file(f"{s3.bucket}/toy-output/_job.json", b"{}")
+    out = s3.url("toy-output/par/sub")
+    assert main(["reproduce-toy", "--out", out, "--storage-options", json.dumps(s3.storage_options)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: it is inside {s3.url('toy-output')}, which holds a job's output (_job.json)" in err, err
+    assert s3.fs.find(f"{s3.bucket}/toy-output") == [f"{s3.bucket}/toy-output/_job.json"]
