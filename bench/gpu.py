@@ -452,6 +452,7 @@ def run_worker(ctx, tasks: tuple[str, ...], image_format: str, prompts_file: Pat
             future.result()
     wall = time.perf_counter() - started
     samples = sum(s["count"] for s in stats)
+    worker.close()
     output_lock.release()
     written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and not f.name.startswith("_"))
     timing = {key: sum(s["timings"][key] for s in stats) for key in stats[0]["timings"]}

@@ -11,11 +11,14 @@ fails and is retried. It is replaced; if no replacement can start, the worker en
 
 Nothing outlives the worker, however it ends (an exception, SIGTERM, `ray.kill`, which SIGKILLs the worker's
 children first, or the OOM killer): a block is an anonymous memory file (memfd) that has no name in /dev/shm, so
-the kernel frees it with the last process that maps it; its pages are reserved when it is made (fallocate), so a
-full memory gives an error and encoding in the worker, never SIGBUS; a process ends when its input closes, which
-the kernel does when the worker ends.
+the kernel frees it with the last process that maps it, and its descriptor goes to the processes over a socket
+(SCM_RIGHTS), so no path names it. A process ends when its input closes, which the kernel does when the worker
+ends (or `close()`, for a worker outside Ray). A block's pages are reserved when it is made (fallocate), so
+writing it later never raises SIGBUS; where the kernel refuses the memory (ENOSPC, ENOMEM), encoding falls back
+to the worker's own process. In a memory cgroup that is full, the OOM killer acts first, as it would for any
+allocation of the same size.
 
-    python -m pipeline.encoders    # one encoder process: tasks in on stdin, results out on stdout (pickle)
+    python -m pipeline.encoders FD   # one encoder process: tasks in on stdin, blocks on socket FD, results on stdout
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import mmap
 import os
 import pickle
 import queue
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -47,7 +52,7 @@ class EncoderLost(RuntimeError):
 
 class _Block:
     """Shared memory that one batch's pixels occupy until their last image is encoded: an anonymous memory file,
-    reserved in full, which the processes open through this process's /proc entry by its descriptor."""
+    reserved in full, whose descriptor each process receives once, with the block's id."""
 
     _ids = itertools.count()
 
@@ -62,7 +67,6 @@ class _Block:
             raise
         self.size = size
         self.id = next(self._ids)  # descriptors are reused; ids are not
-        self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
         self.images_left = 0
 
     def close(self) -> None:
@@ -70,13 +74,41 @@ class _Block:
         os.close(self.fd)
 
 
+_BLOCK_ID = struct.Struct("!Q")
+
+
 class _Process:
     def __init__(self):
         env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # this worker's imports
-        self.popen = subprocess.Popen([sys.executable, "-m", "pipeline.encoders"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, env=env)
+        self.blocks_socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.popen = subprocess.Popen([sys.executable, "-m", "pipeline.encoders", str(theirs.fileno())],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                          pass_fds=(theirs.fileno(),))
+        except BaseException:
+            self.blocks_socket.close()
+            raise
+        finally:
+            theirs.close()
+        self.blocks_sent: set[int] = set()
         self.tasks: dict[int, tuple] = {}  # task id -> (block, its futures)
         self.images = 0  # images sent and not yet returned: the next task goes to the least loaded process
+
+    def send(self, block: "_Block", task: tuple) -> None:
+        """The block's descriptor first if this process has not had it, then the task; OSError if it is gone."""
+        if block.id not in self.blocks_sent:
+            socket.send_fds(self.blocks_socket, [_BLOCK_ID.pack(block.id)], [block.fd])
+            self.blocks_sent.add(block.id)
+        pickle.dump(task, self.popen.stdin)
+        self.popen.stdin.flush()
+
+    def end(self) -> None:
+        """Closes its input (it exits when it has read the rest) and its socket."""
+        for stream in (self.popen.stdin, self.blocks_socket):
+            try:
+                stream.close()
+            except OSError:
+                pass
 
 
 class EncoderProcesses:
@@ -99,6 +131,8 @@ class EncoderProcesses:
     def submit(self, pixels, n: int, image_format: str) -> list[Future]:
         """Encodes the first `n` images of `pixels` (a HostCopy or anything with `numpy()` giving (N, H, W, 3)
         uint8); returns at once, without waiting for the device's copy."""
+        if self._closed:
+            raise RuntimeError("the image encoders are closed")
         futures = [Future() for _ in range(n)]
         if n:
             self._feed.put((pixels, n, image_format, futures))
@@ -114,9 +148,9 @@ class EncoderProcesses:
         self._feed.put(None)
         self._feeder.join(timeout=10)
         with self._lock:
-            processes, self._processes = self._processes, []
+            processes, self._processes = list(self._processes), []
         for process in processes:
-            process.popen.stdin.close()
+            process.end()
         for process in processes:
             try:
                 process.popen.wait(timeout=10)
@@ -173,10 +207,8 @@ class EncoderProcesses:
                 task_id = next(self._task_ids)
                 process.tasks[task_id] = (block, futures[first:last])
                 process.images += last - first
-                task = (task_id, block.id, block.path, source.shape, layout, first, last, image_format)
                 try:
-                    pickle.dump(task, process.popen.stdin)
-                    process.popen.stdin.flush()
+                    process.send(block, (task_id, block.id, source.shape, layout, first, last, image_format))
                 except OSError:  # it died: its reader fails what it held and starts another
                     pass
 
@@ -262,18 +294,21 @@ def _settle(futures: list[Future], results: list) -> int:
 # ------------------------------------------------------------------------------------------ in the process
 
 
-def serve(tasks, results) -> None:
+def serve(tasks, results, blocks_socket: socket.socket) -> None:
     """Encodes tasks read from `tasks` until it closes (the worker ended or closed it); each result is (task id,
-    [bytes or exception])."""
+    [bytes or exception]). A task's block came on `blocks_socket` before it, as its id and descriptor."""
     blocks: dict[int, mmap.mmap] = {}
     while True:
         try:
-            task_id, block_id, path, shape, layout, first, last, image_format = pickle.load(tasks)
+            task_id, block_id, shape, layout, first, last, image_format = pickle.load(tasks)
         except EOFError:
             return
-        if block_id not in blocks:
-            with open(path, "rb") as f:  # the worker's memory file, by its descriptor
-                blocks[block_id] = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        while block_id not in blocks:
+            message, fds, _, _ = socket.recv_fds(blocks_socket, _BLOCK_ID.size, 1)
+            if not fds:  # the worker is gone
+                return
+            blocks[_BLOCK_ID.unpack(message)[0]] = mmap.mmap(fds[0], 0, prot=mmap.PROT_READ)
+            os.close(fds[0])
         pixels = np.ndarray(shape, np.uint8, buffer=blocks[block_id])[first:last]
         images = pixels.transpose(0, 2, 3, 1) if layout == "planar" else pixels
         encoded = [result if not isinstance(result, Exception) or _picklable(result)
@@ -297,4 +332,4 @@ def _picklable(exc: Exception) -> bool:
 if __name__ == "__main__":
     results = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything else printed goes to the worker's log, not into the results
-    serve(sys.stdin.buffer, results)
+    serve(sys.stdin.buffer, results, socket.socket(fileno=int(sys.argv[1])))

@@ -94,6 +94,10 @@ class ShardWorker:
         self.metrics = WorkerMetrics(spec.output, worker_tag())
         self.encoders = EncoderProcesses(encoder_count(spec.cpus_per_worker))
 
+    def close(self) -> None:
+        """Ends the image encoder processes, for a worker outside Ray (an actor's end ends them with it)."""
+        self.encoders.close()
+
     def load_models(self, sources: dict[str, ModelSource]) -> list[Stage]:
         """The job's stages with their models (the benchmarks override this with stand-ins that take a fixed
         time on a simulated device)."""
@@ -298,7 +302,7 @@ def worker_tag() -> str:
 
 def standalone_worker(spec: JobSpec) -> tuple[ShardWorker, OutputLock]:
     """A worker outside Ray, on an output this process locks as a job would: for the GPU benchmark (whose
-    machine has no Ray) and for tests of the worker itself. The caller releases the lock."""
+    machine has no Ray) and for tests of the worker itself. The caller closes the worker and releases the lock."""
     spec = spec.resolve(has_gpus=torch.cuda.is_available())
     sources = model_sources(spec)
     lock = OutputLock(*filesystem(spec.output, spec.storage_options), lease_s=spec.lock_lease_s)

@@ -159,3 +159,21 @@ def test_blocks_leave_nothing_in_dev_shm_and_are_freed_with_the_encoders():
     pool.close()
     assert not memory_files()
     assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+
+
+def test_blocks_reach_the_processes_by_descriptor_not_by_a_path(monkeypatch):
+    """In a PID namespace whose /proc is the host's, the worker's own pid names another process's files: the
+    blocks go to the processes over a socket, so no pid or path is involved."""
+    import pipeline.encoders
+
+    monkeypatch.setattr(pipeline.encoders.os, "getpid", lambda: 1)
+    pool = EncoderProcesses(1)
+    try:
+        pixels = images(5, seed=6)
+        futures = pool.submit(Pixels(pixels), 5, "png")
+        assert [f.result(timeout=30) for f in futures] == [encode_image(image, "png") for image in pixels]
+    finally:
+        pool.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.submit(Pixels(pixels), 1, "png")  # never a future that no one settles
+

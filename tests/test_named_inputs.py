@@ -294,6 +294,7 @@ def test_every_option_on_inputs_with_any_extra_columns(tmp_path, tiny_models, co
         [unit] = plan_units(list_input_files(FS, str(path)), spec.rows_per_shard)
         marker = worker.process(unit)
     finally:
+        worker.close()
         lock.release()
     k = spec.samples_per_prompt
     assert marker["successes"] == 2 * k, marker

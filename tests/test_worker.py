@@ -50,6 +50,7 @@ def process_unit(tmp_path, tiny_models, prompts, name, patch=None, **changes) ->
         [unit] = plan_units(list_input_files(FS, str(path)), spec.rows_per_shard)
         return worker.process(unit)
     finally:
+        worker.close()
         lock.release()
 
 
