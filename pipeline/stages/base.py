@@ -67,7 +67,7 @@ def check_model_kind(source: ModelSource, kind: ModelKind, storage_options: dict
                 architectures = config.get("architectures")
                 named = architectures[0] if isinstance(architectures, list) and architectures else None
             if named not in classes:
-                found = f"names class {named}" if named else "names no class"
+                found = f"names class {named}" if isinstance(named, str) and named else "names no class"
                 raise ModelLoadError(f"{kind.flag} {redact_text(source.model)!r}: its {name} {found}, not "
                                      f"{' or '.join(classes)}")
 
