@@ -18,8 +18,10 @@ import argparse
 import collections
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +55,28 @@ def run_once(case: Case, timeout_s: float = 300.0) -> Outcome:
                           timeout=timeout_s)
     lines = done.stderr.strip().splitlines()
     return Outcome(case.name, done.returncode, lines[-1] if lines else "")
+
+
+def interrupt_after(case: Case, marker: str, signum: int, timeout_s: float = 300.0) -> tuple[bool, Outcome]:
+    """Runs `case` and sends it `signum` the moment its stdout has a line with `marker` (its summary's last line:
+    the command is closing down). Returns whether the signal reached the process before it ended, and how it
+    ended. The process is stopped (SIGSTOP) before the signal, so that "ended before" is known without a race."""
+    with tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen([*CLI, *case.argv], stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                   env=ENV | {"PYTHONUNBUFFERED": "1"}, cwd=PROJECT)
+        for line in process.stdout:
+            if marker in line:
+                break
+        os.kill(process.pid, signal.SIGSTOP)
+        held = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WSTOPPED | os.WNOWAIT).si_code == os.CLD_STOPPED
+        if held:
+            os.kill(process.pid, signum)
+            os.kill(process.pid, signal.SIGCONT)
+        process.stdout.read()
+        status = process.wait(timeout_s)
+        stderr.seek(0)
+        lines = stderr.read().strip().splitlines()
+    return held, Outcome(case.name, status, lines[-1] if lines else "")
 
 
 def run_many(cases: list[Case], runs: int, parallel: int) -> list[Outcome]:

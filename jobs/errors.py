@@ -1,13 +1,15 @@
 """The one way an error reaches the user: one line on stderr, and the exit status its kind documents.
 
 Every entry point (each `instaflow-batch` command, `python -m jobs.*`) runs through `entry_point`, which turns
-SIGTERM into an interrupt from the first line on and maps what escapes the command to an exit status: 2 for bad
-input or settings, 3 when no worker could start, 4 when the output was lost, 130 when interrupted. Anything else
-is a bug: one line, and the full traceback in a file whose path the line gives. Every message is redacted, has
-its control characters escaped (a file name cannot move the cursor or forge a second line) and is bounded.
+Ctrl-C and SIGTERM into an interrupt from the first line on and maps what escapes the command to an exit status:
+2 for bad input or settings, 3 when no worker could start, 4 when the output was lost, 130 when interrupted.
+Anything else is a bug: one line, and the full traceback in a file whose path the line gives. Every message is
+redacted, has its control characters escaped (a file name cannot move the cursor or forge a second line) and is
+bounded.
 
 Before it reports, the outermost entry point ends what the command started and left running (`release_started`),
-so that the error is the last line and the interpreter's exit finds no native thread still at work.
+so that the error is the last line and the interpreter's exit finds no native thread still at work; an interrupt
+from then on, until `process_exit` ends the process, is noted and makes the status 130, never a traceback.
 """
 
 from __future__ import annotations
@@ -109,37 +111,107 @@ def report(exc: BaseException) -> int:
 
 
 def entry_point(command: Callable[..., int | None]) -> Callable[..., int]:
-    """Runs `command` with SIGTERM as an interrupt (`ray job stop` sends it, at any phase of a job) and returns
-    its exit status, reporting whatever escapes it as one line. argparse's own exits (--help, a bad flag) pass.
+    """Runs `command` with Ctrl-C and SIGTERM as an interrupt (`ray job stop` sends SIGTERM, at any phase of a
+    job) and returns its exit status, reporting whatever escapes it as one line. argparse's own exits (--help, a
+    bad flag) pass.
 
     Entry points nest (`instaflow-batch run` calls the job module's `main`): only the outermost one reports,
-    after `release_started` has ended what the command started, so nothing is printed after the error."""
+    after `release_started` has ended what the command started, so nothing is printed after the error. An
+    interrupt during the release is noted, not raised (a KeyboardInterrupt inside `ray.shutdown()` lost the
+    status and ended on a traceback): the release finishes, and the status is 130, the command's own outcome
+    (success included) printed before `error: interrupted`."""
 
     @functools.wraps(command)
     def run(*args, **kwargs) -> int:
         if getattr(_running, "command", None):  # an inner entry point: the outer one reports and releases
             return command(*args, **kwargs) or EXIT_OK
-        previous = _sigterm_as_interrupt()
+        previous = _interrupts_raised()
         ray_was_running = _ray_is_running()
         _running.command = command
-        error = None
+        status, error, interrupted = EXIT_OK, None, False
         try:
-            status = command(*args, **kwargs) or EXIT_OK
-        except SystemExit:
-            raise
+            try:
+                status = command(*args, **kwargs) or EXIT_OK
+            finally:
+                _running.command = None
+                interrupted = _interrupts_noted()
         except BaseException as exc:  # noqa: BLE001 - this is the one place every error ends
             error = exc
-        finally:
-            _running.command = None
-            release_started(ray_was_running)
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-        return status if error is None else report(error)
+        interrupted = _interrupts_noted() or interrupted  # also when an interrupt came before the line above
+        release_started(ray_was_running)
+        if error is not None and not isinstance(error, SystemExit):
+            status = report(error)
+        if previous is not None and (_interrupts.noted or interrupted):
+            if status != EXIT_INTERRUPTED or isinstance(error, SystemExit):
+                _print_interrupted()
+            status, error = EXIT_INTERRUPTED, None
+        _restore(previous)
+        if isinstance(error, SystemExit):
+            raise error
+        return status
 
     return run
 
 
 _running = threading.local()  # .command: the outermost entry point running in this thread, if any
+
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _InterruptState:
+    """The main thread's: while `noting`, SIGINT and SIGTERM set `noted` instead of raising KeyboardInterrupt."""
+
+    noting = False
+    noted = False
+
+
+_interrupts = _InterruptState()
+
+
+def _on_interrupt(signum, frame):
+    if _interrupts.noting:
+        _interrupts.noted = True
+        return
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _interrupts_raised() -> dict | None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt from here on; returns the previous handlers (None off the main
+    thread, where no handler can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    _interrupts.noting = _interrupts.noted = False
+    return {signum: signal.signal(signum, _on_interrupt) for signum in INTERRUPT_SIGNALS}
+
+
+def _interrupts_noted() -> bool:
+    """From here on SIGINT and SIGTERM are noted in `_interrupts.noted`, not raised, whatever handler the
+    command put in their place (Ray's, pipeline.job's): what follows must finish. Returns True when one of
+    those handlers raised an interrupt while this was being set up."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    _interrupts.noting = True
+    interrupted = False
+    while True:
+        try:
+            for signum in INTERRUPT_SIGNALS:
+                signal.signal(signum, _on_interrupt)
+            return interrupted
+        except KeyboardInterrupt:  # a signal that came just before, handled by the handler being replaced
+            interrupted = True
+
+
+def _restore(previous: dict | None) -> None:
+    """The handlers `_interrupts_raised` replaced: an in-process caller, such as a test, goes on."""
+    if previous is None:
+        return
+    for signum, handler in previous.items():
+        signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+    # `_interrupts.noted` stays: one that came while the handlers were put back counts for process_exit
+
+
+def _print_interrupted() -> None:
+    print(f"error: {describe(KeyboardInterrupt())}", file=sys.stderr, flush=True)
 
 
 def release_started(ray_was_running: bool) -> None:
@@ -180,8 +252,9 @@ def _arrow_wait_for_idle() -> Callable[[], None] | None:
     found (another platform or build)."""
     import pyarrow
 
-    names = [path for directory in pyarrow.get_library_dirs()
-             for path in glob.glob(os.path.join(directory, "libarrow.so.*"))]
+    # The wheel ships libarrow beside pyarrow's own modules. (pyarrow.get_library_dirs() also asks pkg-config,
+    # in processes of its own without a timeout: too slow for a command that is closing down.)
+    names = glob.glob(os.path.join(os.path.dirname(pyarrow.__file__), "libarrow.so.*"))
     try:
         library = ctypes.CDLL(min(names, key=len))  # libarrow.so.2600, not libarrow.so.2600.1.0
         pools = [library._ZN5arrow8internal16GetCpuThreadPoolEv, library._ZN5arrow2io8internal15GetIOThreadPoolEv]
@@ -205,26 +278,32 @@ def _ray_is_running() -> bool:
 
 
 def process_exit(status: int) -> NoReturn:
-    """Ends the process with `status`. A call given up on while blocked (a prompts FIFO without a writer, a
-    hung mount: see pipeline.deadline) may hold a thread the interpreter would wait for at exit, forever; then
-    the process ends at once, its output flushed."""
-    from pipeline.deadline import abandoned_calls  # light: no Ray, no torch
+    """Ends the process with `status` at once: its logging closed and its output flushed, without the
+    interpreter's own exit.
 
-    if not abandoned_calls():
-        sys.exit(status)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    That exit is long (module teardown, with torch loaded) and nothing in it is needed once `entry_point` has
+    released what the command started; during it a SIGTERM or Ctrl-C killed the process (Python puts the
+    default handlers back), and a thread held by a call given up on while blocked (a
+    prompts FIFO without a writer, a hung mount: see pipeline.deadline) could make it wait forever. Here
+    SIGINT and SIGTERM are noted until the last check: one that came makes the status 130, `error: interrupted`
+    the last line. One that comes after that check, microseconds before the process ends, is ignored."""
+    interrupted = False
+    while True:
+        try:
+            interrupted = _interrupts_noted() or interrupted
+            break
+        except KeyboardInterrupt:  # a signal that came before the handlers were in place
+            interrupted = True
+    logging.shutdown()
+    if (interrupted or _interrupts.noted) and status != EXIT_INTERRUPTED:
+        _print_interrupted()
+        status = EXIT_INTERRUPTED
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
     os._exit(status)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _sigterm_as_interrupt():
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _write_traceback(exc: BaseException) -> str:

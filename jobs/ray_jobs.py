@@ -11,13 +11,16 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import sys
 import time
+from urllib.parse import quote
 
-from jobs.errors import error_line
+from jobs.errors import error_line, shown
 from jobs.main import Parser
 
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+JOB_ID = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class AddressError(ValueError):
@@ -122,9 +125,25 @@ def exit_status(info) -> int:
     return 128 - code if code < 0 else code  # a driver killed by signal N reports -N, a shell 128+N
 
 
+def job_id(text: str) -> str:
+    """A job's id as the Jobs API takes it in a URL path (/api/jobs/ID): `raysubmit_` and 16 letters and digits as
+    Ray makes them, a driver's job id (hex), or an id given to `ray job submit --submission-id`, limited here to
+    letters, digits, `_` and `-`. Anything else reached another endpoint: `?q=1` the job list, `../../x` other
+    dashboard paths, an empty id `stop`'s POST the submit endpoint."""
+    if not JOB_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a job id: letters, digits, _ and - only "
+                                         "(submit prints it: raysubmit_...)")
+    return text
+
+
+def in_path(submission_id: str) -> str:
+    """The id as a URL path segment (Ray's client puts it in the path as given)."""
+    return quote(submission_id, safe="")
+
+
 def _id_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = Parser(prog=prog, description=description)
-    parser.add_argument("submission_id", help="as printed by submit (raysubmit_...)")
+    parser.add_argument("submission_id", type=job_id, help="as printed by submit (raysubmit_...)")
     add_address(parser)
     return parser
 
@@ -132,7 +151,7 @@ def _id_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def status_command(argv: list[str], prog: str) -> int:
     args = _id_parser(prog, "A submitted job's status, and its driver's exit status once it has ended.").parse_args(argv)
     with jobs_api():
-        info = connect(args.address).get_job_info(args.submission_id)
+        info = connect(args.address).get_job_info(in_path(args.submission_id))
     print(f"status: {info.status.value}")
     if info.driver_exit_code is not None:
         print(f"driver exit status: {info.driver_exit_code}")
@@ -146,13 +165,14 @@ def logs_command(argv: list[str], prog: str) -> int:
     parser = _id_parser(prog, "A submitted job's logs (its driver's output).")
     parser.add_argument("--follow", action="store_true", help="keep printing until the job ends")
     args = parser.parse_args(argv)
+    segment = in_path(args.submission_id)
     with jobs_api():
         client = connect(args.address)
         if args.follow:
-            client.get_job_info(args.submission_id)  # an unknown id: "does not exist", as status and stop say
-            asyncio.run(_print_log_tail(client, args.submission_id))
+            client.get_job_info(segment)  # an unknown id: "does not exist", as status and stop say
+            asyncio.run(_print_log_tail(client, segment))
         else:
-            print(client.get_job_logs(args.submission_id), end="")
+            print(client.get_job_logs(segment), end="")
     return 0
 
 
@@ -161,6 +181,6 @@ def stop_command(argv: list[str], prog: str) -> int:
                               "submitting the same job again resumes it.")
     args = parser.parse_args(argv)
     with jobs_api():
-        stopping = connect(args.address).stop_job(args.submission_id)
+        stopping = connect(args.address).stop_job(in_path(args.submission_id))
     print(f"stopping {args.submission_id}" if stopping else f"{args.submission_id} had already ended")
     return 0

@@ -8,13 +8,14 @@ hundred, and a Ray worker's crash dump could follow a job's error line.
 from __future__ import annotations
 
 import errno
+import signal
 import subprocess
 
 import pytest
 import safetensors.torch
 import torch
 
-from bench.exit_status import CLI, ENV, PROJECT, misfits, run_many, standard_cases
+from bench.exit_status import CLI, ENV, PROJECT, Case, interrupt_after, misfits, run_many, standard_cases
 from jobs.main import main
 from tests.jobhelpers import prompt_table
 
@@ -46,6 +47,27 @@ def test_each_command_exits_with_its_documented_status_every_time(finished, tiny
         outcomes += run_many([case], RUNS[case.name], parallel=2)
     assert len(outcomes) == sum(RUNS.values())
     assert not misfits(cases, outcomes), misfits(cases, outcomes)
+
+
+def test_an_interrupt_while_a_command_closes_down_exits_130_with_its_line_last(finished):
+    """Ctrl-C or SIGTERM once the summary is out lands in the release (Ray's shutdown, pyarrow's pools) or the
+    exit: it was a traceback (status 1 or -2) or a death by signal (-15). A verify that had already ended
+    before the signal could reach it (its exit takes milliseconds) exits 0; runs go on until 2 were reached."""
+    root, flags = finished
+    generate = Case("generate", ["run", "generate", *flags, "--output", str(root / "closing")], 0)
+    held, outcome = interrupt_after(generate, "metrics", signal.SIGINT)  # Ray's shutdown takes a second or two
+    assert held and (outcome.status, outcome.last_stderr) == (130, "error: interrupted"), outcome
+    verify, reached = Case("verify", ["verify", str(root / "out")], 0), 0
+    for signum in [signal.SIGTERM, signal.SIGINT] * 4:
+        held, outcome = interrupt_after(verify, "verdict", signum)
+        if held:
+            assert (outcome.status, outcome.last_stderr) == (130, "error: interrupted"), (signum, outcome)
+        else:
+            assert outcome.status == 0, outcome
+        reached += held
+        if reached == 2:
+            break
+    assert reached == 2, "the signal never reached verify before it ended"
 
 
 def test_a_worker_that_cannot_load_its_lora_ends_with_the_error_line(finished, tiny_models):

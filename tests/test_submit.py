@@ -118,11 +118,20 @@ def test_address_flag_wins_over_the_environment(cluster, monkeypatch, capsys):
 
 
 def test_an_unknown_job_id_is_a_clean_error_for_every_command(address, capsys):
-    """`logs --follow` asked a websocket that answered 404 (exit 1, "a bug"); now every command says the same."""
+    """`logs --follow` asked a websocket that answered 404 (exit 1, "a bug"); now every command says the same.
+    An id that is not one went into the API's path as it was: `?q=1` reached the job list (exit 1, "a bug") and
+    `stop '?q=1'` the submit endpoint; such an id is refused before anything is sent."""
     for command in (["status"], ["logs"], ["logs", "--follow"], ["stop"]):
         assert main([*command, "raysubmit_nope"]) == 2, command
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "does not exist" in err and len(err.splitlines()) == 1, (command, err)
+        for not_an_id in ("", "?q=1", "#x", "../../api/jobs", "a/b", "raysubmit_x%2F"):
+            with pytest.raises(SystemExit) as refused:  # as argparse refuses a flag
+                main([*command, not_an_id])
+            assert refused.value.code == 2, (command, not_an_id)
+            err = capsys.readouterr().err
+            assert f"argument submission_id: {not_an_id!r} is not a job id" in err, (command, err)
+            assert len(err.splitlines()) == 1, (command, err)
 
 
 def test_stopped_job_resubmitted_resumes_and_completes(address, bucket, tiny_models, capsys):
