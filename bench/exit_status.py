@@ -10,6 +10,12 @@ was not the documented one or whose stderr did not end with the expected line.
 
 builds the tiny models and a finished 48-prompt output (one with 2,000 carried input columns, on which the abort
 was most frequent) in `--workdir`, then runs verify, preview, report and a straightness refusal on it.
+
+    .venv/bin/python -m bench.exit_status --workdir /tmp/exit-status --interrupt --runs 40 --generate-runs 4
+
+interrupts instead, with SIGTERM and SIGINT in turn, the moment the summary's last line is out: verify `--runs`
+times, and `run generate` of the 48 prompts into a fresh output `--generate-runs` times. Each must exit 130 with
+`error: interrupted` last, or 0 where it had ended before the signal could reach it (counted apart).
 """
 
 from __future__ import annotations
@@ -122,6 +128,25 @@ def build_output(workdir: Path, extra_columns: int) -> tuple[Path, Path]:
     return models, output
 
 
+def interrupt_many(output: Path, models: Path, prompts: Path, workdir: Path, runs: int, generate_runs: int,
+                   parallel: int) -> dict:
+    """verify and `run generate` interrupted after their summary (see `interrupt_after`): how each run ended."""
+    signals = (signal.SIGTERM, signal.SIGINT)
+    tries = [(Case("verify", ["verify", str(output)], 0), "verdict", signals[i % 2]) for i in range(runs)]
+    tries += [(Case("generate", ["run", "generate", "--model", str(models / "instaflow"), "--prompts", str(prompts),
+                                 "--output", str(workdir / f"interrupted-{time.time_ns()}-{i}"), "--height", "64",
+                                 "--width", "64", "--device", "cpu", "--rows-per-shard", "16", "--no-progress"], 0),
+               "metrics", signals[i % 2]) for i in range(generate_runs)]
+    with ThreadPoolExecutor(parallel) as pool:
+        ended = list(pool.map(lambda t: (t[2], *interrupt_after(*t)), tries))
+    counts = collections.Counter(
+        f"{outcome.case} {signal.Signals(signum).name} {'reached' if held else 'ended before'}: "
+        f"{outcome.status} {outcome.last_stderr[:40]!r}" for signum, held, outcome in ended)
+    bad = [vars(outcome) for _, held, outcome in ended
+           if (outcome.status, outcome.last_stderr) != (130, "error: interrupted") and (held or outcome.status)]
+    return {"outcomes": dict(sorted(counts.items())), "misfits": bad[:20]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, required=True)
@@ -129,9 +154,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=2, help="processes at once")
     parser.add_argument("--extra-columns", type=int, default=2000, help="input columns carried into the output")
     parser.add_argument("--commands", default="verify,preview,report,straightness refusal")
+    parser.add_argument("--interrupt", action="store_true",
+                        help="interrupt verify and run generate after their summary instead")
+    parser.add_argument("--generate-runs", type=int, default=4, help="with --interrupt: runs of run generate")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     models, output = build_output(args.workdir, args.extra_columns)
+    if args.interrupt:
+        started = time.monotonic()
+        found = interrupt_many(output, models, args.workdir / "prompts.parquet", args.workdir, args.runs,
+                               args.generate_runs, args.parallel)
+        print(json.dumps({"parallel": args.parallel, "extra_columns": args.extra_columns,
+                          "seconds": round(time.monotonic() - started), "load_average": os.getloadavg(), **found},
+                         indent=1))
+        return 1 if found["misfits"] else 0
     wanted = args.commands.split(",")
     cases = [case for case in standard_cases(output, models, args.workdir) if case.name in wanted]
     started = time.monotonic()
