@@ -13,7 +13,6 @@ import subprocess
 
 import pytest
 import safetensors.torch
-import torch
 
 from bench.exit_status import CLI, ENV, PROJECT, Case, interrupt_after, misfits, run_many, standard_cases
 from jobs.main import main
@@ -71,19 +70,20 @@ def test_an_interrupt_while_a_command_closes_down_exits_130_with_its_line_last(f
 
 
 def test_a_worker_that_cannot_load_its_lora_ends_with_the_error_line(finished, tiny_models):
-    """Weights that fuse to NaN are found in the worker only; the failed workers' crash dumps (Ray's) must not
-    follow the driver's error, which names the file."""
+    """Finite weights whose fused result overflows are found in the worker only (NaN in the file is refused on
+    the driver); the failed workers' crash dumps (Ray's) must not follow the driver's error, which names the
+    file."""
     root, flags = finished
     state = safetensors.torch.load_file(tiny_models["lora-kohya"])
-    key = next(k for k in state if k.startswith("lora_unet_") and k.endswith("lora_down.weight"))
-    state[key] = torch.full_like(state[key], float("nan"))
-    safetensors.torch.save_file(state, root / "nan.safetensors")
-    done = subprocess.run([*CLI, "run", "generate", *flags, "--output", str(root / "nan-out"), "--lora",
-                           str(root / "nan.safetensors")], capture_output=True, text=True, env=ENV, cwd=PROJECT,
-                          timeout=300)
+    key = next(k for k in state if k.startswith("lora_unet_") and k.endswith("lora_up.weight"))
+    state[key][0, 0] = 3e38
+    safetensors.torch.save_file(state, root / "overflow.safetensors")
+    done = subprocess.run([*CLI, "run", "generate", *flags, "--output", str(root / "overflow-out"), "--lora",
+                           f"{root / 'overflow.safetensors'}:1e30"], capture_output=True, text=True, env=ENV,
+                          cwd=PROJECT, timeout=300)
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode not in (0, 1), done.stderr[-3000:]
-    assert last.startswith("error: ") and "nan.safetensors" in last and "non-finite" in last, done.stderr[-3000:]
+    assert last.startswith("error: ") and "overflow.safetensors" in last and "non-finite" in last, done.stderr[-3000:]
 
 
 def test_an_error_after_shards_were_committed_exits_1_and_a_rerun_resumes(finished, monkeypatch, capfd, caplog):
