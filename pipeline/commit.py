@@ -61,7 +61,8 @@ _NAME = re.compile(r"[0-9a-zA-Z_-]{1,64}")  # tokens and try ids: one path segme
 # leftovers of interrupted local writes (storage.put_atomic) and compare-and-replace guards
 _LOCAL_EXTRA = r"(\.tmp-[0-9a-f]{32}|\.guard)?"
 _SHARD_FILE = re.compile(rf"\d{{5,}}\.(tar|parquet|stats\.json){_LOCAL_EXTRA}")
-_JOB_FILE = re.compile(rf"_job\.json{_LOCAL_EXTRA}|_job\.lock\.tmp-[0-9a-f]{{32}}")
+# the manifest and its leftovers; not the lock's temporary files, which the holder's renewals write and rename
+_JOB_FILE = re.compile(rf"_job\.json{_LOCAL_EXTRA}")
 
 
 class BrokenCommitError(OutputError):
@@ -458,10 +459,12 @@ class ShardStore:
             pass
 
     def _delete(self, paths: list[str], still_held: StillHeld) -> None:
-        """Delete files listed before, DELETE_BATCH to a request, asking `still_held` before each request."""
-        for start in range(0, len(paths), DELETE_BATCH):
+        """Delete files listed before, DELETE_BATCH to a request, asking `still_held` before each request; on a
+        local disk, where a request is one file anyway, before each file."""
+        size = 1 if isinstance(self.fs, LocalFileSystem) else DELETE_BATCH
+        for start in range(0, len(paths), size):
             still_held()
-            batch = paths[start:start + DELETE_BATCH]
+            batch = paths[start:start + size]
             with_retries(self.fs.rm, batch, what=f"delete {len(batch)} old output files in {self.root}")
 
     def _delete_staging(self, still_held: StillHeld) -> None:

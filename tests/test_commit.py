@@ -195,12 +195,41 @@ def test_remove_outputs_keeps_user_files(local):
     ours = ["00001.tar", "00001.parquet", "00001.stats.json", "123456.tar", "_job.json",
             "00002.tar.tmp-" + "a" * 32, "images/00001.parquet", "pairs/00001.parquet",
             "_staging/abc/00003-def/00003.tar", "00003.stats.json.guard"]
-    theirs = ["_job.lock", "README.md", "123.tar", "00001.tar.bak", "images/notes.txt", "other/00001.tar"]
+    theirs = ["_job.lock", "_job.lock.tmp-" + "b" * 32, "README.md", "123.tar", "00001.tar.bak", "images/notes.txt",
+              "other/00001.tar"]
     for name in ours + theirs:
         put_atomic(fs, f"{root}/{name}", b"x")
     ShardStore(fs, root).remove_outputs(still_held=lambda: None)
     left = sorted(p[len(root) + 1:] for p in fs.find(root))
     assert left == sorted(theirs)
+
+
+def test_an_overwrite_removal_leaves_the_live_locks_renewals_alone(tmp_path):
+    """The lock's renewals write a temporary file and rename it over _job.lock: a removal that took it for a
+    leftover made the job find its lock deleted and stop (exit 4) in the middle of its own --overwrite."""
+    fs, root = fsspec.filesystem("file"), str(tmp_path)
+    lock = OutputLock(fs, root, lease_s=2.0)
+    lock.acquire()
+    lost, stop = [], threading.Event()
+
+    def renew():
+        while not stop.is_set():
+            try:
+                lock.refresh()
+            except OutputLostError as exc:
+                lost.append(exc)
+                return
+
+    renewals = threading.Thread(target=renew)
+    renewals.start()
+    try:
+        for _ in range(300):
+            ShardStore(fs, root).remove_outputs(still_held=lambda: None)
+            assert not lost, lost
+    finally:
+        stop.set()
+        renewals.join()
+        lock.release()
 
 
 def test_manifest_round_trip_and_mismatch_messages(local):
