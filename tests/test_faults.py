@@ -70,17 +70,22 @@ def assert_exactly_once_and_identical(output, reference) -> None:
     assert data_files(FS, str(output)) == reference
 
 
-def test_killed_worker_unit_is_redone_elsewhere(ray_gpus, prompts, tiny_models, reference, tmp_path):
-    spec = pairs_spec(prompts, tiny_models, tmp_path / "out")
-    pools = []
+def started_job(spec: JobSpec) -> tuple[threading.Thread, list[ActorPool], dict]:
+    """The job running in a thread: the thread, the pools it made (to find its workers), and its result."""
+    pools, result = [], {}
 
     def watched_pool(*args):
         pools.append(ray_pool(*args))
         return pools[-1]
 
-    result = {}
     job = threading.Thread(target=lambda: result.update(progress=run_job(spec, watched_pool, show_progress=False)))
     job.start()
+    return job, pools, result
+
+
+def test_killed_worker_unit_is_redone_elsewhere(ray_gpus, prompts, tiny_models, reference, tmp_path):
+    spec = pairs_spec(prompts, tiny_models, tmp_path / "out")
+    job, pools, result = started_job(spec)
     wait_for_markers(tmp_path / "out", 1)
     # Each worker holds two units while work is pending, so this kill lands in the middle of one.
     os.kill(pools[0].worker_info[0]["pid"], signal.SIGKILL)
@@ -222,15 +227,8 @@ def test_an_encoder_killed_mid_batch_fails_the_try_not_its_rows_and_nothing_is_l
                    height=64, width=64, image_format="png", rows_per_shard=8, batch_size=8, num_workers=2,
                    dtype="float32", lock_lease_s=2.0)
     dev_shm = set(os.listdir("/dev/shm"))
-    pools, killed, seen = [], [], set()
-
-    def watched_pool(*args):
-        pools.append(ray_pool(*args))
-        return pools[-1]
-
-    result = {}
-    job = threading.Thread(target=lambda: result.update(progress=run_job(spec, watched_pool, show_progress=False)))
-    job.start()
+    killed = []
+    job, pools, result = started_job(spec)
     deadline = time.monotonic() + 240
     while len(encoders := encoder_processes([info["pid"] for pool in pools for info in pool.worker_info.values()
                                              if "pid" in info])) < 2:
@@ -249,8 +247,13 @@ def test_an_encoder_killed_mid_batch_fails_the_try_not_its_rows_and_nothing_is_l
     rows = metadata_rows(FS, str(tmp_path / "out"))
     assert len(rows) == NUM_PROMPTS and all(row["status"] == "ok" for row in rows)
     assert any(shard["attempt"] > 1 for shard in stats(FS, str(tmp_path / "out")))
-    alive = [pid for pid in seen if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
-    assert not alive and not [name for name in set(os.listdir("/dev/shm")) - dev_shm if name.startswith("psm_")]
+    def alive() -> list[int]:
+        return [pid for pid in seen if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+    deadline = time.monotonic() + 20  # the workers' ends (ray.kill) close their input; they exit on reading it
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive() and not [name for name in set(os.listdir("/dev/shm")) - dev_shm if name.startswith("psm_")]
 
 
 def test_a_shard_redone_at_start_is_counted_once(ray_gpus, prompts, tiny_models, tmp_path, capsys):
