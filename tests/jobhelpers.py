@@ -51,3 +51,21 @@ def metadata_rows(fs, root: str) -> list[dict]:
 
 def stats(fs, root: str) -> list[dict]:
     return [json.loads(fs.cat_file(path)) for path in sorted(fs.glob(root.rstrip("/") + "/*.stats.json"))]
+
+
+def png_bytes(array) -> bytes:
+    """A (H, W, 3) uint8 array as PNG bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def image_rows(output) -> tuple[list[dict], dict[str, bytes]]:
+    """Every image row's metadata (from the tars' Parquet, in shard order) and every PNG image by key."""
+    rows, images = [], {}
+    for tar in sorted(output.glob("**/*.tar")):
+        rows += pq.read_table(tar.with_suffix(".parquet")).to_pylist()
+        images |= {name[:-4]: data for name, data in tar_members(tar.read_bytes()).items() if name.endswith(".png")}
+    return rows, images

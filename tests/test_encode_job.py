@@ -16,17 +16,11 @@ from jobs.main import main
 from pipeline.reader import derive_seed
 from pipeline.spec import JobSpec
 from instaflow.sampling import noise_for_seed
-from tests.jobhelpers import prompt_table
+from tests.jobhelpers import png_bytes, prompt_table
 
 SIZE = ["--height", "64", "--width", "64", "--dtype", "float32", "--device", "cpu", "--num-workers", "1",
         "--no-progress"]
 CAPTIONS = [f"a photo of a red fox, number {i}" for i in range(8)]
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +33,8 @@ def images(tmp_path_factory):
     smooth = torch.nn.functional.interpolate(torch.from_numpy(rng.random((5, 3, 8, 8))), size=128, mode="bilinear")
     arrays = [a for a in (smooth * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()]
     (folder / "photos").mkdir()
-    (folder / "photos" / "fox.png").write_bytes(png(arrays[3]))
-    column = [png(arrays[0]), png(arrays[1]), png(arrays[2]), b"not an image", None, png(arrays[4][:64])]
+    (folder / "photos" / "fox.png").write_bytes(png_bytes(arrays[3]))
+    column = [png_bytes(arrays[0]), png_bytes(arrays[1]), png_bytes(arrays[2]), b"not an image", None, png_bytes(arrays[4][:64])]
     pq.write_table(pa.table({"prompt": CAPTIONS[:6], "seed": [11, 22, 33, 44, 55, 66], "image": column}),
                    folder / "a.parquet")
     pq.write_table(pa.table({"prompt": CAPTIONS[6:8], "image": ["photos/fox.png", "photos/none.png"]}),

@@ -18,7 +18,7 @@ from jobs.main import main
 from jobs.preview import read_samples
 from jobs.submit import job_entrypoint
 from pipeline.reader import derive_seed
-from tests.jobhelpers import tar_members
+from tests.jobhelpers import image_rows, png_bytes
 
 K = 3
 JOB_SEED = 5
@@ -29,17 +29,11 @@ SCORE_COLUMNS = ("nsfw_score", "nsfw", "clip_score")
 PER_SAMPLE_COLUMNS = ("refiner_seed", "control_digest", *SCORE_COLUMNS)
 
 
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("samples")
     rng = np.random.default_rng(4)
-    controls = [_png((rng.random((64, 64, 3)) * 255).astype(np.uint8)) for _ in IDS]
+    controls = [png_bytes((rng.random((64, 64, 3)) * 255).astype(np.uint8)) for _ in IDS]
     pq.write_table(pa.table({"id": IDS, "prompt": PROMPTS, "seed": pa.array(ROW_SEEDS, pa.int64()),
                              "control_image": controls}), folder / "prompts.parquet", row_group_size=2)
     return folder
@@ -70,15 +64,6 @@ def outputs(ray_gpus, inputs, job):
     return inputs / "tars", inputs / "parquet"
 
 
-def tar_rows(output) -> tuple[list[dict], dict[str, bytes]]:
-    """Every row of an output of tars (their metadata Parquet, in shard order) and each image by key."""
-    rows, images = [], {}
-    for tar in sorted(output.glob("*.tar")):
-        rows += pq.read_table(tar.with_suffix(".parquet")).to_pylist()
-        images |= {name[:-4]: data for name, data in tar_members(tar.read_bytes()).items() if name.endswith(".png")}
-    return rows, images
-
-
 def pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
@@ -91,7 +76,7 @@ def expected_seed(row: int, k: int) -> int:
 
 def test_k_rows_per_prompt_with_their_keys_seeds_and_stages_in_both_formats(outputs):
     tars, parquet = outputs
-    rows, images = tar_rows(tars)
+    rows, images = image_rows(tars)
     table = pq.read_table(sorted(parquet.glob("*.parquet")))
     assert [len(pq.read_table(path)) for path in sorted(tars.glob("*.parquet"))] == [2 * K, K]
     for stored in (rows, table.to_pylist()):
@@ -117,7 +102,7 @@ def test_k_rows_per_prompt_with_their_keys_seeds_and_stages_in_both_formats(outp
 def test_each_sample_is_its_prompt_with_its_seed_alone(outputs, inputs, job, tmp_path):
     """A K=1 job whose rows carry the samples' keys and seeds, batched as the K=3 job batched its samples, makes
     the same bytes: the refined image and every score."""
-    rows, images = tar_rows(outputs[0])
+    rows, images = image_rows(outputs[0])
     source = pq.read_table(inputs / "prompts.parquet").to_pylist()
     alone = pa.table({"id": [row["key"] for row in rows], "prompt": [row["prompt"] for row in rows],
                       "seed": [row["seed"] for row in rows],
@@ -125,7 +110,7 @@ def test_each_sample_is_its_prompt_with_its_seed_alone(outputs, inputs, job, tmp
     pq.write_table(alone, tmp_path / "alone.parquet", row_group_size=2 * K)
     assert main(["run", "generate", "--prompts", str(tmp_path / "alone.parquet"), "--output", str(tmp_path / "out"),
                  "--rows-per-shard", str(2 * K), *job]) == 0
-    single_rows, single_images = tar_rows(tmp_path / "out")
+    single_rows, single_images = image_rows(tmp_path / "out")
     assert single_images == images
     for row, single in zip(rows, single_rows):
         assert {name: single[name] for name in PER_SAMPLE_COLUMNS} == {name: row[name] for name in PER_SAMPLE_COLUMNS}

@@ -20,7 +20,7 @@ from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from jobs.main import main
 from pipeline.manifest import read_manifest
-from tests.jobhelpers import prompt_table, tar_members
+from tests.jobhelpers import image_rows, png_bytes, prompt_table
 
 # One worker a job: each job here starts its own, and four of them would load the models four times over.
 SIZE = ["--height", "64", "--width", "64", "--dtype", "float32", "--image-format", "png", "--num-workers", "1"]
@@ -68,15 +68,6 @@ def error_line(capsys) -> str:
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, lines
     return lines[0]
-
-
-def image_rows(output) -> tuple[list[dict], dict[str, bytes]]:
-    """Every image row's metadata (from the tars' Parquet) and every image by key."""
-    rows, images = [], {}
-    for tar in sorted(output.glob("**/*.tar")):
-        rows += pq.read_table(tar.with_suffix(".parquet")).to_pylist()
-        images |= {name[:-4]: data for name, data in tar_members(tar.read_bytes()).items() if name.endswith(".png")}
-    return rows, images
 
 
 def pixels(images: dict[str, bytes]) -> np.ndarray:
@@ -329,21 +320,15 @@ def control_prompts(tmp_path_factory):
     folder = tmp_path_factory.mktemp("control")
     rng = np.random.default_rng(3)
     images = [(rng.random((128, 128, 3)) * 255).astype(np.uint8) for _ in range(5)]
-    encoded = [_png(image) for image in images]
+    encoded = [png_bytes(image) for image in images]
     (folder / "maps").mkdir()
     (folder / "maps" / "edge.png").write_bytes(encoded[0])
     rows = {"prompt": [f"a red fox number {i}" for i in range(8)],
-            "control_image": encoded[:4] + [b"not an image", None, _png(images[4][:64]), encoded[4]]}
+            "control_image": encoded[:4] + [b"not an image", None, png_bytes(images[4][:64]), encoded[4]]}
     pq.write_table(pa.table(rows), folder / "a.parquet")
     pq.write_table(pa.table({"prompt": ["a house", "a boat"], "control_image": ["maps/edge.png", "maps/none.png"]}),
                    folder / "b.parquet")
     return folder
-
-
-def _png(array) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def test_controlnet_rows_fail_alone_and_record_scale_and_digest(run, tiny_models, control_prompts):
