@@ -12,6 +12,13 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+# Ray's metrics exporter runs a thread in every driver, this process included, that a normal interpreter exit can
+# find still exporting while libraries' static objects are destroyed: its error log then reaches a destroyed logger
+# registry and the process dies of SIGSEGV after pytest has reported (a core dump of the full suite: Ray's
+# OpenTelemetryMetricExporter::Export -> RayLog -> spdlog registry, while exit() ran torch's destructors). The
+# commands end with os._exit once they have released what they started (jobs.errors.process_exit), so they never
+# reach those destructors; tests/test_metrics.py turns the metrics back on for its own Ray.
+os.environ.setdefault("RAY_enable_metrics_collection", "0")
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request
 # Started in the background by a script (`cmd &`), pytest would ignore SIGINT, and so would every driver it starts
 # (an ignored signal stays ignored across exec): the tests that interrupt drivers need it handled.
