@@ -342,7 +342,7 @@ class ShardStore:
         for name, info in marker["files"].items():
             staged = _join(self.root, f"{marker['staging']}/{name}")
             self.fs.invalidate_cache(staged)
-            if not self.fs.exists(staged) and not self._in_place(name, info):
+            if not with_retries(self.fs.exists, staged, what=f"look up {staged}") and not self._in_place(name, info):
                 return False
         return True
 
@@ -353,7 +353,7 @@ class ShardStore:
         target = _join(self.root, name)
         self.fs.invalidate_cache(target)
         try:
-            if self.fs.size(target) != info["bytes"]:
+            if with_retries(self.fs.size, target, what=f"look up {target}") != info["bytes"]:
                 return False
             if "sha256" not in info:  # a marker made by hand
                 return True

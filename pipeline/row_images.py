@@ -359,13 +359,10 @@ def _answer_status(error: BaseException | None) -> int | None:
 
 
 def _is_outage(error: BaseException) -> bool:
-    """A store's trouble, not the file's: network errors (aiohttp's lost connections too, which are no OSError),
-    timeouts, throttling and 5xx answers."""
-    from aiohttp import ClientConnectionError
-
+    """A store's trouble, not the file's: network errors (the clients' lost connections too), timeouts,
+    throttling and 5xx answers."""
     status = _answer_status(error)
-    return is_transient(error) or isinstance(error, ClientConnectionError) or \
-        (status is not None and (status >= 500 or status == 429))
+    return is_transient(error) or (status is not None and (status >= 500 or status == 429))
 
 
 def _reason(error: BaseException) -> str:

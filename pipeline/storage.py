@@ -275,11 +275,15 @@ def secret_fields(values: Any, where: str = "") -> list[str]:
 
 
 def is_transient(error: BaseException) -> bool:
-    """True for errors that may succeed on retry: network trouble, throttling, server errors."""
+    """True for errors that may succeed on retry: network trouble, throttling, server errors. The clients' own
+    connection errors count (botocore's EndpointConnectionError and ConnectionClosedError, aiohttp's
+    ServerDisconnectedError): they derive from neither OSError nor Python's ConnectionError."""
     if isinstance(error, (TimeoutError, ConnectionError)):
         return True
     if isinstance(error, OSError):
         return not isinstance(error, _PERMANENT_OS_ERRORS)
+    if isinstance(error, _client_connection_errors()):
+        return True
     try:
         from botocore.exceptions import ClientError
     except ImportError:
@@ -289,6 +293,24 @@ def is_transient(error: BaseException) -> bool:
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         return code in _TRANSIENT_S3_CODES or int(status) >= 500
     return False
+
+
+@functools.cache
+def _client_connection_errors() -> tuple[type[BaseException], ...]:
+    """The connection-level errors of the storage clients that are installed."""
+    errors: list[type[BaseException]] = []
+    try:
+        from botocore.exceptions import ConnectionError as BotocoreConnectionError
+        from botocore.exceptions import HTTPClientError
+        errors += [BotocoreConnectionError, HTTPClientError]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+        errors += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 retry_listeners: list[Callable[[], None]] = []  # called at each retry (the job's metrics count them)

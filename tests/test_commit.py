@@ -112,6 +112,33 @@ def test_a_later_try_finishes_the_move_of_a_winner_that_died(output, monkeypatch
     assert get_bytes(fs, f"{root}/00003.tar") == b"same bytes"
 
 
+def test_a_lost_connection_while_checking_a_contested_shard_is_asked_again(output, monkeypatch):
+    """Deciding whether another try's marker still has its files looks its staged files up in the store: a
+    connection the store drops then (botocore's EndpointConnectionError, no OSError) is asked again, not the job's
+    end (a chaos run's driver exited 1 so)."""
+    from botocore.exceptions import EndpointConnectionError
+
+    fs, root = output
+    store = ShardStore(fs, root)
+    lock, fence = held(fs, root)
+    monkeypatch.setattr(commit, "move", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        store.commit(3, {"00003.tar": b"same bytes"}, {"count": 1}, fence)
+    monkeypatch.undo()
+    lookups, exists = [], fs.exists
+
+    def dropped_twice(path, **kwargs):
+        lookups.append(path)
+        if len(lookups) <= 2:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1/")
+        return exists(path, **kwargs)
+
+    monkeypatch.setattr(fs, "exists", dropped_twice)
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    marker, won = store.commit(3, {"00003.tar": b"same bytes"}, {"count": 1}, fence)
+    assert len(lookups) >= 3 and not won and visible(fs, root) == ["00003.stats.json", "00003.tar"]
+
+
 def test_of_two_tries_at_once_exactly_one_commits(output):
     """Ray may not know whether a try ran, so the pool can run a unit twice at once."""
     fs, root = output
@@ -308,6 +335,14 @@ def test_transient_classification():
     assert not storage.is_transient(client_error("AccessDenied", 403))
     assert storage.is_transient(TimeoutError()) and storage.is_transient(OSError(5, "EIO"))
     assert not storage.is_transient(PermissionError()) and not storage.is_transient(ValueError())
+    # the clients' own connection errors, which derive from neither OSError nor ConnectionError
+    from aiohttp import ServerDisconnectedError
+    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, NoCredentialsError
+
+    assert storage.is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1/"))
+    assert storage.is_transient(ConnectionClosedError(endpoint_url="http://127.0.0.1:1/"))
+    assert storage.is_transient(ServerDisconnectedError())
+    assert not storage.is_transient(NoCredentialsError())
 
 
 def test_redact_and_storage_env(monkeypatch):
