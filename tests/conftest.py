@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -12,13 +14,6 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
-# Ray's metrics exporter runs a thread in every driver, this process included, that a normal interpreter exit can
-# find still exporting while libraries' static objects are destroyed: its error log then reaches a destroyed logger
-# registry and the process dies of SIGSEGV after pytest has reported (a core dump of the full suite: Ray's
-# OpenTelemetryMetricExporter::Export -> RayLog -> spdlog registry, while exit() ran torch's destructors). The
-# commands end with os._exit once they have released what they started (jobs.errors.process_exit), so they never
-# reach those destructors; tests/test_metrics.py turns the metrics back on for its own Ray.
-os.environ.setdefault("RAY_enable_metrics_collection", "0")
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request
 # Started in the background by a script (`cmd &`), pytest would ignore SIGINT, and so would every driver it starts
 # (an ignored signal stays ignored across exec): the tests that interrupt drivers need it handled.
@@ -26,14 +21,34 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+EXIT_STATUS = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[EXIT_STATUS] = int(exitstatus)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    """Ends what tests started and left running before the interpreter exits: a Ray a job started in this
-    process, and pyarrow's thread pools, whose late release of a Python file aborts an exiting interpreter (see
-    jobs.errors.release_started; the job entry points do the same, and their exits are tested as processes)."""
+    """Ends what tests started and left running: a Ray a job started in this process, and pyarrow's thread pools,
+    whose late release of a Python file aborts an exiting interpreter (see jobs.errors.release_started; the job
+    entry points do the same, and their exits are tested as processes).
+
+    Then, in a process that was a Ray driver, it ends as the commands end (jobs.errors.process_exit): the exit
+    functions run, and the process exits with pytest's status without destroying the C++ libraries' static
+    objects. Ray leaves a metrics exporter thread running in a driver after some `ray.shutdown()`s (Ray's own
+    workers end with os._exit for such reasons); a core dump of a full run that died of SIGSEGV after 694 passed
+    showed it logging through spdlog's registry while exit() destroyed it (RELIABILITY.md, issue 28)."""
     from jobs.errors import release_started
 
     release_started(ray_was_running=False)
+    if "ray._raylet" in sys.modules and EXIT_STATUS in config.stash:
+        atexit._run_exitfuncs()
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(config.stash[EXIT_STATUS])
 
 
 S3_CREDENTIALS = {

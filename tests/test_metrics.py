@@ -29,7 +29,7 @@ def metrics_port(tmp_path_factory):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     ray = start_ray(tmp_path_factory, num_cpus=4, num_gpus=2, _metrics_export_port=port,
-                    _system_config={"metrics_report_interval_ms": 500, "enable_metrics_collection": True})
+                    _system_config={"metrics_report_interval_ms": 500})
     yield port
     ray.shutdown()
 
