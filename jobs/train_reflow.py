@@ -118,7 +118,7 @@ def prepare_output(spec: TrainSpec, fs, root: str, identity: dict, inputs: list[
     if spec.overwrite:
         for name in OUTPUT_ENTRIES:
             path = posixpath.join(root, name)
-            if fs.exists(path):
+            if with_retries(fs.exists, path, what=f"look up {path}"):
                 with_retries(fs.rm, path, recursive=True, what=f"delete {path}")
     lineage = [*(existing or {}).get("lineage", []), lock.token]
     manifest = job_manifest(identity, inputs, lineage) | {

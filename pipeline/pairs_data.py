@@ -34,7 +34,7 @@ import torch
 from pipeline.commit import committed_shards
 from pipeline.manifest import MANIFEST_NAME
 from pipeline.plan import shard_name
-from pipeline.storage import OutputError, filesystem, get_bytes, put_atomic
+from pipeline.storage import OutputError, filesystem, get_bytes, put_atomic, with_retries
 from pipeline.writers import TENSOR_SHAPE_KEY, read_tensor_column
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,8 @@ def find_pairs(url: str, storage_options: dict | None = None) -> PairSet:
     storage_options = dict(storage_options or {})
     fs, path = filesystem(url, storage_options)
     root = path.rstrip("/")
-    if posixpath.basename(root) == PAIRS_DIR and not fs.exists(posixpath.join(root, MANIFEST_NAME)):
+    manifest = posixpath.join(root, MANIFEST_NAME)
+    if posixpath.basename(root) == PAIRS_DIR and not with_retries(fs.exists, manifest, what=f"look up {manifest}"):
         root = posixpath.dirname(root)  # the pairs/ folder of a job that wrote images too
     try:
         markers = committed_shards(fs, root)
@@ -112,10 +113,14 @@ def find_pairs(url: str, storage_options: dict | None = None) -> PairSet:
     return PairSet(url, storage_options, root, tuple(shards))
 
 
+def _read_schema(fs: fsspec.AbstractFileSystem, path: str) -> pa.Schema:
+    with fs.open(path, "rb") as f:
+        return pq.read_schema(f)
+
+
 def check_pair_schema(fs: fsspec.AbstractFileSystem, path: str) -> None:
     """Fails early, from the footer alone, on a file that is not a pair shard (an images output, say)."""
-    with fs.open(path, "rb") as f:
-        schema = pq.read_schema(f)
+    schema = with_retries(_read_schema, fs, path, what=f"read {path}")
     missing = [name for name in PAIR_COLUMNS if name not in schema.names]
     if missing:
         raise PairsError(f"{path}: missing columns {missing}; not a pair shard (is this an images output?)")

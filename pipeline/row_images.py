@@ -360,7 +360,12 @@ def _answer_status(error: BaseException | None) -> int | None:
 
 def _is_outage(error: BaseException) -> bool:
     """A store's trouble, not the file's: network errors (the clients' lost connections too), timeouts,
-    throttling and 5xx answers."""
+    throttling and 5xx answers. A body cut short of its announced length is the file's: any host a row names can
+    send one on purpose, and it must not fail the other rows' try."""
+    from aiohttp import ClientPayloadError
+
+    if isinstance(error, ClientPayloadError):
+        return False
     status = _answer_status(error)
     return is_transient(error) or (status is not None and (status >= 500 or status == 429))
 

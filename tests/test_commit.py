@@ -137,6 +137,20 @@ def test_a_lost_connection_while_checking_a_contested_shard_is_asked_again(outpu
     monkeypatch.setattr(storage.time, "sleep", lambda s: None)
     marker, won = store.commit(3, {"00003.tar": b"same bytes"}, {"count": 1}, fence)
     assert len(lookups) >= 3 and not won and visible(fs, root) == ["00003.stats.json", "00003.tar"]
+    # Its files now in place, another try checks them there, by their size first.
+    monkeypatch.setattr(fs, "exists", exists)
+    lookups.clear()
+    size = fs.size
+
+    def size_dropped_twice(path, **kwargs):
+        lookups.append(path)
+        if len(lookups) <= 2:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1/")
+        return size(path, **kwargs)
+
+    monkeypatch.setattr(fs, "size", size_dropped_twice)
+    again, won = store.commit(3, {"00003.tar": b"same bytes"}, {"count": 1}, fence)
+    assert len(lookups) >= 3 and not won and again == marker
 
 
 def test_of_two_tries_at_once_exactly_one_commits(output):

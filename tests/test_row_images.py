@@ -68,7 +68,7 @@ class ImageServer(http.server.ThreadingHTTPServer):
     """127.0.0.1: /ok.png, /endless (zeros until the client stops), /hang (never answers), /drip (its answer's
     head a byte every half second, so that no single read waits long), /status/CODE/... (answers CODE),
     /busy-once/... (503 the first time each path is asked, then ok.png's image), /reset (closes the connection
-    unanswered); it records each request's headers, and counts requests by path."""
+    unanswered), /short (50 bytes of a body announced as 100000); it records each request's headers, and counts requests by path."""
 
     daemon_threads = True
 
@@ -99,6 +99,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             if not first:
                 self.wfile.write(self.server.image)
+            return
+        if self.path == "/short":  # a body cut short of the length it announced
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(self.server.image[:50])
+            self.close_connection = True
             return
         if self.path == "/hang":
             self.server.release.wait(60)
@@ -434,6 +441,14 @@ def test_a_store_that_says_try_again_is_asked_again_and_one_whose_every_image_is
     with pytest.raises(StoreOutage, match=r"each of the 4 images its rows name from a store failed as an outage"):
         read_rows(images, unit, [f"{server.url}status/503/all", f"{server.url}status/429/all", f"{server.url}reset",
                                  "http://127.0.0.1:9/x.png", png(0)])  # bytes in the row name no store
+
+
+def test_a_body_cut_short_fails_its_row_alone_even_as_its_units_only_image_from_a_store(server):
+    """A host that announces a length and sends less (aiohttp's ClientPayloadError) fails the row that named it,
+    and not the try of the unit's other rows, though it is that unit's only image named from a store."""
+    images, unit = images_for("memory://in/p.parquet", allow=(server.url,))
+    short, inline = read_rows(images, unit, [f"{server.url}short", png(0)])
+    assert "cannot be read (ClientPayloadError" in short.error and inline.error is None
 
 
 def test_hosts_that_rows_name_get_none_of_fsspecs_http_settings(monkeypatch, server):
