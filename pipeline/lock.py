@@ -239,6 +239,8 @@ class LeaseKeeper:
     wake and go on deleting before that thread runs again. When the last renewal that landed is older than two
     renewal intervals on the monotonic clock, `check()` renews the lease itself first; if the store says another
     job holds the lock, or the renewal fails once the lease would run out, the output is given up there and then.
+    A renewal counts from when it was sent, not from its answer: a pause between the two (the answer read after
+    the driver woke) must not make an old renewal look new.
     """
 
     def __init__(self, lock: OutputLock, clock: Callable[[], float] = time.monotonic, retry_s: float = 1.0,
@@ -275,6 +277,7 @@ class LeaseKeeper:
         return self.clock() - self.renewed_at
 
     def _renew_now(self) -> None:
+        sent_at = self.clock()
         try:
             self.lock.refresh()
         except OutputLostError as exc:
@@ -283,7 +286,7 @@ class LeaseKeeper:
         except Exception as exc:
             self._give_up_unless_time_left(exc)
             return
-        self.renewed_at = self.clock()
+        self.renewed_at = sent_at
         self.on_renewed()
 
     def _run(self) -> None:
@@ -296,8 +299,9 @@ class LeaseKeeper:
         wait_s = self.lock.refresh_interval_s
         while not self._stop.wait(wait_s):
             try:
+                sent_at = self.clock()
                 self.lock.refresh()
-                self.renewed_at, wait_s = self.clock(), self.lock.refresh_interval_s
+                self.renewed_at, wait_s = sent_at, self.lock.refresh_interval_s
                 self.on_renewed()
             except OutputLostError as exc:
                 self.error = exc

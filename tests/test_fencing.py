@@ -368,6 +368,30 @@ class PausedDriver:
         self.keeper.stop()
 
 
+def test_a_renewal_answered_before_a_pause_does_not_count_after_it(output):
+    """A driver paused between sending a renewal and reading its answer (chaos run 31008: it woke and deleted a
+    batch of files another job then owned): the renewal counts from when it was sent, so the driver's next check
+    renews again, finds the lock taken over and stops."""
+    fs, root = output
+    driver = PausedDriver(fs, root)
+    try:
+        refresh = driver.lock.refresh
+
+        def answered_then_paused():
+            refresh()
+            driver.lock.refresh = refresh
+            driver.pause()  # the clock jumps past the lease; the new job takes the lock over
+
+        driver.lock.refresh = answered_then_paused
+        driver.offset[0] += 2 * driver.lock.refresh_interval_s  # due for a renewal: check() sends it
+        driver.keeper.check()
+        with pytest.raises(OutputLostError):
+            driver.keeper.check()
+        driver.assert_new_job_untouched()
+    finally:
+        driver.stop()
+
+
 def pause_after(monkeypatch, fs, driver: PausedDriver, mutations: int) -> list[str]:
     """Counts the store's moves and deletions; the driver pauses once the first `mutations` of them are done (at
     once for 0). Neither the new job's writes during the pause nor the deletion inside an S3 move count. Returns
