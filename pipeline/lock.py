@@ -254,7 +254,10 @@ class LeaseKeeper:
         self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
 
     def start(self) -> "LeaseKeeper":
+        """Renews once before the thread starts, so that the lease is dated from a renewal sent now: a driver
+        paused between acquire's answer and this call must not take an old acquire for a fresh lease."""
         self.renewed_at = self.clock()
+        self._renew_now()
         self._thread.start()
         return self
 

@@ -392,6 +392,27 @@ def test_a_renewal_answered_before_a_pause_does_not_count_after_it(output):
         driver.stop()
 
 
+def test_a_driver_paused_between_acquiring_and_keeping_its_lease_stops_at_its_first_check(output):
+    """Paused after acquire's answer and before its lease keeper started, past the lease: another job took the
+    output over meanwhile, and the keeper's first check says so."""
+    fs, root = output
+    offset = [0.0]
+    clock = lambda: time.monotonic() + offset[0]  # noqa: E731
+    lock = OutputLock(fs, root, lease_s=PausedDriver.LEASE_S)
+    lock.acquire()
+    offset[0] += 2 * PausedDriver.LEASE_S
+    jump = lambda seconds: offset.__setitem__(0, offset[0] + PausedDriver.LEASE_S)  # noqa: E731
+    new = OutputLock(fs, root, lease_s=PausedDriver.LEASE_S, clock=clock, sleep=jump)
+    new.acquire()
+    assert new.took_over
+    keeper = LeaseKeeper(lock, clock=clock).start()
+    try:
+        with pytest.raises(OutputLostError):
+            keeper.check()
+    finally:
+        keeper.stop()
+
+
 def pause_after(monkeypatch, fs, driver: PausedDriver, mutations: int) -> list[str]:
     """Counts the store's moves and deletions; the driver pauses once the first `mutations` of them are done (at
     once for 0). Neither the new job's writes during the pause nor the deletion inside an S3 move count. Returns
