@@ -96,16 +96,21 @@ def test_a_crash_between_marker_and_move_is_finished_by_the_next_job(output, mon
     assert visible(fs, root) == ["00005.parquet", "00005.stats.json"] and store.staged_tries() == set()
 
 
+def claim_without_moving(store: ShardStore, fence: Fence, monkeypatch) -> None:
+    """A try of unit 3 that claims its marker and dies before it moves its staged files into place."""
+    with monkeypatch.context() as patch:
+        patch.setattr(commit, "move", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+        with pytest.raises(KeyboardInterrupt):
+            store.commit(3, {"00003.tar": b"same bytes"}, {"count": 1}, fence)
+
+
 def test_a_later_try_finishes_the_move_of_a_winner_that_died(output, monkeypatch):
     """A requeued unit, or a resumed job that started before an old worker's last commit, finds the marker
     taken by a try that never moved its files: it moves them, so the shard is whole without another run."""
     fs, root = output
     store = ShardStore(fs, root)
     lock, fence = held(fs, root)
-    monkeypatch.setattr(commit, "move", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
-    with pytest.raises(KeyboardInterrupt):
-        store.commit(3, {"00003.tar": b"same bytes"}, {"count": 1}, fence)
-    monkeypatch.undo()
+    claim_without_moving(store, fence, monkeypatch)
     marker, won = store.commit(3, {"00003.tar": b"same bytes"}, {"count": 1}, fence)
     assert not won and marker["staging"].startswith(f"_staging/{fence.token}/")
     assert visible(fs, root) == ["00003.stats.json", "00003.tar"] and store.staged_tries() == set()
@@ -121,34 +126,25 @@ def test_a_lost_connection_while_checking_a_contested_shard_is_asked_again(outpu
     fs, root = output
     store = ShardStore(fs, root)
     lock, fence = held(fs, root)
-    monkeypatch.setattr(commit, "move", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
-    with pytest.raises(KeyboardInterrupt):
-        store.commit(3, {"00003.tar": b"same bytes"}, {"count": 1}, fence)
-    monkeypatch.undo()
-    lookups, exists = [], fs.exists
+    claim_without_moving(store, fence, monkeypatch)
+    lookups, exists, size = [], fs.exists, fs.size
 
-    def dropped_twice(path, **kwargs):
-        lookups.append(path)
-        if len(lookups) <= 2:
-            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1/")
-        return exists(path, **kwargs)
+    def dropped_twice(lookup):
+        def first_two_dropped(path, **kwargs):
+            lookups.append(path)
+            if len(lookups) <= 2:
+                raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1/")
+            return lookup(path, **kwargs)
+        return first_two_dropped
 
-    monkeypatch.setattr(fs, "exists", dropped_twice)
+    monkeypatch.setattr(fs, "exists", dropped_twice(exists))
     monkeypatch.setattr(storage.time, "sleep", lambda s: None)
     marker, won = store.commit(3, {"00003.tar": b"same bytes"}, {"count": 1}, fence)
     assert len(lookups) >= 3 and not won and visible(fs, root) == ["00003.stats.json", "00003.tar"]
     # Its files now in place, another try checks them there, by their size first.
     monkeypatch.setattr(fs, "exists", exists)
     lookups.clear()
-    size = fs.size
-
-    def size_dropped_twice(path, **kwargs):
-        lookups.append(path)
-        if len(lookups) <= 2:
-            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1/")
-        return size(path, **kwargs)
-
-    monkeypatch.setattr(fs, "size", size_dropped_twice)
+    monkeypatch.setattr(fs, "size", dropped_twice(size))
     again, won = store.commit(3, {"00003.tar": b"same bytes"}, {"count": 1}, fence)
     assert len(lookups) >= 3 and not won and again == marker
 
