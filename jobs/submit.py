@@ -17,7 +17,8 @@ from pathlib import Path
 from jobs.jobfile import Job, parse_job
 from jobs.main import DefaultsShown
 from jobs.ray_jobs import add_address, connect, follow, jobs_api
-from pipeline.spec import JobSpec, split_scale
+from pipeline.settings import MODEL
+from pipeline.spec import SETTINGS, JobSpec, split_scale
 from pipeline.storage import redact_text, secret_fields
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -25,11 +26,14 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WORKING_DIR_EXCLUDES = ["/.venv/", "/out/", "/.git/", "/.cache/", "/build/", "/dist/",
                         "__pycache__/", ".pytest_cache/", "*.egg-info/"]
 LOCAL_PATH_FLAGS = ("prompts", "output")  # paths unless they are URLs
-# Local folders or files if they exist here, else hub ids or URLs; those with :SCALE may end with one.
-MODEL_FLAGS = ("model", "teacher", "tiny_decoder", "merge_base", "safety_checker", "clip_model", "controlnet",
-               "refiner")
-SCALED_MODEL_FLAGS = ("merge_finetune",)
-REPEATED_MODEL_FLAGS = ("loras",)  # a list of SRC[:SCALE]
+# The settings that name models (pipeline/spec.py declares them): local folders or files if they exist here, else
+# hub ids or URLs; those with :SCALE may end with one; a repeated one is a list of SRC[:SCALE].
+MODEL_FLAGS = tuple(name for name, declared in SETTINGS.items()
+                    if declared.effect == MODEL and not declared.scaled and not declared.repeated)
+SCALED_MODEL_FLAGS = tuple(name for name, declared in SETTINGS.items()
+                           if declared.effect == MODEL and declared.scaled and not declared.repeated)
+REPEATED_MODEL_FLAGS = tuple(name for name, declared in SETTINGS.items()
+                             if declared.effect == MODEL and declared.repeated)
 
 CREDENTIALS_HELP = """\
 Credentials never travel with a submitted job: a Ray cluster stores each job's entrypoint and runtime

@@ -1,14 +1,17 @@
 """One validated job spec, built from flags; its identity decides whether a re-run may resume an output."""
 
+import argparse
 import dataclasses
+import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 from instaflow.models import MODEL_RECORD, TEACHER_KINDS, student_defaults, teacher_defaults
 from instaflow.sampling import MAX_GUIDANCE_SCALE, MAX_SIDE, MAX_STEPS, check_inputs, check_size
 from pipeline.plan import SAMPLE_FIELDS
 from pipeline.row_images import DEFAULT_IMAGE_READ_TIMEOUT_S, DEFAULT_MAX_IMAGE_BYTES, allowed_image_sources
+from pipeline.settings import MODEL, RUN, declared_settings, setting
 from pipeline.storage import filesystem, get_bytes, normalize_location, normalize_model
 
 TASKS = ("images", "pairs")
@@ -26,95 +29,183 @@ PAIR_KINDS = (*TEACHER_KINDS, ENCODE)
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 DEVICE_CHOICES = ("auto", "gpu", "cpu")
 MAX_SAMPLES_PER_PROMPT = 10_000
-# Settings that change speed or where things are, not outputs: a resumed job may change them freely (each shard
-# records the speed settings it ran with). Inputs are compared by their fingerprints, models by their sources.
-RUN_ONLY_FIELDS = (
-    "num_workers", "storage_options", "overwrite", "compile", "ray_address", "max_unit_attempts", "batch_size",
-    "cpus_per_worker", "lock_lease_s", "start_timeout_s", "unit_timeout_s", "prompts", "output", "allow_pickle",
-    "refiner_offload", "image_read_timeout_s",
-)
-ROW_IMAGE_FIELDS = ("allow_image_sources", "max_image_bytes")  # which rows' images can be read: outputs
-# Where models are named: the job records each by what it is (its source: digest or hub revision), not by name.
-MODEL_NAME_FIELDS = ("tiny_decoder", "loras", "merge_finetune", "merge_base", "safety_checker", "clip_model",
-                     "controlnet", "refiner")
-CONTROLNET_FIELDS = ("controlnet_scale", "control_column", "control_preprocess", "canny_low", "canny_high")
-REFINER_FIELDS = ("refiner_strength", "refiner_steps", "refiner_guidance_scale", "refine_size", "aesthetic_score",
-                  "negative_aesthetic_score", "keep_unrefined")
+
+
+def _makes_images(spec) -> bool:
+    return "images" in spec.tasks
+
+
+def _makes_pairs(spec) -> bool:
+    return "pairs" in spec.tasks
+
+
+def _encodes_images(spec) -> bool:  # the student's, or the teacher's decoded into the pairs
+    return "images" in spec.tasks or spec.teacher_images
+
+
+def _merges(spec) -> bool:
+    return bool(spec.merge_finetune)
+
+
+def _scores(spec) -> bool:
+    return bool(spec.scores)
+
+
+def _controls(spec) -> bool:
+    return bool(spec.controlnet)
+
+
+def _canny(spec) -> bool:
+    return bool(spec.controlnet) and spec.control_preprocess == "canny"
+
+
+def _refines(spec) -> bool:
+    return bool(spec.refiner)
+
+
+def _encode_job(spec) -> bool:
+    return spec.encodes
+
+
+def _reads_row_images(spec) -> bool:
+    return spec.reads_row_images
+
+
+def _lora_scales(loras) -> dict:  # the files are models, recorded by what they are; their scales change outputs
+    return {"lora_scales": [scale for _, scale in loras]} if loras else {}
 
 
 @dataclass
 class JobSpec:
-    prompts: str
-    output: str
-    tasks: tuple[str, ...] = ("images",)
-    # student, for images
-    model: str | None = None
-    steps: int | None = None  # None: the model's default (InstaFlow 1, 2-RF 25)
-    guidance_scale: float | None = None  # None: the model's default (InstaFlow 0, 2-RF 1.5)
-    decoder: str = "full"  # "tiny": a tiny decoder in place of the VAE (changes the images: part of the identity)
-    tiny_decoder: str = TAESD
+    """A job's settings, each declared once with `setting(...)` (pipeline/settings.py): its flag, its help, and
+    whether it changes the outputs (the identity), only speed or place, or names a model."""
+
+    # the job's inputs and outputs
+    prompts: str = setting(help="Parquet file, folder or glob, on any fsspec filesystem", effect=RUN, required=True)
+    output: str = setting(help="output folder URL (s3://, gs://, file://, a path, ...)", effect=RUN, required=True)
+    tasks: tuple[str, ...] = setting(("images",), help="what the job writes: images, pairs or both", common=False)
+    prompt_column: str = setting("prompt", help="column holding the prompt text")
+    seed: int = setting(0, help="job seed; per-sample seeds derive from it and the key", type=int)
+    samples_per_prompt: int = setting(1, help="K samples per input row (images per prompt, pairs per prompt or "
+                                      "image), keyed {key}-{k}, seeded with the row's seed + k or derived from the "
+                                      "job seed and that key", metavar="K")
+    height: int = setting(512, help="image height, a multiple of 8", type=int)
+    width: int = setting(512, help="image width, a multiple of 8", type=int)
+    batch_size: int = setting(32, help="samples per forward pass", effect=RUN, type=int)  # the fastest on an H200
+    rows_per_shard: int = setting(1000, help="target input rows per work unit and shard (a shard holds "
+                                  "--samples-per-prompt times as many output rows)", type=int)
+    output_format: str = setting("webdataset", help="image shards: webdataset tars, or Hugging Face image Parquet",
+                                 used=_makes_images, flag="--format", choices=OUTPUT_FORMATS)
+    image_format: str = setting("jpeg", help="image encoding", used=_encodes_images, choices=IMAGE_FORMATS)
+    # the student, for images
+    model: str | None = setting(None, help="the student: local diffusers folder, hub id or fsspec URL",
+                                effect=MODEL, common=False)
+    steps: int | None = setting(None, help="the student's Euler steps (None: 1 for InstaFlow, 25 for 2-RF)",
+                                used=_makes_images, common=False)
+    guidance_scale: float | None = setting(None, help="the student's guidance (None: 0 for InstaFlow, 1.5 for 2-RF)",
+                                           used=_makes_images, common=False)
+    decoder: str = setting("full", help="tiny: decode images with a tiny decoder (TAESD), far faster, lower quality",
+                           used=_makes_images, choices=DECODERS)
+    tiny_decoder: str = setting(TAESD, help="the tiny decoder for --decoder tiny: hub id, folder or URL of a "
+                                "diffusers AutoencoderTiny", effect=MODEL)
     # the student's weights changed, once per worker: LoRA adapters, and a fine-tune's difference from its base
-    loras: tuple = ()  # (source, scale) pairs in order, or "SRC[:SCALE]" texts (a .safetensors file)
-    merge_finetune: str | None = None  # a model, or "MODEL[:SCALE]"
-    merge_scale: float = 1.0
-    merge_base: str = SD15
+    loras: tuple = setting((), help="fuse a LoRA into the student (repeatable, in order): a .safetensors file (path, "
+                           "URL or HUB_ID/FILE), diffusers or kohya format; SCALE default 1.0", effect=MODEL,
+                           recorded=_lora_scales, flag="--lora", repeated=True, metavar="SRC[:SCALE]")
+    merge_finetune: str | None = setting(None, help="add SCALE x (this fine-tune's UNet - --merge-base's) to the "
+                                         "student's UNet and take its VAE and text encoder (InstaFlow's 'hf' LoRA "
+                                         "mode); SCALE default 1.0", effect=MODEL, scaled=True,
+                                         metavar="MODEL[:SCALE]")
+    merge_scale: float = setting(1.0, help="the fine-tune's scale, from --merge-finetune MODEL[:SCALE]", used=_merges,
+                                 common=False)
+    merge_base: str = setting(SD15, help="the model --merge-finetune was fine-tuned from", effect=MODEL)
     # per-row scores of the images made (the student's; the teacher's with teacher_images)
-    scores: tuple[str, ...] = ()
-    safety_checker: str = SAFETY_CHECKER
-    clip_model: str = CLIP_MODEL
+    scores: tuple[str, ...] = setting((), help="per-row scores of the images made: nsfw (the SD safety checker's "
+                                      "score and flag; images are not changed) and/or clip (CLIP score of image "
+                                      "and prompt)", used=_scores, metavar="nsfw,clip",
+                                      flag_default="")
+    safety_checker: str = setting(SAFETY_CHECKER, help="the model of --scores nsfw", effect=MODEL)
+    clip_model: str = setting(CLIP_MODEL, help="the CLIP model of --scores clip", effect=MODEL)
     # a ControlNet conditioning the student and the teacher on each row's control image
-    controlnet: str | None = None
-    controlnet_scale: float = 1.0
-    control_column: str = "control_image"  # encoded image bytes, or a path/URL (relative: to the prompts file)
-    control_preprocess: str = "none"  # "canny": OpenCV's edge map of the image; "none": it is the condition
-    canny_low: int = 100
-    canny_high: int = 200
-    # the SDXL refiner after the student: img2img from its image at refine_size (diffusers' defaults otherwise)
-    refiner: str | None = None
-    refiner_strength: float = 0.3  # as the InstaFlow demo; strength x steps steps run
-    refiner_steps: int = 50
-    refiner_guidance_scale: float = 5.0
-    refine_size: int = 1024  # the refined image's longer side
-    aesthetic_score: float = 6.0
-    negative_aesthetic_score: float = 2.5
-    keep_unrefined: bool = False  # also store the student's image
-    refiner_offload: bool = False  # the refiner's modules in host memory, each on the device only while it runs
-    # teacher, for pairs
-    teacher: str | None = None
-    teacher_kind: str = "sd"
-    teacher_steps: int | None = None
-    teacher_guidance_scale: float | None = None
-    teacher_images: bool = False  # the decoded teacher latent as an `image` column of the pairs
-    image_column: str = "image"  # encode: the images (a Hugging Face image struct, bytes, or a path/URL)
+    controlnet: str | None = setting(None, help="condition the student and the teacher on each row's control image "
+                                     "with this diffusers ControlNetModel (hub id, folder or fsspec URL)",
+                                     effect=MODEL, metavar="MODEL")
+    controlnet_scale: float = setting(1.0, help="scale of the ControlNet's residuals", used=_controls, type=float)
+    control_column: str = setting("control_image", help="column of control images: encoded image bytes, or a path "
+                                  "or URL (relative: to the prompts file's folder)", used=_controls)
+    control_preprocess: str = setting("none", help="canny: OpenCV's Canny edges of each image; none: the column "
+                                      "holds the condition", used=_controls, choices=CONTROL_PREPROCESS)
+    canny_low: int = setting(100, help="Canny's lower threshold", used=_canny, type=int)
+    canny_high: int = setting(200, help="Canny's upper threshold", used=_canny, type=int)
     # what rows may name as images (encode, --controlnet), beyond the prompts root; and each read's bounds
-    allow_image_sources: tuple[str, ...] = ()  # folders and URL prefixes (pipeline/row_images.py)
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
-    image_read_timeout_s: float = DEFAULT_IMAGE_READ_TIMEOUT_S
-    samples_per_prompt: int = 1  # rows per input row: keys {key}-{k}, seeds the row's seed + k or derived
-    # sampling shared by both
-    seed: int = 0
-    height: int = 512
-    width: int = 512
-    batch_size: int = 32  # the fastest measured on an H200 for both samplers (BENCHMARKS.md)
-    device: str = "auto"  # auto: GPUs on a cluster the job joins or a machine with GPUs, else the CPU
-    dtype: str | None = None  # None: float16 on GPUs, float32 on the CPU
-    # input and output
-    prompt_column: str = "prompt"
-    rows_per_shard: int = 1000
-    output_format: str = "webdataset"
-    image_format: str = "jpeg"
-    storage_options: dict = field(default_factory=dict)
+    allow_image_sources: tuple[str, ...] = setting(
+        (), help="let rows name images below this folder (/data/images/) or URL prefix (https://, https://host/, "
+        "s3://bucket/prefix/) as well as inside the prompts root (repeatable; encode and --controlnet); other stores "
+        "get no storage options", used=_reads_row_images, flag="--allow-image-source", repeated=True,
+        metavar="PREFIX")
+    max_image_bytes: int = setting(DEFAULT_MAX_IMAGE_BYTES, help="bytes read at most per row's image; a larger one "
+                                   "fails its row", used=_reads_row_images, type=int)
+    image_read_timeout_s: float = setting(DEFAULT_IMAGE_READ_TIMEOUT_S, help="seconds one row's image may take to "
+                                          "read (and each request to answer)", effect=RUN,
+                                          flag="--image-read-timeout", type=float)
+    # the SDXL refiner after the student: img2img from its image at refine_size (diffusers' defaults otherwise)
+    refiner: str | None = setting(None, help="refine the student's images with this SDXL refiner pipeline (hub id "
+                                  "such as stabilityai/stable-diffusion-xl-refiner-1.0, folder or fsspec URL)",
+                                  effect=MODEL, metavar="MODEL")
+    refiner_strength: float = setting(0.3, help="img2img strength of the refiner", used=_refines, type=float)
+    refiner_steps: int = setting(50, help="refiner scheduler steps, of which strength x steps run", used=_refines,
+                                 type=int)
+    refiner_guidance_scale: float = setting(5.0, help="the refiner's guidance scale", used=_refines, type=float)
+    refine_size: int = setting(1024, help="the refined image's longer side; the student's image is resized to it "
+                               "first", used=_refines, type=int)
+    aesthetic_score: float = setting(6.0, help="the refiner's aesthetic score", used=_refines, type=float)
+    negative_aesthetic_score: float = setting(2.5, help="the refiner's negative aesthetic score", used=_refines,
+                                              type=float)
+    keep_unrefined: bool = setting(False, help="also store the student's image ({key}.unrefined.EXT in tars, "
+                                   "unrefined_image in Parquet)", used=_refines, action="store_true")
+    refiner_offload: bool = setting(False, help="keep the refiner in host memory and move each of its models to the "
+                                    "GPU only while it runs (for GPUs too small for the student and the refiner "
+                                    "together; slower)", effect=RUN, action="store_true")
+    # the teacher, for pairs
+    teacher: str | None = setting(None, help="the teacher: local diffusers folder, hub id or fsspec URL",
+                                  effect=MODEL, common=False)
+    teacher_kind: str = setting("sd", help="sd: SD-1.5 with DPM-Solver; rf: a rectified-flow model with Euler "
+                                "steps; encode: the model's VAE encodes each row's image", used=_makes_pairs,
+                                common=False)
+    teacher_steps: int | None = setting(None, help="the teacher's steps (None: 25; 0 for encode)", used=_makes_pairs,
+                                        common=False)
+    teacher_guidance_scale: float | None = setting(None, help="the teacher's guidance (None: 5.0 sd, 1.5 rf)",
+                                                   used=_makes_pairs, common=False)
+    teacher_images: bool = setting(False, help="the decoded teacher latent as an `image` column of the pairs",
+                                   used=_makes_pairs, common=False)
+    image_column: str = setting("image", help="encode: the column of images (a Hugging Face image struct, bytes, or "
+                                "a path/URL)", used=_encode_job, common=False)
     # running
-    num_workers: int | None = None  # None: one per GPU in the cluster, or one CPU worker without GPUs
-    max_unit_attempts: int = 3
-    lock_lease_s: float = 120.0  # a lock unchanged for this long, on the reader's clock, is stale
-    start_timeout_s: float = 900.0  # no worker able to run for this long ends the job (exit 3)
-    unit_timeout_s: float | None = None  # None: ten times the measured time of a unit
-    compile: bool | None = None  # None: on with CUDA, off on the CPU
-    allow_pickle: bool = False  # load .bin (pickle) weights when a model has no safetensors
-    cpus_per_worker: float | None = None  # None: a GPU node's CPUs per GPU; image encoders run on these
-    overwrite: bool = False
-    ray_address: str | None = None
+    device: str = setting("auto", help="auto: GPUs on a cluster the job joins or a machine with a GPU, else the CPU",
+                          choices=DEVICE_CHOICES)
+    dtype: str | None = setting(None, help="default: fp16 on GPUs, fp32 on CPU", choices=DTYPE_CHOICES)
+    compile: bool | None = setting(None, help="torch.compile the UNet and the VAE decoder (default: on with CUDA, off "
+                                   "on the CPU)", effect=RUN, action=argparse.BooleanOptionalAction)
+    cpus_per_worker: float | None = setting(None, help="CPUs reserved per worker, one image encoder each (default: a "
+                                            "GPU node's CPUs per GPU)", effect=RUN, type=float)
+    num_workers: int | None = setting(None, help="default: one per GPU in the cluster (1 without GPUs)", effect=RUN,
+                                      type=int)
+    max_unit_attempts: int = setting(3, help="tries per shard before it counts as failed", effect=RUN, type=int)
+    start_timeout_s: float = setting(900.0, help="seconds without any worker able to run before the job stops "
+                                     "(exit 3)", effect=RUN, flag="--start-timeout", type=float)
+    unit_timeout_s: float | None = setting(None, help="seconds one unit may run before its worker is restarted "
+                                           "(default: 10x the measured)", effect=RUN, flag="--unit-timeout",
+                                           type=float)
+    lock_lease_s: float = setting(120.0, help="seconds after which an output lock nobody renews is taken over",
+                                  effect=RUN, flag="--lock-lease", type=float)
+    allow_pickle: bool = setting(False, help="load .bin (pickle) weights of a model without safetensors; pickles can "
+                                 "run code", effect=RUN, action="store_true")
+    storage_options: dict = setting(help="JSON passed to fsspec, or @FILE to read it from a file on the machine that "
+                                    "runs the driver (for submit: the cluster's)", effect=RUN, factory=dict)
+    overwrite: bool = setting(False, help="delete this tool's outputs there and start over", effect=RUN,
+                              action="store_true")
+    ray_address: str | None = setting(None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)",
+                                      effect=RUN)
 
     def __post_init__(self):
         self.prompts, self.output = normalize_location(self.prompts), normalize_location(self.output)
@@ -305,48 +396,18 @@ class JobSpec:
         return dataclasses.replace(self, device=device, dtype=self.dtype or ("float16" if device == "gpu" else "float32"))
 
     def identity(self) -> dict:
-        """Everything that decides the output bytes. Two specs with equal identities write equal shards.
+        """Everything that decides the output bytes: each OUTPUT setting the job uses (pipeline/settings.py). Two
+        specs with equal identities write equal shards.
 
-        Call it on a resolved spec; the job replaces `model` and `teacher` by what was loaded (a hub revision or
-        a digest of the files), so another spelling of the same model is the same job.
+        Call it on a resolved spec; the job adds each model as what was loaded (a hub revision or a digest of the
+        files, pipeline/model_source.py), so another spelling of the same model is the same job.
         """
         if self.device == "auto":
             raise ValueError("identity() needs a resolved spec: the device kind decides the outputs")
-        identity = {k: v for k, v in asdict(self).items() if k not in RUN_ONLY_FIELDS}
-        if "images" not in self.tasks:
-            for name in ("model", "steps", "guidance_scale", "output_format", "decoder"):
-                identity.pop(name)
-            if not self.teacher_images:  # the pairs' teacher images are encoded in it too
-                identity.pop("image_format")
-        for name in MODEL_NAME_FIELDS:  # when used, the job records each model by what it is (its source)
-            identity.pop(name)
-        # Settings a job without them does not have, so that adding them kept the identity of older jobs.
-        if self.loras:
-            identity["lora_scales"] = [scale for _, scale in self.loras]
-        if not self.merge_finetune:
-            identity.pop("merge_scale")
-        if not self.scores:
-            identity.pop("scores")
-        if not self.controlnet:
-            for name in CONTROLNET_FIELDS:
-                identity.pop(name)
-        elif self.control_preprocess != "canny":
-            identity.pop("canny_low"), identity.pop("canny_high")
-        if not self.refiner:
-            for name in REFINER_FIELDS:
-                identity.pop(name)
-        if not self.encodes:
-            identity.pop("image_column")
-        if not self.reads_row_images:
-            for name in ROW_IMAGE_FIELDS:
-                identity.pop(name)
-        else:
-            identity["allow_image_sources"] = list(self.allow_image_sources)
-        if "pairs" not in self.tasks:
-            for name in ("teacher", "teacher_kind", "teacher_steps", "teacher_guidance_scale", "teacher_images"):
-                identity.pop(name)
-        identity["tasks"] = list(self.tasks)
-        return identity
+        identity = {}
+        for name, declared in SETTINGS.items():
+            identity |= declared.identity_entries(name, self)
+        return json.loads(json.dumps(identity))  # as the manifest stores it: tuples are lists
 
     @property
     def image_dir(self) -> str:
@@ -356,6 +417,9 @@ class JobSpec:
     @property
     def pair_dir(self) -> str:
         return "pairs/" if len(self.tasks) > 1 else ""
+
+
+SETTINGS = declared_settings(JobSpec)  # every field's declaration, by name, in field order
 
 
 def split_scale(text: str, what: str, default: float | None = 1.0) -> tuple[str, float | None]:
