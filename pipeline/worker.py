@@ -32,7 +32,7 @@ from pipeline.model_source import ModelSource, job_identity
 from pipeline.plan import WorkUnit
 from pipeline.reader import Sample, read_unit
 from pipeline.spec import JobSpec
-from pipeline.stages import build_stages, input_columns, model_sources
+from pipeline.stages import added_fields, build_stages, input_columns, model_sources
 from pipeline.stages.base import HostCopy, Stage, UnitOutputs
 from pipeline.storage import filesystem, protect_secrets, raises_redacted, redact_text
 
@@ -82,10 +82,7 @@ class ShardWorker:
         self.runtime = Runtime.default(spec.dtype, spec.compile, device="cpu" if spec.device == "cpu" else None)
         self.stages = self.load_models(sources)
         self.outputs = [stage.name for stage in self.stages if stage.is_output]
-        self.added_fields: dict[str, list] = {}
-        for stage in self.stages:
-            for output, fields in stage.added_fields().items():
-                self.added_fields.setdefault(output, []).extend(fields)
+        self.added_fields = added_fields(self.stages)
         self.input_fs, _ = filesystem(spec.prompts, spec.storage_options)
         output_fs, root = filesystem(spec.output, spec.storage_options)
         self.store = ShardStore(output_fs, root)
@@ -156,9 +153,7 @@ class ShardWorker:
             for key, reason in output_failures.items():
                 output_failures[key] = f"{unit.path} row {rows[key]}: {reason}"
         with _timed(timings, "shard_s"):
-            files = {}
-            for stage in self.stages:
-                files.update(stage.files(unit.shard, unit_input.samples, unit_input.extra, outputs))
+            files = shard_files(self.stages, unit.shard, unit_input, outputs)
         generation_errors = {key: reason for failures in outputs.failed.values() for key, reason in failures.items()}
         errors = [s.error for s in unit_input.samples if s.error] + list(generation_errors.values())
         failed_keys = {s.key for s in unit_input.samples if s.error} | set(generation_errors)
@@ -288,6 +283,18 @@ class ShardWorker:
             for stage in self.stages:
                 stage.collect(result["keys"], result["stages"][stage.name], outputs)
         return outputs
+
+
+def shard_files(stages: list[Stage], shard: str, unit_input, outputs: UnitOutputs) -> dict[str, bytes]:
+    """Every stage's files of the shard; two stages that write one path fail the try (one would overwrite the
+    other's file) rather than commit either."""
+    files, writer = {}, {}
+    for stage in stages:
+        for path, data in stage.files(shard, unit_input.samples, unit_input.extra, outputs).items():
+            if path in files:
+                raise GenerationError(f"stages {writer[path]} and {stage.name} both write {path}")
+            files[path], writer[path] = data, stage.name
+    return files
 
 
 def worker_tag() -> str:

@@ -1,4 +1,4 @@
-"""The stages a job's spec declares, in the order they run on each batch (see pipeline/stages/base.py)."""
+"""The stages a job's spec declares, ordered by what each consumes of the others' work (see pipeline/stages/base.py)."""
 
 from __future__ import annotations
 
@@ -12,41 +12,90 @@ from pipeline.stages.pairs import PairsStage
 from pipeline.stages.refiner import RefinerStage
 from pipeline.stages.scores import ScoresStage
 
-# In the order they run on each batch: the refiner refines the student's images, scores read the images made
-# before them. A job makes its pairs with a teacher (PairsStage) or by encoding its images (EncodeStage).
+# Every stage; a job runs those it wants, ordered by `ordered_stages` (this order only breaks ties). A job makes its
+# pairs with a teacher (PairsStage) or by encoding its images (EncodeStage).
 STAGES: tuple[type[Stage], ...] = (ControlNetStage, ImagesStage, RefinerStage, PairsStage, EncodeStage, ScoresStage)
+
+
+class StageOrderError(ValueError):
+    """The wanted stages do not make one order: a value nobody makes, made twice, or a cycle."""
+
+
+def ordered_stages(spec, stages: tuple[type[Stage], ...] = STAGES) -> list[type[Stage]]:
+    """The spec's stages in the order they run on each batch: each after every stage that makes or transforms
+    what it consumes (so scores read the refined image, and the student reads ControlNet's control images)."""
+    wanted = [stage for stage in stages if stage.wanted(spec)]
+    makers: dict[str, list[type[Stage]]] = {}
+    for stage in wanted:
+        for value in stage.produces(spec):
+            makers.setdefault(value, []).append(stage)
+    for value, stages_of_value in makers.items():
+        fresh = [stage.name for stage in stages_of_value if value not in stage.consumes(spec)]
+        transforms = [stage.name for stage in stages_of_value if value in stage.consumes(spec)]
+        if len(fresh) != 1 or len(transforms) > 1:
+            raise StageOrderError(f"stages {', '.join(s.name for s in stages_of_value)} all produce {value!r}: one "
+                                  f"stage must make it and at most one transform it (made by {fresh or 'none'})")
+    after: dict[type[Stage], set[type[Stage]]] = {}
+    for stage in wanted:
+        after[stage] = set()
+        for value in stage.consumes(spec):
+            if value not in makers:
+                raise StageOrderError(f"stage {stage.name} consumes {value!r}, which no stage of this job produces")
+            after[stage] |= {maker for maker in makers[value] if maker is not stage}
+    order: list[type[Stage]] = []
+    while len(order) < len(wanted):
+        ready = [stage for stage in wanted if stage not in order and after[stage] <= set(order)]
+        if not ready:
+            raise StageOrderError("stages consume each other's values in a cycle: "
+                                  f"{', '.join(stage.name for stage in wanted if stage not in order)}")
+        order.append(ready[0])
+    return order
 
 
 def model_sources(spec) -> dict[str, ModelSource]:
     """A resolved spec's models, pinned, by their key in the job's identity: each of its stages' models."""
     sources: dict[str, ModelSource] = {}
-    for stage in STAGES:
-        if stage.wanted(spec):
-            sources |= stage.sources(spec)
+    for stage in ordered_stages(spec):
+        sources |= stage.sources(spec)
     return sources
 
 
 def input_columns(spec) -> dict[str, str]:
     """The input columns the spec's stages read per row, each with the flag that names it."""
     columns: dict[str, str] = {}
-    for stage in STAGES:
-        if stage.wanted(spec):
-            columns |= stage.input_columns(spec)
+    for stage in ordered_stages(spec):
+        columns |= stage.input_columns(spec)
     return columns
 
 
 def check_stages(spec, sources: dict[str, ModelSource]) -> None:
     """The driver's checks of the stages' models (each of the kind its flag needs; a LoRA that does not fit the
     student), before any worker."""
-    for stage in STAGES:
-        if stage.wanted(spec):
-            for key, kind in stage.model_kinds.items():
-                if key in sources:
-                    check_model_kind(sources[key], kind, spec.storage_options)
-            stage.check(spec, sources)
+    for stage in ordered_stages(spec):
+        for key, kind in stage.model_kinds.items():
+            if key in sources:
+                check_model_kind(sources[key], kind, spec.storage_options)
+        stage.check(spec, sources)
 
 
 def build_stages(spec, sources: dict[str, ModelSource], runtime: Runtime) -> list[Stage]:
-    """The spec's stages with their models loaded; modules equal in their tensors are loaded once and shared."""
+    """The spec's stages with their models loaded, in order; modules equal in their tensors are loaded once and
+    shared."""
     cache = ComponentCache(runtime, allow_pickle=spec.allow_pickle)
-    return [stage.load(spec, sources, cache) for stage in STAGES if stage.wanted(spec)]
+    return [stage.load(spec, sources, cache) for stage in ordered_stages(spec)]
+
+
+def added_fields(stages: list[Stage]) -> dict[str, list]:
+    """The metadata columns the stages add, by output, in order; two stages that would write one column are
+    refused (one would overwrite the other's values)."""
+    fields: dict[str, list] = {}
+    owner: dict[tuple[str, str], str] = {}
+    for stage in stages:
+        for output, stage_fields in stage.added_fields().items():
+            for field in stage_fields:
+                if (output, field.name) in owner:
+                    raise StageOrderError(f"stages {owner[output, field.name]} and {stage.name} both add column "
+                                          f"{field.name!r} to {output}")
+                owner[output, field.name] = stage.name
+                fields.setdefault(output, []).append(field)
+    return fields

@@ -135,6 +135,18 @@ class Stage:
         raise NotImplementedError
 
     @classmethod
+    def consumes(cls, spec) -> tuple[str, ...]:
+        """What this stage reads of earlier stages' work on each batch: `produced` device values by name, and
+        `batch.stage_inputs` they prepare (ControlNet's control images). `build_stages` orders stages by these."""
+        return ()
+
+    @classmethod
+    def produces(cls, spec) -> tuple[str, ...]:
+        """What this stage leaves for later stages: a name it also consumes is one it transforms (the refiner
+        refines the student's images in place)."""
+        return ()
+
+    @classmethod
     def input_columns(cls, spec) -> dict[str, str]:
         """Input columns this stage reads per row (into each sample's `inputs`, not carried), each with the flag
         that names it; the driver refuses inputs without them."""

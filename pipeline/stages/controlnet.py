@@ -40,6 +40,10 @@ class ControlNetStage(Stage):
         return bool(spec.controlnet)
 
     @classmethod
+    def produces(cls, spec) -> tuple[str, ...]:
+        return (CONTROL_IMAGES,)
+
+    @classmethod
     def input_columns(cls, spec) -> dict[str, str]:
         return {spec.control_column: "--control-column"}
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 from instaflow.loading import ComponentCache, Components
 from instaflow.lora import TEXT_ENCODER, UNET, check_lora, check_merge, fuse_loras, merge_finetune, meta_modules, \
     read_lora
-from instaflow.models import PromptBatch, Settings, Student
+from instaflow.models import CONTROL_IMAGES, PromptBatch, Settings, Student
 from pipeline.model_source import ModelSource, resolve_model_source
 from pipeline.stages.base import Encode, HostCopy, ModelKind, Stage, UnitOutputs, collect_encoded, metadata_rows, \
     pipeline_kind
@@ -44,6 +44,14 @@ class ImagesStage(Stage):
     @classmethod
     def wanted(cls, spec) -> bool:
         return "images" in spec.tasks
+
+    @classmethod
+    def consumes(cls, spec) -> tuple[str, ...]:
+        return (CONTROL_IMAGES,) if spec.controlnet else ()
+
+    @classmethod
+    def produces(cls, spec) -> tuple[str, ...]:
+        return (cls.name,)
 
     @classmethod
     def sources(cls, spec) -> dict[str, ModelSource]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from instaflow.loading import ComponentCache, Components
-from instaflow.models import PromptBatch, Settings, Teacher
+from instaflow.models import CONTROL_IMAGES, PromptBatch, Settings, Teacher
 from instaflow.sampling import decode, finite_per_sample, to_pixels
 from pipeline.model_source import ModelSource, resolve_model_source
 from pipeline.stages.base import Encode, HostCopy, Stage, UnitOutputs, collect_encoded, metadata_rows, pipeline_kind
@@ -76,6 +76,14 @@ class PairsStage(PairsOutput):
     @classmethod
     def wanted(cls, spec) -> bool:
         return "pairs" in spec.tasks and not spec.encodes
+
+    @classmethod
+    def consumes(cls, spec) -> tuple[str, ...]:
+        return (CONTROL_IMAGES,) if spec.controlnet else ()
+
+    @classmethod
+    def produces(cls, spec) -> tuple[str, ...]:
+        return (cls.name,) if spec.teacher_images else ()  # the decoded teacher latents, for scores
 
     @classmethod
     def load(cls, spec, sources: dict, cache: ComponentCache) -> "PairsStage":

@@ -43,6 +43,14 @@ class RefinerStage(Stage):
         return bool(spec.refiner)
 
     @classmethod
+    def consumes(cls, spec) -> tuple[str, ...]:
+        return (OUTPUT,)
+
+    @classmethod
+    def produces(cls, spec) -> tuple[str, ...]:
+        return (OUTPUT,)  # the refined image in place of the student's
+
+    @classmethod
     def sources(cls, spec) -> dict[str, ModelSource]:
         return {"refiner": resolve_model_source(spec.refiner, spec.dtype, spec.storage_options, "xl")}
 

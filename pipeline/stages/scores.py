@@ -48,6 +48,10 @@ class ScoresStage(Stage):
         return bool(spec.scores)
 
     @classmethod
+    def consumes(cls, spec) -> tuple[str, ...]:
+        return tuple(scored_outputs(spec))
+
+    @classmethod
     def sources(cls, spec) -> dict[str, ModelSource]:
         return {MODEL_SETTINGS[score]: resolve_model_source(getattr(spec, MODEL_SETTINGS[score]), spec.dtype,
                                                             spec.storage_options, "module")
