@@ -159,7 +159,7 @@ class SimulatedFloatStudent(Student):
         vae = SimpleNamespace(config=SimpleNamespace(scaling_factor=0.18215), decode=self._decode)
         self.components = SimpleNamespace(**vars(components), vae=vae)
         self.settings = SimpleNamespace(steps=1, guidance_scale=guidance_scale, height=height, width=width)
-        self.controlnet, self.bank, self._seeds = None, bank, []
+        self.bank, self._seeds = bank, []
 
     def prepare(self, batch: PromptBatch) -> None:
         self.stand_in.prepare(batch)

@@ -3,7 +3,8 @@
 At each step the ControlNet gets the UNet's own input (latent, timestep, text embeddings) and the control image,
 and its residuals enter the UNet as `down_block_additional_residuals` and `mid_block_additional_residual`, scaled
 by the conditioning scale: diffusers' StableDiffusionControlNetPipeline without guess mode. With classifier-free
-guidance the control image is given to both halves of the batch.
+guidance the control image is given to both halves of the batch. A `Control` is a conditioner of the samplers
+(instaflow/conditioning.py).
 """
 
 from __future__ import annotations
@@ -20,21 +21,30 @@ class ControlNet:
     model: torch.nn.Module
     scale: float
 
-    def control(self, images: torch.Tensor) -> "Control":
-        return Control(self, images)
+    def control(self, pixels: torch.Tensor) -> "Control":
+        """A conditioner for one batch of (N, H, W, 3) uint8 control images on the host."""
+        return Control(self, pixels)
 
 
-@dataclass(frozen=True)
 class Control:
-    """A ControlNet with one batch's control images: (N, 3, H, W) in [0, 1] on the device, in its dtype."""
+    """A ControlNet with one batch's control images, copied to the device once, at the first step that needs
+    them (a student and a teacher of one batch share the copy)."""
 
-    controlnet: ControlNet
-    images: torch.Tensor
+    def __init__(self, controlnet: ControlNet, pixels: torch.Tensor):
+        self.controlnet = controlnet
+        self.pixels = pixels
+        self._on_device: dict = {}
 
-    def residuals(self, model_input: torch.Tensor, timestep, embeds: torch.Tensor, guided: bool) -> dict:
+    def images(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if (device, dtype) not in self._on_device:
+            self._on_device[device, dtype] = conditioning_images(self.pixels, device, dtype)
+        return self._on_device[device, dtype]
+
+    def unet_kwargs(self, model_input: torch.Tensor, timestep, embeds: torch.Tensor, guided: bool) -> dict:
         """The UNet's extra arguments for this step: the ControlNet on the same latent, timestep and embeddings,
         its outputs scaled by the conditioning scale (ControlNetModel multiplies them by `conditioning_scale`)."""
-        images = torch.cat([self.images] * 2) if guided else self.images
+        images = self.images(model_input.device, model_input.dtype)
+        images = torch.cat([images] * 2) if guided else images
         down, mid = self.controlnet.model(model_input, timestep, encoder_hidden_states=embeds, controlnet_cond=images,
                                           conditioning_scale=self.controlnet.scale, guess_mode=False,
                                           return_dict=False)

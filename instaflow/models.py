@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from instaflow.controlnet import Control, ControlNet, conditioning_images
 from instaflow.loading import Components
 from instaflow.sampling import (
     batch_noise,
@@ -34,7 +33,6 @@ ONE_STEP_DEFAULTS = (1, 0.0)  # InstaFlow: one Euler step, no guidance
 TWO_RF_DEFAULTS = (25, 1.5)  # 2-Rectified Flow: 25 Euler steps at guidance 1.5
 # Written by training beside model_index.json: what the model is and how to sample it.
 MODEL_RECORD = "instaflow_batch.json"
-CONTROL_IMAGES = "control_images"  # PromptBatch.stage_inputs: (N, H, W, 3) uint8 control images on the host
 
 
 def student_defaults(model: str, record: str | None = None) -> tuple[int, float]:
@@ -83,11 +81,13 @@ class PromptBatch:
     seeds: list[int]
     negative_prompts: list[str | None]
     stage_inputs: dict = field(default_factory=dict, repr=False)  # what other stages prepare on the host, by stage
+    # what conditions the samplers (instaflow/conditioning.py), put here by the stages that own them
+    conditioners: list = field(default_factory=list, repr=False)
     row_inputs: list[dict] = field(default_factory=list, repr=False)  # each row's input columns that stages read
     _tokens: dict = field(default_factory=dict, repr=False)
     _encoded: dict = field(default_factory=dict, repr=False)
     _host_noise: dict = field(default_factory=dict, repr=False)
-    _device: dict = field(default_factory=dict, repr=False)  # noise and control images on the device
+    _device: dict = field(default_factory=dict, repr=False)  # noise on the device
 
     def __post_init__(self):
         if not (len(self.prompts) == len(self.seeds) == len(self.negative_prompts)):
@@ -126,16 +126,6 @@ class PromptBatch:
             self._host_noise[key] = noise.pin_memory() if components.runtime.device.type == "cuda" else noise
         return self._host_noise[key]
 
-    def control(self, controlnet: ControlNet | None, runtime) -> Control | None:
-        """The batch's control images (stage_inputs[CONTROL_IMAGES]) for `controlnet` on the device, copied once
-        per batch even when a student and a teacher both use them; None without a ControlNet."""
-        if controlnet is None:
-            return None
-        key = ("control", runtime.dtype, runtime.device)
-        if key not in self._device:
-            self._device[key] = conditioning_images(self.stage_inputs[CONTROL_IMAGES], runtime.device, runtime.dtype)
-        return controlnet.control(self._device[key])
-
     def noise(self, components: Components, height: int, width: int) -> torch.Tensor:
         """The noise on the device in the model dtype, made once per batch even when a student and a teacher
         both start from it."""
@@ -173,14 +163,13 @@ class StudentOutput:
 
 
 class Student:
-    """Image generation with InstaFlow (one Euler step) or a 2-RF model (N Euler steps), under a ControlNet if
-    one is given (the batch then holds each row's control image)."""
+    """Image generation with InstaFlow (one Euler step) or a 2-RF model (N Euler steps), under the batch's
+    conditioners (a ControlNet)."""
 
-    def __init__(self, components: Components, settings: Settings, controlnet: ControlNet | None = None):
+    def __init__(self, components: Components, settings: Settings):
         settings.check(components)
         self.components = components
         self.settings = settings
-        self.controlnet = controlnet
 
     def prepare(self, batch: PromptBatch) -> None:
         """Host work for `generate`, to run ahead of the device (see PromptBatch.prepare)."""
@@ -191,8 +180,8 @@ class Student:
         c, s = self.components, self.settings
         embeds, negative = _embeddings(c, batch, s.guidance_scale)
         noise = batch.noise(c, s.height, s.width)
-        control = batch.control(self.controlnet, c.runtime)
-        latents = rectified_flow_euler(c.unet, noise, embeds, negative, s.steps, s.guidance_scale, control)
+        latents = rectified_flow_euler(c.unet, noise, embeds, negative, s.steps, s.guidance_scale,
+                                       batch.conditioners)
         return latents, batch.truncated(c)
 
     def generate(self, batch: PromptBatch) -> StudentOutput:
@@ -210,18 +199,16 @@ class TeacherOutput:
 
 
 class Teacher:
-    """Reflow pairs: noise from the seed contract, and where the teacher's ODE takes it (under a ControlNet if one
-    is given)."""
+    """Reflow pairs: noise from the seed contract, and where the teacher's ODE takes it (under the batch's
+    conditioners)."""
 
-    def __init__(self, components: Components, kind: str, settings: Settings, scheduler_options: dict | None = None,
-                 controlnet: ControlNet | None = None):
+    def __init__(self, components: Components, kind: str, settings: Settings, scheduler_options: dict | None = None):
         teacher_defaults(kind)  # validates the kind
         settings.check(components)
         self.components = components
         self.kind = kind
         self.settings = settings
         self.scheduler_options = dict(scheduler_options or {})
-        self.controlnet = controlnet
 
     def prepare(self, batch: PromptBatch) -> None:
         """Host work for `pairs`, to run ahead of the device (see PromptBatch.prepare)."""
@@ -232,12 +219,12 @@ class Teacher:
         c, s = self.components, self.settings
         embeds, negative = _embeddings(c, batch, s.guidance_scale)
         noise = batch.noise(c, s.height, s.width)
-        control = batch.control(self.controlnet, c.runtime)
         if self.kind == "sd":
             scheduler = dpm_solver_scheduler(c.scheduler_config, **self.scheduler_options)
             latents = dpm_solver_teacher(c.unet, scheduler, noise, embeds, negative, s.steps, s.guidance_scale,
-                                         control)
+                                         batch.conditioners)
         else:
-            latents = rectified_flow_euler(c.unet, noise, embeds, negative, s.steps, s.guidance_scale, control)
+            latents = rectified_flow_euler(c.unet, noise, embeds, negative, s.steps, s.guidance_scale,
+                                           batch.conditioners)
         return TeacherOutput(noise=noise, latents=latents, truncated=batch.truncated(c),
                              finite=finite_per_sample(latents))

@@ -5,10 +5,11 @@ Each sampler is one plain function that reads top to bottom, with the formula be
 """
 
 import math
+from typing import Sequence
 
 import torch
 
-from instaflow.controlnet import Control
+from instaflow.conditioning import Conditioner, unet_kwargs
 
 MAX_STEPS = 1000  # SD-1.5's training timesteps; no sampler can take more
 MAX_GUIDANCE_SCALE = 100.0
@@ -52,12 +53,13 @@ def use_guidance(guidance_scale: float) -> bool:
 
 @torch.inference_mode()
 def rectified_flow_euler(unet, noise, prompt_embeds, negative_embeds, steps: int, guidance_scale: float,
-                         control: Control | None = None):
+                         conditioners: Sequence[Conditioner] = ()):
     """InstaFlow (steps=1) and 2-Rectified Flow (steps>1): Euler steps along the learned velocity field.
 
     Transcribes the official RectifiedFlowPipeline: t_i = (1 - i/N) * 1000, z <- z + v(z, t_i) / N.
-    The update is computed in float32 and cast back, as diffusers' flow-matching Euler step does. With a
-    `control`, a ControlNet's residuals enter the UNet at every step (instaflow/controlnet.py).
+    The update is computed in float32 and cast back, as diffusers' flow-matching Euler step does. Each of the
+    `conditioners` (a ControlNet's control images) gives the UNet extra arguments at every step
+    (instaflow/conditioning.py).
     """
     guided = use_guidance(guidance_scale)
     embeds = torch.cat([negative_embeds, prompt_embeds]) if guided else prompt_embeds
@@ -67,7 +69,7 @@ def rectified_flow_euler(unet, noise, prompt_embeds, negative_embeds, steps: int
         t = (1.0 - i / steps) * 1000.0
         model_input = torch.cat([latents] * 2) if guided else latents
         timestep = torch.full((model_input.shape[0],), t, device=latents.device)
-        residuals = control.residuals(model_input, timestep, embeds, guided) if control else {}
+        residuals = unet_kwargs(conditioners, model_input, timestep, embeds, guided)
         v = unet(model_input, timestep, encoder_hidden_states=embeds, return_dict=False, **residuals)[0]
         if guided:
             v_uncond, v_text = v.chunk(2)
@@ -86,10 +88,10 @@ def dpm_solver_scheduler(scheduler_config: dict, **options):
 @torch.inference_mode()
 def dpm_solver_teacher(
     unet, scheduler, noise, prompt_embeds, negative_embeds, steps: int, guidance_scale: float,
-    control: Control | None = None,
+    conditioners: Sequence[Conditioner] = (),
 ) -> torch.Tensor:
     """SD-1.5 teacher: the denoising loop of diffusers' StableDiffusionPipeline, from given noise, no decoding;
-    with a `control`, that of StableDiffusionControlNetPipeline (no guess mode).
+    with a ControlNet among the `conditioners`, that of StableDiffusionControlNetPipeline (no guess mode).
 
     `scheduler` must be fresh (multistep solvers keep state across steps); returns the final latent.
     """
@@ -100,7 +102,7 @@ def dpm_solver_teacher(
     for t in scheduler.timesteps:
         model_input = torch.cat([latents] * 2) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t)
-        residuals = control.residuals(model_input, t, embeds, guided) if control else {}
+        residuals = unet_kwargs(conditioners, model_input, t, embeds, guided)
         eps = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False, **residuals)[0]
         if guided:
             eps_uncond, eps_text = eps.chunk(2)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from instaflow.controlnet import ControlNet
 from instaflow.loading import ComponentCache, Runtime
-from instaflow.models import CONTROL_IMAGES, PromptBatch, Settings, Student, Teacher
+from instaflow.models import PromptBatch, Settings, Student, Teacher
 from instaflow.sampling import noise_for_seed
 
 PROMPTS = ["a lighthouse on a cliff during a storm", "a bowl of ramen, studio photo", "a red fox in the snow"]
@@ -30,9 +30,11 @@ def control_images() -> torch.Tensor:
     return (smooth * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def batch_with(images: torch.Tensor, negative=None) -> PromptBatch:
+def batch_with(images: torch.Tensor, controlnet: ControlNet | None, negative=None) -> PromptBatch:
+    """A batch under `controlnet` with these control images, as the ControlNet stage prepares it."""
     batch = PromptBatch(PROMPTS, SEEDS, [negative] * len(PROMPTS))
-    batch.stage_inputs[CONTROL_IMAGES] = images
+    if controlnet is not None:
+        batch.conditioners.append(controlnet.control(images))
     return batch
 
 
@@ -74,26 +76,26 @@ def transcribed_controlled_flow(components, controlnet, scale, images, steps, gu
 def test_student_equals_the_transcribed_step(cache, tiny_models, control_images, model, steps, guidance, scale):
     components = cache.load(str(tiny_models[model]))
     controlnet = cache.load_controlnet(str(tiny_models["controlnet"]))
-    student = Student(components, Settings(steps, guidance, 64, 64), ControlNet(controlnet, scale))
-    latents, _ = student.sample_latents(batch_with(control_images))
+    student = Student(components, Settings(steps, guidance, 64, 64))
+    under = ControlNet(controlnet, scale)
+    latents, _ = student.sample_latents(batch_with(control_images, under))
     want_latents, want_pixels = transcribed_controlled_flow(components, controlnet, scale, control_images, steps,
                                                             guidance)
     torch.testing.assert_close(latents, want_latents, atol=1e-4, rtol=1e-4)
-    pixels = student.generate(batch_with(control_images)).pixels
+    pixels = student.generate(batch_with(control_images, under)).pixels
     assert (pixels.float() - want_pixels).abs().max() <= 1
-    plain, _ = Student(components, Settings(steps, guidance, 64, 64)).sample_latents(batch_with(control_images))
+    plain, _ = student.sample_latents(batch_with(control_images, None))
     assert (latents - plain).abs().mean() > 0.05  # the ControlNet moves the samples: the comparison is not vacuous
-    other, _ = student.sample_latents(batch_with(control_images.flip(1)))
+    other, _ = student.sample_latents(batch_with(control_images.flip(1), under))
     assert (latents - other).abs().mean() > 0.01  # and so does the control image itself
 
 
 def test_scale_zero_is_no_controlnet(cache, tiny_models, control_images):
     components = cache.load(str(tiny_models["instaflow"]))
     controlnet = cache.load_controlnet(str(tiny_models["controlnet"]))
-    zero = Student(components, Settings(1, 0.0, 64, 64), ControlNet(controlnet, 0.0))
-    plain = Student(components, Settings(1, 0.0, 64, 64))
-    assert torch.equal(zero.generate(batch_with(control_images)).pixels,
-                       plain.generate(batch_with(control_images)).pixels)
+    student = Student(components, Settings(1, 0.0, 64, 64))
+    assert torch.equal(student.generate(batch_with(control_images, ControlNet(controlnet, 0.0))).pixels,
+                       student.generate(batch_with(control_images, None)).pixels)
 
 
 @pytest.mark.parametrize("guidance,negative,scale", [(5.0, None, 1.0), (7.5, "blurry", 0.6), (1.0, None, 1.0)])
@@ -102,8 +104,8 @@ def test_teacher_equals_diffusers_controlnet_pipeline(cache, tiny_models, contro
 
     components = cache.load(str(tiny_models["sd15"]))
     controlnet = cache.load_controlnet(str(tiny_models["controlnet"]))
-    teacher = Teacher(components, "sd", Settings(25, guidance, 64, 64), controlnet=ControlNet(controlnet, scale))
-    ours = teacher.pairs(batch_with(control_images, negative))
+    teacher = Teacher(components, "sd", Settings(25, guidance, 64, 64))
+    ours = teacher.pairs(batch_with(control_images, ControlNet(controlnet, scale), negative))
 
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
         tiny_models["sd15"], controlnet=ControlNetModel.from_pretrained(tiny_models["controlnet"]),
@@ -117,7 +119,7 @@ def test_teacher_equals_diffusers_controlnet_pipeline(cache, tiny_models, contro
                   width=64).images
     assert (ours.latents - noise).abs().mean() > 0.1
     torch.testing.assert_close(ours.latents, theirs, atol=1e-4, rtol=1e-4)  # the pairs' tolerance
-    plain = Teacher(components, "sd", Settings(25, guidance, 64, 64)).pairs(batch_with(control_images, negative))
+    plain = teacher.pairs(batch_with(control_images, None, negative))
     assert (ours.latents - plain.latents).abs().mean() > 0.01
 
 
@@ -143,7 +145,7 @@ def test_control_images_are_resized_and_canny_is_opencvs(tmp_path):
         spec = JobSpec(prompts=str(tmp_path), output=str(tmp_path / "out"), model=str(tmp_path), height=64, width=64,
                        steps=1, guidance_scale=0.0, controlnet="lllyasviel/sd-controlnet-canny",
                        control_preprocess=preprocess, canny_low=50, canny_high=150)
-        stage = ControlNetStage(spec, LocalFileSystem())
+        stage = ControlNetStage(spec, None, LocalFileSystem())  # no ControlNet: its host work alone
         resized = np.asarray(Image.fromarray(image).resize((64, 64), Image.LANCZOS))
         want = resized if preprocess == "none" else np.repeat(cv2.Canny(resized, 50, 150)[:, :, None], 3, axis=2)
         got = stage._pixels(png(image))

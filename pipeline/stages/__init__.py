@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from instaflow.loading import ComponentCache, Runtime
 from pipeline.model_source import ModelSource
-from pipeline.stages.base import Stage, check_model_kind
+from pipeline.stages.base import COLLECTED, Stage, check_model_kind
 from pipeline.stages.controlnet import ControlNetStage
 from pipeline.stages.encode import EncodeStage
 from pipeline.stages.images import ImagesStage
@@ -21,15 +21,17 @@ class StageOrderError(ValueError):
     """The wanted stages do not make one order: a value nobody makes, made twice, or a cycle."""
 
 
-def ordered_stages(spec, stages: tuple[type[Stage], ...] = STAGES) -> list[type[Stage]]:
-    """The spec's stages in the order they run on each batch: each after every stage that makes or transforms
-    what it consumes (so scores read the refined image, and the student reads ControlNet's control images)."""
-    wanted = [stage for stage in stages if stage.wanted(spec)]
+def ordered_stages(spec, stages: tuple[type[Stage], ...] | None = None) -> list[type[Stage]]:
+    """The spec's stages in the order they run on each batch: each after every stage that makes, transforms or
+    adds to what it consumes (scores read the refined image; the samplers run under every conditioner)."""
+    wanted = [stage for stage in stages or STAGES if stage.wanted(spec)]
     makers: dict[str, list[type[Stage]]] = {}
     for stage in wanted:
         for value in stage.produces(spec):
             makers.setdefault(value, []).append(stage)
     for value, stages_of_value in makers.items():
+        if value in COLLECTED:
+            continue
         fresh = [stage.name for stage in stages_of_value if value not in stage.consumes(spec)]
         transforms = [stage.name for stage in stages_of_value if value in stage.consumes(spec)]
         if len(fresh) != 1 or len(transforms) > 1:
@@ -39,9 +41,9 @@ def ordered_stages(spec, stages: tuple[type[Stage], ...] = STAGES) -> list[type[
     for stage in wanted:
         after[stage] = set()
         for value in stage.consumes(spec):
-            if value not in makers:
+            if value not in makers and value not in COLLECTED:
                 raise StageOrderError(f"stage {stage.name} consumes {value!r}, which no stage of this job produces")
-            after[stage] |= {maker for maker in makers[value] if maker is not stage}
+            after[stage] |= {maker for maker in makers.get(value, ()) if maker is not stage}
     order: list[type[Stage]] = []
     while len(order) < len(wanted):
         ready = [stage for stage in wanted if stage not in order and after[stage] <= set(order)]

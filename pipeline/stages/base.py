@@ -28,6 +28,10 @@ from pipeline.reader import Sample
 from pipeline.storage import redact_text
 
 Encode = Callable[["HostCopy", int], list[Future]]  # the worker's encoders: one future per image of a batch
+# What conditioning stages produce and the samplers' stages consume: the batch's conditioners
+# (instaflow/conditioning.py). Any number of stages may add one, and a job may have none.
+CONDITIONING = "conditioning"
+COLLECTED = (CONDITIONING,)  # values many stages add to (the rest are made by one stage, transformed by one more)
 
 
 @dataclass(frozen=True)

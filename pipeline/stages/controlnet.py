@@ -4,7 +4,9 @@ The control column is read as pipeline/row_images.py reads a column of images (b
 or a path or URL inside the prompts root or an allowed source; decoded and resized to the job's size; a row whose
 image cannot be used fails alone, naming the file and row); with --control-preprocess canny, each image is then
 turned into OpenCV's edge map. The student and the teacher take the ControlNet itself (instaflow/controlnet.py):
-this stage feeds them the images and records, per row, the scale and the sha256 of the control image as read.
+this stage owns the ControlNet, puts it with each batch's control images among the batch's conditioners, which the
+student and the teacher run under (instaflow/conditioning.py), and records, per row, the scale and the sha256 of
+the control image as read.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ import torch
 
 from instaflow.controlnet import ControlNet
 from instaflow.loading import ComponentCache
-from instaflow.models import CONTROL_IMAGES, PromptBatch
+from instaflow.models import PromptBatch
 from pipeline.model_source import ModelSource, resolve_model_source
 from pipeline.plan import WorkUnit
 from pipeline.reader import Sample
 from pipeline.row_images import RowImages
-from pipeline.stages.base import Encode, ModelKind, Stage, UnitOutputs
+from pipeline.stages.base import CONDITIONING, Encode, ModelKind, Stage, UnitOutputs
 from pipeline.storage import filesystem
 
 FIELDS = [pa.field("controlnet_scale", pa.float32()), pa.field("control_digest", pa.string())]
@@ -31,8 +33,9 @@ class ControlNetStage(Stage):
     name = "controlnet"
     model_kinds = {"controlnet": ModelKind("--controlnet", {"config.json": ("ControlNetModel",)})}
 
-    def __init__(self, spec, input_fs):
+    def __init__(self, spec, controlnet: ControlNet, input_fs):
         self.spec = spec
+        self.controlnet = controlnet
         self.images = RowImages(spec, input_fs, spec.control_column, "control image")
 
     @classmethod
@@ -41,7 +44,7 @@ class ControlNetStage(Stage):
 
     @classmethod
     def produces(cls, spec) -> tuple[str, ...]:
-        return (CONTROL_IMAGES,)
+        return (CONDITIONING,)
 
     @classmethod
     def input_columns(cls, spec) -> dict[str, str]:
@@ -55,7 +58,8 @@ class ControlNetStage(Stage):
     def load(cls, spec, sources: dict, cache: ComponentCache) -> "ControlNetStage":
         if spec.control_preprocess == "canny":
             _cv2()  # a missing OpenCV is a worker that cannot start, not every row failed
-        return cls(spec, filesystem(spec.prompts, spec.storage_options)[0])
+        model = cache.load_controlnet(sources["controlnet"].local_dir(spec.storage_options))
+        return cls(spec, ControlNet(model, spec.controlnet_scale), filesystem(spec.prompts, spec.storage_options)[0])
 
     def added_fields(self) -> dict[str, list[pa.Field]]:
         return {output: FIELDS for output in self.spec.tasks}
@@ -73,7 +77,7 @@ class ControlNetStage(Stage):
 
     def prepare(self, batch: PromptBatch) -> None:
         pixels = torch.from_numpy(np.stack([inputs[PREPARED][0] for inputs in batch.row_inputs]))
-        batch.stage_inputs[CONTROL_IMAGES] = pixels.pin_memory() if torch.cuda.is_available() else pixels
+        batch.conditioners.append(self.controlnet.control(pixels.pin_memory() if torch.cuda.is_available() else pixels))
 
     def run(self, batch: PromptBatch, n: int, produced: dict, encode: Encode) -> dict:
         return {"digests": [inputs[PREPARED][1] for inputs in batch.row_inputs[:n]]}
@@ -82,14 +86,6 @@ class ControlNetStage(Stage):
         for output in self.spec.tasks:
             outputs.column(output, "controlnet_scale").update(dict.fromkeys(keys, self.spec.controlnet_scale))
             outputs.column(output, "control_digest").update(zip(keys, result["digests"]))
-
-
-def load_controlnet(spec, sources: dict, cache: ComponentCache) -> ControlNet | None:
-    """The job's ControlNet for a student or a teacher (one copy for both, through the cache), or None."""
-    if not spec.controlnet:
-        return None
-    return ControlNet(cache.load_controlnet(sources["controlnet"].local_dir(spec.storage_options)),
-                      spec.controlnet_scale)
 
 
 def _cv2():

@@ -17,11 +17,10 @@ import pyarrow as pa
 from instaflow.loading import ComponentCache, Components
 from instaflow.lora import TEXT_ENCODER, UNET, check_lora, check_merge, fuse_loras, merge_finetune, meta_modules, \
     read_lora
-from instaflow.models import CONTROL_IMAGES, PromptBatch, Settings, Student
+from instaflow.models import PromptBatch, Settings, Student
 from pipeline.model_source import ModelSource, resolve_model_source
-from pipeline.stages.base import Encode, HostCopy, ModelKind, Stage, UnitOutputs, collect_encoded, metadata_rows, \
-    pipeline_kind
-from pipeline.stages.controlnet import load_controlnet
+from pipeline.stages.base import CONDITIONING, Encode, HostCopy, ModelKind, Stage, UnitOutputs, collect_encoded, \
+    metadata_rows, pipeline_kind
 from pipeline.writers import IMAGE_EXTENSIONS, image_parquet_shard, metadata_table, webdataset_shard
 
 NON_FINITE = "non-finite output (NaN or inf in the latent or image)"
@@ -47,7 +46,7 @@ class ImagesStage(Stage):
 
     @classmethod
     def consumes(cls, spec) -> tuple[str, ...]:
-        return (CONTROL_IMAGES,) if spec.controlnet else ()
+        return (CONDITIONING,)
 
     @classmethod
     def produces(cls, spec) -> tuple[str, ...]:
@@ -96,7 +95,7 @@ class ImagesStage(Stage):
             components = dataclasses.replace(components, vae=decoder)
         components = _changed_weights(spec, sources, cache, components)
         settings = Settings(spec.steps, spec.guidance_scale, height=spec.height, width=spec.width)
-        student = Student(components, settings, load_controlnet(spec, sources, cache))
+        student = Student(components, settings)
         return cls(spec, student, weights_record(spec, sources))
 
     def added_fields(self) -> dict[str, list[pa.Field]]:

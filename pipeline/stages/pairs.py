@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 
 from instaflow.loading import ComponentCache, Components
-from instaflow.models import CONTROL_IMAGES, PromptBatch, Settings, Teacher
+from instaflow.models import PromptBatch, Settings, Teacher
 from instaflow.sampling import decode, finite_per_sample, to_pixels
 from pipeline.model_source import ModelSource, resolve_model_source
-from pipeline.stages.base import Encode, HostCopy, Stage, UnitOutputs, collect_encoded, metadata_rows, pipeline_kind
-from pipeline.stages.controlnet import load_controlnet
+from pipeline.stages.base import CONDITIONING, Encode, HostCopy, Stage, UnitOutputs, collect_encoded, metadata_rows, \
+    pipeline_kind
 from pipeline.storage import redact_text
 from pipeline.writers import IMAGE_EXTENSIONS, metadata_table, pairs_parquet_shard
 
@@ -79,7 +79,7 @@ class PairsStage(PairsOutput):
 
     @classmethod
     def consumes(cls, spec) -> tuple[str, ...]:
-        return (CONTROL_IMAGES,) if spec.controlnet else ()
+        return (CONDITIONING,)
 
     @classmethod
     def produces(cls, spec) -> tuple[str, ...]:
@@ -90,8 +90,7 @@ class PairsStage(PairsOutput):
         source = sources["teacher"]
         components = cache.load(source.local_dir(spec.storage_options), variant=source.variant)
         settings = Settings(spec.teacher_steps, spec.teacher_guidance_scale, height=spec.height, width=spec.width)
-        return cls(spec, Teacher(components, spec.teacher_kind, settings,
-                                 controlnet=load_controlnet(spec, sources, cache)))
+        return cls(spec, Teacher(components, spec.teacher_kind, settings))
 
     def prepare(self, batch: PromptBatch) -> None:
         self.teacher.prepare(batch)
