@@ -97,7 +97,7 @@ def write_prompt_files(fs, folder: str, num_files: int, rows_per_file: int, row_
 
 
 def build_tiny_models(workdir: Path) -> dict[str, Path]:
-    from instaflow.tiny import build_tiny_models as build
+    from jobs.tiny import build_tiny_models as build
 
     return build(workdir / "models")
 

@@ -154,7 +154,7 @@ def build_models(tiny: bool, device: torch.device, dtype: torch.dtype) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from instaflow import tiny as tiny_models
+    from jobs.tiny import pipelines as tiny_models
 
     tokenizer = tiny_models.build_tokenizer()
     if tiny:
@@ -397,7 +397,7 @@ def save_model_folder(ctx, folder: Path) -> Path:
     """The random models in diffusers' folder layout, so the worker loads them through its real loading code."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    from instaflow.tiny import write_slow_tokenizer_files
+    from jobs.tiny.pipelines import write_slow_tokenizer_files
 
     m = ctx.models
     pipe = StableDiffusionPipeline(
@@ -486,7 +486,7 @@ def part_stages(ctx) -> None:
     """The worker with a fused LoRA (which should cost nothing) and with both scores, against the plain worker in
     the same part; then each scorer alone on the device."""
     from instaflow.scores import ClipScorer, ImagePreprocess, SafetyScorer
-    from instaflow.tiny_adapters import write_lora_files
+    from jobs.tiny.adapters import write_lora_files
 
     m, folder = ctx.models, ctx.workdir / "stages"
     folder.mkdir(exist_ok=True)
@@ -522,7 +522,7 @@ def save_scorer_folders(ctx, folder: Path) -> dict[str, str]:
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from instaflow.tiny_scorers import clip_config
+    from jobs.tiny.scorers import clip_config
 
     tokenizer = ctx.models["tokenizer"]
     config = clip_config(len(tokenizer)) if ctx.tiny else CLIPConfig(**CLIP_VIT_L_14)
@@ -631,7 +631,7 @@ def part_train(ctx) -> None:
     cache), the reflow loss, a fresh fp32 UNet per variant. Samples/s counts the global batch per step."""
     from diffusers import UNet2DConditionModel
 
-    from instaflow import tiny as tiny_models
+    from jobs.tiny import pipelines as tiny_models
     from instaflow.training import Trainer
 
     batch, side = ctx.train_batch, ctx.size // 8

@@ -19,7 +19,7 @@ import torch
 
 from instaflow.loading import ComponentCache, Runtime
 from instaflow.models import PromptBatch, Settings, Student, Teacher
-from instaflow.tiny import build_tiny_models
+from jobs.tiny import build_tiny_models
 
 
 def _timed(fn, repeats: int) -> float:

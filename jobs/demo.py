@@ -7,7 +7,7 @@ left to do).
 
 from pathlib import Path
 
-from instaflow.tiny import build_tiny_models
+from jobs.tiny import build_tiny_models
 from jobs import generate, reflow_pairs
 from jobs.errors import entry_point, process_exit
 from jobs.main import Parser

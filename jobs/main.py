@@ -68,8 +68,8 @@ COMMANDS = (
     Command("straightness", "measure a model or each checkpoint of a training run on held-out pairs",
             "jobs.straightness:main"),
     Command("reproduce-toy", "reflow reproduced offline on a procedural toy set: 1-RF, 2-RF, distillation, measures",
-            "jobs.reproduce_toy:main"),
-    Command("tiny", "write the tiny offline models (for tests and demos)", "instaflow.tiny:main"),
+            "jobs.toy.reproduce:main"),
+    Command("tiny", "write the tiny offline models (for tests and demos)", "jobs.tiny:main"),
 )
 
 

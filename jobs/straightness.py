@@ -24,9 +24,9 @@ from jobs.main import Parser
 from jobs.options import json_object
 from pipeline.manifest import read_manifest
 from pipeline.model_source import resolve_model_source
-from pipeline.pairs_data import find_pairs, read_shard
+from pipeline.training.pairs_data import find_pairs, read_shard
 from pipeline.storage import filesystem, normalize_location, normalize_model, put_atomic
-from pipeline.train_worker import FINAL_DIR, list_checkpoints, read_ema_weights
+from pipeline.training.worker import FINAL_DIR, list_checkpoints, read_ema_weights
 
 logger = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from pipeline.job import connect_ray, handle_sigterm_as_interrupt, sigterm_as_in
 from pipeline.lock import LeaseKeeper, OutputLock
 from pipeline.manifest import ManifestWriter, check_compatible, job_manifest, read_manifest
 from pipeline.model_source import resolve_model_source
-from pipeline.pairs_data import find_pairs
+from pipeline.training.pairs_data import find_pairs
 from pipeline.storage import OutputError, filesystem, protect_secrets, redact, storage_env, with_retries
-from pipeline.train_spec import DEVICES, TrainSpec
-from pipeline.train_worker import CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE, train_identity, train_worker
+from pipeline.training.spec import DEVICES, TrainSpec
+from pipeline.training.worker import CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE, train_identity, train_worker
 
 logger = logging.getLogger(__name__)
 

@@ -1381,7 +1381,7 @@ def main(argv: list[str] | None = None) -> int:
     # A shell's `cmd &` (and nohup) starts us ignoring SIGINT, and the drivers would inherit that and ignore the
     # interrupts the suite sends them. A handled signal is reset to the default at exec: the drivers get Python's.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    from instaflow.tiny import build_tiny_models
+    from jobs.tiny import build_tiny_models
 
     started = time.monotonic()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="chaos-", dir="/tmp"))

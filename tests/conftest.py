@@ -103,7 +103,7 @@ def s3():
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    from instaflow.tiny import build_tiny_models
+    from jobs.tiny import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("models"))
 

@@ -1,5 +1,5 @@
 """ControlNet in the model layer against a transcription of the step and diffusers' own ControlNet pipeline, and
-the control images a job prepares, on the tiny models and the tiny ControlNet (instaflow.tiny), fp32 on the CPU."""
+the control images a job prepares, on the tiny models and the tiny ControlNet (jobs/tiny), fp32 on the CPU."""
 
 import io
 

@@ -1,6 +1,6 @@
 """The encode job on a local Ray (CPU workers) and the tiny SD model: its latents against diffusers' own VAE
 encoding of the same images, its noise against the seed contract, rows that fail alone, a missing image column,
-an image Parquet output of generate as its input, and its pairs in verify, pipeline.pairs_data and training."""
+an image Parquet output of generate as its input, and its pairs in verify, pipeline.training.pairs_data and training."""
 
 import io
 import json
@@ -112,7 +112,7 @@ def test_a_missing_image_column_is_refused_before_any_model_loads(tmp_path, caps
 
 def test_generates_image_parquet_is_an_encode_input_and_its_pairs_train(ray_cpus, tiny_models, tmp_path):
     from jobs import train_reflow
-    from pipeline.pairs_data import PairStream, find_pairs
+    from pipeline.training.pairs_data import PairStream, find_pairs
 
     pq.write_table(prompt_table(6), tmp_path / "prompts.parquet")
     generated, pairs = tmp_path / "generated", tmp_path / "pairs"

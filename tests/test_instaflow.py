@@ -10,7 +10,7 @@ from instaflow.loading import ComponentCache, ModelLoadError, Runtime, hub_patte
 from instaflow.models import PromptBatch, Settings, Student, Teacher, student_defaults, teacher_defaults
 from instaflow.sampling import check_inputs, finite_per_sample, noise_for_seed, to_pixels
 from instaflow.text import tokenize_prompts
-from instaflow.tiny import build_tokenizer, build_unet
+from jobs.tiny.pipelines import build_tokenizer, build_unet
 
 PROMPTS = [
     "a lighthouse on a cliff during a storm, oil painting",

@@ -1,5 +1,5 @@
 """LoRA fusing and fine-tune merges (instaflow.lora) against the LoRA formula and diffusers' unfused adapters, on
-the tiny models and the tiny adapters (instaflow.tiny_adapters), fp32 on the CPU."""
+the tiny models and the tiny adapters (jobs/tiny/adapters.py), fp32 on the CPU."""
 
 import copy
 import dataclasses
@@ -28,7 +28,7 @@ from instaflow.lora import (
     read_lora,
 )
 from instaflow.models import PromptBatch, Settings, Student
-from instaflow.tiny_adapters import ALPHA, LORA_UP_GAIN, RANK, write_tiny_adapters
+from jobs.tiny.adapters import ALPHA, LORA_UP_GAIN, RANK, write_tiny_adapters
 from tests.jobhelpers import prompt_table, tar_members
 
 UNET_MODULE = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"

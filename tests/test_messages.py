@@ -5,7 +5,6 @@ Most cases call `main(argv)` in this process (what the console script runs); the
 exit status of `python -m jobs.generate`, SIGTERM while planning blocks) run it as a subprocess.
 """
 
-import json
 import os
 import signal
 import socket

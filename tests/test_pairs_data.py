@@ -19,7 +19,7 @@ from instaflow.text import encode_tokens, tokenize_prompts
 from jobhelpers import prompt_table, write_prompts
 from jobs import reflow_pairs
 from pipeline.manifest import ManifestWriter, identity_digest, job_manifest
-from pipeline.pairs_data import PairsError, PairStream, build_embedding_cache, find_pairs, ray_dataset
+from pipeline.training.pairs_data import PairsError, PairStream, build_embedding_cache, find_pairs, ray_dataset
 from pipeline.reader import MAX_SEED, derive_seed
 from pipeline.verify import verify_output
 from pipeline.writers import read_tensor_column

@@ -1,5 +1,5 @@
 """The SDXL refiner stage: the model layer against diffusers' StableDiffusionXLImg2ImgPipeline on the tiny refiner
-(instaflow.tiny_refiner), fp32 on the CPU, and what a job stores with it."""
+(jobs/tiny/refiner.py), fp32 on the CPU, and what a job stores with it."""
 
 import dataclasses
 import io

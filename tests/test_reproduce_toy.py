@@ -7,8 +7,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from instaflow.toy_data import Caption, all_captions, draw, split_captions
-from jobs import reproduce_toy
+from jobs.toy.data import Caption, all_captions, draw, split_captions
+from jobs.toy import reproduce as reproduce_toy
 from jobs.main import main
 
 REPORT_ACCURACIES = {"classifier_real", "classifier_autoencoded", "1rf_1step", "1rf_nstep", "2rf_1step", "2rf_nstep",

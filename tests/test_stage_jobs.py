@@ -1,5 +1,5 @@
 """LoRA adapters, fine-tune merges and scores through `instaflow-batch run`, on a local Ray with logical GPUs, the
-tiny models and their tiny adapters and scorers (instaflow.tiny). The math of each is tested against diffusers and
+tiny models and their tiny adapters and scorers (jobs/tiny). The math of each is tested against diffusers and
 transformers in test_lora.py and test_scores.py; here, what a job makes of them."""
 
 import hashlib

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from instaflow.tiny import build_unet, build_vae
+from jobs.tiny.pipelines import build_unet, build_vae
 from instaflow.training import (
     EMA,
     STRAIGHTNESS_TIMES,

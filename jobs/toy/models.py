@@ -26,8 +26,8 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from instaflow.tiny import build_scheduler, build_tokenizer, write_slow_tokenizer_files
-from instaflow.toy_data import ATTRIBUTES, tokenizer_corpus
+from jobs.tiny.pipelines import build_scheduler, build_tokenizer, write_slow_tokenizer_files
+from jobs.toy.data import ATTRIBUTES, tokenizer_corpus
 
 TEXT_WIDTH = 64  # the text encoder's hidden size, and so the UNet's cross-attention size
 TOKENIZER_MERGES = 200

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from instaflow.tiny import build_tokenizer, write_slow_tokenizer_files
+from jobs.tiny.pipelines import build_tokenizer, write_slow_tokenizer_files
 
 IMAGE_SIZE = 32
 PROJECTION_DIM = 16

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from instaflow.tiny import SAMPLE_SIZE, build_tokenizer, build_vae, write_slow_tokenizer_files
+from jobs.tiny.pipelines import SAMPLE_SIZE, build_tokenizer, build_vae, write_slow_tokenizer_files
 
 TEXT_WIDTH = 32
 TIME_EMBED_DIM = 8

@@ -1,7 +1,7 @@
 """One Ray Train worker of a reflow or distillation run: the training loop, its checkpoints and the final model.
 
 Every worker holds the whole UNet (DDP); the VAE and the text encoder are frozen. A step takes the global batch's
-share of this worker from its data readers (`pipeline.pairs_data`), draws the flow times t of the whole global
+share of this worker from its data readers (`pipeline.training.pairs_data`), draws the flow times t of the whole global
 batch from (seed, step) and keeps its slice, and averages gradients over all workers, so the trained weights depend
 on the seed, the data and the global batch, not on how the batch is split. AdamW with warmup, gradient clipping at
 1, bf16 autocast on GPU (fp32 on the CPU), gradient accumulation, and the EMA of diffusers' EMAModel on rank 0.
@@ -33,9 +33,9 @@ from instaflow.models import MODEL_RECORD, ONE_STEP_DEFAULTS, TWO_RF_DEFAULTS
 from instaflow.text import encode_tokens, tokenize_prompts
 from instaflow.training import Trainer, learning_rate_at
 from pipeline.model_source import ModelSource
-from pipeline.pairs_data import PairStream, build_embedding_cache, find_pairs
+from pipeline.training.pairs_data import PairStream, build_embedding_cache, find_pairs
 from pipeline.storage import filesystem, get_bytes, protect_secrets, put_atomic, raises_redacted, with_retries
-from pipeline.train_spec import TrainSpec
+from pipeline.training.spec import TrainSpec
 
 logger = logging.getLogger(__name__)
 

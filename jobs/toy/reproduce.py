@@ -27,12 +27,12 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from instaflow.toy_data import ATTRIBUTES, all_captions, draw, png_bytes, split_captions
+from jobs.toy.data import ATTRIBUTES, all_captions, draw, png_bytes, split_captions
 from jobs import encode, generate, reflow_pairs, straightness, train_reflow
 from jobs.errors import entry_point, process_exit
 from jobs.main import Parser
 from jobs.options import json_object
-from jobs.toy_report import write_report
+from jobs.toy.report import write_report
 from pipeline.manifest import MANIFEST_NAME
 from pipeline.storage import filesystem, get_bytes, normalize_location, put_atomic
 from pipeline.writers import with_image_column
@@ -294,7 +294,7 @@ class Reproduction:
 
     def train_models(self) -> dict:
         """The autoencoder and the text encoder, then the init folder the flow is trained from."""
-        from instaflow.toy_models import (build_unet, toy_tokenizer, train_autoencoder, train_text_encoder,
+        from jobs.toy.models import (build_unet, toy_tokenizer, train_autoencoder, train_text_encoder,
                                           write_init_model)
 
         s = self.scale
@@ -311,7 +311,7 @@ class Reproduction:
     def train_classifier(self) -> dict:
         """The judge, trained on the real training images; its accuracy on real held-out images, and on the same
         images passed through the autoencoder (the best a model in its latent space can score)."""
-        from instaflow.toy_models import accuracy, to_unit_range, train_classifier
+        from jobs.toy.models import accuracy, to_unit_range, train_classifier
         from diffusers import AutoencoderKL
 
         s = self.scale
@@ -334,7 +334,7 @@ class Reproduction:
                 "held_out_images": len(held_images)}
 
     def classifier(self):
-        from instaflow.toy_models import Classifier
+        from jobs.toy.models import Classifier
 
         classifier = Classifier()
         classifier.load_state_dict(torch.load(io.BytesIO(get_bytes(self.fs, self.path("models", "classifier.pt"))),
@@ -342,7 +342,7 @@ class Reproduction:
         return classifier.eval()
 
     def measure_accuracy(self) -> dict:
-        from instaflow.toy_models import accuracy
+        from jobs.toy.models import accuracy
 
         classifier = self.classifier()
         measured = {}

@@ -102,7 +102,7 @@ def write_finetune(out: Path, sd15_dir: Path) -> Path:
 
 def write_tiny_adapters(out_dir: str | Path, sd15_dir: str | Path) -> dict[str, Path]:
     """Writes lora-kohya.safetensors, lora-diffusers.safetensors and finetune/ under `out_dir` for the tiny models
-    whose SD-1.5 folder is `sd15_dir` (instaflow.tiny); returns their paths by name."""
+    whose SD-1.5 folder is `sd15_dir` (jobs/tiny); returns their paths by name."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
