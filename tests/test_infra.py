@@ -13,6 +13,10 @@ from jobs.jobfile import JOBS
 from pipeline.spec import JobSpec
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
+# The README and the reference pages beside the code: every job command in them must parse.
+DOCUMENTATION = [INFRA.parent / page for page in ("README.md", "jobs/README.md", "pipeline/README.md",
+                                                  "pipeline/training/README.md", "jobs/toy/README.md",
+                                                  "instaflow/README.md")]
 KUBERAY = {path.name: yaml.safe_load(path.read_text()) for path in sorted((INFRA / "kuberay").glob("*.yaml"))}
 LAUNCHER = yaml.safe_load((INFRA / "cluster" / "aws.yaml").read_text())
 IMAGE = LAUNCHER["docker"]["image"]
@@ -130,7 +134,7 @@ def test_launcher_config():
 
 def test_commands_in_comments_and_readmes_are_jobs_that_parse():
     sources = [INFRA / "kuberay" / "raycluster.yaml", INFRA / "cluster" / "aws.yaml", INFRA / "README.md",
-               INFRA.parent / "README.md"]  # rayjob.yaml's entrypoint is checked with the manifest
+               *DOCUMENTATION]  # rayjob.yaml's entrypoint is checked with the manifest
     commands = 0
     for path in sources:
         text = re.sub(r"\\\n[#\s]*", " ", path.read_text())  # join continued lines, in comments too
@@ -152,7 +156,7 @@ def test_commands_in_comments_and_readmes_are_jobs_that_parse():
 def test_job_file_reference_lists_every_key():
     from jobs.jobfile import job_flags
 
-    text = (INFRA.parent / "README.md").read_text()
+    text = (INFRA.parent / "jobs" / "README.md").read_text()
     documented = set(re.findall(r"^\| `(\w+)` \|", text, re.M))
     keys = {"job"} | {key for module in JOBS.values() for key in job_flags(module.parser())}
     assert documented == keys

@@ -24,7 +24,7 @@ from pipeline.spec import PAIR_KINDS, SETTINGS, TASKS, JobSpec
 from pipeline.worker import standalone_worker
 
 PROJECT = Path(__file__).resolve().parents[1]
-README = PROJECT / "README.md"
+JOBS_REFERENCE = PROJECT / "jobs" / "README.md"  # the job file table
 
 # Every job kind and stage the tests build: each stage's settings are in the identity in at least one of them.
 JOBS = {
@@ -152,19 +152,19 @@ def test_every_common_setting_is_a_flag_of_every_job_with_its_declared_default(j
     assert set(common_spec_args(args)) == common
 
 
-def _readme_job_file_table() -> dict[str, list[str]]:
-    text = README.read_text()
+def _job_file_table() -> dict[str, list[str]]:
+    text = JOBS_REFERENCE.read_text()
     table = text[text.index("| key | jobs | type | default | meaning |"):]
     table = table[:table.index("\n\n")]
     rows = [line.split(" | ") for line in table.splitlines()[2:]]
     return {row[0].strip("| `"): row for row in rows}
 
 
-def test_the_readmes_job_file_table_has_every_common_setting_with_its_default():
-    rows = _readme_job_file_table()
+def test_the_job_file_table_has_every_common_setting_with_its_default():
+    rows = _job_file_table()
     flags = {flag_name(name, declared)[2:].replace("-", "_"): name
              for name, declared in SETTINGS.items() if declared.common}
-    assert set(flags) <= set(rows), f"missing from the README's job file table: {sorted(set(flags) - set(rows))}"
+    assert set(flags) <= set(rows), f"missing from the job file table (jobs/README.md): {sorted(set(flags) - set(rows))}"
     for key, name in flags.items():
         shown = rows[key][3].strip("` ")
         default = default_of(JobSpec, name)

@@ -6,7 +6,7 @@ of the engine's own jobs, run in this process on a local Ray (or `--ray-address`
 `reflow-pairs`, `generate`, `straightness`. A phase that finished records itself in `OUT/phases/NAME.json` with
 its seconds and results, so a re-run of a finished reproduction does nothing, and one killed mid-way skips what
 finished and resumes the phase it was in (the engine's jobs resume their shards and checkpoints). The phases,
-figures and what they say: README, "Reflow reproduced on a toy set".
+figures and what they say: jobs/toy/README.md.
 """
 
 from __future__ import annotations
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = Parser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="the reproduction's folder (a path or any fsspec URL)")
     parser.add_argument("--scale", choices=tuple(SCALES), default="full",
-                        help="smoke: the pipeline end to end in minutes; full: the figures of the README")
+                        help="smoke: the pipeline end to end in minutes; full: the figures of jobs/toy/README.md")
     parser.add_argument("--storage-options", type=json_object, default={}, help="JSON passed to fsspec")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
