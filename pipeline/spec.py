@@ -161,11 +161,11 @@ class JobSpec:
     aesthetic_score: float = setting(6.0, help="the refiner's aesthetic score", used=_refines, type=float)
     negative_aesthetic_score: float = setting(2.5, help="the refiner's negative aesthetic score", used=_refines,
                                               type=float)
-    keep_unrefined: bool = setting(False, help="also store the student's image ({key}.unrefined.EXT in tars, "
-                                   "unrefined_image in Parquet)", used=_refines, action="store_true")
     refiner_offload: bool = setting(False, help="keep the refiner in host memory and move each of its models to the "
                                     "GPU only while it runs (for GPUs too small for the student and the refiner "
                                     "together; slower)", effect=RUN, action="store_true")
+    keep_unrefined: bool = setting(False, help="also store the student's image ({key}.unrefined.EXT in tars, "
+                                   "unrefined_image in Parquet)", used=_refines, action="store_true")
     # the teacher, for pairs
     teacher: str | None = setting(None, help="the teacher: local diffusers folder, hub id or fsspec URL",
                                   effect=MODEL, common=False)

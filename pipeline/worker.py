@@ -82,7 +82,7 @@ class ShardWorker:
         self.runtime = Runtime.default(spec.dtype, spec.compile, device="cpu" if spec.device == "cpu" else None)
         self.stages = self.load_models(sources)
         self.outputs = [stage.name for stage in self.stages if stage.is_output]
-        self.added_fields = added_fields(self.stages)
+        self.added_fields = added_fields(spec, self.stages)
         self.input_fs, _ = filesystem(spec.prompts, spec.storage_options)
         output_fs, root = filesystem(spec.output, spec.storage_options)
         self.store = ShardStore(output_fs, root)

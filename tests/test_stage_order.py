@@ -9,7 +9,8 @@ import pytest
 
 from pipeline.plan import list_input_files, plan_units
 from pipeline.spec import JobSpec
-from pipeline.stages import STAGES, StageOrderError, added_fields, ordered_stages
+from pipeline import stages as stages_module
+from pipeline.stages import STAGES, StageOrderError, added_fields, check_stages, ordered_stages
 from pipeline.stages.base import Stage
 from pipeline.worker import GenerationError, standalone_worker
 
@@ -100,20 +101,27 @@ def test_stages_that_do_not_make_one_order_are_refused(extra, message):
         ordered_stages(job_spec, (*STAGES, *extra))
 
 
-class ColumnStage(Stage):
-    name = "columns"
+class ClipColumnStage(Consumer):
+    """A stage that adds a column the scores stage adds too."""
 
-    def __init__(self, output="images"):
-        self.output = output
+    name = "clip_column"
 
-    def added_fields(self):
-        return {self.output: [pa.field("clip_score", pa.float32())]}
+    @classmethod
+    def consumes(cls, spec):
+        return ()
+
+    @classmethod
+    def added_fields(cls, spec):
+        return {"images": [pa.field("clip_score", pa.float32())]}
 
 
-def test_two_stages_adding_one_column_to_an_output_are_refused():
-    assert added_fields([ColumnStage("images"), ColumnStage("pairs")])["pairs"][0].name == "clip_score"
-    with pytest.raises(StageOrderError, match="stages columns and columns both add column 'clip_score' to images"):
-        added_fields([ColumnStage(), ColumnStage()])
+def test_two_stages_adding_one_column_to_an_output_are_refused_on_the_driver(monkeypatch):
+    job_spec = spec(model="m", scores=("clip",))
+    assert [field.name for field in added_fields(job_spec)["images"]] == ["clip_score"]
+    monkeypatch.setattr(stages_module, "STAGES", (*STAGES, ClipColumnStage))
+    assert [field.name for field in added_fields(spec(model="m"))["images"]] == ["clip_score"]  # alone: fine
+    with pytest.raises(StageOrderError, match="stages scores and clip_column both add column 'clip_score' to images"):
+        check_stages(job_spec, {})
 
 
 class FileStage(Stage):

@@ -71,8 +71,9 @@ def input_columns(spec) -> dict[str, str]:
 
 
 def check_stages(spec, sources: dict[str, ModelSource]) -> None:
-    """The driver's checks of the stages' models (each of the kind its flag needs; a LoRA that does not fit the
-    student), before any worker."""
+    """The driver's checks of the stages, before any worker: one order and no column added twice, and their
+    models (each of the kind its flag needs; a LoRA that does not fit the student)."""
+    added_fields(spec)  # two stages adding one column
     for stage in ordered_stages(spec):
         for key, kind in stage.model_kinds.items():
             if key in sources:
@@ -87,13 +88,13 @@ def build_stages(spec, sources: dict[str, ModelSource], runtime: Runtime) -> lis
     return [stage.load(spec, sources, cache) for stage in ordered_stages(spec)]
 
 
-def added_fields(stages: list[Stage]) -> dict[str, list]:
-    """The metadata columns the stages add, by output, in order; two stages that would write one column are
-    refused (one would overwrite the other's values)."""
+def added_fields(spec, stages: list | None = None) -> dict[str, list]:
+    """The metadata columns the stages add (the spec's, or these), by output, in order; two stages that would write
+    one column are refused (one would overwrite the other's values)."""
     fields: dict[str, list] = {}
     owner: dict[tuple[str, str], str] = {}
-    for stage in stages:
-        for output, stage_fields in stage.added_fields().items():
+    for stage in ordered_stages(spec) if stages is None else stages:
+        for output, stage_fields in stage.added_fields(spec).items():
             for field in stage_fields:
                 if (output, field.name) in owner:
                     raise StageOrderError(f"stages {owner[output, field.name]} and {stage.name} both add column "

@@ -170,8 +170,10 @@ class Stage:
         """The stage with its models loaded, on a worker (modules equal in their tensors come from `cache`)."""
         raise NotImplementedError
 
-    def added_fields(self) -> dict[str, list[pa.Field]]:
-        """Metadata columns this stage adds, by output, in order."""
+    @classmethod
+    def added_fields(cls, spec) -> dict[str, list[pa.Field]]:
+        """Metadata columns this stage adds, by output, in order (known from the spec, so the driver can check
+        that no two stages add one)."""
         return {}
 
     def prepare_rows(self, unit: WorkUnit, samples: list[Sample]) -> None:

@@ -61,8 +61,9 @@ class ControlNetStage(Stage):
         model = cache.load_controlnet(sources["controlnet"].local_dir(spec.storage_options))
         return cls(spec, ControlNet(model, spec.controlnet_scale), filesystem(spec.prompts, spec.storage_options)[0])
 
-    def added_fields(self) -> dict[str, list[pa.Field]]:
-        return {output: FIELDS for output in self.spec.tasks}
+    @classmethod
+    def added_fields(cls, spec) -> dict[str, list[pa.Field]]:
+        return {output: FIELDS for output in spec.tasks}
 
     def prepare_rows(self, unit: WorkUnit, samples: list[Sample]) -> None:
         """Each sample's control image, ready (at the job's size, preprocessed), or the sample's error."""

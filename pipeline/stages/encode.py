@@ -54,8 +54,9 @@ class EncodeStage(PairsOutput):
     def latent_channels(self) -> int:
         return self.components.vae.config.latent_channels
 
-    def added_fields(self) -> dict[str, list[pa.Field]]:
-        return {self.name: [DIGEST]}
+    @classmethod
+    def added_fields(cls, spec) -> dict[str, list[pa.Field]]:
+        return {cls.name: [DIGEST]}
 
     def prepare_rows(self, unit: WorkUnit, samples: list[Sample]) -> None:
         self.images.read(unit, samples, PIXELS, self.images.pixels)

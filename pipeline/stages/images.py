@@ -98,8 +98,9 @@ class ImagesStage(Stage):
         student = Student(components, settings)
         return cls(spec, student, weights_record(spec, sources))
 
-    def added_fields(self) -> dict[str, list[pa.Field]]:
-        return {self.name: [LORA_FIELD]} if self.weights_record else {}
+    @classmethod
+    def added_fields(cls, spec) -> dict[str, list[pa.Field]]:
+        return {cls.name: [LORA_FIELD]} if spec.loras or spec.merge_finetune else {}  # as weights_record has one
 
     def prepare(self, batch: PromptBatch) -> None:
         self.student.prepare(batch)

@@ -69,7 +69,8 @@ class RefinerStage(Stage):
                           offload=spec.refiner_offload)
         return cls(spec, refiner, source.identity()["name"])
 
-    def added_fields(self) -> dict[str, list[pa.Field]]:
+    @classmethod
+    def added_fields(cls, spec) -> dict[str, list[pa.Field]]:
         return {OUTPUT: FIELDS}
 
     def prepare(self, batch: PromptBatch) -> None:

@@ -70,9 +70,10 @@ class ScoresStage(Stage):
             clip = ClipScorer(model, tokenizer, ImagePreprocess.from_processor(processor))
         return cls(spec, safety, clip)
 
-    def added_fields(self) -> dict[str, list[pa.Field]]:
-        fields = [field for score in SCORES if score in self.spec.scores for field in FIELDS[score]]
-        return {target: fields for target in self.targets}
+    @classmethod
+    def added_fields(cls, spec) -> dict[str, list[pa.Field]]:
+        fields = [field for score in SCORES if score in spec.scores for field in FIELDS[score]]
+        return {target: fields for target in scored_outputs(spec)}
 
     def prepare(self, batch: PromptBatch) -> None:
         if self.clip is not None:
