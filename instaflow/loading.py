@@ -44,7 +44,7 @@ class Runtime:
         """CUDA when there is a GPU (unless `device` says otherwise); fp16 and torch.compile on CUDA, fp32 and
         eager on the CPU, unless told otherwise.
 
-        On an H200, compiling the UNet and the decoder doubled one-step images/s at batch 32 (BENCHMARKS.md);
+        On an H200, compiling the UNet and the decoder doubled one-step images/s at batch 32 (tests/bench/README.md);
         on the CPU its minute of warm-up outweighs what it saves.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -317,7 +317,7 @@ class ComponentCache:
         """`module` on the device, for inference, compiled where that pays (the UNet and a ControlNet, the
         decoders)."""
         # Contiguous memory, not channels_last: on an H200 channels_last made one-step images 11% slower
-        # (BENCHMARKS.md). diffusers attends with PyTorch's SDPA by default.
+        # (tests/bench/README.md). diffusers attends with PyTorch's SDPA by default.
         module = module.to(self.runtime.device).eval().requires_grad_(False)
         if self.runtime.compile and name in ("unet", "controlnet"):
             module = torch.compile(module)

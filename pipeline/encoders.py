@@ -1,5 +1,5 @@
 """A worker's image encoders: processes of their own, fed through shared memory, so that encoding never takes the
-interpreter lock from the thread that drives the device (bench/encoders.py: beside a device thread that holds
+interpreter lock from the thread that drives the device (tests/bench/encoders.py: beside a device thread that holds
 the lock for 90% of each batch, as eager kernel launches do, 4 to 8 encoder threads slowed the device to 0.92 of
 its rate; as many processes kept it at 0.98 to 0.995).
 

@@ -96,9 +96,9 @@ def host_settings(num_gpus: int) -> dict[str, str]:
 
     GPU workers fix glibc's mmap threshold at 1 MB: by default it grows to the size of each batch buffer freed,
     so those buffers stay in arenas that are never returned and a worker's peak creeps up over a long run
-    (BENCHMARKS.md, memory). A CPU-device worker keeps glibc's default, as any process running a model on the
+    (tests/bench/README.md, memory). A CPU-device worker keeps glibc's default, as any process running a model on the
     CPU does: fixed at 1 MB, every intermediate tensor of the model above it is a fresh mapping, page-faulted
-    and unmapped on every batch (BENCHMARKS.md, against a plain loop).
+    and unmapped on every batch (tests/bench/README.md, against a plain loop).
     """
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return {"MALLOC_MMAP_THRESHOLD_": os.environ["MALLOC_MMAP_THRESHOLD_"]}

@@ -39,7 +39,7 @@ def pytest_unconfigure(config):
     functions run, and the process exits with pytest's status without destroying the C++ libraries' static
     objects. Ray leaves a metrics exporter thread running in a driver after some `ray.shutdown()`s (Ray's own
     workers end with os._exit for such reasons); a core dump of a full run that died of SIGSEGV after 694 passed
-    showed it logging through spdlog's registry while exit() destroyed it (RELIABILITY.md, issue 28)."""
+    showed it logging through spdlog's registry while exit() destroyed it (tests/RELIABILITY.md, issue 28)."""
     from jobs.errors import release_started
 
     release_started(ray_was_running=False)

@@ -1,4 +1,4 @@
-"""Each CPU benchmark in bench/ at its smallest setting, so that the scripts cannot rot: they run end to end
+"""Each CPU benchmark in tests/bench/ at its smallest setting, so that the scripts cannot rot: they run end to end
 and what they measure holds together (every prompt written once, no model loaded on a finished job's re-run)."""
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import encoders, memory, planning, plainloop, raydata, simulated
+from tests.bench import encoders, memory, planning, plainloop, raydata, simulated
 from conftest import start_ray
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,7 +90,7 @@ def test_memory(shared_ray, tmp_path):
 
 def test_scaling(tmp_path):
     """In its own process: it starts a multi-node cluster, which cannot share this process's Ray."""
-    subprocess.run([sys.executable, "bench/scaling.py", "--quick", "--out", str(tmp_path)], cwd=REPO, check=True,
+    subprocess.run([sys.executable, "tests/bench/scaling.py", "--quick", "--out", str(tmp_path)], cwd=REPO, check=True,
                    timeout=300)
     row = figures(tmp_path, "scaling")["2 simulated GPUs"]
     assert row["nodes"] == row["nodes_used"] == 2 and row["samples"] > 0

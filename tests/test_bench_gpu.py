@@ -2,7 +2,7 @@
 
 import json
 
-from bench import gpu
+from tests.bench import gpu
 
 
 def test_gpu_benchmark_runs_every_part_on_tiny_models(tmp_path):

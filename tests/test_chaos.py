@@ -1,6 +1,6 @@
 """The fault proxy does what the chaos suite says it does, and a CI-sized chaos run passes.
 
-The long suite is tests/chaos.py (see RELIABILITY.md); here: the proxy against moto, then two short seeded runs
+The long suite is tests/chaos.py (see tests/RELIABILITY.md); here: the proxy against moto, then two short seeded runs
 with storage faults (lost answers included), a worker killed mid-unit, the driver killed and re-run, and faults of
 issue 13: before the first commit, multipart uploads, a local output, and of issue 28: an image encoder killed
 holding tasks (--overwrite and driver_pause run only in the long suite: an old-settings job and its removal would
@@ -234,7 +234,7 @@ def test_short_chaos_runs_pass(tmp_path):
     for run in runs:
         early = next(fault for fault in run["faults"] if fault["type"] == "early")
         # fired in the first leg; on a warm machine the small job may commit a shard within the fault's delay, so
-        # how many shards it found is recorded (RELIABILITY.md), not asserted here
+        # how many shards it found is recorded (tests/RELIABILITY.md), not asserted here
         assert early["injected"] and early["leg"] == 1, early
         assert run["output"].startswith("s3://")
     assert "multipart" in {fault["type"] for fault in runs[1]["faults"] if fault["injected"]}, runs[1]["faults"]

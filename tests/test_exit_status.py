@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import safetensors.torch
 
-from bench.exit_status import CLI, ENV, PROJECT, Case, interrupt_after, misfits, run_many, standard_cases
+from tests.bench.exit_status import CLI, ENV, PROJECT, Case, interrupt_after, misfits, run_many, standard_cases
 from jobs.main import main
 from tests.jobhelpers import prompt_table
 

@@ -1,14 +1,14 @@
 """Image encoders in threads against encoders in processes, beside a device that holds the interpreter lock.
 
-    python bench/encoders.py [--size 512] [--batch 32] [--batches 24] [--image-ms 8.33] [--gil 0 0.5 0.9]
+    python tests/bench/encoders.py [--size 512] [--batch 32] [--batches 24] [--image-ms 8.33] [--gil 0 0.5 0.9]
                              [--encoders 1 2] [--repeats 2]
-    python bench/encoders.py --quick      # a few small batches: the test runs this
+    python tests/bench/encoders.py --quick      # a few small batches: the test runs this
 
 A stand-in device runs batches as the worker's generating thread does on a GPU: each batch launches its work,
 holding the interpreter lock (GIL) for `--gil` of the batch's device time in pure Python, as eager kernel launches
 do, while the device computes alongside; the batch is done when both are (a CUDA synchronize waits with the lock
 released). So encoders that take the lock from the launching thread for long enough slow the device down. The
-batch's outputs are bench/simulated.py's 1/f images, written into one of the host buffers (a ring of
+batch's outputs are tests/bench/simulated.py's 1/f images, written into one of the host buffers (a ring of
 MAX_BATCHES_AWAITING_ENCODE + 1 batches, as the worker lets that many wait): when none is free the device waits
 for the encoders, and that wait is counted. Each image is encoded with the engine's `encode_image` (JPEG, as the
 worker's default):
@@ -33,12 +33,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 
-from bench.common import CpuMeter, Figures, default_out  # noqa: E402
-from bench.simulated import image_bank  # noqa: E402
+from tests.bench.common import CpuMeter, Figures, default_out  # noqa: E402
+from tests.bench.simulated import image_bank  # noqa: E402
 from pipeline.encoders import EncoderProcesses  # noqa: E402
 from pipeline.worker import MAX_BATCHES_AWAITING_ENCODE  # noqa: E402
 from pipeline.writers import encode_image  # noqa: E402

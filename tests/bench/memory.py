@@ -1,9 +1,9 @@
 """Benchmark 6: a worker's memory over a run 10 times longer.
 
-    python bench/memory.py [--units 6] [--factor 10] [--size 512] [--out DIR]
-    python bench/memory.py --quick      # 64x64, 1 and 2 units: the test runs this
+    python tests/bench/memory.py [--units 6] [--factor 10] [--size 512] [--out DIR]
+    python tests/bench/memory.py --quick      # 64x64, 1 and 2 units: the test runs this
 
-One simulated worker (bench/simulated.py; 2 CPUs) writes images (JPEG) and reflow pairs in the same pass, from
+One simulated worker (tests/bench/simulated.py; 2 CPUs) writes images (JPEG) and reflow pairs in the same pass, from
 Parquet in S3 (moto) to shards in S3, with a short device time so that the host works flat out. The same job
 runs with `units` and with `factor` times as many units. Reported: the worker's peak resident memory in each
 run (`ru_maxrss`), its resident memory as each unit completes, at every tenth of the run, and at the end
@@ -18,10 +18,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.common import Figures, build_tiny_models, default_out, local_ray, s3_server, write_prompt_files  # noqa: E402
-from bench.simulated import SimulatedDevice, simulated_job  # noqa: E402
+from tests.bench.common import Figures, build_tiny_models, default_out, local_ray, s3_server, write_prompt_files  # noqa: E402
+from tests.bench.simulated import SimulatedDevice, simulated_job  # noqa: E402
 from pipeline.spec import JobSpec  # noqa: E402
 
 

@@ -1,13 +1,13 @@
 """Benchmark 4: scaling over simulated GPUs on a multi-node `ray.cluster_utils.Cluster`, all on 127.0.0.1.
 
-    python bench/scaling.py [--gpus 1,2,4,8] [--device-ms 50] [--size 512] [--out DIR]
-    python bench/scaling.py --quick      # 2 GPUs on 2 nodes, 64x64: the test runs this
+    python tests/bench/scaling.py [--gpus 1,2,4,8] [--device-ms 50] [--size 512] [--out DIR]
+    python tests/bench/scaling.py --quick      # 2 GPUs on 2 nodes, 64x64: the test runs this
 
 N simulated GPUs sit on min(N, 4) nodes (1 GPU on 1 node, 2 on 2, 4 on 4, 8 on 4 nodes of 2), one worker per
-GPU with 1 CPU each, the engine's driver and pool, and the stand-in device of bench/simulated.py. Units are
+GPU with 1 CPU each, the engine's driver and pool, and the stand-in device of tests/bench/simulated.py. Units are
 handed out once every worker has started, and each worker gets the same number of units (weak scaling), from one Parquet file on local disk to webdataset shards (JPEG)
 on local disk. The device time per image is long enough that 8 workers' host work (about 4 CPU-ms per 512x512
-image, measured by bench/simulated.py) stays near half of this machine's 2 cores. Throughput is the steady
+image, measured by tests/bench/simulated.py) stays near half of this machine's 2 cores. Throughput is the steady
 state (every worker in its stride), over linear: N times the 1-GPU figure, and N times the device's limit.
 """
 
@@ -21,13 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import fsspec  # noqa: E402
 
-from bench.common import CpuMeter, Figures, build_tiny_models, default_out, timed_pools, \
+from tests.bench.common import CpuMeter, Figures, build_tiny_models, default_out, timed_pools, \
     write_prompt_files  # noqa: E402
-from bench.simulated import SimulatedDevice, SimulatedWorker  # noqa: E402
+from tests.bench.simulated import SimulatedDevice, SimulatedWorker  # noqa: E402
 from pipeline.job import run_job  # noqa: E402
 from pipeline.spec import JobSpec  # noqa: E402
 

@@ -1,9 +1,9 @@
 """Benchmark 2: the engine against the best Ray Data pipeline we could write, on the same tiny model, the same
 prompts in S3 (moto, 127.0.0.1) and the same kind of output in S3 (webdataset tars of JPEGs at quality 95).
 
-    python bench/raydata.py [--prompts 8192] [--size 64] [--workers 2] [--repeats 2] [--no-resume] [--out DIR]
-    python bench/raydata.py --device simulated --workers 1 --prompts 4096 --no-resume   # a GPU-like device
-    python bench/raydata.py --quick      # 128 prompts, no resume: the test runs this
+    python tests/bench/raydata.py [--prompts 8192] [--size 64] [--workers 2] [--repeats 2] [--no-resume] [--out DIR]
+    python tests/bench/raydata.py --device simulated --workers 1 --prompts 4096 --no-resume   # a GPU-like device
+    python tests/bench/raydata.py --quick      # 128 prompts, no resume: the test runs this
 
 Each run is its own process with its own local Ray (a logical CPU per worker and 2 spare, at least 4; one logical
 GPU per worker; Ray Data's checkpoint filter needs the spare CPUs, FACTS.md), so that a run can be killed like a
@@ -15,7 +15,7 @@ real job:
   on (id column `id`, in S3) so that it resumes. Two variants: JPEG encoding inside the actor, or in a
   separate CPU stage after it; both are measured and the faster one is the baseline.
 
-With `--device simulated`, both run bench/simulated.py's stand-in at 512x512 instead of the tiny model: a
+With `--device simulated`, both run tests/bench/simulated.py's stand-in at 512x512 instead of the tiny model: a
 device that takes a fixed time per image and frees the CPU, as a GPU does, so the pipelines' host work can
 overlap it; on the tiny model the "device" is this machine's CPU, which the host work shares.
 
@@ -42,9 +42,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.common import (  # noqa: E402
+from tests.bench.common import (  # noqa: E402
     CpuMeter,
     Figures,
     build_tiny_models,
@@ -68,7 +68,7 @@ SYSTEMS = ("ours", "raydata-in-actor", "raydata-encode-stage")
 
 
 class Generator:
-    """Ray Data's map_batches actor: the engine's own student (or the stand-in of bench/simulated.py when
+    """Ray Data's map_batches actor: the engine's own student (or the stand-in of tests/bench/simulated.py when
     `device_ms` is set) and seeds, so that both systems do the same sampling work."""
 
     def __init__(self, model_dir: str, size: int, encode: bool, device_ms: float):
@@ -76,7 +76,7 @@ class Generator:
         from instaflow.models import Settings, Student
 
         if device_ms:
-            from bench.simulated import stand_in_student
+            from tests.bench.simulated import stand_in_student
 
             self.student = stand_in_student(Path(model_dir), size, device_ms / 1000)
         else:
@@ -135,8 +135,8 @@ def child_ours(args) -> dict:
 
     started = time.perf_counter()
     if args.device_ms:
-        from bench.common import timed_pools
-        from bench.simulated import SimulatedDevice, SimulatedWorker
+        from tests.bench.common import timed_pools
+        from tests.bench.simulated import SimulatedDevice, SimulatedWorker
         from pipeline.job import run_job
         from pipeline.spec import JobSpec
 
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-block", type=int, default=64,
                         help="our rows per shard and Ray Data's rows per block: the same unit of work and output file")
     parser.add_argument("--device", choices=("tiny", "simulated"), default="tiny",
-                        help="the tiny model on the CPU, or bench/simulated.py's stand-in device")
+                        help="the tiny model on the CPU, or tests/bench/simulated.py's stand-in device")
     parser.add_argument("--device-ms", type=float, default=1000 / 109.1,
                         help="the stand-in's time per image (default: the H200's, compiled)")
     parser.add_argument("--size", type=int, help="default 64 for the tiny model, 512 for the stand-in")
@@ -389,6 +389,6 @@ def child_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    from bench import raydata  # by module name, so that Ray ships its classes by reference
+    from tests.bench import raydata  # by module name, so that Ray ships its classes by reference
 
     sys.exit(raydata.main())

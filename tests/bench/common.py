@@ -34,7 +34,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from pipeline.pool import ActorPool, PoolLimits, ray_worker_factory, worker_options  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO / "bench" / "results"
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 SUBJECTS = ("a red fox", "an old lighthouse", "a bowl of ramen", "a snowy mountain", "a busy city street",
@@ -59,14 +59,14 @@ class Figures:
 
     def machine(self, argv: list[str]) -> None:
         """The first line of a run: its command, the date and the machine."""
-        self.add("machine", command=" ".join(["python", f"bench/{self.bench}.py", *argv]),
+        self.add("machine", command=" ".join(["python", f"tests/bench/{self.bench}.py", *argv]),
                  date=datetime.date.today().isoformat(), cpus=os.cpu_count(),
                  memory_gib=round(psutil.virtual_memory().total / 2**30, 1), python=platform.python_version(),
                  load_1min=os.getloadavg()[0])
 
 
 def default_out() -> Path:
-    """bench/results/cpu-DATE/: each benchmark appends its figures to its own file there."""
+    """tests/bench/results/cpu-DATE/: each benchmark appends its figures to its own file there."""
     return RESULTS_DIR / f"cpu-{datetime.date.today().isoformat()}"
 
 
@@ -227,7 +227,7 @@ def _role(process: psutil.Process, driver_pid: int) -> str:
         return "s3"
     if "pipeline.encoders" in cmdline:
         return "workers"  # a worker's image encoders (pipeline/encoders.py)
-    if re.search(r"bench/\w+\.py child", cmdline):
+    if re.search(r"tests/bench/\w+\.py child", cmdline):
         return "driver"  # a benchmark step in its own process
     if cmdline.startswith("ray::") and "IDLE" not in cmdline and "Worker" in cmdline.split()[0]:
         return "workers"

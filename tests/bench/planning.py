@@ -1,14 +1,14 @@
 """Benchmark 5: planning and resume at scale.
 
-    python bench/planning.py [--parts plan,rerun,digest] [--files 1000] [--rows-per-file 10000] [--out DIR]
-    python bench/planning.py --quick      # 20 files, 8 shards: the test runs this
+    python tests/bench/planning.py [--parts plan,rerun,digest] [--files 1000] [--rows-per-file 10000] [--out DIR]
+    python tests/bench/planning.py --quick      # 20 files, 8 shards: the test runs this
 
 Parts:
 - plan: 10 million prompts in 1,000 Parquet files on local disk (row groups of 1,000; written once into
   --data and kept). In a fresh process, as the driver runs them: listing and footers (`list_input_files`),
   units (`plan_units`, 1,000 rows per shard: 10,000 units) and the input fingerprint, then the whole of
   `run_job` up to the moment it asks for workers. Targets: planning under 30 s, the driver's peak under 1 GiB.
-- rerun: a finished 1,000-shard job (4 rows per shard, made here by simulated workers, bench/simulated.py) is
+- rerun: a finished 1,000-shard job (4 rows per shard, made here by simulated workers, tests/bench/simulated.py) is
   run again with the real command line (`jobs.generate`) in a fresh process, on local disk and on S3 (moto).
   Target: under 10 s, with no model loaded and no worker started. It reports where the time goes (profile).
 - digest: what pinning a local model folder costs the driver on every run (`resolve_model_source` reads every
@@ -29,12 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import fsspec  # noqa: E402
 import psutil  # noqa: E402
 
-from bench.common import CpuMeter, Figures, build_tiny_models, default_out, local_ray, s3_server, start_child, \
+from tests.bench.common import CpuMeter, Figures, build_tiny_models, default_out, local_ray, s3_server, start_child, \
     write_prompt_files, write_result  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
@@ -165,7 +165,7 @@ def part_plan(args, workdir: Path, models: dict, figures: Figures) -> None:
 
 def finished_job(root: str, storage_options: dict, models: dict, workdir: Path, shards: int) -> tuple:
     """A job of `shards` shards of 4 rows, run to the end by simulated workers; returns its spec and time."""
-    from bench.simulated import SimulatedDevice, simulated_job
+    from tests.bench.simulated import SimulatedDevice, simulated_job
     from pipeline.spec import JobSpec
     from pipeline.storage import filesystem
 

@@ -1,7 +1,7 @@
 """GPU benchmark: SD-1.5-sized random models at 512x512, without Ray, in parts that can be chosen one by one.
 
-    python bench/gpu.py [--parts peak,flops,...] [--out DIR]      # all parts by default, in the order below
-    python bench/gpu.py --tiny      # the same code on tiny models and the CPU, in seconds (the test runs this)
+    python tests/bench/gpu.py [--parts peak,flops,...] [--out DIR]      # all parts by default, in the order below
+    python tests/bench/gpu.py --tiny      # the same code on tiny models and the CPU, in seconds (the test runs this)
 
 Models are built from SD-1.5's configs with random weights (no download): UNet 860M, VAE, CLIP ViT-L text
 encoder. Every figure is printed as a line and appended to OUT/gpu.jsonl as it is measured, so a run that is cut
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from instaflow.loading import Components, Runtime  # noqa: E402
 from instaflow.models import PromptBatch, Settings, Student, Teacher  # noqa: E402

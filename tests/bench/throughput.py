@@ -1,7 +1,7 @@
 """Throughput figures: the model layer alone (images/s, pairs/s at a batch size) and whole jobs (samples/s).
 
-    python bench/throughput.py models [--model-dir DIR] [--batch-size 8] [--size 64]
-    python bench/throughput.py job [--prompts N] [--workers 2]
+    python tests/bench/throughput.py models [--model-dir DIR] [--batch-size 8] [--size 64]
+    python tests/bench/throughput.py job [--prompts N] [--workers 2]
 
 Without --model-dir the tiny offline models are built in a temporary folder. Figures are printed, never asserted.
 """

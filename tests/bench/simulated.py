@@ -1,14 +1,14 @@
 """Benchmark 1: does the host keep the device fed? The whole path on a simulated device, Parquet in S3 to
 committed shards in S3 (moto, 127.0.0.1), through the engine's driver, pool and worker.
 
-    python bench/simulated.py [--parts feed,cores] [--size 512] [--out DIR]
-    python bench/simulated.py --quick      # 64x64, a few units, fewer runs: the test runs this
+    python tests/bench/simulated.py [--parts feed,cores] [--size 512] [--out DIR]
+    python tests/bench/simulated.py --quick      # 64x64, a few units, fewer runs: the test runs this
 
 The stand-in for the UNet and the decoder sleeps a fixed time per sample, as a GPU kernel frees the CPU, and
 returns real-sized outputs: (N, H, W, 3) uint8 pixels of 1/f^1.2 noise, whose JPEG (2.6 ms, 190 KB) and PNG
 (41 ms, 620 KB) encodes cost what FACTS.md measured for 512x512 images, and (N, 4, H/8, W/8) latents. Tokenising
 and the seed noise are the real ones (`PromptBatch.prepare`). Default device times are the H200's eager model
-layer from BENCHMARKS.md: 16.4 ms per image (60.9 images/s), 9.2 ms compiled (109.1/s), 152 ms per teacher pair
+layer from tests/bench/README.md: 16.4 ms per image (60.9 images/s), 9.2 ms compiled (109.1/s), 152 ms per teacher pair
 (6.56 pairs/s).
 
 Parts:
@@ -44,13 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import (  # noqa: E402
+from tests.bench.common import (  # noqa: E402
     CpuMeter,
     Figures,
     build_tiny_models,
@@ -74,7 +74,7 @@ from instaflow.scores import ClipScorer, SafetyScorer  # noqa: E402
 from pipeline.worker import ShardWorker  # noqa: E402
 from pipeline.writers import encode_image  # noqa: E402
 
-H200_EAGER_IMAGE_S = 1 / 60.9  # BENCHMARKS.md: InstaFlow model layer, fp16, batch 32, contiguous memory
+H200_EAGER_IMAGE_S = 1 / 60.9  # tests/bench/README.md: InstaFlow model layer, fp16, batch 32, contiguous memory
 H200_COMPILED_IMAGE_S = 1 / 109.1
 H200_PAIR_S = 1 / 6.56  # SD teacher, 25 DPM-Solver steps with guidance, batch 16
 SPECTRUM_EXPONENT = 1.2  # amplitude ~ 1/f^1.2: encode costs and sizes like FACTS.md's 512x512 figures
@@ -436,7 +436,7 @@ def encode_rate(size: int, image_format: str, min_seconds: float, workers: int =
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
-    from bench import simulated  # by module name, so that processes can unpickle the function
+    from tests.bench import simulated  # by module name, so that processes can unpickle the function
 
     pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) if processes
             else ThreadPoolExecutor(workers))
@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {','.join(PARTS)}")
     parser.add_argument("--quick", action="store_true", help="64x64 and a few units: the test's setting")
     parser.add_argument("--feed-runs", help="comma-separated runs of the feed part (default: all of the setting's)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for simulated.jsonl (default bench/results)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for simulated.jsonl (default tests/bench/results)")
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     if unknown := sorted(set(parts) - set(PARTS)):
@@ -609,6 +609,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from bench import simulated  # by module name, so that Ray ships its classes by reference
+    from tests.bench import simulated  # by module name, so that Ray ships its classes by reference
 
     sys.exit(simulated.main())

@@ -6,12 +6,12 @@ was printed, about 1 run in 20 on a busy 2-core machine) shows only in many runs
 `--runs` times, `--parallel` at once (a busy machine makes the race likelier), and reports any run whose status
 was not the documented one or whose stderr did not end with the expected line.
 
-    .venv/bin/python -m bench.exit_status --workdir /tmp/exit-status --runs 150 --parallel 2
+    .venv/bin/python -m tests.bench.exit_status --workdir /tmp/exit-status --runs 150 --parallel 2
 
 builds the tiny models and a finished 48-prompt output (one with 2,000 carried input columns, on which the abort
 was most frequent) in `--workdir`, then runs verify, preview, report and a straightness refusal on it.
 
-    .venv/bin/python -m bench.exit_status --workdir /tmp/exit-status --interrupt --runs 40 --generate-runs 4
+    .venv/bin/python -m tests.bench.exit_status --workdir /tmp/exit-status --interrupt --runs 40 --generate-runs 4
 
 interrupts instead, with SIGTERM and SIGINT in turn, the moment the summary's last line is out: verify `--runs`
 times, and `run generate` of the 48 prompts into a fresh output `--generate-runs` times. Each must exit 130 with
@@ -35,7 +35,7 @@ from pathlib import Path
 
 CLI = [sys.executable, "-m", "jobs.main"]
 ENV = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """Benchmark 3: the engine against a plain single-process loop, on the tiny model and local files.
 
-    python bench/plainloop.py [--prompts 4096] [--size 64] [--batch 32] [--out DIR]
-    python bench/plainloop.py --quick      # a few hundred prompts: the test runs this
+    python tests/bench/plainloop.py [--prompts 4096] [--size 64] [--batch 32] [--out DIR]
+    python tests/bench/plainloop.py --quick      # a few hundred prompts: the test runs this
 
-The plain loop is what a diffusers user writes (bench/gpu.py's `plain_loop_end_to_end`): read the Parquet
+The plain loop is what a diffusers user writes (tests/bench/gpu.py's `plain_loop_end_to_end`): read the Parquet
 prompts, run the one-step loop through a `StableDiffusionPipeline` built from the model folder, save each image
 as a JPEG file (quality 95). It runs with torch's default threads (2, this machine's cores) and with 1.
 
@@ -25,14 +25,14 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import fsspec  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import CpuMeter, Figures, build_tiny_models, default_out, local_ray, timed_pools, \
+from tests.bench.common import CpuMeter, Figures, build_tiny_models, default_out, local_ray, timed_pools, \
     write_prompt_files  # noqa: E402
-from bench.gpu import plain_loop_end_to_end  # noqa: E402
+from tests.bench.gpu import plain_loop_end_to_end  # noqa: E402
 from pipeline.job import run_job  # noqa: E402
 from pipeline.spec import JobSpec  # noqa: E402
 
