@@ -204,3 +204,37 @@ def test_samples_per_prompt_and_teacher_images(ray_cpus, tiny_models, tmp_path, 
     # the teacher images' format is part of the job: a resume in JPEG would mix formats in one output
     assert reflow_pairs.main([*job, "--image-format", "jpeg"]) == 2
     assert "image_format: 'png' -> 'jpeg'" in capsys.readouterr().err
+
+
+def dropping_first_calls(call, drops: int = 2):
+    """`call`, whose first `drops` calls fail as a store's dropped connection does (botocore's, no OSError)."""
+    from botocore.exceptions import EndpointConnectionError
+
+    dropped = []
+
+    def flaky(*args, **kwargs):
+        if len(dropped) < drops:
+            dropped.append(args)
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1/")
+        return call(*args, **kwargs)
+
+    return flaky
+
+
+def test_training_lookups_ride_out_dropped_connections(pairs, tmp_path, monkeypatch):
+    """The embedding cache's and the checkpoints' lookups are asked again, as every other storage call is: a
+    dropped connection is not the training run's failure."""
+    from pipeline.training.worker import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, STATE_FILE, list_checkpoints
+
+    fs = pairs.fs
+    monkeypatch.setattr(fs, "exists", dropping_first_calls(fs.exists))
+    encode = lambda prompts: np.zeros((len(prompts), 77, 8), dtype=np.float32)  # noqa: E731
+    assert build_embedding_cache(pairs, list(pairs.shards), "zeros", encode) == len(pairs.shards)
+
+    local = fsspec.filesystem("file")
+    checkpoint = tmp_path / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}0000010"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / STATE_FILE).write_text("{}")
+    monkeypatch.setattr(local, "ls", dropping_first_calls(local.ls))
+    monkeypatch.setattr(local, "exists", dropping_first_calls(local.exists))
+    assert list_checkpoints(local, str(tmp_path)) == [(10, str(checkpoint))]

@@ -206,7 +206,7 @@ def build_embedding_cache(
     for shard in shards:
         path = pairs.embeddings_path(encoder_id, shard)
         rows = read_shard(fs, shard)
-        if fs.exists(path):
+        if with_retries(fs.exists, path, what=f"look up {path}"):
             try:
                 read_embeddings(fs, path, rows)
                 continue

@@ -239,7 +239,7 @@ class TrainRun:
         record. The old record goes first, so a final folder being rewritten never looks complete."""
         fs, final = self.output_fs, posixpath.join(self.output_root, FINAL_DIR)
         record_path = posixpath.join(final, MODEL_RECORD)
-        if fs.exists(record_path):
+        if with_retries(fs.exists, record_path, what=f"look up {record_path}"):
             with_retries(fs.rm, record_path, what=f"delete {record_path}")
         source = self.model_folder
         with tempfile.TemporaryDirectory(prefix="instaflow-final-") as tmp:
@@ -318,13 +318,14 @@ def list_checkpoints(fs, output_root: str) -> list[tuple[int, str]]:
     folder = posixpath.join(output_root, CHECKPOINTS_DIR)
     fs.invalidate_cache(folder)
     try:
-        entries = fs.ls(folder, detail=False)
+        entries = with_retries(fs.ls, folder, detail=False, what=f"list {folder}")
     except FileNotFoundError:
         return []
     found = []
     for path in entries:
         name = posixpath.basename(path.rstrip("/"))
         if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit():
-            if fs.exists(posixpath.join(path, STATE_FILE)):
+            state = posixpath.join(path, STATE_FILE)
+            if with_retries(fs.exists, state, what=f"look up {state}"):
                 found.append((int(name[len(CHECKPOINT_PREFIX):]), path.rstrip("/")))
     return sorted(found)
