@@ -135,7 +135,7 @@ def withdraw_resource_request() -> None:
     it ended; never raises, so that it hides nothing the job raised. Ray keeps one request per cluster (a key of
     the GCS, or the v2 autoscaler's cluster request), not per job, with no way to withdraw a part of it: this also
     clears another job's request on the same cluster, whose pending workers then still ask for their GPUs one by
-    one (the README says so)."""
+    one (jobs/README.md says so)."""
     if not _requested_bundles or not ray.is_initialized():
         return
     from ray.autoscaler.sdk import request_resources

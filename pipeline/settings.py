@@ -43,7 +43,8 @@ class Setting:
 
 def setting(default: Any = MISSING, *, help: str, effect: str = OUTPUT, used: Callable[[Any], bool] | None = None,
             flag: str | None = None, common: bool = True, flag_default: Any = None, repeated: bool = False,
-            scaled: bool = False, recorded: Callable[[Any], dict] | None = None, factory: Callable[[], Any] | None = None, **options) -> Any:
+            scaled: bool = False, recorded: Callable[[Any], dict] | None = None,
+            factory: Callable[[], Any] | None = None, **options) -> Any:
     """A JobSpec field and its declaration; `flag` defaults to the field's name as a flag (`--batch-size`)."""
     declared = Setting(effect, help, used, flag, common, flag_default, repeated, scaled, recorded, options)
     if factory is not None:

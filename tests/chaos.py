@@ -56,10 +56,10 @@ encode images, generate), which reach a worker's image encoders (pipeline/encode
   second driver runs the same command; once it holds the lock (the first's 2 s lease ran out), and 0 to 1.5 s
   more, the first gets SIGCONT. The first must exit 4 (output lost) and delete nothing that was in the output's
   root as it resumed, but for the moves back to the staging that it had under way when stopped (at most 16, one
-  per thread: the README leaves these open); judged while the second has no worker up (it deletes nothing
+  per thread: pipeline/README.md leaves these open); judged while the second has no worker up (it deletes nothing
   before). The second must finish, and the final checks apply to its output.
 
-After a leg that was cut short: what the README's readers see by globbing the output is committed data only, its
+After a leg that was cut short: what pipeline/README.md's readers see by globbing the output is committed data only, its
 bytes are the reference's, and no key is seen twice. After the run: `instaflow-batch verify` passes, every prompt
 appears exactly once, the readers see exactly the committed shards, every data file and every sample equals the
 fault-free reference run (one per job kind and invocation), the output's lock is released, and `verify` passes
@@ -121,7 +121,7 @@ ENCODER_COMMAND = "pipeline.encoders"  # in the command line of an image encoder
 SHARD_WORKER_LINE = "(ShardWorker pid="  # how a driver's log shows the lines Ray forwards from its workers
 PAUSE_LIMIT_S = 180.0  # a paused driver is let go by then even if no second driver took the output over
 STAGING_DIR = "_staging"  # pipeline/commit.py's, under the output's root
-IN_FLIGHT_MOVES_LIMIT = 16  # moves a driver can have under way at once (one per thread; README, issue 28)
+IN_FLIGHT_MOVES_LIMIT = 16  # moves a driver can have under way at once (one per thread; pipeline/README.md, issue 28)
 HOLD_LIMIT_S = 8.0  # how long encoder_kill keeps a worker's encoders stopped waiting for a task to hold
 VARIANTS = ("concurrent_start", "local_output", "multipart")  # set up as the run starts, not fired mid-job
 OUTAGE_FAULTS = ("before:503", "before:slowdown", "before:reset", "before:delay", "after:reset")
@@ -575,7 +575,7 @@ def output_root(run_name: str) -> str:
 
 
 def reader_view(fs, root: str) -> dict[str, list[str]]:
-    """The data files each of the README's readers picks up by globbing the output, relative to the root."""
+    """The data files each of pipeline/README.md's readers picks up by globbing the output, relative to the root."""
     import pyarrow.fs as pafs
     from ray.data.datasource.file_meta_provider import _expand_directory
 
@@ -1199,7 +1199,7 @@ class Run:
             gone = sorted(name for name in pause.names_at_resume - set(self._listing())
                           if _MARKER.fullmatch(name) or _DATA.fullmatch(name) or name == "_job.json")
             # A move back to the staging that was under way when the driver stopped (copied, not yet deleted)
-            # ends on waking: the README leaves these open, one per thread; any other file gone is a deletion.
+            # ends on waking: pipeline/README.md leaves these open, one per thread; any other file gone is a deletion.
             staged = {path.rsplit("/", 1)[-1] for path in self._find(f"{self.root}/{STAGING_DIR}")}
             moved = [name for name in gone if name in staged]
             deleted = [name for name in gone if name not in staged]

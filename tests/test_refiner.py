@@ -187,7 +187,7 @@ def test_a_job_stores_the_refined_image_and_keeps_the_students(ray_gpus, tiny_mo
     first = loaded[0]
     assert first["image"].size == (96, 96) and first["unrefined_image"].size == (64, 64)
     # each stored image is diffusers' img2img pipeline run on what its row records: the stored unrefined image
-    # (resized to the refine size as the README says), the row's prompt, a CPU generator seeded with refiner_seed
+    # (resized to the refine size as jobs/README.md says), the row's prompt, a CPU generator seeded with refiner_seed
     for row in loaded:
         unrefined = torch.from_numpy(np.array(row["unrefined_image"].convert("RGB"))).permute(2, 0, 1)[None]
         image = F.interpolate(unrefined.float() / 255, size=(row["refined_height"], row["refined_width"]),

@@ -1,6 +1,6 @@
 """`reproduce-toy --scale smoke`: the whole recipe runs end to end with the engine's jobs, the report is complete,
 a finished reproduction re-runs without work, and one stopped mid-way resumes from the phase it was in. (The
-claims themselves are checked by the full scale, whose figures are in the README.)"""
+claims themselves are checked by the full scale, whose figures are in jobs/toy/README.md.)"""
 
 import json
 

@@ -1,6 +1,6 @@
 """The worker alone (no Ray): one bad sample fails alone, NaN outputs are failed rows, out-of-memory halves the
 batch, and the good rows equal those of a run without the fault (to one level: batches of other sizes round
-the last bit differently, see the README on determinism). A failure no row explains fails the try, with nothing
+the last bit differently, see pipeline/README.md on determinism). A failure no row explains fails the try, with nothing
 committed; a unit's device tensors and encodes are bounded."""
 
 import dataclasses

@@ -4,4 +4,4 @@ import sys
 
 from jobs.tiny import main
 
-sys.exit(main())
+sys.exit(main(prog="python -m jobs.tiny"))

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from pipeline.pool import ActorPool, PoolLimits, ray_worker_factory, worker_options  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-RESULTS_DIR = REPO / "bench" / "results"
+RESULTS_DIR = REPO / "tests" / "bench" / "results"
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 SUBJECTS = ("a red fox", "an old lighthouse", "a bowl of ramen", "a snowy mountain", "a busy city street",
             "a sleeping cat", "a wooden boat", "a glass greenhouse", "an ancient castle", "a field of sunflowers")
