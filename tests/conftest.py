@@ -22,6 +22,15 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 
 
 EXIT_STATUS = pytest.StashKey[int]()
+RAY_FIXTURES = {"ray_gpus", "ray_cpus"}  # each starts a local Ray for its module
+
+
+def pytest_collection_modifyitems(config, items):
+    """The fast tier is `-m "not slow"`: a test that needs a local Ray (through its fixtures) is slow, as is one
+    marked so where it is written (it starts Ray itself, or runs commands as processes)."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.hookimpl(tryfirst=True)
