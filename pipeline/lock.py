@@ -26,7 +26,8 @@ from typing import Callable
 
 import fsspec
 
-from pipeline.storage import ConditionalStore, OutputError, PreconditionFailed, conditional_store, is_transient
+from pipeline.storage import ConditionalStore, GuardHeld, OutputError, PreconditionFailed, conditional_store, \
+    is_transient
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,11 @@ class OutputLock:
                 return
             except PreconditionFailed:
                 continue  # another starter changed it first; judge again what is there now
+            except GuardHeld:  # its holder stopped while writing the lock: the write lands when it wakes
+                raise OutputLockedError(
+                    f"{self.root} is in use by another job ({held.describe()}), which is stopped or hung in the "
+                    "middle of writing its lock. Wait for it to finish, or use another output."
+                ) from None
 
     def _holder_gone(self, held: LockRecord) -> bool:
         """True only when the holder ran where its pid means the same process as here, and no such process

@@ -421,6 +421,15 @@ class OutputError(RuntimeError):
     """The output location cannot be used by this job."""
 
 
+GUARD_WAIT_S = 10.0  # the longest a local compare-and-replace waits for another process's write to the same path
+
+
+class GuardHeld(TimeoutError):
+    """A local compare-and-replace found the path's guard held for longer than any write takes: its writer is
+    stopped (SIGSTOP, a suspended VM) or hung in the middle of a write, which it will finish when it wakes, so the
+    path cannot be taken from it safely now."""
+
+
 class PreconditionFailed(Exception):
     """A conditional write found the object absent, present or changed, against its condition."""
 
@@ -574,7 +583,7 @@ class LocalConditionalStore(ConditionalStore):
     def replace(self, path: str, data: bytes, version: str) -> str:
         local = self.fs._strip_protocol(path)
         with open(f"{local}.guard", "a") as guard:
-            fcntl.flock(guard, fcntl.LOCK_EX)  # every replace of this path, in any process, goes one at a time
+            _hold_guard(guard, path)  # every replace of this path, in any process, goes one at a time
             try:
                 current = self.read(local)[1]
             except FileNotFoundError:
@@ -583,6 +592,21 @@ class LocalConditionalStore(ConditionalStore):
                 raise PreconditionFailed(f"replace {path}")
             _put_local(local, data)
         return hashlib.sha256(data).hexdigest()
+
+
+def _hold_guard(guard, path: str) -> None:
+    """flock the guard, waiting GUARD_WAIT_S at most: a write holds it for milliseconds, so a longer hold is a
+    writer stopped or hung mid-write (GuardHeld), not one to wait for without end."""
+    deadline = time.monotonic() + GUARD_WAIT_S
+    while True:
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise GuardHeld(f"{path}: another process has been in the middle of writing it for over "
+                                f"{GUARD_WAIT_S:.0f}s (stopped or hung)") from None
+            time.sleep(0.02)
 
 
 def check_conditional_writes(fs: fsspec.AbstractFileSystem, root: str) -> None:

@@ -86,6 +86,36 @@ def test_a_stale_lock_is_taken_over_and_its_old_holder_stops(output):
     assert lock_holder(fs, root) == taker.token
 
 
+def test_a_holder_stopped_while_writing_its_lock_is_refused_not_waited_for(tmp_path, monkeypatch):
+    """On a local disk a replace holds the path's guard (flock) for milliseconds; a driver stopped then (SIGSTOP, a
+    suspended VM) keeps it, and its write lands when it wakes. A starter that finds the lock stale does not wait
+    for it without end (it waited 180 s in chaos run 32046) and does not take the lock from under that write: it
+    refuses, naming the holder, after GUARD_WAIT_S; once the writer is gone, the lock is taken over."""
+    import signal
+
+    monkeypatch.setattr(storage, "GUARD_WAIT_S", 0.5)
+    fs, root = fsspec.filesystem("file"), str(tmp_path)
+    holder = OutputLock(fs, root, lease_s=LEASE_S)
+    holder.acquire()  # and never renewed
+    writer = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; guard = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(guard, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               f"{root}/{LOCK_NAME}.guard"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "held\n"
+        os.kill(writer.pid, signal.SIGSTOP)
+        taker = OutputLock(fs, root, lease_s=LEASE_S)
+        started = time.monotonic()
+        with pytest.raises(OutputLockedError, match="stopped or hung in the middle of writing its lock"):
+            taker.acquire()
+        assert time.monotonic() - started < LEASE_S + 0.5 + 5
+    finally:
+        os.kill(writer.pid, signal.SIGCONT)
+        writer.kill()
+        writer.wait()
+    taker.acquire()
+    assert lock_holder(fs, root) == taker.token
+
+
 def exited_process(reap: bool) -> subprocess.Popen:
     """A process that has exited: reaped (its pid is free) or a zombie (its parent has not waited for it)."""
     process = subprocess.Popen([sys.executable, "-c", "pass"])
