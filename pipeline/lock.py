@@ -26,6 +26,7 @@ from typing import Callable
 
 import fsspec
 
+from pipeline import storage
 from pipeline.storage import ConditionalStore, GuardHeld, OutputError, PreconditionFailed, conditional_store, \
     is_transient
 
@@ -144,15 +145,16 @@ class OutputLock:
                             "ran on this machine and has exited" if exited else
                             f"has not renewed it for {held.lease_s:.0f}s")
             try:
-                self._version = self.store.replace(self.path, self.record.to_bytes(), version)
+                self._version = self.store.replace(self.path, self.record.to_bytes(), version,
+                                                   guard_wait_s=storage.GUARD_WAIT_S)
                 self.took_over = held.state != "released"
                 return
             except PreconditionFailed:
                 continue  # another starter changed it first; judge again what is there now
-            except GuardHeld:  # its holder stopped while writing the lock: the write lands when it wakes
+            except GuardHeld:  # a process stopped while writing the lock: its write lands when it wakes
                 raise OutputLockedError(
-                    f"{self.root} is in use by another job ({held.describe()}), which is stopped or hung in the "
-                    "middle of writing its lock. Wait for it to finish, or use another output."
+                    f"{self.root} is in use: a process is stopped or hung in the middle of writing its lock (which "
+                    f"names {held.describe()}). Wait for it to finish, or use another output."
                 ) from None
 
     def _holder_gone(self, held: LockRecord) -> bool:

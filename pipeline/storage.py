@@ -421,7 +421,7 @@ class OutputError(RuntimeError):
     """The output location cannot be used by this job."""
 
 
-GUARD_WAIT_S = 10.0  # the longest a local compare-and-replace waits for another process's write to the same path
+GUARD_WAIT_S = 10.0  # the longest a lock's takeover waits for another process's write to it (a write takes ms)
 
 
 class GuardHeld(TimeoutError):
@@ -463,7 +463,7 @@ class ConditionalStore:
     def create(self, path: str, data: bytes) -> str:
         raise NotImplementedError
 
-    def replace(self, path: str, data: bytes, version: str) -> str:
+    def replace(self, path: str, data: bytes, version: str, guard_wait_s: float | None = None) -> str:
         raise NotImplementedError
 
     def check_mutual_exclusion(self, path: str) -> None:
@@ -500,7 +500,7 @@ class S3ConditionalStore(ConditionalStore):
         out = self._call(self.fs.pipe_file, path, data, mode="create", what=f"create {path}")
         return out["ETag"]
 
-    def replace(self, path: str, data: bytes, version: str) -> str:
+    def replace(self, path: str, data: bytes, version: str, guard_wait_s: float | None = None) -> str:
         try:
             out = self._call(self.fs.pipe_file, path, data, IfMatch=version, what=f"replace {path}")
         except FileNotFoundError:  # S3 answers If-Match on a deleted key with 404 NoSuchKey, not 412
@@ -527,7 +527,7 @@ class GCSConditionalStore(ConditionalStore):
     def create(self, path: str, data: bytes) -> str:
         return self.replace(path, data, "0")
 
-    def replace(self, path: str, data: bytes, version: str) -> str:
+    def replace(self, path: str, data: bytes, version: str, guard_wait_s: float | None = None) -> str:
         bucket, key, _ = self.fs.split_path(path)
         url = f"{self.fs._location}/upload/storage/v1/b/{bucket}/o"
         out = self._call(self.fs.call, "POST", url, uploadType="media", name=key, ifGenerationMatch=version,
@@ -580,10 +580,10 @@ class LocalConditionalStore(ConditionalStore):
             os.remove(tmp)
         return hashlib.sha256(data).hexdigest()
 
-    def replace(self, path: str, data: bytes, version: str) -> str:
+    def replace(self, path: str, data: bytes, version: str, guard_wait_s: float | None = None) -> str:
         local = self.fs._strip_protocol(path)
         with open(f"{local}.guard", "a") as guard:
-            _hold_guard(guard, path)  # every replace of this path, in any process, goes one at a time
+            _hold_guard(guard, path, guard_wait_s)  # every replace of this path, in any process, goes one at a time
             try:
                 current = self.read(local)[1]
             except FileNotFoundError:
@@ -594,10 +594,13 @@ class LocalConditionalStore(ConditionalStore):
         return hashlib.sha256(data).hexdigest()
 
 
-def _hold_guard(guard, path: str) -> None:
-    """flock the guard, waiting GUARD_WAIT_S at most: a write holds it for milliseconds, so a longer hold is a
-    writer stopped or hung mid-write (GuardHeld), not one to wait for without end."""
-    deadline = time.monotonic() + GUARD_WAIT_S
+def _hold_guard(guard, path: str, wait_s: float | None) -> None:
+    """flock the guard: without end (the writer finishes, and its write must land first), or `wait_s` at most,
+    for a caller that would rather refuse than wait on a writer stopped or hung mid-write (GuardHeld)."""
+    if wait_s is None:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        return
+    deadline = time.monotonic() + wait_s
     while True:
         try:
             fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -605,7 +608,7 @@ def _hold_guard(guard, path: str) -> None:
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 raise GuardHeld(f"{path}: another process has been in the middle of writing it for over "
-                                f"{GUARD_WAIT_S:.0f}s (stopped or hung)") from None
+                                f"{wait_s:.0f}s (stopped or hung)") from None
             time.sleep(0.02)
 
 

@@ -749,6 +749,7 @@ class Pause:
     resumed_at: float | None = None
     names_at_resume: set[str] = field(default_factory=set)
     checked: bool = False
+    refused: bool = False  # the second refused: the first was stopped mid-write to the lock, and keeps the output
 
 
 @dataclass
@@ -997,6 +998,8 @@ class Run:
     def _expected_statuses(self, driver: Driver, concurrent: bool, leg: int) -> list[int]:
         if driver.signalled == "timeout":
             return []
+        if self.pause is not None and self.pause.refused and driver is self.pause.second:
+            return [EXIT_BAD_INPUT]  # it found the first stopped mid-write to the lock, and refused
         if isinstance(driver.signalled, Fault) and action(driver.signalled) == "driver_kill":
             return [-signal.SIGKILL]
         if isinstance(driver.signalled, Fault) and action(driver.signalled) == "driver_pause":
@@ -1189,9 +1192,9 @@ class Run:
             given_up = now - pause.stopped_at > PAUSE_LIMIT_S or pause.second.process.poll() is not None
             if not (given_up or (pause.ready_at is not None and now >= pause.ready_at)):
                 return
-            refused = pause.second.process.poll() == EXIT_BAD_INPUT and STOPPED_WRITER_LINE in \
+            pause.refused = pause.second.process.poll() == EXIT_BAD_INPUT and STOPPED_WRITER_LINE in \
                 pause.second.log.read_text(errors="replace")
-            if refused:  # the first was stopped mid-write to the lock (local disk): it keeps the output on waking
+            if pause.refused:  # the first was stopped mid-write to the lock (local disk): it keeps the output
                 pause.first.signalled = None
                 fault.detail += "; the second refused: the first was stopped in the middle of writing its lock"
             elif pause.ready_at is None:
@@ -1217,7 +1220,7 @@ class Run:
             fault.detail += (f"; the first exited {now - pause.resumed_at:.1f}s after it resumed; meanwhile "
                              f"{len(moved)} moves to the staging ended, {len(deleted)} files were deleted"
                              f"{' (the second had workers up: not judged)' if second_has_workers and gone else ''}")
-            if second_has_workers:
+            if second_has_workers or pause.refused:  # the first goes on with its own removal: nothing to judge
                 return
             if deleted:
                 self.problems.append(f"driver_pause: after driver {pause.first.process.pid} resumed, {len(deleted)} "
