@@ -12,6 +12,8 @@ import pytest
 from infra.local import cluster
 from jobhelpers import prompt_table, stats, write_prompts
 
+pytestmark = pytest.mark.slow  # jobs, clusters or benchmarks run as processes
+
 FAKE_AUTOSCALER = {
     "cluster_name": "instaflow-fake",
     "max_workers": 2,

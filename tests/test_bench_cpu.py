@@ -11,6 +11,8 @@ import pytest
 from tests.bench import encoders, memory, planning, plainloop, raydata, simulated
 from conftest import start_ray
 
+pytestmark = pytest.mark.slow  # jobs, clusters or benchmarks run as processes
+
 REPO = Path(__file__).resolve().parent.parent
 
 

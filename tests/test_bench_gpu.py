@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from tests.bench import gpu
+
+pytestmark = pytest.mark.slow  # jobs, clusters or benchmarks run as processes
 
 
 def test_gpu_benchmark_runs_every_part_on_tiny_models(tmp_path):

@@ -222,6 +222,7 @@ def short_chaos(tmp_path, *options: str) -> list[dict]:
     return runs
 
 
+@pytest.mark.slow  # runs jobs or a cluster as processes
 def test_short_chaos_runs_pass(tmp_path):
     """Storage faults (lost answers included), a worker killed mid-unit and the driver killed then re-run; seed
     125 adds, before the first commit, a driver kill (run 0) and a storage outage (run 1), and gives run 1

@@ -4,6 +4,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # jobs, clusters or benchmarks run as processes
+
 
 def test_the_demo_runs_verifies_and_resumes(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}

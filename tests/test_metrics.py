@@ -50,6 +50,7 @@ def total(samples, name: str, output: str, **tags) -> float:
                and all(found.get(key) == want for key, want in tags.items()))
 
 
+@pytest.mark.slow  # runs jobs or a cluster as processes
 def test_a_jobs_metrics_agree_with_its_summary(metrics_port, tiny_models, tmp_path, caplog):
     prompts = [*(f"a lighthouse at night, number {i}" for i in range(8)), ""]  # the empty one fails
     pq.write_table(pa.table({"prompt": prompts}), tmp_path / "prompts.parquet", row_group_size=3)

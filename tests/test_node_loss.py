@@ -12,6 +12,8 @@ from jobhelpers import data_files, metadata_rows, prompt_table, stats, write_pro
 from pipeline.job import ray_pool, run_job
 from pipeline.spec import JobSpec
 
+pytestmark = pytest.mark.slow  # jobs, clusters or benchmarks run as processes
+
 FS = fsspec.filesystem("file")
 NUM_PROMPTS = 40
 

@@ -41,6 +41,7 @@ def ray_with_dashboard(tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.mark.slow  # runs jobs or a cluster as processes
 def test_a_planted_secret_is_nowhere_ray_or_the_output_shows_it(ray_with_dashboard, s3, tiny_models, monkeypatch,
                                                                  caplog, capsys):
     monkeypatch.setenv("HF_TOKEN", PLANTED)  # in the driver's environment, as a user's shell would have it
@@ -191,6 +192,7 @@ class LeakyWorker(ShardWorker):
         return super()._process(unit, attempt)
 
 
+@pytest.mark.slow  # runs jobs or a cluster as processes
 def test_a_secret_in_a_workers_errors_is_nowhere_the_job_writes_or_logs(ray_with_dashboard, s3, tiny_models,
                                                                        caplog, capsys):
     write_prompts(s3.fs, f"{s3.bucket}/leak-in/p.parquet", prompt_table(12), row_group_size=4)
@@ -231,6 +233,7 @@ def test_a_secret_in_a_workers_errors_is_nowhere_the_job_writes_or_logs(ray_with
         assert not [text[max(0, text.find(secret) - 200):][:400] for text in everything if secret in text]
 
 
+@pytest.mark.slow  # runs jobs or a cluster as processes
 @pytest.mark.parametrize("outcome", ["complete", "no workers", "interrupted", "lost", "crashed"])
 def test_the_autoscaler_request_is_withdrawn_however_the_job_ends(ray_with_dashboard, tiny_models, tmp_path,
                                                                  monkeypatch, outcome):
@@ -289,6 +292,7 @@ class LeakyStartWorker(ShardWorker):
         raise ConnectionError(f"model store rejected {self.spec.storage_options['secret']}")
 
 
+@pytest.mark.slow  # runs jobs or a cluster as processes
 def test_a_secret_in_a_workers_start_up_error_is_nowhere_shown(ray_with_dashboard, tiny_models, tmp_path, caplog):
     write_prompts(storage.filesystem("file")[0], str(tmp_path / "p.parquet"), prompt_table(4))
     secret = "start-up-secret-0e4d"
@@ -369,6 +373,7 @@ def readable_output(root: Path) -> dict[str, str]:
     return found
 
 
+@pytest.mark.slow  # runs jobs or a cluster as processes
 def test_a_password_or_signature_in_the_prompts_url_or_model_name_is_in_no_sink(ray_with_dashboard, tiny_models,
                                                                                 prompts_over_http, tmp_path, caplog,
                                                                                 capsys):

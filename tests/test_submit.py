@@ -76,6 +76,7 @@ def submission_id(printed: str) -> str:
     return re.search(r"raysubmit_\w+", printed).group(0)
 
 
+@pytest.mark.slow  # runs jobs or a cluster as processes
 def test_submit_then_follow_to_succeeded(address, bucket, tiny_models, capsys):
     assert main(["submit", *job_flags(tiny_models, "images")]) == 0
     printed = capsys.readouterr()
@@ -95,6 +96,7 @@ def test_submit_then_follow_to_succeeded(address, bucket, tiny_models, capsys):
     assert sorted(shards) == [0, 1, 2] and sum(marker["count"] for marker in shards.values()) == 12
 
 
+@pytest.mark.slow  # runs jobs or a cluster as processes
 def test_submit_wait_exits_with_the_drivers_status_for_bad_input(address, bucket, tiny_models, capsys):
     flags = job_flags(tiny_models, "nothing")
     flags[1] = f"s3://{BUCKET}/no-such-prompts/"
@@ -134,6 +136,7 @@ def test_an_unknown_job_id_is_a_clean_error_for_every_command(address, capsys):
             assert len(err.splitlines()) == 1, (command, err)
 
 
+@pytest.mark.slow  # runs jobs or a cluster as processes
 def test_stopped_job_resubmitted_resumes_and_completes(address, bucket, tiny_models, capsys):
     flags = job_flags(tiny_models, "stopped", "--rows-per-shard", "8", "--batch-size", "1")
     flags[1] = f"s3://{BUCKET}/many/"  # 400 prompts, 50 shards
@@ -177,6 +180,7 @@ def test_secrets_are_refused_before_anything_is_sent(tiny_models, capsys, monkey
     assert "height" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # runs jobs or a cluster as processes
 def test_storage_options_file_is_read_by_the_driver_on_the_cluster(address, bucket, tiny_models, tmp_path, capsys):
     """`--storage-options @FILE` names a file on the nodes: the entrypoint carries its path, and the driver reads
     it there (here the node is this machine)."""
@@ -238,6 +242,7 @@ def test_missing_address_is_a_clear_error(monkeypatch, capsys):
     assert os.environ.get("RAY_ADDRESS") is None
 
 
+@pytest.mark.slow  # runs jobs or a cluster as processes
 def test_the_commands_options_go_before_or_after_the_job_name(tiny_models, tmp_path, monkeypatch):
     """`submit --address URL --wait generate ...` as the README's usage line has it, and every other order; the
     job's local models, adapters and ControlNets travel as absolute paths, a scale kept."""
