@@ -73,8 +73,9 @@ def input_columns(spec) -> dict[str, str]:
 def check_stages(spec, sources: dict[str, ModelSource]) -> None:
     """The driver's checks of the stages, before any worker: one order and no column added twice, and their
     models (each of the kind its flag needs; a LoRA that does not fit the student)."""
-    added_fields(spec)  # two stages adding one column
-    for stage in ordered_stages(spec):
+    stages = ordered_stages(spec)
+    added_fields(spec, stages)  # two stages adding one column
+    for stage in stages:
         for key, kind in stage.model_kinds.items():
             if key in sources:
                 check_model_kind(sources[key], kind, spec.storage_options)

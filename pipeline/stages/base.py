@@ -140,8 +140,8 @@ class Stage:
 
     @classmethod
     def consumes(cls, spec) -> tuple[str, ...]:
-        """What this stage reads of earlier stages' work on each batch: `produced` device values by name, and
-        `batch.stage_inputs` they prepare (ControlNet's control images). `build_stages` orders stages by these."""
+        """What this stage reads of earlier stages' work on each batch: `produced` device values by name, and the
+        batch's conditioners (CONDITIONING). `ordered_stages` orders stages by these."""
         return ()
 
     @classmethod

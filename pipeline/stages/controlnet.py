@@ -3,10 +3,9 @@
 The control column is read as pipeline/row_images.py reads a column of images (bytes, a Hugging Face image struct,
 or a path or URL inside the prompts root or an allowed source; decoded and resized to the job's size; a row whose
 image cannot be used fails alone, naming the file and row); with --control-preprocess canny, each image is then
-turned into OpenCV's edge map. The student and the teacher take the ControlNet itself (instaflow/controlnet.py):
-this stage owns the ControlNet, puts it with each batch's control images among the batch's conditioners, which the
-student and the teacher run under (instaflow/conditioning.py), and records, per row, the scale and the sha256 of
-the control image as read.
+turned into OpenCV's edge map. This stage owns the ControlNet (instaflow/controlnet.py) and puts it, with each
+batch's control images, among the batch's conditioners, which the student and the teacher run under
+(instaflow/conditioning.py); it records, per row, the scale and the sha256 of the control image as read.
 """
 
 from __future__ import annotations
