@@ -28,7 +28,8 @@ import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from contextlib import nullcontext
+from typing import Callable, ContextManager
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -52,8 +53,9 @@ log = logging.getLogger(__name__)
 STAGING_DIR = "_staging"
 OUTPUT_DIRS = ("", "images", "pairs")  # root and the subfolders shards write to
 _READ_THREADS = 16
-# Files per delete request. A driver's destructive phase asks its lease (`still_held`) before each request and
-# each move, so a driver paused past its lease deletes at most one more batch after waking, never the next job's.
+# Files per delete request. A driver's destructive phase makes each request and each move under its lease
+# (`still_held`): on a local or shared disk nothing lands after another job took the output over; on an object
+# store a driver paused past its lease still sends, on waking, the one request it had checked.
 DELETE_BATCH = 64
 
 _MARKER = re.compile(r"(\d{5,})\.stats\.json")
@@ -74,11 +76,11 @@ class SupersededError(BrokenCommitError):
     files do not go into place, and whoever was finishing it looks at the unit again."""
 
 
-StillHeld = Callable[[], None]  # raises OutputLostError once the driver's lease is lost (LeaseKeeper.check)
-
-
-def _no_lease() -> None:
-    """A worker's try holds no lease: its holder check before the claim and its marker's re-reads fence its moves."""
+# `with still_held(): change the output`: raises OutputLostError once the driver's lease is lost, and fences the
+# change where the store can (LeaseKeeper.holding)
+StillHeld = Callable[[], ContextManager[None]]
+# A worker's try holds no lease: its holder check before the claim and its marker's re-reads fence its moves.
+_NO_LEASE: StillHeld = nullcontext
 
 
 def _join(root: str, name: str) -> str:
@@ -279,14 +281,14 @@ class ShardStore:
             winner = self._claim(unit_id, marker, fence)
             if winner["fence"]["try"] == try_id:
                 try:
-                    self.finish(unit_id, marker, still_held=_no_lease)
+                    self.finish(unit_id, marker, still_held=_NO_LEASE)
                 except SupersededError as exc:
                     log.warning("%s", exc)
                     continue  # _claim now finds the marker that replaced this try's
                 return marker, True
             try:
                 # the winning try may have died before moving its files (idempotent)
-                self.finish(unit_id, winner, still_held=_no_lease)
+                self.finish(unit_id, winner, still_held=_NO_LEASE)
             except BrokenCommitError as exc:
                 log.warning("%s; looking at the unit again", exc)
                 continue  # _claim now finds the broken (or newer) marker and replaces it or yields to it
@@ -363,7 +365,7 @@ class ShardStore:
 
     def finish(self, unit_id: int, marker: dict, *, still_held: StillHeld) -> None:
         """Move a committed try's staged files into place (idempotent: a move already done is skipped), only while
-        its marker stands. `still_held` is asked before each move and before the staging folder is deleted.
+        its marker stands. Each move and the staging folder's deletion are made under `still_held`.
 
         Raises SupersededError, having moved nothing, if the unit's marker is not this try's. If it stopped being
         this try's while the files moved (a straggler paused between its look and its moves), each moved file that
@@ -375,10 +377,10 @@ class ShardStore:
                                   "marker; its files were not moved into place")
         staging, moved = marker["staging"], []
         for name in sorted(marker["files"]):
-            still_held()
             source, target = _join(self.root, f"{staging}/{name}"), _join(self.root, name)
             try:
-                move(self.fs, source, target)
+                with still_held():
+                    move(self.fs, source, target)
                 moved.append(name)
             except FileNotFoundError:
                 if not self._in_place(name, marker["files"][name]):
@@ -389,8 +391,8 @@ class ShardStore:
             raise SupersededError(f"shard {shard_name(unit_id)}: its marker changed while try "
                                   f"{marker['fence']['try']} moved its files into place; deleted again those the "
                                   f"marker now standing does not claim: {', '.join(withdrawn) or 'none'}")
-        still_held()
-        self._remove_staging(staging)
+        with still_held():
+            self._remove_staging(staging)
 
     def _withdraw(self, unit_id: int, moved: list[str]) -> list[str]:
         """Delete the moved files that the unit's marker, as read now, does not claim with the bytes in place."""
@@ -417,7 +419,7 @@ class ShardStore:
         """At job start: finish the moves of committed shards that a crash interrupted, and delete every
         other staged try (losers, and tries that never committed). Returns the number of moves finished and
         the units whose files turned out to be gone, or whose markers were replaced meanwhile (they do not count:
-        redo them). `still_held` is asked before each move and each deletion."""
+        redo them). Each move and each deletion is made under `still_held`."""
         staged = self.staged_tries()
         pending = [(u, m) for u, m in committed.items() if m.get("staging") in staged]
         broken = []
@@ -428,14 +430,14 @@ class ShardStore:
                 log.warning("%s: the unit will be done again", exc)
                 broken.append(unit_id)
         for leftover in staged - {m["staging"] for _, m in pending}:
-            still_held()
-            self._remove_staging(leftover)
+            with still_held():
+                self._remove_staging(leftover)
         return len(pending) - len(broken), broken
 
     def finish_interrupted(self, token: str, *, still_held: StillHeld) -> None:
         """When a run stops: finish the moves of its tries that won their marker, delete its other staged
         tries. Reads only its own staging and those few markers, so it fits in `ray job stop`'s grace time.
-        `still_held` is asked before each move and each deletion."""
+        Each move and each deletion is made under `still_held`."""
         prefix = _join(self.root, f"{STAGING_DIR}/{token}")
         for try_dir in _list(self.fs, prefix):
             staging = f"{STAGING_DIR}/{token}/{posixpath.basename(try_dir)}"
@@ -447,8 +449,8 @@ class ShardStore:
                     continue
                 except SupersededError as exc:
                     log.warning("%s", exc)
-            still_held()
-            self._remove_staging(staging)
+            with still_held():
+                self._remove_staging(staging)
 
     def _remove_staging(self, staging: str) -> None:
         """Delete one try's staging folder (a few files)."""
@@ -459,13 +461,13 @@ class ShardStore:
             pass
 
     def _delete(self, paths: list[str], still_held: StillHeld) -> None:
-        """Delete files listed before, DELETE_BATCH to a request, asking `still_held` before each request; on a
-        local disk, where a request is one file anyway, before each file."""
+        """Delete files listed before, DELETE_BATCH to a request, each request under `still_held`; on a local
+        disk, where a request is one file anyway, each file."""
         size = 1 if isinstance(self.fs, LocalFileSystem) else DELETE_BATCH
         for start in range(0, len(paths), size):
-            still_held()
             batch = paths[start:start + size]
-            with_retries(self.fs.rm, batch, what=f"delete {len(batch)} old output files in {self.root}")
+            with still_held():
+                with_retries(self.fs.rm, batch, what=f"delete {len(batch)} old output files in {self.root}")
 
     def _delete_staging(self, still_held: StillHeld) -> None:
         """Delete the staged files listed now, in batches; then, on a local disk, the folders left empty (one that
@@ -478,10 +480,10 @@ class ShardStore:
             return
         self._delete(files, still_held)
         if isinstance(self.fs, LocalFileSystem):
-            still_held()
             for folder, _, _ in os.walk(self.fs._strip_protocol(prefix), topdown=False):
                 try:
-                    os.rmdir(folder)
+                    with still_held():
+                        os.rmdir(folder)
                 except OSError:  # not empty
                     pass
 
@@ -493,8 +495,8 @@ class ShardStore:
         valid, its shard pending as after a crash mid-commit: this project's readers stop showing it, and a re-run
         of that job would move them in again); then the data files no counted marker claims; then the markers;
         the manifest last, since the markers count only through its lineage; then the staging. The lock stays:
-        the caller holds it while starting over, and `still_held` is asked before each move and each request of
-        deletions, so a driver that lost the output stops before touching what the next job wrote.
+        the caller holds it while starting over, and each move and each request of deletions is made under
+        `still_held`, so a driver that lost the output stops before touching what the next job wrote.
         """
         try:
             manifest = read_manifest(self.fs, self.root)
@@ -522,9 +524,9 @@ class ShardStore:
     def _unfinish(self, marker: dict, still_held: StillHeld) -> None:
         """Move a committed shard's files from their place back to its staging: `finish` undone (idempotent)."""
         for name in sorted(marker["files"]):
-            still_held()
             try:
-                move(self.fs, _join(self.root, name), _join(self.root, f"{marker['staging']}/{name}"))
+                with still_held():
+                    move(self.fs, _join(self.root, name), _join(self.root, f"{marker['staging']}/{name}"))
             except FileNotFoundError:  # staged already (moved back, or never moved in)
                 pass
 

@@ -250,7 +250,7 @@ def _run_locked(spec, make_pool, units, inputs, identity, sources, keeper: Lease
         keeper.check()
         with errors_after_start():  # from the first change to the output on, a re-run resumes
             if spec.overwrite:
-                store.remove_outputs(still_held=keeper.check)
+                store.remove_outputs(still_held=keeper.holding)
             progress.manifest = manifest
             write_progress = lambda: manifests.write(manifest | {"progress": progress.summary()})  # noqa: E731
             write_progress()
@@ -277,7 +277,7 @@ def _run_locked(spec, make_pool, units, inputs, identity, sources, keeper: Lease
         pool.shutdown()  # waits until no worker can commit any more
         if progress.manifest and keeper.error is None:
             with errors_after_start():  # tries that won their marker as the job was stopped
-                store.finish_interrupted(fence.token, still_held=keeper.check)
+                store.finish_interrupted(fence.token, still_held=keeper.holding)
 
 
 def _recover(store: ShardStore, committed: dict, units: list, todo: list, progress: JobProgress,
@@ -285,7 +285,7 @@ def _recover(store: ShardStore, committed: dict, units: list, todo: list, progre
     """Finishes moves a crash interrupted; units whose committed files turned out to be gone join `todo`, and
     are no longer counted as committed before (each unit is counted once: skipped, done or failed). Stops with
     OutputLostError, before its next move or deletion, once the lease is lost."""
-    finished, broken = store.recover(committed, still_held=keeper.check)
+    finished, broken = store.recover(committed, still_held=keeper.holding)
     if finished:
         logger.info("finished %d commits that a crash had interrupted", finished)
     todo += [unit for unit in units if unit.unit_id in broken and unit not in todo]

@@ -22,7 +22,8 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import fsspec
 
@@ -151,10 +152,11 @@ class OutputLock:
                 return
             except PreconditionFailed:
                 continue  # another starter changed it first; judge again what is there now
-            except GuardHeld:  # a process stopped while writing the lock: its write lands when it wakes
+            except GuardHeld:  # a process stopped holding the guard (a lock write, a fenced change): it lands on waking
                 raise OutputLockedError(
-                    f"{self.root} is in use: a process is stopped or hung in the middle of writing its lock (which "
-                    f"names {held.describe()}). Wait for it to finish, or use another output."
+                    f"{self.root} is in use: a process is stopped or hung in the middle of writing its lock or a "
+                    f"change that the lock fences (the lock names {held.describe()}). Wait for it to finish, or use "
+                    "another output."
                 ) from None
 
     def _holder_gone(self, held: LockRecord) -> bool:
@@ -193,6 +195,23 @@ class OutputLock:
                 "Wait for it to finish, or use another output."
             )
         return version
+
+    @contextmanager
+    def fenced(self) -> Iterator[None]:
+        """`with lock.fenced(): change the output`: raises OutputLostError, before the change, unless the lock
+        still names this job, and where the store has a guard (a local or shared disk) holds it through the
+        change. No takeover lands meanwhile, so a change checked before this process was stopped (SIGSTOP, a
+        suspended VM) cannot land after another job took the output over: that job's takeover waits
+        GUARD_WAIT_S for the guard, then refuses. On an object store a request already sent still lands."""
+        with self.store.guarded(self.path):
+            try:
+                data, _ = self.store.read(self.path)
+            except FileNotFoundError:
+                raise OutputLostError(f"{self.path} was deleted while this job held it") from None
+            held = LockRecord.parse(data, self.path)
+            if held.token != self.token or held.state == "released":
+                raise OutputLostError(self._lost_message(data))
+            yield
 
     def refresh(self) -> None:
         """Renew the lease; raises OutputLostError if another job took the lock."""
@@ -283,6 +302,19 @@ class LeaseKeeper:
                     self._renew_now()
         if self.error is not None:
             raise self.error
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """`with keeper.holding(): change the output`: `check()`, then the change under the lock's fence
+        (`OutputLock.fenced`). A lock found taken there is given up as the thread would give it up."""
+        self.check()
+        try:
+            with self.lock.fenced():
+                yield
+        except OutputLostError as exc:
+            if self.error is None:
+                self.error = exc
+            raise
 
     def _unrenewed_s(self) -> float:
         return self.clock() - self.renewed_at

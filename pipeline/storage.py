@@ -16,7 +16,8 @@ import time
 import urllib.parse
 import uuid
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, ContextManager, Iterator, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -466,6 +467,11 @@ class ConditionalStore:
     def replace(self, path: str, data: bytes, version: str, guard_wait_s: float | None = None) -> str:
         raise NotImplementedError
 
+    def guarded(self, path: str, wait_s: float | None = None) -> ContextManager[None]:
+        """Holds whatever this store serializes `path`'s replaces with, so that no replace of it lands meanwhile.
+        Object stores have nothing to hold: each replace is one conditional request."""
+        return nullcontext()
+
     def check_mutual_exclusion(self, path: str) -> None:
         """Raises OutputError if a lock this store takes around writes would not exclude another process."""
 
@@ -582,8 +588,7 @@ class LocalConditionalStore(ConditionalStore):
 
     def replace(self, path: str, data: bytes, version: str, guard_wait_s: float | None = None) -> str:
         local = self.fs._strip_protocol(path)
-        with open(f"{local}.guard", "a") as guard:
-            _hold_guard(guard, path, guard_wait_s)  # every replace of this path, in any process, goes one at a time
+        with self.guarded(path, guard_wait_s):  # every replace of this path, in any process, goes one at a time
             try:
                 current = self.read(local)[1]
             except FileNotFoundError:
@@ -592,6 +597,13 @@ class LocalConditionalStore(ConditionalStore):
                 raise PreconditionFailed(f"replace {path}")
             _put_local(local, data)
         return hashlib.sha256(data).hexdigest()
+
+    @contextmanager
+    def guarded(self, path: str, wait_s: float | None = None) -> Iterator[None]:
+        """flock `path`'s guard file, held by every replace of `path` in any process (see _hold_guard)."""
+        with open(f"{self.fs._strip_protocol(path)}.guard", "a") as guard:
+            _hold_guard(guard, path, wait_s)
+            yield
 
 
 def _hold_guard(guard, path: str, wait_s: float | None) -> None:

@@ -58,8 +58,9 @@ encode images, generate), which reach a worker's image encoders (pipeline/encode
   root as it resumed, but for the moves back to the staging that it had under way when stopped (at most 16, one
   per thread: pipeline/README.md leaves these open); judged while the second has no worker up (it deletes nothing
   before). The second must finish, and the final checks apply to its output. On a local disk, a first driver
-  stopped in the middle of writing its lock (holding its guard) cannot be taken from, for its write lands when it
-  wakes: the second must refuse (exit 2, naming it) instead, and the first, resumed, keeps the output.
+  stopped in the middle of writing its lock or of a move or deletion (each is made holding the lock's guard)
+  cannot be taken from, for its write lands when it wakes: the second must refuse (exit 2, naming it) instead,
+  and the first, resumed, keeps the output.
 
 After a leg that was cut short: what pipeline/README.md's readers see by globbing the output is committed data only, its
 bytes are the reference's, and no key is seen twice. After the run: `instaflow-batch verify` passes, every prompt
@@ -121,8 +122,9 @@ IMAGE_KINDS = ("generate",)
 REMOVAL_FAULTS = ("overwrite", "driver_pause")  # land as an --overwrite leg removes the old output
 ENCODER_COMMAND = "pipeline.encoders"  # in the command line of an image encoder process (a ShardWorker's child)
 SHARD_WORKER_LINE = "(ShardWorker pid="  # how a driver's log shows the lines Ray forwards from its workers
-# A driver_pause's second driver on a local disk, when the first was stopped holding the lock's guard (mid-write):
-# the takeover is refused (exit 2), as it must be, for the first's write lands when it wakes (pipeline/storage.py).
+# A driver_pause's second driver on a local disk, when the first was stopped holding the lock's guard (mid-write
+# of the lock, or mid-change of the output: each move and deletion is made holding it): the takeover is refused
+# (exit 2), as it must be, for the first's write lands when it wakes (pipeline/lock.py, OutputLock.fenced).
 STOPPED_WRITER_LINE = "stopped or hung in the middle of writing its lock"
 PAUSE_LIMIT_S = 180.0  # a paused driver is let go by then even if no second driver took the output over
 STAGING_DIR = "_staging"  # pipeline/commit.py's, under the output's root
@@ -1194,9 +1196,9 @@ class Run:
                 return
             pause.refused = pause.second.process.poll() == EXIT_BAD_INPUT and STOPPED_WRITER_LINE in \
                 pause.second.log.read_text(errors="replace")
-            if pause.refused:  # the first was stopped mid-write to the lock (local disk): it keeps the output
+            if pause.refused:  # the first was stopped holding the lock's guard (local disk): it keeps the output
                 pause.first.signalled = None
-                fault.detail += "; the second refused: the first was stopped in the middle of writing its lock"
+                fault.detail += "; the second refused: the first was stopped holding the lock's guard"
             elif pause.ready_at is None:
                 self.problems.append(f"driver_pause: the second driver {pause.second.process.pid} had not taken "
                                      f"the output over when the first was resumed, "

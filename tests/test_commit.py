@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import threading
+from contextlib import nullcontext
 
 import fsspec
 import pytest
@@ -73,7 +74,7 @@ def test_a_try_that_dies_before_its_marker_leaves_nothing_visible(output):
     put_atomic(fs, f"{root}/_staging/{lock.token}/00001-deadbeef/00001.tar", b"half a shard")  # died here
     assert visible(fs, root) == []
     assert store.committed(fence) == {}
-    store.recover({}, still_held=lambda: None)
+    store.recover({}, still_held=nullcontext)
     assert store.staged_tries() == set()
 
 
@@ -92,7 +93,7 @@ def test_a_crash_between_marker_and_move_is_finished_by_the_next_job(output, mon
     assert visible(fs, root) == ["00005.stats.json"]  # committed: the marker counts, the data is staged
     committed = store.committed(fence)
     assert list(committed) == [5]
-    assert store.recover(committed, still_held=lambda: None) == (1, [])
+    assert store.recover(committed, still_held=nullcontext) == (1, [])
     assert visible(fs, root) == ["00005.parquet", "00005.stats.json"] and store.staged_tries() == set()
 
 
@@ -236,7 +237,7 @@ def test_remove_outputs_keeps_user_files(local):
               "other/00001.tar"]
     for name in ours + theirs:
         put_atomic(fs, f"{root}/{name}", b"x")
-    ShardStore(fs, root).remove_outputs(still_held=lambda: None)
+    ShardStore(fs, root).remove_outputs(still_held=nullcontext)
     left = sorted(p[len(root) + 1:] for p in fs.find(root))
     assert left == sorted(theirs)
 
@@ -261,7 +262,7 @@ def test_an_overwrite_removal_leaves_the_live_locks_renewals_alone(tmp_path):
     renewals.start()
     try:
         for _ in range(300):
-            ShardStore(fs, root).remove_outputs(still_held=lambda: None)
+            ShardStore(fs, root).remove_outputs(still_held=nullcontext)
             assert not lost, lost
     finally:
         stop.set()

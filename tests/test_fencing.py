@@ -10,7 +10,10 @@ import fcntl
 import json
 import os
 import re
+import threading
 import time
+from contextlib import nullcontext
+from typing import Callable, ContextManager
 
 import fsspec
 import pytest
@@ -21,7 +24,7 @@ from jobs.main import main
 from pipeline import commit, job, storage
 from pipeline.commit import BrokenCommitError, Fence, ShardStore, committed_shards
 from pipeline.job import _audit
-from pipeline.lock import LeaseKeeper, OutputLock, OutputLostError
+from pipeline.lock import LeaseKeeper, OutputLock, OutputLockedError, OutputLostError, lock_holder
 from pipeline.manifest import ManifestWriter, job_manifest, read_manifest
 from pipeline.plan import WorkUnit
 from pipeline.pool import UnitResult
@@ -45,8 +48,9 @@ def take_over(fs, root, old: OutputLock) -> tuple[OutputLock, Fence]:
     return new, Fence(new.token, (old.token, new.token), "spec-1")
 
 
-def lease_holds() -> None:
-    """The driver's lease check, where losing the lease is not what a test is about."""
+def lease_holds() -> ContextManager[None]:
+    """The driver's lease, where losing it is not what a test is about."""
+    return nullcontext()
 
 
 def old_run(fs, root) -> tuple[OutputLock, Fence]:
@@ -413,16 +417,12 @@ def test_a_driver_paused_between_acquiring_and_keeping_its_lease_stops_at_its_fi
         keeper.stop()
 
 
-def pause_after(monkeypatch, fs, driver: PausedDriver, mutations: int) -> list[str]:
+def pause_after(monkeypatch, fs, driver: PausedDriver, mutations: int) -> tuple[list[str], Callable]:
     """Counts the store's moves and deletions; the driver pauses once the first `mutations` of them are done (at
-    once for 0). Neither the new job's writes during the pause nor the deletion inside an S3 move count. Returns
-    the log of counted ones."""
-    done, busy = [], []
-
-    def pause():
-        busy.append(True)
-        driver.pause()
-        busy.clear()
+    once for 0), before its next change (a change is made holding the lock's guard on a local disk: a pause inside
+    one is the refused takeover's test below). Neither the new job's writes during the pause nor the deletion
+    inside an S3 move count. Returns the log of counted ones, and the `still_held` that pauses."""
+    done, busy, due = [], [], [mutations == 0]
 
     def counted(kind, real):
         def step(*args, **kwargs):
@@ -434,17 +434,21 @@ def pause_after(monkeypatch, fs, driver: PausedDriver, mutations: int) -> list[s
             finally:
                 busy.clear()
             done.append(kind)
-            if len(done) == mutations:
-                pause()
+            due[0] = due[0] or len(done) == mutations
             return result
         return step
 
-    if mutations == 0:
-        pause()
+    def still_held():
+        if due[0]:
+            due[0] = False
+            busy.append(True)
+            driver.pause()
+            busy.clear()
+        return driver.keeper.holding()
 
     monkeypatch.setattr(commit, "move", counted("move", commit.move))
     monkeypatch.setattr(fs, "rm", counted("rm", fs.rm))
-    return done
+    return done, still_held
 
 
 def commits_interrupted_before_their_moves(driver: PausedDriver, monkeypatch) -> None:
@@ -471,9 +475,9 @@ def test_an_overwrite_removal_stops_at_once_when_its_driver_wakes_past_its_lease
     put_atomic(fs, f"{root}/_staging/{driver.lock.token}/00003-{'d' * 32}/00003.tar", b"a try that never committed")
     monkeypatch.setattr(commit, "DELETE_BATCH", 2)  # a check between every two deletions: more places to pause
     monkeypatch.setattr(commit, "_READ_THREADS", 1)  # one move at a time, so that "after the pause" is one point
-    done = pause_after(monkeypatch, fs, driver, mutations)
+    done, still_held = pause_after(monkeypatch, fs, driver, mutations)
     with pytest.raises(OutputLostError, match="lost the lock"):
-        store.remove_outputs(still_held=driver.keeper.check)
+        store.remove_outputs(still_held=still_held)
     monkeypatch.undo()
     assert len(done) == mutations  # nothing moved or deleted after waking
     assert driver.keeper.error is not None
@@ -488,12 +492,12 @@ def test_recovery_stops_at_once_when_its_driver_wakes_past_its_lease(output, pha
     driver = PausedDriver(fs, root)
     commits_interrupted_before_their_moves(driver, monkeypatch)
     store = ShardStore(fs, root)
-    done = pause_after(monkeypatch, fs, driver, mutations)
+    done, still_held = pause_after(monkeypatch, fs, driver, mutations)
     with pytest.raises(OutputLostError, match="lost the lock"):
         if phase == "recover":
-            store.recover(store.committed(driver.fence), still_held=driver.keeper.check)
+            store.recover(store.committed(driver.fence), still_held=still_held)
         else:
-            store.finish_interrupted(driver.lock.token, still_held=driver.keeper.check)
+            store.finish_interrupted(driver.lock.token, still_held=still_held)
     monkeypatch.undo()
     assert len(done) == mutations
     driver.assert_new_job_untouched()
@@ -610,22 +614,82 @@ def test_an_overwrite_whose_driver_wakes_past_its_lease_exits_4_through_the_comm
             "--rows-per-shard", "4", "--no-progress"]
     monkeypatch.setattr(cli, "run_job", lambda spec, show_progress: job.run_job(spec, CommittingPool, False))
     assert main(argv) == 0 and len(committed_shards(fs, root)) == 3
-    offset = [0.0]
+    offset, pauses = [0.0], []
     clock = lambda: time.monotonic() + offset[0]  # noqa: E731
-    monkeypatch.setattr(job, "LeaseKeeper", lambda lock: LeaseKeeper(lock, clock=clock))
+
+    class PausedBetweenChanges(LeaseKeeper):
+        def check(self) -> None:  # a pause lands between two changes (one inside a change is refused: above)
+            if pauses:
+                pauses.pop()()
+            super().check()
+
+    monkeypatch.setattr(job, "LeaseKeeper", lambda lock: PausedBetweenChanges(lock, clock=clock))
     monkeypatch.setattr(commit, "_READ_THREADS", 1)
     staged_by_intruder, real_move = f"{root}/_staging/intruder/00001-{'e' * 32}/00001.tar", commit.move
 
+    def sleep_past_the_lease():
+        old_lease = json.loads(get_bytes(fs, f"{root}/_job.lock"))["lease_s"]
+        offset[0] += 2 * old_lease
+        intruder = OutputLock(fs, root, clock=clock, sleep=lambda s: offset.__setitem__(0, offset[0] + old_lease))
+        intruder.acquire()
+        put_atomic(fs, staged_by_intruder, b"staged by the job that took over")
+
     def move_then_pause(*args):  # the overwrite's first move back to staging, then the driver sleeps past its lease
         real_move(*args)
-        if not fs.exists(staged_by_intruder):
-            old_lease = json.loads(get_bytes(fs, f"{root}/_job.lock"))["lease_s"]
-            offset[0] += 2 * old_lease
-            intruder = OutputLock(fs, root, clock=clock, sleep=lambda s: offset.__setitem__(0, offset[0] + old_lease))
-            intruder.acquire()
-            put_atomic(fs, staged_by_intruder, b"staged by the job that took over")
+        if not pauses and not fs.exists(staged_by_intruder):
+            pauses.append(sleep_past_the_lease)
 
     monkeypatch.setattr(commit, "move", move_then_pause)
     assert main([*argv, "--overwrite"]) == 4
     assert get_bytes(fs, staged_by_intruder) == b"staged by the job that took over"
     assert fs.exists(f"{root}/_job.json") and len([p for p in fs.find(root) if p.endswith(".stats.json")]) == 3
+
+
+def test_a_driver_stopped_inside_a_fenced_deletion_keeps_the_output_and_no_takeover_lands(tmp_path, monkeypatch):
+    """On a local disk each deletion of --overwrite's removal is made holding the lock's guard, after reading that
+    the lock is still the driver's (chaos run 33003: a driver stopped between its lease check and an unlink deleted
+    the next job's marker on waking). A job that finds the lock stale meanwhile waits GUARD_WAIT_S for the guard
+    and refuses, naming why; the stopped driver wakes still holding the output and finishes its removal."""
+    monkeypatch.setattr(storage, "GUARD_WAIT_S", 0.5)
+    fs, root = fsspec.filesystem("file"), str(tmp_path / "out")
+    driver = PausedDriver(fs, root)
+    write_job(fs, root, driver.fence)
+    store = ShardStore(fs, root)
+    for unit_id in range(3):
+        store.commit(unit_id, {f"{unit_id:05d}.tar": b"old job's"}, {}, driver.fence)
+    stopped, woken, real_rm = threading.Event(), threading.Event(), fs.rm
+
+    def rm_after_a_stop(*args, **kwargs):
+        if not stopped.is_set():
+            stopped.set()
+            assert woken.wait(30)
+        return real_rm(*args, **kwargs)
+
+    monkeypatch.setattr(fs, "rm", rm_after_a_stop)
+    errors = []
+    removal = threading.Thread(target=lambda: errors.extend(
+        _raised(store.remove_outputs, still_held=driver.keeper.holding)))
+    removal.start()
+    try:
+        assert stopped.wait(30)  # checked, about to delete, and stopped there
+        jump = lambda seconds: driver.offset.__setitem__(0, driver.offset[0] + driver.LEASE_S)  # noqa: E731
+        starter = OutputLock(fs, root, lease_s=driver.LEASE_S, clock=driver.clock, sleep=jump)
+        with pytest.raises(OutputLockedError, match="in the middle of writing its lock or a change that the lock"):
+            starter.acquire()  # the lock looks stale on its clock, but the guard is held
+    finally:
+        woken.set()
+        removal.join(30)
+    monkeypatch.undo()
+    assert errors == []
+    assert lock_holder(fs, root) == driver.lock.token
+    fs.invalidate_cache()
+    assert sorted(p[len(root) + 1:] for p in fs.find(root)) == ["_job.lock", "_job.lock.guard"]
+    driver.stop()
+
+
+def _raised(fn, *args, **kwargs) -> list[BaseException]:
+    try:
+        fn(*args, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - reported to the test's thread
+        return [exc]
+    return []
