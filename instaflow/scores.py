@@ -134,11 +134,16 @@ class ClipScorer:
         return tokenize_prompts(self.tokenizer, prompts, pin_memory=pin_memory)
 
     @torch.inference_mode()
-    def scores(self, pixels: torch.Tensor, tokens: Tokens) -> torch.Tensor:
-        """(N,) float32 on the device, for the first N prompts of `tokens`."""
-        model, n = self.model, len(pixels)
-        device = pixels.device
-        image = _features(model.get_image_features(pixel_values=self.preprocess(pixels).to(model.dtype)))
+    def image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, projection_dim) on the device, in the model's dtype: CLIP's projected image embeddings, as
+        `get_image_features` gives them (not normalised)."""
+        return _features(self.model.get_image_features(pixel_values=self.preprocess(pixels).to(self.model.dtype)))
+
+    @torch.inference_mode()
+    def scores(self, image: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+        """(N,) float32 on the device, for N images' `image_embeds` and the first N prompts of `tokens`."""
+        model, n = self.model, len(image)
+        device = image.device
         input_ids = tokens.input_ids[:n].to(device, non_blocking=True)
         attention_mask = tokens.attention_mask[:n].to(device, non_blocking=True)
         text = _features(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))

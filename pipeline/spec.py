@@ -6,12 +6,14 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from instaflow.models import MODEL_RECORD, TEACHER_KINDS, student_defaults, teacher_defaults
 from instaflow.sampling import MAX_GUIDANCE_SCALE, MAX_SIDE, MAX_STEPS, check_inputs, check_size
 from pipeline.plan import SAMPLE_FIELDS
 from pipeline.row_images import DEFAULT_IMAGE_READ_TIMEOUT_S, DEFAULT_MAX_IMAGE_BYTES, allowed_image_sources
 from pipeline.settings import MODEL, RUN, declared_settings, setting
+from pipeline.stages import STAGES
 from pipeline.storage import filesystem, get_bytes, normalize_location, normalize_model
 
 TASKS = ("images", "pairs")
@@ -20,9 +22,8 @@ IMAGE_FORMATS = ("jpeg", "png", "webp")
 DECODERS = ("full", "tiny")
 TAESD = "madebyollin/taesd"  # TAESD, the tiny decoder of SD-1.5's latents
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the base a fine-tune's difference is taken from
-SCORES = ("nsfw", "clip")
-SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
-CLIP_MODEL = "openai/clip-vit-large-patch14"
+# The --scores kinds, each declared by the stage that computes it, in one order (a job's scores are kept in it)
+SCORES = {kind: help for stage in STAGES for kind, help in stage.scores.items()}
 CONTROL_PREPROCESS = ("none", "canny")
 ENCODE = "encode"  # the pairs' "teacher" kind of encode jobs: the model's VAE encodes each row's image, no sampler
 PAIR_KINDS = (*TEACHER_KINDS, ENCODE)
@@ -75,7 +76,20 @@ def _lora_scales(loras) -> dict:  # the files are models, recorded by what they 
     return {"lora_scales": [scale for _, scale in loras]} if loras else {}
 
 
+def _with_stage_settings(cls):
+    """Adds each stage's own settings (`Stage.settings`) to the spec's fields, after its own, so that they are
+    declared in the stage's module and derived everywhere else as the spec's are."""
+    for stage in STAGES:
+        for name, declared in stage.settings.items():
+            if name in cls.__annotations__:
+                raise TypeError(f"stage {stage.name}: its setting {name} is declared twice")
+            cls.__annotations__[name] = Any
+            setattr(cls, name, declared)
+    return cls
+
+
 @dataclass
+@_with_stage_settings
 class JobSpec:
     """A job's settings, each declared once with `setting(...)` (pipeline/settings.py): its flag, its help, and
     whether it changes the outputs (the identity), only speed or place, or names a model."""
@@ -120,12 +134,8 @@ class JobSpec:
                                  common=False)
     merge_base: str = setting(SD15, help="the model --merge-finetune was fine-tuned from", effect=MODEL)
     # per-row scores of the images made (the student's; the teacher's with teacher_images)
-    scores: tuple[str, ...] = setting((), help="per-row scores of the images made: nsfw (the SD safety checker's "
-                                      "score and flag; images are not changed) and/or clip (CLIP score of image "
-                                      "and prompt)", used=_scores, metavar="nsfw,clip",
-                                      flag_default="")
-    safety_checker: str = setting(SAFETY_CHECKER, help="the model of --scores nsfw", effect=MODEL)
-    clip_model: str = setting(CLIP_MODEL, help="the CLIP model of --scores clip", effect=MODEL)
+    scores: tuple[str, ...] = setting((), help="per-row scores of the images made, comma-separated: " + "; ".join(
+        f"{kind} ({help})" for kind, help in SCORES.items()), used=_scores, metavar=",".join(SCORES), flag_default="")
     # a ControlNet conditioning the student and the teacher on each row's control image
     controlnet: str | None = setting(None, help="condition the student and the teacher on each row's control image "
                                      "with this diffusers ControlNetModel (hub id, folder or fsspec URL)",
@@ -237,6 +247,8 @@ class JobSpec:
                 check_inputs(self.height, self.width, self.teacher_steps, float(self.teacher_guidance_scale))
         self._check_adapters()
         self._check_scores()
+        for stage in STAGES:
+            stage.check_settings(self)
         self._check_controlnet()
         self._check_refiner()
         self._check_row_images()
@@ -323,7 +335,6 @@ class JobSpec:
         self.scores = tuple(score for score in SCORES if score in scores)  # one order: the same job, however named
         if self.scores and "images" not in self.tasks and not self.teacher_images:
             raise ValueError("--scores scores images: they need a student --model, or --teacher-images")
-        self.safety_checker, self.clip_model = normalize_model(self.safety_checker), normalize_model(self.clip_model)
 
     def _check_controlnet(self) -> None:
         self.controlnet = normalize_model(self.controlnet) if self.controlnet else None

@@ -111,7 +111,7 @@ def test_clip_score_is_torchmetrics_definition(tiny_models, student_pixels):
     scorer = ClipScorer(model, tokenizer, ImagePreprocess.from_processor(processor))
     long_prompt = " ".join(["a very detailed painting of a red fox in the snow"] * 12)  # over 77 tokens
     prompts = [*PROMPTS[:-1], long_prompt]
-    ours = scorer.scores(student_pixels, scorer.tokens(prompts)).numpy()
+    ours = scorer.scores(scorer.image_embeds(student_pixels), scorer.tokens(prompts)).numpy()
 
     inputs = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
     with torch.no_grad():

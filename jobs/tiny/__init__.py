@@ -13,7 +13,8 @@ the real ones:
 - `OUT_DIR/controlnet`: a ControlNet for the tiny UNet (all three UNets share its layout), for `--controlnet`;
 - `OUT_DIR/instaflow-wide`: a one-step model of another size, as InstaFlow-1.7B is a larger U-Net than 0.9B's:
   other block widths, depth and attention heads, and a wider cross-attention with a matching text encoder;
-- `OUT_DIR/sdxl-refiner`: an SDXL refiner for `--refiner` (refiner.py).
+- `OUT_DIR/sdxl-refiner`: an SDXL refiner for `--refiner` (refiner.py);
+- then each stage's own tiny models (`Stage.tiny_models`, in the stage's module).
 
 The three models share byte-identical VAE, text encoder and tokenizer folders, as the real InstaFlow repos share
 SD-1.5's.
@@ -34,6 +35,7 @@ from jobs.tiny.pipelines import (build_controlnet, build_scheduler, build_text_e
                                  write_rectified_flow_model, write_slow_tokenizer_files)
 from jobs.tiny.refiner import write_tiny_refiner
 from jobs.tiny.scorers import write_tiny_scorers
+from pipeline.stages import STAGES
 
 
 def build_tiny_models(out_dir: str | Path) -> dict[str, Path]:
@@ -67,6 +69,8 @@ def build_tiny_models(out_dir: str | Path) -> dict[str, Path]:
     paths |= write_tiny_adapters(out_dir, paths["sd15"])
     paths |= write_tiny_scorers(out_dir, paths["instaflow"])
     paths |= write_tiny_refiner(out_dir)
+    for stage in STAGES:
+        paths |= stage.tiny_models(out_dir, dict(paths))
     return paths
 
 

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
+
 from instaflow.loading import ComponentCache, Runtime
 from pipeline.model_source import ModelSource
 from pipeline.stages.base import COLLECTED, Stage, check_model_kind
-from pipeline.stages.controlnet import ControlNetStage
-from pipeline.stages.encode import EncodeStage
-from pipeline.stages.images import ImagesStage
-from pipeline.stages.pairs import PairsStage
-from pipeline.stages.refiner import RefinerStage
-from pipeline.stages.scores import ScoresStage
 
-# Every stage; a job runs those it wants, ordered by `ordered_stages` (this order only breaks ties). A job makes its
-# pairs with a teacher (PairsStage) or by encoding its images (EncodeStage).
-STAGES: tuple[type[Stage], ...] = (ControlNetStage, ImagesStage, RefinerStage, PairsStage, EncodeStage, ScoresStage)
+
+def _discovered() -> tuple[type[Stage], ...]:
+    """Every stage of this package (a class that says when it is `wanted`), by module name, then as defined: a new
+    stage is a module of its own here, and nothing else names it. A job runs those it wants, ordered by
+    `ordered_stages` (this order only breaks ties)."""
+    found = []
+    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        found += [value for _, value in inspect.getmembers(module, inspect.isclass)
+                  if issubclass(value, Stage) and value is not Stage and value.__module__ == module.__name__
+                  and "wanted" in vars(value)]
+    return tuple(sorted(found, key=lambda stage: (stage.__module__, inspect.getsourcelines(stage)[1])))
+
+
+STAGES: tuple[type[Stage], ...] = _discovered()
 
 
 class StageOrderError(ValueError):

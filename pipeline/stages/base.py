@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import pyarrow as pa
 import torch
@@ -132,6 +133,20 @@ class Stage:
     name: str
     is_output = False  # writes rows and files of its own
     model_kinds: dict[str, ModelKind] = {}  # by key in `sources`: what each model must be (checked on the driver)
+    # The JobSpec fields this stage adds, each a `setting(...)` (pipeline/settings.py): its flag, job-file key,
+    # `submit` path handling and place in the identity come from that declaration, as for the spec's own fields.
+    settings: dict[str, Any] = {}
+    scores: dict[str, str] = {}  # the kinds this stage adds to --scores, each with its help
+
+    @classmethod
+    def check_settings(cls, spec) -> None:
+        """Checks and normalises this stage's own settings as the spec is built, wanted or not; raises ValueError."""
+
+    @classmethod
+    def tiny_models(cls, out_dir: Path, built: dict[str, Path]) -> dict[str, Path]:
+        """Tiny offline models of this stage's kinds, written under `out_dir` by `instaflow-batch tiny` after the
+        project's own (`built`, by name), for tests and the demo; returns their paths by name."""
+        return {}
 
     @classmethod
     def wanted(cls, spec) -> bool:

@@ -15,13 +15,16 @@ from instaflow.loading import ComponentCache
 from instaflow.models import PromptBatch
 from instaflow.scores import ClipScorer, ImagePreprocess, SafetyScorer
 from pipeline.model_source import ModelSource, resolve_model_source
-from pipeline.spec import SCORES
+from pipeline.settings import MODEL, setting
 from pipeline.stages.base import Encode, HostCopy, ModelKind, Stage, UnitOutputs
+from pipeline.storage import normalize_model
 
 FIELDS = {
     "nsfw": [pa.field("nsfw_score", pa.float32()), pa.field("nsfw", pa.bool_())],
     "clip": [pa.field("clip_score", pa.float32())],
 }
+# What the clip score leaves on the device for later stages: each scored output's CLIP image embeddings, by output.
+CLIP_IMAGE_EMBEDS = "clip_image_embeds"
 # The spec's name for each scorer's model, and its key among the job's model sources.
 MODEL_SETTINGS = {"nsfw": "safety_checker", "clip": "clip_model"}
 
@@ -32,8 +35,16 @@ def scored_outputs(spec) -> list[str]:
             if has_images]
 
 
+SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
+CLIP_MODEL = "openai/clip-vit-large-patch14"
+
+
 class ScoresStage(Stage):
     name = "scores"
+    scores = {"nsfw": "the SD safety checker's score and flag; images are not changed",
+              "clip": "CLIP score of image and prompt"}
+    settings = {"safety_checker": setting(SAFETY_CHECKER, help="the model of --scores nsfw", effect=MODEL),
+                "clip_model": setting(CLIP_MODEL, help="the CLIP model of --scores clip", effect=MODEL)}
     model_kinds = {"safety_checker": ModelKind("--safety-checker", {"config.json": ("StableDiffusionSafetyChecker",)}),
                    "clip_model": ModelKind("--clip-model", {"config.json": ("CLIPModel",)})}
 
@@ -45,7 +56,15 @@ class ScoresStage(Stage):
 
     @classmethod
     def wanted(cls, spec) -> bool:
-        return bool(spec.scores)
+        return any(score in cls.scores for score in spec.scores)
+
+    @classmethod
+    def produces(cls, spec) -> tuple[str, ...]:
+        return (CLIP_IMAGE_EMBEDS,) if "clip" in spec.scores else ()
+
+    @classmethod
+    def check_settings(cls, spec) -> None:
+        spec.safety_checker, spec.clip_model = normalize_model(spec.safety_checker), normalize_model(spec.clip_model)
 
     @classmethod
     def consumes(cls, spec) -> tuple[str, ...]:
@@ -72,7 +91,7 @@ class ScoresStage(Stage):
 
     @classmethod
     def added_fields(cls, spec) -> dict[str, list[pa.Field]]:
-        fields = [field for score in SCORES if score in spec.scores for field in FIELDS[score]]
+        fields = [field for score in cls.scores if score in spec.scores for field in FIELDS[score]]
         return {target: fields for target in scored_outputs(spec)}
 
     def prepare(self, batch: PromptBatch) -> None:
@@ -81,13 +100,15 @@ class ScoresStage(Stage):
             batch.stage_inputs[self.name] = self.clip.tokens(batch.prompts, pin_memory=pin)
 
     def run(self, batch: PromptBatch, n: int, produced: dict, encode: Encode) -> dict:
+        """Leaves each scored output's CLIP image embeddings in `produced[CLIP_IMAGE_EMBEDS]` for later stages."""
         result = {}
         for target in self.targets:
             pixels = produced[target]
-            result[target] = {
-                "safety": HostCopy(self.safety.cosines(pixels)) if self.safety else None,
-                "clip": HostCopy(self.clip.scores(pixels, batch.stage_inputs[self.name])) if self.clip else None,
-            }
+            clip = None
+            if self.clip:
+                embeds = produced.setdefault(CLIP_IMAGE_EMBEDS, {})[target] = self.clip.image_embeds(pixels)
+                clip = HostCopy(self.clip.scores(embeds, batch.stage_inputs[self.name]))
+            result[target] = {"safety": HostCopy(self.safety.cosines(pixels)) if self.safety else None, "clip": clip}
         return result
 
     def collect(self, keys: list[str], result: dict, outputs: UnitOutputs) -> None:

@@ -510,7 +510,7 @@ def part_stages(ctx) -> None:
     pixels = torch.randint(0, 256, (batch, ctx.size, ctx.size, 3), dtype=torch.uint8, device=ctx.device)
     tokens = clip_scorer.tokens(prompts_for(batch))
     for name, run in (("safety checker", lambda: safety.cosines(pixels)),
-                      ("CLIP score", lambda: clip_scorer.scores(pixels, tokens))):
+                      ("CLIP score", lambda: clip_scorer.scores(clip_scorer.image_embeds(pixels), tokens))):
         seconds = timed(run, ctx.device, min_seconds=1.0)
         ctx.report.add("stages", f"{name} alone batch {batch}", images_per_s=batch / seconds,
                        device_ms_per_image=1000 * seconds / batch)
