@@ -44,7 +44,8 @@ class ScoresStage(Stage):
     scores = {"nsfw": "the SD safety checker's score and flag; images are not changed",
               "clip": "CLIP score of image and prompt"}
     settings = {"safety_checker": setting(SAFETY_CHECKER, help="the model of --scores nsfw", effect=MODEL),
-                "clip_model": setting(CLIP_MODEL, help="the CLIP model of --scores clip", effect=MODEL)}
+                "clip_model": setting(CLIP_MODEL, help="the CLIP model of the scores that read CLIP embeddings",
+                                      effect=MODEL)}
     model_kinds = {"safety_checker": ModelKind("--safety-checker", {"config.json": ("StableDiffusionSafetyChecker",)}),
                    "clip_model": ModelKind("--clip-model", {"config.json": ("CLIPModel",)})}
 
@@ -74,7 +75,7 @@ class ScoresStage(Stage):
     def sources(cls, spec) -> dict[str, ModelSource]:
         return {MODEL_SETTINGS[score]: resolve_model_source(getattr(spec, MODEL_SETTINGS[score]), spec.dtype,
                                                             spec.storage_options, "module")
-                for score in spec.scores}
+                for score in spec.scores if score in cls.scores}
 
     @classmethod
     def load(cls, spec, sources: dict, cache: ComponentCache) -> "ScoresStage":
