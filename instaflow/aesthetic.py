@@ -21,6 +21,14 @@ class AestheticError(ValueError):
     """A head file that is not the aesthetic predictor's MLP: the message names the file and what differs."""
 
 
+class HeadWidthError(AestheticError):
+    """A head of the released layout for CLIP embeddings of another width (`width`): another CLIP model's."""
+
+    def __init__(self, message: str, width: int):
+        super().__init__(message)
+        self.width = width
+
+
 class AestheticHead(torch.nn.Module):
     """improved-aesthetic-predictor's `MLP`: linears at `layers.0, 2, 4, 6, 7`, dropouts between the first four."""
 
@@ -40,29 +48,43 @@ class AestheticHead(torch.nn.Module):
         return self.layers(F.normalize(image_embeds.float(), dim=-1)).squeeze(-1)
 
 
-def read_head(path: str | Path) -> AestheticHead:
-    """The head in a `.safetensors` file (never a pickle), its input width read from its first layer; raises
-    AestheticError naming the file for anything else."""
-    from safetensors.torch import load_file
+def head_shapes(input_dim: int) -> dict[str, tuple[int, ...]]:
+    """The released head's tensors, by name, with their shapes, for CLIP embeddings of `input_dim` values."""
+    widths, shapes, index = (input_dim, *HIDDEN, 1), {}, 0
+    for inputs, outputs in zip(widths, widths[1:]):
+        shapes[f"layers.{index}.weight"], shapes[f"layers.{index}.bias"] = (outputs, inputs), (outputs,)
+        index += 2 if index + 1 in DROPOUTS else 1
+    return shapes
+
+
+def read_head(path: str | Path, input_dim: int) -> AestheticHead:
+    """The head in a `.safetensors` file (never a pickle), for CLIP embeddings of `input_dim` values. The file's
+    names and shapes are checked from its header before any tensor is read or any layer made, so a file costs at
+    most what the released head costs; raises AestheticError naming the file for anything else."""
+    from safetensors import safe_open
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise AestheticError(f"{path}: the aesthetic head must be a .safetensors file (pickle files can run code)")
+    expected = head_shapes(input_dim)
     try:
-        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as file:
+            found = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+            first = found.get("layers.0.weight")
+            if first is not None and len(first) == 2 and first[1] != input_dim and \
+                    {**found, "layers.0.weight": expected["layers.0.weight"]} == expected:
+                raise HeadWidthError(f"{path}: reads embeddings of {first[1]} values, not {input_dim}", first[1])
+            if found != expected:
+                differ = sorted(name for name in {*found, *expected} if found.get(name) != expected.get(name))
+                raise AestheticError(f"{path}: not the LAION aesthetic predictor's MLP for embeddings of "
+                                     f"{input_dim} values (tensors {', '.join(differ[:4])} differ)")
+            state = {name: file.get_tensor(name).float() for name in found}
+    except AestheticError:
+        raise
     except Exception as exc:  # safetensors' and the OS's errors: the user needs the file named
         raise AestheticError(f"{path}: not a readable safetensors file: {exc}") from None
-    first = state.get("layers.0.weight")
-    if first is None or first.ndim != 2:
-        raise AestheticError(f"{path}: no layers.0.weight matrix: not the LAION aesthetic predictor's MLP")
-    head = AestheticHead(first.shape[1])
-    expected = {name: tuple(value.shape) for name, value in head.state_dict().items()}
-    found = {name: tuple(value.shape) for name, value in state.items()}
-    if found != expected:
-        differ = sorted(set(found) ^ set(expected)) or sorted(n for n in found if found[n] != expected[n])
-        raise AestheticError(f"{path}: not the LAION aesthetic predictor's MLP (layers {', '.join(differ[:4])} "
-                             f"differ from {', '.join(f'{n} {s}' for n, s in list(expected.items())[:2])}, ...)")
     if not all(torch.isfinite(value).all() for value in state.values()):
         raise AestheticError(f"{path}: its weights are not all finite")
-    head.load_state_dict({name: value.float() for name, value in state.items()})
+    head = AestheticHead(input_dim)
+    head.load_state_dict(state)
     return head.eval()

@@ -3,6 +3,9 @@ the stored images: transformers' CLIP with its image processor (PIL), the embedd
 MLP's five linear layers applied in numpy from the head file."""
 
 import io
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,7 +15,8 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPModel
 
-from instaflow.aesthetic import AestheticHead, read_head
+from instaflow.aesthetic import AestheticError, AestheticHead, head_shapes, read_head
+from jobs.tiny.scorers import PROJECTION_DIM
 from tests.jobhelpers import image_rows
 from tests.test_stage_jobs import error_line, prompts, run  # noqa: F401 - the module's fixtures, shared
 
@@ -85,7 +89,8 @@ def test_a_head_that_does_not_fit_or_is_not_a_head_is_refused_naming_its_flag(ru
 
 
 def test_the_head_is_read_as_released(tiny_models):
-    head = read_head(tiny_models["aesthetic"])
+    head = read_head(tiny_models["aesthetic"], PROJECTION_DIM)
+    assert head_shapes(768) == {name: tuple(value.shape) for name, value in AestheticHead(768).state_dict().items()}
     state = safetensors.torch.load_file(str(tiny_models["aesthetic"]))
     embeds = torch.randn(5, head.input_dim, generator=torch.Generator().manual_seed(0))
     values = torch.nn.functional.normalize(embeds, dim=-1).double()
@@ -93,3 +98,36 @@ def test_the_head_is_read_as_released(tiny_models):
         values = values @ state[f"{layer}.weight"].double().T + state[f"{layer}.bias"].double()
     assert torch.allclose(head(embeds).double(), values[:, 0], atol=1e-5)
     assert not head.training  # dropout is among the released layers: in training mode it would score at random
+
+
+MAX_READ_GROWTH_MB = 256  # the released head is 3.5 MB; reading any head file must stay far below this
+
+
+def empty_first_layer(tmp_path, width: int):
+    """A file of under 100 bytes whose `layers.0.weight` is a (0, width) matrix: no data, any claimed width
+    (review of the aesthetic score: read_head built Linear(width, 1024) before checking the layout)."""
+    path = tmp_path / f"empty-{width}.safetensors"
+    safetensors.torch.save_file({"layers.0.weight": torch.zeros(0, width)}, str(path))
+    return path
+
+
+def test_a_head_claiming_an_impossible_width_is_refused_as_not_a_head(tmp_path):
+    with pytest.raises(AestheticError, match="not the LAION aesthetic predictor's MLP"):
+        read_head(empty_first_layer(tmp_path, 10**12), 768)  # before: torch's allocator failed (exit 1, "a bug")
+
+
+def test_reading_a_tiny_head_file_allocates_no_model_of_its_claimed_width(tmp_path):
+    path = empty_first_layer(tmp_path, 250_000)  # 88 bytes that made a Linear(250000, 1024): 1 GB of float32
+    probe = textwrap.dedent(f"""
+        import resource
+        from instaflow.aesthetic import AestheticError, read_head
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            read_head({str(path)!r}, 768)
+        except AestheticError:
+            pass
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+    """)
+    grown_mb = int(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True)
+                   .stdout.split()[-1])
+    assert grown_mb < MAX_READ_GROWTH_MB, f"reading an 88-byte head file grew the process by {grown_mb} MB"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from instaflow.aesthetic import AestheticError, AestheticHead, read_head
+from instaflow.aesthetic import AestheticError, AestheticHead, HeadWidthError, read_head
 from instaflow.loading import ComponentCache, ModelLoadError
 from instaflow.models import PromptBatch
 from instaflow.scores import ClipScorer, ImagePreprocess
@@ -38,7 +38,8 @@ class AestheticStage(Stage):
                            "embedding"}
     settings = {"aesthetic_model": setting(AESTHETIC_MODEL, help="the head of --scores aesthetic: the LAION "
                                            "aesthetic predictor's MLP as a .safetensors file (a path, a URL or "
-                                           "HUB_ID/FILE)", effect=MODEL, metavar="MODEL")}
+                                           "HUB_ID/FILE); not the refiner's --aesthetic-score", effect=MODEL,
+                                           metavar="MODEL")}
     model_kinds = {"clip_model": ModelKind("--clip-model", {"config.json": ("CLIPModel",)})}
 
     def __init__(self, spec, head: AestheticHead, clip: ClipScorer):
@@ -60,24 +61,26 @@ class AestheticStage(Stage):
 
     @classmethod
     def sources(cls, spec) -> dict[str, ModelSource]:
-        return {"aesthetic_model": resolve_model_source(spec.aesthetic_model, spec.dtype, spec.storage_options, "file"),
+        try:
+            head = resolve_model_source(spec.aesthetic_model, spec.dtype, spec.storage_options, "file")
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"--aesthetic-model: {exc}") from None
+        return {"aesthetic_model": head,
                 "clip_model": resolve_model_source(spec.clip_model, spec.dtype, spec.storage_options, "module")}
 
     @classmethod
     def check(cls, spec, sources: dict[str, ModelSource]) -> None:
         """The head must read the CLIP model's embeddings: its input width is the model's projection_dim."""
-        head = _head(sources["aesthetic_model"], spec.storage_options)
+        from transformers import CLIPConfig
+
         with sources["clip_model"].config_files(["config.json"], spec.storage_options) as folder:
-            width = json.loads((Path(folder) / "config.json").read_text()).get("projection_dim")
-        if head.input_dim != width:
-            raise ModelLoadError(f"--aesthetic-model {redact_text(spec.aesthetic_model)!r} reads embeddings of "
-                                 f"{head.input_dim} values, but --clip-model {redact_text(spec.clip_model)!r} makes "
-                                 f"{width}: give the CLIP model the head was trained on")
+            width = CLIPConfig.from_pretrained(folder).projection_dim
+        _head(spec, sources, width)
 
     @classmethod
     def load(cls, spec, sources: dict, cache: ComponentCache) -> "AestheticStage":
-        head = _head(sources["aesthetic_model"], spec.storage_options).to(cache.runtime.device)
         model, processor, tokenizer = cache.load_scorer("clip", sources["clip_model"].local_dir(spec.storage_options))
+        head = _head(spec, sources, model.config.projection_dim).to(cache.runtime.device)
         return cls(spec, head, ClipScorer(model, tokenizer, ImagePreprocess.from_processor(processor)))
 
     @classmethod
@@ -112,8 +115,14 @@ class AestheticStage(Stage):
         return {"aesthetic": path}
 
 
-def _head(source: ModelSource, storage_options: dict) -> AestheticHead:
+def _head(spec, sources: dict[str, ModelSource], width: int) -> AestheticHead:
+    """The head, for --clip-model's embeddings of `width` values; ModelLoadError naming the flags if it is not one."""
+    where = f"--aesthetic-model {redact_text(spec.aesthetic_model)!r}"
     try:
-        return read_head(source.local_file(storage_options))
+        return read_head(sources["aesthetic_model"].local_file(spec.storage_options), width)
+    except HeadWidthError as exc:
+        raise ModelLoadError(f"{where} reads embeddings of {exc.width} values, but --clip-model "
+                             f"{redact_text(spec.clip_model)!r} makes {width}: give the CLIP model the head was "
+                             "trained on") from None
     except AestheticError as exc:
-        raise ModelLoadError(f"--aesthetic-model {redact_text(source.model)!r}: {exc}") from None
+        raise ModelLoadError(f"{where}: {exc}") from None
