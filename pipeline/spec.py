@@ -81,8 +81,8 @@ def _with_stage_settings(cls):
     declared in the stage's module and derived everywhere else as the spec's are."""
     for stage in STAGES:
         for name, declared in stage.settings.items():
-            if name in cls.__annotations__:
-                raise TypeError(f"stage {stage.name}: its setting {name} is declared twice")
+            if name in cls.__annotations__ or hasattr(cls, name):
+                raise TypeError(f"stage {stage.name}: its setting {name} is already a JobSpec field or attribute")
             cls.__annotations__[name] = Any
             setattr(cls, name, declared)
     return cls

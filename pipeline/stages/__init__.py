@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import inspect
 import pkgutil
 
 from instaflow.loading import ComponentCache, Runtime
@@ -12,16 +11,16 @@ from pipeline.stages.base import COLLECTED, Stage, check_model_kind
 
 
 def _discovered() -> tuple[type[Stage], ...]:
-    """Every stage of this package (a class that says when it is `wanted`), by module name, then as defined: a new
-    stage is a module of its own here, and nothing else names it. A job runs those it wants, ordered by
-    `ordered_stages` (this order only breaks ties)."""
+    """Every stage of this package (a class that says when it is `wanted`, itself or through a base), by module
+    name, then in the order its module defines them: a new stage is a module of its own here, and nothing else
+    names it. A job runs those it wants, ordered by `ordered_stages` (this order only breaks ties)."""
     found = []
     for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
         module = importlib.import_module(f"{__name__}.{module_info.name}")
-        found += [value for _, value in inspect.getmembers(module, inspect.isclass)
-                  if issubclass(value, Stage) and value is not Stage and value.__module__ == module.__name__
-                  and "wanted" in vars(value)]
-    return tuple(sorted(found, key=lambda stage: (stage.__module__, inspect.getsourcelines(stage)[1])))
+        found += [value for value in vars(module).values()
+                  if isinstance(value, type) and issubclass(value, Stage) and value.__module__ == module.__name__
+                  and value.wanted.__func__ is not Stage.wanted.__func__]
+    return tuple(found)
 
 
 STAGES: tuple[type[Stage], ...] = _discovered()
