@@ -387,21 +387,23 @@ class ShardStore:
                     raise BrokenCommitError(f"{target}: committed by try {marker['fence']['try']} but neither "
                                             "staged nor in place") from None
         if moved and not self._stands(unit_id, marker):
-            withdrawn = self._withdraw(unit_id, moved)
+            withdrawn = self._withdraw(unit_id, moved, still_held)
             raise SupersededError(f"shard {shard_name(unit_id)}: its marker changed while try "
                                   f"{marker['fence']['try']} moved its files into place; deleted again those the "
                                   f"marker now standing does not claim: {', '.join(withdrawn) or 'none'}")
         with still_held():
             self._remove_staging(staging)
 
-    def _withdraw(self, unit_id: int, moved: list[str]) -> list[str]:
-        """Delete the moved files that the unit's marker, as read now, does not claim with the bytes in place."""
+    def _withdraw(self, unit_id: int, moved: list[str], still_held: StillHeld) -> list[str]:
+        """Delete the moved files that the unit's marker, as read now, does not claim with the bytes in place; each
+        deletion under `still_held` (a driver finishing moves, stopped here, must not delete the next job's)."""
         current = self._read_marker(unit_id) or {}
         claimed = current.get("files", {}) if "invalid" not in current else {}
         withdrawn = [name for name in moved if name not in claimed or not self._in_place(name, claimed[name])]
         for name in withdrawn:
             try:
-                with_retries(self.fs.rm, _join(self.root, name), what=f"delete {_join(self.root, name)}")
+                with still_held():
+                    with_retries(self.fs.rm, _join(self.root, name), what=f"delete {_join(self.root, name)}")
             except FileNotFoundError:
                 pass
         return withdrawn

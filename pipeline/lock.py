@@ -197,18 +197,27 @@ class OutputLock:
         return version
 
     @contextmanager
-    def fenced(self) -> Iterator[None]:
+    def fenced(self, read_again: Callable[[Exception], bool] = lambda exc: False) -> Iterator[None]:
         """`with lock.fenced(): change the output`: raises OutputLostError, before the change, unless the lock
         still names this job, and where the store has a guard (a local or shared disk) holds it through the
         change. No takeover lands meanwhile, so a change checked before this process was stopped (SIGSTOP, a
         suspended VM) cannot land after another job took the output over: that job's takeover waits
-        GUARD_WAIT_S for the guard, then refuses. On an object store a request already sent still lands."""
+        GUARD_WAIT_S for the guard, then refuses. On an object store a request already sent still lands.
+        `read_again(error)` says whether a failed read of the lock is tried again."""
         with self.store.guarded(self.path):
+            while True:
+                try:
+                    data, _ = self.store.read(self.path)
+                    break
+                except FileNotFoundError:
+                    raise OutputLostError(f"{self.path} was deleted while this job held it") from None
+                except Exception as exc:
+                    if not read_again(exc):
+                        raise
             try:
-                data, _ = self.store.read(self.path)
-            except FileNotFoundError:
-                raise OutputLostError(f"{self.path} was deleted while this job held it") from None
-            held = LockRecord.parse(data, self.path)
+                held = LockRecord.parse(data, self.path)
+            except OutputError:  # not a lock of this tool any more: not this job's
+                raise OutputLostError(self._lost_message(data)) from None
             if held.token != self.token or held.state == "released":
                 raise OutputLostError(self._lost_message(data))
             yield
@@ -309,12 +318,22 @@ class LeaseKeeper:
         (`OutputLock.fenced`). A lock found taken there is given up as the thread would give it up."""
         self.check()
         try:
-            with self.lock.fenced():
+            with self.lock.fenced(self._read_again):
                 yield
         except OutputLostError as exc:
             if self.error is None:
                 self.error = exc
             raise
+
+    def _read_again(self, exc: Exception) -> bool:
+        """After a failed read of the lock by `holding`: a storage outage is ridden out as the renewals ride it out,
+        until the lease would run out (then the output is given up, OutputLostError)."""
+        if is_transient(exc) and not self._give_up_unless_time_left(exc):
+            time.sleep(self.retry_s)
+            return True
+        if self.error is not None:
+            raise self.error from None
+        return False
 
     def _unrenewed_s(self) -> float:
         return self.clock() - self.renewed_at

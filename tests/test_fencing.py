@@ -4,6 +4,7 @@ local disk and on moto's S3."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import fcntl
@@ -693,3 +694,72 @@ def _raised(fn, *args, **kwargs) -> list[BaseException]:
     except BaseException as exc:  # noqa: BLE001 - reported to the test's thread
         return [exc]
     return []
+
+
+def test_a_withdrawal_in_recovery_stops_at_once_when_its_driver_wakes_past_its_lease(output, monkeypatch):
+    """Recovery finishes unit 0's moves; a straggler of the old run replaces its marker meanwhile, so `finish`
+    deletes again the file it moved (`_withdraw`). The driver is stopped after reading the marker, before that
+    deletion; a new job takes the output over and commits unit 0 in place. On waking, the deletion must not land
+    on the new job's file (review of the fence: `_withdraw` deleted outside it)."""
+    fs, root = output
+    driver = PausedDriver(fs, root)
+    commits_interrupted_before_their_moves(driver, monkeypatch)
+    store = ShardStore(fs, root)
+    committed = store.committed(driver.fence)
+    marker_path, target = f"{root}/00000.stats.json", f"{root}/00000.tar"
+    real_move, straggled, paused = commit.move, [], []
+
+    def move_then_straggle(fs_, source, destination):
+        real_move(fs_, source, destination)
+        if destination == target and not straggled:  # a straggler of the old run replaces the marker now
+            straggler = copy.deepcopy(committed[0])
+            straggler["fence"]["try"] = "f" * 32
+            straggler["staging"] = f"_staging/{driver.lock.token}/00000-{'f' * 32}"
+            data = b"straggler's bytes"
+            straggler["files"]["00000.tar"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            put_atomic(fs, marker_path, json.dumps(straggler).encode())
+            straggled.append(True)
+
+    real_in_place = ShardStore._in_place
+
+    def judged_then_stopped(self, name, info):  # _withdraw has judged its moved file not the marker's: stopped
+        in_place = real_in_place(self, name, info)
+        if straggled and not paused:
+            paused.append(True)
+            driver.pause()  # the new job takes over and commits unit 0, its 00000.tar in place
+        return in_place
+
+    monkeypatch.setattr(commit, "move", move_then_straggle)
+    monkeypatch.setattr(ShardStore, "_in_place", judged_then_stopped)
+    with pytest.raises(OutputLostError):
+        store.recover(committed, still_held=driver.keeper.holding)
+    monkeypatch.undo()
+    assert paused
+    driver.assert_new_job_untouched()
+    driver.stop()
+
+
+def test_a_lock_read_in_a_fence_rides_out_an_outage_and_a_damaged_lock_is_lost(output, monkeypatch):
+    """The fence reads the lock before each change: a transient error there is retried as renewals are (within
+    the lease), and a lock that is no longer this tool's stops the job as a lost lock (exit 4), not as a bug."""
+    fs, root = output
+    driver = PausedDriver(fs, root)
+    real_read, failures = driver.lock.store.read, [ConnectionError("reset"), ConnectionError("reset")]
+
+    def flaky_read(path):
+        if failures:
+            raise failures.pop()
+        return real_read(path)
+
+    monkeypatch.setattr(driver.lock.store, "read", flaky_read)
+    monkeypatch.setattr(driver.keeper, "retry_s", 0.01)
+    with driver.keeper.holding():
+        pass
+    assert failures == [] and driver.keeper.error is None
+    monkeypatch.undo()
+    put_atomic(fs, f"{root}/_job.lock", b"not a lock")
+    with pytest.raises(OutputLostError, match="a file this tool did not write"):
+        with driver.keeper.holding():
+            pytest.fail("changed the output under a lock that is not this job's")
+    assert isinstance(driver.keeper.error, OutputLostError)
+    driver.stop()
