@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 HIDDEN = (1024, 128, 64, 16)  # the released head's layer widths; its input is the CLIP model's projection_dim
 DROPOUTS = {1: 0.2, 3: 0.2, 5: 0.1}  # by position in `layers`, as the released state dict numbers its linears
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors' names of the dtypes a head may be stored in
 
 
 class AestheticError(ValueError):
@@ -70,6 +71,10 @@ def read_head(path: str | Path, input_dim: int) -> AestheticHead:
     try:
         with safe_open(str(path), framework="pt") as file:
             found = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+            integral = sorted(name for name in found if file.get_slice(name).get_dtype() not in FLOAT_DTYPES)
+            if integral:
+                raise AestheticError(f"{path}: tensors {', '.join(integral[:4])} are not floating point: not the "
+                                     "LAION aesthetic predictor's MLP")
             first = found.get("layers.0.weight")
             if first is not None and len(first) == 2 and first[1] != input_dim and \
                     {**found, "layers.0.weight": expected["layers.0.weight"]} == expected:

@@ -79,10 +79,14 @@ def _lora_scales(loras) -> dict:  # the files are models, recorded by what they 
 def _with_stage_settings(cls):
     """Adds each stage's own settings (`Stage.settings`) to the spec's fields, after its own, so that they are
     declared in the stage's module and derived everywhere else as the spec's are."""
+    declared_by: dict[str, str] = {}
     for stage in STAGES:
         for name, declared in stage.settings.items():
+            if name in declared_by:
+                raise TypeError(f"stages {declared_by[name]} and {stage.name} both declare the setting {name}")
             if name in cls.__annotations__ or hasattr(cls, name):
                 raise TypeError(f"stage {stage.name}: its setting {name} is already a JobSpec field or attribute")
+            declared_by[name] = stage.name
             cls.__annotations__[name] = Any
             setattr(cls, name, declared)
     return cls

@@ -131,3 +131,14 @@ def test_reading_a_tiny_head_file_allocates_no_model_of_its_claimed_width(tmp_pa
     grown_mb = int(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True)
                    .stdout.split()[-1])
     assert grown_mb < MAX_READ_GROWTH_MB, f"reading an 88-byte head file grew the process by {grown_mb} MB"
+
+
+def test_a_head_of_integers_is_refused_and_one_of_half_floats_read(tmp_path):
+    """The shapes alone do not make a head: integer tensors of the right shapes scored around 1e8 (second review)."""
+    path = tmp_path / "head.safetensors"
+    state = AestheticHead(PROJECTION_DIM).state_dict()
+    safetensors.torch.save_file({name: value.to(torch.int64).contiguous() for name, value in state.items()}, str(path))
+    with pytest.raises(AestheticError, match="not floating point"):
+        read_head(path, PROJECTION_DIM)
+    safetensors.torch.save_file({name: value.half().contiguous() for name, value in state.items()}, str(path))
+    assert read_head(path, PROJECTION_DIM).layers[0].weight.dtype == torch.float32

@@ -19,8 +19,8 @@ def _discovered() -> tuple[type[Stage], ...]:
         module = importlib.import_module(f"{__name__}.{module_info.name}")
         found += [value for value in vars(module).values()
                   if isinstance(value, type) and issubclass(value, Stage) and value.__module__ == module.__name__
-                  and value.wanted.__func__ is not Stage.wanted.__func__]
-    return tuple(found)
+                  and getattr(value.wanted, "__func__", value.wanted) is not Stage.wanted.__func__]
+    return tuple(dict.fromkeys(found))  # a class bound to two names in its module is one stage
 
 
 STAGES: tuple[type[Stage], ...] = _discovered()

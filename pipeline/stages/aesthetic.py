@@ -75,6 +75,9 @@ class AestheticStage(Stage):
 
         with sources["clip_model"].config_files(["config.json"], spec.storage_options) as folder:
             width = CLIPConfig.from_pretrained(folder).projection_dim
+        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+            raise ModelLoadError(f"--clip-model {redact_text(spec.clip_model)!r}: its config.json's projection_dim "
+                                 f"is {width!r}, not a positive integer")
         _head(spec, sources, width)
 
     @classmethod
