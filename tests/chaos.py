@@ -54,13 +54,15 @@ encode images, generate), which reach a worker's image encoders (pipeline/encode
 - driver_pause (an --overwrite run, as `overwrite`, which it replaces when both are drawn): the moment the old
   output's first data file or marker vanishes (polled every 20 ms), the driver gets SIGSTOP; 0 to 1 s later a
   second driver runs the same command; once it holds the lock (the first's 2 s lease ran out), and 0 to 1.5 s
-  more, the first gets SIGCONT. The first must exit 4 (output lost) and delete nothing that was in the output's
-  root as it resumed, but for the moves back to the staging that it had under way when stopped (at most 16, one
-  per thread: pipeline/README.md leaves these open); judged while the second has no worker up (it deletes nothing
-  before). The second must finish, and the final checks apply to its output. On a local disk, a first driver
-  stopped in the middle of writing its lock or of a move or deletion (each is made holding the lock's guard)
-  cannot be taken from, for its write lands when it wakes: the second must refuse (exit 2, naming it) instead,
-  and the first, resumed, keeps the output.
+  more, the first gets SIGCONT. With a concurrent start in the leg, the other driver, watching the lock too, may
+  take the output over instead: then the second refuses (exit 2, the output in use), and the taker stands for
+  the second below. The first must exit 4 (output lost) and delete nothing that was in the output's root as it
+  resumed, but for the moves back to the staging that it had under way when stopped (on an object store, at
+  most 16, one per thread: pipeline/README.md leaves these open); judged while the second has no worker up (it
+  deletes nothing before). The second must finish, and the final checks apply to its output. On a local disk, a
+  first driver stopped in the middle of writing its lock or of a move or deletion (each is made holding the
+  lock's guard) cannot be taken from, for its write lands when it wakes: the second must refuse (exit 2, naming
+  it) instead, and the first, resumed, keeps the output.
 
 After a leg that was cut short: what pipeline/README.md's readers see by globbing the output is committed data only, its
 bytes are the reference's, and no key is seen twice. After the run: `instaflow-batch verify` passes, every prompt
@@ -747,7 +749,9 @@ class Pause:
     first: Driver
     stopped_at: float  # monotonic
     second: Driver | None = None
-    ready_at: float | None = None  # when to resume the first (the second has taken over)
+    taker: Driver | None = None  # the driver seen holding the lock while the first was stopped: the second, or a
+    # concurrent start's driver that was watching the lock as well
+    ready_at: float | None = None  # when to resume the first (another driver has taken over)
     resumed_at: float | None = None
     names_at_resume: set[str] = field(default_factory=set)
     checked: bool = False
@@ -1188,10 +1192,13 @@ class Run:
                 fault.detail += f"; driver {pause.second.process.pid} started {self.now()}s into the run"
             return
         if pause.resumed_at is None:
-            took_over = self._lock_holder(drivers, by_record=True) is pause.second
-            if took_over and pause.ready_at is None:
-                pause.ready_at = now + fault.params["resume_after_s"]
-            given_up = now - pause.stopped_at > PAUSE_LIMIT_S or pause.second.process.poll() is not None
+            holder = self._lock_holder(drivers, by_record=True)
+            if holder is not None and holder is not pause.first and pause.taker is None:
+                pause.taker, pause.ready_at = holder, now + fault.params["resume_after_s"]
+                if holder is not pause.second:
+                    fault.detail += f"; driver {holder.process.pid} (a concurrent start's) took the output over"
+            given_up = now - pause.stopped_at > PAUSE_LIMIT_S or (pause.taker is None and
+                                                                  pause.second.process.poll() is not None)
             if not (given_up or (pause.ready_at is not None and now >= pause.ready_at)):
                 return
             pause.refused = pause.second.process.poll() == EXIT_BAD_INPUT and STOPPED_WRITER_LINE in \
@@ -1218,11 +1225,11 @@ class Run:
             staged = {path.rsplit("/", 1)[-1] for path in self._find(f"{self.root}/{STAGING_DIR}")}
             moved = [name for name in gone if name in staged]
             deleted = [name for name in gone if name not in staged]
-            second_has_workers = SHARD_WORKER_LINE in pause.second.log.read_text(errors="replace")
+            taker_has_workers = SHARD_WORKER_LINE in (pause.taker or pause.second).log.read_text(errors="replace")
             fault.detail += (f"; the first exited {now - pause.resumed_at:.1f}s after it resumed; meanwhile "
                              f"{len(moved)} moves to the staging ended, {len(deleted)} files were deleted"
-                             f"{' (the second had workers up: not judged)' if second_has_workers and gone else ''}")
-            if second_has_workers or pause.refused:  # the first goes on with its own removal: nothing to judge
+                             f"{' (the taker had workers up: not judged)' if taker_has_workers and gone else ''}")
+            if taker_has_workers or pause.refused:  # the first goes on with its own removal: nothing to judge
                 return
             if deleted:
                 self.problems.append(f"driver_pause: after driver {pause.first.process.pid} resumed, {len(deleted)} "
