@@ -215,10 +215,13 @@ class SimulatedClip(ClipScorer):
         self.tokenizer, self.model = tokenizer, SimpleNamespace(device=torch.device("cpu"))
         self.seconds_per_image, self.count_cpu = seconds_per_image, count_cpu
 
-    def scores(self, pixels: torch.Tensor, tokens) -> torch.Tensor:
+    def image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.rand(len(pixels), 16)  # what the stand-in score reads; its device time is held there
+
+    def scores(self, image: torch.Tensor, tokens) -> torch.Tensor:
         started, cpu_started = time.perf_counter(), time.thread_time()
-        scores = torch.rand(len(pixels)) * 40
-        _hold(self.count_cpu, len(pixels) * self.seconds_per_image, started, cpu_started)
+        scores = torch.rand(len(image)) * 40
+        _hold(self.count_cpu, len(image) * self.seconds_per_image, started, cpu_started)
         return scores
 
 
