@@ -50,12 +50,10 @@ class AestheticHead(torch.nn.Module):
 
 
 def head_shapes(input_dim: int) -> dict[str, tuple[int, ...]]:
-    """The released head's tensors, by name, with their shapes, for CLIP embeddings of `input_dim` values."""
-    widths, shapes, index = (input_dim, *HIDDEN, 1), {}, 0
-    for inputs, outputs in zip(widths, widths[1:]):
-        shapes[f"layers.{index}.weight"], shapes[f"layers.{index}.bias"] = (outputs, inputs), (outputs,)
-        index += 2 if index + 1 in DROPOUTS else 1
-    return shapes
+    """The released head's tensors, by name, with their shapes, for CLIP embeddings of `input_dim` values: read from
+    the head built on the meta device, which holds no data, so a claimed width costs nothing."""
+    with torch.device("meta"):
+        return {name: tuple(value.shape) for name, value in AestheticHead(input_dim).state_dict().items()}
 
 
 def read_head(path: str | Path, input_dim: int) -> AestheticHead:

@@ -22,8 +22,8 @@ from instaflow.models import PromptBatch
 from instaflow.scores import ClipScorer, ImagePreprocess
 from pipeline.model_source import ModelSource, resolve_model_source
 from pipeline.settings import MODEL, setting
-from pipeline.stages.base import Encode, HostCopy, ModelKind, Stage, UnitOutputs
-from pipeline.stages.scores import CLIP_IMAGE_EMBEDS, scored_outputs
+from pipeline.stages.base import Encode, HostCopy, Stage, UnitOutputs
+from pipeline.stages.scores import CLIP_IMAGE_EMBEDS, ScoresStage, scored_outputs
 from pipeline.storage import normalize_model, redact_text
 
 # NeMo Curator's copy of improved-aesthetic-predictor's sac+logos+ava1-l14-linearMSE, as safetensors
@@ -40,7 +40,7 @@ class AestheticStage(Stage):
                                            "aesthetic predictor's MLP as a .safetensors file (a path, a URL or "
                                            "HUB_ID/FILE); not the refiner's --aesthetic-score", effect=MODEL,
                                            metavar="MODEL")}
-    model_kinds = {"clip_model": ModelKind("--clip-model", {"config.json": ("CLIPModel",)})}
+    model_kinds = {"clip_model": ScoresStage.model_kinds["clip_model"]}
 
     def __init__(self, spec, head: AestheticHead, clip: ClipScorer):
         self.head = head
