@@ -47,6 +47,8 @@ class Sample:
     error: str | None  # None: the sample is valid
     row: int | None = None  # the input row it comes from, in its file
     inputs: dict = dataclasses.field(default_factory=dict)  # the row's input columns that stages read, by name
+    # By input column whose image the row names from a store: whether reading it failed as an outage (row_images)
+    outages: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclass

@@ -404,23 +404,31 @@ class RowImages:
         """Each sample's (`prepare(its image's bytes)`, the sha256 of those bytes) into its `inputs[name]`, or the
         sample's error naming the file, row and column (`prepare` raises RowImageError for an image it cannot
         use). The samples of one input row (--samples-per-prompt) share their row's image. An outage of the job's
-        own store raises StoreOutage: the try fails, no row does; so does one of every store the rows name (each
-        image named from a store failed as an outage), which a dead link of one row cannot look like."""
+        own store raises StoreOutage: the try fails, no row does. `samples` may be any part of a unit's; each
+        records in `outages` whether an image it named from a store failed as an outage, for `judge`."""
         by_row: dict[int, list[Sample]] = {}
         for sample in samples:
             by_row.setdefault(sample.row, []).append(sample)
         rows = list(by_row.values())
         results = list(self.pool.map(lambda group: self._prepared(unit, group[0], prepare), rows))
-        from_stores = [result for group, result in zip(rows, results) if self._names_a_store(group[0])]
-        if from_stores and all(isinstance(result, RowImageError) and result.outage for result in from_stores):
-            raise StoreOutage(f"{unit.path}: each of the {len(from_stores)} images its rows name from a store failed "
-                              f"as an outage, such as {from_stores[0]}")
         for group, prepared in zip(rows, results):
+            from_store = self._names_a_store(group[0])
             for sample in group:
+                if from_store:
+                    sample.outages[self.column] = isinstance(prepared, RowImageError) and prepared.outage
                 if isinstance(prepared, RowImageError):
                     sample.error = f"{unit.path} row {sample.row}: {self.what} ({self.column}): {prepared}"
                 else:
                     sample.inputs[name] = prepared
+
+    def judge(self, unit: WorkUnit, samples: list[Sample]) -> None:
+        """Once `read` has seen every row of the unit: raises StoreOutage if each image its rows name from a store
+        failed as an outage (those rows failed, and the try fails), which a dead link of one row cannot look like."""
+        from_stores = {sample.row: sample for sample in samples if self.column in sample.outages}  # one per row
+        if from_stores and all(sample.outages[self.column] for sample in from_stores.values()):
+            first = next(iter(from_stores.values()))
+            raise StoreOutage(f"{unit.path}: each of the {len(from_stores)} images its rows name from a store failed "
+                              f"as an outage, such as {first.error}")
 
     def _names_a_store(self, sample: Sample) -> bool:
         try:

@@ -1,10 +1,13 @@
 """The work on one GPU: a Ray actor that loads its models once and turns work units into committed shards.
 
 An actor runs two units at a time (Ray `max_concurrency=2`) but only one holds the device: while unit N is
-generated, unit N+1's prompts are read, tokenised and given their seed noise; while N+1 is generated, N's shard
-is built and uploaded. Inside a unit, each batch's outputs are copied to page-locked host memory without stopping
-the device, and its images are encoded by processes of their own (pipeline/encoders.py), one per CPU reserved for
-the worker, while the device runs the next batches. The device waits for the encoders only when more than
+generated, unit N+1's prompts are read and its first batches prepared (inputs read and decoded, tokens, seed
+noise); while N+1 is generated, N's shard is built and uploaded. A unit's batches are prepared by a thread of
+their own at most `BATCHES_PREPARED_AHEAD` ahead of the device (PreparedBatches), so the host holds a few
+batches' decoded inputs per unit, not the unit's; the device's waits for them are recorded (`prepare_wait_s`).
+Inside a unit, each batch's outputs are copied to page-locked host memory without stopping the device, and its
+images are encoded by processes of their own (pipeline/encoders.py), one per CPU reserved for the worker, while
+the device runs the next batches. The device waits for the encoders only when more than
 `MAX_BATCHES_AWAITING_ENCODE` batches are still being encoded; that wait is recorded in the shard's stats
 (`encode_wait_s`).
 """
@@ -13,9 +16,11 @@ import collections
 import contextlib
 import logging
 import os
+import queue
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import wait
 from dataclasses import asdict
 
@@ -54,6 +59,8 @@ class GenerationError(RuntimeError):
 
 MAX_ERRORS_IN_STATS = 20
 MAX_BATCHES_AWAITING_ENCODE = 4  # per unit; bounds the page-locked memory that waits for the encoders
+BATCHES_PREPARED_AHEAD = 2  # per unit; bounds the host memory of prepared inputs (decoded control images)
+PREPARED_POLL_S = 1.0  # how often a wait for a prepared batch, or for room to put one, looks whether to stop
 
 
 @contextlib.contextmanager
@@ -131,20 +138,17 @@ class ShardWorker:
 
     def _process(self, unit: WorkUnit, attempt: int) -> dict:
         started_at = time.time()
-        timings = {"encode_wait_s": 0.0}
+        timings = {"encode_wait_s": 0.0, "prepare_wait_s": 0.0}
         with _timed(timings, "read_s"):
             unit_input = read_unit(self.input_fs, unit, self.spec.prompt_column, self.spec.seed,
                                    self.spec.samples_per_prompt, tuple(input_columns(self.spec)))
         valid = [sample for sample in unit_input.samples if sample.error is None]
-        with _timed(timings, "prepare_s"):
-            for stage in self.stages:
-                stage.prepare_rows(unit, valid)
-            valid = [sample for sample in valid if sample.error is None]
-            batches = self._prepare(valid)
-        with self.device_lock, _timed(timings, "generate_s"):
-            pending = self._generate(batches, timings)
+        with PreparedBatches(self, unit, valid, timings) as prepared, self.device_lock, \
+                _timed(timings, "generate_s"):
+            pending = self._generate(prepared, timings)
         with _timed(timings, "collect_s"):
             outputs = self._collect(pending)
+        valid = [sample for sample in valid if sample.error is None]
         for output_failures in outputs.failed.values():
             if valid and all(sample.key in output_failures for sample in valid):
                 raise GenerationError(f"{output_failures[valid[0].key]} (and every other row of the unit)")
@@ -187,33 +191,47 @@ class ShardWorker:
             "cpus_per_worker": self.spec.cpus_per_worker,
         }
 
-    def _prepare(self, samples: list[Sample]) -> list[tuple[list[str], PromptBatch]]:
-        """Batches with their host work done (tokens, noise), before the unit waits for the device."""
-        size = self.batch_size
-        return [self._batch(samples[start : start + size]) for start in range(0, len(samples), size)]
+    def prepared_batches(self, unit: WorkUnit, samples: list[Sample]) -> Iterator[tuple[list[str], PromptBatch]]:
+        """The unit's batches of valid samples with their host work done. Rows are read and checked by the stages
+        (`prepare_rows`) about a batch at a time, a failed row's place taken by the next; once every row is, the
+        stages judge the unit as a whole (`end_rows`: every image from a store failed as an outage fails the try)."""
+        ready = []
+        for rows in _row_chunks(samples, self.batch_size):
+            for stage in self.stages:
+                stage.prepare_rows(unit, [sample for sample in rows if sample.error is None])
+            ready += [sample for sample in rows if sample.error is None]
+            while len(ready) >= self.batch_size:
+                chunk, ready = ready[: self.batch_size], ready[self.batch_size :]
+                yield self._batch(chunk)
+        if ready:
+            yield self._batch(ready)
+        for stage in self.stages:
+            stage.end_rows(unit, samples)
 
     def _batch(self, chunk: list[Sample]) -> tuple[list[str], PromptBatch]:
         """One prepared batch. Compiled models are specialised to one batch shape, so a short batch is padded
-        with copies of its last sample, whose outputs are dropped (outputs do not depend on the batch)."""
+        with copies of its last sample, whose outputs are dropped (outputs do not depend on the batch). The batch
+        takes its samples' inputs (decoded images among them): they are freed with it, once it has run."""
         keys = [sample.key for sample in chunk]
         if self.runtime.compile:
             chunk = chunk + [chunk[-1]] * (self.batch_size - len(chunk))
         batch = PromptBatch([s.prompt for s in chunk], [s.seed for s in chunk], [s.negative_prompt for s in chunk],
                             row_inputs=[s.inputs for s in chunk])
+        for sample in chunk:
+            sample.inputs = {}
         for stage in self.stages:
             stage.prepare(batch)
         return keys, batch
 
-    def _generate(self, batches: list[tuple[list[str], PromptBatch]], timings: dict) -> list[dict]:
+    def _generate(self, prepared: "PreparedBatches", timings: dict) -> list[dict]:
         """Runs the stages batch by batch under the device lock; copies and encodes proceed without it.
 
-        `batches` is emptied as it goes: a batch caches its embeddings and noise on the device, freed once it has
-        run rather than when the unit returns. The encodes of every stage count against
-        MAX_BATCHES_AWAITING_ENCODE."""
+        No batch is kept once it has run: it caches its embeddings and noise on the device, freed then rather than
+        when the unit returns. The encodes of every stage count against MAX_BATCHES_AWAITING_ENCODE."""
         pending, awaiting_encode = [], collections.deque()
-        while batches:
-            keys = batches[0][0]
-            results = self._run_isolated(*batches.pop(0))
+        while prepared.more():
+            results = self._run_isolated(*prepared.take())
+            keys = [key for result in results for key in result["keys"]]
             causes = {result.get("cause") for result in results}
             if len(keys) > 1 and len(causes) == 1 and all("failed" in result for result in results):
                 reason = next(iter(results[0]["failed"].values()))  # one cause, whatever each message says
@@ -283,6 +301,87 @@ class ShardWorker:
             for stage in self.stages:
                 stage.collect(result["keys"], result["stages"][stage.name], outputs)
         return outputs
+
+
+def _row_chunks(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
+    """`samples` in runs of about `size`, a row's samples (--samples-per-prompt) never split: they share its inputs."""
+    chunk = []
+    for sample in samples:
+        if len(chunk) >= size and (sample.row is None or sample.row != chunk[-1].row):
+            yield chunk
+            chunk = []
+        chunk.append(sample)
+    if chunk:
+        yield chunk
+
+
+class PreparedBatches:
+    """A unit's prepared batches, made by a thread of their own at most BATCHES_PREPARED_AHEAD ahead of the device:
+    its host work overlaps the device's, and the host holds a few batches of decoded inputs, not the unit's. An error
+    while preparing reaches the device's loop at its next batch. Leaving the context stops the thread (it ends
+    within one batch's preparation: an image read is bounded by --image-read-timeout)."""
+
+    _END = object()
+
+    def __init__(self, worker: ShardWorker, unit: WorkUnit, samples: list[Sample], timings: dict):
+        self._batches = worker.prepared_batches(unit, samples)
+        self._timings = timings
+        self._queue = queue.Queue(BATCHES_PREPARED_AHEAD)
+        self._stopping = threading.Event()
+        self._error: BaseException | None = None
+        self._next = None
+        self._thread = threading.Thread(target=self._prepare, name=f"prepare-{unit.shard}", daemon=True)
+
+    def __enter__(self) -> "PreparedBatches":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stopping.set()
+        self._next = None
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()  # frees what was prepared, and unblocks a waiting put
+
+    def _prepare(self) -> None:
+        try:
+            while True:
+                with _timed(self._timings, "prepare_s"):
+                    batch = next(self._batches, self._END)
+                if not self._put(batch) or batch is self._END:
+                    return
+        except BaseException as exc:  # the device's loop raises it
+            self._error = exc
+            self._put(self._END)
+        finally:
+            self._batches.close()
+
+    def _put(self, item) -> bool:
+        while not self._stopping.is_set():
+            try:
+                self._queue.put(item, timeout=PREPARED_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def more(self) -> bool:
+        """Waits for the next batch (or the end): whether there is one. Raises what preparing raised."""
+        with _timed(self._timings, "prepare_wait_s"):
+            while self._next is None and self._error is None:
+                try:
+                    self._next = self._queue.get(timeout=PREPARED_POLL_S)
+                except queue.Empty:
+                    if not self._thread.is_alive() and self._queue.empty() and self._error is None:
+                        raise RuntimeError("the thread preparing batches ended without a word") from None
+        if self._error is not None:
+            raise self._error
+        return self._next is not self._END
+
+    def take(self) -> tuple[list[str], PromptBatch]:
+        """The batch `more` waited for, handed on: nothing here keeps it once it has run."""
+        batch, self._next = self._next, None
+        return batch
 
 
 def shard_files(stages: list[Stage], shard: str, unit_input, outputs: UnitOutputs) -> dict[str, bytes]:

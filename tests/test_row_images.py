@@ -329,6 +329,7 @@ def read_rows(images: RowImages, unit: WorkUnit, values: list[str]) -> list[Samp
                       inputs={"image": value}) for i, value in
                enumerate(values)]
     images.read(unit, samples, "pixels", images.pixels)
+    images.judge(unit, samples)
     return samples
 
 
@@ -441,6 +442,34 @@ def test_a_store_that_says_try_again_is_asked_again_and_one_whose_every_image_is
     with pytest.raises(StoreOutage, match=r"each of the 4 images its rows name from a store failed as an outage"):
         read_rows(images, unit, [f"{server.url}status/503/all", f"{server.url}status/429/all", f"{server.url}reset",
                                  "http://127.0.0.1:9/x.png", png(0)])  # bytes in the row name no store
+
+
+def test_the_outage_judgement_is_the_units_not_a_batchs(ray_cpus, tiny_models, server, tmp_path):
+    """Rows are read a batch at a time; whether every image from a store failed as an outage is judged over the
+    whole unit: a first batch whose images are all out fails those rows alone, where later rows' were read."""
+    prompts = tmp_path / "rows.parquet"
+    out = [f"{server.url}status/503/first-{i}.png" for i in range(2)]
+    pq.write_table(pa.table({"prompt": ["out 0", "out 1", "ok 0", "ok 1"], "image": [*out, *[f"{server.url}ok.png"] * 2]}),
+                   prompts)
+    output = tmp_path / "pairs"
+    assert main(["run", "encode", "--prompts", str(prompts), "--output", str(output), "--model",
+                 str(tiny_models["sd15"]), "--allow-image-source", server.url, "--batch-size", "2", *SIZE]) == 0
+    rows = {row["prompt"]: row for path in sorted(output.glob("*.parquet")) for row in pq.read_table(path).to_pylist()}
+    assert [rows[prompt]["status"] for prompt in ("out 0", "out 1", "ok 0", "ok 1")] == ["failed", "failed", "ok", "ok"]
+    assert "cannot be read (ClientResponseError: 503" in rows["out 1"]["error_message"]
+
+
+def test_read_in_parts_a_unit_whose_every_image_from_a_store_is_out_fails_the_try(monkeypatch, server):
+    monkeypatch.setattr(row_images, "TRY_AGAIN_DELAY_S", 0.01)
+    images, unit = images_for("memory://in/p.parquet", allow=(server.url,))
+    samples = [Sample(key=str(i), prompt="p", seed=0, negative_prompt=None, error=None, row=i,
+                      inputs={"image": value}) for i, value in
+               enumerate([f"{server.url}status/503/a", png(0), f"{server.url}status/429/b", f"{server.url}reset"])]
+    for part in (samples[:2], samples[2:]):
+        images.read(unit, part, "pixels", images.pixels)
+    with pytest.raises(StoreOutage, match=r"each of the 3 images its rows name from a store failed as an outage, "
+                                          r"such as memory://in/p.parquet row 0: image \(image\)"):
+        images.judge(unit, samples)
 
 
 def test_a_body_cut_short_fails_its_row_alone_even_as_its_units_only_image_from_a_store(server):

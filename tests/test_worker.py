@@ -4,6 +4,7 @@ the last bit differently, see pipeline/README.md on determinism). A failure no r
 committed; a unit's device tensors and encodes are bounded."""
 
 import dataclasses
+import functools
 import io
 import json
 import time
@@ -219,6 +220,34 @@ def test_a_batch_is_freed_once_it_has_run(tmp_path, tiny_models):
     assert alive == [0, 0, 0, 0]
 
 
+def test_batches_are_prepared_a_bounded_number_ahead_of_the_device(tmp_path, tiny_models, monkeypatch):
+    """The host holds a few batches' prepared inputs, not the unit's: when the device runs a batch, the rows read
+    and prepared but not yet run are that batch's, those waiting (BATCHES_PREPARED_AHEAD) and one being made."""
+    prepared, generated, ahead = [0], [0], []
+
+    def watch(worker):
+        stage, real_generate = worker.stage("images"), worker.stage("images").student.generate
+        real_rows = stage.prepare_rows
+
+        def prepare_rows(unit, samples):
+            prepared[0] += len(samples)
+            return real_rows(unit, samples)
+
+        def generate(batch):
+            ahead.append(prepared[0] - generated[0])
+            generated[0] += len(batch.prompts)
+            return real_generate(batch)
+
+        stage.prepare_rows, stage.student.generate = prepare_rows, generate
+
+    monkeypatch.setattr(worker_module, "BATCHES_PREPARED_AHEAD", 2, raising=False)
+    prompts = PROMPTS * 4
+    marker = process_unit(tmp_path, tiny_models, prompts, "ahead", watch, batch_size=2)
+    assert marker["failed"] == 0 and generated == [len(prompts)]
+    assert max(ahead) <= 2 * (2 + 2), ahead
+    assert {"prepare_s", "prepare_wait_s"} <= set(marker["timings"])
+
+
 def test_teacher_images_count_against_the_encodes_awaited(monkeypatch):
     """The device waits for the encoders once MAX_BATCHES_AWAITING_ENCODE batches are encoding, whichever model
     made the images (stand-ins: batches that generate at once, encodes that take 20 ms on one thread)."""
@@ -232,8 +261,13 @@ def test_teacher_images_count_against_the_encodes_awaited(monkeypatch):
         futures.extend((keys[0], future) for future in made)
         return [{"keys": keys, "stages": {"pairs": {"encodes": made}}}]
 
+    class Prepared:  # PreparedBatches' two calls, over a list
+        batches = [([f"{i}a", f"{i}b"], None) for i in range(12)]
+        more = batches.__len__
+        take = functools.partial(batches.pop, 0)
+
     worker._run_isolated = run_isolated
-    worker._generate([([f"{i}a", f"{i}b"], None) for i in range(12)], {})
+    worker._generate(Prepared, {})
     pool.shutdown()
     assert max(most_encoding) <= 2
 

@@ -2,8 +2,9 @@
 
 A stage owns its models (pinned on the driver by `sources`, which also gives its part of the job's identity;
 checked there by `check`; loaded once per worker by `load`), the input columns it reads per row and its host work
-on them (`prepare_rows`), its host work before the device lock (`prepare`), its device work per batch (`run`), its
-collection once copies and encodes are done (`collect`), the metadata columns it adds, and the files it writes. A
+on them (`prepare_rows`, `end_rows`), its host work on a batch before the device runs it (`prepare`), its device
+work per batch (`run`), its collection once copies and encodes are done (`collect`), the metadata columns it adds,
+and the files it writes. A
 stage that writes rows and files of its own is an output ("images", "pairs"); others add columns to
 those outputs (scores). Stages run in order within a batch, and a later stage reads an earlier one's device
 tensors from `produced` (scores read the student's images before they are copied to the host).
@@ -192,8 +193,13 @@ class Stage:
         return {}
 
     def prepare_rows(self, unit: WorkUnit, samples: list[Sample]) -> None:
-        """Per-row host work on the unit's valid samples, before batches are made: a row whose inputs cannot be
-        used gets its `error` (naming the file and row) and fails alone."""
+        """Per-row host work on valid samples of the unit, about a batch of them at a time, before their batch is
+        made: a row whose inputs cannot be used gets its `error` (naming the file and row) and fails alone."""
+
+    def end_rows(self, unit: WorkUnit, samples: list[Sample]) -> None:
+        """Once `prepare_rows` has seen every row of the unit (`samples`: those valid when the unit was read): a
+        judgement of the unit as a whole, which raises to fail the try (every image named from a store failed as
+        an outage: no row's fault)."""
 
     def prepare(self, batch: PromptBatch) -> None:
         """Host work for `run`, done before the unit waits for the device."""

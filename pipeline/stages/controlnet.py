@@ -75,6 +75,9 @@ class ControlNetStage(Stage):
             pixels = np.repeat(edges[:, :, None], 3, axis=2)
         return pixels
 
+    def end_rows(self, unit: WorkUnit, samples: list[Sample]) -> None:
+        self.images.judge(unit, samples)
+
     def prepare(self, batch: PromptBatch) -> None:
         pixels = torch.from_numpy(np.stack([inputs[PREPARED][0] for inputs in batch.row_inputs]))
         batch.conditioners.append(self.controlnet.control(pixels.pin_memory() if torch.cuda.is_available() else pixels))

@@ -61,6 +61,9 @@ class EncodeStage(PairsOutput):
     def prepare_rows(self, unit: WorkUnit, samples: list[Sample]) -> None:
         self.images.read(unit, samples, PIXELS, self.images.pixels)
 
+    def end_rows(self, unit: WorkUnit, samples: list[Sample]) -> None:
+        self.images.judge(unit, samples)
+
     def prepare(self, batch: PromptBatch) -> None:
         """Tokens (for `truncated`), the seed noise and the images, on the host."""
         spec, components = self.spec, self.components
