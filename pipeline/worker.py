@@ -51,6 +51,10 @@ def _is_fatal(exc: BaseException) -> bool:
     return any(marker in str(exc) for marker in FATAL_DEVICE_ERRORS)
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
+
+
 class GenerationError(RuntimeError):
     """Generation failed in a way no row explains: every valid row of the unit failed, every row of a batch
     failed alike when run alone, or out of memory at batch 1. The try fails as a whole (nothing is committed) and
@@ -233,8 +237,9 @@ class ShardWorker:
             results = self._run_isolated(*prepared.take())
             keys = [key for result in results for key in result["keys"]]
             causes = {result.get("cause") for result in results}
-            if len(keys) > 1 and len(causes) == 1 and all("failed" in result for result in results):
-                reason = next(iter(results[0]["failed"].values()))  # one cause, whatever each message says
+            if len(keys) > 1 and len(causes) == 1 and None not in causes:  # each row failed alike, run alone
+                first = results[0]
+                reason = next(iter({**first.get("failed", {}), **first.get("skipped", {})}.values()))
                 raise GenerationError(f"{reason} (for all {len(keys)} rows of a batch, each run alone)")
             for result in results:
                 pending.append(result)
@@ -257,7 +262,7 @@ class ShardWorker:
             if _is_fatal(exc):
                 raise
             ran = len(batch.prompts)  # what the device held: a compiled model's batches are padded
-            out_of_memory = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
+            out_of_memory = _out_of_memory(exc)
             if out_of_memory and ran == 1:
                 raise GenerationError(f"out of memory at batch 1: {type(exc).__name__}: {str(exc)[:300]}") from exc
             if len(keys) == 1 and not out_of_memory:
@@ -281,25 +286,54 @@ class ShardWorker:
         return results
 
     def _run_batch(self, keys: list[str], batch: PromptBatch) -> dict:
-        """Every stage on one batch, in order; a later stage reads what earlier ones left on the device."""
-        produced, results = {}, {}
+        """Every stage on one batch, in order; a later stage reads what earlier ones left on the device.
+
+        A stage that does not fail rows (`fails_rows` False) and raises on one row is skipped for it, with every
+        later stage that consumes what it makes (`skipped`: the reason, by stage); raising on more rows, it raises
+        as any stage does, so that the rows are run apart. A stage that fails rows and needs what a skipped stage
+        makes raises that stage's error: the row fails."""
+        produced, results, skipped, missing = {}, {}, {}, {}
         for stage in self.stages:
-            results[stage.name] = stage.run(batch, len(keys), produced, self._encode_batch)
-        return {"keys": keys, "stages": results}
+            lacking = [missing[value] for value in stage.consumes(self.spec) if value in missing]
+            if lacking and stage.fails_rows:
+                raise lacking[0][1]
+            if lacking:
+                maker, error = lacking[0]
+                skipped[stage.name] = f"needs what stage {maker} failed to make"
+            else:
+                try:
+                    results[stage.name] = stage.run(batch, len(keys), produced, self._encode_batch)
+                    continue
+                except Exception as exc:
+                    if stage.fails_rows or len(keys) > 1 or _is_fatal(exc) or _out_of_memory(exc):
+                        raise
+                    skipped[stage.name] = f"{stage.name} failed: {type(exc).__name__}: {str(exc)[:300]}"
+                    logger.warning("sample %s: %s", keys[0], skipped[stage.name])
+                    error = exc
+            missing |= dict.fromkeys(stage.produces(self.spec), (stage.name, error))
+        result = {"keys": keys, "stages": results}
+        if skipped:
+            result |= {"skipped": skipped, "cause": " ".join(sorted(skipped))}
+        return result
 
     def _encode_batch(self, pixels: HostCopy, n: int) -> list:
         return self.encoders.submit(pixels, n, self.spec.image_format)
 
     def _collect(self, pending: list[dict]) -> UnitOutputs:
         """Every batch's results by row key, once its copies and encodes are done; rows whose batch raised are
-        failed in every output, and each stage fails the rows whose outputs it cannot use."""
+        failed in every output, each stage fails the rows whose outputs it cannot use, and a stage skipped on a row
+        leaves its columns null there, with the reason."""
         outputs = UnitOutputs(self.outputs, self.added_fields)
         for result in pending:
             if "failed" in result:
                 outputs.fail_everywhere(result["failed"])
                 continue
             for stage in self.stages:
-                stage.collect(result["keys"], result["stages"][stage.name], outputs)
+                if stage.name in result.get("skipped", {}):
+                    for output in stage.added_fields(self.spec):
+                        outputs.leave_null(output, stage.name, result["keys"], result["skipped"][stage.name])
+                else:
+                    stage.collect(result["keys"], result["stages"][stage.name], outputs)
         return outputs
 
 

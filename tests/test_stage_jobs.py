@@ -193,7 +193,7 @@ def test_a_pipeline_folder_whose_component_is_of_the_wrong_kind_is_refused_on_th
         assert not output.exists()
 
 
-def test_a_score_that_is_not_finite_fails_its_row_in_that_output():
+def test_a_score_that_is_not_finite_is_left_null_with_its_reason_and_the_row_is_kept():
     from pipeline.stages.base import HostCopy, UnitOutputs
     from pipeline.stages.scores import ScoresStage
 
@@ -205,7 +205,9 @@ def test_a_score_that_is_not_finite_fails_its_row_in_that_output():
     outputs = UnitOutputs(["images"], {})
     stage.collect(["a", "b"], {"images": {"safety": None, "clip": HostCopy(torch.tensor([21.5, float("nan")]))}},
                   outputs)
-    assert outputs.failed["images"] == {"b": "clip_score is not finite (nan)"}
+    assert outputs.failed["images"] == {}
+    assert outputs.column("images", "clip_score") == {"a": 21.5}
+    assert outputs.column("images", "scores_error") == {"b": "clip_score is not finite (nan)"}
 
 
 def reference_scores(tiny_models, rows: list[dict], images: dict[str, bytes]) -> dict[str, tuple]:

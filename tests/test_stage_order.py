@@ -117,7 +117,7 @@ class ClipColumnStage(Consumer):
 
 def test_two_stages_adding_one_column_to_an_output_are_refused_on_the_driver(monkeypatch):
     job_spec = spec(model="m", scores=("clip",))
-    assert [field.name for field in added_fields(job_spec)["images"]] == ["clip_score"]
+    assert [field.name for field in added_fields(job_spec)["images"]] == ["clip_score", "scores_error"]
     monkeypatch.setattr(stages_module, "STAGES", (*STAGES, ClipColumnStage))
     assert [field.name for field in added_fields(spec(model="m"))["images"]] == ["clip_score"]  # alone: fine
     with pytest.raises(StageOrderError, match="stages scores and clip_column both add column 'clip_score' to images"):

@@ -248,6 +248,52 @@ def test_batches_are_prepared_a_bounded_number_ahead_of_the_device(tmp_path, tin
     assert {"prepare_s", "prepare_wait_s"} <= set(marker["timings"])
 
 
+def scored_unit(tmp_path, tiny_models, prompts, name, patch) -> list[dict]:
+    """The rows of one unit of `prompts` with the clip and aesthetic scores, through a worker `patch` changes."""
+    marker = process_unit(tmp_path, tiny_models, prompts, name, patch, output_format="parquet",
+                          scores=("clip", "aesthetic"), clip_model=str(tiny_models["clip"]),
+                          aesthetic_model=str(tiny_models["aesthetic"]))
+    assert marker["failed"] == 0, marker
+    return pq.read_table(tmp_path / name / "00000.parquet").to_pylist()
+
+
+def scorer_that_raises(on: str):
+    def patch(worker):
+        stage = worker.stage("scores")
+        real = stage.run
+
+        def run(batch, n, produced, encode):
+            if on in batch.prompts[:n] or on == "*":
+                raise RuntimeError("the scorer broke")
+            return real(batch, n, produced, encode)
+
+        stage.run = run
+
+    return patch
+
+
+def test_a_score_that_raises_on_a_row_leaves_its_columns_null_there_and_the_row_is_kept(tmp_path, tiny_models):
+    """Scores do not fail rows (their stages' policy): the row keeps its image, its scores are null, and the
+    reason is in each score stage's reason column; the aesthetic score, which reads the clip score's embeddings,
+    is null there too, saying so. The other rows of the batch are scored."""
+    rows = scored_unit(tmp_path, tiny_models, [*PROMPTS[:5], "POISON", *PROMPTS[6:]], "poison",
+                       scorer_that_raises("POISON"))
+    assert [row["status"] for row in rows] == ["ok"] * len(PROMPTS) and all(row["image"] for row in rows)
+    poisoned = next(row for row in rows if row["prompt"] == "POISON")
+    assert poisoned["clip_score"] is None and poisoned["aesthetic_score"] is None
+    assert poisoned["scores_error"] == "scores failed: RuntimeError: the scorer broke"
+    assert poisoned["aesthetic_error"] == "needs what stage scores failed to make"
+    others = [row for row in rows if row["prompt"] != "POISON"]
+    assert all(row["clip_score"] is not None and row["aesthetic_score"] is not None for row in others)
+    assert all(row["scores_error"] is None and row["aesthetic_error"] is None for row in others)
+
+
+def test_a_score_that_raises_on_every_row_of_a_batch_run_alone_fails_the_try(tmp_path, tiny_models):
+    with pytest.raises(GenerationError, match=r"scores failed: RuntimeError: the scorer broke \(for all 4 rows of "
+                                              r"a batch, each run alone\)"):
+        scored_unit(tmp_path, tiny_models, PROMPTS, "broken", scorer_that_raises("*"))
+
+
 def test_teacher_images_count_against_the_encodes_awaited(monkeypatch):
     """The device waits for the encoders once MAX_BATCHES_AWAITING_ENCODE batches are encoding, whichever model
     made the images (stand-ins: batches that generate at once, encodes that take 20 ms on one thread)."""

@@ -7,7 +7,7 @@ import pkgutil
 
 from instaflow.loading import ComponentCache, Runtime
 from pipeline.model_source import ModelSource
-from pipeline.stages.base import COLLECTED, Stage, check_model_kind
+from pipeline.stages.base import COLLECTED, Stage, check_model_kind, error_column
 
 
 def _discovered() -> tuple[type[Stage], ...]:
@@ -99,13 +99,14 @@ def build_stages(spec, sources: dict[str, ModelSource], runtime: Runtime) -> lis
 
 
 def added_fields(spec, stages: list | None = None) -> dict[str, list]:
-    """The metadata columns the stages add (the spec's, or these), by output, in order; two stages that would write
-    one column are refused (one would overwrite the other's values)."""
+    """The metadata columns the stages add (the spec's, or these), by output, in order, each followed by its
+    reason column if it does not fail rows; two stages that would write one column are refused (one would
+    overwrite the other's values)."""
     fields: dict[str, list] = {}
     owner: dict[tuple[str, str], str] = {}
     for stage in ordered_stages(spec) if stages is None else stages:
         for output, stage_fields in stage.added_fields(spec).items():
-            for field in stage_fields:
+            for field in [*stage_fields, *([] if stage.fails_rows else [error_column(stage.name)])]:
                 if (output, field.name) in owner:
                     raise StageOrderError(f"stages {owner[output, field.name]} and {stage.name} both add column "
                                           f"{field.name!r} to {output}")

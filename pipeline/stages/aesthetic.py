@@ -3,8 +3,8 @@ image's CLIP embedding, from --clip-model (instaflow/aesthetic.py).
 
 It reads the scored outputs' pixels on the device, as the other scores do. When the clip score is asked for too,
 its image embeddings are reused (the scores stage leaves them in `produced`), so each image goes through CLIP's
-vision tower once. A row whose image failed has a null score; a score that is not finite fails its row in that
-output, naming it. This module is the whole stage: its setting, score kind, checks, model and tiny head.
+vision tower once. A row whose image failed has a null score; a score that fails on a row (it raised, or it is not
+finite) leaves it null there, with the reason in `aesthetic_error`; the row is kept. This module is the whole stage: its setting, score kind, checks, model and tiny head.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ TINY_SEED = 11
 
 class AestheticStage(Stage):
     name = "aesthetic"
+    fails_rows = False  # a score that fails leaves aesthetic_score null, with the reason in aesthetic_error
     scores = {"aesthetic": "the LAION aesthetic predictor's score, about 1 to 10, on --clip-model's image "
                            "embedding"}
     settings = {"aesthetic_model": setting(AESTHETIC_MODEL, help="the head of --scores aesthetic: the LAION "
@@ -98,11 +99,11 @@ class AestheticStage(Stage):
 
     def collect(self, keys: list[str], result: dict, outputs: UnitOutputs) -> None:
         for target, copy in result.items():
-            values = copy.numpy().tolist()
-            outputs.column(target, FIELD.name).update(zip(keys, values))
-            for key, value in zip(keys, values):
-                if not math.isfinite(value):
-                    outputs.fail(target, key, f"{FIELD.name} is not finite ({value})")
+            for key, value in zip(keys, copy.numpy().tolist()):
+                if math.isfinite(value):
+                    outputs.column(target, FIELD.name)[key] = value
+                else:
+                    self.row_failed(outputs, target, key, f"{FIELD.name} is not finite ({value})")
 
     @classmethod
     def tiny_models(cls, out_dir: Path, built: dict[str, Path]) -> dict[str, Path]:

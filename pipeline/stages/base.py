@@ -117,6 +117,13 @@ class UnitOutputs:
             for key, reason in reasons.items():
                 self.fail(output, key, reason)
 
+    def leave_null(self, output: str, stage: str, keys: list[str], reason: str) -> None:
+        """A stage that does not fail rows failed on these rows of `output`: it left its columns null there (it
+        stored no value), and its reason column says why."""
+        reasons = self.column(output, error_column(stage).name)
+        for key in keys:
+            reasons[key] = f"{reasons[key]}; {reason}" if key in reasons else reason
+
     def column(self, output: str, name: str) -> dict:
         """The values by row key of one column (or data) of an output, filled by the stages that make it."""
         return self.values[output].setdefault(name, {})
@@ -138,6 +145,10 @@ class Stage:
     # `submit` path handling and place in the identity come from that declaration, as for the spec's own fields.
     settings: dict[str, Any] = {}
     scores: dict[str, str] = {}  # the kinds this stage adds to --scores, each with its help
+    # Its failure policy. True: a row this stage fails on fails in its outputs (raising: in every output). False
+    # (an optional score): the row is kept, this stage's columns are null on it, and the reason is in a column
+    # `<name>_error` that the stage adds to each output it adds columns to (`row_failed`).
+    fails_rows = True
 
     @classmethod
     def check_settings(cls, spec) -> None:
@@ -216,6 +227,19 @@ class Stage:
     def files(self, shard: str, samples: list[Sample], extra: pa.Table, outputs: UnitOutputs) -> dict[str, bytes]:
         """The shard's files of this output, by path relative to the output root."""
         return {}
+
+    def row_failed(self, outputs: UnitOutputs, output: str, key: str, reason: str) -> None:
+        """This stage cannot give a row a value in `output` (which it then must not store): as its policy says,
+        the row fails there, or keeps this stage's columns null with the reason (`fails_rows`)."""
+        if self.fails_rows:
+            outputs.fail(output, key, reason)
+        else:
+            outputs.leave_null(output, self.name, [key], reason)
+
+
+def error_column(stage: str) -> pa.Field:
+    """The reason column of a stage that does not fail rows."""
+    return pa.field(f"{stage}_error", pa.string())
 
 
 def metadata_rows(spec, samples: list[Sample], outputs: UnitOutputs, output: str, model: str, steps: int,

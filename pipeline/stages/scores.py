@@ -2,7 +2,8 @@
 
 Scores read each image output's pixels on the device, right after the stage that made them (the student's
 images; the decoded teacher latents with --teacher-images), and add columns to that output. A row whose image
-failed has null scores. No image is changed.
+failed has null scores. A score that fails on a row (it raised, or it is not finite) does not fail the row: its
+columns are null there and `scores_error` says why. No image is changed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ CLIP_MODEL = "openai/clip-vit-large-patch14"
 
 class ScoresStage(Stage):
     name = "scores"
+    fails_rows = False  # a score that fails leaves its columns null, with the reason in scores_error
     scores = {"nsfw": "the SD safety checker's score and flag; images are not changed",
               "clip": "CLIP score of image and prompt"}
     settings = {"safety_checker": setting(SAFETY_CHECKER, help="the model of --scores nsfw", effect=MODEL),
@@ -113,17 +115,22 @@ class ScoresStage(Stage):
         return result
 
     def collect(self, keys: list[str], result: dict, outputs: UnitOutputs) -> None:
-        """A score that is not finite is never stored as a value: its row fails in that output, naming it."""
+        """A score that is not finite is never stored: its columns stay null on that row, with the reason."""
         for target, copies in result.items():
-            scores = {}
             if copies["safety"] is not None:
-                nsfw_score, nsfw = self.safety.decide(copies["safety"].numpy())
-                scores["nsfw_score"] = nsfw_score
-                outputs.column(target, "nsfw").update(zip(keys, nsfw.tolist()))
+                nsfw_scores, flags = self.safety.decide(copies["safety"].numpy())
+                self._store(outputs, target, keys, "nsfw_score", nsfw_scores.tolist(), {"nsfw": flags.tolist()})
             if copies["clip"] is not None:
-                scores["clip_score"] = copies["clip"].numpy()
-            for name, values in scores.items():
-                outputs.column(target, name).update(zip(keys, values.tolist()))
-                for key, value in zip(keys, values.tolist()):
-                    if not math.isfinite(value):
-                        outputs.fail(target, key, f"{name} is not finite ({value})")
+                self._store(outputs, target, keys, "clip_score", copies["clip"].numpy().tolist())
+
+    def _store(self, outputs: UnitOutputs, target: str, keys: list[str], name: str, values: list,
+               beside: dict[str, list] | None = None) -> None:
+        """`values` of the score `name` by row (and the columns `beside` it, stored with it or not at all)."""
+        beside = beside or {}
+        for index, (key, value) in enumerate(zip(keys, values)):
+            if not math.isfinite(value):
+                self.row_failed(outputs, target, key, f"{name} is not finite ({value})")
+                continue
+            outputs.column(target, name)[key] = value
+            for column, column_values in beside.items():
+                outputs.column(target, column)[key] = column_values[index]
