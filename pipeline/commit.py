@@ -134,7 +134,7 @@ def marker_problem(unit_id: int, marker: dict) -> str | None:
 
 # The stats fields readers show or add up, with what each must be where present (hand-made markers of tests
 # leave some out; readers show a missing one as blank). Counts are whole numbers, never strings or booleans.
-_COUNT_FIELDS = ("count", "successes", "failed", "truncated", "attempt")
+_COUNT_FIELDS = ("count", "successes", "failed", "truncated", "left_null", "attempt")
 _UNIT_INT_FIELDS = ("unit_id", "first_row", "num_rows", "first_key_index")
 
 

@@ -120,8 +120,14 @@ def model_folders(sources: dict[str, ModelSource]) -> dict[str, str]:
 
 
 def job_identity(spec, sources: dict[str, ModelSource]) -> dict:
-    """The spec's identity with each model replaced by what it is, wherever it was read from."""
-    return spec.identity() | {key: source.identity() for key, source in sources.items()}
+    """The spec's identity with each model replaced by what it is, wherever it was read from, and the columns
+    the job's stages add to its outputs (a stage's new column is another schema: shards of both never mix)."""
+    from pipeline.stages import added_fields  # the stages pin their models here
+
+    columns = {output: [[field.name, str(field.type)] for field in fields]
+               for output, fields in added_fields(spec).items()}
+    return (spec.identity() | {key: source.identity() for key, source in sources.items()}
+            | ({"added_columns": columns} if columns else {}))
 
 
 def resolve_model_source(model: str, dtype: str, storage_options: dict | None = None,

@@ -30,6 +30,7 @@ class JobProgress:
     successes: int = 0
     failed_samples: int = 0
     truncated: int = 0
+    left_null: int = 0  # rows kept with a stage's columns null (a score that failed on them)
     generate_s: float = 0.0
     encode_wait_s: float = 0.0  # the device waited for image encoders: the host is short of cores
     failed_units: list[UnitResult] = field(default_factory=list)
@@ -61,6 +62,7 @@ class JobProgress:
             self.successes += stats["successes"]
             self.failed_samples += stats["failed"]
             self.truncated += stats["truncated"]
+            self.left_null += stats.get("left_null", 0)  # markers from before the failure policy lack it
             self.generate_s += stats["timings"]["generate_s"]
             self.encode_wait_s += stats["timings"].get("encode_wait_s", 0.0)
             advanced = stats["count"]
@@ -128,6 +130,7 @@ class JobProgress:
             "samples_ok_now": self.successes,
             "samples_failed_now": self.failed_samples,
             "prompts_truncated_now": self.truncated,
+            "samples_left_null_now": self.left_null,
             "elapsed_s": round(self.elapsed_s, 3),
             "samples_per_s": round(self.samples / self.elapsed_s, 3) if self.elapsed_s else 0.0,
             # one worker's rate while it holds the device: start-up, reads and uploads excluded

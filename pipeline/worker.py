@@ -156,6 +156,10 @@ class ShardWorker:
         for output_failures in outputs.failed.values():
             if valid and all(sample.key in output_failures for sample in valid):
                 raise GenerationError(f"{output_failures[valid[0].key]} (and every other row of the unit)")
+        for (output, stage), reasons in outputs.left_null.items():  # a scorer that fails on every row: no row's
+            kept = [sample for sample in valid if sample.key not in outputs.failed[output]]
+            if kept and all(sample.key in reasons for sample in kept):
+                raise GenerationError(f"stage {stage}: {reasons[kept[0].key]} (and on every other row of the unit)")
         rows = {sample.key: sample.row for sample in unit_input.samples}
         for output_failures in outputs.failed.values():
             for key, reason in output_failures.items():
@@ -174,6 +178,7 @@ class ShardWorker:
             "successes": len(unit_input.samples) - len(failed_keys),
             "failed": len(failed_keys),
             "truncated": len(truncated),
+            "left_null": len({key for reasons in outputs.left_null.values() for key in reasons}),
             "errors": [redact_text(error) for error in errors[:MAX_ERRORS_IN_STATS]],
             "worker": self.describe(),
             "run": self.run_settings(),
@@ -197,8 +202,19 @@ class ShardWorker:
 
     def prepared_batches(self, unit: WorkUnit, samples: list[Sample]) -> Iterator[tuple[list[str], PromptBatch]]:
         """The unit's batches of valid samples with their host work done. Rows are read and checked by the stages
-        (`prepare_rows`) about a batch at a time, a failed row's place taken by the next; once every row is, the
-        stages judge the unit as a whole (`end_rows`: every image from a store failed as an outage fails the try)."""
+        (`prepare_rows`) about a batch at a time, a failed row's place taken by the next; rows whose inputs failed
+        as an outage (`Sample.outages`) are read once more at the end; then the stages judge the unit as a whole
+        (`end_rows`: every image from a store failed as an outage fails the try)."""
+        yield from self._read_and_batch(unit, samples)
+        out = [sample for sample in samples if sample.error is not None and any(sample.outages.values())]
+        for sample in out:  # a store that was out while the unit ran: the rows it failed get one more read
+            sample.error = None
+            sample.outages.clear()
+        yield from self._read_and_batch(unit, out)
+        for stage in self.stages:
+            stage.end_rows(unit, samples)
+
+    def _read_and_batch(self, unit: WorkUnit, samples: list[Sample]) -> Iterator[tuple[list[str], PromptBatch]]:
         ready = []
         for rows in _row_chunks(samples, self.batch_size):
             for stage in self.stages:
@@ -209,8 +225,6 @@ class ShardWorker:
                 yield self._batch(chunk)
         if ready:
             yield self._batch(ready)
-        for stage in self.stages:
-            stage.end_rows(unit, samples)
 
     def _batch(self, chunk: list[Sample]) -> tuple[list[str], PromptBatch]:
         """One prepared batch. Compiled models are specialised to one batch shape, so a short batch is padded
@@ -234,7 +248,7 @@ class ShardWorker:
         when the unit returns. The encodes of every stage count against MAX_BATCHES_AWAITING_ENCODE."""
         pending, awaiting_encode = [], collections.deque()
         while prepared.more():
-            results = self._run_isolated(*prepared.take())
+            results = self._run_isolated(prepared.take())
             keys = [key for result in results for key in result["keys"]]
             causes = {result.get("cause") for result in results}
             if len(keys) > 1 and len(causes) == 1 and None not in causes:  # each row failed alike, run alone
@@ -252,10 +266,13 @@ class ShardWorker:
                         wait(awaiting_encode.popleft())
         return pending
 
-    def _run_isolated(self, keys: list[str], batch: PromptBatch) -> list[dict]:
-        """Runs a batch; if it raises, its halves are run apart until the failing rows are found, so one bad
-        sample fails alone. Out of memory: the worker halves the batch size that ran (padding included) for good
-        and retries; out of memory at batch 1 is no row's fault, so the try fails (GenerationError)."""
+    def _run_isolated(self, handed: list) -> list[dict]:
+        """Runs a batch (`handed`: [keys, batch], emptied here, so that no caller keeps the batch); if it raises,
+        its halves are run apart until the failing rows are found, so one bad sample fails alone. Out of memory:
+        the worker halves the batch size that ran (padding included) for good and retries; out of memory at batch 1
+        is no row's fault, so the try fails (GenerationError)."""
+        keys, batch = handed
+        handed.clear()
         try:
             return [self._run_batch(keys, batch)]
         except Exception as exc:
@@ -282,7 +299,7 @@ class ShardWorker:
             torch.cuda.empty_cache()
         results = []
         for start in range(0, len(samples), half):
-            results += self._run_isolated(*self._batch(samples[start : start + half]))
+            results += self._run_isolated(list(self._batch(samples[start : start + half])))
         return results
 
     def _run_batch(self, keys: list[str], batch: PromptBatch) -> dict:
@@ -412,10 +429,10 @@ class PreparedBatches:
             raise self._error
         return self._next is not self._END
 
-    def take(self) -> tuple[list[str], PromptBatch]:
-        """The batch `more` waited for, handed on: nothing here keeps it once it has run."""
+    def take(self) -> list:
+        """The batch `more` waited for, as [keys, batch], handed on: nothing here keeps it."""
         batch, self._next = self._next, None
-        return batch
+        return list(batch)
 
 
 def shard_files(stages: list[Stage], shard: str, unit_input, outputs: UnitOutputs) -> dict[str, bytes]:

@@ -449,8 +449,8 @@ def test_the_outage_judgement_is_the_units_not_a_batchs(ray_cpus, tiny_models, s
     whole unit: a first batch whose images are all out fails those rows alone, where later rows' were read."""
     prompts = tmp_path / "rows.parquet"
     out = [f"{server.url}status/503/first-{i}.png" for i in range(2)]
-    pq.write_table(pa.table({"prompt": ["out 0", "out 1", "ok 0", "ok 1"], "image": [*out, *[f"{server.url}ok.png"] * 2]}),
-                   prompts)
+    pq.write_table(pa.table({"prompt": ["out 0", "out 1", "ok 0", "ok 1"],
+                             "image": [*out, *[f"{server.url}ok.png"] * 2]}), prompts)
     output = tmp_path / "pairs"
     assert main(["run", "encode", "--prompts", str(prompts), "--output", str(output), "--model",
                  str(tiny_models["sd15"]), "--allow-image-source", server.url, "--batch-size", "2", *SIZE]) == 0

@@ -134,6 +134,16 @@ def test_models_are_recorded_by_what_they_are_not_by_name():
     assert set(MODEL_FLAGS) | set(SCALED_MODEL_FLAGS) | set(REPEATED_MODEL_FLAGS) == models
 
 
+def test_the_columns_stages_add_are_in_the_jobs_identity():
+    """Shards of two schemas never mix in one output: a job whose stages add columns has them (names and types,
+    reason columns included) in its identity; a job whose stages add none has the identity it had before."""
+    from pipeline.model_source import job_identity
+
+    scored = job_identity(resolved(model="m", scores=("clip",)), {})
+    assert scored["added_columns"] == {"images": [["clip_score", "float"], ["scores_error", "string"]]}
+    assert "added_columns" not in job_identity(resolved(model="m"), {})
+
+
 @pytest.mark.parametrize("job", [generate, reflow_pairs, encode])
 def test_every_common_setting_is_a_flag_of_every_job_with_its_declared_default(job):
     parser = job.parser()

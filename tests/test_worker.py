@@ -220,6 +220,45 @@ def test_a_batch_is_freed_once_it_has_run(tmp_path, tiny_models):
     assert alive == [0, 0, 0, 0]
 
 
+def test_a_batch_that_ran_out_of_memory_is_freed_before_its_halves_run(tmp_path, tiny_models):
+    seen, alive = [], []
+
+    def watch(worker):
+        real = worker.stage("images").student.generate
+
+        def generate(batch):
+            if len(batch.prompts) == 4:
+                seen.append(weakref.ref(batch))
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            alive.append(sum(ref() is not None for ref in seen))
+            return real(batch)
+
+        worker.stage("images").student.generate = generate
+
+    marker = process_unit(tmp_path, tiny_models, PROMPTS[:4], "halved", watch, batch_size=4)
+    assert marker["failed"] == 0 and len(seen) == 1 and alive == [0, 0]
+
+
+def test_rows_whose_inputs_a_store_failed_to_give_are_read_once_more_at_the_units_end(tmp_path, tiny_models):
+    """A store out while the unit ran (each row's read said so: `Sample.outages`) costs no row that it gives
+    later: such rows are read again once the others have run."""
+    reads = []
+
+    def out_at_first(worker):
+        stage = worker.stage("images")
+
+        def prepare_rows(unit, samples):
+            for sample in samples:
+                reads.append(sample.prompt)
+                if sample.prompt == PROMPTS[1] and reads.count(sample.prompt) == 1:
+                    sample.error, sample.outages["image"] = "the store is out", True
+
+        stage.prepare_rows = prepare_rows
+
+    marker = process_unit(tmp_path, tiny_models, PROMPTS, "out-once", out_at_first, batch_size=2)
+    assert marker["failed"] == 0 and reads == [*PROMPTS, PROMPTS[1]]
+
+
 def test_batches_are_prepared_a_bounded_number_ahead_of_the_device(tmp_path, tiny_models, monkeypatch):
     """The host holds a few batches' prepared inputs, not the unit's: when the device runs a batch, the rows read
     and prepared but not yet run are that batch's, those waiting (BATCHES_PREPARED_AHEAD) and one being made."""
@@ -248,13 +287,17 @@ def test_batches_are_prepared_a_bounded_number_ahead_of_the_device(tmp_path, tin
     assert {"prepare_s", "prepare_wait_s"} <= set(marker["timings"])
 
 
-def scored_unit(tmp_path, tiny_models, prompts, name, patch) -> list[dict]:
-    """The rows of one unit of `prompts` with the clip and aesthetic scores, through a worker `patch` changes."""
+def scored_unit(tmp_path, tiny_models, prompts, name, patch, batch_size=4) -> tuple[list[dict], dict]:
+    """The rows and marker of one unit of `prompts` with the clip and aesthetic scores, through a worker `patch`
+    changes."""
     marker = process_unit(tmp_path, tiny_models, prompts, name, patch, output_format="parquet",
                           scores=("clip", "aesthetic"), clip_model=str(tiny_models["clip"]),
-                          aesthetic_model=str(tiny_models["aesthetic"]))
+                          aesthetic_model=str(tiny_models["aesthetic"]), batch_size=batch_size)
     assert marker["failed"] == 0, marker
-    return pq.read_table(tmp_path / name / "00000.parquet").to_pylist()
+    return pq.read_table(tmp_path / name / "00000.parquet").to_pylist(), marker
+
+
+SECRET_URL = "https://alice:hunter2@models.example/clip?X-Amz-Signature=deadbeef"
 
 
 def scorer_that_raises(on: str):
@@ -264,7 +307,7 @@ def scorer_that_raises(on: str):
 
         def run(batch, n, produced, encode):
             if on in batch.prompts[:n] or on == "*":
-                raise RuntimeError("the scorer broke")
+                raise RuntimeError(f"the scorer broke reading {SECRET_URL}")
             return real(batch, n, produced, encode)
 
         stage.run = run
@@ -272,26 +315,41 @@ def scorer_that_raises(on: str):
     return patch
 
 
+def clip_scores_not_finite(worker):
+    clip = worker.stage("scores").clip
+    real = clip.scores
+    clip.scores = lambda embeds, tokens: real(embeds, tokens) * float("nan")
+
+
 def test_a_score_that_raises_on_a_row_leaves_its_columns_null_there_and_the_row_is_kept(tmp_path, tiny_models):
     """Scores do not fail rows (their stages' policy): the row keeps its image, its scores are null, and the
     reason is in each score stage's reason column; the aesthetic score, which reads the clip score's embeddings,
     is null there too, saying so. The other rows of the batch are scored."""
-    rows = scored_unit(tmp_path, tiny_models, [*PROMPTS[:5], "POISON", *PROMPTS[6:]], "poison",
-                       scorer_that_raises("POISON"))
+    rows, marker = scored_unit(tmp_path, tiny_models, [*PROMPTS[:5], "POISON", *PROMPTS[6:]], "poison",
+                               scorer_that_raises("POISON"))
+    assert marker["left_null"] == 1  # counted: the summary adds it up
     assert [row["status"] for row in rows] == ["ok"] * len(PROMPTS) and all(row["image"] for row in rows)
     poisoned = next(row for row in rows if row["prompt"] == "POISON")
     assert poisoned["clip_score"] is None and poisoned["aesthetic_score"] is None
-    assert poisoned["scores_error"] == "scores failed: RuntimeError: the scorer broke"
+    assert poisoned["scores_error"].startswith("scores failed: RuntimeError: the scorer broke reading https://")
+    assert "hunter2" not in poisoned["scores_error"] and "deadbeef" not in poisoned["scores_error"]
     assert poisoned["aesthetic_error"] == "needs what stage scores failed to make"
     others = [row for row in rows if row["prompt"] != "POISON"]
     assert all(row["clip_score"] is not None and row["aesthetic_score"] is not None for row in others)
     assert all(row["scores_error"] is None and row["aesthetic_error"] is None for row in others)
 
 
-def test_a_score_that_raises_on_every_row_of_a_batch_run_alone_fails_the_try(tmp_path, tiny_models):
-    with pytest.raises(GenerationError, match=r"scores failed: RuntimeError: the scorer broke \(for all 4 rows of "
-                                              r"a batch, each run alone\)"):
-        scored_unit(tmp_path, tiny_models, PROMPTS, "broken", scorer_that_raises("*"))
+@pytest.mark.parametrize("batch_size, patch, message", [
+    (4, scorer_that_raises("*"), r"scores failed: RuntimeError: the scorer broke reading https://\*\*\*@.* \(for "
+                                 r"all 4 rows of a batch, each run alone\)"),
+    (1, scorer_that_raises("*"), r"stage scores: scores failed: RuntimeError: the scorer broke .* \(and on every "
+                                 r"other row of the unit\)"),
+    (4, clip_scores_not_finite, r"stage scores: clip_score is not finite \(nan\) \(and on every other row"),
+], ids=["raises, batches of 4", "raises, batches of 1", "not finite"])
+def test_a_score_that_fails_on_every_row_fails_the_try(tmp_path, tiny_models, batch_size, patch, message):
+    """A scorer that fails on every row is broken, not the rows: the try fails (and is retried elsewhere)."""
+    with pytest.raises(GenerationError, match=message):
+        scored_unit(tmp_path, tiny_models, PROMPTS, "broken", patch, batch_size)
 
 
 def test_teacher_images_count_against_the_encodes_awaited(monkeypatch):
@@ -301,7 +359,8 @@ def test_teacher_images_count_against_the_encodes_awaited(monkeypatch):
     worker = ShardWorker.__new__(ShardWorker)  # no models: only the generate loop runs
     pool, futures, most_encoding = ThreadPoolExecutor(1), [], []
 
-    def run_isolated(keys, batch):
+    def run_isolated(handed):
+        keys, _ = handed
         most_encoding.append(len({batch_id for batch_id, future in futures if not future.done()}))
         made = [pool.submit(time.sleep, 0.02) for _ in keys]
         futures.extend((keys[0], future) for future in made)

@@ -4,7 +4,8 @@ image's CLIP embedding, from --clip-model (instaflow/aesthetic.py).
 It reads the scored outputs' pixels on the device, as the other scores do. When the clip score is asked for too,
 its image embeddings are reused (the scores stage leaves them in `produced`), so each image goes through CLIP's
 vision tower once. A row whose image failed has a null score; a score that fails on a row (it raised, or it is not
-finite) leaves it null there, with the reason in `aesthetic_error`; the row is kept. This module is the whole stage: its setting, score kind, checks, model and tiny head.
+finite) leaves it null there, with the reason in `aesthetic_error`; the row is kept. This module is the whole
+stage: its setting, score kind, checks, model and tiny head.
 """
 
 from __future__ import annotations

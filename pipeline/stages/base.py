@@ -107,6 +107,7 @@ class UnitOutputs:
         self.failed: dict[str, dict[str, str]] = {output: {} for output in outputs}
         self.truncated: dict[str, dict[str, bool]] = {output: {} for output in outputs}
         self.values: dict[str, dict[str, dict]] = {output: {} for output in outputs}
+        self.left_null: dict[tuple[str, str], dict[str, str]] = {}  # by (output, stage): reasons by row key
 
     def fail(self, output: str, key: str, reason: str) -> None:
         self.failed[output].setdefault(key, reason)
@@ -119,10 +120,12 @@ class UnitOutputs:
 
     def leave_null(self, output: str, stage: str, keys: list[str], reason: str) -> None:
         """A stage that does not fail rows failed on these rows of `output`: it left its columns null there (it
-        stored no value), and its reason column says why."""
-        reasons = self.column(output, error_column(stage).name)
+        stored no value), and its reason column says why (redacted: a message may quote a URL's secret)."""
+        reason = redact_text(reason)
+        column = self.column(output, error_column(stage).name)
         for key in keys:
-            reasons[key] = f"{reasons[key]}; {reason}" if key in reasons else reason
+            column[key] = f"{column[key]}; {reason}" if key in column else reason
+            self.left_null.setdefault((output, stage), {}).setdefault(key, reason)
 
     def column(self, output: str, name: str) -> dict:
         """The values by row key of one column (or data) of an output, filled by the stages that make it."""
