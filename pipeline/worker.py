@@ -51,6 +51,11 @@ def _is_fatal(exc: BaseException) -> bool:
     return any(marker in str(exc) for marker in FATAL_DEVICE_ERRORS)
 
 
+def _described(exc: BaseException) -> str:
+    """An error for a row's record: redacted, then cut short (a secret cut in two is not recognised)."""
+    return redact_text(f"{type(exc).__name__}: {exc}")[:300]
+
+
 def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
 
@@ -147,20 +152,21 @@ class ShardWorker:
             unit_input = read_unit(self.input_fs, unit, self.spec.prompt_column, self.spec.seed,
                                    self.spec.samples_per_prompt, tuple(input_columns(self.spec)))
         valid = [sample for sample in unit_input.samples if sample.error is None]
+        rows = {sample.key: sample.row for sample in unit_input.samples}
         with PreparedBatches(self, unit, valid, timings) as prepared, self.device_lock, \
                 _timed(timings, "generate_s"):
-            pending = self._generate(prepared, timings)
+            pending = self._generate(prepared, timings, rows)
         with _timed(timings, "collect_s"):
             outputs = self._collect(pending)
         valid = [sample for sample in valid if sample.error is None]
         for output_failures in outputs.failed.values():
             if valid and all(sample.key in output_failures for sample in valid):
                 raise GenerationError(f"{output_failures[valid[0].key]} (and every other row of the unit)")
-        for (output, stage), reasons in outputs.left_null.items():  # a scorer that fails on every row: no row's
+        for (output, stage), reasons in outputs.left_null.items():
             kept = [sample for sample in valid if sample.key not in outputs.failed[output]]
-            if kept and all(sample.key in reasons for sample in kept):
+            # a scorer that fails on every row: no row's fault, once two rows say so (one row's image is kept)
+            if len({sample.row for sample in kept}) > 1 and all(sample.key in reasons for sample in kept):
                 raise GenerationError(f"stage {stage}: {reasons[kept[0].key]} (and on every other row of the unit)")
-        rows = {sample.key: sample.row for sample in unit_input.samples}
         for output_failures in outputs.failed.values():
             for key, reason in output_failures.items():
                 output_failures[key] = f"{unit.path} row {rows[key]}: {reason}"
@@ -202,17 +208,17 @@ class ShardWorker:
 
     def prepared_batches(self, unit: WorkUnit, samples: list[Sample]) -> Iterator[tuple[list[str], PromptBatch]]:
         """The unit's batches of valid samples with their host work done. Rows are read and checked by the stages
-        (`prepare_rows`) about a batch at a time, a failed row's place taken by the next; rows whose inputs failed
-        as an outage (`Sample.outages`) are read once more at the end; then the stages judge the unit as a whole
-        (`end_rows`: every image from a store failed as an outage fails the try)."""
+        (`prepare_rows`) about a batch at a time, a failed row's place taken by the next. Then the stages judge
+        the unit as a whole (`end_rows`: every image from a store failed as an outage fails the try), and rows
+        whose inputs failed as an outage (`Sample.outages`) are read once more."""
         yield from self._read_and_batch(unit, samples)
+        for stage in self.stages:
+            stage.end_rows(unit, samples)
         out = [sample for sample in samples if sample.error is not None and any(sample.outages.values())]
         for sample in out:  # a store that was out while the unit ran: the rows it failed get one more read
             sample.error = None
             sample.outages.clear()
         yield from self._read_and_batch(unit, out)
-        for stage in self.stages:
-            stage.end_rows(unit, samples)
 
     def _read_and_batch(self, unit: WorkUnit, samples: list[Sample]) -> Iterator[tuple[list[str], PromptBatch]]:
         ready = []
@@ -241,8 +247,9 @@ class ShardWorker:
             stage.prepare(batch)
         return keys, batch
 
-    def _generate(self, prepared: "PreparedBatches", timings: dict) -> list[dict]:
-        """Runs the stages batch by batch under the device lock; copies and encodes proceed without it.
+    def _generate(self, prepared: "PreparedBatches", timings: dict, rows: dict[str, int]) -> list[dict]:
+        """Runs the stages batch by batch under the device lock; copies and encodes proceed without it. Every
+        input row of a batch (`rows`: by sample key) failing alike, each run alone, fails the try.
 
         No batch is kept once it has run: it caches its embeddings and noise on the device, freed then rather than
         when the unit returns. The encodes of every stage count against MAX_BATCHES_AWAITING_ENCODE."""
@@ -251,7 +258,7 @@ class ShardWorker:
             results = self._run_isolated(prepared.take())
             keys = [key for result in results for key in result["keys"]]
             causes = {result.get("cause") for result in results}
-            if len(keys) > 1 and len(causes) == 1 and None not in causes:  # each row failed alike, run alone
+            if len({rows[key] for key in keys}) > 1 and len(causes) == 1 and None not in causes:
                 first = results[0]
                 reason = next(iter({**first.get("failed", {}), **first.get("skipped", {})}.values()))
                 raise GenerationError(f"{reason} (for all {len(keys)} rows of a batch, each run alone)")
@@ -281,9 +288,9 @@ class ShardWorker:
             ran = len(batch.prompts)  # what the device held: a compiled model's batches are padded
             out_of_memory = _out_of_memory(exc)
             if out_of_memory and ran == 1:
-                raise GenerationError(f"out of memory at batch 1: {type(exc).__name__}: {str(exc)[:300]}") from exc
+                raise GenerationError(f"out of memory at batch 1: {_described(exc)}") from exc
             if len(keys) == 1 and not out_of_memory:
-                reason = f"generation failed: {type(exc).__name__}: {str(exc)[:300]}"
+                reason = f"generation failed: {_described(exc)}"
                 logger.warning("sample %s: %s", keys[0], reason)
                 return [{"keys": keys, "failed": dict.fromkeys(keys, reason), "cause": type(exc).__qualname__}]
             if out_of_memory and ran <= self.batch_size:  # not a batch made before an earlier halving
@@ -324,7 +331,7 @@ class ShardWorker:
                 except Exception as exc:
                     if stage.fails_rows or len(keys) > 1 or _is_fatal(exc) or _out_of_memory(exc):
                         raise
-                    skipped[stage.name] = f"{stage.name} failed: {type(exc).__name__}: {str(exc)[:300]}"
+                    skipped[stage.name] = f"{stage.name} failed: {_described(exc)}"
                     logger.warning("sample %s: %s", keys[0], skipped[stage.name])
                     error = exc
             missing |= dict.fromkeys(stage.produces(self.spec), (stage.name, error))
@@ -401,6 +408,7 @@ class PreparedBatches:
                     batch = next(self._batches, self._END)
                 if not self._put(batch) or batch is self._END:
                     return
+                batch = None  # handed over: the device frees it once it has run
         except BaseException as exc:  # the device's loop raises it
             self._error = exc
             self._put(self._END)
