@@ -142,7 +142,7 @@ JOB_KINDS = ("generate", "reflow_pairs")
 # The exit statuses every entry point documents; the suite holds the drivers to the table, not to the code.
 EXIT_OK, EXIT_SHARDS_FAILED, EXIT_BAD_INPUT, EXIT_OUTPUT_LOST, EXIT_INTERRUPTED = 0, 1, 2, 4, 130
 LEFTOVER_GRACE_S = 10.0  # after the cluster's shutdown, for its processes to end
-VERIFY_TIMES = 5  # verify runs on the finished output, each of which must pass
+VERIFY_TIMES = 5  # verify runs on the finished output, each of which must pass (--verify-times)
 MAX_EXTRA_LEGS = 3  # resumes beyond those the faults make, before a run counts as not finishing
 POLL_S = 0.2
 _MARKER = re.compile(r"\d{5}\.stats\.json")
@@ -669,7 +669,8 @@ def differing_samples(name: str, data: bytes, expected: bytes | None) -> str:
 
 
 def check_final(services: Services, fs, url: str, root: str, prompts: dict[str, str],
-                reference: dict[str, bytes] | None, log_dir: Path) -> tuple[list[str], dict, dict[str, bytes]]:
+                reference: dict[str, bytes] | None, log_dir: Path,
+                verify_times: int = VERIFY_TIMES) -> tuple[list[str], dict, dict[str, bytes]]:
     """Problems with a finished output, what was checked, and its data files (the reference, for a clean run)."""
     from pipeline.lock import lock_holder
 
@@ -678,14 +679,14 @@ def check_final(services: Services, fs, url: str, root: str, prompts: dict[str, 
     # verify re-plans from the prompts, on S3 even for a local output: it reads the server directly
     env = os.environ | CREDS | {"PYTHONPATH": str(REPO), "AWS_ENDPOINT_URL": services.s3_url}
     verifies = [subprocess.run([sys.executable, "-m", "jobs.main", "verify", url, *options], capture_output=True,
-                               text=True, env=env, timeout=600) for _ in range(VERIFY_TIMES)]  # each must pass
+                               text=True, env=env, timeout=600) for _ in range(verify_times)]  # each must pass
     (log_dir / "verify.txt").write_text("".join(f"--- verify {i + 1}: exit {v.returncode}\n{v.stdout}{v.stderr}"
                                                 for i, v in enumerate(verifies)))
     facts["verify_exits"] = [verify.returncode for verify in verifies]
     facts["verify_exit"] = next((status for status in facts["verify_exits"] if status != 0), 0)
     for verify in verifies:
         if verify.returncode != 0:
-            problems.append(f"verify exited {verify.returncode} (statuses of its {VERIFY_TIMES} runs: "
+            problems.append(f"verify exited {verify.returncode} (statuses of its {verify_times} runs: "
                             f"{facts['verify_exits']}): "
                             + " | ".join(line.strip() for line in (verify.stdout + verify.stderr).splitlines()
                                          if "PROBLEM" in line or "error" in line.lower())[:2000])
@@ -771,6 +772,7 @@ class Suite:
     leg_timeout_s: float
     keep_files: bool = False  # keep passed runs' logs, outputs and Ray files too
     shared_cluster: ChaosCluster | None = None  # None: a fresh cluster for each run
+    verify_times: int = VERIFY_TIMES
 
 
 class Run:
@@ -862,7 +864,8 @@ class Run:
             if not any("did not complete" in p for p in self.problems):
                 checks_started = self.now()
                 problems, facts, self.files = check_final(self.services, self.fs, self.url, self.root,
-                                                          self.suite.prompts, self.reference, self.dir)
+                                                          self.suite.prompts, self.reference, self.dir,
+                                                          self.suite.verify_times)
                 self.phases["final_checks_s"] = round(self.now() - checks_started, 2)
                 self.checks["final"] = {"problems": problems, **facts}
                 self.problems += problems
@@ -1378,6 +1381,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="part sizes in bytes that `multipart` runs choose from (s3fs uploads in parts above twice)")
     parser.add_argument("--storage-rules", dest="storage_config", type=json.loads,
                         help="the proxy's rules for runs with storage faults, as JSON, instead of the seed's choice")
+    parser.add_argument("--verify-times", type=int, default=VERIFY_TIMES,
+                        help="verify runs on each finished output, each of which must pass")
     parser.add_argument("--leg-timeout", type=float, default=900.0, help="seconds a leg may take (more is a hang)")
     parser.add_argument("--workdir", help="logs, models and Ray's files (default: a new folder under /tmp)")
     parser.add_argument("--out", default="out/chaos/runs.jsonl", help="JSON lines: one per run, then a summary")
@@ -1417,7 +1422,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prompts, num_units = workload.upload(services.fs)
         suite = Suite(services, workload, workdir, prompts, num_units, args.gpu_nodes, args.leg_timeout, args.keep,
-                      ChaosCluster(services, args.gpu_nodes) if args.shared_cluster else None)
+                      ChaosCluster(services, args.gpu_nodes) if args.shared_cluster else None, args.verify_times)
         scenarios = [Scenario.from_seed(args.seed * 1000 + i, num_units, args.kinds, args.faults, args.always,
                                         args.storage_config, args.part_sizes) for i in range(args.runs)]
         with out.open("a") as sink:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import pytest
@@ -25,12 +27,21 @@ EXIT_STATUS = pytest.StashKey[int]()
 RAY_FIXTURES = {"ray_gpus", "ray_cpus"}  # each starts a local Ray for its module
 
 
+# The longest files (a minute or more each: pytest --durations): run first, so that the test processes of `-n`
+# (infra/local/dev.sh runs two, a file each at a time) end together rather than one waiting on the last of them.
+LONGEST_FIRST = ("test_reproduce_toy.py", "test_train_job.py", "test_chaos.py", "test_bench_cpu.py",
+                 "test_submit.py", "test_stage_jobs.py", "test_exit_status.py", "test_faults.py")
+
+
 def pytest_collection_modifyitems(config, items):
     """The fast tier is `-m "not slow"`: a test that needs a local Ray (through its fixtures) is slow, as is one
-    marked so where it is written (it starts Ray itself, or runs commands as processes)."""
+    marked so where it is written (it starts Ray itself, or runs commands as processes). The longest files go
+    first (LONGEST_FIRST), the others keep their order."""
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -118,8 +129,11 @@ def tiny_models(tmp_path_factory):
 
 
 def private_ray_tmpdir(tmp_path_factory) -> str:
-    """A fresh RAY_TMPDIR for each Ray a test module starts: sessions never see each other's files."""
-    ray_tmp = str(tmp_path_factory.mktemp("ray"))
+    """A fresh RAY_TMPDIR for each Ray a test module starts: sessions never see each other's files. It is short
+    and directly under the system's temporary folder, whatever pytest's own (`-n`'s workers add to that): Ray's
+    socket paths below it must fit the 107 bytes of a Unix socket's name. Removed when the tests end."""
+    ray_tmp = tempfile.mkdtemp(prefix="ray-")
+    atexit.register(shutil.rmtree, ray_tmp, True)
     os.environ["RAY_TMPDIR"] = ray_tmp
     return ray_tmp
 

@@ -26,6 +26,8 @@ fi
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled
 case "${1:-}" in
   demo) shift; exec .venv/bin/python -m jobs.demo "$@" ;;
-  test) shift; exec .venv/bin/python -m pytest -q "$@" ;;
+  # Two test processes (pytest-xdist), a file each at a time (module fixtures start one Ray per file); the tests
+  # are CPU-bound, so more than the machine's cores gain nothing. TEST_PROCESSES=0 runs them in this process.
+  test) shift; exec .venv/bin/python -m pytest -q -n "${TEST_PROCESSES:-2}" --dist loadfile "$@" ;;
   *) echo "usage: bash infra/local/dev.sh {demo|test} [args]" >&2; exit 2 ;;
 esac
