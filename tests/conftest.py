@@ -27,10 +27,14 @@ EXIT_STATUS = pytest.StashKey[int]()
 RAY_FIXTURES = {"ray_gpus", "ray_cpus"}  # each starts a local Ray for its module
 
 
-# The longest files (a minute or more each: pytest --durations): run first, so that the test processes of `-n`
-# (infra/local/dev.sh runs two, a file each at a time) end together rather than one waiting on the last of them.
+# The longest files (half a minute or more each: pytest --durations), longest first: run before the others, so
+# that the test processes of `-n` (infra/local/dev.sh runs two, a file each at a time) end together rather than one
+# waiting on the last of them.
 LONGEST_FIRST = ("test_reproduce_toy.py", "test_train_job.py", "test_chaos.py", "test_bench_cpu.py",
-                 "test_submit.py", "test_stage_jobs.py", "test_exit_status.py", "test_faults.py")
+                 "test_submit.py", "test_stage_jobs.py", "test_exit_status.py", "test_faults.py", "test_bench_gpu.py",
+                 "test_identity.py", "test_jobs.py", "test_wide_unet.py", "test_encode_job.py", "test_demo.py",
+                 "test_pool.py", "test_secrets.py", "test_node_loss.py", "test_verify.py", "test_named_inputs.py",
+                 "test_worker.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -50,23 +50,24 @@ def test_each_command_exits_with_its_documented_status_every_time(finished, tiny
 
 def test_an_interrupt_while_a_command_closes_down_exits_130_with_its_line_last(finished):
     """Ctrl-C or SIGTERM once the summary is out lands in the release (Ray's shutdown, pyarrow's pools) or the
-    exit: it was a traceback (status 1 or -2) or a death by signal (-15). A verify that had already ended
-    before the signal could reach it (its exit takes milliseconds) exits 0; runs go on until 2 were reached."""
+    exit: it was a traceback (status 1 or -2) or a death by signal (-15). A verify whose signal came after its
+    exit's last check for one (jobs.errors.process_exit: microseconds before it ends, a moment a loaded machine
+    can stretch), or after it ended, exits 0 with its own last line; runs go on until 2 exited 130."""
     root, flags = finished
     generate = Case("generate", ["run", "generate", *flags, "--output", str(root / "closing")], 0)
     held, outcome = interrupt_after(generate, "metrics", signal.SIGINT)  # Ray's shutdown takes a second or two
     assert held and (outcome.status, outcome.last_stderr) == (130, "error: interrupted"), outcome
     verify, reached = Case("verify", ["verify", str(root / "out")], 0), 0
     for signum in [signal.SIGTERM, signal.SIGINT] * 4:
-        held, outcome = interrupt_after(verify, "verdict", signum)
-        if held:
-            assert (outcome.status, outcome.last_stderr) == (130, "error: interrupted"), (signum, outcome)
+        _, outcome = interrupt_after(verify, "verdict", signum)
+        if outcome.status == 130:
+            assert outcome.last_stderr == "error: interrupted", (signum, outcome)
+            reached += 1
         else:
-            assert outcome.status == 0, outcome
-        reached += held
+            assert outcome.status == 0 and not outcome.last_stderr.startswith(("error", "Traceback")), outcome
         if reached == 2:
             break
-    assert reached == 2, "the signal never reached verify before it ended"
+    assert reached == 2, "the signal never reached verify before its exit's last check"
 
 
 def test_a_worker_that_cannot_load_its_lora_ends_with_the_error_line(finished, tiny_models):

@@ -54,8 +54,8 @@ def files_outside(root: Path, cache: Path) -> list[Path]:
 
 def test_a_job_whose_model_lists_a_key_outside_its_folder_is_refused(s3, escaping_model, tmp_path, capsys):
     url, cache = escaping_model
-    write_prompts(s3.fs, f"{s3.bucket}/in/p.parquet", prompt_table(4), row_group_size=4)
-    status = generate.main(["--prompts", s3.url("in/"), "--output", str(tmp_path / "out"), "--model", url,
+    write_prompts(s3.fs, f"{s3.bucket}/listed-in/p.parquet", prompt_table(4), row_group_size=4)
+    status = generate.main(["--prompts", s3.url("listed-in/"), "--output", str(tmp_path / "out"), "--model", url,
                             "--storage-options", json.dumps(s3.storage_options), *SIZE])
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1, err
@@ -87,9 +87,9 @@ def test_a_model_whose_keys_no_disk_can_hold_is_refused_on_the_driver(s3, tiny_m
     s3.fs.put(str(tiny_models["instaflow"]), folder, recursive=True)
     s3.fs.pipe_file(f"{folder}/{key}", b"a file the store holds")
     s3.fs.invalidate_cache()
-    write_prompts(s3.fs, f"{s3.bucket}/in/p.parquet", prompt_table(4), row_group_size=4)
+    write_prompts(s3.fs, f"{s3.bucket}/listed-in/p.parquet", prompt_table(4), row_group_size=4)
     url = s3.url(f"models/{len(key)}")
-    status = generate.main(["--prompts", s3.url("in/"), "--output", str(tmp_path / "out"), "--model", url,
+    status = generate.main(["--prompts", s3.url("listed-in/"), "--output", str(tmp_path / "out"), "--model", url,
                             "--storage-options", json.dumps(s3.storage_options), *SIZE])
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1, err
