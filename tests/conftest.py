@@ -133,11 +133,15 @@ def tiny_models(tmp_path_factory):
 
 
 def private_ray_tmpdir(tmp_path_factory) -> str:
-    """A fresh RAY_TMPDIR for each Ray a test module starts: sessions never see each other's files. It is short
-    and directly under the system's temporary folder, whatever pytest's own (`-n`'s workers add to that): Ray's
-    socket paths below it must fit the 107 bytes of a Unix socket's name. Removed when the tests end."""
-    ray_tmp = tempfile.mkdtemp(prefix="ray-")
-    atexit.register(shutil.rmtree, ray_tmp, True)
+    """A fresh RAY_TMPDIR for each Ray a test module starts: sessions never see each other's files. Ray's files
+    stay with the tests' others (pytest keeps the last runs' folders: a failure's logs), reached through a short
+    link directly under the system's temporary folder, whatever pytest's folder is (`-n`'s workers lengthen it):
+    Ray's socket paths must fit the 107 bytes of a Unix socket's name. The link goes when the tests end."""
+    folder = tmp_path_factory.mktemp("ray")
+    links = tempfile.mkdtemp(prefix="ray-")
+    atexit.register(shutil.rmtree, links, True)  # the link, not what it points to
+    ray_tmp = os.path.join(links, "r")
+    os.symlink(folder, ray_tmp)
     os.environ["RAY_TMPDIR"] = ray_tmp
     return ray_tmp
 

@@ -18,7 +18,7 @@ from pipeline.lock import (EXITED_HOLDER_GRACE_S, LOCK_NAME, LockRecord, OutputL
                            OutputLostError, lock_holder, machine_id)
 from pipeline.storage import OutputError, PreconditionFailed, check_conditional_writes, conditional_store, put_atomic
 
-LEASE_S = 1.0
+LEASE_S = 2.0  # renewals every quarter of it: room for a loaded machine's stalls (two test processes)
 
 
 @pytest.fixture(params=["local", "s3"])

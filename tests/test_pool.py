@@ -66,7 +66,8 @@ def test_a_unit_past_its_deadline_gets_its_worker_restarted_and_is_retried(ray_g
     first units get the warm-up allowance, the restarted one's too. Unit 2, waiting behind the hung unit 1 when
     the worker is killed, is requeued without losing a try."""
     results = []
-    limits = PoolLimits(unit_timeout_s=1.0, warmup_timeout_s=4.0)
+    # the warm-up allowance covers an actor's start on a loaded machine (two test processes) and its 1.5 s
+    limits = PoolLimits(unit_timeout_s=1.0, warmup_timeout_s=10.0)
     pool = ActorPool(lambda i: HangsOnFirstTry.remote(warm_up_s=1.5), 1, 2, limits)
     started = time.monotonic()
     pool.run(units(4), results.append, poll_s=0.2)
