@@ -39,13 +39,14 @@ LONGEST_FIRST = ("test_reproduce_toy.py", "test_train_job.py", "test_chaos.py", 
 
 def pytest_collection_modifyitems(config, items):
     """The fast tier is `-m "not slow"`: a test that needs a local Ray (through its fixtures) is slow, as is one
-    marked so where it is written (it starts Ray itself, or runs commands as processes). The longest files go
-    first (LONGEST_FIRST), the others keep their order."""
+    marked so where it is written (it starts Ray itself, or runs commands as processes). In two processes or more
+    (`-n`), the longest files go first (LONGEST_FIRST), the others keep their order."""
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    if getattr(config.option, "numprocesses", None):
+        rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.hookimpl(tryfirst=True)
