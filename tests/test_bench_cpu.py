@@ -41,7 +41,8 @@ def test_simulated_device(shared_ray, tmp_path):
     refined = rows["feed: jpeg eager + refiner"]  # the refiner stage on a stand-in: every refined image stored
     assert refined["samples"] == refined["images_encoded"] == images["samples"]
     floats = rows["feed: jpeg float 2 workers"]  # the decoder's float images post-processed on the host, 2 workers
-    assert floats["workers"] == floats["workers_seen"] == 2 and floats["cpus_per_worker"] == 1
+    # both workers are started; under load the first one ready may take all 4 units before the other is up
+    assert floats["workers"] == 2 and 1 <= floats["workers_seen"] <= 2 and floats["cpus_per_worker"] == 1
     assert floats["samples"] == floats["images_encoded"] == images["samples"]
     assert floats["reference_one_thread"]["postprocess_ms_per_image"] > 0
     assert floats["ms_per_sample_by_process_kind"]["workers"] > 0 and "engine_steady_ms_per_sample_beyond" in floats
