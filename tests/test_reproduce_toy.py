@@ -4,10 +4,12 @@ claims themselves are checked by the full scale, whose figures are in jobs/toy/R
 
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.toy.data import Caption, all_captions, draw, split_captions
+from jobs.toy.data import PARTIAL_CAPTIONS, Caption, all_captions, draw, split_captions, training_caption
+from jobs.toy.evaluation import bootstrap, clean_shapes, frechet_distance, mode_gap, verdict
 from jobs.toy import reproduce as reproduce_toy
 from jobs.main import main
 
@@ -46,15 +48,30 @@ def test_smoke_runs_every_phase_and_reports_every_measure(smoke):
         assert set(curve["curve"]) == {"0.1", "0.3", "0.5", "0.7", "0.9"} and curve["mean"] > 0
     assert set(report["claims"]) == {"reflow_straightened", "one_step_2rf_beats_one_step_1rf",
                                      "distilled_from_2rf_beats_distilled_from_1rf"}
+    assert {claim["verdict"] for claim in report["claims"].values()} <= {"shown", "not shown", "contradicted"}
+    difference = report["claims"]["one_step_2rf_beats_one_step_1rf"]["partial_fid"]["difference"]
+    assert difference[1] <= difference[2]
+    assert set(report["measures"]) == {"real"} | REPORT_ACCURACIES - {"classifier_real", "classifier_autoencoded"}
+    assert report["measures"]["real"]["held_out"]["clean"][0] == 1.0  # the real images are clean shapes
+    for model, sets in report["measures"].items():  # every measure of every model, with its interval
+        assert set(sets["partial"]) == ({"accuracy", "clean"} if model == "real" else
+                                        {"accuracy", "clean", "fid", "mode_gap"})
+        assert all(low <= high for values in sets.values() for _, low, high in values.values()), model
     assert report["budgets"]["distill_2rf"]["steps"] == report["budgets"]["distill_1rf"]["steps"]
     assert report["seconds"]["total"] > 0 and "train_1rf" in report["seconds"]
     html = (smoke / "report.html").read_text()
     assert "http" not in html.replace('lang="en"', "")  # no network: every figure inline
-    assert html.count("data:image/png;base64,") == 8  # the straightness chart, the real images, six models
+    # the straightness chart, the real images and six models' on held-out captions, and the same on a partial one
+    assert html.count("data:image/png;base64,") == 15
     assert {p.name for p in (smoke / "figures").iterdir()} >= {"straightness.png", "samples-2rf_1step.png"}
     # the training set is in the engine's image-dataset format: Hugging Face datasets reads the images
     table = pq.read_table(next((smoke / "data" / "train").glob("*.parquet")))
     assert b"Image" in table.schema.metadata[b"huggingface"] and table.column("image")[0]["bytes"].as_py()
+    full = {c.text for c in all_captions()}  # training images are shown with full and partial captions alike
+    prompts = table.column("prompt").to_pylist()
+    assert 0 < sum(prompt in full for prompt in prompts) < len(prompts)
+    evaluated = set(pq.read_table(smoke / "data" / "eval-prompts" / "00000.parquet").column("prompt").to_pylist())
+    assert {c.text for c in PARTIAL_CAPTIONS} <= evaluated
     # the 1-RF was trained by the engine from the encode job's pairs: noise independent of the image
     encoded = pq.read_table(next((smoke / "pairs" / "encoded").glob("*.parquet")))
     assert set(encoded.column("teacher_kind").to_pylist()) == {"encode"}
@@ -72,13 +89,14 @@ def test_a_finished_reproduction_reruns_without_work(smoke, capsys):
 def test_a_reproduction_stopped_mid_way_resumes_from_its_phase(smoke):
     phases = smoke / "phases"
     kept = {name: (phases / f"{name}.json").read_text() for name in ("data", "models", "train_1rf", "distill_1rf")}
-    for name in ("samples_distilled_1rf", "accuracy", "report"):
+    for name in ("samples_distilled_1rf", "measures", "report"):
         (phases / f"{name}.json").unlink()  # as if it stopped while sampling the control's distilled model
     report_before = json.loads((smoke / "report.json").read_text())
     assert reproduce_toy.main(["--out", str(smoke), "--scale", "smoke"]) == 0
     assert {name: (phases / f"{name}.json").read_text() for name in kept} == kept
     report = json.loads((smoke / "report.json").read_text())
-    assert report["accuracy"] == report_before["accuracy"]  # the resumed jobs found their work done
+    # the resumed jobs found their work done: the same samples, so the same figures and intervals
+    assert (report["accuracy"], report["measures"]) == (report_before["accuracy"], report_before["measures"])
 
 
 def test_a_folder_that_holds_a_jobs_output_is_refused(smoke, tmp_path, capsys):
@@ -112,3 +130,44 @@ def test_an_out_inside_a_jobs_output_in_a_store_is_refused(s3, capsys):
     err = capsys.readouterr().err
     assert f"--out {out}: it is inside {s3.url('toy-output')}, which holds a job's output (_job.json)" in err, err
     assert s3.fs.find(f"{s3.bucket}/toy-output") == [f"{s3.bucket}/toy-output/_job.json"]
+
+
+def test_partial_captions_leave_attributes_out_and_fit_their_images():
+    image = Caption("star", "orange", "white", "top left")
+    assert image.keeping(["colour"]).text == "an orange shape"
+    assert image.keeping(["shape", "background"]).text == "a star on a white background"
+    assert image.keeping(["position"]).text == "something, top left" and image.keeping([]).text == "something"
+    assert image.keeping(["colour"]).matches(image) and not Caption(None, "red", None, None).matches(image)
+    rng = np.random.default_rng(1)
+    shown = [training_caption(image, 0.5, rng) for _ in range(400)]
+    assert 150 < sum(c == image for c in shown) < 280 and len({c.text for c in shown}) == 16  # every subset
+    assert all(c.matches(image) for c in shown)
+    texts = {c.text for c in all_captions()}
+    assert all(c.text not in texts and c.given for c in PARTIAL_CAPTIONS)
+
+
+def test_the_measures_on_known_inputs():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4000, 3)), rng.normal(size=(4000, 3))
+    a -= a.mean(0)
+    assert frechet_distance(a, b) < 0.02 and abs(frechet_distance(a, a + [2, 0, 0]) - 4) < 1e-6
+    assert abs(frechet_distance(a, 3 * a) - np.trace(np.cov(a, rowvar=False)) * (3 - 1) ** 2) < 1e-6  # sd x3
+    real = [Caption("star", "red", "white", "top left"), Caption("circle", "blue", "black", "bottom right")]
+    images = np.stack([draw(c, 64, seed) for seed, c in enumerate(real)])
+    assert clean_shapes(images, ["red", "blue"]).tolist() == [True, True]
+    assert clean_shapes(images, ["blue", None]).tolist() == [False, True]  # the wrong colour; any colour
+    blurred = images.astype(float).mean(0, keepdims=True).astype(np.uint8)  # two modes averaged: no clean shape
+    assert clean_shapes(blurred, [None]).tolist() == [False]
+    two = images.copy()
+    two[1, :20, :20] = two[1, 50, 50]  # a second blue region: not one shape
+    assert clean_shapes(two, ["red", "blue"]).tolist() == [True, False]
+    labels = {name: np.array([0, 1, 2, 3]) for name in ("shape", "colour", "background", "position")}
+    collapsed = {name: np.array([0, 0, 0, 0]) for name in labels}
+    assert mode_gap(labels, labels, ["shape"]) == 0 and mode_gap(collapsed, labels, ["shape", "colour"]) == 0.75
+    groups = [(np.arange(10 * g, 10 * g + 10),) for g in range(20)]
+    values = np.arange(200) % 2  # half ones: the mean's interval holds 0.5 and is narrow
+    low, high = bootstrap(lambda i: values[i].mean(), groups, seed=0)
+    assert low <= 0.5 <= high and high - low < 0.2
+    assert (verdict(0.1, 0.3, True), verdict(-0.3, -0.1, False), verdict(-0.1, 0.1, True)) == \
+        ("shown", "shown", "not shown")
+    assert verdict(0.1, 0.3, False) == "contradicted"

@@ -2,9 +2,11 @@
 
 Each image is one shape (circle, square, triangle, star) of one colour on a background of another colour, in one
 of four positions, drawn with Pillow at 4x and downsampled (smooth edges), with a seeded jitter of size and
-place. Its caption says all four: `a red triangle on a blue background, top left`. Captions, not images, are held
-out: the held-out captions are combinations never seen in training, each of whose shape-colour pairs is.
-Everything is derived from the seed, so two builds give the same bytes.
+place. A full caption says all four: `a red triangle on a blue background, top left`; a partial one leaves some
+out (`a red shape`, `a star on a blue background`, `something, top left`), so that one caption has many images
+and the flow's conditional distributions have many modes, as a text-to-image teacher's have. Combinations, not
+images, are held out: the held-out captions are combinations never drawn for training, each of whose shape-colour
+pairs is. Everything is derived from the seed, so two builds give the same bytes.
 """
 
 from __future__ import annotations
@@ -31,19 +33,40 @@ SUPERSAMPLE = 4
 
 @dataclass(frozen=True)
 class Caption:
-    shape: str
-    colour: str
-    background: str
-    position: str
+    """An image's attributes; None for one a partial caption leaves out."""
+
+    shape: str | None
+    colour: str | None
+    background: str | None
+    position: str | None
 
     @property
     def text(self) -> str:
-        return f"{_article(self.colour)} {self.colour} {self.shape} on {_article(self.background)} {self.background} " \
-               f"background, {self.position}"
+        if self.shape is None and self.colour is None:
+            subject = "something"
+        else:
+            noun = self.shape or "shape"
+            subject = f"{_article(self.colour or noun)} {self.colour + ' ' if self.colour else ''}{noun}"
+        background = f" on {_article(self.background)} {self.background} background" if self.background else ""
+        return subject + background + (f", {self.position}" if self.position else "")
+
+    @property
+    def given(self) -> tuple[str, ...]:
+        """The attributes the caption says."""
+        return tuple(name for name in ATTRIBUTES if getattr(self, name) is not None)
 
     def labels(self) -> dict[str, int]:
-        """Each attribute's class index, for the classifier."""
-        return {name: ATTRIBUTES[name].index(getattr(self, name)) for name in ATTRIBUTES}
+        """Each attribute's class index, for the classifier (-1 for one left out)."""
+        return {name: ATTRIBUTES[name].index(value) if (value := getattr(self, name)) is not None else -1
+                for name in ATTRIBUTES}
+
+    def keeping(self, names) -> "Caption":
+        """The partial caption of this image that says only `names`."""
+        return Caption(**{name: getattr(self, name) if name in names else None for name in ATTRIBUTES})
+
+    def matches(self, image: "Caption") -> bool:
+        """Whether a full caption's image fits this (partial) caption."""
+        return all(getattr(image, name) == getattr(self, name) for name in self.given)
 
 
 def _article(word: str) -> str:
@@ -75,9 +98,27 @@ def split_captions(held_out_fraction: float, seed: int) -> tuple[list[Caption], 
     return [c for c in captions if c not in held_set], sorted(held, key=captions.index)
 
 
+def training_caption(image: Caption, full_share: float, rng: np.random.Generator) -> Caption:
+    """The caption one training image is shown with: the full one with probability `full_share`, else each
+    attribute kept with probability 1/2 (possibly none: `something`)."""
+    if rng.random() < full_share:
+        return image
+    return image.keeping([name for name in ATTRIBUTES if rng.random() < 0.5])
+
+
+# Partial captions whose samples are measured for how they cover their modes (the attributes they leave out);
+# fixed before any model is trained. Each leaves out shape or colour, the attributes a blurred average shows.
+PARTIAL_CAPTIONS = (
+    Caption(None, "red", None, None), Caption(None, "blue", "white", "top left"),
+    Caption("star", None, None, None), Caption("circle", None, "black", None),
+    Caption("triangle", None, None, "bottom right"), Caption(None, None, "yellow", None),
+    Caption(None, "green", None, "top right"), Caption("square", None, "purple", "bottom left"),
+)
+
+
 def tokenizer_corpus() -> str:
     """Every word a caption can have, for the toy tokenizer's merges."""
-    words = set()
+    words = {"shape", "something"}
     for caption in all_captions():
         words.update(caption.text.replace(",", " ").split())
     return " ".join(sorted(words))

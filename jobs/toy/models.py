@@ -166,6 +166,13 @@ class Classifier(nn.Module):
         return {name: head(features) for name, head in self.heads.items()}
 
     @torch.no_grad()
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """The last hidden layer's activations for uint8 NHWC images: the toy FID's feature space."""
+        self.eval()
+        return torch.cat([F.silu(self.body(to_unit_range(images[i : i + 256]))) for i in range(0, len(images), 256)]
+                         ).numpy().astype(np.float64)
+
+    @torch.no_grad()
     def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Each attribute's predicted class index for uint8 NHWC images."""
         self.eval()

@@ -73,6 +73,22 @@ def straightness_chart(curves: dict[str, dict], width: int = 560, height: int = 
     return image
 
 
+MEASURE_COLUMNS = (("held_out", "fid"), ("held_out", "accuracy"), ("held_out", "clean"), ("partial", "fid"),
+                   ("partial", "accuracy"), ("partial", "clean"), ("partial", "mode_gap"))
+
+
+def _interval(values: list[float]) -> str:
+    return f"{values[0]:.3g} [{values[1]:.3g}, {values[2]:.3g}]"
+
+
+def _claim_figure(claim: dict) -> str:
+    """The figure a verdict rests on: a difference with its interval, or the two straightness figures."""
+    if "headline" in claim:
+        return f"({claim['headline'].replace('_', ' ')} difference {_interval(claim[claim['headline']]['difference'])})"
+    return f"(S {claim['straightness'][0]:.4g} against {claim['straightness'][1]:.4g}; one-step error " \
+           f"{claim['one_step_error'][0]:.4g} against {claim['one_step_error'][1]:.4g})"
+
+
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
@@ -89,12 +105,20 @@ def render(report: dict, figures: dict[str, bytes]) -> str:
         + "".join(f"<td>{v:.4g}</td>" for _, v in sorted(curve["curve"].items(), key=lambda i: float(i[0])))
         + f"<td>{curve['one_step_error']:.4g}</td></tr>" for model, curve in report["straightness"].items())
     times = sorted(next(iter(report["straightness"].values()))["curve"], key=float)
-    grids = "".join(f"<h3>{html.escape(LABELS.get(name[8:], 'real held-out images'))}</h3>"
-                    + _img(png, name) for name, png in figures.items() if name.startswith("samples-"))
+    grids = "".join(f"<h3>{html.escape(LABELS.get(name[8:], 'real images'))}</h3>"
+                    + _img(png, name) for name, png in figures.items() if name.startswith("samples-")
+                    and not name.startswith("samples-partial-"))
+    partial = "".join(f"<h3>{html.escape(LABELS.get(name[16:], 'real images'))}</h3>"
+                      + _img(png, name) for name, png in figures.items() if name.startswith("samples-partial-"))
+    measure_rows = "".join(
+        f"<tr><td>{html.escape(LABELS.get(model, 'real images'))}</td>"
+        + "".join(f"<td>{_interval(values[set_name][name]) if name in values[set_name] else ''}</td>"
+                  for set_name, name in MEASURE_COLUMNS)
+        + "</tr>" for model, values in report["measures"].items())
     seconds = "".join(f"<tr><td>{html.escape(name)}</td><td>{value:.0f}</td></tr>"
                       for name, value in report["seconds"].items())
-    verdict = "".join(f"<li>{html.escape(name.replace('_', ' '))}: <b>{'yes' if held else 'no'}</b></li>"
-                      for name, held in claims.items())
+    verdict = "".join(f"<li>{html.escape(name.replace('_', ' '))}: <b>{html.escape(claim['verdict'])}</b> "
+                      f"{html.escape(_claim_figure(claim))}</li>" for name, claim in claims.items())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Reflow reproduced on a toy set ({html.escape(report['scale'])})</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
@@ -110,7 +134,14 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{t
 <p>Shape and colour both right (the headline figure), then each attribute alone.</p>
 <table><tr><th>images from</th><th>shape and colour</th><th>shape</th><th>colour</th><th>background</th>
 <th>position</th></tr>{rows}</table>
+<h2>Distribution measures, with 95% bootstrap intervals</h2>
+<p>Toy FID: Fréchet distance to real images of the same captions in the classifier's features (lower is better).
+Clean: one clean shape of the right colour. Mode gap: total variation distance between the labels of the samples
+and of real images, over what a partial caption leaves out (lower is better).</p>
+<table><tr><th>images from</th>{''.join(f'<th>{html.escape(s.replace("_", " "))}: {html.escape(n.replace("_", " "))}</th>'
+                                        for s, n in MEASURE_COLUMNS)}</tr>{measure_rows}</table>
 <h2>Samples on held-out captions</h2>{grids}
+<h2>Samples of one partial caption</h2>{partial}
 <h2>Seconds per phase</h2><table>{seconds}</table>
 </body></html>
 """

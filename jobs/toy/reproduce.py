@@ -27,11 +27,13 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from jobs.toy.data import ATTRIBUTES, all_captions, draw, png_bytes, split_captions
+from jobs.toy.data import (ATTRIBUTES, PARTIAL_CAPTIONS, Caption, draw, png_bytes, split_captions,
+                           training_caption)
 from jobs import encode, generate, reflow_pairs, straightness, train_reflow
 from jobs.errors import entry_point, process_exit
 from jobs.main import Parser
 from jobs.options import json_object
+from jobs.toy.evaluation import PARTIAL_TEXTS, caption_labels
 from jobs.toy.report import write_report
 from pipeline.manifest import MANIFEST_NAME
 from pipeline.storage import filesystem, get_bytes, normalize_location, put_atomic
@@ -48,8 +50,9 @@ MODEL_INDEX = "model_index.json"  # at the top of a diffusers pipeline folder
 @dataclass(frozen=True)
 class Scale:
     images_per_caption: int  # training images drawn per training caption
-    held_out_images_per_caption: int  # real held-out images, for the classifier's own accuracy
-    samples_per_held_out_caption: int  # generated samples per held-out caption, for every model's accuracy
+    held_out_images_per_caption: int  # real images per held-out caption: the reference of every model's samples
+    samples_per_held_out_caption: int  # generated samples per held-out caption, from every model
+    samples_per_partial_caption: int  # generated samples, and real images, per partial caption (PARTIAL_CAPTIONS)
     noises_per_image: int  # the 1-RF's (noise, image) couplings: independent noises per training image
     pair_prompts_per_caption: int  # reflow and distillation pairs per training caption
     autoencoder_steps: int
@@ -63,20 +66,23 @@ class Scale:
     euler_steps: int  # N: the teachers' Euler steps, and the N-step samples
     learning_rate: float  # the 1-RF's, from scratch
     finetune_learning_rate: float  # reflow and distillation, from a trained flow
+    full_caption_share: float = 0.5  # training images shown with their full caption; the others with a partial one
     seed: int = 0
 
 
 SCALES = {
     "smoke": Scale(images_per_caption=1, held_out_images_per_caption=1, samples_per_held_out_caption=1,
+                   samples_per_partial_caption=2,
                    noises_per_image=1, pair_prompts_per_caption=1, autoencoder_steps=20, text_encoder_steps=20,
                    classifier_steps=20, unet_widths=(32, 64), train_batch=32, rf1_steps=20, reflow_steps=10,
                    distill_steps=10, euler_steps=4, learning_rate=1e-3, finetune_learning_rate=1e-3),
     "full": Scale(images_per_caption=8, held_out_images_per_caption=4, samples_per_held_out_caption=4,
+                  samples_per_partial_caption=32,
                   noises_per_image=4, pair_prompts_per_caption=8, autoencoder_steps=2400, text_encoder_steps=400,
                   classifier_steps=1200, unet_widths=(48, 96), train_batch=64, rf1_steps=2000, reflow_steps=800,
                   distill_steps=800, euler_steps=16, learning_rate=5e-4, finetune_learning_rate=2e-4),
 }
-# Each model's samples on the held-out captions, by the folder of the job that made them: a held-out pairs job
+# Each model's samples on the evaluation captions, by the folder of the job that made them: a held-out pairs job
 # writes the model's 1-step images (images/) beside its N-step pairs with their decoded latents (pairs/).
 SAMPLE_FOLDERS = {"1rf_1step": "samples/1rf/images", "1rf_nstep": "samples/1rf/pairs",
                   "2rf_1step": "samples/2rf/images", "2rf_nstep": "samples/2rf/pairs",
@@ -122,7 +128,7 @@ class Reproduction:
                 self.url("pairs", model), "--teacher", teacher, *teacher_flags))
             # held-out pairs with the teacher's decoded N-step images, and the 1-step images of the same model
             self.phase(f"held_out_{model}", lambda: self.job(
-                reflow_pairs.main, "--prompts", self.url("data", "held-out-prompts"), "--output",
+                reflow_pairs.main, "--prompts", self.url("data", "eval-prompts"), "--output",
                 self.url("samples", model), "--teacher", teacher, "--model", teacher, *teacher_flags, *student_flags,
                 "--teacher-images",
                 "--image-format", "png", "--format", "parquet"))
@@ -133,10 +139,10 @@ class Reproduction:
                                                      s.distill_steps))
         for source in ("2rf", "1rf"):
             self.phase(f"samples_distilled_{source}", lambda: self.job(
-                generate.main, "--prompts", self.url("data", "held-out-prompts"), "--output",
+                generate.main, "--prompts", self.url("data", "eval-prompts"), "--output",
                 self.url("samples", f"distilled-{source}"), "--model", self.url("train", f"distilled-{source}", "final"),
                 "--steps", "1", "--guidance-scale", "1", "--image-format", "png", "--format", "parquet"))
-        self.phase("accuracy", self.measure_accuracy)
+        self.phase("measures", self.measure)
         self.phase("report", lambda: write_report(self.fs, self.root, self.report(), self.sample_grids()))
         return json.loads(get_bytes(self.fs, self.path("report.json")))
 
@@ -247,26 +253,41 @@ class Reproduction:
     # ---------------------------------------------------------------------------------------- toy-specific work
 
     def write_data(self) -> dict:
-        """The image sets (training, real held-out) in the engine's image-dataset format, and the prompt files of
-        the pairs and of the held-out samples."""
+        """The image sets in the engine's image-dataset format: training (each image with its full caption or a
+        partial one), and the evaluation's real images (of the held-out captions, and of each partial caption from
+        the training combinations that fit it); the prompt files of the pairs and of the evaluation samples."""
         s = self.scale
         training, held_out = split_captions(HELD_OUT_FRACTION, s.seed)
-        self.write_images("train", [c for c in training for _ in range(s.images_per_caption)], seed_base=0)
-        self.write_images("held-out", [c for c in held_out for _ in range(s.held_out_images_per_caption)],
+        rng = np.random.default_rng(s.seed)
+        drawn = [c for c in training for _ in range(s.images_per_caption)]
+        shown = [training_caption(c, s.full_caption_share, rng) for c in drawn]
+        self.write_images("train", drawn, shown, seed_base=0)
+        real = [(c, c) for c in held_out for _ in range(s.held_out_images_per_caption)]
+        for partial in PARTIAL_CAPTIONS:
+            fits = [c for c in training if partial.matches(c)]
+            real += [(fits[k], partial) for k in rng.integers(len(fits), size=s.samples_per_partial_caption)]
+        self.write_images("eval-real", [image for image, _ in real], [caption for _, caption in real],
                           seed_base=10**8)
-        self.write_prompts("pair-prompts", [c.text for c in training for _ in range(s.pair_prompts_per_caption)])
-        self.write_prompts("held-out-prompts", [c.text for c in held_out for _ in range(s.samples_per_held_out_caption)])
+        pairs = [training_caption(c, s.full_caption_share, rng) for c in training
+                 for _ in range(s.pair_prompts_per_caption)]
+        self.write_prompts("pair-prompts", [c.text for c in pairs])
+        self.write_prompts("eval-prompts", [c.text for c in held_out for _ in range(s.samples_per_held_out_caption)]
+                           + [c.text for c in PARTIAL_CAPTIONS for _ in range(s.samples_per_partial_caption)])
         return {"training_captions": len(training), "held_out_captions": len(held_out),
-                "held_out_examples": [c.text for c in held_out[:5]]}
+                "training_images_with_full_captions": sum(c == d for c, d in zip(shown, drawn)),
+                "training_images": len(drawn), "held_out_examples": [c.text for c in held_out[:5]],
+                "partial_captions": [c.text for c in PARTIAL_CAPTIONS]}
 
-    def write_images(self, name: str, captions: list, seed_base: int) -> None:
-        for start in range(0, len(captions), ROWS_PER_FILE):
-            part = captions[start : start + ROWS_PER_FILE]
+    def write_images(self, name: str, drawn: list[Caption], shown: list[Caption], seed_base: int) -> None:
+        """Images of the `drawn` combinations, each with its `shown` caption as the prompt and the drawn
+        attributes in their own columns (the classifier's truth)."""
+        for start in range(0, len(drawn), ROWS_PER_FILE):
+            part = drawn[start : start + ROWS_PER_FILE]
             keys = [f"{name}-{start + i:06d}" for i in range(len(part))]
             images = {key: png_bytes(draw(caption, IMAGE_SIZE, seed_base + start + i))
                       for i, (key, caption) in enumerate(zip(keys, part))}
             table = pa.table({"id": keys, "key": keys, "status": ["ok"] * len(part),
-                              "prompt": [caption.text for caption in part],
+                              "prompt": [caption.text for caption in shown[start : start + ROWS_PER_FILE]],
                               **{name_: [getattr(caption, name_) for caption in part] for name_ in ATTRIBUTES}})
             table = with_image_column(table, images, "png").drop_columns(["key", "status"])
             self.put_table(f"data/{name}/{start // ROWS_PER_FILE:05d}.parquet", table)
@@ -280,17 +301,25 @@ class Reproduction:
         pq.write_table(table, buffer)
         put_atomic(self.fs, self.path(*relative.split("/")), buffer.getvalue())
 
-    def read_images(self, folder: str) -> tuple[np.ndarray, list[str]]:
-        """The ok rows' images (uint8 NHWC) and prompts of every Parquet file in a folder, in file order."""
-        images, prompts = [], []
+    def read_images(self, folder: str) -> tuple[np.ndarray, list[str], dict[str, np.ndarray] | None]:
+        """The ok rows' images (uint8 NHWC), prompts and, for the real images, their drawn attributes' class
+        indices (None for a model's samples), of every Parquet file in a folder, in file order."""
+        images, prompts, drawn = [], [], []
         for path in sorted(self.fs.glob(self.path(folder, "*.parquet"))):
             table = pq.read_table(io.BytesIO(get_bytes(self.fs, path)))
             ok = table.column("status").to_pylist() if "status" in table.column_names else [None] * len(table)
-            for value, prompt, status in zip(table.column("image").to_pylist(), table.column("prompt").to_pylist(), ok):
+            real = set(ATTRIBUTES) <= set(table.column_names)
+            attributes = zip(*(table.column(name).to_pylist() for name in ATTRIBUTES)) if real else None
+            for row, (value, prompt, status) in enumerate(zip(table.column("image").to_pylist(),
+                                                              table.column("prompt").to_pylist(), ok)):
+                values = next(attributes) if real else None
                 if status in (None, "ok"):
                     images.append(np.asarray(Image.open(io.BytesIO(value["bytes"])).convert("RGB")))
                     prompts.append(prompt)
-        return np.stack(images), prompts
+                    if real:
+                        drawn.append([ATTRIBUTES[name].index(v) for name, v in zip(ATTRIBUTES, values)])
+        truth = {name: np.array([d[i] for d in drawn]) for i, name in enumerate(ATTRIBUTES)} if drawn else None
+        return np.stack(images), prompts, truth
 
     def train_models(self) -> dict:
         """The autoencoder and the text encoder, then the init folder the flow is trained from."""
@@ -298,7 +327,7 @@ class Reproduction:
                                           write_init_model)
 
         s = self.scale
-        images, prompts = self.read_images("data/train")
+        images, prompts, _ = self.read_images("data/train")
         vae = train_autoencoder(images, s.autoencoder_steps, 32, s.seed, log=logger.info)
         text_encoder = train_text_encoder(images, prompts, toy_tokenizer(), s.text_encoder_steps, 128, s.seed,
                                           log=logger.info)
@@ -309,18 +338,21 @@ class Reproduction:
                 "scaling_factor": vae.config.scaling_factor}
 
     def train_classifier(self) -> dict:
-        """The judge, trained on the real training images; its accuracy on real held-out images, and on the same
-        images passed through the autoencoder (the best a model in its latent space can score)."""
+        """The judge, trained on the real training images and their drawn attributes before any flow (its features
+        are the toy FID's); its accuracy on the real images of the held-out captions, and on the same images passed
+        through the autoencoder (the best a model in its latent space can score)."""
         from jobs.toy.models import accuracy, to_unit_range, train_classifier
         from diffusers import AutoencoderKL
 
         s = self.scale
-        images, prompts = self.read_images("data/train")
-        classifier = train_classifier(images, labels(prompts), s.classifier_steps, 128, s.seed, log=logger.info)
+        images, _, drawn = self.read_images("data/train")
+        classifier = train_classifier(images, drawn, s.classifier_steps, 128, s.seed, log=logger.info)
         buffer = io.BytesIO()
         torch.save(classifier.state_dict(), buffer)
         put_atomic(self.fs, self.path("models", "classifier.pt"), buffer.getvalue())
-        held_images, held_prompts = self.read_images("data/held-out")
+        real_images, real_prompts, _ = self.read_images("data/eval-real")
+        held = [i for i, prompt in enumerate(real_prompts) if prompt not in PARTIAL_TEXTS]
+        held_images, held_prompts = real_images[held], [real_prompts[i] for i in held]
         with tempfile.TemporaryDirectory(prefix="instaflow-toy-") as tmp:
             self.download("models/init/vae", Path(tmp))
             vae = AutoencoderKL.from_pretrained(tmp).eval()
@@ -328,7 +360,7 @@ class Reproduction:
             decoded = torch.cat([vae.decode(vae.encode(to_unit_range(held_images[i : i + 128])).latent_dist.mean).sample
                                  for i in range(0, len(held_images), 128)])
         autoencoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        truth = labels(held_prompts)
+        truth = caption_labels(held_prompts)
         return {"classifier_real": accuracy(classifier.predict(held_images), truth),
                 "classifier_autoencoded": accuracy(classifier.predict(autoencoded), truth),
                 "held_out_images": len(held_images)}
@@ -341,23 +373,34 @@ class Reproduction:
                                               weights_only=True))
         return classifier.eval()
 
-    def measure_accuracy(self) -> dict:
+    def measure(self) -> dict:
+        """Each model's per-attribute accuracy on the held-out captions, and every distribution measure with its
+        interval (jobs/toy/evaluation.py)."""
+        from jobs.toy.evaluation import Judged, evaluate
         from jobs.toy.models import accuracy
 
         classifier = self.classifier()
+        judged = {name: Judged.of(classifier, *self.read_images(folder))
+                  for name, folder in {"real": "data/eval-real", **SAMPLE_FOLDERS}.items()}
         measured = {}
-        for name, folder in SAMPLE_FOLDERS.items():
-            images, prompts = self.read_images(folder)
-            measured[name] = accuracy(classifier.predict(images), labels(prompts)) | {"samples": len(images)}
-        return measured
+        for name in SAMPLE_FOLDERS:
+            held = [i for i, prompt in enumerate(judged[name].prompts) if prompt not in PARTIAL_TEXTS]
+            measured[name] = accuracy({k: v[held] for k, v in judged[name].predicted.items()},
+                                      {k: v[held] for k, v in judged[name].truth.items()}) | {"samples": len(held)}
+        return {"accuracy": measured, **evaluate(judged, self.scale.seed)}
 
     def sample_grids(self) -> dict[str, list[tuple[Image.Image, str]]]:
-        """Up to 16 held-out samples of each model (and the real held-out images), with their captions."""
+        """Up to 16 samples of each model (and real images) of the held-out captions, and 16 of one partial
+        caption: where the modes are, a one-step model that averages them shows a blur."""
         grids = {}
-        for name, folder in {"real": "data/held-out", **SAMPLE_FOLDERS}.items():
-            images, prompts = self.read_images(folder)
-            step = max(1, len(images) // 16)
-            grids[name] = [(Image.fromarray(images[i]), prompts[i]) for i in range(0, len(images), step)][:16]
+        shown_partial = PARTIAL_CAPTIONS[0].text
+        for name, folder in {"real": "data/eval-real", **SAMPLE_FOLDERS}.items():
+            images, prompts, _ = self.read_images(folder)
+            held = [i for i, prompt in enumerate(prompts) if prompt not in PARTIAL_TEXTS]
+            step = max(1, len(held) // 16)
+            grids[name] = [(Image.fromarray(images[i]), prompts[i]) for i in held[::step]][:16]
+            grids[f"partial-{name}"] = [(Image.fromarray(images[i]), prompts[i]) for i, prompt in enumerate(prompts)
+                                        if prompt == shown_partial][:16]
         return grids
 
     # ---------------------------------------------------------------------------------------------- the report
@@ -366,10 +409,10 @@ class Reproduction:
         r, s = self.results, self.scale
         accuracy = {"classifier_real": r["classifier"]["classifier_real"]["shape_and_colour"],
                     "classifier_autoencoded": r["classifier"]["classifier_autoencoded"]["shape_and_colour"],
-                    **{name: r["accuracy"][name]["shape_and_colour"] for name in SAMPLE_FOLDERS}}
+                    **{name: r["measures"]["accuracy"][name]["shape_and_colour"] for name in SAMPLE_FOLDERS}}
         detail = {"classifier_real": r["classifier"]["classifier_real"],
                   "classifier_autoencoded": r["classifier"]["classifier_autoencoded"],
-                  **{name: r["accuracy"][name] for name in SAMPLE_FOLDERS}}
+                  **{name: r["measures"]["accuracy"][name] for name in SAMPLE_FOLDERS}}
         curves = {model: {k: v for k, v in r[f"straightness_{model}"].items() if k != "seconds"}
                   for model in ("1rf", "2rf")}
         phase_seconds = {name: record["seconds"] for name, record in r.items() if name != "report"}
@@ -378,11 +421,14 @@ class Reproduction:
             "straightness": curves,
             "accuracy": accuracy,
             "accuracy_detail": detail,
+            "measures": r["measures"]["measures"],
             "claims": {
-                "reflow_straightened": curves["2rf"]["mean"] < curves["1rf"]["mean"],
-                "one_step_2rf_beats_one_step_1rf": accuracy["2rf_1step"] > accuracy["1rf_1step"],
-                "distilled_from_2rf_beats_distilled_from_1rf":
-                    accuracy["distilled_from_2rf"] > accuracy["distilled_from_1rf"],
+                "reflow_straightened": {
+                    "straightness": [curves["2rf"]["mean"], curves["1rf"]["mean"]],
+                    "one_step_error": [curves["2rf"]["one_step_error"], curves["1rf"]["one_step_error"]],
+                    "verdict": "shown" if curves["2rf"]["mean"] < curves["1rf"]["mean"]
+                    and curves["2rf"]["one_step_error"] < curves["1rf"]["one_step_error"] else "not shown"},
+                **r["measures"]["claims"],
             },
             "steps": {"euler_steps": s.euler_steps, "guidance_scale": 1.0, "autoencoder": s.autoencoder_steps,
                       "text_encoder": s.text_encoder_steps, "classifier": s.classifier_steps, "1rf": s.rf1_steps,
@@ -411,10 +457,6 @@ class Reproduction:
             target.write_bytes(get_bytes(self.fs, path))
 
 
-def labels(prompts: list[str]) -> dict[str, np.ndarray]:
-    """Each attribute's class index per caption."""
-    by_text = {caption.text: caption.labels() for caption in all_captions()}
-    return {name: np.array([by_text[prompt][name] for prompt in prompts]) for name in ATTRIBUTES}
 
 
 @entry_point
