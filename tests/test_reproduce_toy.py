@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.toy.data import PARTIAL_CAPTIONS, Caption, all_captions, draw, split_captions, training_caption
-from jobs.toy.evaluation import bootstrap, clean_shapes, frechet_distance, mode_gap, verdict
+from jobs.toy.data import PARTIAL_CAPTIONS, SHAPES, Caption, all_captions, draw, split_captions, training_caption
+from jobs.toy.evaluation import CLAIMS, Judged, bootstrap, clean_shapes, evaluate, frechet_distance, mode_gap, verdict
 from jobs.toy import reproduce as reproduce_toy
 from jobs.main import main
 
@@ -158,6 +158,13 @@ def test_the_measures_on_known_inputs():
     assert clean_shapes(images, ["blue", None]).tolist() == [False, True]  # the wrong colour; any colour
     blurred = images.astype(float).mean(0, keepdims=True).astype(np.uint8)  # two modes averaged: no clean shape
     assert clean_shapes(blurred, [None]).tolist() == [False]
+    shapes = np.stack([draw(Caption(shape, "blue", "white", "top left"), 64, 3) for shape in SHAPES])
+    jitters = np.stack([draw(Caption("star", "red", "white", "top left"), 64, seed) for seed in range(32)])
+    averages = np.stack([shapes.mean(0), jitters.mean(0)]).astype(np.uint8)  # one colour, modes overlaid
+    assert clean_shapes(averages, ["blue", "red"]).tolist() == clean_shapes(averages, [None, None]).tolist() == \
+        [False, False]
+    orange_on_red = draw(Caption("circle", "orange", "red", "top left"), 64, 1)[None]  # on the red-yellow blend line
+    assert clean_shapes(orange_on_red, ["yellow"]).tolist() == [False] and clean_shapes(orange_on_red, ["orange"])
     two = images.copy()
     two[1, :20, :20] = two[1, 50, 50]  # a second blue region: not one shape
     assert clean_shapes(two, ["red", "blue"]).tolist() == [True, False]
@@ -166,8 +173,33 @@ def test_the_measures_on_known_inputs():
     assert mode_gap(labels, labels, ["shape"]) == 0 and mode_gap(collapsed, labels, ["shape", "colour"]) == 0.75
     groups = [(np.arange(10 * g, 10 * g + 10),) for g in range(20)]
     values = np.arange(200) % 2  # half ones: the mean's interval holds 0.5 and is narrow
-    low, high = bootstrap(lambda i: values[i].mean(), groups, seed=0)
+    low, high = bootstrap(lambda draws: values[np.concatenate(draws)].mean(), groups, seed=0)
     assert low <= 0.5 <= high and high - low < 0.2
     assert (verdict(0.1, 0.3, True), verdict(-0.3, -0.1, False), verdict(-0.1, 0.1, True)) == \
         ("shown", "shown", "not shown")
     assert verdict(0.1, 0.3, False) == "contradicted"
+
+
+def judged(prompts: list[str], features: np.ndarray) -> Judged:
+    """Images as the classifier would see them, with given features; every label 0, every image clean."""
+    labels = {name: np.zeros(len(prompts), dtype=np.int64) for name in ("shape", "colour", "background", "position")}
+    return Judged(np.array(prompts), features, labels, labels, np.ones(len(prompts), bool), np.ones(len(prompts), bool))
+
+
+def test_a_claim_between_two_draws_of_one_distribution_is_not_shown_and_a_collapsed_model_loses():
+    """The toy FID's interval must not favour a model that collapses modes: with the real images' distribution
+    against itself, not shown; against a model 0.5x as spread, the real-like model is shown better."""
+    _, held_out = split_captions(0.1, seed=0)
+    prompts = [c.text for c in held_out for _ in range(4)] + [c.text for c in PARTIAL_CAPTIONS for _ in range(32)]
+    rng = np.random.default_rng(3)
+    sets = {name: judged(prompts, rng.normal(size=(len(prompts), 128)))
+            for name in ("real", "1rf_1step", "distilled_from_2rf")}
+    sets["2rf_1step"] = judged(prompts, rng.normal(size=(len(prompts), 128)))
+    sets["distilled_from_1rf"] = judged(prompts, 0.5 * rng.normal(size=(len(prompts), 128)))
+    claims = evaluate(sets, seed=0)["claims"]
+    same, collapsed = CLAIMS  # 2-RF against 1-RF (both real-like); distilled from the 2-RF against a collapsed one
+    assert claims[same]["held_out_fid"]["verdict"] == "not shown" and claims[same]["verdict"] == "not shown"
+    assert claims[collapsed]["held_out_fid"]["verdict"] == "shown" and claims[collapsed]["verdict"] == "shown"
+    for claim in claims.values():
+        value, low, high = claim["partial_fid"]["difference"]
+        assert low <= value <= high

@@ -14,7 +14,8 @@ be resampled over captions (the unit the claims generalise over) and over sample
   and of real images of the caption, over each attribute the caption leaves out, averaged over those attributes.
 
 `bootstrap` resamples captions, then samples within each caption, and gives the 2.5 and 97.5 percentiles; for a
-claim it resamples two models' samples with the same captions drawn, so the interval is the difference's.
+claim it resamples two models' samples with the same captions drawn, so the interval is the difference's. The
+toy FID's interval is a jackknife over captions instead (`jackknife` says why).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ BOOTSTRAP_DRAWS = 200
 CLEAN_COLOUR_DISTANCE = 60.0  # L1 over RGB: within this of a palette colour counts as that colour
 CLEAN_SHARE_OF_SHAPE = 0.9  # of the pixels that are not the background, the share a blend of it and the colour
 SHAPE_AREA = (0.02, 0.2)  # of the image: the drawn shapes cover 0.04 to 0.12
+CLEAN_RIM = 0.5  # partial blends (alpha 0.15 to 0.85) per pixel of the shape: at most 0.39 drawn, 0.9 and up averaged
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -44,8 +46,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 def clean_shapes(images: np.ndarray, colours: list[str | None]) -> np.ndarray:
     """Per image (uint8 NHWC): one clean shape of `colours[i]` (of any palette colour where None) on a plain
     background. Clean: nearly every pixel that is not the background is a blend of the background and the shape's
-    colour (edges are antialiased), and the pixels that are mostly the shape's colour form one region of a shape's
-    size. An average of modes (two colours, or a shape smeared over places) is not."""
+    colour (edges are antialiased) and the shape's core is that colour, the pixels that are mostly the shape's
+    colour form one region of a shape's size, and its rim of partial blends is thin (a drawn shape's is at most 0.4
+    of its area). An average of modes (two colours, shapes or places overlaid, or a blur) is not."""
     palette = np.array(list(COLOURS.values()), dtype=np.float32)
     backgrounds = np.array(list(BACKGROUNDS.values()), dtype=np.float32)
     clean = np.zeros(len(images), dtype=bool)
@@ -67,7 +70,11 @@ def clean_shapes(images: np.ndarray, colours: list[str | None]) -> np.ndarray:
         alpha = ((image - background) @ direction / max(float(direction @ direction), 1e-6)).clip(0, 1)
         blended = np.abs(image - (background + alpha[..., None] * direction)).sum(-1) < CLEAN_COLOUR_DISTANCE
         share, fits = (blended & foreground).sum() / foreground.sum(), alpha > 0.5
-        if share >= CLEAN_SHARE_OF_SHAPE and SHAPE_AREA[0] <= fits.mean() <= SHAPE_AREA[1] and _one_region(fits):
+        if not (share >= CLEAN_SHARE_OF_SHAPE and SHAPE_AREA[0] <= fits.mean() <= SHAPE_AREA[1]):
+            continue
+        core, rim = alpha > 0.9, (alpha > 0.15) & (alpha < 0.85)
+        if core.any() and np.abs(np.median(image[core], axis=0) - colour).sum() < CLEAN_COLOUR_DISTANCE \
+                and rim.sum() <= CLEAN_RIM * fits.sum() and _one_region(fits):
             clean[i] = True
     return clean
 
@@ -104,17 +111,29 @@ def mode_gap(predicted: dict[str, np.ndarray], real: dict[str, np.ndarray], left
 
 def bootstrap(statistic, groups: list[tuple[np.ndarray, ...]], seed: int,
               draws: int = BOOTSTRAP_DRAWS) -> tuple[float, float]:
-    """The 2.5 and 97.5 percentiles of `statistic(*indices)` over resamples. Each group is one caption's index
+    """The 2.5 and 97.5 percentiles of `statistic(*sets)` over resamples. Each group is one caption's index
     arrays, one per sample set (a model's samples, another model's, the real images); a resample draws captions
-    with replacement, then each set's samples within each drawn caption, and passes each set's indices."""
+    with replacement, then each set's samples within each drawn caption, and passes for each set the list of its
+    drawn captions' indices (a caption drawn twice is two entries)."""
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(draws):
         chosen = [groups[g] for g in rng.integers(len(groups), size=len(groups))]
-        sets = zip(*[[rng.choice(indices, size=len(indices)) for indices in group] for group in chosen])
-        values.append(statistic(*(np.concatenate(drawn) for drawn in sets)))
+        values.append(statistic(*map(list, zip(*[[rng.choice(indices, size=len(indices)) for indices in group]
+                                                 for group in chosen]))))
     low, high = np.percentile(values, [2.5, 97.5])
     return float(low), float(high)
+
+
+def jackknife(statistic, groups: list[tuple[np.ndarray, ...]]) -> tuple[float, float]:
+    """The value ± 1.96 standard errors, the error from deleting one caption at a time. For the Fréchet distance:
+    on a bootstrap resample, repeated samples bias it upward, more for diverse samples than for a model that
+    collapses modes, so a bootstrap interval would favour the collapsed model (and need not hold the value)."""
+    n = len(groups)
+    value = statistic(*map(list, zip(*groups)))
+    deleted = np.array([statistic(*map(list, zip(*(groups[:i] + groups[i + 1 :])))) for i in range(n)])
+    error = np.sqrt((n - 1) / n * ((deleted - deleted.mean()) ** 2).sum())
+    return value - 1.96 * error, value + 1.96 * error
 
 
 # --------------------------------------------------------------------------------------------- the evaluation
@@ -157,50 +176,68 @@ class Judged:
         return np.flatnonzero(self.prompts == prompt)
 
 
-def measure(name: str, model: Judged, real: Judged, model_indices: np.ndarray, real_indices: np.ndarray) -> float:
+def measure(name: str, model: Judged, real: Judged, model_draws: list[np.ndarray],
+            real_draws: list[np.ndarray]) -> float:
+    """One measure of a model's samples against the real images, from the index arrays of each caption drawn."""
+    ours, theirs = np.concatenate(model_draws), np.concatenate(real_draws)
     if name == "accuracy":
-        return float(model.agrees[model_indices].mean())
+        return float(model.agrees[ours].mean())
     if name == "clean":
-        return float(model.clean[model_indices].mean())
+        return float(model.clean[ours].mean())
     if name == "fid":
-        return frechet_distance(model.features[model_indices], real.features[real_indices])
-    gaps = []  # mode_gap: per partial caption, over the attributes it leaves out
-    for prompt in np.unique(model.prompts[model_indices]):
-        ours = model_indices[model.prompts[model_indices] == prompt]
-        theirs = real_indices[real.prompts[real_indices] == prompt]
-        left_out = [attribute for attribute in ATTRIBUTES if attribute not in CAPTIONS[prompt].given]
-        gaps.append(mode_gap({k: v[ours] for k, v in model.predicted.items()},
-                             {k: v[theirs] for k, v in real.predicted.items()}, left_out))
+        return frechet_distance(model.features[ours], real.features[theirs])
+    gaps = []  # mode_gap: per partial caption drawn, over the attributes it leaves out
+    for drawn, reference in zip(model_draws, real_draws):
+        left_out = [attribute for attribute in ATTRIBUTES if attribute not in CAPTIONS[model.prompts[drawn[0]]].given]
+        gaps.append(mode_gap({k: v[drawn] for k, v in model.predicted.items()},
+                             {k: v[reference] for k, v in real.predicted.items()}, left_out))
     return float(np.mean(gaps))
 
 
+def interval(name: str, statistic, groups: list[tuple[np.ndarray, ...]], seed: int) -> tuple[float, float]:
+    return jackknife(statistic, groups) if name == "fid" else bootstrap(statistic, groups, seed)
+
+
+def caption_groups(prompts: list[str], *judged: Judged) -> list[tuple[np.ndarray, ...]]:
+    """Each caption's index arrays in every set, for the captions every set has (a failed row's caption may be
+    missing from a model's samples): a figure and its interval, or a difference, cover the same captions."""
+    groups = [tuple(j.indices(prompt) for j in judged) for prompt in prompts]
+    return [group for group in groups if all(len(indices) for indices in group)]
+
+
 def evaluate(judged: dict[str, Judged], seed: int) -> dict:
-    """Every model's measures on each caption set ([value, 2.5 %, 97.5 %]), and each claim's differences."""
+    """Every model's measures on each caption set ([value, low, high] with the 95% interval; None where fewer than
+    2 captions could be measured), and each claim's differences, over the captions both models and the real images
+    have."""
     real = judged["real"]
     sets = {"held_out": sorted(set(real.prompts) - PARTIAL_TEXTS), "partial": [c.text for c in PARTIAL_CAPTIONS]}
     names = {"held_out": ("accuracy", "clean", "fid"), "partial": ("accuracy", "clean", "fid", "mode_gap")}
+
+    def figure(name, statistic, groups):
+        if len(groups) < 2:
+            return [None, None, None]
+        return [statistic(*map(list, zip(*groups))), *interval(name, statistic, groups, seed)]
+
     measures, claims = {}, {}
     for model_name, model in judged.items():  # the real images too: their accuracy and clean share are the ceiling
         measures[model_name] = {}
         for set_name, prompts in sets.items():
-            groups = [(model.indices(p), real.indices(p)) for p in prompts if len(model.indices(p))]
-            every = [np.concatenate(parts) for parts in zip(*groups)]
+            groups = caption_groups(prompts, model, real)
             measures[model_name][set_name] = {
-                name: [measure(name, model, real, *every),
-                       *bootstrap(lambda m, r, name=name: measure(name, model, real, m, r), groups, seed)]
+                name: figure(name, lambda m, r, name=name: measure(name, model, real, m, r), groups)
                 for name in names[set_name] if model_name != "real" or name in ("accuracy", "clean")}
     for claim, (better, other) in CLAIMS.items():
         a, b = judged[better], judged[other]
         claims[claim] = {"models": [better, other], "headline": "_".join(HEADLINE)}
         for set_name, prompts in sets.items():
-            groups = [(a.indices(p), b.indices(p), real.indices(p)) for p in prompts if len(a.indices(p))]
+            groups = caption_groups(prompts, a, b, real)
             for name in names[set_name]:
                 def difference(ia, ib, ir, name=name):
                     return measure(name, a, real, ia, ir) - measure(name, b, real, ib, ir)
-                value = measures[better][set_name][name][0] - measures[other][set_name][name][0]
-                low, high = bootstrap(difference, groups, seed)
-                claims[claim][f"{set_name}_{name}"] = {"difference": [value, low, high],
-                                                       "verdict": verdict(low, high, HIGHER_IS_BETTER[name])}
+                value, low, high = figure(name, difference, groups)
+                claims[claim][f"{set_name}_{name}"] = {
+                    "difference": [value, low, high], "captions": len(groups),
+                    "verdict": "not measured" if value is None else verdict(low, high, HIGHER_IS_BETTER[name])}
         claims[claim]["verdict"] = claims[claim]["_".join(HEADLINE)]["verdict"]
     return {"measures": measures, "claims": claims}
 

@@ -77,8 +77,8 @@ MEASURE_COLUMNS = (("held_out", "fid"), ("held_out", "accuracy"), ("held_out", "
                    ("partial", "accuracy"), ("partial", "clean"), ("partial", "mode_gap"))
 
 
-def _interval(values: list[float]) -> str:
-    return f"{values[0]:.3g} [{values[1]:.3g}, {values[2]:.3g}]"
+def _interval(values: list[float | None]) -> str:
+    return "not measured" if values[0] is None else f"{values[0]:.3g} [{values[1]:.3g}, {values[2]:.3g}]"
 
 
 def _claim_figure(claim: dict) -> str:
@@ -110,6 +110,8 @@ def render(report: dict, figures: dict[str, bytes]) -> str:
                     and not name.startswith("samples-partial-"))
     partial = "".join(f"<h3>{html.escape(LABELS.get(name[16:], 'real images'))}</h3>"
                       + _img(png, name) for name, png in figures.items() if name.startswith("samples-partial-"))
+    measure_heads = "".join(f"<th>{html.escape(f'{set_name}: {name}'.replace('_', ' '))}</th>"
+                            for set_name, name in MEASURE_COLUMNS)
     measure_rows = "".join(
         f"<tr><td>{html.escape(LABELS.get(model, 'real images'))}</td>"
         + "".join(f"<td>{_interval(values[set_name][name]) if name in values[set_name] else ''}</td>"
@@ -138,8 +140,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{t
 <p>Toy FID: Fréchet distance to real images of the same captions in the classifier's features (lower is better).
 Clean: one clean shape of the right colour. Mode gap: total variation distance between the labels of the samples
 and of real images, over what a partial caption leaves out (lower is better).</p>
-<table><tr><th>images from</th>{''.join(f'<th>{html.escape(s.replace("_", " "))}: {html.escape(n.replace("_", " "))}</th>'
-                                        for s, n in MEASURE_COLUMNS)}</tr>{measure_rows}</table>
+<table><tr><th>images from</th>{measure_heads}</tr>{measure_rows}</table>
 <h2>Samples on held-out captions</h2>{grids}
 <h2>Samples of one partial caption</h2>{partial}
 <h2>Seconds per phase</h2><table>{seconds}</table>

@@ -332,7 +332,7 @@ class Reproduction:
         text_encoder = train_text_encoder(images, prompts, toy_tokenizer(), s.text_encoder_steps, 128, s.seed,
                                           log=logger.info)
         with tempfile.TemporaryDirectory(prefix="instaflow-toy-") as tmp:
-            write_init_model(Path(tmp), vae, text_encoder, build_unet(IMAGE_SIZE, s.unet_widths, s.seed))
+            write_init_model(Path(tmp), vae, text_encoder, build_unet(IMAGE_SIZE // 8, s.unet_widths, s.seed))
             self.upload(Path(tmp), "models/init")
         return {"autoencoder_steps": s.autoencoder_steps, "text_encoder_steps": s.text_encoder_steps,
                 "scaling_factor": vae.config.scaling_factor}
