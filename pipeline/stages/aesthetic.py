@@ -11,7 +11,6 @@ stage: its setting, score kind, checks, model and tiny head.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -100,11 +99,7 @@ class AestheticStage(Stage):
 
     def collect(self, keys: list[str], result: dict, outputs: UnitOutputs) -> None:
         for target, copy in result.items():
-            for key, value in zip(keys, copy.numpy().tolist()):
-                if math.isfinite(value):
-                    outputs.column(target, FIELD.name)[key] = value
-                else:
-                    self.row_failed(outputs, target, key, f"{FIELD.name} is not finite ({value})")
+            self.store_values(outputs, target, keys, FIELD.name, copy.numpy().tolist())
 
     @classmethod
     def tiny_models(cls, out_dir: Path, built: dict[str, Path]) -> dict[str, Path]:

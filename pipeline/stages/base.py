@@ -13,6 +13,7 @@ tensors from `produced` (scores read the student's images before they are copied
 from __future__ import annotations
 
 import json
+import math
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,6 +231,19 @@ class Stage:
     def files(self, shard: str, samples: list[Sample], extra: pa.Table, outputs: UnitOutputs) -> dict[str, bytes]:
         """The shard's files of this output, by path relative to the output root."""
         return {}
+
+    def store_values(self, outputs: UnitOutputs, output: str, keys: list[str], name: str, values: list,
+                     beside: dict[str, list] | None = None) -> None:
+        """Per-row `values` of the column `name` (and the columns `beside` it, stored with it or not at all); a
+        value that is not finite is never stored: the row fails there as the stage's policy says (`row_failed`)."""
+        beside = beside or {}
+        for index, (key, value) in enumerate(zip(keys, values)):
+            if not math.isfinite(value):
+                self.row_failed(outputs, output, key, f"{name} is not finite ({value})")
+                continue
+            outputs.column(output, name)[key] = value
+            for column, column_values in beside.items():
+                outputs.column(output, column)[key] = column_values[index]
 
     def row_failed(self, outputs: UnitOutputs, output: str, key: str, reason: str) -> None:
         """This stage cannot give a row a value in `output` (which it then must not store): as its policy says,

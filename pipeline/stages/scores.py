@@ -8,8 +8,6 @@ columns are null there and `scores_error` says why. No image is changed.
 
 from __future__ import annotations
 
-import math
-
 import pyarrow as pa
 
 from instaflow.loading import ComponentCache
@@ -119,18 +117,7 @@ class ScoresStage(Stage):
         for target, copies in result.items():
             if copies["safety"] is not None:
                 nsfw_scores, flags = self.safety.decide(copies["safety"].numpy())
-                self._store(outputs, target, keys, "nsfw_score", nsfw_scores.tolist(), {"nsfw": flags.tolist()})
+                self.store_values(outputs, target, keys, "nsfw_score", nsfw_scores.tolist(),
+                                  {"nsfw": flags.tolist()})
             if copies["clip"] is not None:
-                self._store(outputs, target, keys, "clip_score", copies["clip"].numpy().tolist())
-
-    def _store(self, outputs: UnitOutputs, target: str, keys: list[str], name: str, values: list,
-               beside: dict[str, list] | None = None) -> None:
-        """`values` of the score `name` by row (and the columns `beside` it, stored with it or not at all)."""
-        beside = beside or {}
-        for index, (key, value) in enumerate(zip(keys, values)):
-            if not math.isfinite(value):
-                self.row_failed(outputs, target, key, f"{name} is not finite ({value})")
-                continue
-            outputs.column(target, name)[key] = value
-            for column, column_values in beside.items():
-                outputs.column(target, column)[key] = column_values[index]
+                self.store_values(outputs, target, keys, "clip_score", copies["clip"].numpy().tolist())
