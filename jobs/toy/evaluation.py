@@ -57,13 +57,13 @@ def clean_shapes(images: np.ndarray, colours: list[str | None]) -> np.ndarray:
         background = np.median(border, axis=0)
         if np.abs(backgrounds - background).sum(-1).min() >= CLEAN_COLOUR_DISTANCE:
             continue  # not a plain background of the palette
-        foreground = np.abs(image - background).sum(-1) > CLEAN_COLOUR_DISTANCE
+        distance = np.abs(image - background).sum(-1)
+        foreground = distance > CLEAN_COLOUR_DISTANCE
         if not foreground.any():
             continue
         if colours[i]:
             colour = palette[list(COLOURS).index(colours[i])]
         else:  # the palette colour nearest the shape's core: its half farthest from the background
-            distance = np.abs(image - background).sum(-1)
             core = image[foreground & (distance >= np.median(distance[foreground]))]
             colour = palette[np.abs(palette - np.median(core, axis=0)).sum(-1).argmin()]
         direction = colour - background

@@ -351,7 +351,7 @@ class Reproduction:
         torch.save(classifier.state_dict(), buffer)
         put_atomic(self.fs, self.path("models", "classifier.pt"), buffer.getvalue())
         real_images, real_prompts, _ = self.read_images("data/eval-real")
-        held = [i for i, prompt in enumerate(real_prompts) if prompt not in PARTIAL_TEXTS]
+        held = held_out_rows(real_prompts)
         held_images, held_prompts = real_images[held], [real_prompts[i] for i in held]
         with tempfile.TemporaryDirectory(prefix="instaflow-toy-") as tmp:
             self.download("models/init/vae", Path(tmp))
@@ -384,7 +384,7 @@ class Reproduction:
                   for name, folder in {"real": "data/eval-real", **SAMPLE_FOLDERS}.items()}
         measured = {}
         for name in SAMPLE_FOLDERS:
-            held = [i for i, prompt in enumerate(judged[name].prompts) if prompt not in PARTIAL_TEXTS]
+            held = held_out_rows(judged[name].prompts)
             measured[name] = accuracy({k: v[held] for k, v in judged[name].predicted.items()},
                                       {k: v[held] for k, v in judged[name].truth.items()}) | {"samples": len(held)}
         return {"accuracy": measured, **evaluate(judged, self.scale.seed)}
@@ -396,7 +396,7 @@ class Reproduction:
         shown_partial = PARTIAL_CAPTIONS[0].text
         for name, folder in {"real": "data/eval-real", **SAMPLE_FOLDERS}.items():
             images, prompts, _ = self.read_images(folder)
-            held = [i for i, prompt in enumerate(prompts) if prompt not in PARTIAL_TEXTS]
+            held = held_out_rows(prompts)
             step = max(1, len(held) // 16)
             grids[name] = [(Image.fromarray(images[i]), prompts[i]) for i in held[::step]][:16]
             grids[f"partial-{name}"] = [(Image.fromarray(images[i]), prompts[i]) for i, prompt in enumerate(prompts)
@@ -457,6 +457,11 @@ class Reproduction:
             target.write_bytes(get_bytes(self.fs, path))
 
 
+
+
+def held_out_rows(prompts) -> list[int]:
+    """The rows of an evaluation set that are of held-out (full) captions, not of partial ones."""
+    return [i for i, prompt in enumerate(prompts) if prompt not in PARTIAL_TEXTS]
 
 
 @entry_point
