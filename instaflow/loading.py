@@ -145,6 +145,16 @@ class Components:
         return 2 ** (len(blocks) - 1)
 
     @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """One sample's latent, (channels, height, width): the seed noise, a teacher's output and an encoded
+        image all have it."""
+        factor = self.vae_scale_factor
+        return self.latent_channels, height // factor, width // factor
+
+    @property
     def default_size(self) -> int:
         return self.unet.config.sample_size * self.vae_scale_factor
 

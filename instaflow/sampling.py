@@ -41,9 +41,10 @@ def noise_for_seed(seed: int, height: int, width: int, channels: int = 4, vae_sc
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
-def batch_noise(seeds: list[int], height: int, width: int) -> torch.Tensor:
+def batch_noise(seeds: list[int], height: int, width: int, channels: int = 4,
+                vae_scale_factor: int = 8) -> torch.Tensor:
     """Per-sample noise stacked into a batch, float32 on the CPU; samplers get it cast to the model dtype."""
-    return torch.cat([noise_for_seed(seed, height, width) for seed in seeds])
+    return torch.cat([noise_for_seed(seed, height, width, channels, vae_scale_factor) for seed in seeds])
 
 
 def use_guidance(guidance_scale: float) -> bool:

@@ -67,3 +67,54 @@ def test_a_unet_of_another_class_is_named(tiny_models, tmp_path):
     (stacked / "unet" / "config.json").write_text(json.dumps(config | {"_class_name": "UNetStacked2DModel"}))
     with pytest.raises(ModelLoadError, match="names the UNet class 'UNetStacked2DModel'"):
         ComponentCache(Runtime.default(device="cpu")).load(str(stacked))
+
+
+def test_a_vae_of_another_scale_factor_sets_the_latent_side_of_every_job(ray_cpus, tiny_models, prompts, tmp_path):
+    """A VAE with three blocks (latents 1/4 of the image side, not SD-1.5's 1/8): the seed noise, the teacher's
+    latents and the encoded images are all at its latent side, so pairs, encode and training agree."""
+    import shutil
+
+    import numpy as np
+    import pyarrow as pa
+    import torch
+    from diffusers import AutoencoderKL
+
+    from instaflow.sampling import noise_for_seed
+    from jobhelpers import png_bytes
+    from pipeline.writers import read_tensor_column
+
+    model = tmp_path / "quarter"
+    shutil.copytree(tiny_models["2rf"], model)
+    shutil.rmtree(model / "vae")
+    torch.manual_seed(3)
+    AutoencoderKL(block_out_channels=(8, 8, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+                  up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, layers_per_block=1,
+                  norm_num_groups=4, sample_size=64).save_pretrained(model / "vae")
+
+    assert reflow_pairs.main(["--prompts", str(prompts), "--output", str(tmp_path / "pairs"), "--teacher",
+                              str(model), "--teacher-kind", "rf", "--steps", "2", "--model", str(model),
+                              "--rows-per-shard", "8", "--batch-size", "4", *SIZE]) == 0
+    table = pa.concat_tables(pq.read_table(path) for path in sorted((tmp_path / "pairs" / "pairs").glob("*.parquet")))
+    noise, latent = read_tensor_column(table, "noise"), read_tensor_column(table, "latent")
+    assert noise.shape == latent.shape == (16, 4, 16, 16)
+    for i, seed in enumerate(table["seed"].to_pylist()):
+        assert np.array_equal(noise[i], noise_for_seed(seed, 64, 64, vae_scale_factor=4)[0].numpy())
+    images = pq.read_table(sorted((tmp_path / "pairs" / "images").glob("*.parquet"))[0])
+    assert set(images["status"].to_pylist()) == {"ok"}
+
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    rng = np.random.default_rng(5)
+    pq.write_table(pa.table({"prompt": [f"a picture, number {i}" for i in range(4)], "seed": [1, 2, 3, 4],
+                             "image": [png_bytes(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+                                       for _ in range(4)]}), pictures / "a.parquet")
+    assert main(["run", "encode", "--prompts", str(pictures), "--output", str(tmp_path / "encoded"), "--model",
+                 str(model), "--rows-per-shard", "4", "--batch-size", "4", *SIZE]) == 0
+    encoded = pq.read_table(sorted((tmp_path / "encoded").glob("*.parquet"))[0])
+    noise, latent = read_tensor_column(encoded, "noise"), read_tensor_column(encoded, "latent")
+    assert noise.shape == latent.shape == (4, 4, 16, 16)
+    assert np.array_equal(noise[0], noise_for_seed(1, 64, 64, vae_scale_factor=4)[0].numpy())
+
+    assert train_reflow.main(["--pairs", str(tmp_path / "encoded"), "--init", str(model), "--output",
+                              str(tmp_path / "train"), "--steps", "2", "--batch-size", "4", "--checkpoint-every",
+                              "2", "--log-every", "1", "--warmup-steps", "1", "--device", "cpu"]) == 0

@@ -51,9 +51,6 @@ class EncodeStage(PairsOutput):
         check_size(spec.height, spec.width, multiple=components.vae_scale_factor)
         return cls(spec, components, filesystem(spec.prompts, spec.storage_options)[0])
 
-    def latent_channels(self) -> int:
-        return self.components.vae.config.latent_channels
-
     @classmethod
     def added_fields(cls, spec) -> dict[str, list[pa.Field]]:
         return {cls.name: [DIGEST]}

@@ -31,9 +31,6 @@ class PairsOutput(Stage):
     def sources(cls, spec) -> dict[str, ModelSource]:
         return {"teacher": resolve_model_source(spec.teacher, spec.dtype, spec.storage_options)}
 
-    def latent_channels(self) -> int:
-        return self.components.unet.config.in_channels
-
     def collect(self, keys: list[str], result: dict, outputs: UnitOutputs) -> None:
         outputs.truncated[self.name].update(zip(keys, result["truncated"]))
         noise, latents = outputs.column(self.name, "noise"), outputs.column(self.name, "latent")
@@ -51,8 +48,7 @@ class PairsOutput(Stage):
                              spec.teacher_guidance_scale, None)
         teacher = {"model": redact_text(spec.teacher), "kind": spec.teacher_kind, "steps": spec.teacher_steps,
                    "guidance_scale": spec.teacher_guidance_scale}
-        factor = self.components.vae_scale_factor
-        shape = (self.latent_channels(), spec.height // factor, spec.width // factor)
+        shape = self.components.latent_shape(spec.height, spec.width)
         images = outputs.column(self.name, "image") if spec.teacher_images else None
         return {f"{spec.pair_dir}{shard}.parquet": pairs_parquet_shard(
             metadata_table(rows, extra, outputs.added_columns(self.name, samples)), outputs.column(self.name, "noise"),
