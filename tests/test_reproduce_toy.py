@@ -9,9 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.toy.data import PARTIAL_CAPTIONS, SHAPES, Caption, all_captions, draw, split_captions, training_caption
-from jobs.toy.evaluation import CLAIMS, Judged, bootstrap, clean_shapes, evaluate, frechet_distance, mode_gap, verdict
+from jobs.toy.evaluation import (CLAIMS, Judged, bootstrap, caption_labels, clean_shapes, evaluate, fitting,
+                                 frechet_distance, mode_gap, t_quantile, verdict)
 from jobs.toy import reproduce as reproduce_toy
 from jobs.main import main
+from pipeline.writers import read_tensor_column
 
 REPORT_ACCURACIES = {"classifier_real", "classifier_autoencoded", "1rf_1step", "1rf_nstep", "2rf_1step", "2rf_nstep",
                      "distilled_from_2rf", "distilled_from_1rf"}
@@ -75,6 +77,11 @@ def test_smoke_runs_every_phase_and_reports_every_measure(smoke):
     # the 1-RF was trained by the engine from the encode job's pairs: noise independent of the image
     encoded = pq.read_table(next((smoke / "pairs" / "encoded").glob("*.parquet")))
     assert set(encoded.column("teacher_kind").to_pylist()) == {"encode"}
+    # the smoke scale's autoencoder has 3 blocks: the engine's jobs draw noise at its 16x16 latent side
+    assert read_tensor_column(encoded, "noise").shape[1:] == read_tensor_column(encoded, "latent").shape[1:] == \
+        (4, 16, 16)
+    settings = json.loads((smoke / "reproduction.json").read_text())
+    assert settings["autoencoder_blocks"] == 3 and settings["partial_captions"] == sorted(c.text for c in PARTIAL_CAPTIONS)
 
 
 def test_a_finished_reproduction_reruns_without_work(smoke, capsys):
@@ -143,7 +150,13 @@ def test_partial_captions_leave_attributes_out_and_fit_their_images():
     assert 150 < sum(c == image for c in shown) < 280 and len({c.text for c in shown}) == 16  # every subset
     assert all(c.matches(image) for c in shown)
     texts = {c.text for c in all_captions()}
-    assert all(c.text not in texts and c.given for c in PARTIAL_CAPTIONS)
+    assert all(c.text not in texts and len(c.given) <= 1 for c in PARTIAL_CAPTIONS)  # common in training
+    # the text encoder's positives: a caption fits every image whose drawn attributes it says
+    prompts = ["a red shape", "a blue star on a white background, top left", "something"]
+    drawn = caption_labels(["a red star on a white background, top left", "a blue star on a white background, top left"])
+    said = caption_labels(prompts)
+    assert fitting({k: v[:, None] for k, v in said.items()}, {k: v[None, :] for k, v in drawn.items()}).tolist() == \
+        [[True, False], [False, True], [True, True]]
 
 
 def test_the_measures_on_known_inputs():
@@ -168,6 +181,7 @@ def test_the_measures_on_known_inputs():
     two = images.copy()
     two[1, :20, :20] = two[1, 50, 50]  # a second blue region: not one shape
     assert clean_shapes(two, ["red", "blue"]).tolist() == [True, False]
+    assert [round(t_quantile(0.975, df), 3) for df in (1, 7, 66)] == [12.706, 2.365, 1.997]
     labels = {name: np.array([0, 1, 2, 3]) for name in ("shape", "colour", "background", "position")}
     collapsed = {name: np.array([0, 0, 0, 0]) for name in labels}
     assert mode_gap(labels, labels, ["shape"]) == 0 and mode_gap(collapsed, labels, ["shape", "colour"]) == 0.75

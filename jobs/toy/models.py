@@ -1,6 +1,6 @@
 """The models of the toy reflow reproduction that are not the flow itself, each trained from scratch here.
 
-- an **autoencoder** (diffusers' `AutoencoderKL`, four blocks, so latents are 1/8 of the image side as SD-1.5's):
+- an **autoencoder** (diffusers' `AutoencoderKL`; with 4 blocks latents are 1/8 of the image side as SD-1.5's, with 3 1/4):
   reconstruction plus a small KL term, then the latents' scaling factor measured as SD's was (1 / their std);
 - a **text encoder** (transformers' `CLIPTextModel`) trained as CLIP's was, contrastively against a small image
   encoder, so the flow gets text embeddings that mean something, as SD-1.5 gets CLIP's;
@@ -28,6 +28,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from jobs.tiny.pipelines import build_scheduler, build_tokenizer, write_slow_tokenizer_files
 from jobs.toy.data import ATTRIBUTES, tokenizer_corpus
+from jobs.toy.evaluation import caption_labels, fitting
 
 TEXT_WIDTH = 64  # the text encoder's hidden size, and so the UNet's cross-attention size
 TOKENIZER_MERGES = 200
@@ -130,10 +131,11 @@ def build_text_encoder(vocab_size: int, seed: int) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def train_text_encoder(images: np.ndarray, captions: list[str], tokenizer, steps: int, batch_size: int, seed: int,
-                       log=print) -> CLIPTextModel:
-    """CLIP's contrastive loss between the text encoder's pooled output and the image encoder, both projected;
-    images of the same caption in a batch count as positives of each other."""
+def train_text_encoder(images: np.ndarray, captions: list[str], drawn: dict[str, np.ndarray], tokenizer, steps: int,
+                       batch_size: int, seed: int, log=print) -> CLIPTextModel:
+    """CLIP's contrastive loss between the text encoder's pooled output and the image encoder, both projected. A
+    caption's positives in a batch are every image it fits (`drawn`: each image's attributes), so `a red shape`
+    is pulled toward every red image, not pushed from the ones shown with another caption."""
     text_encoder = build_text_encoder(len(tokenizer), seed).train()
     vision, projection = ImageEncoder(), nn.Linear(TEXT_WIDTH, TEXT_WIDTH, bias=False)
     log_temperature = nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
@@ -141,14 +143,16 @@ def train_text_encoder(images: np.ndarray, captions: list[str], tokenizer, steps
     optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.01)
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
-    caption_ids = torch.tensor(np.unique(np.asarray(captions), return_inverse=True)[1])
+    said = caption_labels(captions)
     for step, index in enumerate(batches(len(images), batch_size, steps, seed)):
         text = F.normalize(projection(text_encoder(ids[index]).pooler_output), dim=-1)
         image = F.normalize(vision(to_unit_range(images[index.numpy()])), dim=-1)
         logits = log_temperature.exp().clamp(max=100) * text @ image.T
-        same = (caption_ids[index][:, None] == caption_ids[index][None, :]).float()
-        targets = same / same.sum(1, keepdim=True)
-        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        picked = index.numpy()  # caption i's positives: the images j it fits
+        positive = torch.from_numpy(fitting({k: v[picked, None] for k, v in said.items()},
+                                            {k: np.asarray(v)[None, picked] for k, v in drawn.items()})).float()
+        loss = (F.cross_entropy(logits, positive / positive.sum(1, keepdim=True))
+                + F.cross_entropy(logits.T, positive.T / positive.T.sum(1, keepdim=True))) / 2
         optimizer_step(optimizer, loss, step, steps, log, "text encoder (contrastive)")
     return text_encoder.eval()
 
@@ -206,13 +210,16 @@ def accuracy(predicted: dict[str, np.ndarray], labels: dict[str, np.ndarray]) ->
 # ------------------------------------------------------------------------------------------------ init folder
 
 
-def build_unet(latent_size: int, widths: tuple[int, int], seed: int) -> UNet2DConditionModel:
-    """The flow's UNet: two levels, cross-attention in both, at the text encoder's width."""
+def build_unet(latent_size: int, widths: tuple[int, int], seed: int, top_attention: bool = True
+               ) -> UNet2DConditionModel:
+    """The flow's UNet: two levels, attention (self and cross, at the text encoder's width) in the lower one and,
+    with `top_attention`, in the upper one too (on 16x16 latents it doubles a training step's time)."""
     torch.manual_seed(seed)
+    top = "CrossAttn" if top_attention else ""
     return UNet2DConditionModel(
         block_out_channels=widths, layers_per_block=1, sample_size=latent_size, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=(f"{top}DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", f"{top}UpBlock2D"),
         cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=16)
 
 

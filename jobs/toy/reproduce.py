@@ -56,9 +56,11 @@ class Scale:
     noises_per_image: int  # the 1-RF's (noise, image) couplings: independent noises per training image
     pair_prompts_per_caption: int  # reflow and distillation pairs per training caption
     autoencoder_steps: int
+    autoencoder_blocks: int  # latents 1/2^(blocks-1) of the image side: 4 as SD-1.5's (8x8), 3 for 16x16
     text_encoder_steps: int
     classifier_steps: int
     unet_widths: tuple[int, int]
+    unet_top_attention: bool  # attention in the UNet's upper level too (see jobs.toy.models.build_unet)
     train_batch: int
     rf1_steps: int  # the 1-RF, from scratch
     reflow_steps: int  # the 2-RF, from the 1-RF
@@ -73,14 +75,16 @@ class Scale:
 SCALES = {
     "smoke": Scale(images_per_caption=1, held_out_images_per_caption=1, samples_per_held_out_caption=1,
                    samples_per_partial_caption=2,
-                   noises_per_image=1, pair_prompts_per_caption=1, autoencoder_steps=20, text_encoder_steps=20,
-                   classifier_steps=20, unet_widths=(32, 64), train_batch=32, rf1_steps=20, reflow_steps=10,
-                   distill_steps=10, euler_steps=4, learning_rate=1e-3, finetune_learning_rate=1e-3),
+                   noises_per_image=1, pair_prompts_per_caption=1, autoencoder_steps=20, autoencoder_blocks=3,
+                   text_encoder_steps=20, classifier_steps=20, unet_widths=(32, 64), unet_top_attention=False,
+                   train_batch=32, rf1_steps=20, reflow_steps=10, distill_steps=10, euler_steps=4, learning_rate=1e-3,
+                   finetune_learning_rate=1e-3),
     "full": Scale(images_per_caption=8, held_out_images_per_caption=4, samples_per_held_out_caption=4,
                   samples_per_partial_caption=32,
-                  noises_per_image=4, pair_prompts_per_caption=8, autoencoder_steps=2400, text_encoder_steps=400,
-                  classifier_steps=1200, unet_widths=(48, 96), train_batch=64, rf1_steps=2000, reflow_steps=800,
-                  distill_steps=800, euler_steps=16, learning_rate=5e-4, finetune_learning_rate=2e-4),
+                  noises_per_image=4, pair_prompts_per_caption=6, autoencoder_steps=2400, autoencoder_blocks=3,
+                  text_encoder_steps=400, classifier_steps=1200, unet_widths=(32, 64), unet_top_attention=False,
+                  train_batch=64, rf1_steps=2000, reflow_steps=800, distill_steps=600, euler_steps=16,
+                  learning_rate=5e-4, finetune_learning_rate=2e-4),
 }
 # Each model's samples on the evaluation captions, by the folder of the job that made them: a held-out pairs job
 # writes the model's 1-step images (images/) beside its N-step pairs with their decoded latents (pairs/).
@@ -183,7 +187,7 @@ class Reproduction:
         """A folder keeps its scale: another scale's phases are other runs, not a resume."""
         path = self.path("reproduction.json")
         settings = {"scale": self.scale_name, **asdict(self.scale), "image_size": IMAGE_SIZE,
-                    "held_out_fraction": HELD_OUT_FRACTION}
+                    "held_out_fraction": HELD_OUT_FRACTION, "partial_captions": sorted(PARTIAL_TEXTS)}
         settings = json.loads(json.dumps(settings))
         if self.fs.exists(path):
             found = json.loads(get_bytes(self.fs, path))
@@ -327,12 +331,14 @@ class Reproduction:
                                           write_init_model)
 
         s = self.scale
-        images, prompts, _ = self.read_images("data/train")
-        vae = train_autoencoder(images, s.autoencoder_steps, 32, s.seed, log=logger.info)
-        text_encoder = train_text_encoder(images, prompts, toy_tokenizer(), s.text_encoder_steps, 128, s.seed,
+        images, prompts, drawn = self.read_images("data/train")
+        vae = train_autoencoder(images, s.autoencoder_steps, 32, s.seed, log=logger.info, blocks=s.autoencoder_blocks)
+        text_encoder = train_text_encoder(images, prompts, drawn, toy_tokenizer(), s.text_encoder_steps, 128, s.seed,
                                           log=logger.info)
         with tempfile.TemporaryDirectory(prefix="instaflow-toy-") as tmp:
-            write_init_model(Path(tmp), vae, text_encoder, build_unet(IMAGE_SIZE // 8, s.unet_widths, s.seed))
+            latent_side = IMAGE_SIZE // 2 ** (s.autoencoder_blocks - 1)
+            unet = build_unet(latent_side, s.unet_widths, s.seed, s.unet_top_attention)
+            write_init_model(Path(tmp), vae, text_encoder, unet)
             self.upload(Path(tmp), "models/init")
         return {"autoencoder_steps": s.autoencoder_steps, "text_encoder_steps": s.text_encoder_steps,
                 "scaling_factor": vae.config.scaling_factor}
