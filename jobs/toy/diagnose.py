@@ -22,7 +22,7 @@ import torch
 
 from instaflow.training import reflow_loss, velocity
 from jobs.toy import models
-from jobs.toy.data import draw, split_captions
+from jobs.toy.data import draw, split_captions, training_caption
 from jobs.toy.evaluation import caption_labels
 
 IMAGE_SIZE = 64
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--widths", default="32,64", help="the UNet's two levels")
     parser.add_argument("--no-top-attention", action="store_true",
                         help="attention only in the UNet's lower level (a step takes half the time on 16x16 latents)")
+    parser.add_argument("--full-caption-share", type=float, default=1.0,
+                        help="training images shown with their full caption; the others get a partial one, as in "
+                             "the reproduction (0.5 there)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -47,12 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     training, held_out = split_captions(0.1, 0)
     drawn = [c for c in training for _ in range(8)]
     images = np.stack([draw(c, IMAGE_SIZE, i) for i, c in enumerate(drawn)])
-    prompts = [c.text for c in drawn]
+    rng = np.random.default_rng(0)
+    prompts = [training_caption(c, args.full_caption_share, rng).text for c in drawn]
+    labels = caption_labels([c.text for c in drawn])
     vae = models.train_autoencoder(images, args.autoencoder_steps, 32, 0, log=lambda _: None, blocks=args.blocks)
     tokenizer = models.toy_tokenizer()
-    text_encoder = models.train_text_encoder(images, prompts, caption_labels(prompts), tokenizer, 400, 128, 0,
-                                             log=lambda _: None)
-    classifier = models.train_classifier(images, caption_labels(prompts), 1200, 128, 0, log=lambda _: None)
+    text_encoder = models.train_text_encoder(images, prompts, labels, tokenizer, 400, 128, 0, log=lambda _: None)
+    classifier = models.train_classifier(images, labels, 1200, 128, 0, log=lambda _: None)
     held = [c for c in held_out for _ in range(4)]
     held_images = np.stack([draw(c, IMAGE_SIZE, 10**8 + i) for i, c in enumerate(held)])
     with torch.no_grad():
