@@ -10,8 +10,11 @@ guidance the control image is given to both halves of the batch. A `Control` is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
+
+from instaflow.loading import LatentGeometry
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,12 @@ class ControlNet:
     def control(self, pixels: torch.Tensor) -> "Control":
         """A conditioner for one batch of (N, H, W, 3) uint8 control images on the host."""
         return Control(self, pixels)
+
+
+def controlnet_geometry(config: Mapping) -> LatentGeometry:
+    """The latents a ControlNet runs on, from its config: `in_channels`, and the side its conditioning embedding
+    brings the control image down to (each of its blocks after the first halves it, with a stride-2 convolution)."""
+    return LatentGeometry(config["in_channels"], 2 ** (len(config["conditioning_embedding_out_channels"]) - 1))
 
 
 class Control:

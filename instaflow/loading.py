@@ -8,12 +8,15 @@ and SD-1.5 do, in different file formats) share one copy in memory.
 
 import copy
 import hashlib
+import importlib
+import inspect
 import json
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -137,26 +140,66 @@ class Components:
     runtime: Runtime
 
     @property
-    def vae_scale_factor(self) -> int:
-        """Image side over latent side: one upsampling per decoder block after the first (AutoencoderKL and
-        the tiny AutoencoderTiny alike)."""
-        config = self.vae.config
-        blocks = getattr(config, "block_out_channels", None) or config.decoder_block_out_channels
-        return 2 ** (len(blocks) - 1)
-
-    @property
-    def latent_channels(self) -> int:
-        return self.vae.config.latent_channels
-
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        """One sample's latent, (channels, height, width): the seed noise, a teacher's output and an encoded
-        image all have it."""
-        factor = self.vae_scale_factor
-        return self.latent_channels, height // factor, width // factor
+    def latent(self) -> "LatentGeometry":
+        """What the VAE makes of an image: the seed noise, a teacher's output and an encoded image all have its
+        shape."""
+        return LatentGeometry.of_vae(self.vae.config)
 
     @property
     def default_size(self) -> int:
-        return self.unet.config.sample_size * self.vae_scale_factor
+        return self.unet.config.sample_size * self.latent.scale_factor
+
+
+@dataclass(frozen=True)
+class LatentGeometry:
+    """A VAE's latents: their channels, and the image side over the latent side. Read from the VAE's config, so
+    the driver's checks (from config files) and the workers (from loaded modules) agree on it."""
+
+    channels: int
+    scale_factor: int
+
+    @classmethod
+    def of_vae(cls, config: Mapping) -> "LatentGeometry":
+        """One upsampling per decoder block after the first: AutoencoderKL's each double the side, the tiny
+        AutoencoderTiny's multiply it by its `upsampling_scaling_factor`."""
+        blocks = config.get("block_out_channels") or config["decoder_block_out_channels"]
+        return cls(config["latent_channels"], config.get("upsampling_scaling_factor", 2) ** (len(blocks) - 1))
+
+    def shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """One sample's latent, (channels, height, width)."""
+        return self.channels, height // self.scale_factor, width // self.scale_factor
+
+    def __str__(self) -> str:
+        return f"{self.channels} latent channels at 1/{self.scale_factor} of the image side"
+
+
+VAE_CONFIG, UNET_CONFIG = "vae/config.json", "unet/config.json"  # in a pipeline folder
+
+
+def component_config(path: Path, component: str) -> dict:
+    """A component's config file as diffusers reads it: the file's values, and for the keys it leaves out the
+    defaults of the class the component is loaded into. For checks on a driver, which loads no weights."""
+    config = json.loads(Path(path).read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds no JSON object")
+    parameters = inspect.signature(component_class(component).__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not p.empty} | config
+
+
+def pipeline_geometry(folder: Path, model: str) -> LatentGeometry:
+    """The latents of a pipeline folder's VAE, from its configs alone; a ModelLoadError naming `model` when its
+    UNet takes or makes latents of other channels (every unit would fail in a convolution on the workers)."""
+    try:
+        vae, unet = component_config(folder / VAE_CONFIG, "vae"), component_config(folder / UNET_CONFIG, "unet")
+        geometry = LatentGeometry.of_vae(vae)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{model}: cannot read its latent geometry from {VAE_CONFIG} and {UNET_CONFIG}: "
+                             f"{type(exc).__name__}: {exc}") from None
+    if not geometry.channels == unet["in_channels"] == unet["out_channels"]:
+        raise ModelLoadError(f"{model}: its {VAE_CONFIG} has latent_channels {geometry.channels}, but its "
+                             f"{UNET_CONFIG} has in_channels {unet['in_channels']} and out_channels "
+                             f"{unet['out_channels']}")
+    return geometry
 
 
 def tensor_digest(module: torch.nn.Module) -> str:
@@ -197,6 +240,22 @@ def _check_unet_class(folder: Path) -> None:
         raise ModelLoadError(f"{folder}/config.json names the UNet class {named!r}; this engine loads "
                              f"{UNET_CLASS} of any size, and another class would need to be added to "
                              "instaflow/loading.py")
+
+
+# The class each component is loaded into, by its name in a pipeline folder or its role: (module, class).
+COMPONENT_CLASSES = {"unet": ("diffusers", UNET_CLASS), "vae": ("diffusers", "AutoencoderKL"),
+                     "text_encoder": ("transformers", "CLIPTextModel"),
+                     "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+                     "tiny_decoder": ("diffusers", "AutoencoderTiny"), "controlnet": ("diffusers", "ControlNetModel"),
+                     "safety_checker": ("diffusers.pipelines.stable_diffusion.safety_checker",
+                                        "StableDiffusionSafetyChecker"),
+                     "clip": ("transformers", "CLIPModel")}
+
+
+def component_class(name: str) -> type:
+    """The class a component of this name is loaded into, imported when first asked for."""
+    module, class_name = COMPONENT_CLASSES[name]
+    return getattr(importlib.import_module(module), class_name)
 
 
 class ComponentCache:
@@ -303,15 +362,7 @@ class ComponentCache:
         return self._loaded[key]
 
     def _read_weights(self, name: str, folder: Path, variant: str | None, dtype: torch.dtype) -> torch.nn.Module:
-        from diffusers import AutoencoderKL, AutoencoderTiny, ControlNetModel, UNet2DConditionModel
-        from transformers import CLIPTextModel
-
-        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-        from transformers import CLIPModel, CLIPTextModelWithProjection
-
-        loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
-                  "tiny_decoder": AutoencoderTiny, "safety_checker": StableDiffusionSafetyChecker,
-                  "clip": CLIPModel, "controlnet": ControlNetModel, "text_encoder_2": CLIPTextModelWithProjection}[name]
+        loader = component_class(name)
         if name == "unet":
             _check_unet_class(folder)
         safetensors = sorted(p.name for p in folder.glob("*.safetensors"))

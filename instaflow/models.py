@@ -121,9 +121,10 @@ class PromptBatch:
     def host_noise(self, components: Components, height: int, width: int) -> torch.Tensor:
         """The seed contract's float32 noise at the model's latent shape (its VAE's channels and scale factor), on
         the host (page-locked when a GPU will copy it)."""
-        key = components.latent_shape(height, width)
+        latent = components.latent
+        key = latent.shape(height, width)
         if key not in self._host_noise:
-            noise = batch_noise(self.seeds, height, width, components.latent_channels, components.vae_scale_factor)
+            noise = batch_noise(self.seeds, height, width, latent.channels, latent.scale_factor)
             self._host_noise[key] = noise.pin_memory() if components.runtime.device.type == "cuda" else noise
         return self._host_noise[key]
 
@@ -131,7 +132,7 @@ class PromptBatch:
         """The noise on the device in the model dtype, made once per batch even when a student and a teacher
         both start from it."""
         runtime = components.runtime
-        key = (components.latent_shape(height, width), runtime.dtype, runtime.device)
+        key = (components.latent.shape(height, width), runtime.dtype, runtime.device)
         if key not in self._device:
             host = self.host_noise(components, height, width)
             self._device[key] = host.to(device=runtime.device, non_blocking=True).to(runtime.dtype)
@@ -148,7 +149,7 @@ class Settings:
     width: int
 
     def check(self, components: Components) -> None:
-        check_inputs(self.height, self.width, self.steps, self.guidance_scale, multiple=components.vae_scale_factor)
+        check_inputs(self.height, self.width, self.steps, self.guidance_scale, multiple=components.latent.scale_factor)
 
 
 def _embeddings(components: Components, batch: PromptBatch, guidance_scale: float):

@@ -11,11 +11,12 @@ import copy
 import json
 import logging
 import posixpath
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from instaflow.loading import ComponentCache, Runtime
+from instaflow.loading import ComponentCache, Runtime, pipeline_geometry
 from instaflow.models import MODEL_RECORD
 from instaflow.text import encode_tokens, tokenize_prompts
 from instaflow.training import STRAIGHTNESS_TIMES, flow_measures
@@ -24,7 +25,7 @@ from jobs.main import Parser
 from jobs.options import json_object
 from pipeline.manifest import read_manifest
 from pipeline.model_source import resolve_model_source
-from pipeline.training.pairs_data import find_pairs, read_shard
+from pipeline.training.pairs_data import PairSet, check_pairs_fit, find_pairs, read_shard
 from pipeline.storage import filesystem, normalize_location, normalize_model, put_atomic
 from pipeline.training.worker import FINAL_DIR, list_checkpoints, read_ema_weights
 
@@ -33,9 +34,8 @@ logger = logging.getLogger(__name__)
 COLUMNS = ("reflow_loss", "straightness", *(f"straightness_{t}" for t in STRAIGHTNESS_TIMES), "one_step_error")
 
 
-def held_out(url: str, storage_options: dict, max_pairs: int, seed: int) -> dict:
+def held_out(pairs: PairSet, max_pairs: int, seed: int) -> dict:
     """The first `max_pairs` ok pairs in shard order, with one flow time each drawn from `seed`."""
-    pairs = find_pairs(url, storage_options)
     fs, parts, taken = pairs.fs, [], 0
     for shard in pairs.shards:
         rows = read_shard(fs, shard)
@@ -104,8 +104,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         parser.error("--max-pairs and --batch-size must be positive")
     use_gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())
     cache = ComponentCache(Runtime(torch.device("cuda" if use_gpu else "cpu"), torch.float32))
-    pairs = held_out(args.pairs, args.storage_options, args.max_pairs, args.seed)
-    targets = [target for model in args.model for target in models_to_measure(model, args.storage_options)]
+    found = find_pairs(args.pairs, args.storage_options)
+    targets = []
+    for model in args.model:
+        measured = models_to_measure(model, args.storage_options)
+        for folder in {folder for _, folder, _ in measured}:  # a training output's checkpoints share one
+            flag = f"--model {model!r}"
+            check_pairs_fit(found, pipeline_geometry(Path(folder), flag), flag)
+        targets += measured
+    pairs = held_out(found, args.max_pairs, args.seed)
     rows = []
     for label, model, weights in targets:
         components = cache.load(model)

@@ -30,12 +30,16 @@ from fsspec.implementations.local import LocalFileSystem
 from instaflow.loading import (
     HUB_ID,
     REQUIRED_COMPONENTS,
+    UNET_CONFIG,
+    VAE_CONFIG,
     WEIGHT_COMPONENTS,
     XL_COMPONENTS,
+    LatentGeometry,
     ModelLoadError,
     file_sha256,
     hub_hint,
     hub_patterns,
+    pipeline_geometry,
     resolve_model_dir,
 )
 from pipeline.storage import UnsafePathError, filesystem, join_inside, put_atomic, redact_text, with_retries
@@ -111,6 +115,12 @@ class ModelSource:
                     except FileNotFoundError:
                         raise ModelLoadError(f"model {self.model!r}: it has no {name}") from None
                 yield Path(tmp)
+
+    def latent_geometry(self, flag: str, storage_options: dict | None = None) -> LatentGeometry:
+        """The latents of this pipeline folder's VAE, read from its configs (on a driver, which loads no weights);
+        a ModelLoadError naming `flag` and the model when they do not fit its UNet."""
+        with self.config_files([VAE_CONFIG, UNET_CONFIG], storage_options) as folder:
+            return pipeline_geometry(folder, f"{flag} {redact_text(self.model)!r}")
 
 
 def model_folders(sources: dict[str, ModelSource]) -> dict[str, str]:

@@ -109,6 +109,17 @@ def test_rows_record_the_weights_and_identity_tells_file_and_scale_apart(run, ti
     for other in ([f"{tiny_models['lora-diffusers']}:-0.5"], [str(tiny_models["lora-kohya"])]):
         assert main([*job, *merge, "--lora", str(tiny_models["lora-kohya"]), "--lora", *other]) == 2
 
+def test_a_tiny_decoder_decodes_a_merged_students_images(run, tiny_models):
+    """The fine-tune's VAE, taken with its weights, once replaced the tiny decoder: rows named the tiny decoder, and
+    the full VAE had decoded them."""
+    merged = ["--merge-finetune", f"{tiny_models['finetune']}:0.5", "--merge-base", str(tiny_models["sd15"]),
+              "--lora", str(tiny_models["lora-kohya"]), "--lora", f"{tiny_models['lora-diffusers']}:-0.25"]
+    full = image_rows(run("generate", *merged))[1]
+    tiny = image_rows(run("generate", *merged, "--decoder", "tiny", "--tiny-decoder", str(tiny_models["taesd"])))[1]
+    assert tiny.keys() == full.keys()
+    assert np.abs(pixels(tiny) - pixels(full)).mean() > 2
+
+
 def test_a_lora_leaves_the_teachers_pairs_as_they_were(run, tiny_models):
     """The tiny student and teacher share their text encoder: fusing into the student's copy must not reach it."""
     plain, fused = run("reflow-pairs"), run("reflow-pairs", "--lora", str(tiny_models["lora-kohya"]))

@@ -69,38 +69,58 @@ def test_a_unet_of_another_class_is_named(tiny_models, tmp_path):
         ComponentCache(Runtime.default(device="cpu")).load(str(stacked))
 
 
-def test_a_vae_of_another_scale_factor_sets_the_latent_side_of_every_job(ray_cpus, tiny_models, prompts, tmp_path):
-    """A VAE with three blocks (latents 1/4 of the image side, not SD-1.5's 1/8): the seed noise, the teacher's
-    latents and the encoded images are all at its latent side, so pairs, encode and training agree."""
+@pytest.fixture(scope="module")
+def quarter(tiny_models, tmp_path_factory):
+    """The tiny 2-RF model with a VAE of three blocks: latents 1/4 of the image side, not SD-1.5's 1/8."""
     import shutil
 
-    import numpy as np
-    import pyarrow as pa
     import torch
     from diffusers import AutoencoderKL
 
-    from instaflow.sampling import noise_for_seed
-    from jobhelpers import png_bytes
-    from pipeline.writers import read_tensor_column
-
-    model = tmp_path / "quarter"
+    model = tmp_path_factory.mktemp("quarter") / "quarter"
     shutil.copytree(tiny_models["2rf"], model)
     shutil.rmtree(model / "vae")
     torch.manual_seed(3)
     AutoencoderKL(block_out_channels=(8, 8, 16), down_block_types=("DownEncoderBlock2D",) * 3,
                   up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, layers_per_block=1,
                   norm_num_groups=4, sample_size=64).save_pretrained(model / "vae")
+    return model
 
-    assert reflow_pairs.main(["--prompts", str(prompts), "--output", str(tmp_path / "pairs"), "--teacher",
-                              str(model), "--teacher-kind", "rf", "--steps", "2", "--model", str(model),
-                              "--rows-per-shard", "8", "--batch-size", "4", *SIZE]) == 0
-    table = pa.concat_tables(pq.read_table(path) for path in sorted((tmp_path / "pairs" / "pairs").glob("*.parquet")))
+
+@pytest.fixture(scope="module")
+def quarter_pairs(ray_cpus, quarter, prompts, tmp_path_factory):
+    """A pairs job's output, teacher and student the quarter model, images beside the pairs."""
+    output = tmp_path_factory.mktemp("quarter-pairs")
+    assert reflow_pairs.main(["--prompts", str(prompts), "--output", str(output), "--teacher", str(quarter),
+                              "--teacher-kind", "rf", "--steps", "2", "--model", str(quarter), "--rows-per-shard",
+                              "8", "--batch-size", "4", *SIZE]) == 0
+    return output
+
+
+def test_a_vae_of_another_scale_factor_sets_the_latent_side_of_every_job(quarter, quarter_pairs, tmp_path):
+    """The seed noise, the teacher's latents and the encoded images are all at the quarter VAE's latent side, so
+    pairs, encode and training agree; its images are decoded at the job's size."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+
+    from instaflow.sampling import noise_for_seed
+    from jobhelpers import png_bytes, tar_members
+    from pipeline.writers import read_tensor_column
+
+    model = quarter
+    table = pa.concat_tables(pq.read_table(path) for path in sorted((quarter_pairs / "pairs").glob("*.parquet")))
     noise, latent = read_tensor_column(table, "noise"), read_tensor_column(table, "latent")
     assert noise.shape == latent.shape == (16, 4, 16, 16)
     for i, seed in enumerate(table["seed"].to_pylist()):
         assert np.array_equal(noise[i], noise_for_seed(seed, 64, 64, vae_scale_factor=4)[0].numpy())
-    images = pq.read_table(sorted((tmp_path / "pairs" / "images").glob("*.parquet"))[0])
+    images = pq.read_table(sorted((quarter_pairs / "images").glob("*.parquet"))[0])
     assert set(images["status"].to_pylist()) == {"ok"}
+    decoded = [Image.open(io.BytesIO(data)) for tar in sorted((quarter_pairs / "images").glob("*.tar"))
+               for name, data in tar_members(tar.read_bytes()).items() if name.endswith(".jpg")]
+    assert len(decoded) == 16 and {image.size for image in decoded} == {(64, 64)}
 
     pictures = tmp_path / "pictures"
     pictures.mkdir()
@@ -118,3 +138,81 @@ def test_a_vae_of_another_scale_factor_sets_the_latent_side_of_every_job(ray_cpu
     assert train_reflow.main(["--pairs", str(tmp_path / "encoded"), "--init", str(model), "--output",
                               str(tmp_path / "train"), "--steps", "2", "--batch-size", "4", "--checkpoint-every",
                               "2", "--log-every", "1", "--warmup-steps", "1", "--device", "cpu"]) == 0
+
+
+def error_line(capsys) -> str:
+    """The one error line a command printed (Ray's workers of earlier jobs may log to stderr as well)."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_pairs_of_another_latent_shape_are_refused_by_training_and_straightness(quarter_pairs, tiny_models,
+                                                                                tmp_path, capsys):
+    """Pairs at 1/4 of the image side, read with a model whose VAE makes latents at 1/8: refused before any
+    model loads or any worker starts, naming both flags and both shapes."""
+    other = str(tiny_models["2rf"])
+    shapes = "its latents have shape [4, 16, 16] for 64x64 images, but the VAE of {flag} makes [4, 8, 8] of them"
+    assert train_reflow.main(["--pairs", str(quarter_pairs), "--init", other, "--output", str(tmp_path / "train"),
+                              "--steps", "2", "--batch-size", "4", "--device", "cpu"]) == 2
+    line = error_line(capsys)
+    assert f"--pairs {quarter_pairs}: " + shapes.format(flag=f"--init {other!r}") in line, line
+    assert not (tmp_path / "train").exists()
+    assert straightness.main(["--pairs", str(quarter_pairs), "--model", other, "--device", "cpu"]) == 2
+    line = error_line(capsys)
+    assert f"--pairs {quarter_pairs}: " + shapes.format(flag=f"--model {other!r}") in line, line
+
+
+def rewritten(model, tmp_path, component: str, **changes) -> str:
+    """A copy of `model` whose `component`/config.json has `changes`."""
+    import shutil
+
+    copy = tmp_path / f"{model.name}-{component}-{'-'.join(changes)}"
+    shutil.copytree(model, copy)
+    config = copy / component / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | changes))
+    return str(copy)
+
+
+def test_models_whose_latents_do_not_agree_are_refused_on_the_driver(quarter, tiny_models, prompts, tmp_path,
+                                                                     capsys, monkeypatch):
+    """A VAE that does not fit its UNet, an image size that is no multiple of the VAE's scale factor, and a tiny
+    decoder or a ControlNet of other latents than the model's VAE: each failed on every worker (or sampled other
+    noise); each is refused before any worker starts, naming the flag, the model and the values."""
+    import pipeline.job
+
+    def no_worker(*args):
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(pipeline.job, "ray_worker_factory", no_worker)
+    rf = tiny_models["2rf"]
+    wide_unet = rewritten(rf, tmp_path, "unet", in_channels=8, out_channels=8)
+    blocks = 5
+    sixteenth = rewritten(rf, tmp_path, "vae", block_out_channels=[8] * blocks,
+                          down_block_types=["DownEncoderBlock2D"] * blocks, up_block_types=["UpDecoderBlock2D"] * blocks)
+    taesd, controlnet, sd15 = str(tiny_models["taesd"]), str(tiny_models["controlnet"]), str(tiny_models["sd15"])
+    quarter_ = str(quarter)
+    eighth, fourth = "4 latent channels at 1/8 of the image side", "4 latent channels at 1/4 of the image side"
+    cases = [
+        ("generate", ["--model", wide_unet], f"--model {wide_unet!r}: its vae/config.json has latent_channels 4, but "
+         "its unet/config.json has in_channels 8 and out_channels 8"),
+        ("reflow-pairs", ["--teacher", wide_unet], f"--teacher {wide_unet!r}: its vae/config.json has "
+         "latent_channels 4, but its unet/config.json has in_channels 8 and out_channels 8"),
+        ("generate", ["--model", sixteenth, "--height", "72", "--width", "64"], "--height 72 and --width 64 must "
+         f"be multiples of 16: the vae/config.json of --model {sixteenth!r} makes latents at 1/16 of the image side"),
+        ("generate", ["--model", quarter_, "--decoder", "tiny", "--tiny-decoder", taesd],
+         f"--tiny-decoder {taesd!r} has {eighth}, but the VAE of --model {quarter_!r} has {fourth}"),
+        ("generate", ["--model", str(rf), "--merge-finetune", quarter_, "--merge-base", sd15, "--decoder", "tiny",
+                      "--tiny-decoder", taesd],
+         f"--tiny-decoder {taesd!r} has {eighth}, but the VAE of --merge-finetune {quarter_!r} has {fourth}"),
+        ("generate", ["--model", quarter_, "--controlnet", controlnet, "--control-column", "style"],
+         f"--controlnet {controlnet!r} has {eighth}, but the VAE of --model {quarter_!r} has {fourth}"),
+        ("reflow-pairs", ["--teacher", quarter_, "--controlnet", controlnet, "--control-column", "style"],
+         f"--controlnet {controlnet!r} has {eighth}, but the VAE of --teacher {quarter_!r} has {fourth}"),
+    ]
+    for index, (job, flags, message) in enumerate(cases):
+        output = tmp_path / f"out-{index}"
+        extra = ["--teacher-kind", "rf", "--steps", "2"] if job == "reflow-pairs" else []
+        assert main(["run", job, "--prompts", str(prompts), "--output", str(output), *SIZE, *extra, *flags]) == 2
+        assert error_line(capsys) == f"error: {message}", (job, flags)
+        assert not output.exists()

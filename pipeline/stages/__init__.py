@@ -81,13 +81,15 @@ def input_columns(spec) -> dict[str, str]:
 
 def check_stages(spec, sources: dict[str, ModelSource]) -> None:
     """The driver's checks of the stages, before any worker: one order and no column added twice, and their
-    models (each of the kind its flag needs; a LoRA that does not fit the student)."""
+    models (each of the kind its flag needs, a pipeline folder's latents fitting its UNet and the image size; a
+    LoRA, a tiny decoder or a ControlNet that does not fit the student)."""
     stages = ordered_stages(spec)
     added_fields(spec, stages)  # two stages adding one column
     for stage in stages:
         for key, kind in stage.model_kinds.items():
             if key in sources:
-                check_model_kind(sources[key], kind, spec.storage_options)
+                check_model_kind(sources[key], kind, spec)
+    for stage in stages:  # after every model's kind: a stage's check may read another stage's model
         stage.check(spec, sources)
 
 

@@ -22,7 +22,8 @@ from typing import Any, Callable
 import pyarrow as pa
 import torch
 
-from instaflow.loading import UNET_CLASS, ComponentCache, ModelLoadError
+from instaflow.loading import UNET_CLASS, UNET_CONFIG, VAE_CONFIG, ComponentCache, LatentGeometry, ModelLoadError, \
+    component_config, pipeline_geometry
 from instaflow.models import PromptBatch
 from pipeline.encoders import EncoderLost
 from pipeline.model_source import ModelSource
@@ -42,41 +43,60 @@ class ModelKind:
     """What the model a flag names must be: for each config file, the classes it may name (diffusers'
     `_class_name`, or the first of transformers' `architectures`). A CLIP model and a safety checker, or a VAE and
     a ControlNet, load into each other's classes without an error and then give wrong values, and a pipeline folder
-    whose unet/ holds a VAE fails on every worker: so the classes are checked by name, on the driver."""
+    whose unet/ holds a VAE fails on every worker: so the classes are checked by name, on the driver. A pipeline
+    folder (`pipeline`) is also checked for latents that fit its UNet and the job's image size."""
 
     flag: str
     classes: dict[str, tuple[str, ...]]  # by config file: "config.json" of a module, "model_index.json" or
     # "unet/config.json" of a pipeline folder
+    pipeline: bool = False
 
 
 # A pipeline folder's weighted components, as `ComponentCache.load` reads them (instaflow/loading.py), and the
 # class each is loaded into: InstaFlow's and SD-1.5's hub folders name these.
-PIPELINE_CLASSES = {"unet/config.json": (UNET_CLASS,), "vae/config.json": ("AutoencoderKL",),
+PIPELINE_CLASSES = {UNET_CONFIG: (UNET_CLASS,), VAE_CONFIG: ("AutoencoderKL",),
                     "text_encoder/config.json": ("CLIPTextModel",)}
 
 
 def pipeline_kind(flag: str) -> ModelKind:
     """A diffusers pipeline folder (a student, a teacher, a fine-tune and its base) whose components are loaded."""
-    return ModelKind(flag, PIPELINE_CLASSES)
+    return ModelKind(flag, PIPELINE_CLASSES, pipeline=True)
 
 
-def check_model_kind(source: ModelSource, kind: ModelKind, storage_options: dict) -> None:
-    """Raises ModelLoadError in one line naming the flag, the model, the config file and both classes."""
-    with source.config_files(list(kind.classes), storage_options) as folder:
+def check_model_kind(source: ModelSource, kind: ModelKind, spec) -> None:
+    """Raises ModelLoadError in one line naming the flag, the model, the config file and both classes; for a
+    pipeline folder, the files and values whose latents do not fit its UNet or the job's --height and --width."""
+    model = f"{kind.flag} {redact_text(source.model)!r}"
+    with source.config_files(list(kind.classes), spec.storage_options) as folder:
         for name, classes in kind.classes.items():
             try:
                 config = json.loads((folder / name).read_text())
             except (OSError, ValueError) as exc:
-                raise ModelLoadError(f"{kind.flag} {redact_text(source.model)!r}: cannot read its {name}: "
-                                     f"{exc}") from None
+                raise ModelLoadError(f"{model}: cannot read its {name}: {exc}") from None
             named = config.get("_class_name") if isinstance(config, dict) else None
             if named is None and isinstance(config, dict):
                 architectures = config.get("architectures")
                 named = architectures[0] if isinstance(architectures, list) and architectures else None
             if named not in classes:
                 found = f"names class {named}" if isinstance(named, str) and named else "names no class"
-                raise ModelLoadError(f"{kind.flag} {redact_text(source.model)!r}: its {name} {found}, not "
-                                     f"{' or '.join(classes)}")
+                raise ModelLoadError(f"{model}: its {name} {found}, not {' or '.join(classes)}")
+        if kind.pipeline:  # a side that is no whole multiple of the latent side fails in the VAE on every worker
+            factor = pipeline_geometry(folder, model).scale_factor
+            if spec.height % factor or spec.width % factor:
+                raise ModelLoadError(f"--height {spec.height} and --width {spec.width} must be multiples of {factor}: "
+                                     f"the {VAE_CONFIG} of {model} makes latents at 1/{factor} of the image side")
+
+
+def module_config(source: ModelSource, component: str, storage_options: dict) -> dict:
+    """A pinned module's config.json (a tiny decoder, a ControlNet) as diffusers reads it, on the driver."""
+    with source.config_files(["config.json"], storage_options) as folder:
+        return component_config(folder / "config.json", component)
+
+
+def check_same_geometry(what: str, geometry: LatentGeometry, model: str, model_geometry: LatentGeometry) -> None:
+    """`what` (a flag and its model) must take or make the latents of `model`'s VAE."""
+    if geometry != model_geometry:
+        raise ModelLoadError(f"{what} has {geometry}, but the VAE of {model} has {model_geometry}")
 
 
 class HostCopy:

@@ -14,15 +14,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from instaflow.controlnet import ControlNet
+from instaflow.controlnet import ControlNet, controlnet_geometry
 from instaflow.loading import ComponentCache
 from instaflow.models import PromptBatch
 from pipeline.model_source import ModelSource, resolve_model_source
 from pipeline.plan import WorkUnit
 from pipeline.reader import Sample
 from pipeline.row_images import RowImages
-from pipeline.stages.base import CONDITIONING, Encode, ModelKind, Stage, UnitOutputs
-from pipeline.storage import filesystem
+from pipeline.stages.base import CONDITIONING, Encode, ModelKind, Stage, UnitOutputs, check_same_geometry, \
+    module_config
+from pipeline.storage import filesystem, redact_text
 
 FIELDS = [pa.field("controlnet_scale", pa.float32()), pa.field("control_digest", pa.string())]
 PREPARED = "control"  # what prepare_rows adds to a sample's inputs: (pixels, the sha256 of the image as given)
@@ -52,6 +53,18 @@ class ControlNetStage(Stage):
     @classmethod
     def sources(cls, spec) -> dict[str, ModelSource]:
         return {"controlnet": resolve_model_source(spec.controlnet, spec.dtype, spec.storage_options, "module")}
+
+    @classmethod
+    def check(cls, spec, sources: dict[str, ModelSource]) -> None:
+        """The ControlNet runs on the latents of every model it conditions (the student, the teacher): it must take
+        their channels, and bring the control image down to their side."""
+        options = spec.storage_options
+        taken = controlnet_geometry(module_config(sources["controlnet"], "controlnet", options))
+        for key, flag in (("model", "--model"), ("teacher", "--teacher")):
+            if key in sources:
+                check_same_geometry(f"--controlnet {redact_text(spec.controlnet)!r}", taken,
+                                    f"{flag} {redact_text(sources[key].model)!r}",
+                                    sources[key].latent_geometry(flag, options))
 
     @classmethod
     def load(cls, spec, sources: dict, cache: ComponentCache) -> "ControlNetStage":

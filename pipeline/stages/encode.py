@@ -15,7 +15,7 @@ import torch
 
 from instaflow.loading import ComponentCache, Components
 from instaflow.models import PromptBatch
-from instaflow.sampling import check_size, encode_images, finite_per_sample
+from instaflow.sampling import encode_images, finite_per_sample
 from pipeline.plan import WorkUnit
 from pipeline.reader import Sample
 from pipeline.row_images import RowImages
@@ -48,7 +48,6 @@ class EncodeStage(PairsOutput):
     def load(cls, spec, sources: dict, cache: ComponentCache) -> "EncodeStage":
         source = sources["teacher"]
         components = cache.load(source.local_dir(spec.storage_options), variant=source.variant)
-        check_size(spec.height, spec.width, multiple=components.vae_scale_factor)
         return cls(spec, components, filesystem(spec.prompts, spec.storage_options)[0])
 
     @classmethod

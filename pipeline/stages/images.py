@@ -14,13 +14,14 @@ import json
 
 import pyarrow as pa
 
-from instaflow.loading import ComponentCache, Components
+from instaflow.loading import ComponentCache, Components, LatentGeometry
 from instaflow.lora import TEXT_ENCODER, UNET, check_lora, check_merge, fuse_loras, merge_finetune, meta_modules, \
     read_lora
 from instaflow.models import PromptBatch, Settings, Student
 from pipeline.model_source import ModelSource, resolve_model_source
-from pipeline.stages.base import CONDITIONING, Encode, HostCopy, ModelKind, Stage, UnitOutputs, collect_encoded, \
-    metadata_rows, pipeline_kind
+from pipeline.stages.base import CONDITIONING, Encode, HostCopy, ModelKind, Stage, UnitOutputs, check_same_geometry, \
+    collect_encoded, metadata_rows, module_config, pipeline_kind
+from pipeline.storage import redact_text
 from pipeline.writers import IMAGE_EXTENSIONS, image_parquet_shard, metadata_table, webdataset_shard
 
 NON_FINITE = "non-finite output (NaN or inf in the latent or image)"
@@ -68,8 +69,11 @@ class ImagesStage(Stage):
 
     @classmethod
     def check(cls, spec, sources: dict[str, ModelSource]) -> None:
-        """A fine-tune whose UNet does not line up with the student's, or a LoRA key that fits neither the UNet
-        nor the text encoder it will be fused into, is refused here, from the models' configs alone."""
+        """A tiny decoder whose latents are not those of the VAE it stands in for, a fine-tune whose UNet does not
+        line up with the student's, or a LoRA key that fits neither the UNet nor the text encoder it will be fused
+        into, is refused here, from the models' configs alone."""
+        if "decoder" in sources:
+            cls.check_decoder(spec, sources)
         if not spec.loras and not spec.merge_finetune:
             return
         options = spec.storage_options
@@ -88,12 +92,22 @@ class ImagesStage(Stage):
                 check_lora(read_lora(sources[f"lora_{index}"].local_file(options)), unet, text_encoder)
 
     @classmethod
+    def check_decoder(cls, spec, sources: dict[str, ModelSource]) -> None:
+        """The tiny decoder stands in for the student's VAE (the fine-tune's, with --merge-finetune), and the seed
+        noise takes its latent shape: another geometry would sample other noise at another latent size."""
+        key, flag = ("merge_finetune", "--merge-finetune") if spec.merge_finetune else ("model", "--model")
+        student = sources[key].latent_geometry(flag, spec.storage_options)
+        decoder = LatentGeometry.of_vae(module_config(sources["decoder"], "tiny_decoder", spec.storage_options))
+        check_same_geometry(f"--tiny-decoder {redact_text(spec.tiny_decoder)!r}", decoder,
+                            f"{flag} {redact_text(sources[key].model)!r}", student)
+
+    @classmethod
     def load(cls, spec, sources: dict, cache: ComponentCache) -> "ImagesStage":
         components = cache.load(sources["model"].local_dir(spec.storage_options), variant=sources["model"].variant)
-        if "decoder" in sources:
+        components = _changed_weights(spec, sources, cache, components)
+        if "decoder" in sources:  # after the fine-tune's VAE, which it stands in for
             decoder = cache.load_tiny_decoder(sources["decoder"].local_dir(spec.storage_options))
             components = dataclasses.replace(components, vae=decoder)
-        components = _changed_weights(spec, sources, cache, components)
         settings = Settings(spec.steps, spec.guidance_scale, height=spec.height, width=spec.width)
         student = Student(components, settings)
         return cls(spec, student, weights_record(spec, sources))

@@ -48,7 +48,7 @@ class PairsOutput(Stage):
                              spec.teacher_guidance_scale, None)
         teacher = {"model": redact_text(spec.teacher), "kind": spec.teacher_kind, "steps": spec.teacher_steps,
                    "guidance_scale": spec.teacher_guidance_scale}
-        shape = self.components.latent_shape(spec.height, spec.width)
+        shape = self.components.latent.shape(spec.height, spec.width)
         images = outputs.column(self.name, "image") if spec.teacher_images else None
         return {f"{spec.pair_dir}{shard}.parquet": pairs_parquet_shard(
             metadata_table(rows, extra, outputs.added_columns(self.name, samples)), outputs.column(self.name, "noise"),

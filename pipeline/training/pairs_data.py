@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from instaflow.loading import LatentGeometry
 from pipeline.commit import committed_shards
 from pipeline.manifest import MANIFEST_NAME
 from pipeline.plan import shard_name
@@ -124,6 +125,26 @@ def check_pair_schema(fs: fsspec.AbstractFileSystem, path: str) -> None:
     missing = [name for name in PAIR_COLUMNS if name not in schema.names]
     if missing:
         raise PairsError(f"{path}: missing columns {missing}; not a pair shard (is this an images output?)")
+
+
+def check_pairs_fit(pairs: PairSet, geometry: LatentGeometry, model: str) -> None:
+    """The pairs' tensors must be the latents `model` (its flag and name) makes of their rows' images: its VAE's
+    channels, at the side its scale factor makes of the rows' height and width. Read from the first shard's footer
+    and its first row's height and width (one job wrote every shard, at one size)."""
+    path = pairs.shards[0].path
+    schema = with_retries(_read_schema, pairs.fs, path, what=f"read {path}")
+    recorded = json.loads((schema.field("latent").metadata or {}).get(TENSOR_SHAPE_KEY, b"null"))
+    first = with_retries(_read_columns, pairs.fs, path, ["height", "width"], what=f"read {path}").slice(0, 1)
+    [height], [width] = first.column("height").to_pylist(), first.column("width").to_pylist()
+    expected = list(geometry.shape(height, width))
+    if recorded != expected:
+        raise PairsError(f"--pairs {pairs.url}: its latents have shape {recorded} for {height}x{width} images, but "
+                         f"the VAE of {model} makes {expected} of them ({geometry})")
+
+
+def _read_columns(fs: fsspec.AbstractFileSystem, path: str, columns: list[str]) -> pa.Table:
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
 
 
 @dataclass

@@ -60,7 +60,7 @@ from tests.bench.common import (  # noqa: E402
     timed_pools,
     write_prompt_files,
 )
-from instaflow.loading import Runtime  # noqa: E402
+from instaflow.loading import VAE_CONFIG, LatentGeometry, Runtime, component_config  # noqa: E402
 from instaflow.models import PromptBatch, Student, StudentOutput, TeacherOutput  # noqa: E402
 from pipeline.job import run_job  # noqa: E402
 from pipeline.spec import JobSpec  # noqa: E402
@@ -270,12 +270,12 @@ def malloc_mib() -> dict:
 
 def stand_in_components(model_dir: Path) -> SimpleNamespace:
     """What the stand-ins and the worker use of a model's components: its real tokenizer, the CPU, and the
-    latent geometry of SD-1.5 (4 channels, 8x smaller than the image)."""
+    latent geometry its VAE's config gives."""
     from transformers import CLIPTokenizer
 
     return SimpleNamespace(tokenizer=CLIPTokenizer.from_pretrained(model_dir / "tokenizer"),
-                           runtime=Runtime(torch.device("cpu"), torch.float32), vae_scale_factor=8,
-                           unet=SimpleNamespace(config=SimpleNamespace(in_channels=4)))
+                           runtime=Runtime(torch.device("cpu"), torch.float32),
+                           latent=LatentGeometry.of_vae(component_config(model_dir / VAE_CONFIG, "vae")))
 
 
 def stand_in_student(model_dir: Path, size: int, seconds_per_image: float) -> SimulatedStudent:
