@@ -14,7 +14,7 @@ from typing import Mapping
 
 import torch
 
-from instaflow.loading import LatentGeometry
+from instaflow.loading import LatentGeometry, config_blocks, config_int
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class ControlNet:
 def controlnet_geometry(config: Mapping) -> LatentGeometry:
     """The latents a ControlNet runs on, from its config: `in_channels`, and the side its conditioning embedding
     brings the control image down to (each of its blocks after the first halves it, with a stride-2 convolution)."""
-    return LatentGeometry(config["in_channels"], 2 ** (len(config["conditioning_embedding_out_channels"]) - 1))
+    return LatentGeometry(config_int(config, "in_channels"),
+                          2 ** (config_blocks(config, "conditioning_embedding_out_channels") - 1))
 
 
 class Control:

@@ -143,7 +143,7 @@ class Components:
     def latent(self) -> "LatentGeometry":
         """What the VAE makes of an image: the seed noise, a teacher's output and an encoded image all have its
         shape."""
-        return LatentGeometry.of_vae(self.vae.config)
+        return LatentGeometry.of_vae(self.vae.config, type(self.vae).__name__)
 
     @property
     def default_size(self) -> int:
@@ -159,11 +159,21 @@ class LatentGeometry:
     scale_factor: int
 
     @classmethod
-    def of_vae(cls, config: Mapping) -> "LatentGeometry":
-        """One upsampling per decoder block after the first: AutoencoderKL's each double the side, the tiny
-        AutoencoderTiny's multiply it by its `upsampling_scaling_factor`."""
-        blocks = config.get("block_out_channels") or config["decoder_block_out_channels"]
-        return cls(config["latent_channels"], config.get("upsampling_scaling_factor", 2) ** (len(blocks) - 1))
+    def of_vae(cls, config: Mapping, class_name: str) -> "LatentGeometry":
+        """From the keys the VAE's class takes (a stray key from another class is ignored, as diffusers ignores
+        it): one upsampling per decoder block after the first, AutoencoderKL's each doubling the side, the tiny
+        AutoencoderTiny's multiplying it by its `upsampling_scaling_factor`. A ValueError names a bad value."""
+        if class_name == "AutoencoderTiny":
+            blocks, upsampling = config_blocks(config, "decoder_block_out_channels"), \
+                config_int(config, "upsampling_scaling_factor")
+        elif class_name == "AutoencoderKL":
+            blocks, upsampling = config_blocks(config, "block_out_channels"), 2
+        else:
+            raise ValueError(f"no latent geometry for a VAE of class {class_name!r}")
+        factor = upsampling ** (blocks - 1)
+        if factor > MAX_SCALE_FACTOR:
+            raise ValueError(f"its latents would be 1/{factor} of the image side, more than 1/{MAX_SCALE_FACTOR}")
+        return cls(config_int(config, "latent_channels"), factor)
 
     def shape(self, height: int, width: int) -> tuple[int, int, int]:
         """One sample's latent, (channels, height, width)."""
@@ -174,6 +184,26 @@ class LatentGeometry:
 
 
 VAE_CONFIG, UNET_CONFIG = "vae/config.json", "unet/config.json"  # in a pipeline folder
+MAX_SCALE_FACTOR = 64  # SD-1.5's VAE makes latents at 1/8 of the image side; beyond 1/64 no model is real
+MAX_CONFIG_INT = 4096
+
+
+def config_int(config: Mapping, key: str) -> int:
+    """A count from a config (channels, a factor): a positive integer of a plausible size, or a ValueError."""
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONFIG_INT:
+        raise ValueError(f"{key} must be an integer between 1 and {MAX_CONFIG_INT}, got {value!r:.80}")
+    return value
+
+
+def config_blocks(config: Mapping, key: str) -> int:
+    """How many blocks a config's list of per-block channels names (each a count), or a ValueError."""
+    value = config.get(key)
+    if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= 16:
+        raise ValueError(f"{key} must be a list of 1 to 16 channel counts, got {value!r:.80}")
+    for index in range(len(value)):
+        config_int({f"{key}[{index}]": value[index]}, f"{key}[{index}]")
+    return len(value)
 
 
 def component_config(path: Path, component: str) -> dict:
@@ -181,20 +211,27 @@ def component_config(path: Path, component: str) -> dict:
     defaults of the class the component is loaded into. For checks on a driver, which loads no weights."""
     config = json.loads(Path(path).read_text())
     if not isinstance(config, dict):
-        raise ValueError(f"{path} holds no JSON object")
+        raise ValueError("it holds no JSON object")
     parameters = inspect.signature(component_class(component).__init__).parameters.values()
     return {p.name: p.default for p in parameters if p.default is not p.empty} | config
+
+
+def config_geometry(path: Path, component: str, what: str, read):
+    """`read` of a component's config file, as diffusers reads it (component_config); a ModelLoadError naming
+    `what` (a flag, its model and the file) for a file that cannot be read or a value that is not a count."""
+    try:
+        return read(component_config(path, component))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{what}: {exc}") from None
 
 
 def pipeline_geometry(folder: Path, model: str) -> LatentGeometry:
     """The latents of a pipeline folder's VAE, from its configs alone; a ModelLoadError naming `model` when its
     UNet takes or makes latents of other channels (every unit would fail in a convolution on the workers)."""
-    try:
-        vae, unet = component_config(folder / VAE_CONFIG, "vae"), component_config(folder / UNET_CONFIG, "unet")
-        geometry = LatentGeometry.of_vae(vae)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"{model}: cannot read its latent geometry from {VAE_CONFIG} and {UNET_CONFIG}: "
-                             f"{type(exc).__name__}: {exc}") from None
+    geometry = config_geometry(folder / VAE_CONFIG, "vae", f"{model}: its {VAE_CONFIG}",
+                               lambda vae: LatentGeometry.of_vae(vae, "AutoencoderKL"))
+    unet = config_geometry(folder / UNET_CONFIG, "unet", f"{model}: its {UNET_CONFIG}",
+                           lambda config: {key: config_int(config, key) for key in ("in_channels", "out_channels")})
     if not geometry.channels == unet["in_channels"] == unet["out_channels"]:
         raise ModelLoadError(f"{model}: its {VAE_CONFIG} has latent_channels {geometry.channels}, but its "
                              f"{UNET_CONFIG} has in_channels {unet['in_channels']} and out_channels "

@@ -26,7 +26,7 @@ from jobs.options import json_object
 from pipeline.manifest import read_manifest
 from pipeline.model_source import resolve_model_source
 from pipeline.training.pairs_data import PairSet, check_pairs_fit, find_pairs, read_shard
-from pipeline.storage import filesystem, normalize_location, normalize_model, put_atomic
+from pipeline.storage import filesystem, normalize_location, normalize_model, put_atomic, redact_text
 from pipeline.training.worker import FINAL_DIR, list_checkpoints, read_ema_weights
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     for model in args.model:
         measured = models_to_measure(model, args.storage_options)
         for folder in {folder for _, folder, _ in measured}:  # a training output's checkpoints share one
-            flag = f"--model {model!r}"
+            flag = f"--model {redact_text(model)!r}"
             check_pairs_fit(found, pipeline_geometry(Path(folder), flag), flag)
         targets += measured
     pairs = held_out(found, args.max_pairs, args.seed)

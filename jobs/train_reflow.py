@@ -25,7 +25,8 @@ from pipeline.lock import LeaseKeeper, OutputLock
 from pipeline.manifest import ManifestWriter, check_compatible, job_manifest, read_manifest
 from pipeline.model_source import resolve_model_source
 from pipeline.training.pairs_data import check_pairs_fit, find_pairs
-from pipeline.storage import OutputError, filesystem, protect_secrets, redact, storage_env, with_retries
+from pipeline.storage import OutputError, filesystem, protect_secrets, redact, redact_text, storage_env, \
+    with_retries
 from pipeline.training.spec import DEVICES, TrainSpec
 from pipeline.training.worker import CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE, train_identity, train_worker
 
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             raise ValueError("--loss distill-lpips needs the lpips package: pip install 'instaflow-batch[lpips]'")
         pairs = find_pairs(spec.pairs, spec.storage_options)
         init = resolve_model_source(spec.init, "float32", spec.storage_options)
-        check_pairs_fit(pairs, init.latent_geometry("--init", spec.storage_options), f"--init {spec.init!r}")
+        check_pairs_fit(pairs, init.latent_geometry("--init", spec.storage_options),
+                        f"--init {redact_text(spec.init)!r}")
         fs, root = filesystem(spec.output, spec.storage_options)
         check_output_folder(spec.output, spec.storage_options)
         lock = OutputLock(fs, root, lease_s=spec.lock_lease_s)

@@ -107,8 +107,8 @@ class JobSpec:
     samples_per_prompt: int = setting(1, help="K samples per input row (images per prompt, pairs per prompt or "
                                       "image), keyed {key}-{k}, seeded with the row's seed + k or derived from the "
                                       "job seed and that key", metavar="K")
-    height: int = setting(512, help="image height, a multiple of 8", type=int)
-    width: int = setting(512, help="image width, a multiple of 8", type=int)
+    height: int = setting(512, help="image height, a multiple of 8 and of each model's VAE scale factor", type=int)
+    width: int = setting(512, help="image width, a multiple of 8 and of each model's VAE scale factor", type=int)
     batch_size: int = setting(32, help="samples per forward pass", effect=RUN, type=int)  # the fastest on an H200
     rows_per_shard: int = setting(1000, help="target input rows per work unit and shard (a shard holds "
                                   "--samples-per-prompt times as many output rows)", type=int)

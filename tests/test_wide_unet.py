@@ -164,10 +164,10 @@ def test_pairs_of_another_latent_shape_are_refused_by_training_and_straightness(
 
 
 def rewritten(model, tmp_path, component: str, **changes) -> str:
-    """A copy of `model` whose `component`/config.json has `changes`."""
+    """A copy of `model` whose `component`/config.json (its config.json for "") has `changes`."""
     import shutil
 
-    copy = tmp_path / f"{model.name}-{component}-{'-'.join(changes)}"
+    copy = tmp_path / f"{model.name}-{component or 'module'}-{'-'.join(changes)}"
     shutil.copytree(model, copy)
     config = copy / component / "config.json"
     config.write_text(json.dumps(json.loads(config.read_text()) | changes))
@@ -191,6 +191,10 @@ def test_models_whose_latents_do_not_agree_are_refused_on_the_driver(quarter, ti
     sixteenth = rewritten(rf, tmp_path, "vae", block_out_channels=[8] * blocks,
                           down_block_types=["DownEncoderBlock2D"] * blocks, up_block_types=["UpDecoderBlock2D"] * blocks)
     taesd, controlnet, sd15 = str(tiny_models["taesd"]), str(tiny_models["controlnet"]), str(tiny_models["sd15"])
+    no_blocks = rewritten(rf, tmp_path, "vae", block_out_channels=[])
+    text_channels = rewritten(rf, tmp_path, "vae", latent_channels="4")
+    text_factor = rewritten(tiny_models["taesd"], tmp_path, "", upsampling_scaling_factor="2")
+    flat_controlnet = rewritten(tiny_models["controlnet"], tmp_path, "", conditioning_embedding_out_channels=7)
     quarter_ = str(quarter)
     eighth, fourth = "4 latent channels at 1/8 of the image side", "4 latent channels at 1/4 of the image side"
     cases = [
@@ -209,6 +213,21 @@ def test_models_whose_latents_do_not_agree_are_refused_on_the_driver(quarter, ti
          f"--controlnet {controlnet!r} has {eighth}, but the VAE of --model {quarter_!r} has {fourth}"),
         ("reflow-pairs", ["--teacher", quarter_, "--controlnet", controlnet, "--control-column", "style"],
          f"--controlnet {controlnet!r} has {eighth}, but the VAE of --teacher {quarter_!r} has {fourth}"),
+        # the student's latents are decoded by a merged fine-tune's VAE: the ControlNet must fit that one
+        ("generate", ["--model", str(rf), "--merge-finetune", quarter_, "--merge-base", sd15, "--controlnet",
+                      controlnet, "--control-column", "style"],
+         f"--controlnet {controlnet!r} has {eighth}, but the VAE of --merge-finetune {quarter_!r} has {fourth}"),
+        # configs from strangers: values that are not counts are named, with the file
+        ("generate", ["--model", no_blocks], f"--model {no_blocks!r}: its vae/config.json: block_out_channels must "
+         "be a list of 1 to 16 channel counts, got []"),
+        ("generate", ["--model", text_channels], f"--model {text_channels!r}: its vae/config.json: latent_channels "
+         "must be an integer between 1 and 4096, got '4'"),
+        ("generate", ["--model", str(rf), "--decoder", "tiny", "--tiny-decoder", text_factor],
+         f"--tiny-decoder {text_factor!r}: its config.json: upsampling_scaling_factor must be an integer between 1 "
+         "and 4096, got '2'"),
+        ("generate", ["--model", str(rf), "--controlnet", flat_controlnet, "--control-column", "style"],
+         f"--controlnet {flat_controlnet!r}: its config.json: conditioning_embedding_out_channels must be a list "
+         "of 1 to 16 channel counts, got 7"),
     ]
     for index, (job, flags, message) in enumerate(cases):
         output = tmp_path / f"out-{index}"
@@ -216,3 +235,30 @@ def test_models_whose_latents_do_not_agree_are_refused_on_the_driver(quarter, ti
         assert main(["run", job, "--prompts", str(prompts), "--output", str(output), *SIZE, *extra, *flags]) == 2
         assert error_line(capsys) == f"error: {message}", (job, flags)
         assert not output.exists()
+
+
+def test_the_latent_geometry_is_read_from_the_keys_the_vaes_class_takes(tiny_models, tmp_path):
+    """diffusers ignores a key another class takes (AutoencoderKL has no upsampling_scaling_factor, and
+    AutoencoderTiny decodes with decoder_block_out_channels): so does the geometry, on the driver and the workers;
+    and a fine-tune's base gives its UNet only, so its VAE is not held to the job's size."""
+    from types import SimpleNamespace
+
+    from instaflow.loading import LatentGeometry
+    from pipeline.model_source import resolve_model_source
+    from pipeline.stages.base import check_model_kind, pipeline_kind
+
+    kl = {"block_out_channels": [8, 8, 16, 16], "latent_channels": 4, "upsampling_scaling_factor": 1}
+    assert LatentGeometry.of_vae(kl, "AutoencoderKL") == LatentGeometry(4, 8)
+    tiny = {"block_out_channels": [8] * 4, "decoder_block_out_channels": [8] * 3, "upsampling_scaling_factor": 2,
+            "latent_channels": 4}
+    assert LatentGeometry.of_vae(tiny, "AutoencoderTiny") == LatentGeometry(4, 4)
+    with pytest.raises(ValueError, match="more than 1/64"):
+        LatentGeometry.of_vae(kl | {"block_out_channels": [8] * 8}, "AutoencoderKL")
+    blocks = 5
+    sixteenth = rewritten(tiny_models["2rf"], tmp_path, "vae", block_out_channels=[8] * blocks,
+                          down_block_types=["DownEncoderBlock2D"] * blocks, up_block_types=["UpDecoderBlock2D"] * blocks)
+    source, spec = resolve_model_source(sixteenth, "float32", {}), SimpleNamespace(height=72, width=72,
+                                                                                  storage_options={})
+    check_model_kind(source, pipeline_kind("--merge-base", decodes=False), spec)
+    with pytest.raises(Exception, match="must be multiples of 16"):
+        check_model_kind(source, pipeline_kind("--model"), spec)

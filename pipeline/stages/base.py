@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 
 from instaflow.loading import UNET_CLASS, UNET_CONFIG, VAE_CONFIG, ComponentCache, LatentGeometry, ModelLoadError, \
-    component_config, pipeline_geometry
+    config_geometry, pipeline_geometry
 from instaflow.models import PromptBatch
 from pipeline.encoders import EncoderLost
 from pipeline.model_source import ModelSource
@@ -44,12 +44,12 @@ class ModelKind:
     `_class_name`, or the first of transformers' `architectures`). A CLIP model and a safety checker, or a VAE and
     a ControlNet, load into each other's classes without an error and then give wrong values, and a pipeline folder
     whose unet/ holds a VAE fails on every worker: so the classes are checked by name, on the driver. A pipeline
-    folder (`pipeline`) is also checked for latents that fit its UNet and the job's image size."""
+    folder whose VAE runs (`decodes`) is also checked for latents that fit its UNet and the job's image size."""
 
     flag: str
     classes: dict[str, tuple[str, ...]]  # by config file: "config.json" of a module, "model_index.json" or
     # "unet/config.json" of a pipeline folder
-    pipeline: bool = False
+    decodes: bool = False
 
 
 # A pipeline folder's weighted components, as `ComponentCache.load` reads them (instaflow/loading.py), and the
@@ -58,9 +58,10 @@ PIPELINE_CLASSES = {UNET_CONFIG: (UNET_CLASS,), VAE_CONFIG: ("AutoencoderKL",),
                     "text_encoder/config.json": ("CLIPTextModel",)}
 
 
-def pipeline_kind(flag: str) -> ModelKind:
-    """A diffusers pipeline folder (a student, a teacher, a fine-tune and its base) whose components are loaded."""
-    return ModelKind(flag, PIPELINE_CLASSES, pipeline=True)
+def pipeline_kind(flag: str, decodes: bool = True) -> ModelKind:
+    """A diffusers pipeline folder (a student, a teacher, a fine-tune and its base) whose components are loaded;
+    `decodes`: its VAE is the one that runs (a fine-tune's base gives its UNet only)."""
+    return ModelKind(flag, PIPELINE_CLASSES, decodes=decodes)
 
 
 def check_model_kind(source: ModelSource, kind: ModelKind, spec) -> None:
@@ -80,17 +81,18 @@ def check_model_kind(source: ModelSource, kind: ModelKind, spec) -> None:
             if named not in classes:
                 found = f"names class {named}" if isinstance(named, str) and named else "names no class"
                 raise ModelLoadError(f"{model}: its {name} {found}, not {' or '.join(classes)}")
-        if kind.pipeline:  # a side that is no whole multiple of the latent side fails in the VAE on every worker
+        if kind.decodes:  # a side that is no whole multiple of the latent side fails in the VAE on every worker
             factor = pipeline_geometry(folder, model).scale_factor
             if spec.height % factor or spec.width % factor:
                 raise ModelLoadError(f"--height {spec.height} and --width {spec.width} must be multiples of {factor}: "
                                      f"the {VAE_CONFIG} of {model} makes latents at 1/{factor} of the image side")
 
 
-def module_config(source: ModelSource, component: str, storage_options: dict) -> dict:
-    """A pinned module's config.json (a tiny decoder, a ControlNet) as diffusers reads it, on the driver."""
+def module_geometry(source: ModelSource, component: str, what: str, read, storage_options: dict) -> LatentGeometry:
+    """`read` of a pinned module's config.json (a tiny decoder, a ControlNet) as diffusers reads it, on the
+    driver; a ModelLoadError naming `what` (its flag and model) for a file or value that does not do."""
     with source.config_files(["config.json"], storage_options) as folder:
-        return component_config(folder / "config.json", component)
+        return config_geometry(folder / "config.json", component, f"{what}: its config.json", read)
 
 
 def check_same_geometry(what: str, geometry: LatentGeometry, model: str, model_geometry: LatentGeometry) -> None:

@@ -22,7 +22,8 @@ from pipeline.plan import WorkUnit
 from pipeline.reader import Sample
 from pipeline.row_images import RowImages
 from pipeline.stages.base import CONDITIONING, Encode, ModelKind, Stage, UnitOutputs, check_same_geometry, \
-    module_config
+    module_geometry
+from pipeline.stages.images import student_vae
 from pipeline.storage import filesystem, redact_text
 
 FIELDS = [pa.field("controlnet_scale", pa.float32()), pa.field("control_digest", pa.string())]
@@ -56,15 +57,16 @@ class ControlNetStage(Stage):
 
     @classmethod
     def check(cls, spec, sources: dict[str, ModelSource]) -> None:
-        """The ControlNet runs on the latents of every model it conditions (the student, the teacher): it must take
-        their channels, and bring the control image down to their side."""
-        options = spec.storage_options
-        taken = controlnet_geometry(module_config(sources["controlnet"], "controlnet", options))
-        for key, flag in (("model", "--model"), ("teacher", "--teacher")):
-            if key in sources:
-                check_same_geometry(f"--controlnet {redact_text(spec.controlnet)!r}", taken,
-                                    f"{flag} {redact_text(sources[key].model)!r}",
-                                    sources[key].latent_geometry(flag, options))
+        """The ControlNet runs on the latents of every model it conditions (the student, decoded by its VAE or a
+        merged fine-tune's; the teacher): it must take their channels, and bring the control image down to their
+        side."""
+        options, what = spec.storage_options, f"--controlnet {redact_text(spec.controlnet)!r}"
+        taken = module_geometry(sources["controlnet"], "controlnet", what, controlnet_geometry, options)
+        conditioned = [student_vae(spec, sources)] if "model" in sources else []
+        conditioned += [("--teacher", sources["teacher"])] if "teacher" in sources else []
+        for flag, source in conditioned:
+            check_same_geometry(what, taken, f"{flag} {redact_text(source.model)!r}",
+                                source.latent_geometry(flag, options))
 
     @classmethod
     def load(cls, spec, sources: dict, cache: ComponentCache) -> "ControlNetStage":

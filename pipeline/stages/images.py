@@ -20,7 +20,7 @@ from instaflow.lora import TEXT_ENCODER, UNET, check_lora, check_merge, fuse_lor
 from instaflow.models import PromptBatch, Settings, Student
 from pipeline.model_source import ModelSource, resolve_model_source
 from pipeline.stages.base import CONDITIONING, Encode, HostCopy, ModelKind, Stage, UnitOutputs, check_same_geometry, \
-    collect_encoded, metadata_rows, module_config, pipeline_kind
+    collect_encoded, metadata_rows, module_geometry, pipeline_kind
 from pipeline.storage import redact_text
 from pipeline.writers import IMAGE_EXTENSIONS, image_parquet_shard, metadata_table, webdataset_shard
 
@@ -29,11 +29,17 @@ LORA_FIELD = pa.field("lora", pa.string())  # JSON: what changed the student's w
 _CONFIGS = [f"{UNET}/config.json", f"{TEXT_ENCODER}/config.json"]
 
 
+def student_vae(spec, sources: dict[str, ModelSource]) -> tuple[str, ModelSource]:
+    """The flag and model whose VAE the student's latents are decoded with: the fine-tune's with --merge-finetune
+    (`_changed_weights`), else the model's (a tiny decoder stands in for it with the same latents)."""
+    return ("--merge-finetune", sources["merge_finetune"]) if spec.merge_finetune else ("--model", sources["model"])
+
+
 class ImagesStage(Stage):
     name = "images"
     is_output = True
     model_kinds = {"model": pipeline_kind("--model"), "merge_finetune": pipeline_kind("--merge-finetune"),
-                   "merge_base": pipeline_kind("--merge-base"),
+                   "merge_base": pipeline_kind("--merge-base", decodes=False),
                    "decoder": ModelKind("--tiny-decoder", {"config.json": ("AutoencoderTiny",)})}
 
     def __init__(self, spec, student: Student, weights_record: str | None = None):
@@ -93,13 +99,14 @@ class ImagesStage(Stage):
 
     @classmethod
     def check_decoder(cls, spec, sources: dict[str, ModelSource]) -> None:
-        """The tiny decoder stands in for the student's VAE (the fine-tune's, with --merge-finetune), and the seed
-        noise takes its latent shape: another geometry would sample other noise at another latent size."""
-        key, flag = ("merge_finetune", "--merge-finetune") if spec.merge_finetune else ("model", "--model")
-        student = sources[key].latent_geometry(flag, spec.storage_options)
-        decoder = LatentGeometry.of_vae(module_config(sources["decoder"], "tiny_decoder", spec.storage_options))
-        check_same_geometry(f"--tiny-decoder {redact_text(spec.tiny_decoder)!r}", decoder,
-                            f"{flag} {redact_text(sources[key].model)!r}", student)
+        """The tiny decoder stands in for the student's VAE, and the seed noise takes its latent shape: another
+        geometry would sample other noise at another latent size."""
+        flag, source = student_vae(spec, sources)
+        what = f"--tiny-decoder {redact_text(spec.tiny_decoder)!r}"
+        decoder = module_geometry(sources["decoder"], "tiny_decoder", what,
+                                  lambda config: LatentGeometry.of_vae(config, "AutoencoderTiny"), spec.storage_options)
+        check_same_geometry(what, decoder, f"{flag} {redact_text(source.model)!r}",
+                            source.latent_geometry(flag, spec.storage_options))
 
     @classmethod
     def load(cls, spec, sources: dict, cache: ComponentCache) -> "ImagesStage":

@@ -134,8 +134,13 @@ def check_pairs_fit(pairs: PairSet, geometry: LatentGeometry, model: str) -> Non
     path = pairs.shards[0].path
     schema = with_retries(_read_schema, pairs.fs, path, what=f"read {path}")
     recorded = json.loads((schema.field("latent").metadata or {}).get(TENSOR_SHAPE_KEY, b"null"))
+    if not {"height", "width"} <= set(schema.names):
+        raise PairsError(f"{path}: no height and width columns; not a pair shard of this engine")
     first = with_retries(_read_columns, pairs.fs, path, ["height", "width"], what=f"read {path}").slice(0, 1)
-    [height], [width] = first.column("height").to_pylist(), first.column("width").to_pylist()
+    sizes = [first.column(name).to_pylist()[:1] for name in ("height", "width")]
+    if not all(len(size) == 1 and isinstance(size[0], int) and size[0] > 0 for size in sizes):
+        raise PairsError(f"{path}: its first row's height and width are {sizes}, not image sides")
+    [height], [width] = sizes
     expected = list(geometry.shape(height, width))
     if recorded != expected:
         raise PairsError(f"--pairs {pairs.url}: its latents have shape {recorded} for {height}x{width} images, but "
