@@ -81,7 +81,8 @@ def test_smoke_runs_every_phase_and_reports_every_measure(smoke):
     assert read_tensor_column(encoded, "noise").shape[1:] == read_tensor_column(encoded, "latent").shape[1:] == \
         (4, 16, 16)
     settings = json.loads((smoke / "reproduction.json").read_text())
-    assert settings["autoencoder_blocks"] == 3 and settings["partial_captions"] == sorted(c.text for c in PARTIAL_CAPTIONS)
+    assert settings["autoencoder_blocks"] == 3 and settings["partial_captions"] == [c.text for c in PARTIAL_CAPTIONS]
+    assert settings["code"] == reproduce_toy.code_digest()
 
 
 def test_a_finished_reproduction_reruns_without_work(smoke, capsys):
@@ -91,6 +92,15 @@ def test_a_finished_reproduction_reruns_without_work(smoke, capsys):
     assert changed == []
     assert reproduce_toy.main(["--out", str(smoke), "--scale", "full"]) == 2  # another scale is refused
     assert "other settings" in capsys.readouterr().err
+
+
+def test_a_reproduction_made_by_other_code_is_refused(smoke, monkeypatch, capsys):
+    """Its finished phases hold another code's figures: resuming would mix two runs in one report."""
+    before = {p: p.stat().st_mtime_ns for p in smoke.rglob("*") if p.is_file()}
+    monkeypatch.setattr(reproduce_toy, "code_digest", lambda: "0" * 64)
+    assert reproduce_toy.main(["--out", str(smoke), "--scale", "smoke"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in before.items())
 
 
 def test_a_reproduction_stopped_mid_way_resumes_from_its_phase(smoke):

@@ -144,6 +144,9 @@ def jackknife(statistic, groups: list[tuple[np.ndarray, ...]]) -> tuple[float, f
 def t_quantile(probability: float, degrees_of_freedom: int) -> float:
     """Student's t quantile for probability in [0.5, 0.999], from its density integrated on a fine grid (this
     environment has no scipy): 2.365 for 7 degrees of freedom, 1.997 for 66."""
+    if not 0.5 <= probability <= 0.999 or degrees_of_freedom < 1:
+        raise ValueError(f"t_quantile takes a probability in [0.5, 0.999] and 1 or more degrees of freedom, got "
+                         f"{probability}, {degrees_of_freedom}")
     nu = degrees_of_freedom
     x = np.linspace(0.0, 700.0, 1_400_001)
     log_scale = math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2) - 0.5 * math.log(nu * math.pi)
@@ -157,6 +160,8 @@ def t_quantile(probability: float, degrees_of_freedom: int) -> float:
 CAPTIONS = captions_by_text()
 PARTIAL_TEXTS = frozenset(caption.text for caption in PARTIAL_CAPTIONS)
 JACKKNIFED = ("fid", "mode_gap")  # biased upward on a resample with repeats (`jackknife`)
+INTERVALS = f"{' and '.join(JACKKNIFED)} by jackknife over captions, the others by bootstrap over captions and " \
+            "samples"
 HIGHER_IS_BETTER = {"accuracy": True, "clean": True, "fid": False, "mode_gap": False}
 # The claims, fixed before any run: (better model, other model); the headline measure is the toy FID on the partial
 # captions (their conditionals have many modes, where reflow should matter most); the others are reported with it.

@@ -12,6 +12,7 @@ import posixpath
 from PIL import Image, ImageDraw
 
 from jobs.sheet import Cell, FontChain, contact_sheet
+from jobs.toy.evaluation import INTERVALS
 from pipeline.storage import put_atomic
 
 LABELS = {
@@ -136,7 +137,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{t
 <p>Shape and colour both right (the headline figure), then each attribute alone.</p>
 <table><tr><th>images from</th><th>shape and colour</th><th>shape</th><th>colour</th><th>background</th>
 <th>position</th></tr>{rows}</table>
-<h2>Distribution measures, with 95% bootstrap intervals</h2>
+<h2>Distribution measures, with 95% intervals ({html.escape(INTERVALS)})</h2>
 <p>Toy FID: Fréchet distance to real images of the same captions in the classifier's features (lower is better).
 Clean: one clean shape of the right colour. Mode gap: total variation distance between the labels of the samples
 and of real images, over what a partial caption leaves out (lower is better).</p>

@@ -11,6 +11,7 @@ figures and what they say: jobs/toy/README.md.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -91,6 +92,22 @@ SCALES = {
 SAMPLE_FOLDERS = {"1rf_1step": "samples/1rf/images", "1rf_nstep": "samples/1rf/pairs",
                   "2rf_1step": "samples/2rf/images", "2rf_nstep": "samples/2rf/pairs",
                   "distilled_from_2rf": "samples/distilled-2rf", "distilled_from_1rf": "samples/distilled-1rf"}
+
+
+def code_digest() -> str:
+    """The sha256 of every Python file of the engine and the toy (instaflow, pipeline, jobs), by relative path:
+    what a reproduction's figures depend on besides its scale."""
+    import instaflow
+    import jobs
+    import pipeline
+
+    digest = hashlib.sha256()
+    for package in (instaflow, pipeline, jobs):
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\n".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 class Reproduction:
@@ -184,10 +201,12 @@ class Reproduction:
         return self.fs.unstrip_protocol(folder)
 
     def check_scale(self) -> None:
-        """A folder keeps its scale: another scale's phases are other runs, not a resume."""
+        """A folder keeps its scale and its code: another scale's phases, or phases of other code (any constant of
+        the toy's models, data or evaluation, or of the engine's jobs), are other runs, not a resume."""
         path = self.path("reproduction.json")
         settings = {"scale": self.scale_name, **asdict(self.scale), "image_size": IMAGE_SIZE,
-                    "held_out_fraction": HELD_OUT_FRACTION, "partial_captions": sorted(PARTIAL_TEXTS)}
+                    "held_out_fraction": HELD_OUT_FRACTION,
+                    "partial_captions": [caption.text for caption in PARTIAL_CAPTIONS], "code": code_digest()}
         settings = json.loads(json.dumps(settings))
         if self.fs.exists(path):
             found = json.loads(get_bytes(self.fs, path))
