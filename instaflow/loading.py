@@ -221,8 +221,8 @@ def config_geometry(path: Path, component: str, what: str, read):
     `what` (a flag, its model and the file) for a file that cannot be read or a value that is not a count."""
     try:
         return read(component_config(path, component))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{what}: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested beyond the parser's depth
+        raise ModelLoadError(f"{what}: {type(exc).__name__ if isinstance(exc, RecursionError) else exc}") from None
 
 
 def pipeline_geometry(folder: Path, model: str) -> LatentGeometry:

@@ -43,6 +43,7 @@ _KNOWN_ERRORS = (
     ("pipeline.lock", "OutputLostError", EXIT_OUTPUT_LOST),
     ("pipeline.pool", "NoWorkersError", EXIT_NO_WORKERS),
     ("pipeline.pool", "SystematicFailureError", EXIT_SHARDS_FAILED),  # stopped early: generation fails everywhere
+    ("jobs.toy.reproduce", "PhaseFailedError", EXIT_SHARDS_FAILED),  # a phase's job failed; a re-run resumes it
     ("pipeline.storage", "OutputError", EXIT_BAD_INPUT),
     ("instaflow.loading", "ModelLoadError", EXIT_BAD_INPUT),
     ("argparse", "ArgumentTypeError", EXIT_BAD_INPUT),

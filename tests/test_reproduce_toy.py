@@ -82,7 +82,7 @@ def test_smoke_runs_every_phase_and_reports_every_measure(smoke):
         (4, 16, 16)
     settings = json.loads((smoke / "reproduction.json").read_text())
     assert settings["autoencoder_blocks"] == 3 and settings["partial_captions"] == [c.text for c in PARTIAL_CAPTIONS]
-    assert settings["code"] == reproduce_toy.code_digest()
+    assert settings["code"] == reproduce_toy.code_digest() and settings["packages"] == reproduce_toy.package_versions()
 
 
 def test_a_finished_reproduction_reruns_without_work(smoke, capsys):
@@ -94,12 +94,27 @@ def test_a_finished_reproduction_reruns_without_work(smoke, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
+def test_a_phase_whose_job_fails_or_is_interrupted_passes_its_status_on(smoke, monkeypatch, capsys):
+    """An interrupted job is an interrupted reproduction (130), a failed one a failed phase (1): neither is "a bug",
+    and a re-run resumes the phase."""
+    phases = smoke / "phases"
+    for name in ("samples_distilled_1rf", "measures", "report"):
+        (phases / f"{name}.json").unlink()
+    for status, ending in ((130, "error: interrupted"), (1, " exited with status 1; re-run reproduce-toy to resume")):
+        monkeypatch.setattr(reproduce_toy.generate, "main", lambda argv, status=status: status)
+        assert reproduce_toy.main(["--out", str(smoke), "--scale", "smoke"]) == status
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].endswith(ending), errors
+    monkeypatch.undo()
+    assert reproduce_toy.main(["--out", str(smoke), "--scale", "smoke"]) == 0  # resumed
+
+
 def test_a_reproduction_made_by_other_code_is_refused(smoke, monkeypatch, capsys):
     """Its finished phases hold another code's figures: resuming would mix two runs in one report."""
     before = {p: p.stat().st_mtime_ns for p in smoke.rglob("*") if p.is_file()}
     monkeypatch.setattr(reproduce_toy, "code_digest", lambda: "0" * 64)
     assert reproduce_toy.main(["--out", str(smoke), "--scale", "smoke"]) == 2
-    assert "other settings" in capsys.readouterr().err
+    assert "other settings (scale 'smoke'; differing: code); use another --out" in capsys.readouterr().err
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in before.items())
 
 
@@ -163,7 +178,8 @@ def test_partial_captions_leave_attributes_out_and_fit_their_images():
     assert all(c.text not in texts and len(c.given) <= 1 for c in PARTIAL_CAPTIONS)  # common in training
     # the text encoder's positives: a caption fits every image whose drawn attributes it says
     prompts = ["a red shape", "a blue star on a white background, top left", "something"]
-    drawn = caption_labels(["a red star on a white background, top left", "a blue star on a white background, top left"])
+    drawn = caption_labels(["a red star on a white background, top left",
+                            "a blue star on a white background, top left"])
     said = caption_labels(prompts)
     assert fitting({k: v[:, None] for k, v in said.items()}, {k: v[None, :] for k, v in drawn.items()}).tolist() == \
         [[True, False], [False, True], [True, True]]

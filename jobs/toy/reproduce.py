@@ -31,7 +31,7 @@ from PIL import Image
 from jobs.toy.data import (ATTRIBUTES, PARTIAL_CAPTIONS, Caption, draw, png_bytes, split_captions,
                            training_caption)
 from jobs import encode, generate, reflow_pairs, straightness, train_reflow
-from jobs.errors import entry_point, process_exit
+from jobs.errors import EXIT_INTERRUPTED, entry_point, process_exit
 from jobs.main import Parser
 from jobs.options import json_object
 from jobs.toy.evaluation import PARTIAL_TEXTS, caption_labels
@@ -94,9 +94,23 @@ SAMPLE_FOLDERS = {"1rf_1step": "samples/1rf/images", "1rf_nstep": "samples/1rf/p
                   "distilled_from_2rf": "samples/distilled-2rf", "distilled_from_1rf": "samples/distilled-1rf"}
 
 
+class PhaseFailedError(RuntimeError):
+    """A phase's job ended without success: its own error line said why, and a re-run resumes the phase."""
+
+
+def check_status(what: str, status: int) -> None:
+    """A phase's job's exit status, passed on: interrupted stays interrupted (130), any other failure is the
+    phase's (1), never "a bug"."""
+    if status == EXIT_INTERRUPTED:
+        raise KeyboardInterrupt(f"{what} was interrupted")
+    if status != 0:
+        raise PhaseFailedError(f"{what} exited with status {status}; re-run reproduce-toy to resume")
+
+
 def code_digest() -> str:
-    """The sha256 of every Python file of the engine and the toy (instaflow, pipeline, jobs), by relative path:
-    what a reproduction's figures depend on besides its scale."""
+    """The sha256 of every module of the engine and the toy (the packages instaflow, pipeline and jobs, as the
+    driver imports them; newlines normalised), by relative path: what a reproduction's figures depend on besides
+    its scale and the packages of `package_versions`."""
     import instaflow
     import jobs
     import pipeline
@@ -105,9 +119,19 @@ def code_digest() -> str:
     for package in (instaflow, pipeline, jobs):
         root = Path(package.__file__).parent
         for path in sorted(root.rglob("*.py")):
-            digest.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\n".encode())
-            digest.update(path.read_bytes())
+            if (path.parent / "__init__.py").exists():  # a module of the package, not a script beside it
+                digest.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\n".encode())
+                digest.update(path.read_bytes().replace(b"\r\n", b"\n"))
     return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    """Python's version and those of the packages whose numerics the figures depend on."""
+    import platform
+    from importlib.metadata import version
+
+    return {"python": platform.python_version(),
+            **{name: version(name) for name in ("torch", "diffusers", "transformers", "numpy", "pillow")}}
 
 
 class Reproduction:
@@ -202,17 +226,21 @@ class Reproduction:
 
     def check_scale(self) -> None:
         """A folder keeps its scale and its code: another scale's phases, or phases of other code (any constant of
-        the toy's models, data or evaluation, or of the engine's jobs), are other runs, not a resume."""
+        the toy's models, data or evaluation, or of the engine's jobs) or other package versions, are other runs,
+        not a resume."""
         path = self.path("reproduction.json")
         settings = {"scale": self.scale_name, **asdict(self.scale), "image_size": IMAGE_SIZE,
                     "held_out_fraction": HELD_OUT_FRACTION,
-                    "partial_captions": [caption.text for caption in PARTIAL_CAPTIONS], "code": code_digest()}
+                    "partial_captions": [caption.text for caption in PARTIAL_CAPTIONS], "code": code_digest(),
+                    "packages": package_versions()}
         settings = json.loads(json.dumps(settings))
         if self.fs.exists(path):
             found = json.loads(get_bytes(self.fs, path))
             if found != settings:
+                differing = sorted(key for key in {*found, *settings} if found.get(key) != settings.get(key))
                 raise ValueError(f"{self.url('reproduction.json')}: this folder holds a reproduction with other "
-                                 f"settings ({found.get('scale')!r}); use another --out")
+                                 f"settings (scale {found.get('scale')!r}; differing: {', '.join(differing)}); use "
+                                 "another --out")
         else:
             put_atomic(self.fs, path, (json.dumps(settings, indent=1) + "\n").encode())
 
@@ -236,9 +264,7 @@ class Reproduction:
         """One of the engine's jobs, as its command line runs it; anything but success stops the reproduction."""
         common = ["--height", str(IMAGE_SIZE), "--width", str(IMAGE_SIZE), "--rows-per-shard", "500",
                   "--batch-size", "64", "--no-progress", *self.storage_flag()]
-        status = main([*argv, *common])
-        if status != 0:
-            raise RuntimeError(f"{main.__module__} exited with status {status}; re-run reproduce-toy to resume")
+        check_status(main.__module__, main([*argv, *common]))
 
     def storage_flag(self) -> list[str]:
         return ["--storage-options", json.dumps(self.storage_options)] if self.storage_options else []
@@ -253,8 +279,7 @@ class Reproduction:
             "--ema-decay", "0.999", "--cpus-per-worker", str(os.cpu_count() or 1), "--checkpoint-every", str(max(10, steps // 4)), "--log-every",
             str(max(5, steps // 20)), "--loader-workers", "0", "--cache-text-embeddings", "--seed", str(s.seed),
             *self.storage_flag()])
-        if status != 0:
-            raise RuntimeError(f"training {output} exited with status {status}; re-run reproduce-toy to resume")
+        check_status(f"training {output}", status)
         metrics = [json.loads(line) for line in get_bytes(self.fs, self.path("train", output, "metrics.jsonl"))
                    .decode().splitlines()]
         return {"loss": loss, "steps": steps, "batch_size": s.train_batch, "learning_rate": learning_rate,
@@ -266,8 +291,7 @@ class Reproduction:
         status = straightness.main(["--pairs", self.url("samples", model, "pairs"), "--model",
                                     self.url("train", model, "final"), "--max-pairs", "1024", "--batch-size", "64",
                                     "--report", report, *self.storage_flag()])
-        if status != 0:
-            raise RuntimeError(f"straightness of {model} exited with status {status}")
+        check_status(f"straightness of {model}", status)
         row = json.loads(get_bytes(self.fs, self.path("measures", f"straightness-{model}.jsonl")).splitlines()[-1])
         return {"mean": row["straightness"], "curve": {k.split("_")[1]: v for k, v in row.items()
                                                        if k.startswith("straightness_")},

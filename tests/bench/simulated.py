@@ -275,7 +275,8 @@ def stand_in_components(model_dir: Path) -> SimpleNamespace:
 
     return SimpleNamespace(tokenizer=CLIPTokenizer.from_pretrained(model_dir / "tokenizer"),
                            runtime=Runtime(torch.device("cpu"), torch.float32),
-                           latent=LatentGeometry.of_vae(component_config(model_dir / VAE_CONFIG, "vae")))
+                           latent=LatentGeometry.of_vae(component_config(model_dir / VAE_CONFIG, "vae"),
+                                                        "AutoencoderKL"))
 
 
 def stand_in_student(model_dir: Path, size: int, seconds_per_image: float) -> SimulatedStudent:
