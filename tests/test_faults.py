@@ -217,6 +217,20 @@ def encoder_processes(worker_pids) -> list:
     return found
 
 
+def unread_input(pid: int) -> int:
+    """Bytes waiting in a process's standard input pipe: a task sent to an encoder that it has not read yet."""
+    import fcntl
+    import termios
+
+    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)  # the same pipe; reading nothing from it
+    try:
+        waiting = bytearray(4)
+        fcntl.ioctl(fd, termios.FIONREAD, waiting)
+        return int.from_bytes(waiting, sys.byteorder)
+    finally:
+        os.close(fd)
+
+
 def test_an_encoder_killed_mid_batch_fails_the_try_not_its_rows_and_nothing_is_left(ray_gpus, prompts, tiny_models,
                                                                                   tmp_path):
     """The kernel's OOM killer taking an encoder process while it encodes: the unit's try fails and is redone,
@@ -224,25 +238,32 @@ def test_an_encoder_killed_mid_batch_fails_the_try_not_its_rows_and_nothing_is_l
     memory of theirs is left (the blocks are memory files without a name in /dev/shm)."""
     import psutil
 
+    # Two encoders per worker share each batch, so the one killed holds some of a unit's rows, not all of them
+    # (a unit whose every row fails is retried whatever the cause).
     spec = JobSpec(prompts=str(prompts), output=str(tmp_path / "out"), model=str(tiny_models["instaflow"]),
                    height=64, width=64, image_format="png", rows_per_shard=8, batch_size=8, num_workers=2,
-                   dtype="float32", lock_lease_s=2.0)
+                   cpus_per_worker=2, dtype="float32", lock_lease_s=2.0)
     dev_shm = set(os.listdir("/dev/shm"))
     killed = []
     job, pools, result = started_job(spec)
     deadline = time.monotonic() + 240
-    while len(encoders := encoder_processes([info["pid"] for pool in pools for info in pool.worker_info.values()
-                                             if "pid" in info])) < 2:
+    # The first encoders up are stopped before their worker is handed a unit (they start with it), so none of
+    # its units can finish: the job cannot end before one is killed, however slowly the other worker starts.
+    while not (encoders := encoder_processes([info["pid"] for pool in pools for info in pool.worker_info.values()
+                                              if "pid" in info])):
         assert time.monotonic() < deadline, "the workers' encoders did not start"
         time.sleep(0.05)
-    for process in encoders:  # stopped, they hold every task sent to them: one is then killed holding some
+    for process in encoders:
         process.suspend()
-    time.sleep(3)
     seen = {process.pid for process in encoders}
-    encoders[0].kill()
-    killed.append(encoders[0].pid)
-    for process in encoders[1:]:
-        process.resume()
+    while not (holding := [process for process in encoders if unread_input(process.pid)]):
+        assert time.monotonic() < deadline, "no batch reached the stopped encoders"
+        time.sleep(0.05)
+    holding[0].kill()  # it holds a task: its images fail with EncoderLost
+    killed.append(holding[0].pid)
+    for process in encoders:
+        if process.pid not in killed:
+            process.resume()
     job.join(timeout=300)
     assert killed and result["progress"].complete
     rows = metadata_rows(FS, str(tmp_path / "out"))
