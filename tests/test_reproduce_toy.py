@@ -94,10 +94,14 @@ def test_a_finished_reproduction_reruns_without_work(smoke, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
-def test_a_phase_whose_job_fails_or_is_interrupted_passes_its_status_on(smoke, monkeypatch, capsys):
-    """An interrupted job is an interrupted reproduction (130), a failed one a failed phase (1): neither is "a bug",
-    and a re-run resumes the phase."""
+def test_a_phase_whose_job_fails_or_is_interrupted_passes_its_status_on_and_a_re_run_resumes_there(smoke, monkeypatch,
+                                                                                                   capsys):
+    """Stopped while sampling the control's distilled model: an interrupted job is an interrupted reproduction
+    (130), a failed one a failed phase (1), neither "a bug"; a re-run resumes at that phase, keeps the phases
+    before it, and its resumed jobs find their work done (the same samples, so the same figures)."""
     phases = smoke / "phases"
+    kept = {name: (phases / f"{name}.json").read_text() for name in ("data", "models", "train_1rf", "distill_1rf")}
+    report_before = json.loads((smoke / "report.json").read_text())
     for name in ("samples_distilled_1rf", "measures", "report"):
         (phases / f"{name}.json").unlink()
     for status, ending in ((130, "error: interrupted"), (1, " exited with status 1; re-run reproduce-toy to resume")):
@@ -106,7 +110,10 @@ def test_a_phase_whose_job_fails_or_is_interrupted_passes_its_status_on(smoke, m
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and errors[0].endswith(ending), errors
     monkeypatch.undo()
-    assert reproduce_toy.main(["--out", str(smoke), "--scale", "smoke"]) == 0  # resumed
+    assert reproduce_toy.main(["--out", str(smoke), "--scale", "smoke"]) == 0
+    assert {name: (phases / f"{name}.json").read_text() for name in kept} == kept
+    report = json.loads((smoke / "report.json").read_text())
+    assert (report["accuracy"], report["measures"]) == (report_before["accuracy"], report_before["measures"])
 
 
 def test_a_reproduction_made_by_other_code_is_refused(smoke, monkeypatch, capsys):
@@ -116,19 +123,6 @@ def test_a_reproduction_made_by_other_code_is_refused(smoke, monkeypatch, capsys
     assert reproduce_toy.main(["--out", str(smoke), "--scale", "smoke"]) == 2
     assert "other settings (scale 'smoke'; differing: code); use another --out" in capsys.readouterr().err
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in before.items())
-
-
-def test_a_reproduction_stopped_mid_way_resumes_from_its_phase(smoke):
-    phases = smoke / "phases"
-    kept = {name: (phases / f"{name}.json").read_text() for name in ("data", "models", "train_1rf", "distill_1rf")}
-    for name in ("samples_distilled_1rf", "measures", "report"):
-        (phases / f"{name}.json").unlink()  # as if it stopped while sampling the control's distilled model
-    report_before = json.loads((smoke / "report.json").read_text())
-    assert reproduce_toy.main(["--out", str(smoke), "--scale", "smoke"]) == 0
-    assert {name: (phases / f"{name}.json").read_text() for name in kept} == kept
-    report = json.loads((smoke / "report.json").read_text())
-    # the resumed jobs found their work done: the same samples, so the same figures and intervals
-    assert (report["accuracy"], report["measures"]) == (report_before["accuracy"], report_before["measures"])
 
 
 def test_a_folder_that_holds_a_jobs_output_is_refused(smoke, tmp_path, capsys):
