@@ -4,7 +4,9 @@ fails for every prompt.
 Each run must end with every prompt exactly once and data bytes identical to an uninterrupted run.
 """
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -70,13 +72,23 @@ def assert_exactly_once_and_identical(output, reference) -> None:
     assert data_files(FS, str(output)) == reference
 
 
-def started_job(spec: JobSpec) -> tuple[threading.Thread, list[ActorPool], dict]:
-    """The job running in a thread: the thread, the pools it made (to find its workers), and its result."""
+def started_job(spec: JobSpec, hold: threading.Event | None = None) -> tuple[threading.Thread, list[ActorPool], dict]:
+    """The job running in a thread: the thread, the pools it made (to find its workers), and its result. With
+    `hold`, the pool hands no unit to a worker that has said where it runs until `hold` is set."""
     pools, result = [], {}
 
     def watched_pool(*args):
-        pools.append(ray_pool(*args))
-        return pools[-1]
+        pool = ray_pool(*args)
+        if hold is not None:
+            on_probe = pool._on_probe
+
+            def held(ref):
+                on_probe(ref)  # the worker's pid is known now; its units are handed out after this returns
+                hold.wait(timeout=240)
+
+            pool._on_probe = held
+        pools.append(pool)
+        return pool
 
     job = threading.Thread(target=lambda: result.update(progress=run_job(spec, watched_pool, show_progress=False)))
     job.start()
@@ -217,12 +229,15 @@ def encoder_processes(worker_pids) -> list:
     return found
 
 
-def unread_input(pid: int) -> int:
-    """Bytes waiting in a process's standard input pipe: a task sent to an encoder that it has not read yet."""
+def unread_input(process) -> int:
+    """Bytes waiting in a process's standard input pipe (an encoder's tasks not read yet); 0 once it is gone."""
     import fcntl
     import termios
 
-    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)  # the same pipe; reading nothing from it
+    try:
+        fd = os.open(f"/proc/{process.pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)  # the same pipe; nothing is read
+    except OSError:  # exited (a zombie has no descriptors)
+        return 0
     try:
         waiting = bytearray(4)
         fcntl.ioctl(fd, termios.FIONREAD, waiting)
@@ -232,10 +247,10 @@ def unread_input(pid: int) -> int:
 
 
 def test_an_encoder_killed_mid_batch_fails_the_try_not_its_rows_and_nothing_is_left(ray_gpus, prompts, tiny_models,
-                                                                                  tmp_path):
-    """The kernel's OOM killer taking an encoder process while it encodes: the unit's try fails and is redone,
-    no row is committed as failed. After the job, with its workers killed, no encoder process and no shared
-    memory of theirs is left (the blocks are memory files without a name in /dev/shm)."""
+                                                                                  tmp_path, caplog):
+    """The kernel's OOM killer taking an encoder process while it encodes: the unit's try fails with EncoderLost
+    and is redone, no row is committed as failed. After the job, with its workers killed, no encoder process and
+    no shared memory of theirs is left (the blocks are memory files without a name in /dev/shm)."""
     import psutil
 
     # Two encoders per worker share each batch, so the one killed holds some of a unit's rows, not all of them
@@ -243,34 +258,49 @@ def test_an_encoder_killed_mid_batch_fails_the_try_not_its_rows_and_nothing_is_l
     spec = JobSpec(prompts=str(prompts), output=str(tmp_path / "out"), model=str(tiny_models["instaflow"]),
                    height=64, width=64, image_format="png", rows_per_shard=8, batch_size=8, num_workers=2,
                    cpus_per_worker=2, dtype="float32", lock_lease_s=2.0)
+    caplog.set_level(logging.WARNING, logger="pipeline.pool")
     dev_shm = set(os.listdir("/dev/shm"))
-    killed = []
-    job, pools, result = started_job(spec)
-    deadline = time.monotonic() + 240
-    # The first encoders up are stopped before their worker is handed a unit (they start with it), so none of
-    # its units can finish: the job cannot end before one is killed, however slowly the other worker starts.
-    while not (encoders := encoder_processes([info["pid"] for pool in pools for info in pool.worker_info.values()
-                                              if "pid" in info])):
-        assert time.monotonic() < deadline, "the workers' encoders did not start"
-        time.sleep(0.05)
-    for process in encoders:
-        process.suspend()
-    seen = {process.pid for process in encoders}
-    while not (holding := [process for process in encoders if unread_input(process.pid)]):
-        assert time.monotonic() < deadline, "no batch reached the stopped encoders"
-        time.sleep(0.05)
-    holding[0].kill()  # it holds a task: its images fail with EncoderLost
-    killed.append(holding[0].pid)
-    for process in encoders:
-        if process.pid not in killed:
-            process.resume()
+    hold = threading.Event()
+    job, pools, result = started_job(spec, hold)
+
+    def workers_encoders() -> list:
+        return encoder_processes([info["pid"] for pool in pools for info in list(pool.worker_info.values())])
+
+    stopped, killed = [], []
+    try:
+        deadline = time.monotonic() + 240
+        while not (stopped := workers_encoders()):  # the first worker up, held before it gets a unit
+            assert time.monotonic() < deadline, "the workers' encoders did not start"
+            time.sleep(0.05)
+        for process in stopped:
+            process.suspend()
+        hold.set()  # its units' batches now wait in the stopped encoders' pipes: the job cannot end without them
+        while not (holding := [process for process in stopped if unread_input(process)]):
+            assert time.monotonic() < deadline, "no batch reached the stopped encoders"
+            time.sleep(0.05)
+        holding[0].kill()
+        killed.append(holding[0])
+    finally:
+        hold.set()
+        for process in stopped:
+            if process not in killed:
+                with contextlib.suppress(psutil.Error):
+                    process.resume()
+    seen = {*stopped, *workers_encoders()}  # with the other worker's, and the killed one's replacement
     job.join(timeout=300)
-    assert killed and result["progress"].complete
+    assert not job.is_alive() and result["progress"].complete
     rows = metadata_rows(FS, str(tmp_path / "out"))
     assert len(rows) == NUM_PROMPTS and all(row["status"] == "ok" for row in rows)
     assert any(shard["attempt"] > 1 for shard in stats(FS, str(tmp_path / "out")))
-    def alive() -> list[int]:
-        return [pid for pid in seen if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert "EncoderLost: the image encoder process exited" in caplog.text and "GenerationError" not in caplog.text
+
+    def alive() -> list:
+        def running(process) -> bool:
+            try:
+                return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                return False
+        return [process.pid for process in seen if running(process)]
 
     deadline = time.monotonic() + 20  # the workers' ends (ray.kill) close their input; they exit on reading it
     while alive() and time.monotonic() < deadline:
