@@ -308,16 +308,20 @@ class Reproduction:
         rng = np.random.default_rng(s.seed)
         drawn = [c for c in training for _ in range(s.images_per_caption)]
         shown = [training_caption(c, s.full_caption_share, rng) for c in drawn]
-        self.write_images("train", drawn, shown, seed_base=0)
+        # Rows in a seeded random order: the trainer shuffles within each shard of pairs, and shards of rows
+        # in combination order would each hold one shape, so every run of batches would show a single shape.
+        order = np.random.default_rng([s.seed, 1]).permutation(len(drawn)).tolist()
+        self.write_images("train", [drawn[i] for i in order], [shown[i] for i in order], seeds=order)
         real = [(c, c) for c in held_out for _ in range(s.held_out_images_per_caption)]
         for partial in PARTIAL_CAPTIONS:
             fits = [c for c in training if partial.matches(c)]
             real += [(fits[k], partial) for k in rng.integers(len(fits), size=s.samples_per_partial_caption)]
         self.write_images("eval-real", [image for image, _ in real], [caption for _, caption in real],
-                          seed_base=10**8)
+                          seeds=[10**8 + i for i in range(len(real))])
         pairs = [training_caption(c, s.full_caption_share, rng) for c in training
                  for _ in range(s.pair_prompts_per_caption)]
-        self.write_prompts("pair-prompts", [c.text for c in pairs])
+        self.write_prompts("pair-prompts", [pairs[i].text for i in
+                                            np.random.default_rng([s.seed, 2]).permutation(len(pairs)).tolist()])
         self.write_prompts("eval-prompts", [c.text for c in held_out for _ in range(s.samples_per_held_out_caption)]
                            + [c.text for c in PARTIAL_CAPTIONS for _ in range(s.samples_per_partial_caption)])
         return {"training_captions": len(training), "held_out_captions": len(held_out),
@@ -325,13 +329,13 @@ class Reproduction:
                 "training_images": len(drawn), "held_out_examples": [c.text for c in held_out[:5]],
                 "partial_captions": [c.text for c in PARTIAL_CAPTIONS]}
 
-    def write_images(self, name: str, drawn: list[Caption], shown: list[Caption], seed_base: int) -> None:
-        """Images of the `drawn` combinations, each with its `shown` caption as the prompt and the drawn
-        attributes in their own columns (the classifier's truth)."""
+    def write_images(self, name: str, drawn: list[Caption], shown: list[Caption], seeds: list[int]) -> None:
+        """Images of the `drawn` combinations (each image's jitter from its seed), each with its `shown` caption as
+        the prompt and the drawn attributes in their own columns (the classifier's truth)."""
         for start in range(0, len(drawn), ROWS_PER_FILE):
             part = drawn[start : start + ROWS_PER_FILE]
             keys = [f"{name}-{start + i:06d}" for i in range(len(part))]
-            images = {key: png_bytes(draw(caption, IMAGE_SIZE, seed_base + start + i))
+            images = {key: png_bytes(draw(caption, IMAGE_SIZE, seeds[start + i]))
                       for i, (key, caption) in enumerate(zip(keys, part))}
             table = pa.table({"id": keys, "key": keys, "status": ["ok"] * len(part),
                               "prompt": [caption.text for caption in shown[start : start + ROWS_PER_FILE]],
