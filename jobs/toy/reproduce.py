@@ -107,6 +107,12 @@ def check_status(what: str, status: int) -> None:
         raise PhaseFailedError(f"{what} exited with status {status}; re-run reproduce-toy to resume")
 
 
+def seeded_order(count: int, seed: int, stream: int) -> list[int]:
+    """A seeded random order of `count` rows (one stream per list): rows written in combination order would put
+    one shape in each shard, and the trainer shuffles only within a shard."""
+    return np.random.default_rng([seed, stream]).permutation(count).tolist()
+
+
 def code_digest() -> str:
     """The sha256 of every module of the engine and the toy (the packages instaflow, pipeline and jobs, as the
     driver imports them; newlines normalised), by relative path: what a reproduction's figures depend on besides
@@ -308,9 +314,7 @@ class Reproduction:
         rng = np.random.default_rng(s.seed)
         drawn = [c for c in training for _ in range(s.images_per_caption)]
         shown = [training_caption(c, s.full_caption_share, rng) for c in drawn]
-        # Rows in a seeded random order: the trainer shuffles within each shard of pairs, and shards of rows
-        # in combination order would each hold one shape, so every run of batches would show a single shape.
-        order = np.random.default_rng([s.seed, 1]).permutation(len(drawn)).tolist()
+        order = seeded_order(len(drawn), s.seed, 1)
         self.write_images("train", [drawn[i] for i in order], [shown[i] for i in order], seeds=order)
         real = [(c, c) for c in held_out for _ in range(s.held_out_images_per_caption)]
         for partial in PARTIAL_CAPTIONS:
@@ -320,8 +324,7 @@ class Reproduction:
                           seeds=[10**8 + i for i in range(len(real))])
         pairs = [training_caption(c, s.full_caption_share, rng) for c in training
                  for _ in range(s.pair_prompts_per_caption)]
-        self.write_prompts("pair-prompts", [pairs[i].text for i in
-                                            np.random.default_rng([s.seed, 2]).permutation(len(pairs)).tolist()])
+        self.write_prompts("pair-prompts", [pairs[i].text for i in seeded_order(len(pairs), s.seed, 2)])
         self.write_prompts("eval-prompts", [c.text for c in held_out for _ in range(s.samples_per_held_out_caption)]
                            + [c.text for c in PARTIAL_CAPTIONS for _ in range(s.samples_per_partial_caption)])
         return {"training_captions": len(training), "held_out_captions": len(held_out),
