@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.toy.data import PARTIAL_CAPTIONS, SHAPES, Caption, all_captions, draw, split_captions, training_caption
-from jobs.toy.evaluation import (CLAIMS, Judged, bootstrap, caption_labels, clean_shapes, evaluate, fitting,
+from jobs.toy.evaluation import (CAPTIONS, CLAIMS, Judged, bootstrap, caption_labels, clean_shapes, evaluate, fitting,
                                  frechet_distance, mode_gap, t_quantile, verdict)
 from jobs.toy import reproduce as reproduce_toy
 from jobs.main import main
@@ -53,8 +53,10 @@ def test_smoke_runs_every_phase_and_reports_every_measure(smoke):
     assert {claim["verdict"] for claim in report["claims"].values()} <= {"shown", "not shown", "contradicted"}
     difference = report["claims"]["one_step_2rf_beats_one_step_1rf"]["partial_fid"]["difference"]
     assert difference[1] <= difference[2]
-    assert set(report["measures"]) == {"real"} | REPORT_ACCURACIES - {"classifier_real", "classifier_autoencoded"}
-    assert report["measures"]["real"]["held_out"]["clean"][0] == 1.0  # the real images are clean shapes
+    assert set(report["measures"]) == {"real", "real_again"} | REPORT_ACCURACIES - {"classifier_real",
+                                                                                     "classifier_autoencoded"}
+    for real in ("real", "real_again"):  # the real images, and the second draw judged as a model: clean shapes
+        assert report["measures"][real]["held_out"]["clean"][0] == 1.0
     for model, sets in report["measures"].items():  # every measure of every model, with its interval
         assert set(sets["partial"]) == ({"accuracy", "clean"} if model == "real" else
                                         {"accuracy", "clean", "fid", "mode_gap"})
@@ -241,3 +243,19 @@ def test_a_claim_between_two_draws_of_one_distribution_is_not_shown_and_a_collap
     for claim in claims.values():
         value, low, high = claim["partial_fid"]["difference"]
         assert low <= value <= high
+
+
+def test_accuracy_leaves_out_a_caption_that_says_nothing():
+    """`something` is right whatever is drawn: counted, it would lift every model's partial accuracy alike."""
+    prompts = [c.text for c in PARTIAL_CAPTIONS for _ in range(4)]
+    sets = {name: judged(prompts, np.random.default_rng(1).normal(size=(len(prompts), 8)))
+            for name in ("real", "1rf_1step", "2rf_1step", "distilled_from_2rf", "distilled_from_1rf")}
+    sets["1rf_1step"].agrees[:] = [CAPTIONS[p].given == () for p in prompts]  # right only where nothing is said
+    result = evaluate(sets, seed=0)
+    assert result["measures"]["1rf_1step"]["partial"]["accuracy"][0] == 0.0
+    assert result["measures"]["1rf_1step"]["partial"]["clean"][0] == 1.0  # the other measures keep every caption
+    claim = result["claims"]["one_step_2rf_beats_one_step_1rf"]
+    said = sum(bool(c.given) for c in PARTIAL_CAPTIONS)
+    assert 0 < said < len(PARTIAL_CAPTIONS) and claim["partial_accuracy"]["captions"] == said
+    assert claim["partial_accuracy"]["difference"][0] == 1.0
+    assert claim["partial_clean"]["captions"] == len(PARTIAL_CAPTIONS)

@@ -9,9 +9,12 @@ be resampled over captions (the unit the claims generalise over) and over sample
 - **clean share**: the share of samples that are one clean shape (one connected region of one palette colour, of a
   plausible size, on a plain background) of the caption's colour where the caption says one;
 - **accuracy**: the classifier agrees with every attribute the caption says (shape and colour where both are
-  said);
+  said), over the captions that say something;
 - **mode gap** (partial captions): the total variation distance between the classifier's labels of the samples
   and of real images of the caption, over each attribute the caption leaves out, averaged over those attributes.
+
+A second draw of real images of the same captions, measured as a model is, gives each measure's floor (what a
+perfect model would score with these sample sizes).
 
 `bootstrap` resamples captions, then samples within each caption, and gives the 2.5 and 97.5 percentiles; for a
 claim it resamples two models' samples with the same captions drawn, so the interval is the difference's. The
@@ -235,6 +238,10 @@ def evaluate(judged: dict[str, Judged], seed: int) -> dict:
     sets = {"held_out": sorted(set(real.prompts) - PARTIAL_TEXTS), "partial": [c.text for c in PARTIAL_CAPTIONS]}
     names = {"held_out": ("accuracy", "clean", "fid"), "partial": ("accuracy", "clean", "fid", "mode_gap")}
 
+    def measured_on(name: str, prompts: list[str]) -> list[str]:
+        """A caption that says nothing (`something`) is right whatever is drawn: it has no accuracy to measure."""
+        return [p for p in prompts if CAPTIONS[p].given] if name == "accuracy" else prompts
+
     def figure(name, statistic, groups):
         if len(groups) < 2:
             return [None, None, None]
@@ -244,16 +251,17 @@ def evaluate(judged: dict[str, Judged], seed: int) -> dict:
     for model_name, model in judged.items():  # the real images too: their accuracy and clean share are the ceiling
         measures[model_name] = {}
         for set_name, prompts in sets.items():
-            groups = caption_groups(prompts, model, real)
             measures[model_name][set_name] = {
-                name: figure(name, lambda m, r, name=name: measure(name, model, real, m, r), groups)
+                name: figure(name, lambda m, r, name=name: measure(name, model, real, m, r),
+                             caption_groups(measured_on(name, prompts), model, real))
                 for name in names[set_name] if model_name != "real" or name in ("accuracy", "clean")}
     for claim, (better, other) in CLAIMS.items():
         a, b = judged[better], judged[other]
         claims[claim] = {"models": [better, other], "headline": "_".join(HEADLINE)}
         for set_name, prompts in sets.items():
-            groups = caption_groups(prompts, a, b, real)
             for name in names[set_name]:
+                groups = caption_groups(measured_on(name, prompts), a, b, real)
+
                 def difference(ia, ib, ir, name=name):
                     return measure(name, a, real, ia, ir) - measure(name, b, real, ib, ir)
                 value, low, high = figure(name, difference, groups)

@@ -22,6 +22,7 @@ LABELS = {
     "2rf_nstep": "2-RF, N steps", "distilled_from_2rf": "one step, distilled from the 2-RF",
     "distilled_from_1rf": "one step, distilled from the 1-RF (the control)",
 }
+MEASURE_LABELS = {"real": "real images", "real_again": "real images, a second draw (each measure's floor)", **LABELS}
 CURVE_COLOURS = {"1rf": (200, 60, 40), "2rf": (40, 90, 200)}
 
 
@@ -114,7 +115,7 @@ def render(report: dict, figures: dict[str, bytes]) -> str:
     measure_heads = "".join(f"<th>{html.escape(f'{set_name}: {name}'.replace('_', ' '))}</th>"
                             for set_name, name in MEASURE_COLUMNS)
     measure_rows = "".join(
-        f"<tr><td>{html.escape(LABELS.get(model, 'real images'))}</td>"
+        f"<tr><td>{html.escape(MEASURE_LABELS[model])}</td>"
         + "".join(f"<td>{_interval(values[set_name][name]) if name in values[set_name] else ''}</td>"
                   for set_name, name in MEASURE_COLUMNS)
         + "</tr>" for model, values in report["measures"].items())
@@ -139,7 +140,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{t
 <th>position</th></tr>{rows}</table>
 <h2>Distribution measures, with 95% intervals ({html.escape(INTERVALS)})</h2>
 <p>Toy FID: Fréchet distance to real images of the same captions in the classifier's features (lower is better).
-Clean: one clean shape of the right colour. Mode gap: total variation distance between the labels of the samples
+Clean: one clean shape of the right colour. Accuracy leaves out captions that say nothing. Mode gap: total variation distance between the labels of the samples
 and of real images, over what a partial caption leaves out (lower is better).</p>
 <table><tr><th>images from</th>{measure_heads}</tr>{measure_rows}</table>
 <h2>Samples on held-out captions</h2>{grids}

@@ -316,12 +316,9 @@ class Reproduction:
         shown = [training_caption(c, s.full_caption_share, rng) for c in drawn]
         order = seeded_order(len(drawn), s.seed, 1)
         self.write_images("train", [drawn[i] for i in order], [shown[i] for i in order], seeds=order)
-        real = [(c, c) for c in held_out for _ in range(s.held_out_images_per_caption)]
-        for partial in PARTIAL_CAPTIONS:
-            fits = [c for c in training if partial.matches(c)]
-            real += [(fits[k], partial) for k in rng.integers(len(fits), size=s.samples_per_partial_caption)]
-        self.write_images("eval-real", [image for image, _ in real], [caption for _, caption in real],
-                          seeds=[10**8 + i for i in range(len(real))])
+        self.write_real("eval-real", training, held_out, rng, first_seed=10**8)
+        # a second, independent draw of the same captions: measured as a model would be, it is each measure's floor
+        self.write_real("eval-real-again", training, held_out, np.random.default_rng([s.seed, 3]), first_seed=2 * 10**8)
         pairs = [training_caption(c, s.full_caption_share, rng) for c in training
                  for _ in range(s.pair_prompts_per_caption)]
         self.write_prompts("pair-prompts", [pairs[i].text for i in seeded_order(len(pairs), s.seed, 2)])
@@ -331,6 +328,18 @@ class Reproduction:
                 "training_images_with_full_captions": sum(c == d for c, d in zip(shown, drawn)),
                 "training_images": len(drawn), "held_out_examples": [c.text for c in held_out[:5]],
                 "partial_captions": [c.text for c in PARTIAL_CAPTIONS]}
+
+    def write_real(self, name: str, training: list[Caption], held_out: list[Caption], rng: np.random.Generator,
+                   first_seed: int) -> None:
+        """Real images of the evaluation's captions: of each held-out caption, and of each partial caption drawn
+        from the training combinations that fit it."""
+        s = self.scale
+        real = [(c, c) for c in held_out for _ in range(s.held_out_images_per_caption)]
+        for partial in PARTIAL_CAPTIONS:
+            fits = [c for c in training if partial.matches(c)]
+            real += [(fits[k], partial) for k in rng.integers(len(fits), size=s.samples_per_partial_caption)]
+        self.write_images(name, [image for image, _ in real], [caption for _, caption in real],
+                          seeds=[first_seed + i for i in range(len(real))])
 
     def write_images(self, name: str, drawn: list[Caption], shown: list[Caption], seeds: list[int]) -> None:
         """Images of the `drawn` combinations (each image's jitter from its seed), each with its `shown` caption as
@@ -438,6 +447,8 @@ class Reproduction:
         classifier = self.classifier()
         judged = {name: Judged.of(classifier, *self.read_images(folder))
                   for name, folder in {"real": "data/eval-real", **SAMPLE_FOLDERS}.items()}
+        again = self.read_images("data/eval-real-again")
+        judged["real_again"] = Judged.of(classifier, *again[:2], None)  # judged as a model: by what its captions say
         measured = {}
         for name in SAMPLE_FOLDERS:
             held = held_out_rows(judged[name].prompts)
