@@ -76,6 +76,11 @@ def test_smoke_runs_every_phase_and_reports_every_measure(smoke):
     assert 0 < sum(prompt in full for prompt in prompts) < len(prompts)
     evaluated = set(pq.read_table(smoke / "data" / "eval-prompts" / "00000.parquet").column("prompt").to_pylist())
     assert {c.text for c in PARTIAL_CAPTIONS} <= evaluated
+    # the second draw of real images: the same captions as the first in the same order, other images
+    first, again = (pq.read_table(smoke / "data" / name) for name in ("eval-real", "eval-real-again"))
+    assert again.column("prompt").to_pylist() == first.column("prompt").to_pylist()
+    assert [c["bytes"] for c in again.column("image").to_pylist()] != \
+        [c["bytes"] for c in first.column("image").to_pylist()]
     # the 1-RF was trained by the engine from the encode job's pairs: noise independent of the image
     encoded = pq.read_table(next((smoke / "pairs" / "encoded").glob("*.parquet")))
     assert set(encoded.column("teacher_kind").to_pylist()) == {"encode"}
@@ -246,7 +251,8 @@ def test_a_claim_between_two_draws_of_one_distribution_is_not_shown_and_a_collap
 
 
 def test_accuracy_leaves_out_a_caption_that_says_nothing():
-    """`something` is right whatever is drawn: counted, it would lift every model's partial accuracy alike."""
+    """`something` is right whatever is drawn: counted, a model right on a share a of the others would score
+    1/8 + 7/8·a, and every difference would shrink to 7/8."""
     prompts = [c.text for c in PARTIAL_CAPTIONS for _ in range(4)]
     sets = {name: judged(prompts, np.random.default_rng(1).normal(size=(len(prompts), 8)))
             for name in ("real", "1rf_1step", "2rf_1step", "distilled_from_2rf", "distilled_from_1rf")}
@@ -255,7 +261,6 @@ def test_accuracy_leaves_out_a_caption_that_says_nothing():
     assert result["measures"]["1rf_1step"]["partial"]["accuracy"][0] == 0.0
     assert result["measures"]["1rf_1step"]["partial"]["clean"][0] == 1.0  # the other measures keep every caption
     claim = result["claims"]["one_step_2rf_beats_one_step_1rf"]
-    said = sum(bool(c.given) for c in PARTIAL_CAPTIONS)
-    assert 0 < said < len(PARTIAL_CAPTIONS) and claim["partial_accuracy"]["captions"] == said
+    assert claim["partial_accuracy"]["captions"] == 7 and len(PARTIAL_CAPTIONS) == 8  # all but `something`
     assert claim["partial_accuracy"]["difference"][0] == 1.0
     assert claim["partial_clean"]["captions"] == len(PARTIAL_CAPTIONS)

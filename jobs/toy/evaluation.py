@@ -233,7 +233,7 @@ def caption_groups(prompts: list[str], *judged: Judged) -> list[tuple[np.ndarray
 def evaluate(judged: dict[str, Judged], seed: int) -> dict:
     """Every model's measures on each caption set ([value, low, high] with the 95% interval; None where fewer than
     2 captions could be measured), and each claim's differences, over the captions both models and the real images
-    have."""
+    have (for accuracy, those that say something: each difference records how many captions it covers)."""
     real = judged["real"]
     sets = {"held_out": sorted(set(real.prompts) - PARTIAL_TEXTS), "partial": [c.text for c in PARTIAL_CAPTIONS]}
     names = {"held_out": ("accuracy", "clean", "fid"), "partial": ("accuracy", "clean", "fid", "mode_gap")}

@@ -22,7 +22,8 @@ LABELS = {
     "2rf_nstep": "2-RF, N steps", "distilled_from_2rf": "one step, distilled from the 2-RF",
     "distilled_from_1rf": "one step, distilled from the 1-RF (the control)",
 }
-MEASURE_LABELS = {"real": "real images", "real_again": "real images, a second draw (each measure's floor)", **LABELS}
+MEASURE_LABELS = {"real": "real images", "real_again": "real images, a second draw (what a perfect model scores)",
+                  **LABELS}
 CURVE_COLOURS = {"1rf": (200, 60, 40), "2rf": (40, 90, 200)}
 
 
@@ -140,8 +141,9 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{t
 <th>position</th></tr>{rows}</table>
 <h2>Distribution measures, with 95% intervals ({html.escape(INTERVALS)})</h2>
 <p>Toy FID: Fréchet distance to real images of the same captions in the classifier's features (lower is better).
-Clean: one clean shape of the right colour. Accuracy leaves out captions that say nothing. Mode gap: total variation distance between the labels of the samples
-and of real images, over what a partial caption leaves out (lower is better).</p>
+Clean: one clean shape of the right colour. Accuracy leaves out captions that say nothing. Mode gap: total
+variation distance between the labels of the samples and of real images, over what a partial caption leaves out
+(lower is better). A second draw of real images, measured as a model is, shows what a perfect model scores.</p>
 <table><tr><th>images from</th>{measure_heads}</tr>{measure_rows}</table>
 <h2>Samples on held-out captions</h2>{grids}
 <h2>Samples of one partial caption</h2>{partial}

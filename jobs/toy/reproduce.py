@@ -308,7 +308,8 @@ class Reproduction:
     def write_data(self) -> dict:
         """The image sets in the engine's image-dataset format: training (each image with its full caption or a
         partial one), and the evaluation's real images (of the held-out captions, and of each partial caption from
-        the training combinations that fit it); the prompt files of the pairs and of the evaluation samples."""
+        the training combinations that fit it) with a second draw of them; the prompt files of the pairs and of
+        the evaluation samples."""
         s = self.scale
         training, held_out = split_captions(HELD_OUT_FRACTION, s.seed)
         rng = np.random.default_rng(s.seed)
@@ -316,9 +317,11 @@ class Reproduction:
         shown = [training_caption(c, s.full_caption_share, rng) for c in drawn]
         order = seeded_order(len(drawn), s.seed, 1)
         self.write_images("train", [drawn[i] for i in order], [shown[i] for i in order], seeds=order)
-        self.write_real("eval-real", training, held_out, rng, first_seed=10**8)
-        # a second, independent draw of the same captions: measured as a model would be, it is each measure's floor
-        self.write_real("eval-real-again", training, held_out, np.random.default_rng([s.seed, 3]), first_seed=2 * 10**8)
+        self.write_real("eval-real", training, held_out, s.held_out_images_per_caption, rng, first_seed=10**8)
+        # a second, independent draw of the same captions, as many as a model's samples: measured as a model's are,
+        # it shows what a perfect model scores
+        self.write_real("eval-real-again", training, held_out, s.samples_per_held_out_caption,
+                        np.random.default_rng([s.seed, 3]), first_seed=2 * 10**8)
         pairs = [training_caption(c, s.full_caption_share, rng) for c in training
                  for _ in range(s.pair_prompts_per_caption)]
         self.write_prompts("pair-prompts", [pairs[i].text for i in seeded_order(len(pairs), s.seed, 2)])
@@ -329,12 +332,12 @@ class Reproduction:
                 "training_images": len(drawn), "held_out_examples": [c.text for c in held_out[:5]],
                 "partial_captions": [c.text for c in PARTIAL_CAPTIONS]}
 
-    def write_real(self, name: str, training: list[Caption], held_out: list[Caption], rng: np.random.Generator,
-                   first_seed: int) -> None:
-        """Real images of the evaluation's captions: of each held-out caption, and of each partial caption drawn
-        from the training combinations that fit it."""
+    def write_real(self, name: str, training: list[Caption], held_out: list[Caption], per_held_out: int,
+                   rng: np.random.Generator, first_seed: int) -> None:
+        """Real images of the evaluation's captions: `per_held_out` of each held-out caption, and of each partial
+        caption as many as its samples, drawn from the training combinations that fit it."""
         s = self.scale
-        real = [(c, c) for c in held_out for _ in range(s.held_out_images_per_caption)]
+        real = [(c, c) for c in held_out for _ in range(per_held_out)]
         for partial in PARTIAL_CAPTIONS:
             fits = [c for c in training if partial.matches(c)]
             real += [(fits[k], partial) for k in rng.integers(len(fits), size=s.samples_per_partial_caption)]
@@ -381,6 +384,9 @@ class Reproduction:
                     prompts.append(prompt)
                     if real:
                         drawn.append([ATTRIBUTES[name].index(v) for name, v in zip(ATTRIBUTES, values)])
+        if not images:
+            raise PhaseFailedError(f"{self.url(folder)} has no image rows: remove its phase's marker in "
+                                   f"{self.url('phases')} to make it again")
         truth = {name: np.array([d[i] for d in drawn]) for i, name in enumerate(ATTRIBUTES)} if drawn else None
         return np.stack(images), prompts, truth
 
